@@ -1,0 +1,115 @@
+"""Stock rules: ignore, include, type, size, age."""
+
+from __future__ import annotations
+
+import fnmatch
+import mimetypes
+from collections.abc import Iterable
+from pathlib import PurePosixPath
+
+from skyframe.events import FileEvent
+from skyframe.markers import rule
+from skyframe.storage import TEMP_GLOB
+from skyframe.units import Duration, Size, format_size
+
+#: Always ignored unless ``defaults: false``: editor swap and backup files, partial downloads,
+#: OS clutter, and the hidden temporary files of skyframe's own uploads.
+DEFAULT_IGNORES = (
+    "*.swp",
+    "*.swo",
+    "*.swx",
+    "*~",
+    "#*#",
+    ".#*",
+    "4913",  # vim's write-permission probe
+    "*.tmp",
+    "*.temp",
+    "*.part",
+    "*.partial",
+    "*.crdownload",
+    "*.download",
+    "~$*",  # office lock files
+    "._*",  # AppleDouble resource forks
+    ".DS_Store",
+    "Thumbs.db",
+    "desktop.ini",
+    ".Trash-*",
+    ".Trashes",
+    ".Spotlight-V100",
+    ".fseventsd",
+    TEMP_GLOB,
+)
+
+
+def matching_pattern(relpath: str, patterns: Iterable[str], case_sensitive: bool) -> str | None:
+    """The first glob that matches, gitignore-style.
+
+    A pattern without ``/`` matches any path component (file or folder name); a pattern with
+    ``/`` matches the end of the relative path (``raw/*.dng``).
+    """
+    path = relpath if case_sensitive else relpath.lower()
+    parts = path.split("/")
+    for pattern in patterns:
+        pat = pattern if case_sensitive else pattern.lower()
+        if "/" in pat:
+            if PurePosixPath(path).match(pat.lstrip("/")):
+                return pattern
+        elif any(fnmatch.fnmatchcase(part, pat) for part in parts):
+            return pattern
+    return None
+
+
+@rule
+def rule_ignore(
+    event: FileEvent,
+    patterns: list[str] | None = None,
+    defaults: bool = True,
+    case_sensitive: bool = False,
+) -> bool | str:
+    """Reject files matching globs; swap, temp and partial files always, unless defaults: false."""
+    all_patterns = [*(DEFAULT_IGNORES if defaults else ()), *(patterns or ())]
+    hit = matching_pattern(event.relpath, all_patterns, case_sensitive)
+    return hit is None or f"matches {hit!r}"
+
+
+@rule
+def rule_include(event: FileEvent, patterns: list[str], case_sensitive: bool = False) -> bool | str:
+    """Accept only files matching at least one glob pattern."""
+    return matching_pattern(event.relpath, patterns, case_sensitive) is not None or (
+        f"matches none of {', '.join(patterns)}"
+    )
+
+
+@rule
+def rule_type(
+    event: FileEvent, extensions: list[str] | None = None, mime: list[str] | None = None
+) -> bool | str:
+    """Accept files by extension (jpg, .dng) or MIME type (image/jpeg, video/*)."""
+    wanted = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions or ()}
+    if event.suffix in wanted:
+        return True
+    guessed, _ = mimetypes.guess_type(event.name, strict=False)
+    if guessed and any(fnmatch.fnmatchcase(guessed, m.lower()) for m in mime or ()):
+        return True
+    return f"type {event.suffix or 'without extension'} ({guessed or 'unknown MIME'}) not accepted"
+
+
+@rule
+def rule_size(event: FileEvent, min: Size = 0, max: Size | None = None) -> bool | str:
+    """Accept files whose size is within [min, max] (e.g. 1B, 100GB)."""
+    if event.size < min:
+        return f"{format_size(event.size)} is below the minimum of {format_size(min)}"
+    if max is not None and event.size > max:
+        return f"{format_size(event.size)} is above the maximum of {format_size(max)}"
+    return True
+
+
+@rule
+def rule_age(event: FileEvent, min: Duration = 0.0, max: Duration | None = None) -> bool | str:
+    """Accept files last modified between min and max ago (e.g. 30s, 7d)."""
+    age = event.age
+    if age < min:
+        return f"modified {age:.0f}s ago, younger than {min:.0f}s"
+    if max is not None and age > max:
+        return f"modified {age:.0f}s ago, older than {max:.0f}s"
+    return True

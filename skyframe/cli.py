@@ -1,0 +1,200 @@
+"""The ``skyframe`` command. Domain errors become one line here, and nowhere else."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+from rich.text import Text
+
+from skyframe.config import DEFAULT_CONFIG_NAME
+from skyframe.errors import SkyframeError
+
+log = logging.getLogger("skyframe")
+
+config_argument = click.argument(
+    "config_file",
+    metavar="CONFIG",
+    default=DEFAULT_CONFIG_NAME,
+    type=click.Path(dir_okay=False, path_type=Path),
+)
+
+
+class SkyframeGroup(click.Group):
+    """Prints SkyframeError as one line (exit 2 for config errors, 1 otherwise)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SkyframeError as exc:
+            if ctx.meta.get("skyframe.traceback"):
+                raise
+            click.echo(f"skyframe: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+def _setup_logging(verbose: int, quiet: bool, stderr: Console) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    if quiet:
+        level = logging.ERROR
+    handler: logging.Handler
+    if stderr.is_terminal:
+        handler = RichHandler(console=stderr, show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("skyframe: %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+@click.group(cls=SkyframeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="skyframe")
+@click.option("--traceback", is_flag=True, help="Show the full stack trace of errors.")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors and the summary.")
+@click.pass_context
+def cli(ctx: click.Context, traceback: bool, verbose: int, quiet: bool) -> None:
+    """Move field data from the folders where it lands to remote storage, reliably."""
+    ctx.meta["skyframe.traceback"] = traceback
+    ctx.obj = {"stdout": Console(), "stderr": Console(stderr=True)}
+    _setup_logging(verbose, quiet, ctx.obj["stderr"])
+
+
+@contextmanager
+def _stop_on_signals(stop: Any) -> Iterator[None]:
+    """SIGINT/SIGTERM ask the engine to finish in-flight work and stop."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.warning(
+            "%s received: finishing in-flight work, then stopping", signal.Signals(signum).name
+        )
+        stop()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@cli.command()
+@config_argument
+@click.option("--once", is_flag=True, help="Scan, deliver everything, and exit.")
+@click.option("--workers", type=click.IntRange(1, 64), help="Files handled at once.")
+@click.pass_obj
+def run(obj: dict[str, Console], config_file: Path, once: bool, workers: int | None) -> None:
+    """Run the pipelines in CONFIG (default ./skyframe.yaml).
+
+    With --once: scan every source, deliver what is new or changed, print a summary and exit
+    0 when everything accepted was delivered, 1 when any file failed, 2 on config errors.
+    """
+    from skyframe.console import ProgressReporter, print_summary
+    from skyframe.engine import Engine
+    from skyframe.pipeline import load_project
+
+    if not once:
+        raise click.UsageError(
+            "watch mode is not available in this version; use --once to deliver and exit"
+        )
+    project = load_project(config_file)
+    if workers is not None:
+        project.config.workers = workers
+    engine = Engine(project.config, project.pm, project.pipelines)
+    stdout, stderr = obj["stdout"], obj["stderr"]
+    try:
+        with _stop_on_signals(engine.stop):
+            if stderr.is_terminal:
+                sinks = {p.name: len(p.sinks) for p in project.pipelines}
+                with ProgressReporter(stderr, sinks) as reporter:
+                    project.pm.register(reporter, name="skyframe.console-progress")
+                    summary = engine.run_once()
+            else:
+                summary = engine.run_once()
+    finally:
+        engine.close()
+    print_summary(stdout, summary)
+    if not summary.ok:
+        sys.exit(1)
+
+
+@cli.command()
+@config_argument
+@click.pass_obj
+def validate(obj: dict[str, Console], config_file: Path) -> None:
+    """Check CONFIG (names, options, folders, sink URLs) without running it."""
+    from skyframe.pipeline import load_project
+
+    project = load_project(config_file)
+    out = obj["stdout"]
+    out.print(f"{config_file}: OK", highlight=False, markup=False)
+    for p in project.pipelines:
+        sinks = ", ".join(s.display for s in p.sinks)
+        out.print(
+            f"  {p.name}: {p.source_root} -> {sinks} "
+            f"({len(p.rules)} rules, {len(p.processes)} processes)",
+            highlight=False,
+            markup=False,
+        )
+
+
+@cli.command()
+@click.argument(
+    "config_file",
+    metavar="[CONFIG]",
+    required=False,
+    type=click.Path(dir_okay=False, path_type=Path),
+)
+@click.pass_obj
+def plugins(obj: dict[str, Console], config_file: Path | None) -> None:
+    """List every rule and process with its options, summary and origin.
+
+    With CONFIG (or ./skyframe.yaml when present), its plugins and project files are included.
+    """
+    from skyframe.config import load_config
+    from skyframe.plugin_manager import get_plugin_manager
+    from skyframe.registry import Registry
+
+    if config_file is None and Path(DEFAULT_CONFIG_NAME).is_file():
+        config_file = Path(DEFAULT_CONFIG_NAME)
+    if config_file is not None:
+        config = load_config(config_file)
+        pm = get_plugin_manager(
+            [config.resolve_path(p) for p in config.plugins], project_dir=config.base_dir
+        )
+    else:
+        pm = get_plugin_manager()
+    registry = Registry.from_plugin_manager(pm)
+    table = Table(show_lines=False, expand=False)
+    for column in ("kind", "name", "options", "description", "from"):
+        table.add_column(column, overflow="fold")
+    for kind, specs in (("rule", registry.rules), ("process", registry.processes)):
+        for name in sorted(specs):
+            spec = specs[name]
+            cells = (kind, name, "\n".join(spec.describe_options()), spec.summary, spec.origin)
+            table.add_row(*(Text(cell) for cell in cells))
+    out = obj["stdout"]
+    out.print(table)
+    for broken in getattr(pm, "broken", []):
+        out.print(
+            f"broken plugin {broken.name} ({broken.value}): {broken.error}",
+            highlight=False,
+            markup=False,
+        )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="skyframe")

@@ -1,0 +1,85 @@
+"""Exceptions raised by skyframe.
+
+The tree::
+
+    SkyframeError                 an error already explained in its message (no traceback)
+    ├── ConfigError               bad YAML, option, name or path; carries a Location
+    ├── PluginError               a plugin that cannot be loaded or registered
+    ├── StateError                the state directory is locked or unusable
+    └── DeliveryError             a job could not be delivered
+        ├── UnsafePathError       a remote path would leave its sink root
+        ├── SourceChangedError    the file changed while it was being read
+        └── SourceUnreadableError the file vanished or cannot be read
+
+The CLI turns every ``SkyframeError`` into one line on stderr: exit 2 for ``ConfigError`` and
+``PluginError``, exit 1 for the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Location:
+    """A place in a config file: 1-based line and column."""
+
+    file: str
+    line: int
+    column: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}"
+
+
+class SkyframeError(Exception):
+    """Base class: an error whose message is complete and meant for the user."""
+
+    exit_code = 1
+
+
+class ConfigError(SkyframeError):
+    """A configuration problem, with where it is and which key it concerns."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, location: Location | None = None, key: str = "") -> None:
+        self.message = message
+        self.location = location
+        self.key = key
+        prefix = f"{location}: " if location else ""
+        where = f"{key}: " if key else ""
+        super().__init__(f"{prefix}{where}{message}")
+
+
+class PluginError(SkyframeError):
+    """A plugin could not be imported, or registered something invalid."""
+
+    exit_code = 2
+
+
+class StateError(SkyframeError):
+    """The state directory cannot be used (locked by another process, not writable)."""
+
+
+class DeliveryError(SkyframeError):
+    """A job could not be delivered to a sink."""
+
+    #: False when retrying cannot help (the job goes straight to the dead-letter list).
+    retryable = True
+
+
+class UnsafePathError(DeliveryError, ValueError):
+    """A remote name contains ``..``, an absolute path or control characters."""
+
+    retryable = False
+
+
+class SourceChangedError(DeliveryError):
+    """The source file changed while it was read; it will be read again."""
+
+
+class SourceUnreadableError(DeliveryError):
+    """The source file vanished or cannot be read."""
+
+    retryable = False

@@ -1,0 +1,158 @@
+"""The objects rules, processes and notifiers receive: FileEvent, Job and LifecycleEvent."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO, Literal
+
+EventKind = Literal["created", "modified", "deleted", "moved", "scanned"]
+
+
+@dataclass(frozen=True)
+class FileEvent:
+    """A file seen in a source folder, as rules see it."""
+
+    pipeline: str
+    path: Path  #: absolute local path
+    relpath: str  #: POSIX path relative to the source root
+    size: int
+    mtime_ns: int
+    kind: EventKind = "scanned"
+
+    @property
+    def name(self) -> str:
+        """The file name, e.g. ``DJI_0001.JPG``."""
+        return PurePosixPath(self.relpath).name
+
+    @property
+    def suffix(self) -> str:
+        """The extension in lower case, with its dot: ``.jpg``."""
+        return PurePosixPath(self.relpath).suffix.lower()
+
+    @property
+    def mtime(self) -> datetime:
+        """The modification time, timezone-aware (UTC)."""
+        return datetime.fromtimestamp(self.mtime_ns / 1e9, tz=UTC)
+
+    @property
+    def age(self) -> float:
+        """Seconds since the last modification."""
+        return time.time() - self.mtime_ns / 1e9
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-safe dict, as stored in the queue."""
+        data = asdict(self)
+        data["path"] = str(self.path)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FileEvent:
+        """The inverse of :meth:`to_json`."""
+        return cls(**{**data, "path": Path(data["path"])})
+
+
+@dataclass
+class DerivedFile:
+    """A file a process produced (thumbnail, sidecar) to deliver with the job."""
+
+    path: Path  #: the local file to send
+    remote_name: str  #: its remote name, or a suffix when ``beside`` is true
+    beside: bool = False  #: if true, the remote name is the job's remote name + ``remote_name``
+
+    def resolve(self, job_remote_name: str) -> str:
+        """The final remote name, once every process has run."""
+        return job_remote_name + self.remote_name if self.beside else self.remote_name
+
+
+@dataclass
+class Job:
+    """One accepted file on its way to the sinks, as processes see it.
+
+    Processes may read the file, add to ``meta``, change ``remote_name`` (a POSIX path relative
+    to each sink's root) or add derived files with :meth:`add_file`.
+    """
+
+    event: FileEvent
+    scratch_dir: Path  #: a private folder for derived files, removed after the job
+    remote_name: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+    derived: list[DerivedFile] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.remote_name:
+            self.remote_name = self.event.relpath
+
+    @property
+    def path(self) -> Path:
+        """The absolute local path of the file."""
+        return self.event.path
+
+    @property
+    def relpath(self) -> str:
+        """The path relative to the source root."""
+        return self.event.relpath
+
+    @property
+    def pipeline(self) -> str:
+        """The name of the pipeline this job belongs to."""
+        return self.event.pipeline
+
+    def open(self) -> BinaryIO:
+        """Open the source file for reading (binary)."""
+        return self.event.path.open("rb")
+
+    def add_file(self, remote_name: str, data: bytes | Path, *, beside: bool = False) -> Path:
+        """Deliver extra content with this job; returns the local file that will be sent.
+
+        With ``beside=True``, ``remote_name`` is a suffix appended to the job's final remote name
+        (``".json"`` puts a sidecar next to the file, whatever later processes rename it to).
+        """
+        if isinstance(data, Path):
+            local = data
+        else:
+            self.scratch_dir.mkdir(parents=True, exist_ok=True)
+            local = self.scratch_dir / f"derived-{len(self.derived)}"
+            local.write_bytes(data)
+        self.derived.append(DerivedFile(local, remote_name, beside))
+        return local
+
+
+LifecycleKind = Literal[
+    "queued",
+    "rejected",
+    "unchanged",
+    "started",
+    "progress",
+    "delivered",
+    "failed",
+    "retrying",
+    "dead-lettered",
+    "skipped",
+]
+
+
+@dataclass(frozen=True)
+class LifecycleEvent:
+    """What happened to a file, sent to every ``skyframe_event`` hook implementation.
+
+    ``to_json()`` is the stable, documented shape (docs/hooks.md).
+    """
+
+    kind: LifecycleKind
+    pipeline: str
+    relpath: str
+    sink: str | None = None
+    remote: str | None = None
+    size: int | None = None
+    bytes_done: int | None = None
+    attempt: int | None = None
+    rule: str | None = None
+    reason: str | None = None
+    time: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-safe dict without the empty fields."""
+        return {k: v for k, v in asdict(self).items() if v is not None}

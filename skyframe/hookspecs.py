@@ -1,0 +1,45 @@
+"""The hooks a skyframe plugin may implement. Each docstring is that hook's contract."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from skyframe.markers import hookspec
+
+if TYPE_CHECKING:
+    from skyframe.config import Config
+    from skyframe.events import LifecycleEvent
+    from skyframe.storage import TransferRequest, TransferResult
+
+RegisterFn = Callable[..., None]
+
+
+@hookspec
+def skyframe_register_rules(register: RegisterFn) -> None:
+    """Call ``register(func)`` (or ``register(func, name=...)``) for each rule this plugin adds."""
+
+
+@hookspec
+def skyframe_register_processes(register: RegisterFn) -> None:
+    """Call ``register(func)`` (or ``register(func, name=...)``) for each process it adds."""
+
+
+@hookspec
+def skyframe_startup(config: Config) -> None:
+    """Called once the config is loaded and before any file is handled; may raise to abort."""
+
+
+@hookspec
+def skyframe_shutdown(config: Config) -> None:
+    """Called once when a run ends, cleanly or not; must not raise."""
+
+
+@hookspec
+def skyframe_event(event: LifecycleEvent) -> None:
+    """Receive every lifecycle event; errors are logged and never affect a transfer."""
+
+
+@hookspec(firstresult=True)
+def skyframe_transfer(request: TransferRequest) -> TransferResult | None:
+    """Deliver one local file to one sink atomically, or return None to let another plugin."""

@@ -1,0 +1,143 @@
+"""Pipelines as the engine runs them: config bound to rules, processes and opened sinks."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pluggy
+
+from skyframe.config import (
+    Config,
+    PipelineConfig,
+    RetryConfig,
+    StepConfig,
+    YamlPath,
+    format_key,
+    load_config,
+)
+from skyframe.errors import ConfigError
+from skyframe.events import FileEvent
+from skyframe.plugin_manager import get_plugin_manager
+from skyframe.registry import BoundStep, Registry
+from skyframe.storage import Sink, open_sink
+
+
+@dataclass
+class Pipeline:
+    """A pipeline from the config, with its steps bound and its sinks opened."""
+
+    name: str
+    source_root: Path
+    recursive: bool
+    rules: list[BoundStep]
+    processes: list[BoundStep]
+    sinks: list[Sink]
+    retry: RetryConfig
+
+
+def build_pipelines(config: Config, registry: Registry) -> list[Pipeline]:
+    """Check every name, option, folder and sink URL; raises ConfigError at the first problem."""
+    return [_build_pipeline(config, registry, i, p) for i, p in enumerate(config.pipelines)]
+
+
+def _build_pipeline(
+    config: Config, registry: Registry, index: int, spec: PipelineConfig
+) -> Pipeline:
+    base: YamlPath = ("pipelines", index)
+    rules = [
+        registry.bind("rule", step, config, (*base, "rules", j))
+        for j, step in enumerate(spec.rules)
+    ]
+    if not any(step.name == "ignore" for step in rules):
+        # Swap, temp and partial files are never wanted; `ignore: {defaults: false}` opts out.
+        rules.insert(0, registry.bind("rule", StepConfig(name="ignore"), config, (*base, "rules")))
+    processes = [
+        registry.bind("process", step, config, (*base, "processes", j))
+        for j, step in enumerate(spec.processes)
+    ]
+    source_root = config.resolve_path(spec.source.path)
+    where = (*base, "source", "path")
+    if not source_root.is_dir():
+        problem = "is not a folder" if source_root.exists() else "does not exist"
+        raise ConfigError(
+            f"source folder {source_root} {problem}", config.locate(where), format_key(where)
+        )
+    sinks = []
+    for k, sink_config in enumerate(spec.sinks):
+        where = (*base, "sinks", k, "url")
+        try:
+            sink = open_sink(sink_config, config.base_dir)
+        except (ValueError, ImportError, OSError) as exc:
+            raise ConfigError(str(exc), config.locate(where), format_key(where)) from None
+        if sink.protocol == "file" and Path(sink.root).is_relative_to(source_root):
+            raise ConfigError(
+                f"sink folder {sink.root} is inside the source folder {source_root}: "
+                "delivered files would be picked up again",
+                config.locate(where),
+                format_key(where),
+            )
+        sinks.append(sink)
+    keys = [s.key for s in sinks]
+    if len(set(keys)) != len(keys):
+        where = (*base, "sinks")
+        raise ConfigError(
+            "two sinks share a URL; give them distinct names",
+            config.locate(where),
+            format_key(where),
+        )
+    return Pipeline(
+        spec.name,
+        source_root,
+        spec.source.recursive,
+        rules,
+        processes,
+        sinks,
+        config.retry_for(spec),
+    )
+
+
+@dataclass
+class Project:
+    """A loaded config with its plugins, registry and checked pipelines."""
+
+    config: Config
+    pm: pluggy.PluginManager
+    registry: Registry
+    pipelines: list[Pipeline]
+
+
+def load_project(config_file: str | os.PathLike[str]) -> Project:
+    """Load a config and everything it names; raises ConfigError or PluginError."""
+    config = load_config(config_file)
+    plugin_paths = [config.resolve_path(p) for p in config.plugins]
+    pm = get_plugin_manager(plugin_paths, project_dir=config.base_dir)
+    registry = Registry.from_plugin_manager(pm)
+    return Project(config, pm, registry, build_pipelines(config, registry))
+
+
+class RuleCrashedError(Exception):
+    """A rule raised or returned something other than True, False or a reason string."""
+
+
+def evaluate_rules(rules: list[BoundStep], event: FileEvent) -> tuple[str, str] | None:
+    """None when every rule accepts, else (rule name, reason) of the first rejection."""
+    for step in rules:
+        try:
+            verdict = step(event)
+        except Exception as exc:
+            raise RuleCrashedError(
+                f"rule {step.name!r} raised {type(exc).__name__}: {exc}"
+            ) from exc
+        if verdict is True:
+            continue
+        if verdict is False:
+            return step.name, "rejected"
+        if isinstance(verdict, str):
+            return step.name, verdict
+        raise RuleCrashedError(
+            f"rule {step.name!r} returned {verdict!r}; return True to accept, "
+            "False or a reason string to reject"
+        )
+    return None

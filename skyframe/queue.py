@@ -1,0 +1,248 @@
+"""The durable job queue: one entry per (pipeline, path), leases, backoff, dead letters.
+
+Records are JSON in a diskcache Cache (SQLite). Every state change is one transaction, so a
+crash at any moment leaves each job in exactly one state. At open, leased jobs (their worker
+died with the process) return to the queue and waiting jobs get their timers back.
+
+States: ``pending`` (in the ready list) -> ``leased`` (a worker has it) -> deleted when done;
+``waiting`` (backoff until ``not_before``) -> ``pending``; ``dead`` (visible, re-queueable).
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from skyframe.state import open_cache
+
+_JOB = "job\x00"
+_READY = "ready"
+_MAX_ERRORS_KEPT = 5
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A leased job: hand it back with complete(), retry(), dead() or release()."""
+
+    key: str
+    pipeline: str
+    relpath: str
+    payload: dict[str, Any]
+    attempts: int  #: attempts made before this one
+    token: str
+
+
+class JobQueue:
+    """A durable queue with coalescing per (pipeline, path)."""
+
+    def __init__(self, directory: Path) -> None:
+        self._cache = open_cache(directory)
+        self._lock = threading.RLock()
+        self._waiting: list[tuple[float, str]] = []
+        self._recover()
+
+    @staticmethod
+    def _key(pipeline: str, relpath: str) -> str:
+        return f"{_JOB}{pipeline}\x00{relpath}"
+
+    def _recover(self) -> None:
+        with self._lock, self._cache.transact(retry=True):
+            for key in list(self._cache.iterkeys()):
+                if not isinstance(key, str) or not key.startswith(_JOB):
+                    continue
+                record = self._cache.get(key)
+                if record is None:
+                    continue
+                if record["state"] == "leased":
+                    self._make_pending(key, record, record.get("next_payload"))
+                elif record["state"] == "waiting":
+                    heapq.heappush(self._waiting, (record["not_before"], key))
+
+    def _make_pending(
+        self, key: str, record: dict[str, Any], payload: dict[str, Any] | None = None
+    ) -> None:
+        if payload is not None:
+            record["payload"] = payload
+            record["attempts"] = 0
+        record.update(state="pending", lease=None, next_payload=None)
+        self._cache.set(key, record)
+        self._cache.push(key, prefix=_READY)
+
+    def put(self, pipeline: str, relpath: str, payload: dict[str, Any]) -> bool:
+        """Queue the latest state of a path; returns False when it replaced a queued one."""
+        key = self._key(pipeline, relpath)
+        with self._lock, self._cache.transact(retry=True):
+            record = self._cache.get(key)
+            if record is None:
+                record = {
+                    "pipeline": pipeline,
+                    "relpath": relpath,
+                    "payload": payload,
+                    "attempts": 0,
+                    "errors": [],
+                    "queued_at": time.time(),
+                }
+                self._make_pending(key, record)
+                return True
+            state = record["state"]
+            if state == "pending":
+                record["payload"] = payload
+                record["attempts"] = 0
+                self._cache.set(key, record)
+            elif state == "leased":
+                # Never run two versions of one path at once: this one follows when it ends.
+                record["next_payload"] = payload
+                self._cache.set(key, record)
+            else:  # waiting or dead: a new version deserves a fresh start
+                record["errors"] = []
+                self._make_pending(key, record, payload)
+            return False
+
+    def claim(self) -> Claim | None:
+        """Lease the next ready job, or return None when none is ready now."""
+        with self._lock:
+            self._promote_due()
+            while True:
+                with self._cache.transact(retry=True):
+                    _ready_key, key = self._cache.pull(prefix=_READY, retry=True)
+                    if key is None:
+                        return None
+                    record = self._cache.get(key)
+                    if record is None or record["state"] != "pending":
+                        continue  # a stale reference: the job moved on since it was queued
+                    token = uuid.uuid4().hex
+                    record.update(state="leased", lease=token, claimed_at=time.time())
+                    self._cache.set(key, record)
+                return Claim(
+                    key,
+                    record["pipeline"],
+                    record["relpath"],
+                    record["payload"],
+                    record["attempts"],
+                    token,
+                )
+
+    def _promote_due(self) -> None:
+        now = time.time()
+        while self._waiting and self._waiting[0][0] <= now:
+            not_before, key = heapq.heappop(self._waiting)
+            with self._cache.transact(retry=True):
+                record = self._cache.get(key)
+                if record and record["state"] == "waiting" and record["not_before"] == not_before:
+                    self._make_pending(key, record)
+
+    def _leased(self, claim: Claim) -> dict[str, Any] | None:
+        record = self._cache.get(claim.key)
+        if record is None or record.get("lease") != claim.token:
+            return None  # the lease was lost (e.g. purged); nothing to update
+        return dict(record)
+
+    def complete(self, claim: Claim) -> None:
+        """The job is done; a version queued meanwhile becomes pending."""
+        with self._lock, self._cache.transact(retry=True):
+            record = self._leased(claim)
+            if record is None:
+                return
+            if record.get("next_payload") is not None:
+                record["errors"] = []
+                self._make_pending(claim.key, record, record["next_payload"])
+            else:
+                self._cache.delete(claim.key)
+
+    def release(self, claim: Claim) -> None:
+        """Give the job back untouched (shutdown before it started)."""
+        with self._lock, self._cache.transact(retry=True):
+            record = self._leased(claim)
+            if record is not None:
+                self._make_pending(claim.key, record, record.get("next_payload"))
+
+    def retry(self, claim: Claim, error: str, delay: float) -> None:
+        """Count a failed attempt and make the job wait ``delay`` seconds."""
+        with self._lock, self._cache.transact(retry=True):
+            record = self._leased(claim)
+            if record is None:
+                return
+            if record.get("next_payload") is not None:
+                self._make_pending(claim.key, record, record["next_payload"])
+                return
+            not_before = time.time() + delay
+            record.update(
+                state="waiting",
+                lease=None,
+                attempts=claim.attempts + 1,
+                not_before=not_before,
+                errors=[*record["errors"], error][-_MAX_ERRORS_KEPT:],
+            )
+            self._cache.set(claim.key, record)
+            heapq.heappush(self._waiting, (not_before, claim.key))
+
+    def dead(self, claim: Claim, error: str) -> None:
+        """Move the job to the dead-letter list (unless a newer version arrived)."""
+        with self._lock, self._cache.transact(retry=True):
+            record = self._leased(claim)
+            if record is None:
+                return
+            if record.get("next_payload") is not None:
+                self._make_pending(claim.key, record, record["next_payload"])
+                return
+            record.update(
+                state="dead",
+                lease=None,
+                attempts=claim.attempts + 1,
+                died_at=time.time(),
+                errors=[*record["errors"], error][-_MAX_ERRORS_KEPT:],
+            )
+            self._cache.set(claim.key, record)
+
+    def next_due(self) -> float | None:
+        """When the earliest waiting job becomes ready (epoch seconds), if any."""
+        with self._lock:
+            return self._waiting[0][0] if self._waiting else None
+
+    def records(self, state: str | None = None) -> list[dict[str, Any]]:
+        """Every job record (optionally of one state), oldest first."""
+        out = []
+        for key in list(self._cache.iterkeys()):
+            if isinstance(key, str) and key.startswith(_JOB):
+                record = self._cache.get(key)
+                if record is not None and (state is None or record["state"] == state):
+                    out.append(record)
+        return sorted(out, key=lambda r: r["queued_at"])
+
+    def counts(self) -> dict[str, int]:
+        """How many jobs are in each state."""
+        counts = {"pending": 0, "leased": 0, "waiting": 0, "dead": 0}
+        for record in self.records():
+            counts[record["state"]] += 1
+        return counts
+
+    def requeue_dead(self, pipeline: str | None = None, relpath: str | None = None) -> int:
+        """Move dead-lettered jobs back to pending with fresh attempts; returns how many."""
+        moved = 0
+        with self._lock, self._cache.transact(retry=True):
+            for record in self.records("dead"):
+                if pipeline is not None and record["pipeline"] != pipeline:
+                    continue
+                if relpath is not None and record["relpath"] != relpath:
+                    continue
+                record["attempts"] = 0
+                self._make_pending(self._key(record["pipeline"], record["relpath"]), record)
+                moved += 1
+        return moved
+
+    def purge_dead(self) -> int:
+        """Forget every dead-lettered job; returns how many."""
+        with self._lock, self._cache.transact(retry=True):
+            dead = self.records("dead")
+            for record in dead:
+                self._cache.delete(self._key(record["pipeline"], record["relpath"]))
+        return len(dead)
+
+    def close(self) -> None:
+        """Close the database."""
+        self._cache.close()

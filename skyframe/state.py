@@ -1,0 +1,145 @@
+"""The state directory: its single-instance lock and the delivery manifest."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import diskcache
+
+from skyframe.errors import StateError
+
+#: Never evict: a cache that forgets is a manifest that re-sends, or a queue that loses jobs.
+CACHE_SETTINGS: dict[str, Any] = {
+    "eviction_policy": "none",
+    "size_limit": 2**62,
+    "cull_limit": 0,
+    "disk_compress_level": 0,
+}
+
+
+def open_cache(directory: Path) -> diskcache.Cache:
+    """A diskcache Cache that stores JSON (never pickles) and never evicts."""
+    return diskcache.Cache(str(directory), disk=diskcache.JSONDisk, **CACHE_SETTINGS)
+
+
+class StateLock:
+    """An exclusive lock on a state directory, so two daemons never share a queue."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise StateError naming the holder's PID."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StateError(f"cannot use state dir {self.path.parent}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StateError(
+                f"another skyframe process (pid {holder}) is using state dir {self.path.parent}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Release the lock (also released by the OS when the process dies)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> StateLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """What reached a sink: enough to decide that a file need not be sent again."""
+
+    size: int
+    mtime_ns: int
+    sha256: str
+    remote: str
+    delivered_at: float
+
+    def matches(self, size: int, mtime_ns: int) -> bool:
+        """True when the local file still has the size and mtime that were delivered."""
+        return self.size == size and self.mtime_ns == mtime_ns
+
+
+class Manifest:
+    """What was delivered where, per (pipeline, sink, relative path)."""
+
+    def __init__(self, directory: Path) -> None:
+        self._cache = open_cache(directory)
+
+    @staticmethod
+    def _key(pipeline: str, sink: str, relpath: str) -> str:
+        return f"{pipeline}\x00{sink}\x00{relpath}"
+
+    def get(self, pipeline: str, sink: str, relpath: str) -> ManifestEntry | None:
+        """The delivery record, if any."""
+        data = self._cache.get(self._key(pipeline, sink, relpath))
+        return ManifestEntry(**data) if data else None
+
+    def is_delivered(
+        self, pipeline: str, sink: str, relpath: str, size: int, mtime_ns: int
+    ) -> bool:
+        """True when this version of the file (size and mtime) already reached the sink."""
+        entry = self.get(pipeline, sink, relpath)
+        return entry is not None and entry.matches(size, mtime_ns)
+
+    def record(
+        self,
+        pipeline: str,
+        sink: str,
+        relpath: str,
+        *,
+        size: int,
+        mtime_ns: int,
+        sha256: str,
+        remote: str,
+    ) -> ManifestEntry:
+        """Store a delivery."""
+        entry = ManifestEntry(size, mtime_ns, sha256, remote, time.time())
+        self._cache.set(self._key(pipeline, sink, relpath), asdict(entry), retry=True)
+        return entry
+
+    def forget(self, pipeline: str, sink: str, relpath: str) -> None:
+        """Drop a record (the remote copy is no longer considered delivered)."""
+        self._cache.delete(self._key(pipeline, sink, relpath), retry=True)
+
+    def entries(self) -> list[tuple[str, str, str, ManifestEntry]]:
+        """Every record as (pipeline, sink, relpath, entry)."""
+        out = []
+        for key in self._cache.iterkeys():
+            data = self._cache.get(key)
+            if data is not None:
+                pipeline, sink, relpath = key.split("\x00", 2)
+                out.append((pipeline, sink, relpath, ManifestEntry(**data)))
+        return out
+
+    def close(self) -> None:
+        """Close the database."""
+        self._cache.close()

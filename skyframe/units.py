@@ -1,0 +1,96 @@
+"""Human-friendly sizes (``5MB``, ``1GiB``) and durations (``2s``, ``10m``, ``1h30m``).
+
+``Size`` and ``Duration`` are annotated types: use them in a rule's or a process's signature
+and YAML options are parsed and checked with the same messages as skyframe's own keys.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
+
+
+def parse_size(value: Any) -> int:
+    """Return a byte count from ``1024``, ``"5MB"`` (decimal) or ``"1GiB"`` (binary)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 5MB or 1GiB, not a boolean")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match:
+            number, unit = match.groups()
+            factor = _SIZE_UNITS.get(unit.lower())
+            if factor is not None:
+                return int(float(number) * factor)
+    raise ValueError(
+        f"invalid size {value!r}: use bytes or a unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+    )
+
+
+def parse_duration(value: Any) -> float:
+    """Return seconds from ``2``, ``"500ms"``, ``"2s"``, ``"10m"``, ``"1h30m"`` or ``"1d"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 2s or 10m, not a boolean")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().replace(" ", "")
+        if text and _DURATION_PART_RE.sub("", text) == "":
+            return sum(
+                float(number) * _DURATION_UNITS[unit]
+                for number, unit in _DURATION_PART_RE.findall(text)
+            )
+    raise ValueError(
+        f"invalid duration {value!r}: use seconds or units, e.g. 500ms, 2s, 10m, 1h30m"
+    )
+
+
+def format_size(n: float) -> str:
+    """Render a byte count for people: ``1.5 MB``."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class Label:
+    """The name an annotated option type is shown under in ``skyframe plugins``."""
+
+    name: str
+
+
+Size = Annotated[int, BeforeValidator(parse_size), Label("Size")]
+Duration = Annotated[float, BeforeValidator(parse_duration), Label("Duration")]
