@@ -43,6 +43,12 @@ class SkyframeGroup(click.Group):
             ctx.exit(exc.exit_code)
 
 
+class _PlainFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        record.levelname = record.levelname.lower()
+        return super().format(record)
+
+
 def _setup_logging(verbose: int, quiet: bool, stderr: Console) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     if quiet:
@@ -53,7 +59,7 @@ def _setup_logging(verbose: int, quiet: bool, stderr: Console) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("skyframe: %(levelname)s: %(message)s"))
+        handler.setFormatter(_PlainFormatter("skyframe: %(levelname)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -177,16 +183,26 @@ def plugins(obj: dict[str, Console], config_file: Path | None) -> None:
     else:
         pm = get_plugin_manager()
     registry = Registry.from_plugin_manager(pm)
-    table = Table(show_lines=False, expand=False)
-    for column in ("kind", "name", "options", "description", "from"):
-        table.add_column(column, overflow="fold")
-    for kind, specs in (("rule", registry.rules), ("process", registry.processes)):
-        for name in sorted(specs):
-            spec = specs[name]
-            cells = (kind, name, "\n".join(spec.describe_options()), spec.summary, spec.origin)
-            table.add_row(*(Text(cell) for cell in cells))
     out = obj["stdout"]
-    out.print(table)
+    steps = [
+        (kind, specs[name])
+        for kind, specs in (("rule", registry.rules), ("process", registry.processes))
+        for name in sorted(specs)
+    ]
+    if out.is_terminal:
+        table = Table()
+        for column in ("kind", "name", "options", "description", "from"):
+            table.add_column(column, overflow="fold")
+        for kind, spec in steps:
+            cells = (kind, spec.name, "\n".join(spec.describe_options()), spec.summary, spec.origin)
+            table.add_row(*(Text(cell) for cell in cells))
+        out.print(table)
+    else:
+        for kind, spec in steps:
+            click.echo(f"{kind} {spec.name}  [{spec.origin}]")
+            click.echo(f"    {spec.summary}")
+            for option in spec.describe_options():
+                click.echo(f"    - {option}")
     for broken in getattr(pm, "broken", []):
         out.print(
             f"broken plugin {broken.name} ({broken.value}): {broken.error}",

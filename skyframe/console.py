@@ -72,9 +72,12 @@ def print_summary(console: Console, summary: RunSummary) -> None:
         f"{len(summary.failed)} failed",
         highlight=False,
         markup=False,
+        soft_wrap=True,
     )
     for rule_name, count in sorted(summary.rejected.items()):
-        console.print(f"  rejected by {rule_name}: {count}", highlight=False, markup=False)
+        console.print(
+            f"  rejected by {rule_name}: {count}", highlight=False, markup=False, soft_wrap=True
+        )
     if summary.skipped:
         console.print(
             f"  skipped (vanished before delivery): {summary.skipped}",
@@ -86,4 +89,4 @@ def print_summary(console: Console, summary: RunSummary) -> None:
             f"  unreadable while scanning: {summary.scan_errors}", highlight=False, markup=False
         )
     for key, reason in sorted(summary.failed.items()):
-        console.print(f"  failed {key}: {reason}", highlight=False, markup=False)
+        console.print(f"  failed {key}: {reason}", highlight=False, markup=False, soft_wrap=True)

@@ -19,9 +19,9 @@ from skyframe.config import (
     Config,
     RetryConfig,
 )
-from skyframe.errors import DeliveryError, SourceUnreadableError
+from skyframe.errors import DeliveryError, RuleError, SourceUnreadableError
 from skyframe.events import FileEvent, Job, LifecycleEvent
-from skyframe.pipeline import Pipeline, RuleCrashedError, evaluate_rules
+from skyframe.pipeline import Pipeline, evaluate_rules
 from skyframe.queue import Claim, JobQueue
 from skyframe.scanner import scan_source
 from skyframe.state import Manifest, StateLock
@@ -139,14 +139,11 @@ class Engine:
         """Apply the rules to one file and queue it unless rejected or already delivered."""
         try:
             rejection = evaluate_rules(pipeline.rules, event)
-        except RuleCrashedError as exc:
-            log.error("%s: %s: %s", pipeline.name, event.relpath, exc)
-            self.emit(
-                LifecycleEvent(
-                    "rejected", pipeline.name, event.relpath, rule="error", reason=str(exc)
-                )
-            )
-            return
+        except RuleError as exc:
+            # Queue it anyway: the worker meets the same error and dead-letters the file, where
+            # it stays visible and can be retried once the rule is fixed.
+            log.debug("%s: %s: %s", pipeline.name, event.relpath, exc)
+            rejection = None
         if rejection is not None:
             rule_name, reason = rejection
             self.emit(

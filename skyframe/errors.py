@@ -9,7 +9,8 @@ The tree::
     └── DeliveryError             a job could not be delivered
         ├── UnsafePathError       a remote path would leave its sink root
         ├── SourceChangedError    the file changed while it was being read
-        └── SourceUnreadableError the file vanished or cannot be read
+        ├── SourceUnreadableError the file vanished or cannot be read
+        └── RuleError             a rule raised, or returned neither a bool nor a reason
 
 The CLI turns every ``SkyframeError`` into one line on stderr: exit 2 for ``ConfigError`` and
 ``PluginError``, exit 1 for the others.
@@ -81,5 +82,11 @@ class SourceChangedError(DeliveryError):
 
 class SourceUnreadableError(DeliveryError):
     """The source file vanished or cannot be read."""
+
+    retryable = False
+
+
+class RuleError(DeliveryError):
+    """A rule crashed or misbehaved: a bug to fix, so the file waits in the dead-letter list."""
 
     retryable = False

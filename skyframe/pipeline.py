@@ -17,7 +17,7 @@ from skyframe.config import (
     format_key,
     load_config,
 )
-from skyframe.errors import ConfigError
+from skyframe.errors import ConfigError, RuleError
 from skyframe.events import FileEvent
 from skyframe.plugin_manager import get_plugin_manager
 from skyframe.registry import BoundStep, Registry
@@ -52,7 +52,15 @@ def _build_pipeline(
     ]
     if not any(step.name == "ignore" for step in rules):
         # Swap, temp and partial files are never wanted; `ignore: {defaults: false}` opts out.
-        rules.insert(0, registry.bind("rule", StepConfig(name="ignore"), config, (*base, "rules")))
+        rules.insert(
+            0,
+            registry.bind(
+                "rule",
+                StepConfig.model_construct(name="ignore", options={}),
+                config,
+                (*base, "rules"),
+            ),
+        )
     processes = [
         registry.bind("process", step, config, (*base, "processes", j))
         for j, step in enumerate(spec.processes)
@@ -117,26 +125,20 @@ def load_project(config_file: str | os.PathLike[str]) -> Project:
     return Project(config, pm, registry, build_pipelines(config, registry))
 
 
-class RuleCrashedError(Exception):
-    """A rule raised or returned something other than True, False or a reason string."""
-
-
 def evaluate_rules(rules: list[BoundStep], event: FileEvent) -> tuple[str, str] | None:
     """None when every rule accepts, else (rule name, reason) of the first rejection."""
     for step in rules:
         try:
             verdict = step(event)
         except Exception as exc:
-            raise RuleCrashedError(
-                f"rule {step.name!r} raised {type(exc).__name__}: {exc}"
-            ) from exc
+            raise RuleError(f"rule {step.name!r} raised {type(exc).__name__}: {exc}") from exc
         if verdict is True:
             continue
         if verdict is False:
             return step.name, "rejected"
         if isinstance(verdict, str):
             return step.name, verdict
-        raise RuleCrashedError(
+        raise RuleError(
             f"rule {step.name!r} returned {verdict!r}; return True to accept, "
             "False or a reason string to reject"
         )

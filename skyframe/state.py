@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -19,13 +20,31 @@ CACHE_SETTINGS: dict[str, Any] = {
     "eviction_policy": "none",
     "size_limit": 2**62,
     "cull_limit": 0,
-    "disk_compress_level": 0,
 }
+
+
+class JSONValueDisk(diskcache.Disk):  # type: ignore[misc]
+    """Keys are plain strings (stored as text, so they sort and work with push/pull), values
+    are JSON. Nothing is ever pickled."""
+
+    def put(self, key: Any) -> tuple[Any, bool]:
+        if not isinstance(key, str):
+            raise TypeError(f"state keys must be strings, not {type(key).__name__}")
+        return super().put(key)  # type: ignore[no-any-return]
+
+    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
+        if not read:
+            value = json.dumps(value, separators=(",", ":")).encode()
+        return super().store(value, read, key=key)
+
+    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
+        data = super().fetch(mode, filename, value, read)
+        return data if read else json.loads(data)
 
 
 def open_cache(directory: Path) -> diskcache.Cache:
     """A diskcache Cache that stores JSON (never pickles) and never evicts."""
-    return diskcache.Cache(str(directory), disk=diskcache.JSONDisk, **CACHE_SETTINGS)
+    return diskcache.Cache(str(directory), disk=JSONValueDisk, **CACHE_SETTINGS)
 
 
 class StateLock:

@@ -1,0 +1,138 @@
+"""The real CLI in a subprocess, on a copy of the repository's example project."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def skyframe(
+    cwd: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "skyframe", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def test_example_project_end_to_end(example_project: Path) -> None:
+    result = skyframe(example_project, "run", "skyframe.yaml", "--once")
+    assert result.returncode == 0, result.stderr
+    assert "delivered 4 file(s)" in result.stdout
+    assert "rejected by drone_media: 1" in result.stdout  # notes.txt
+    assert "rejected by ignore: 2" in result.stdout  # *.part (default) and *.bak (configured)
+    outbox = example_project / "outbox"
+    delivered = sorted(p.relative_to(outbox).as_posix() for p in outbox.rglob("*") if p.is_file())
+    mtime_day = (example_project / "incoming/flight-02/flight.csv").stat().st_mtime
+    from datetime import UTC, datetime
+
+    day = datetime.fromtimestamp(mtime_day, tz=UTC).strftime("%Y-%m-%d")
+    assert delivered == sorted(
+        [
+            "2024-05-17/flight-01/DJI_20240517101502_0001.JPG",
+            "2024-05-17/flight-01/DJI_20240517101502_0001.JPG.json",
+            "2024-05-17/flight-01/DJI_20240517101502_0003.SRT",
+            "2024-05-17/flight-01/DJI_20240517101502_0003.SRT.json",
+            "2024-05-17/flight-01/DJI_20240517101510_0002.JPG",
+            "2024-05-17/flight-01/DJI_20240517101510_0002.JPG.json",
+            f"{day}/flight-02/flight.csv",
+            f"{day}/flight-02/flight.csv.json",
+        ]
+    )
+    source = example_project / "incoming/flight-01/DJI_20240517101502_0001.JPG"
+    assert (
+        outbox / "2024-05-17/flight-01/DJI_20240517101502_0001.JPG"
+    ).read_bytes() == source.read_bytes()
+    sidecar = json.loads(
+        (outbox / "2024-05-17/flight-01/DJI_20240517101502_0001.JPG.json").read_text()
+    )
+    assert sidecar["meta"]["flight"] == "flight-01"
+    assert len(sidecar["meta"]["sha256"]) == 64
+    # the example plugin logged every delivery
+    log_lines = (example_project / ".skyframe/deliveries.jsonl").read_text().splitlines()
+    assert len(log_lines) == 4
+    assert {json.loads(line)["kind"] for line in log_lines} == {"delivered"}
+
+    again = skyframe(
+        example_project, "run", "--once"
+    )  # the config path defaults to ./skyframe.yaml
+    assert again.returncode == 0, again.stderr
+    assert "delivered 0 file(s) (0 B), 4 unchanged" in again.stdout
+
+
+def test_validate_and_plugins(example_project: Path) -> None:
+    result = skyframe(example_project, "validate", "skyframe.yaml")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("skyframe.yaml: OK")
+    assert not (example_project / "outbox").exists()
+
+    listing = skyframe(example_project, "plugins")
+    assert listing.returncode == 0, listing.stderr
+    for name in ("drone_media", "organise_by_flight", "ignore", "checksum", "sidecar", "rules.py"):
+        assert name in listing.stdout
+
+
+def test_config_error_is_one_line_with_exit_2(example_project: Path) -> None:
+    config = example_project / "skyframe.yaml"
+    config.write_text(config.read_text().replace("- drone_media", "- drone_mediaa"))
+    result = skyframe(example_project, "run", "skyframe.yaml", "--once")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "skyframe: error: skyframe.yaml:10:9: pipelines[0].rules[1]: "
+        "unknown rule 'drone_mediaa' (did you mean 'drone_media'?)"
+    ]
+    assert "Traceback" not in result.stderr
+
+    traced = skyframe(example_project, "--traceback", "validate", "skyframe.yaml")
+    assert traced.returncode != 0
+    assert "Traceback" in traced.stderr
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    result = skyframe(tmp_path, "run", "--once")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "skyframe: error: config file not found: skyframe.yaml"
+
+
+def test_secret_values_are_never_printed(example_project: Path) -> None:
+    config = example_project / "skyframe.yaml"
+    text = config.read_text().replace("url: outbox ", "url: memory://${BUCKET}/${SECRET_TOKEN}x ")
+    config.write_text(text.replace("options: {}", "options: {bogus: '${SECRET_TOKEN}'}"))
+    result = skyframe(
+        example_project, "run", "--once", env={"SECRET_TOKEN": "hunter2-very-secret", "BUCKET": "b"}
+    )
+    assert "hunter2-very-secret" not in result.stdout + result.stderr
+
+
+def test_failed_delivery_exits_1(example_project: Path) -> None:
+    (example_project / "plugins" / "down.py").write_text(
+        "from skyframe import hookimpl\n\n"
+        "@hookimpl\ndef skyframe_transfer(request):\n    raise ConnectionError('uplink down')\n"
+    )
+    config = example_project / "skyframe.yaml"
+    config.write_text(config.read_text() + "retry: {max_attempts: 2, initial: 10ms, max: 10ms}\n")
+    result = skyframe(example_project, "run", "--once")
+    assert result.returncode == 1
+    assert (
+        "failed survey:flight-01/DJI_20240517101502_0001.JPG: ConnectionError: uplink down"
+        in result.stdout
+    )
+
+
+def test_watch_mode_not_offered_yet(example_project: Path) -> None:
+    result = skyframe(example_project, "run")
+    assert result.returncode == 2
+    assert "use --once" in result.stderr

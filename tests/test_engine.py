@@ -1,0 +1,336 @@
+"""The one-shot engine on local and memory sinks: delivery, manifest, retries, dead letters."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import fsspec
+import pytest
+from conftest import WriteConfig, make_file
+
+from skyframe.engine import Engine, RunSummary
+from skyframe.errors import StateError
+from skyframe.pipeline import load_project
+from skyframe.queue import JobQueue
+from skyframe.state import Manifest
+from skyframe.storage import TEMP_MARKER
+
+CONFIG = """\
+state_dir: .state
+plugins: [plugins]
+retry: {max_attempts: 3, initial: 10ms, max: 50ms}
+pipelines:
+  - name: survey
+    source: {path: incoming}
+    rules:
+      - ignore: {patterns: ["*.bak"]}
+      - type: {extensions: [jpg, mp4, srt]}
+    processes: []
+    sinks:
+      - url: outbox
+"""
+
+
+def run_once(config: Path) -> RunSummary:
+    project = load_project(config)
+    engine = Engine(project.config, project.pm, project.pipelines)
+    try:
+        return engine.run_once()
+    finally:
+        engine.close()
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def write_plugin(tmp_path: Path, name: str, body: str) -> None:
+    folder = tmp_path / "plugins"
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text(textwrap.dedent(body).lstrip())
+
+
+@pytest.fixture
+def project(tmp_path: Path, write_config: WriteConfig) -> Callable[[str], Path]:
+    (tmp_path / "plugins").mkdir(exist_ok=True)
+
+    def make(config: str = CONFIG) -> Path:
+        return write_config(config)
+
+    return make
+
+
+def test_once_delivers_accepted_files_identically(
+    tmp_path: Path, project: Callable[[str], Path]
+) -> None:
+    src = tmp_path / "incoming"
+    wanted = {
+        "DJI_0001.JPG": os.urandom(5000),
+        "flight 2/DJI_0002.MP4": os.urandom(3 * 1024 * 1024),
+        "flight 2/sub/航拍.jpg": b"unicode",
+        "empty.srt": b"",
+    }
+    for rel, data in wanted.items():
+        make_file(src, rel, data)
+    make_file(src, "notes.txt", b"rejected by type")
+    make_file(src, "old.jpg.bak", b"rejected by ignore")
+    make_file(src, "video.mp4.part", b"rejected by default ignores")
+
+    summary = run_once(project(CONFIG))
+
+    assert summary.ok
+    assert summary.delivered == 4
+    assert summary.rejected == {"type": 1, "ignore": 2}
+    assert files_under(tmp_path / "outbox") == wanted
+    manifest = Manifest(tmp_path / ".state" / "manifest")
+    entries = {rel: entry for _, _, rel, entry in manifest.entries()}
+    manifest.close()
+    assert set(entries) == set(wanted)
+    for rel, entry in entries.items():
+        st = os.stat(src / rel)
+        assert (entry.size, entry.mtime_ns, entry.remote) == (st.st_size, st.st_mtime_ns, rel)
+        import hashlib
+
+        assert entry.sha256 == hashlib.sha256(wanted[rel]).hexdigest()
+
+
+def test_second_run_sends_nothing_unchanged(tmp_path: Path, project: Callable[[str], Path]) -> None:
+    src = tmp_path / "incoming"
+    make_file(src, "a.jpg", b"one")
+    make_file(src, "b.jpg", b"two")
+    config = project(CONFIG)
+    assert run_once(config).delivered == 2
+    out = tmp_path / "outbox" / "a.jpg"
+    before = out.stat().st_mtime_ns
+    time.sleep(0.01)
+
+    second = run_once(config)
+    assert (second.delivered, second.unchanged, second.queued) == (0, 2, 0)
+    assert out.stat().st_mtime_ns == before
+
+
+def test_changed_file_is_sent_again_touched_file_is_not(
+    tmp_path: Path, project: Callable[[str], Path]
+) -> None:
+    src = tmp_path / "incoming"
+    changed = make_file(src, "changed.jpg", b"v1")
+    touched = make_file(src, "touched.jpg", b"same")
+    config = project(CONFIG)
+    run_once(config)
+    out_touched = tmp_path / "outbox" / "touched.jpg"
+    before = out_touched.stat().st_mtime_ns
+    time.sleep(0.01)
+    changed.write_bytes(b"version 2")
+    os.utime(touched)  # new mtime, same bytes
+
+    summary = run_once(config)
+    assert summary.delivered == 1
+    assert (tmp_path / "outbox" / "changed.jpg").read_bytes() == b"version 2"
+    assert out_touched.stat().st_mtime_ns == before
+    manifest = Manifest(tmp_path / ".state" / "manifest")
+    assert manifest.is_delivered("survey", "outbox", "touched.jpg", 4, touched.stat().st_mtime_ns)
+    manifest.close()
+
+
+def test_memory_sink(
+    tmp_path: Path, project: Callable[[str], Path], memory_fs: fsspec.AbstractFileSystem
+) -> None:
+    make_file(tmp_path / "incoming", "x/DJI_1.JPG", b"jpeg")
+    summary = run_once(project(CONFIG.replace("url: outbox", "url: memory://skyframe-test/out")))
+    assert summary.delivered == 1
+    assert memory_fs.cat_file("/skyframe-test/out/x/DJI_1.JPG") == b"jpeg"
+
+
+FAILING_TRANSFER = """
+    from skyframe import hookimpl
+
+    CALLS = []
+
+    @hookimpl
+    def skyframe_transfer(request):
+        if request.sink.key == "broken":
+            CALLS.append(request.remote_path)
+            raise ConnectionError("link down")
+        return None  # let the generic transfer deliver
+"""
+
+
+def test_failing_sink_retries_then_dead_letters_without_repeating_the_other(
+    tmp_path: Path, project: Callable[[str], Path]
+) -> None:
+    write_plugin(tmp_path, "flaky.py", FAILING_TRANSFER)
+    make_file(tmp_path / "incoming", "a.jpg", b"A")
+    config = project(
+        CONFIG.replace(
+            "      - url: outbox\n",
+            "      - url: outbox\n      - url: outbox2\n        name: broken\n",
+        )
+    )
+    summary = run_once(config)
+    assert not summary.ok
+    assert summary.failed == {"survey:a.jpg": "ConnectionError: link down"}
+    assert (tmp_path / "outbox" / "a.jpg").read_bytes() == b"A"
+    good_mtime = (tmp_path / "outbox" / "a.jpg").stat().st_mtime_ns
+
+    queue = JobQueue(tmp_path / ".state" / "queue")
+    (record,) = queue.records("dead")
+    assert record["attempts"] == 3
+    assert record["errors"] == ["ConnectionError: link down"] * 3
+    assert queue.requeue_dead() == 1
+    queue.close()
+
+    # The link is back: the re-queued job reaches the broken sink only; the good one is not resent.
+    (tmp_path / "plugins" / "flaky.py").unlink()
+    summary = run_once(config)
+    assert summary.ok
+    assert summary.delivered == 1
+    assert (tmp_path / "outbox2" / "a.jpg").read_bytes() == b"A"
+    assert (tmp_path / "outbox" / "a.jpg").stat().st_mtime_ns == good_mtime
+
+
+def test_process_errors_retry_and_report(tmp_path: Path, project: Callable[[str], Path]) -> None:
+    (tmp_path / "processes.py").write_text(
+        textwrap.dedent("""
+        from skyframe import process
+
+        @process
+        def process_explode(job):
+            raise RuntimeError("disk full")
+    """)
+    )
+    make_file(tmp_path / "incoming", "a.jpg", b"A")
+    summary = run_once(project(CONFIG.replace("processes: []", "processes: [explode]")))
+    assert summary.failed == {"survey:a.jpg": "RuntimeError: disk full"}
+    assert not (tmp_path / "outbox").exists()
+
+
+def test_crashing_rule_dead_letters_the_file(
+    tmp_path: Path, project: Callable[[str], Path]
+) -> None:
+    (tmp_path / "rules.py").write_text(
+        textwrap.dedent("""
+        from skyframe import rule
+
+        @rule
+        def rule_forgetful(event):
+            pass  # returns None: a bug
+    """)
+    )
+    make_file(tmp_path / "incoming", "a.jpg", b"A")
+    summary = run_once(
+        project(CONFIG.replace("- type: {extensions: [jpg, mp4, srt]}", "- forgetful"))
+    )
+    (reason,) = summary.failed.values()
+    assert "rule 'forgetful' returned None" in reason
+    queue = JobQueue(tmp_path / ".state" / "queue")
+    (record,) = queue.records("dead")
+    assert record["attempts"] == 1  # not retried: a rule bug does not heal by waiting
+    queue.close()
+
+
+def test_notifier_errors_never_affect_delivery(
+    tmp_path: Path, project: Callable[[str], Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    write_plugin(
+        tmp_path,
+        "noisy.py",
+        """
+        from skyframe import hookimpl
+
+        @hookimpl
+        def skyframe_event(event):
+            raise ValueError("notifier down")
+    """,
+    )
+    make_file(tmp_path / "incoming", "a.jpg", b"A")
+    summary = run_once(project(CONFIG))
+    assert summary.ok
+    assert summary.delivered == 1
+    assert "notifier" in caplog.text
+
+
+def test_sidecar_and_rename_deliver_beside(tmp_path: Path, project: Callable[[str], Path]) -> None:
+    make_file(tmp_path / "incoming", "f1/a.jpg", b"A", mtime=1715940902)
+    config = CONFIG.replace(
+        "processes: []",
+        "processes: [checksum, sidecar, {rename: {template: '{mtime:%Y}/{parent}/{name}'}}]",
+    )
+    assert run_once(project(config)).ok
+    assert sorted(files_under(tmp_path / "outbox")) == ["2024/f1/a.jpg", "2024/f1/a.jpg.json"]
+
+
+def test_vanished_file_is_skipped_not_failed(
+    tmp_path: Path, project: Callable[[str], Path]
+) -> None:
+    write_plugin(
+        tmp_path,
+        "vanish.py",
+        """
+        from skyframe import hookimpl
+
+        @hookimpl
+        def skyframe_event(event):
+            if event.kind == "queued" and event.relpath == "gone.jpg":
+                import pathlib
+                # simulates a camera tool deleting the file right after it was seen
+                for p in pathlib.Path(".").glob("**/incoming/gone.jpg"):
+                    p.unlink()
+    """,
+    )
+    make_file(tmp_path / "incoming", "gone.jpg", b"G")
+    make_file(tmp_path / "incoming", "kept.jpg", b"K")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        summary = run_once(project(CONFIG))
+    finally:
+        os.chdir(cwd)
+    assert summary.ok
+    assert summary.skipped == 1
+    assert files_under(tmp_path / "outbox") == {"kept.jpg": b"K"}
+
+
+def test_jobs_left_by_a_crashed_run_are_delivered(
+    tmp_path: Path, project: Callable[[str], Path]
+) -> None:
+    config = project(CONFIG)
+    path = make_file(tmp_path / "incoming", "a.jpg", b"A")
+    # A previous process queued and leased the job, then died before finishing it.
+    queue = JobQueue(tmp_path / ".state" / "queue")
+    st = path.stat()
+    event = {
+        "pipeline": "survey",
+        "path": str(path),
+        "relpath": "a.jpg",
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "kind": "scanned",
+    }
+    queue.put("survey", "a.jpg", {"event": event})
+    assert queue.claim() is not None
+    queue.close()
+    (tmp_path / "outbox").mkdir()
+    (tmp_path / "outbox" / f".a.jpg{TEMP_MARKER}dead.part").write_bytes(b"")  # its leftover
+
+    summary = run_once(config)
+    assert summary.ok
+    assert (tmp_path / "outbox" / "a.jpg").read_bytes() == b"A"
+
+
+def test_state_dir_is_single_instance(tmp_path: Path, project: Callable[[str], Path]) -> None:
+    project_ = load_project(project(CONFIG))
+    first = Engine(project_.config, project_.pm, project_.pipelines)
+    try:
+        with pytest.raises(StateError, match=r"another skyframe process \(pid \d+\)"):
+            Engine(project_.config, project_.pm, project_.pipelines)
+    finally:
+        first.close()
+    Engine(project_.config, project_.pm, project_.pipelines).close()

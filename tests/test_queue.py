@@ -1,0 +1,145 @@
+"""The durable queue: coalescing, leases that survive a crash, backoff and dead letters."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from skyframe.queue import JobQueue
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> JobQueue:
+    q = JobQueue(tmp_path / "queue")
+    yield q
+    q.close()
+
+
+def test_put_then_claim_in_order(queue: JobQueue) -> None:
+    for name in ("a", "b", "c"):
+        assert queue.put("p", name, {"v": name}) is True
+    claims = [queue.claim() for _ in range(3)]
+    assert [c.relpath for c in claims if c] == ["a", "b", "c"]
+    assert queue.claim() is None
+
+
+def test_latest_state_wins_while_pending(queue: JobQueue) -> None:
+    queue.put("p", "a", {"v": 1})
+    queue.put("p", "b", {"v": 1})
+    assert queue.put("p", "a", {"v": 2}) is False
+    first = queue.claim()
+    assert first is not None
+    assert (first.relpath, first.payload) == ("a", {"v": 2})
+    assert queue.claim().relpath == "b"  # type: ignore[union-attr]
+    assert queue.claim() is None
+
+
+def test_same_path_in_two_pipelines_is_two_jobs(queue: JobQueue) -> None:
+    queue.put("p1", "a", {})
+    queue.put("p2", "a", {})
+    assert {queue.claim().pipeline, queue.claim().pipeline} == {"p1", "p2"}  # type: ignore[union-attr]
+
+
+def test_update_while_leased_runs_after(queue: JobQueue) -> None:
+    queue.put("p", "a", {"v": 1})
+    claim = queue.claim()
+    assert claim is not None
+    queue.put("p", "a", {"v": 2})
+    assert queue.claim() is None  # never two versions of one path at once
+    queue.complete(claim)
+    again = queue.claim()
+    assert again is not None
+    assert again.payload == {"v": 2}
+    queue.complete(again)
+    assert queue.counts() == {"pending": 0, "leased": 0, "waiting": 0, "dead": 0}
+
+
+def test_leases_return_after_a_crash(tmp_path: Path) -> None:
+    q = JobQueue(tmp_path / "queue")
+    q.put("p", "a", {"v": 1})
+    q.put("p", "b", {"v": 1})
+    assert q.claim() is not None  # leased, then the process "dies" without completing
+    q.close()
+    reopened = JobQueue(tmp_path / "queue")
+    relpaths = sorted(c.relpath for c in (reopened.claim(), reopened.claim()) if c)
+    assert relpaths == ["a", "b"]
+    assert reopened.claim() is None
+    reopened.close()
+
+
+def test_retry_waits_then_comes_back(queue: JobQueue) -> None:
+    queue.put("p", "a", {})
+    claim = queue.claim()
+    assert claim is not None
+    queue.retry(claim, "connection reset", delay=0.2)
+    assert queue.claim() is None
+    due = queue.next_due()
+    assert due is not None
+    assert due > time.time()
+    time.sleep(0.25)
+    again = queue.claim()
+    assert again is not None
+    assert again.attempts == 1
+
+
+def test_waiting_jobs_survive_restart(tmp_path: Path) -> None:
+    q = JobQueue(tmp_path / "queue")
+    q.put("p", "a", {})
+    claim = q.claim()
+    assert claim is not None
+    q.retry(claim, "boom", delay=0.1)
+    q.close()
+    reopened = JobQueue(tmp_path / "queue")
+    assert reopened.next_due() is not None
+    time.sleep(0.15)
+    again = reopened.claim()
+    assert again is not None
+    assert again.attempts == 1
+    reopened.close()
+
+
+def test_dead_letters_visible_and_requeueable(queue: JobQueue) -> None:
+    queue.put("p", "a", {"v": 1})
+    claim = queue.claim()
+    assert claim is not None
+    queue.dead(claim, "permission denied")
+    (record,) = queue.records("dead")
+    assert record["relpath"] == "a"
+    assert record["errors"] == ["permission denied"]
+    assert queue.claim() is None
+    assert queue.requeue_dead() == 1
+    again = queue.claim()
+    assert again is not None
+    assert again.attempts == 0
+    queue.dead(again, "still denied")
+    assert queue.purge_dead() == 1
+    assert queue.records() == []
+
+
+def test_new_version_revives_a_dead_job(queue: JobQueue) -> None:
+    queue.put("p", "a", {"v": 1})
+    claim = queue.claim()
+    assert claim is not None
+    queue.dead(claim, "bad")
+    queue.put("p", "a", {"v": 2})
+    again = queue.claim()
+    assert again is not None
+    assert again.payload == {"v": 2}
+
+
+def test_stored_as_json_not_pickle(tmp_path: Path) -> None:
+    q = JobQueue(tmp_path / "queue")
+    q.put("p", "a", {"v": "ü"})
+    q.close()
+    db = sqlite3.connect(tmp_path / "queue" / "cache.db")
+    rows = db.execute("SELECT key, raw, value FROM Cache").fetchall()
+    db.close()
+    assert len(rows) == 2  # the job record and its place in the ready list
+    for key, raw, value in rows:
+        assert isinstance(key, str)
+        assert raw == 1
+        json.loads(value)  # JSON text, never a pickle

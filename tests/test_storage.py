@@ -1,0 +1,174 @@
+"""Sinks: path confinement, URL handling, and the generic atomic transfer."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import fsspec
+import pytest
+from conftest import make_file
+
+from skyframe.builtin.transfer_generic import skyframe_transfer
+from skyframe.config import SinkConfig
+from skyframe.errors import SourceChangedError, SourceUnreadableError, UnsafePathError
+from skyframe.storage import (
+    TEMP_MARKER,
+    TransferRequest,
+    open_sink,
+    redact_url,
+    safe_relative_path,
+    temporary_path,
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("a.jpg", "a.jpg"),
+        ("flight 01/DJI 0001.JPG", "flight 01/DJI 0001.JPG"),
+        ("./a/./b//c.jpg", "a/b/c.jpg"),
+        ("ünïcødé/航拍.jpg", "ünïcødé/航拍.jpg"),
+        ("a/..b/c..", "a/..b/c.."),
+    ],
+)
+def test_safe_relative_path_accepts(name: str, expected: str) -> None:
+    assert safe_relative_path(name) == expected
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "/etc/passwd",
+        "../x",
+        "a/../../x",
+        "a/..",
+        "a\x00b",
+        "a\nb",
+        "a\x7fb",
+        "a\\..\\b",
+        ".",
+        "./",
+    ],
+)
+def test_safe_relative_path_rejects(name: str) -> None:
+    with pytest.raises(UnsafePathError):
+        safe_relative_path(name)
+
+
+def test_sink_remote_path_is_confined(tmp_path: Path) -> None:
+    sink = open_sink(SinkConfig(url="outbox"), tmp_path)
+    assert sink.root == str(tmp_path / "outbox")
+    assert sink.remote_path("a/b.jpg") == f"{tmp_path}/outbox/a/b.jpg"
+    with pytest.raises(UnsafePathError):
+        sink.remote_path("../../etc/passwd")
+
+
+def test_memory_sink_and_redaction(tmp_path: Path) -> None:
+    sink = open_sink(SinkConfig(url="memory://bucket/prefix"), tmp_path)
+    assert sink.protocol == "memory"
+    assert sink.remote_path("x.jpg") == "/bucket/prefix/x.jpg"
+    assert redact_url("sftp://pilot:hunter2@host:2222/data") == "sftp://pilot:***@host:2222/data"
+    assert redact_url("s3://bucket/x") == "s3://bucket/x"
+
+
+def test_local_sink_takes_no_options(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="takes no options"):
+        open_sink(SinkConfig(url="outbox", options={"key": "x"}), tmp_path)
+
+
+def test_temporary_path_is_hidden_beside_target() -> None:
+    tmp = temporary_path("root/flight/DJI_0001.JPG")
+    assert tmp.startswith("root/flight/.DJI_0001.JPG" + TEMP_MARKER)
+    assert tmp.endswith(".part")
+
+
+def request_for(sink_url: str, base: Path, src: Path, name: str) -> TransferRequest:
+    sink = open_sink(SinkConfig(url=sink_url), base)
+    st = os.stat(src)
+    return TransferRequest(sink, src, sink.remote_path(name), st.st_size, st.st_mtime_ns)
+
+
+@pytest.mark.parametrize("url", ["outbox", "memory://skyframe-test/outbox"])
+def test_generic_transfer_streams_and_hashes(tmp_path: Path, url: str, memory_fs: object) -> None:
+    data = os.urandom(2 * 1024 * 1024 + 5)
+    src = make_file(tmp_path, "src/big.bin", data)
+    request = request_for(url, tmp_path, src, "nested/dir/big.bin")
+    seen: list[int] = []
+    request.progress = seen.append
+    result = skyframe_transfer(request)
+    fs = request.sink.fs
+    assert fs.cat_file(request.remote_path) == data
+    assert result.size == len(data)
+    assert seen[-1] == len(data)
+    assert fs.ls(os.path.dirname(request.remote_path), detail=False) == [request.remote_path]
+
+
+def test_generic_transfer_is_atomic(tmp_path: Path) -> None:
+    """While the upload runs, the final name does not exist; only the hidden temp file does."""
+    src = make_file(tmp_path, "src/a.bin", os.urandom(3 * 1024 * 1024))
+    request = request_for("outbox", tmp_path, src, "a.bin")
+    observed: list[tuple[bool, list[str]]] = []
+    folder = tmp_path / "outbox"
+
+    def progress(done: int) -> None:
+        observed.append((Path(request.remote_path).exists(), sorted(os.listdir(folder))))
+
+    request.progress = progress
+    skyframe_transfer(request)
+    assert observed
+    for final_exists, listing in observed:
+        assert not final_exists
+        assert len(listing) == 1
+        assert listing[0].startswith(".a.bin" + TEMP_MARKER)
+    assert os.listdir(folder) == ["a.bin"]
+
+
+def test_transfer_detects_a_file_changing_while_read(tmp_path: Path) -> None:
+    src = make_file(tmp_path, "src/growing.bin", os.urandom(3 * 1024 * 1024))
+    request = request_for("outbox", tmp_path, src, "growing.bin")
+    appended = threading.Event()
+
+    def progress(done: int) -> None:
+        if not appended.is_set():
+            with src.open("ab") as f:
+                f.write(b"more")
+            appended.set()
+
+    request.progress = progress
+    with pytest.raises(SourceChangedError, match="changed while it was read"):
+        skyframe_transfer(request)
+    assert os.listdir(tmp_path / "outbox") == []  # no partial or temporary file left
+
+
+def test_transfer_of_vanished_file(tmp_path: Path) -> None:
+    src = make_file(tmp_path, "src/gone.bin", b"x")
+    request = request_for("outbox", tmp_path, src, "gone.bin")
+    src.unlink()
+    with pytest.raises(SourceUnreadableError, match="vanished"):
+        skyframe_transfer(request)
+
+
+def test_transfer_of_unreadable_file(tmp_path: Path) -> None:
+    src = make_file(tmp_path, "src/locked.bin", b"x")
+    request = request_for("outbox", tmp_path, src, "locked.bin")
+    # Root can read any file, so make the path unreadable in a way that holds for root too.
+    src.unlink()
+    src.mkdir()
+    with pytest.raises(SourceUnreadableError, match="cannot read: Is a directory"):
+        skyframe_transfer(request)
+
+
+def test_overwrite_replaces_whole_file(tmp_path: Path) -> None:
+    src = make_file(tmp_path, "src/a.txt", b"second version, shorter")
+    (tmp_path / "outbox").mkdir()
+    (tmp_path / "outbox" / "a.txt").write_bytes(b"first version that was longer" * 10)
+    request = request_for("outbox", tmp_path, src, "a.txt")
+    skyframe_transfer(request)
+    assert (tmp_path / "outbox" / "a.txt").read_bytes() == b"second version, shorter"
+
+
+def test_fsspec_memory_is_reset(memory_fs: fsspec.AbstractFileSystem) -> None:
+    assert memory_fs.ls("/", detail=False) == []
