@@ -8,6 +8,8 @@ from skyframe.markers import hookimpl, process, rule
 from skyframe.storage import Sink, SourceReader, TransferRequest, TransferResult
 from skyframe.units import Duration, Size
 
+__version__ = "0.1.0"
+
 __all__ = [
     "ConfigError",
     "DeliveryError",

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -17,6 +18,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 from rich.text import Text
 
+from skyframe import __version__
 from skyframe.config import DEFAULT_CONFIG_NAME
 from skyframe.errors import SkyframeError
 
@@ -79,12 +81,18 @@ def cli(ctx: click.Context, traceback: bool, verbose: int, quiet: bool) -> None:
 
 
 @contextmanager
-def _stop_on_signals(stop: Any) -> Iterator[None]:
-    """SIGINT/SIGTERM ask the engine to finish in-flight work and stop."""
+def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
+    """The first SIGINT/SIGTERM stops cleanly; a second one exits at once."""
+    received: list[int] = []
 
     def handler(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        if len(received) > 1:
+            log.error("second signal: exiting now; unfinished jobs resume at the next start")
+            os._exit(130)
         log.warning(
-            "%s received: finishing in-flight work, then stopping", signal.Signals(signum).name
+            "%s received: finishing in-flight work, then stopping (again to force)",
+            signal.Signals(signum).name,
         )
         stop()
 
@@ -99,36 +107,38 @@ def _stop_on_signals(stop: Any) -> Iterator[None]:
 @cli.command()
 @config_argument
 @click.option("--once", is_flag=True, help="Scan, deliver everything, and exit.")
-@click.option("--workers", type=click.IntRange(1, 64), help="Files handled at once.")
+@click.option("--workers", type=click.IntRange(1, 64), help="Files processed at once.")
 @click.pass_obj
 def run(obj: dict[str, Console], config_file: Path, once: bool, workers: int | None) -> None:
     """Run the pipelines in CONFIG (default ./skyframe.yaml).
 
-    With --once: scan every source, deliver what is new or changed, print a summary and exit
-    0 when everything accepted was delivered, 1 when any file failed, 2 on config errors.
+    Without --once: watch the sources and deliver new and changed files until SIGINT or
+    SIGTERM. With --once: scan every source, deliver what is new or changed, print a summary
+    and exit. Exit 0 when everything accepted was delivered, 1 when any file failed, 2 on
+    config errors.
     """
     from skyframe.console import ProgressReporter, print_summary
     from skyframe.engine import Engine
     from skyframe.pipeline import load_project
 
-    if not once:
-        raise click.UsageError(
-            "watch mode is not available in this version; use --once to deliver and exit"
-        )
     project = load_project(config_file)
     if workers is not None:
         project.config.workers = workers
     engine = Engine(project.config, project.pm, project.pipelines)
     stdout, stderr = obj["stdout"], obj["stderr"]
+    work = engine.run_once if once else engine.run_daemon
+    if not once:
+        folders = ", ".join(str(p.source_root) for p in project.pipelines)
+        click.echo(f"skyframe {__version__}: watching {folders} (Ctrl-C to stop)", err=True)
     try:
         with _stop_on_signals(engine.stop):
             if stderr.is_terminal:
                 sinks = {p.name: len(p.sinks) for p in project.pipelines}
                 with ProgressReporter(stderr, sinks) as reporter:
                     project.pm.register(reporter, name="skyframe.console-progress")
-                    summary = engine.run_once()
+                    summary = work()
             else:
-                summary = engine.run_once()
+                summary = work()
     finally:
         engine.close()
     print_summary(stdout, summary)
@@ -209,6 +219,109 @@ def plugins(obj: dict[str, Console], config_file: Path | None) -> None:
             highlight=False,
             markup=False,
         )
+
+
+@cli.group()
+def queue() -> None:
+    """Show and repair what is waiting: list, retry, purge."""
+
+
+def _open_queue(config_file: Path) -> Any:
+    from skyframe.config import load_config
+    from skyframe.queue import JobQueue
+
+    config = load_config(config_file)
+    folder = config.state_path / "queue"
+    if not folder.is_dir():
+        raise click.ClickException(f"no queue yet in {config.state_path} (nothing has run)")
+    # Never recover leases here: a running daemon may hold them.
+    return JobQueue(folder, recover=False)
+
+
+@queue.command("list")
+@config_argument
+@click.option(
+    "--state",
+    type=click.Choice(["pending", "leased", "waiting", "dead"]),
+    help="Only jobs in this state.",
+)
+@click.pass_obj
+def queue_list(obj: dict[str, Console], config_file: Path, state: str | None) -> None:
+    """List queued, in-flight, waiting and dead-lettered jobs."""
+    import time as _time
+
+    q = _open_queue(config_file)
+    try:
+        records = q.records(state)
+    finally:
+        q.close()
+    out = obj["stdout"]
+    counts: dict[str, int] = {}
+    rows = []
+    for r in records:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+        action = r["payload"].get("action", "upload")
+        when = ""
+        if r["state"] == "waiting":
+            when = f"in {max(r['not_before'] - _time.time(), 0):.0f}s"
+        error = r["errors"][-1] if r["errors"] else ""
+        rows.append(
+            (r["state"], r["pipeline"], r["relpath"], action, str(r["attempts"]), when, error)
+        )
+    if out.is_terminal:
+        table = Table()
+        for column in ("state", "pipeline", "path", "action", "attempts", "next try", "last error"):
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(*(Text(cell) for cell in row))
+        out.print(table)
+    else:
+        for row in rows:
+            click.echo("\t".join(row))
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "empty"
+    click.echo(f"queue: {summary}", err=True)
+
+
+@queue.command("retry")
+@config_argument
+@click.argument("paths", nargs=-1)
+@click.option("--all", "retry_all", is_flag=True, help="Every dead-lettered job.")
+@click.option("--pipeline", help="Only jobs of this pipeline.")
+def queue_retry(
+    config_file: Path, paths: tuple[str, ...], retry_all: bool, pipeline: str | None
+) -> None:
+    """Move dead-lettered jobs (by relative PATH, or --all) back into the queue."""
+    if not paths and not retry_all:
+        raise click.UsageError("name one or more relative paths, or use --all")
+    q = _open_queue(config_file)
+    try:
+        if retry_all:
+            moved = q.requeue_dead(pipeline)
+        else:
+            moved = 0
+            for path in paths:
+                found = q.requeue_dead(pipeline, path)
+                if not found:
+                    click.echo(f"skyframe: no dead-lettered job for {path}", err=True)
+                moved += found
+    finally:
+        q.close()
+    click.echo(f"{moved} job(s) back in the queue")
+    if paths and moved < len(paths):
+        sys.exit(1)
+
+
+@queue.command("purge")
+@config_argument
+@click.option("--dead", is_flag=True, required=True, help="Forget every dead-lettered job.")
+def queue_purge(config_file: Path, dead: bool) -> None:
+    """Forget dead-lettered jobs (their files stay where they are)."""
+    q = _open_queue(config_file)
+    try:
+        removed = q.purge_dead()
+    finally:
+        q.close()
+    click.echo(f"{removed} dead-lettered job(s) forgotten")
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from types import UnionType
-from typing import Any, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
@@ -33,6 +33,9 @@ class SourceConfig(_Model):
     path: str = Field(description="folder to watch, relative to the config file")
     recursive: bool = Field(True, description="include sub-folders")
     settle: Duration = Field(2.0, description="seconds a file must be unchanged to be ready")
+    rescan: Duration = Field(600.0, description="full catch-up scan interval in watch mode")
+    polling: bool = Field(False, description="poll instead of inotify (network mounts)")
+    poll_interval: Duration = Field(5.0, description="seconds between polls when polling")
 
 
 class SinkConfig(_Model):
@@ -41,6 +44,10 @@ class SinkConfig(_Model):
     url: str = Field(description="a path relative to the config file, or an fsspec URL")
     name: str | None = Field(None, description="a stable name; defaults to the URL")
     options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options")
+    concurrency: int = Field(4, ge=1, le=64, description="files sent to this sink at once")
+    on_delete: Literal["keep", "delete"] = Field(
+        "keep", description="delete the remote copy when the local file is deleted"
+    )
 
     @property
     def key(self) -> str:
@@ -95,7 +102,10 @@ class Config(_Model):
 
     state_dir: str = Field(".skyframe", description="queue, manifest and journals")
     plugins: list[str] = Field(default_factory=list, description="plugin files or folders")
-    workers: int = Field(4, ge=1, le=64, description="files handled at once")
+    workers: int = Field(4, ge=1, le=64, description="files processed at once")
+    shutdown_grace: Duration = Field(
+        5.0, description="on stop, how long in-flight transfers may finish before being cut"
+    )
     retry: RetryConfig = Field(default_factory=RetryConfig)
     pipelines: list[PipelineConfig] = Field(min_length=1)
 

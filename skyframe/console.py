@@ -78,6 +78,13 @@ def print_summary(console: Console, summary: RunSummary) -> None:
         console.print(
             f"  rejected by {rule_name}: {count}", highlight=False, markup=False, soft_wrap=True
         )
+    if summary.moved or summary.deleted:
+        console.print(
+            f"  moved remotely: {summary.moved}, deleted remotely: {summary.deleted}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
     if summary.skipped:
         console.print(
             f"  skipped (vanished before delivery): {summary.skipped}",

@@ -1,47 +1,50 @@
-"""The engine: scan sources, apply rules, queue, run processes, deliver to every sink."""
+"""The engine: scan and watch sources, apply rules, queue, and hand claims to the job runner.
+
+``run_once()`` scans every source, waits for recently written files to settle, delivers until
+nothing is left, and returns. ``run_daemon()`` starts the watchers first (so nothing written
+during the catch-up scan is missed), scans, then keeps delivering until ``stop()``.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import random
-import shutil
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pluggy
 
-from skyframe.config import (
-    Config,
-    RetryConfig,
-)
-from skyframe.errors import DeliveryError, RuleError, SourceUnreadableError
-from skyframe.events import FileEvent, Job, LifecycleEvent
+from skyframe.config import Config
+from skyframe.delivery import JobRunner
+from skyframe.errors import RuleError
+from skyframe.events import EventKind, FileEvent, LifecycleEvent
 from skyframe.pipeline import Pipeline, evaluate_rules
-from skyframe.queue import Claim, JobQueue
+from skyframe.queue import JobQueue
 from skyframe.scanner import scan_source
 from skyframe.state import Manifest, StateLock
-from skyframe.storage import (
-    Sink,
-    TransferRequest,
-    TransferResult,
-    file_sha256,
-    safe_relative_path,
-)
+from skyframe.watcher import Settler, SourceWatcher, WatchCallbacks
 
 log = logging.getLogger(__name__)
 
-PROGRESS_INTERVAL = 0.5  # seconds between progress events for one transfer
+HOUSEKEEPING_INTERVAL = 0.05  #: seconds between settle checks
+WATCHER_CHECK_INTERVAL = 2.0  #: seconds between checks that the observers are alive
+RESCAN_POLL_INTERVAL = 0.2  #: seconds between checks for due or requested rescans
+#: Seconds beyond ``settle`` that a deleted file is remembered, to recognise it if it reappears.
+MOVE_SLACK = 2.0
 
 
-def backoff_delay(retry: RetryConfig, attempts: int) -> float:
-    """Exponential backoff with jitter: between half and all of initial * 2**(attempts-1)."""
-    ceiling: float = min(retry.max, retry.initial * 2 ** max(attempts - 1, 0))
-    return ceiling * random.uniform(0.5, 1.0)
+@dataclass(frozen=True)
+class _Vanished:
+    """A delivered file that disappeared: a move (same inode, size, mtime) if it reappears."""
+
+    relpath: str
+    size: int
+    mtime_ns: int
+    expires: float
 
 
 @dataclass
@@ -53,6 +56,8 @@ class RunSummary:
     delivered_bytes: int = 0
     unchanged: int = 0
     skipped: int = 0
+    moved: int = 0
+    deleted: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     failed: dict[str, str] = field(default_factory=dict)  #: "pipeline:relpath" -> last error
     scan_errors: int = 0
@@ -62,9 +67,43 @@ class RunSummary:
         """True when every accepted file was delivered (or needed no delivery)."""
         return not self.failed
 
+    def count(self, event: LifecycleEvent) -> None:
+        """Add one lifecycle event to the counts."""
+        kind = event.kind
+        if kind == "queued":
+            self.queued += 1
+        elif kind == "rejected":
+            self.rejected[event.rule or "?"] += 1
+        elif kind == "unchanged":
+            self.unchanged += 1
+        elif kind == "skipped":
+            self.skipped += 1
+        elif kind == "delivered":
+            self.delivered += 1
+            self.delivered_bytes += event.size or 0
+        elif kind == "moved":
+            self.moved += 1
+        elif kind == "deleted":
+            self.deleted += 1
+        elif kind == "dead-lettered":
+            self.failed[f"{event.pipeline}:{event.relpath}"] = event.reason or "failed"
+
+
+class _Source:
+    """A pipeline's source as the daemon sees it: settler, watcher and rescan timer."""
+
+    def __init__(self, engine: Engine, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.settler = Settler(
+            pipeline.source.settle, lambda path: engine.file_ready(pipeline, path, "modified")
+        )
+        self.watcher: SourceWatcher | None = None
+        self.rescan_requested = threading.Event()
+        self.next_rescan = 0.0
+
 
 class Engine:
-    """Runs pipelines against the queue and manifest in a locked state directory."""
+    """Runs pipelines against the queue and manifest of a locked state directory."""
 
     def __init__(self, config: Config, pm: pluggy.PluginManager, pipelines: list[Pipeline]) -> None:
         self.config = config
@@ -82,9 +121,29 @@ class Engine:
             self._lock.release()
             raise
         self._stop = threading.Event()
+        self._cancel = threading.Event()
+        #: Set once the watchers run and the first catch-up scan of every source is done.
+        self.ready = threading.Event()
+        self._wake = threading.Condition()
+        self._in_flight = 0
+        self._sources = {p.name: _Source(self, p) for p in pipelines}
+        self._vanished: dict[tuple[str, int], _Vanished] = {}
+        self._vanished_lock = threading.Lock()
+        self.runner = JobRunner(
+            pm=pm,
+            queue=self.queue,
+            manifest=self.manifest,
+            pipelines=self.pipelines,
+            state_dir=self.state_dir,
+            workers=config.workers,
+            emit=self.emit,
+            on_finished=self._job_finished,
+            cancelled=self._cancel,
+        )
 
     def close(self) -> None:
-        """Close the databases and release the state directory."""
+        """Stop the pools, close the databases and release the state directory."""
+        self.runner.shutdown()
         self.queue.close()
         self.manifest.close()
         self._lock.release()
@@ -93,35 +152,22 @@ class Engine:
 
     def emit(self, event: LifecycleEvent) -> None:
         """Update the summary and call every notifier; a failing notifier is only logged."""
-        self._count(event)
+        with self._summary_lock:
+            self.summary.count(event)
         for impl in self.pm.hook.skyframe_event.get_hookimpls():
             try:
                 impl.function(event=event)
             except Exception:
                 log.exception("notifier %s failed on a %s event", impl.plugin_name, event.kind)
 
-    def _count(self, event: LifecycleEvent) -> None:
-        key = f"{event.pipeline}:{event.relpath}"
-        with self._summary_lock:
-            s = self.summary
-            if event.kind == "queued":
-                s.queued += 1
-            elif event.kind == "rejected":
-                s.rejected[event.rule or "?"] += 1
-            elif event.kind == "unchanged":
-                s.unchanged += 1
-            elif event.kind == "skipped":
-                s.skipped += 1
-            elif event.kind == "delivered" and event.sink is not None:
-                s.delivered += 1
-                s.delivered_bytes += event.size or 0
-            elif event.kind == "dead-lettered":
-                s.failed[key] = event.reason or "failed"
+    # --- intake: scans and watch events ------------------------------------------------------
 
-    # --- scanning ----------------------------------------------------------------------------
-
-    def scan(self, pipeline: Pipeline) -> None:
-        """Compare the source with the manifest and queue what is new or changed."""
+    def scan(self, pipeline: Pipeline, *, settle_recent: bool = True) -> None:
+        """Compare the source with the manifest: queue what is new or changed (and deleted,
+        for sinks with ``on_delete: delete``). Recently modified files go through the settler."""
+        source = self._sources[pipeline.name]
+        settle = source.settler.settle
+        seen: set[str] = set()
 
         def on_error(path: Path, exc: OSError) -> None:
             with self._summary_lock:
@@ -133,9 +179,21 @@ class Engine:
         ):
             if self._stop.is_set():
                 return
-            self.offer(pipeline, event)
+            seen.add(event.relpath)
+            if settle_recent and settle > 0 and time.time() - event.mtime_ns / 1e9 < settle:
+                source.settler.touch(event.path)
+            else:
+                self.offer(pipeline, event)
+        if any(s.on_delete == "delete" for s in pipeline.sinks):
+            for relpath in self._delivered_relpaths(pipeline) - seen:
+                self._queue_delete(pipeline, relpath)
 
-    def offer(self, pipeline: Pipeline, event: FileEvent) -> None:
+    def _delivered_relpaths(self, pipeline: Pipeline) -> set[str]:
+        return {
+            rel for name, _sink, rel, _entry in self.manifest.entries() if name == pipeline.name
+        }
+
+    def offer(self, pipeline: Pipeline, event: FileEvent, moved_from: str | None = None) -> None:
         """Apply the rules to one file and queue it unless rejected or already delivered."""
         try:
             rejection = evaluate_rules(pipeline.rules, event)
@@ -157,7 +215,9 @@ class Engine:
                 )
             )
             return
-        if all(
+        if moved_from is None:
+            moved_from = self._moved_origin(pipeline, event)
+        if moved_from is None and all(
             self.manifest.is_delivered(
                 pipeline.name, sink.key, event.relpath, event.size, event.mtime_ns
             )
@@ -165,259 +225,281 @@ class Engine:
         ):
             self.emit(LifecycleEvent("unchanged", pipeline.name, event.relpath, size=event.size))
             return
-        self.queue.put(pipeline.name, event.relpath, {"event": event.to_json()})
+        payload: dict[str, Any] = {"action": "upload", "event": event.to_json()}
+        if moved_from is not None:
+            payload["moved_from"] = moved_from
+        self.queue.put(pipeline.name, event.relpath, payload)
         self.emit(LifecycleEvent("queued", pipeline.name, event.relpath, size=event.size))
+        self._notify()
 
-    # --- running -----------------------------------------------------------------------------
+    def file_ready(
+        self, pipeline: Pipeline, path: Path, kind: EventKind, moved_from: str | None = None
+    ) -> None:
+        """A watched file settled (or was renamed into place): stat it and offer it."""
+        relpath = self._relpath(pipeline, path)
+        if relpath is None:
+            return
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("%s: cannot read %s: %s", pipeline.name, path, exc.strerror)
+            return
+        if not os.path.isfile(path):
+            return
+        self.offer(
+            pipeline,
+            FileEvent.from_stat(pipeline.name, path, relpath, st, kind),
+            moved_from,
+        )
+
+    def _relpath(self, pipeline: Pipeline, path: Path) -> str | None:
+        try:
+            rel = path.relative_to(pipeline.source_root)
+        except ValueError:
+            return None
+        if not pipeline.recursive and len(rel.parts) > 1:
+            return None
+        return rel.as_posix()
+
+    def _on_deleted(self, pipeline: Pipeline, path: Path) -> None:
+        self._sources[pipeline.name].settler.forget(path)
+        relpath = self._relpath(pipeline, path)
+        if relpath is None:
+            return
+        # Created and deleted before delivery: nothing is sent.
+        self.queue.discard(pipeline.name, relpath)
+        # A "delete" may be half of a move whose other half arrives later (a rename into a
+        # folder created a moment ago is reported as delete + create): remember the file for a
+        # while; remote deletes wait until it is clear that it did not reappear.
+        for sink in pipeline.sinks:
+            entry = self.manifest.get(pipeline.name, sink.key, relpath)
+            if entry is not None and entry.inode:
+                expires = time.monotonic() + pipeline.source.settle + MOVE_SLACK
+                with self._vanished_lock:
+                    self._vanished[(pipeline.name, entry.inode)] = _Vanished(
+                        relpath, entry.size, entry.mtime_ns, expires
+                    )
+                return
+        self._queue_delete(pipeline, relpath)
+
+    def _moved_origin(self, pipeline: Pipeline, event: FileEvent) -> str | None:
+        """The old relative path if this file is a delivered one that vanished a moment ago."""
+        if not event.inode:
+            return None
+        with self._vanished_lock:
+            gone = self._vanished.get((pipeline.name, event.inode))
+            if gone is None or (gone.size, gone.mtime_ns) != (event.size, event.mtime_ns):
+                return None
+            del self._vanished[(pipeline.name, event.inode)]
+        return gone.relpath if gone.relpath != event.relpath else None
+
+    def _expire_vanished(self) -> None:
+        """Files that did not reappear in time were deleted: mirror that where configured."""
+        now = time.monotonic()
+        with self._vanished_lock:
+            expired = [(k, v) for k, v in self._vanished.items() if v.expires <= now]
+            for key, _ in expired:
+                del self._vanished[key]
+        for (name, _inode), gone in expired:
+            self._queue_delete(self.pipelines[name], gone.relpath)
+
+    def _queue_delete(self, pipeline: Pipeline, relpath: str) -> None:
+        if any(
+            sink.on_delete == "delete"
+            and self.manifest.get(pipeline.name, sink.key, relpath) is not None
+            for sink in pipeline.sinks
+        ):
+            self.queue.put(pipeline.name, relpath, {"action": "delete", "relpath": relpath})
+            self._notify()
+
+    def _on_moved(self, pipeline: Pipeline, src: Path, dest: Path) -> None:
+        source = self._sources[pipeline.name]
+        source.settler.forget(src)
+        src_rel = self._relpath(pipeline, src)
+        if src_rel is None:  # moved in from outside the source: complete by construction
+            self.file_ready(pipeline, dest, "moved")
+            return
+        if self._relpath(pipeline, dest) is None:  # moved out: as good as deleted
+            self._on_deleted(pipeline, src)
+            return
+        # A move before delivery delivers under the new name only.
+        self.queue.discard(pipeline.name, src_rel)
+        delivered = any(self.manifest.get(pipeline.name, s.key, src_rel) for s in pipeline.sinks)
+        if delivered and self._relpath(pipeline, dest) is not None:
+            # Forget any identity remembered for the old path: this is the move itself.
+            with self._vanished_lock:
+                for key in [k for k, v in self._vanished.items() if v.relpath == src_rel]:
+                    del self._vanished[key]
+        self.file_ready(pipeline, dest, "moved", moved_from=src_rel if delivered else None)
+
+    # --- dispatch ----------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    def _job_finished(self) -> None:
+        with self._wake:
+            self._in_flight -= 1
+            self._wake.notify_all()
+
+    def _idle(self) -> bool:
+        return (
+            self._in_flight == 0
+            and self.queue.next_due() is None
+            and not any(len(s.settler) for s in self._sources.values())
+        )
+
+    def _dispatch(self, *, until_idle: bool) -> None:
+        """Claim jobs and hand them to the runner until stopped (or idle, with until_idle)."""
+        while not self._stop.is_set():
+            with self._wake:
+                if self._in_flight >= self.runner.capacity:
+                    self._wake.wait(0.5)
+                    continue
+            claim = self.queue.claim()
+            if claim is None:
+                with self._wake:
+                    if until_idle and self._idle():
+                        # Re-check under the lock: a job may have been queued meanwhile.
+                        claim = self.queue.claim()
+                        if claim is None:
+                            return
+                    else:
+                        due = self.queue.next_due()
+                        timeout = 0.5 if due is None else min(max(due - time.time(), 0.0), 0.5)
+                        self._wake.wait(timeout)
+                        continue
+            with self._wake:
+                self._in_flight += 1
+            self.runner.submit(claim)
+
+    def _drain_in_flight(self) -> None:
+        """On stop: let in-flight jobs finish for ``shutdown_grace``, then cut their transfers."""
+        deadline = time.monotonic() + self.config.shutdown_grace
+        with self._wake:
+            while self._in_flight and time.monotonic() < deadline:
+                self._wake.wait(0.1)
+            if self._in_flight:
+                log.warning(
+                    "stopping %d transfer(s) in flight; they resume at the next start",
+                    self._in_flight,
+                )
+                self._cancel.set()
+                hard_deadline = time.monotonic() + 30
+                while self._in_flight and time.monotonic() < hard_deadline:
+                    self._wake.wait(0.1)
+
+    def _housekeeping(self) -> None:
+        """Hand settled files over, and revive dead watchers."""
+        next_watch_check = time.monotonic() + WATCHER_CHECK_INTERVAL
+        while not self._stop.wait(HOUSEKEEPING_INTERVAL):
+            for source in self._sources.values():
+                source.settler.tick()
+            self._expire_vanished()
+            if time.monotonic() >= next_watch_check:
+                next_watch_check = time.monotonic() + WATCHER_CHECK_INTERVAL
+                for source in self._sources.values():
+                    if source.watcher is not None:
+                        source.watcher.check()
+
+    def _rescanner(self) -> None:
+        """Catch-up scans: at start, every ``rescan`` interval, and whenever events were lost."""
+        while not self._stop.is_set():
+            now = time.monotonic()
+            for source in self._sources.values():
+                if source.rescan_requested.is_set() or now >= source.next_rescan:
+                    source.rescan_requested.clear()
+                    source.next_rescan = now + source.pipeline.source.rescan
+                    self._safe_scan(source.pipeline)
+            self.ready.set()
+            self._stop.wait(RESCAN_POLL_INTERVAL)
+
+    def _safe_scan(self, pipeline: Pipeline) -> None:
+        try:
+            self.scan(pipeline)
+        except Exception:
+            log.exception("%s: the catch-up scan failed; it runs again later", pipeline.name)
+
+    # --- entry points ------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Take no new work; in-flight work finishes (or is cut after ``shutdown_grace``)."""
+        self._stop.set()
+        self._notify()
 
     def run_once(self) -> RunSummary:
-        """Scan every source, then deliver until the queue is empty (retries included)."""
+        """Scan every source, then deliver until nothing is queued, waiting or settling."""
         self.pm.hook.skyframe_startup(config=self.config)
+        housekeeping = threading.Thread(
+            target=self._housekeeping, name="skyframe-housekeeping", daemon=True
+        )
         try:
             for pipeline in self.pipelines.values():
                 self.scan(pipeline)
-            self.drain()
+            housekeeping.start()
+            self._dispatch(until_idle=True)
+            self._drain_in_flight()
         finally:
-            try:
-                self.pm.hook.skyframe_shutdown(config=self.config)
-            except Exception:
-                log.exception("a shutdown hook failed")
+            self._stop.set()
+            if housekeeping.is_alive():
+                housekeeping.join()
+            self._shutdown_hooks()
         return self.summary
 
-    def stop(self) -> None:
-        """Ask workers to finish their current job and take no more."""
-        self._stop.set()
-
-    def drain(self) -> None:
-        """Work until no job is ready, waiting or in flight."""
-        in_flight = [0]
-        cond = threading.Condition()
-
-        def worker() -> None:
-            while not self._stop.is_set():
-                with cond:
-                    claim = self.queue.claim()
-                    if claim is None:
-                        due = self.queue.next_due()
-                        if in_flight[0] == 0 and due is None:
-                            cond.notify_all()
-                            return
-                        wait = 0.5 if due is None else max(0.0, min(due - time.time(), 0.5))
-                        cond.wait(wait)
-                        continue
-                    in_flight[0] += 1
-                try:
-                    self.handle(claim)
-                finally:
-                    with cond:
-                        in_flight[0] -= 1
-                        cond.notify_all()
-
+    def run_daemon(self) -> RunSummary:
+        """Watch, catch up, and deliver until ``stop()`` is called."""
+        self.pm.hook.skyframe_startup(config=self.config)
         threads = [
-            threading.Thread(target=worker, name=f"skyframe-worker-{i}", daemon=True)
-            for i in range(self.config.workers)
+            threading.Thread(target=self._housekeeping, name="skyframe-housekeeping", daemon=True),
+            threading.Thread(target=self._rescanner, name="skyframe-rescan", daemon=True),
         ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-
-    def handle(self, claim: Claim) -> None:
-        """Run one job to completion, retry or the dead-letter list."""
-        pipeline = self.pipelines.get(claim.pipeline)
-        if pipeline is None:
-            self._dead(claim, f"pipeline {claim.pipeline!r} is no longer configured")
-            return
-        scratch = self.state_dir / "scratch" / claim.token
         try:
-            self._deliver(pipeline, claim, scratch)
-        except SourceUnreadableError as exc:
-            if not claim_path_exists(claim):
-                self.queue.complete(claim)
-                self.emit(
-                    LifecycleEvent(
-                        "skipped", claim.pipeline, claim.relpath, reason="vanished before delivery"
-                    )
+            for source in self._sources.values():
+                spec = source.pipeline.source
+                source.watcher = SourceWatcher(
+                    source.pipeline.source_root,
+                    self._callbacks(source),
+                    recursive=source.pipeline.recursive,
+                    polling=spec.polling,
+                    poll_interval=spec.poll_interval,
                 )
-            else:
-                self._dead(claim, str(exc))
-        except Exception as exc:
-            retryable = not isinstance(exc, DeliveryError) or exc.retryable
-            reason = str(exc) if isinstance(exc, DeliveryError) else f"{type(exc).__name__}: {exc}"
-            self._failed(pipeline, claim, reason, retryable)
-        else:
-            self.queue.complete(claim)
+                source.watcher.start()
+                source.next_rescan = 0.0  # the catch-up scan runs at once, after the watch
+            for thread in threads:
+                thread.start()
+            log.info("watching %d source folder(s)", len(self._sources))
+            self._dispatch(until_idle=False)
+            self._drain_in_flight()
         finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+            self._stop.set()
+            for thread in threads:
+                if thread.is_alive():
+                    thread.join()
+            for source in self._sources.values():
+                if source.watcher is not None:
+                    source.watcher.stop()
+            self._shutdown_hooks()
+        return self.summary
 
-    def _failed(self, pipeline: Pipeline, claim: Claim, reason: str, retryable: bool) -> None:
-        attempts = claim.attempts + 1
-        if retryable and attempts < pipeline.retry.max_attempts:
-            delay = backoff_delay(pipeline.retry, attempts)
-            self.queue.retry(claim, reason, delay)
-            log.warning(
-                "%s: %s: attempt %d failed, retrying in %.1fs: %s",
-                claim.pipeline,
-                claim.relpath,
-                attempts,
-                delay,
-                reason,
-            )
-            self.emit(
-                LifecycleEvent(
-                    "failed", claim.pipeline, claim.relpath, attempt=attempts, reason=reason
-                )
-            )
-        else:
-            self._dead(claim, reason)
+    def _callbacks(self, source: _Source) -> WatchCallbacks:
+        pipeline = source.pipeline
 
-    def _dead(self, claim: Claim, reason: str) -> None:
-        self.queue.dead(claim, reason)
-        log.error("%s: %s: giving up: %s", claim.pipeline, claim.relpath, reason)
-        self.emit(
-            LifecycleEvent(
-                "dead-lettered",
-                claim.pipeline,
-                claim.relpath,
-                attempt=claim.attempts + 1,
-                reason=reason,
-            )
+        def rescan(reason: str) -> None:
+            log.warning("%s: %s: rescanning %s", pipeline.name, reason, pipeline.source_root)
+            source.rescan_requested.set()
+
+        return WatchCallbacks(
+            changed=lambda path, complete: source.settler.touch(path, complete=complete),
+            deleted=lambda path: self._on_deleted(pipeline, path),
+            moved=lambda src, dest: self._on_moved(pipeline, src, dest),
+            rescan=rescan,
         )
 
-    def _deliver(self, pipeline: Pipeline, claim: Claim, scratch: Path) -> None:
-        queued = FileEvent.from_json(claim.payload["event"])
+    def _shutdown_hooks(self) -> None:
         try:
-            st = os.stat(queued.path)
-        except FileNotFoundError:
-            raise SourceUnreadableError(f"{queued.path}: vanished") from None
-        # The latest state of the file wins: what is on disk now is what gets delivered.
-        event = FileEvent(
-            queued.pipeline, queued.path, queued.relpath, st.st_size, st.st_mtime_ns, queued.kind
-        )
-        rejection = evaluate_rules(pipeline.rules, event)
-        if rejection is not None:
-            self.emit(
-                LifecycleEvent(
-                    "rejected",
-                    pipeline.name,
-                    event.relpath,
-                    rule=rejection[0],
-                    reason=rejection[1],
-                    size=event.size,
-                )
-            )
-            return
-        job = Job(event, scratch_dir=scratch)
-        for step in pipeline.processes:
-            step(job)
-        for sink in pipeline.sinks:
-            self._deliver_to_sink(pipeline, job, sink, claim.attempts + 1)
-
-    def _deliver_to_sink(self, pipeline: Pipeline, job: Job, sink: Sink, attempt: int) -> None:
-        event = job.event
-        entry = self.manifest.get(pipeline.name, sink.key, event.relpath)
-        if entry is not None and entry.matches(event.size, event.mtime_ns):
-            return  # delivered by an earlier attempt of this job
-        remote = safe_relative_path(job.remote_name)
-        if (
-            entry is not None
-            and entry.size == event.size
-            and entry.remote == remote
-            and file_sha256(event.path) == entry.sha256
-        ):
-            # Touched, not changed: record the new mtime and send nothing.
-            self.manifest.record(
-                pipeline.name,
-                sink.key,
-                event.relpath,
-                size=event.size,
-                mtime_ns=event.mtime_ns,
-                sha256=entry.sha256,
-                remote=remote,
-            )
-            self.emit(LifecycleEvent("unchanged", pipeline.name, event.relpath, sink=sink.key))
-            return
-        self.emit(
-            LifecycleEvent(
-                "started",
-                pipeline.name,
-                event.relpath,
-                sink=sink.key,
-                remote=remote,
-                size=event.size,
-                attempt=attempt,
-            )
-        )
-        result = self._transfer(
-            TransferRequest(
-                sink=sink,
-                local_path=event.path,
-                remote_path=sink.remote_path(remote),
-                size=event.size,
-                mtime_ns=event.mtime_ns,
-                progress=self._progress_callback(pipeline.name, event.relpath, sink, event.size),
-                state_dir=self.state_dir,
-            )
-        )
-        for derived in job.derived:
-            st = derived.path.stat()
-            self._transfer(
-                TransferRequest(
-                    sink=sink,
-                    local_path=derived.path,
-                    remote_path=sink.remote_path(derived.resolve(job.remote_name)),
-                    size=st.st_size,
-                    mtime_ns=st.st_mtime_ns,
-                    state_dir=self.state_dir,
-                )
-            )
-        self.manifest.record(
-            pipeline.name,
-            sink.key,
-            event.relpath,
-            size=result.size,
-            mtime_ns=event.mtime_ns,
-            sha256=result.sha256,
-            remote=remote,
-        )
-        job.meta.setdefault("sha256", result.sha256)
-        self.emit(
-            LifecycleEvent(
-                "delivered",
-                pipeline.name,
-                event.relpath,
-                sink=sink.key,
-                remote=remote,
-                size=result.size,
-                attempt=attempt,
-            )
-        )
-
-    def _transfer(self, request: TransferRequest) -> TransferResult:
-        result: TransferResult | None = self.pm.hook.skyframe_transfer(request=request)
-        if result is None:
-            sink = request.sink
-            raise DeliveryError(f"no transfer plugin handles {sink.protocol!r} ({sink.display})")
-        return result
-
-    def _progress_callback(
-        self, pipeline: str, relpath: str, sink: Sink, size: int
-    ) -> Callable[[int], None]:
-        last = [time.monotonic()]
-
-        def progress(done: int) -> None:
-            now = time.monotonic()
-            if now - last[0] >= PROGRESS_INTERVAL and done < size:
-                last[0] = now
-                self.emit(
-                    LifecycleEvent(
-                        "progress", pipeline, relpath, sink=sink.key, size=size, bytes_done=done
-                    )
-                )
-
-        return progress
-
-
-def claim_path_exists(claim: Claim) -> bool:
-    """True when the claimed job's file is still on disk."""
-    return Path(claim.payload["event"]["path"]).exists()
+            self.pm.hook.skyframe_shutdown(config=self.config)
+        except Exception:
+            log.exception("a shutdown hook failed")

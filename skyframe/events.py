@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ class FileEvent:
     size: int
     mtime_ns: int
     kind: EventKind = "scanned"
+    inode: int = 0  #: the file's inode: a rename keeps it, which is how moves are recognised
 
     @property
     def name(self) -> str:
@@ -52,6 +54,13 @@ class FileEvent:
     def from_json(cls, data: dict[str, Any]) -> FileEvent:
         """The inverse of :meth:`to_json`."""
         return cls(**{**data, "path": Path(data["path"])})
+
+    @classmethod
+    def from_stat(
+        cls, pipeline: str, path: Path, relpath: str, st: os.stat_result, kind: EventKind
+    ) -> FileEvent:
+        """An event for a file as ``os.stat`` sees it now."""
+        return cls(pipeline, path, relpath, st.st_size, st.st_mtime_ns, kind, st.st_ino)
 
 
 @dataclass
@@ -131,6 +140,8 @@ LifecycleKind = Literal[
     "retrying",
     "dead-lettered",
     "skipped",
+    "moved",
+    "deleted",
 ]
 
 

@@ -12,6 +12,7 @@ from skyframe.config import (
     Config,
     PipelineConfig,
     RetryConfig,
+    SourceConfig,
     StepConfig,
     YamlPath,
     format_key,
@@ -35,6 +36,7 @@ class Pipeline:
     processes: list[BoundStep]
     sinks: list[Sink]
     retry: RetryConfig
+    source: SourceConfig
 
 
 def build_pipelines(config: Config, registry: Registry) -> list[Pipeline]:
@@ -72,6 +74,12 @@ def _build_pipeline(
         raise ConfigError(
             f"source folder {source_root} {problem}", config.locate(where), format_key(where)
         )
+    if config.state_path.is_relative_to(source_root):
+        raise ConfigError(
+            f"the state directory {config.state_path} is inside the source folder {source_root}",
+            config.locate(where),
+            format_key(where),
+        )
     sinks = []
     for k, sink_config in enumerate(spec.sinks):
         where = (*base, "sinks", k, "url")
@@ -103,6 +111,7 @@ def _build_pipeline(
         processes,
         sinks,
         config.retry_for(spec),
+        spec.source,
     )
 
 

@@ -40,11 +40,14 @@ class Claim:
 class JobQueue:
     """A durable queue with coalescing per (pipeline, path)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, recover: bool = True) -> None:
+        """Open the queue; ``recover`` (only for the process holding the state lock) returns
+        leased jobs to the queue and restores the backoff timers."""
         self._cache = open_cache(directory)
         self._lock = threading.RLock()
         self._waiting: list[tuple[float, str]] = []
-        self._recover()
+        if recover:
+            self._recover()
 
     @staticmethod
     def _key(pipeline: str, relpath: str) -> str:
@@ -161,8 +164,8 @@ class JobQueue:
             if record is not None:
                 self._make_pending(claim.key, record, record.get("next_payload"))
 
-    def retry(self, claim: Claim, error: str, delay: float) -> None:
-        """Count a failed attempt and make the job wait ``delay`` seconds."""
+    def retry(self, claim: Claim, error: str, delay: float, *, count: bool = True) -> None:
+        """Make the job wait ``delay`` seconds; ``count`` it as a failed attempt."""
         with self._lock, self._cache.transact(retry=True):
             record = self._leased(claim)
             if record is None:
@@ -174,7 +177,7 @@ class JobQueue:
             record.update(
                 state="waiting",
                 lease=None,
-                attempts=claim.attempts + 1,
+                attempts=claim.attempts + (1 if count else 0),
                 not_before=not_before,
                 errors=[*record["errors"], error][-_MAX_ERRORS_KEPT:],
             )
@@ -198,6 +201,25 @@ class JobQueue:
                 errors=[*record["errors"], error][-_MAX_ERRORS_KEPT:],
             )
             self._cache.set(claim.key, record)
+
+    def discard(self, pipeline: str, relpath: str) -> bool:
+        """Drop a job that no worker holds (its file was deleted or moved); True if dropped."""
+        key = self._key(pipeline, relpath)
+        with self._lock, self._cache.transact(retry=True):
+            record = self._cache.get(key)
+            if record is None:
+                return False
+            if record["state"] == "leased":
+                record["next_payload"] = None
+                self._cache.set(key, record)
+                return False
+            self._cache.delete(key)
+            return True
+
+    def pending_payload(self, pipeline: str, relpath: str) -> dict[str, Any] | None:
+        """The payload of a queued job for this path, if one is queued."""
+        record = self._cache.get(self._key(pipeline, relpath))
+        return None if record is None else record.get("next_payload") or record["payload"]
 
     def next_due(self) -> float | None:
         """When the earliest waiting job becomes ready (epoch seconds), if any."""

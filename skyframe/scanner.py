@@ -46,12 +46,8 @@ def scan_source(
                 on_error(Path(entry.path), exc)
                 continue
             path = Path(entry.path)
-            yield FileEvent(
-                pipeline=pipeline,
-                path=path,
-                relpath=path.relative_to(root).as_posix(),
-                size=st.st_size,
-                mtime_ns=st.st_mtime_ns,
+            yield FileEvent.from_stat(
+                pipeline, path, path.relative_to(root).as_posix(), st, "scanned"
             )
         if recursive:
             stack.extend(reversed(subfolders))

@@ -101,10 +101,16 @@ class ManifestEntry:
     sha256: str
     remote: str
     delivered_at: float
+    derived: tuple[str, ...] = ()  #: remote names of files delivered with it (sidecars...)
+    inode: int = 0  #: the local file's inode, to recognise it after a rename
 
     def matches(self, size: int, mtime_ns: int) -> bool:
         """True when the local file still has the size and mtime that were delivered."""
         return self.size == size and self.mtime_ns == mtime_ns
+
+
+def _entry(data: dict[str, Any]) -> ManifestEntry:
+    return ManifestEntry(**{**data, "derived": tuple(data.get("derived", ()))})
 
 
 class Manifest:
@@ -120,7 +126,7 @@ class Manifest:
     def get(self, pipeline: str, sink: str, relpath: str) -> ManifestEntry | None:
         """The delivery record, if any."""
         data = self._cache.get(self._key(pipeline, sink, relpath))
-        return ManifestEntry(**data) if data else None
+        return _entry(data) if data else None
 
     def is_delivered(
         self, pipeline: str, sink: str, relpath: str, size: int, mtime_ns: int
@@ -139,9 +145,11 @@ class Manifest:
         mtime_ns: int,
         sha256: str,
         remote: str,
+        derived: tuple[str, ...] | list[str] = (),
+        inode: int = 0,
     ) -> ManifestEntry:
         """Store a delivery."""
-        entry = ManifestEntry(size, mtime_ns, sha256, remote, time.time())
+        entry = ManifestEntry(size, mtime_ns, sha256, remote, time.time(), tuple(derived), inode)
         self._cache.set(self._key(pipeline, sink, relpath), asdict(entry), retry=True)
         return entry
 
@@ -156,7 +164,7 @@ class Manifest:
             data = self._cache.get(key)
             if data is not None:
                 pipeline, sink, relpath = key.split("\x00", 2)
-                out.append((pipeline, sink, relpath, ManifestEntry(**data)))
+                out.append((pipeline, sink, relpath, _entry(data)))
         return out
 
     def close(self) -> None:

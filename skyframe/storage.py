@@ -10,7 +10,6 @@ import hashlib
 import os
 import posixpath
 import re
-import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,9 +63,14 @@ def safe_relative_path(name: str) -> str:
 
 
 def temporary_path(remote_path: str) -> str:
-    """A hidden name beside ``remote_path`` to upload into before the final rename."""
+    """A hidden name beside ``remote_path`` to upload into before the final rename.
+
+    The name is derived from the target, so an upload cut short (crash, kill -9) is
+    overwritten and renamed away by the next attempt instead of being left behind.
+    """
     parent, name = posixpath.split(remote_path)
-    return posixpath.join(parent, f".{name}{TEMP_MARKER}{secrets.token_hex(4)}{TEMP_SUFFIX}")
+    tag = hashlib.sha256(remote_path.encode()).hexdigest()[:8]
+    return posixpath.join(parent, f".{name}{TEMP_MARKER}{tag}{TEMP_SUFFIX}")
 
 
 @dataclass
@@ -78,6 +82,8 @@ class Sink:
     protocol: str
     root: str  #: the root path inside ``fs``
     fs: AbstractFileSystem = field(repr=False)
+    concurrency: int = 4  #: files sent to this sink at once
+    on_delete: str = "keep"  #: ``keep`` or ``delete`` the remote copy of a deleted file
 
     @property
     def display(self) -> str:
@@ -114,7 +120,7 @@ def open_sink(config: SinkConfig, base_dir: Path) -> Sink:
         fs = fsspec.filesystem("file")
         protocol = "file"
         root = str((base_dir / Path(config.url).expanduser()).resolve())
-    return Sink(config.key, config.url, protocol, root, fs)
+    return Sink(config.key, config.url, protocol, root, fs, config.concurrency, config.on_delete)
 
 
 @dataclass

@@ -130,9 +130,3 @@ def test_failed_delivery_exits_1(example_project: Path) -> None:
         "failed survey:flight-01/DJI_20240517101502_0001.JPG: ConnectionError: uplink down"
         in result.stdout
     )
-
-
-def test_watch_mode_not_offered_yet(example_project: Path) -> None:
-    result = skyframe(example_project, "run")
-    assert result.returncode == 2
-    assert "use --once" in result.stderr

@@ -25,7 +25,7 @@ plugins: [plugins]
 retry: {max_attempts: 3, initial: 10ms, max: 50ms}
 pipelines:
   - name: survey
-    source: {path: incoming}
+    source: {path: incoming, settle: 0}
     rules:
       - ignore: {patterns: ["*.bak"]}
       - type: {extensions: [jpg, mp4, srt]}

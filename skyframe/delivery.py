@@ -1,0 +1,447 @@
+"""Running one claimed job: processes, then every sink on its own pool, then the verdict.
+
+A job's processes run on the processing pool; each sink that still needs the file gets a task
+on that sink's pool (``concurrency`` at a time), so a slow sink never holds up another's
+uploads. When every sink has answered, the job is completed, retried with backoff, or
+dead-lettered. The manifest makes retries cheap: a sink that already has this version of the
+file is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pluggy
+
+from skyframe.config import RetryConfig
+from skyframe.errors import DeliveryError, SourceChangedError, SourceUnreadableError
+from skyframe.events import FileEvent, Job, LifecycleEvent
+from skyframe.pipeline import Pipeline, evaluate_rules
+from skyframe.queue import Claim, JobQueue
+from skyframe.state import Manifest
+from skyframe.storage import (
+    Sink,
+    TransferRequest,
+    TransferResult,
+    file_sha256,
+    safe_relative_path,
+)
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL = 0.5  #: seconds between progress events for one transfer
+
+
+class TransferCancelled(Exception):
+    """Raised inside a transfer when the daemon shuts down; the job goes back to the queue."""
+
+
+def backoff_delay(retry: RetryConfig, attempts: int) -> float:
+    """Exponential backoff with jitter: between half and all of initial * 2**(attempts-1)."""
+    ceiling: float = min(retry.max, retry.initial * 2 ** max(attempts - 1, 0))
+    return ceiling * random.uniform(0.5, 1.0)
+
+
+@dataclass
+class _Run:
+    """One claimed job while its sinks are being served."""
+
+    claim: Claim
+    pipeline: Pipeline
+    scratch: Path
+    job: Job | None = None
+    remaining: int = 0
+    errors: list[BaseException] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class JobRunner:
+    """Turns claims into deliveries, retries and dead letters."""
+
+    def __init__(
+        self,
+        *,
+        pm: pluggy.PluginManager,
+        queue: JobQueue,
+        manifest: Manifest,
+        pipelines: dict[str, Pipeline],
+        state_dir: Path,
+        workers: int,
+        emit: Callable[[LifecycleEvent], None],
+        on_finished: Callable[[], None],
+        cancelled: threading.Event,
+    ) -> None:
+        self.pm = pm
+        self.queue = queue
+        self.manifest = manifest
+        self.pipelines = pipelines
+        self.state_dir = state_dir
+        self.emit = emit
+        self._on_finished = on_finished
+        self._cancelled = cancelled
+        #: How many jobs may be in flight at once: enough to keep every pool busy, no more.
+        self.capacity = workers + sum(s.concurrency for p in pipelines.values() for s in p.sinks)
+        self._processing = ThreadPoolExecutor(workers, thread_name_prefix="skyframe-process")
+        self._sink_pools: dict[tuple[str, str], ThreadPoolExecutor] = {
+            (p.name, s.key): ThreadPoolExecutor(s.concurrency, thread_name_prefix="skyframe-sink")
+            for p in pipelines.values()
+            for s in p.sinks
+        }
+
+    def submit(self, claim: Claim) -> None:
+        """Start a claimed job; ``on_finished`` is called once it is settled either way."""
+        self._processing.submit(self._start, claim)
+
+    def shutdown(self) -> None:
+        """Stop the pools (callers wait for in-flight jobs first)."""
+        self._processing.shutdown(wait=False, cancel_futures=True)
+        for pool in self._sink_pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- stages ------------------------------------------------------------------------------
+
+    def _start(self, claim: Claim) -> None:
+        pipeline = self.pipelines.get(claim.pipeline)
+        if pipeline is None:
+            self._dead(claim, f"pipeline {claim.pipeline!r} is no longer configured")
+            self._on_finished()
+            return
+        run = _Run(claim, pipeline, self.state_dir / "scratch" / claim.token)
+        try:
+            if claim.payload.get("action") == "delete":
+                self._delete_remote(run)
+                sinks: list[Sink] = []
+            else:
+                sinks = self._prepare(run)
+        except BaseException as exc:
+            run.errors.append(exc)
+            sinks = []
+        if not sinks:
+            self._finish(run)
+            return
+        run.remaining = len(sinks)
+        for sink in sinks:
+            self._sink_pools[(pipeline.name, sink.key)].submit(self._serve_sink, run, sink)
+
+    def _prepare(self, run: _Run) -> list[Sink]:
+        """Run rules again on the file as it is now, then the processes; return sinks to serve."""
+        queued = FileEvent.from_json(run.claim.payload["event"])
+        try:
+            st = os.stat(queued.path)
+        except FileNotFoundError:
+            raise SourceUnreadableError(f"{queued.path}: vanished") from None
+        # The latest state of the file wins: what is on disk now is what gets delivered.
+        event = FileEvent.from_stat(queued.pipeline, queued.path, queued.relpath, st, queued.kind)
+        rejection = evaluate_rules(run.pipeline.rules, event)
+        if rejection is not None:
+            self.emit(
+                LifecycleEvent(
+                    "rejected",
+                    event.pipeline,
+                    event.relpath,
+                    rule=rejection[0],
+                    reason=rejection[1],
+                    size=event.size,
+                )
+            )
+            return []
+        job = Job(event, scratch_dir=run.scratch)
+        for step in run.pipeline.processes:
+            if self._cancelled.is_set():
+                raise TransferCancelled
+            step(job)
+        job.remote_name = safe_relative_path(job.remote_name)
+        run.job = job
+        return [
+            sink
+            for sink in run.pipeline.sinks
+            if not self.manifest.is_delivered(
+                event.pipeline, sink.key, event.relpath, event.size, event.mtime_ns
+            )
+        ]
+
+    def _serve_sink(self, run: _Run, sink: Sink) -> None:
+        try:
+            assert run.job is not None
+            self._deliver(run, run.job, sink)
+        except BaseException as exc:
+            with run.lock:
+                run.errors.append(exc)
+        with run.lock:
+            run.remaining -= 1
+            last = run.remaining == 0
+        if last:
+            self._finish(run)
+
+    def _finish(self, run: _Run) -> None:
+        claim = run.claim
+        try:
+            if not run.errors:
+                self.queue.complete(claim)
+            else:
+                self._settle_failure(run)
+        except Exception:
+            log.exception("could not record the outcome of %s", claim.relpath)
+        finally:
+            shutil.rmtree(run.scratch, ignore_errors=True)
+            self._on_finished()
+
+    def _settle_failure(self, run: _Run) -> None:
+        claim = run.claim
+        errors = run.errors
+        if any(isinstance(e, TransferCancelled) for e in errors):
+            self.queue.release(claim)  # shutting down: it starts again at the next run
+            return
+        first = next((e for e in errors if not isinstance(e, SourceChangedError)), errors[0])
+        reason = (
+            str(first) if isinstance(first, DeliveryError) else f"{type(first).__name__}: {first}"
+        )
+        if (
+            isinstance(first, SourceUnreadableError)
+            and not Path(claim.payload["event"]["path"]).exists()
+        ):
+            self.queue.complete(claim)
+            self.emit(
+                LifecycleEvent(
+                    "skipped", claim.pipeline, claim.relpath, reason="vanished before delivery"
+                )
+            )
+            return
+        if all(isinstance(e, SourceChangedError) for e in errors):
+            # Still being written: wait for it to settle again, without counting an attempt.
+            self.queue.retry(claim, reason, delay=1.0, count=False)
+            return
+        retryable = all(not isinstance(e, DeliveryError) or e.retryable for e in errors)
+        attempts = claim.attempts + 1
+        if retryable and attempts < run.pipeline.retry.max_attempts:
+            delay = backoff_delay(run.pipeline.retry, attempts)
+            self.queue.retry(claim, reason, delay)
+            log.warning(
+                "%s: %s: attempt %d failed, retrying in %.1fs: %s",
+                claim.pipeline,
+                claim.relpath,
+                attempts,
+                delay,
+                reason,
+            )
+            self.emit(
+                LifecycleEvent(
+                    "failed", claim.pipeline, claim.relpath, attempt=attempts, reason=reason
+                )
+            )
+        else:
+            self._dead(claim, reason)
+
+    def _dead(self, claim: Claim, reason: str) -> None:
+        self.queue.dead(claim, reason)
+        log.error("%s: %s: giving up: %s", claim.pipeline, claim.relpath, reason)
+        self.emit(
+            LifecycleEvent(
+                "dead-lettered",
+                claim.pipeline,
+                claim.relpath,
+                attempt=claim.attempts + 1,
+                reason=reason,
+            )
+        )
+
+    # --- one sink ----------------------------------------------------------------------------
+
+    def _deliver(self, run: _Run, job: Job, sink: Sink) -> None:
+        event = job.event
+        pipeline = event.pipeline
+        attempt = run.claim.attempts + 1
+        remote = job.remote_name
+        entry = self.manifest.get(pipeline, sink.key, event.relpath)
+        if (
+            entry is not None
+            and entry.size == event.size
+            and entry.remote == remote
+            and file_sha256(event.path) == entry.sha256
+        ):
+            # Touched, not changed: record the new mtime and send nothing.
+            self.manifest.record(
+                pipeline,
+                sink.key,
+                event.relpath,
+                size=event.size,
+                mtime_ns=event.mtime_ns,
+                sha256=entry.sha256,
+                remote=remote,
+                derived=entry.derived,
+                inode=event.inode,
+            )
+            self.emit(LifecycleEvent("unchanged", pipeline, event.relpath, sink=sink.key))
+            return
+        moved_from = run.claim.payload.get("moved_from")
+        if moved_from and self._move_remote(job, sink, moved_from):
+            return
+        self.emit(
+            LifecycleEvent(
+                "started",
+                pipeline,
+                event.relpath,
+                sink=sink.key,
+                remote=remote,
+                size=event.size,
+                attempt=attempt,
+            )
+        )
+        result = self._transfer(
+            TransferRequest(
+                sink=sink,
+                local_path=event.path,
+                remote_path=sink.remote_path(remote),
+                size=event.size,
+                mtime_ns=event.mtime_ns,
+                progress=self._progress(pipeline, event.relpath, sink, event.size),
+                state_dir=self.state_dir,
+            )
+        )
+        derived = self._send_derived(job, sink)
+        self.manifest.record(
+            pipeline,
+            sink.key,
+            event.relpath,
+            size=result.size,
+            mtime_ns=event.mtime_ns,
+            sha256=result.sha256,
+            remote=remote,
+            derived=derived,
+            inode=event.inode,
+        )
+        self.emit(
+            LifecycleEvent(
+                "delivered",
+                pipeline,
+                event.relpath,
+                sink=sink.key,
+                remote=remote,
+                size=result.size,
+                attempt=attempt,
+            )
+        )
+
+    def _move_remote(self, job: Job, sink: Sink, moved_from: str) -> bool:
+        """Rename a delivered file remotely instead of sending it again; False to upload."""
+        event = job.event
+        old = self.manifest.get(event.pipeline, sink.key, moved_from)
+        if old is None or not old.matches(event.size, event.mtime_ns):
+            return False
+        if old.remote != job.remote_name:
+            try:
+                sink.fs.makedirs(os.path.dirname(sink.remote_path(job.remote_name)), exist_ok=True)
+                sink.fs.mv(sink.remote_path(old.remote), sink.remote_path(job.remote_name))
+            except (OSError, NotImplementedError) as exc:
+                log.info(
+                    "%s: cannot move %s remotely (%s); uploading it again",
+                    sink.display,
+                    old.remote,
+                    exc,
+                )
+                return False
+        derived = self._send_derived(job, sink)
+        self._remove_remote(sink, [name for name in old.derived if name not in derived])
+        self.manifest.record(
+            event.pipeline,
+            sink.key,
+            event.relpath,
+            size=old.size,
+            mtime_ns=old.mtime_ns,
+            sha256=old.sha256,
+            remote=job.remote_name,
+            derived=derived,
+            inode=event.inode,
+        )
+        self.manifest.forget(event.pipeline, sink.key, moved_from)
+        self.emit(
+            LifecycleEvent(
+                "moved",
+                event.pipeline,
+                event.relpath,
+                sink=sink.key,
+                remote=job.remote_name,
+                size=old.size,
+                reason=f"from {moved_from}",
+            )
+        )
+        return True
+
+    def _delete_remote(self, run: _Run) -> None:
+        """Remove a deleted file from every sink with ``on_delete: delete``."""
+        claim = run.claim
+        for sink in run.pipeline.sinks:
+            if sink.on_delete != "delete":
+                continue
+            entry = self.manifest.get(claim.pipeline, sink.key, claim.relpath)
+            if entry is None:
+                continue
+            self._remove_remote(sink, [entry.remote, *entry.derived])
+            self.manifest.forget(claim.pipeline, sink.key, claim.relpath)
+            self.emit(
+                LifecycleEvent(
+                    "deleted", claim.pipeline, claim.relpath, sink=sink.key, remote=entry.remote
+                )
+            )
+
+    def _send_derived(self, job: Job, sink: Sink) -> list[str]:
+        """Deliver the job's derived files (sidecars, thumbnails); return their remote names."""
+        names = []
+        for derived in job.derived:
+            name = safe_relative_path(derived.resolve(job.remote_name))
+            st = derived.path.stat()
+            self._transfer(
+                TransferRequest(
+                    sink=sink,
+                    local_path=derived.path,
+                    remote_path=sink.remote_path(name),
+                    size=st.st_size,
+                    mtime_ns=st.st_mtime_ns,
+                    state_dir=self.state_dir,
+                )
+            )
+            names.append(name)
+        return names
+
+    @staticmethod
+    def _remove_remote(sink: Sink, names: list[str]) -> None:
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                sink.fs.rm(sink.remote_path(name))
+
+    def _transfer(self, request: TransferRequest) -> TransferResult:
+        result: TransferResult | None = self.pm.hook.skyframe_transfer(request=request)
+        if result is None:
+            sink = request.sink
+            raise DeliveryError(f"no transfer plugin handles {sink.protocol!r} ({sink.display})")
+        return result
+
+    def _progress(
+        self, pipeline: str | None, relpath: str | None, sink: Sink, size: int
+    ) -> Callable[[int], None]:
+        last = [time.monotonic()]
+        cancelled = self._cancelled
+
+        def progress(done: int) -> None:
+            if cancelled.is_set():
+                raise TransferCancelled
+            now = time.monotonic()
+            if pipeline and relpath and now - last[0] >= PROGRESS_INTERVAL and done < size:
+                last[0] = now
+                self.emit(
+                    LifecycleEvent(
+                        "progress", pipeline, relpath, sink=sink.key, size=size, bytes_done=done
+                    )
+                )
+
+        return progress

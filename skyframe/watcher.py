@@ -1,0 +1,233 @@
+"""Watching source folders with watchdog, and deciding when a file is ready (settled).
+
+A file is ready when it was closed after writing (inotify close-write), renamed into place, or
+when its size and mtime have been stable for ``settle`` seconds. Nothing here raises into
+watchdog's threads: every callback catches and logs. A dead observer is restarted, and lost
+events (inotify queue overflow, watch limit) trigger a full rescan instead of silent loss.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    size: int
+    mtime_ns: int
+    stable_since: float
+
+
+class Settler:
+    """Holds paths until they are ready, then hands them to ``on_ready``."""
+
+    def __init__(self, settle: float, on_ready: Callable[[Path], None]) -> None:
+        self.settle = settle
+        self._on_ready = on_ready
+        self._pending: dict[Path, _Pending] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def touch(self, path: Path, *, complete: bool = False) -> None:
+        """A path changed; ``complete`` when it was closed after writing or renamed into place."""
+        if complete or self.settle <= 0:
+            with self._lock:
+                self._pending.pop(path, None)
+            self._on_ready(path)
+            return
+        now = time.monotonic()
+        with self._lock:
+            entry = self._pending.get(path)
+            if entry is not None:
+                entry.stable_since = now  # an event means it changed again: no stat needed
+                return
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        with self._lock:
+            self._pending.setdefault(path, _Pending(st.st_size, st.st_mtime_ns, now))
+
+    def forget(self, path: Path) -> None:
+        """Stop tracking a path (deleted or moved away)."""
+        with self._lock:
+            self._pending.pop(path, None)
+
+    def tick(self) -> None:
+        """Hand over every path stable for ``settle`` seconds; drop vanished ones."""
+        now = time.monotonic()
+        with self._lock:
+            candidates = [
+                (p, e) for p, e in self._pending.items() if now - e.stable_since >= self.settle
+            ]
+        for path, entry in candidates:
+            try:
+                st = os.stat(path)
+            except OSError:
+                self.forget(path)
+                continue
+            with self._lock:
+                if self._pending.get(path) is not entry or now - entry.stable_since < self.settle:
+                    continue
+                if (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
+                    entry.size, entry.mtime_ns, entry.stable_since = st.st_size, st.st_mtime_ns, now
+                    continue
+                del self._pending[path]
+            self._on_ready(path)
+
+
+@dataclass(frozen=True)
+class WatchCallbacks:
+    """What a SourceWatcher reports to the engine."""
+
+    changed: Callable[[Path, bool], None]  #: (path, complete)
+    deleted: Callable[[Path], None]
+    moved: Callable[[Path, Path], None]  #: (source, destination)
+    rescan: Callable[[str], None]  #: (reason)
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, callbacks: WatchCallbacks) -> None:
+        self._cb = callbacks
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        try:
+            self._dispatch(event)
+        except Exception:  # never let an error kill watchdog's thread
+            log.exception("error while handling %s", event)
+
+    def _dispatch(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            return
+        src = Path(os.fsdecode(event.src_path))
+        if isinstance(event, FileClosedEvent):
+            self._cb.changed(src, True)
+        elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
+            self._cb.changed(src, False)
+        elif isinstance(event, FileDeletedEvent):
+            self._cb.deleted(src)
+        elif isinstance(event, FileMovedEvent):
+            if not event.dest_path:  # moved out to an unwatched place
+                self._cb.deleted(src)
+            elif not event.src_path:  # moved in from an unwatched place: complete
+                self._cb.changed(Path(os.fsdecode(event.dest_path)), True)
+            else:
+                self._cb.moved(src, Path(os.fsdecode(event.dest_path)))
+
+
+class _OverflowDetector(logging.Filter):
+    """watchdog reports a kernel queue overflow only in its log: turn that into a rescan."""
+
+    def __init__(self, on_overflow: Callable[[str], None]) -> None:
+        super().__init__()
+        self._on_overflow = on_overflow
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "overflow" in record.getMessage().lower():
+            self._on_overflow("the kernel's inotify event queue overflowed")
+        return True
+
+
+class SourceWatcher:
+    """One watchdog observer for one source folder, restarted if it dies."""
+
+    def __init__(
+        self,
+        root: Path,
+        callbacks: WatchCallbacks,
+        *,
+        recursive: bool,
+        polling: bool,
+        poll_interval: float,
+    ) -> None:
+        self.root = root
+        self.recursive = recursive
+        self.polling = polling
+        self.poll_interval = poll_interval
+        self._callbacks = callbacks
+        self._observer: BaseObserver | None = None
+        self._overflow = _OverflowDetector(callbacks.rescan)
+
+    @property
+    def mode(self) -> str:
+        """``inotify`` (or the platform's native API) or ``polling``."""
+        return "polling" if self.polling else "native"
+
+    def start(self) -> None:
+        """Start watching; falls back to polling when the inotify watch limit is reached."""
+        logging.getLogger("watchdog.observers.inotify_c").addFilter(self._overflow)
+        logging.getLogger("watchdog.observers.inotify").addFilter(self._overflow)
+        self._observer = self._start_observer()
+
+    def _start_observer(self) -> BaseObserver:
+        observer: BaseObserver
+        if self.polling:
+            observer = PollingObserver(timeout=self.poll_interval)
+        elif sys.platform.startswith("linux"):
+            from watchdog.observers.inotify import InotifyObserver
+
+            # Full events report a move in from (or out to) an unwatched place as a move with
+            # one side empty, instead of a plain create: a file renamed into place is complete.
+            observer = InotifyObserver(generate_full_events=True)
+        else:
+            observer = Observer()
+        try:
+            observer.schedule(_Handler(self._callbacks), str(self.root), recursive=self.recursive)
+            observer.start()
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EMFILE) and not self.polling:
+                log.warning(
+                    "cannot watch %s natively (%s; raise fs.inotify.max_user_watches): "
+                    "polling every %.0fs instead",
+                    self.root,
+                    exc.strerror,
+                    self.poll_interval,
+                )
+                self.polling = True
+                self._callbacks.rescan("the inotify watch limit was reached")
+                return self._start_observer()
+            raise
+        observer.name = f"skyframe-watch-{self.root.name}"
+        return observer
+
+    def check(self) -> None:
+        """Restart a dead observer (and ask for a rescan: its events may be lost)."""
+        if self._observer is not None and not self._observer.is_alive():
+            log.warning("the watcher of %s stopped; restarting it", self.root)
+            self._observer = self._start_observer()
+            self._callbacks.rescan("the watcher was restarted")
+
+    def stop(self) -> None:
+        """Stop the observer and wait for its thread."""
+        logging.getLogger("watchdog.observers.inotify_c").removeFilter(self._overflow)
+        logging.getLogger("watchdog.observers.inotify").removeFilter(self._overflow)
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None

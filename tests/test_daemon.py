@@ -1,0 +1,424 @@
+"""Watch mode in-process: settling, coalescing, moves, deletes, retries and shutdown."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import WriteConfig, make_file
+
+from skyframe.engine import Engine, RunSummary
+from skyframe.events import LifecycleEvent
+from skyframe.markers import hookimpl
+from skyframe.pipeline import load_project
+from skyframe.queue import JobQueue
+from skyframe.storage import TEMP_MARKER
+
+CONFIG = """\
+state_dir: .state
+plugins: [plugins]
+retry: {max_attempts: 2, initial: 50ms, max: 100ms}
+shutdown_grace: 1s
+pipelines:
+  - name: survey
+    source: {path: incoming, settle: SETTLE, rescan: 1h}
+    rules: [{ignore: {patterns: ["*.skip"]}}]
+    sinks:
+      - url: outbox
+        on_delete: ON_DELETE
+        concurrency: CONCURRENCY
+"""
+
+
+class Recorder:
+    """Collects lifecycle events."""
+
+    def __init__(self) -> None:
+        self.events: list[LifecycleEvent] = []
+        self.lock = threading.Lock()
+
+    @hookimpl
+    def skyframe_event(self, event: LifecycleEvent) -> None:
+        with self.lock:
+            self.events.append(event)
+
+    def kinds(self, relpath: str) -> list[str]:
+        with self.lock:
+            return [e.kind for e in self.events if e.relpath == relpath]
+
+    def count(self, kind: str, relpath: str | None = None) -> int:
+        with self.lock:
+            return sum(1 for e in self.events if e.kind == kind and relpath in (None, e.relpath))
+
+
+class Daemon:
+    def __init__(self, config: Path) -> None:
+        project = load_project(config)
+        self.recorder = Recorder()
+        project.pm.register(self.recorder, name="test-recorder")
+        self.engine = Engine(project.config, project.pm, project.pipelines)
+        self.summary: RunSummary | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        self.summary = self.engine.run_daemon()
+
+    def __enter__(self) -> Daemon:
+        self.thread.start()
+        assert self.engine.ready.wait(10), "the daemon did not finish its catch-up scan"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.engine.stop()
+            self.thread.join(20)
+            assert not self.thread.is_alive(), "the daemon did not stop"
+            self.engine.close()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def start(tmp_path: Path, write_config: WriteConfig) -> Iterator[Callable[..., Daemon]]:
+    (tmp_path / "plugins").mkdir(exist_ok=True)
+    daemons: list[Daemon] = []
+
+    def start_daemon(
+        settle: str = "0.3s", on_delete: str = "keep", concurrency: int = 4, extra: str = ""
+    ) -> Daemon:
+        text = (
+            CONFIG.replace("SETTLE", settle)
+            .replace("ON_DELETE", on_delete)
+            .replace("CONCURRENCY", str(concurrency))
+            + extra
+        )
+        daemon = Daemon(write_config(text))
+        daemons.append(daemon)
+        return daemon.__enter__()
+
+    yield start_daemon
+    for daemon in daemons:
+        daemon.stop()
+
+
+def outbox_files(tmp_path: Path) -> dict[str, bytes]:
+    root = tmp_path / "outbox"
+    if not root.exists():
+        return {}
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+GATE = """
+    import threading
+    from skyframe import hookimpl
+
+    GATE = threading.Event()
+
+    @hookimpl(tryfirst=True)
+    def skyframe_transfer(request):
+        if request.local_path.name == "blocker.jpg":
+            assert GATE.wait(30)
+        return None
+"""
+
+
+def gate_plugin(tmp_path: Path) -> None:
+    (tmp_path / "plugins" / "gate.py").write_text(textwrap.dedent(GATE))
+
+
+def open_gate() -> None:
+    import sys
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("_skyframe_user.gate_"):
+            module.GATE.set()
+
+
+def test_new_file_is_delivered(tmp_path: Path, start: Callable[..., Daemon]) -> None:
+    daemon = start()
+    make_file(tmp_path / "incoming", "f1/a.jpg", b"A")
+    wait_for(lambda: outbox_files(tmp_path) == {"f1/a.jpg": b"A"}, what="delivery")
+    assert daemon.recorder.count("delivered") == 1
+
+
+def test_catch_up_scan_at_start(tmp_path: Path, start: Callable[..., Daemon]) -> None:
+    make_file(tmp_path / "incoming", "old.jpg", b"written while skyframe was down", mtime=1e9)
+    start()
+    wait_for(lambda: "old.jpg" in outbox_files(tmp_path), what="catch-up delivery")
+
+
+def test_create_and_modify_in_one_session_is_one_upload(
+    tmp_path: Path, start: Callable[..., Daemon]
+) -> None:
+    daemon = start(settle="1s")
+    path = tmp_path / "incoming" / "a.jpg"
+    with path.open("wb") as f:
+        f.write(b"created")
+        f.flush()
+        time.sleep(0.3)
+        f.write(b" and modified")
+    wait_for(lambda: outbox_files(tmp_path).get("a.jpg") == b"created and modified")
+    time.sleep(0.5)
+    assert daemon.recorder.count("delivered", "a.jpg") == 1
+
+
+def test_growing_file_is_delivered_once_complete(
+    tmp_path: Path, start: Callable[..., Daemon]
+) -> None:
+    daemon = start(settle="1s")
+    path = tmp_path / "incoming" / "slow.mp4"
+    chunks = [os.urandom(10_000) for _ in range(10)]
+    with path.open("wb") as f:
+        for chunk in chunks:  # written over about 3 seconds, never idle for `settle`
+            f.write(chunk)
+            f.flush()
+            time.sleep(0.3)
+    wait_for(lambda: outbox_files(tmp_path).get("slow.mp4") == b"".join(chunks))
+    time.sleep(1.5)
+    assert daemon.recorder.count("delivered", "slow.mp4") == 1
+
+
+@pytest.fixture
+def gated(tmp_path: Path, start: Callable[..., Daemon]) -> Iterator[Daemon]:
+    """A daemon with one worker and one sink slot, held by blocker.jpg until open_gate()."""
+    gate_plugin(tmp_path)
+    daemon = start(settle="0", concurrency=1, extra="workers: 1\n")
+    make_file(tmp_path / "incoming", "blocker.jpg", b"B")
+    wait_for(lambda: daemon.recorder.count("started", "blocker.jpg") == 1, what="blocker")
+    yield daemon
+    open_gate()
+
+
+def test_create_then_delete_before_upload_sends_nothing(tmp_path: Path, gated: Daemon) -> None:
+    path = make_file(tmp_path / "incoming", "a.jpg", b"A")
+    wait_for(lambda: gated.recorder.count("queued", "a.jpg") >= 1, what="a.jpg queued")
+    path.unlink()
+    open_gate()
+    wait_for(lambda: "blocker.jpg" in outbox_files(tmp_path), what="blocker delivered")
+    time.sleep(0.5)
+    assert outbox_files(tmp_path) == {"blocker.jpg": b"B"}
+    assert gated.recorder.count("delivered", "a.jpg") == 0
+    assert gated.recorder.count("dead-lettered") == 0
+
+
+def test_move_before_delivery_delivers_new_name_only(tmp_path: Path, gated: Daemon) -> None:
+    path = make_file(tmp_path / "incoming", "a.jpg", b"A")
+    wait_for(lambda: gated.recorder.count("queued", "a.jpg") >= 1, what="a.jpg queued")
+    path.rename(tmp_path / "incoming" / "b.jpg")
+    open_gate()
+    wait_for(lambda: "b.jpg" in outbox_files(tmp_path), what="b.jpg delivered")
+    time.sleep(0.5)
+    assert outbox_files(tmp_path) == {"blocker.jpg": b"B", "b.jpg": b"A"}
+
+
+def test_move_after_delivery_is_a_remote_move(tmp_path: Path, start: Callable[..., Daemon]) -> None:
+    # A rename into a folder created a moment ago reaches the watcher as "create" (when the new
+    # folder's watch is added) before "delete": settling gives the pair time to meet.
+    daemon = start(settle="0.5s")
+    path = make_file(tmp_path / "incoming", "f1/a.jpg", os.urandom(100_000))
+    wait_for(lambda: "f1/a.jpg" in outbox_files(tmp_path))
+    data = path.read_bytes()
+    (tmp_path / "incoming" / "f2").mkdir()
+    path.rename(tmp_path / "incoming" / "f2" / "renamed.jpg")
+    wait_for(lambda: outbox_files(tmp_path) == {"f2/renamed.jpg": data}, what="remote move")
+    assert daemon.recorder.count("moved", "f2/renamed.jpg") == 1
+    assert daemon.recorder.count("started", "f2/renamed.jpg") == 0  # not uploaded again
+    # A rename within one folder arrives as one move event: no settling needed.
+    path = tmp_path / "incoming" / "f2" / "renamed.jpg"
+    path.rename(path.with_name("final.jpg"))
+    wait_for(lambda: outbox_files(tmp_path) == {"f2/final.jpg": data}, what="second move")
+    assert daemon.recorder.count("started") == 1
+
+
+def test_delete_is_kept_remotely_by_default(tmp_path: Path, start: Callable[..., Daemon]) -> None:
+    daemon = start(settle="0")
+    path = make_file(tmp_path / "incoming", "a.jpg", b"A")
+    wait_for(lambda: "a.jpg" in outbox_files(tmp_path))
+    path.unlink()
+    time.sleep(0.5)
+    assert outbox_files(tmp_path) == {"a.jpg": b"A"}
+    assert daemon.recorder.count("deleted") == 0
+
+
+def test_delete_is_mirrored_when_opted_in(tmp_path: Path, start: Callable[..., Daemon]) -> None:
+    daemon = start(settle="0", on_delete="delete")
+    path = make_file(tmp_path / "incoming", "a.jpg", b"A")
+    wait_for(lambda: "a.jpg" in outbox_files(tmp_path))
+    path.unlink()
+    wait_for(lambda: outbox_files(tmp_path) == {}, what="remote delete")
+    assert daemon.recorder.count("deleted", "a.jpg") == 1
+
+
+def test_deletes_while_down_are_caught_up(tmp_path: Path, start: Callable[..., Daemon]) -> None:
+    first = start(settle="0", on_delete="delete")
+    path = make_file(tmp_path / "incoming", "a.jpg", b"A")
+    wait_for(lambda: "a.jpg" in outbox_files(tmp_path))
+    first.stop()
+    path.unlink()
+    start(settle="0", on_delete="delete")
+    wait_for(lambda: outbox_files(tmp_path) == {}, what="catch-up delete")
+
+
+def test_editor_save_replaces_the_file(tmp_path: Path, start: Callable[..., Daemon]) -> None:
+    start(settle="0.3s")
+    target = make_file(tmp_path / "incoming", "notes.srt", b"version 1")
+    wait_for(lambda: outbox_files(tmp_path).get("notes.srt") == b"version 1")
+    # What gedit, VS Code and many tools do: write a temporary file, then rename it over.
+    temp = tmp_path / "incoming" / ".goutputstream-K2Z1"
+    temp.write_bytes(b"version 2, saved")
+    os.replace(temp, target)
+    wait_for(
+        lambda: outbox_files(tmp_path) == {"notes.srt": b"version 2, saved"},
+        what="saved version delivered, temporary name gone",
+    )
+
+
+def test_file_moved_in_from_outside(tmp_path: Path, start: Callable[..., Daemon]) -> None:
+    start(settle="5s")  # a rename into place needs no settling
+    outside = make_file(tmp_path / "elsewhere", "DJI_9.JPG", b"moved in")
+    os.rename(outside, tmp_path / "incoming" / "DJI_9.JPG")
+    wait_for(lambda: outbox_files(tmp_path) == {"DJI_9.JPG": b"moved in"}, timeout=3)
+
+
+def test_rapid_events_on_many_paths_coalesce(tmp_path: Path, start: Callable[..., Daemon]) -> None:
+    gate_plugin(tmp_path)
+    daemon = start(settle="0", concurrency=1, extra="workers: 1\n")
+    make_file(tmp_path / "incoming", "blocker.jpg", b"B")
+    wait_for(lambda: daemon.recorder.count("started", "blocker.jpg") == 1, what="blocker")
+    final = {}
+    for round_ in range(100):  # 50 paths x 100 writes = 5,000 write sessions
+        for i in range(50):
+            data = f"path {i} version {round_}".encode()
+            (tmp_path / "incoming" / f"p{i:02}.jpg").write_bytes(data)
+            final[f"p{i:02}.jpg"] = data
+    open_gate()
+    expected = {**final, "blocker.jpg": b"B"}
+    wait_for(lambda: outbox_files(tmp_path) == expected, timeout=30, what="final versions")
+    time.sleep(0.5)
+    uploads = daemon.recorder.count("delivered") - 1
+    assert uploads <= 2 * 50, f"{uploads} uploads for 50 paths"
+    queue = daemon.engine.queue
+    assert queue.counts() == {"pending": 0, "leased": 0, "waiting": 0, "dead": 0}
+
+
+def test_failing_sink_dead_letters_then_cli_retry(
+    tmp_path: Path, start: Callable[..., Daemon]
+) -> None:
+    (tmp_path / "plugins" / "flaky.py").write_text(
+        textwrap.dedent("""
+        from skyframe import hookimpl
+
+        FAIL = [True]
+
+        @hookimpl(tryfirst=True)
+        def skyframe_transfer(request):
+            if FAIL[0]:
+                raise ConnectionResetError("peer reset")
+            return None
+    """)
+    )
+    daemon = start(settle="0")
+    make_file(tmp_path / "incoming", "a.jpg", b"A")
+    wait_for(lambda: daemon.recorder.count("dead-lettered", "a.jpg") == 1, what="dead letter")
+    assert daemon.recorder.kinds("a.jpg").count("failed") == 1  # max_attempts: 2
+
+    from click.testing import CliRunner
+
+    from skyframe.cli import cli
+
+    config = str(tmp_path / "skyframe.yaml")
+    listing = CliRunner().invoke(cli, ["queue", "list", config])
+    assert listing.exit_code == 0, listing.output
+    assert "dead\tsurvey\ta.jpg\tupload\t2\t\tConnectionResetError: peer reset" in listing.output
+
+    import sys
+
+    for name, module in sys.modules.items():
+        if name.startswith("_skyframe_user.flaky_"):
+            module.FAIL[0] = False
+    retried = CliRunner().invoke(cli, ["queue", "retry", config, "a.jpg"])
+    assert retried.exit_code == 0, retried.output
+    assert "1 job(s) back in the queue" in retried.output
+    wait_for(lambda: outbox_files(tmp_path) == {"a.jpg": b"A"}, what="delivery after retry")
+    missing = CliRunner().invoke(cli, ["queue", "retry", config, "nope.jpg"])
+    assert missing.exit_code == 1
+
+
+def test_changed_while_uploading_is_sent_again_complete(
+    tmp_path: Path, start: Callable[..., Daemon]
+) -> None:
+    (tmp_path / "plugins" / "slow.py").write_text(
+        textwrap.dedent("""
+        import time
+        from skyframe import hookimpl
+        from skyframe.builtin import transfer_generic
+
+        @hookimpl(tryfirst=True)
+        def skyframe_transfer(request):
+            original = request.progress
+
+            def slow(done):
+                time.sleep(0.05)
+                original(done)
+
+            request.progress = slow
+            return transfer_generic.skyframe_transfer(request)
+    """)
+    )
+    daemon = start(settle="0")
+    path = make_file(tmp_path / "incoming", "v.mp4", os.urandom(8 * 1024 * 1024))
+    wait_for(lambda: daemon.recorder.count("started", "v.mp4") >= 1)
+    final = os.urandom(8 * 1024 * 1024)
+    path.write_bytes(final)
+    wait_for(lambda: outbox_files(tmp_path).get("v.mp4") == final, timeout=20)
+    assert daemon.recorder.count("dead-lettered") == 0
+
+
+def test_stop_cuts_long_transfers_and_leaves_no_partial_files(
+    tmp_path: Path, start: Callable[..., Daemon]
+) -> None:
+    (tmp_path / "plugins" / "crawl.py").write_text(
+        textwrap.dedent("""
+        import time
+        from skyframe import hookimpl
+        from skyframe.builtin import transfer_generic
+
+        @hookimpl(tryfirst=True)
+        def skyframe_transfer(request):
+            original = request.progress
+
+            def crawl(done):
+                time.sleep(0.2)
+                original(done)
+
+            request.progress = crawl
+            return transfer_generic.skyframe_transfer(request)
+    """)
+    )
+    daemon = start(settle="0.2s")  # close-write makes it ready; half-written it is not
+    make_file(tmp_path / "incoming", "big.mp4", os.urandom(50 * 1024 * 1024))
+    wait_for(lambda: daemon.recorder.count("started", "big.mp4") == 1)
+    began = time.monotonic()
+    daemon.stop()
+    assert time.monotonic() - began < 5  # shutdown_grace is 1s
+    assert not any(TEMP_MARKER in name for name in outbox_files(tmp_path))
+    assert "big.mp4" not in outbox_files(tmp_path)
+    queue = JobQueue(tmp_path / ".state" / "queue")
+    (record,) = queue.records()
+    assert (record["state"], record["attempts"]) == ("pending", 0)  # back in line, not failed
+    queue.close()
