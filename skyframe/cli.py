@@ -127,11 +127,11 @@ def run(obj: dict[str, Console], config_file: Path, once: bool, workers: int | N
     engine = Engine(project.config, project.pm, project.pipelines)
     stdout, stderr = obj["stdout"], obj["stderr"]
     work = engine.run_once if once else engine.run_daemon
-    if not once:
-        folders = ", ".join(str(p.source_root) for p in project.pipelines)
-        click.echo(f"skyframe {__version__}: watching {folders} (Ctrl-C to stop)", err=True)
     try:
         with _stop_on_signals(engine.stop):
+            if not once:
+                folders = ", ".join(str(p.source_root) for p in project.pipelines)
+                click.echo(f"skyframe {__version__}: watching {folders} (Ctrl-C to stop)", err=True)
             if stderr.is_terminal:
                 sinks = {p.name: len(p.sinks) for p in project.pipelines}
                 with ProgressReporter(stderr, sinks) as reporter:

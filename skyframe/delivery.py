@@ -193,7 +193,8 @@ class JobRunner:
         except Exception:
             log.exception("could not record the outcome of %s", claim.relpath)
         finally:
-            shutil.rmtree(run.scratch, ignore_errors=True)
+            if run.scratch.exists():
+                shutil.rmtree(run.scratch, ignore_errors=True)
             self._on_finished()
 
     def _settle_failure(self, run: _Run) -> None:

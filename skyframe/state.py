@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -118,6 +119,9 @@ class Manifest:
 
     def __init__(self, directory: Path) -> None:
         self._cache = open_cache(directory)
+        # One writer at a time in this process: SQLite's own busy handler backs off in
+        # milliseconds, far slower than a lock handing over.
+        self._write_lock = threading.Lock()
 
     @staticmethod
     def _key(pipeline: str, sink: str, relpath: str) -> str:
@@ -150,12 +154,14 @@ class Manifest:
     ) -> ManifestEntry:
         """Store a delivery."""
         entry = ManifestEntry(size, mtime_ns, sha256, remote, time.time(), tuple(derived), inode)
-        self._cache.set(self._key(pipeline, sink, relpath), asdict(entry), retry=True)
+        with self._write_lock:
+            self._cache.set(self._key(pipeline, sink, relpath), asdict(entry), retry=True)
         return entry
 
     def forget(self, pipeline: str, sink: str, relpath: str) -> None:
         """Drop a record (the remote copy is no longer considered delivered)."""
-        self._cache.delete(self._key(pipeline, sink, relpath), retry=True)
+        with self._write_lock:
+            self._cache.delete(self._key(pipeline, sink, relpath), retry=True)
 
     def entries(self) -> list[tuple[str, str, str, ManifestEntry]]:
         """Every record as (pipeline, sink, relpath, entry)."""

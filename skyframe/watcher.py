@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
     FileClosedEvent,
     FileCreatedEvent,
     FileDeletedEvent,
@@ -32,6 +35,19 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 log = logging.getLogger(__name__)
+
+#: Only what matters: not opens and no-write closes (every upload reads its file, and those
+#: events would come back to us), nor folder attribute changes.
+WATCHED_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileClosedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+    DirDeletedEvent,
+]
 
 
 @dataclass
@@ -56,7 +72,7 @@ class Settler:
 
     def touch(self, path: Path, *, complete: bool = False) -> None:
         """A path changed; ``complete`` when it was closed after writing or renamed into place."""
-        if complete or self.settle <= 0:
+        if complete:
             with self._lock:
                 self._pending.pop(path, None)
             self._on_ready(path)
@@ -198,7 +214,12 @@ class SourceWatcher:
         else:
             observer = Observer()
         try:
-            observer.schedule(_Handler(self._callbacks), str(self.root), recursive=self.recursive)
+            observer.schedule(
+                _Handler(self._callbacks),
+                str(self.root),
+                recursive=self.recursive,
+                event_filter=WATCHED_EVENTS,
+            )
             observer.start()
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EMFILE) and not self.polling:

@@ -1,0 +1,148 @@
+"""kill -9 at random moments while files are being written: nothing is lost or left half-done.
+
+The real CLI runs as a subprocess and is killed with SIGKILL several times while a writer
+lands ~500 files (written in chunks, some renamed into place, some that the rules reject).
+After a last clean run, every accepted file must be in the sink with identical bytes, nothing
+rejected may be there, no temporary file may be left, and the manifest must match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from skyframe.state import Manifest
+from skyframe.storage import TEMP_MARKER
+
+pytestmark = pytest.mark.slow
+
+CONFIG = """\
+state_dir: .state
+pipelines:
+  - name: crash
+    source: {path: incoming, settle: 0.3s}
+    rules:
+      - ignore: {patterns: ["*.skip"]}
+    sinks:
+      - url: outbox
+"""
+
+
+def start_daemon(root: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "skyframe", "run", "skyframe.yaml"],
+            cwd=root,
+            stdout=out,
+            stderr=out,
+            stdin=subprocess.DEVNULL,
+        )
+
+
+def write_files(
+    root: Path, rng: random.Random, expected: dict[str, bytes], done: threading.Event
+) -> None:
+    incoming = root / "incoming"
+    try:
+        for i in range(500):
+            folder = incoming / f"flight-{i % 7}"
+            folder.mkdir(parents=True, exist_ok=True)
+            kind = rng.random()
+            data = rng.randbytes(rng.randint(0, 150_000))
+            if kind < 0.08:
+                name = f"rejected-{i}.skip"
+            elif kind < 0.12:
+                name = f"partial-{i}.tmp"
+            else:
+                name = f"IMG_{i:04}.JPG"
+            path = folder / name
+            if kind > 0.85:  # written elsewhere, then renamed into place
+                temp = root / "staging" / name
+                temp.parent.mkdir(exist_ok=True)
+                temp.write_bytes(data)
+                os.rename(temp, path)
+            else:  # written in chunks, with pauses shorter than `settle`
+                with path.open("wb") as f:
+                    for start in range(0, len(data), 50_000):
+                        f.write(data[start : start + 50_000])
+                        f.flush()
+                        time.sleep(rng.uniform(0, 0.02))
+            if name.endswith(".JPG"):
+                expected[path.relative_to(incoming).as_posix()] = data
+            time.sleep(rng.uniform(0, 0.012))
+    finally:
+        done.set()
+
+
+def sink_files(root: Path) -> dict[str, bytes]:
+    out = root / "outbox"
+    if not out.exists():
+        return {}
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("seed", [11, 22, 33])
+def test_kill_9_while_files_arrive_loses_nothing(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    (tmp_path / "skyframe.yaml").write_text(textwrap.dedent(CONFIG))
+    (tmp_path / "incoming").mkdir()
+    log = tmp_path / "daemon.log"
+    expected: dict[str, bytes] = {}
+    done = threading.Event()
+    writer = threading.Thread(target=write_files, args=(tmp_path, rng, expected, done))
+
+    daemon = start_daemon(tmp_path, log)
+    kills = 0
+    try:
+        writer.start()
+        while not done.is_set() or kills < 3:
+            time.sleep(rng.uniform(0.2, 1.2))
+            daemon.send_signal(signal.SIGKILL)
+            daemon.wait(10)
+            kills += 1
+            daemon = start_daemon(tmp_path, log)
+        writer.join()
+        while log.read_text(errors="replace").count("watching") < kills + 1:
+            assert daemon.poll() is None, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.05)
+
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and sink_files(tmp_path) != expected:
+            time.sleep(0.2)
+        daemon.send_signal(signal.SIGTERM)
+        code = daemon.wait(15)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    output = log.read_text(errors="replace")
+    assert code == 0, output[-3000:]
+    assert kills >= 3
+
+    delivered = sink_files(tmp_path)
+    assert not [name for name in delivered if TEMP_MARKER in name], "temporary files left"
+    assert sorted(delivered) == sorted(expected), output[-3000:]
+    for relpath, data in expected.items():
+        assert delivered[relpath] == data, f"{relpath} differs"
+    assert len(expected) > 350
+
+    manifest = Manifest(tmp_path / ".state" / "manifest")
+    try:
+        entries = {rel: entry for _, _, rel, entry in manifest.entries()}
+    finally:
+        manifest.close()
+    assert sorted(entries) == sorted(expected)
+    for relpath, entry in entries.items():
+        st = (tmp_path / "incoming" / relpath).stat()
+        assert (entry.size, entry.mtime_ns, entry.remote) == (st.st_size, st.st_mtime_ns, relpath)
+        assert entry.sha256 == hashlib.sha256(expected[relpath]).hexdigest()
