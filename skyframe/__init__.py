@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from skyframe.errors import ConfigError, DeliveryError, PluginError, SkyframeError
+from skyframe.errors import ConfigError, DeliveryError, PluginError, ProcessError, SkyframeError
 from skyframe.events import DerivedFile, FileEvent, Job, LifecycleEvent
 from skyframe.markers import hookimpl, process, rule
 from skyframe.storage import Sink, SourceReader, TransferRequest, TransferResult
@@ -19,6 +19,7 @@ __all__ = [
     "Job",
     "LifecycleEvent",
     "PluginError",
+    "ProcessError",
     "Sink",
     "Size",
     "SkyframeError",

@@ -30,6 +30,16 @@ config_argument = click.argument(
     default=DEFAULT_CONFIG_NAME,
     type=click.Path(dir_okay=False, path_type=Path),
 )
+config_option = click.option(
+    "-c",
+    "--config",
+    "config_file",
+    metavar="CONFIG",
+    default=DEFAULT_CONFIG_NAME,
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The config file.",
+)
 
 
 class SkyframeGroup(click.Group):
@@ -142,7 +152,7 @@ def run(obj: dict[str, Console], config_file: Path, once: bool, workers: int | N
     finally:
         engine.close()
     print_summary(stdout, summary)
-    if not summary.ok:
+    if once and not summary.ok:
         sys.exit(1)
 
 
@@ -239,7 +249,7 @@ def _open_queue(config_file: Path) -> Any:
 
 
 @queue.command("list")
-@config_argument
+@config_option
 @click.option(
     "--state",
     type=click.Choice(["pending", "leased", "waiting", "dead"]),
@@ -283,7 +293,7 @@ def queue_list(obj: dict[str, Console], config_file: Path, state: str | None) ->
 
 
 @queue.command("retry")
-@config_argument
+@config_option
 @click.argument("paths", nargs=-1)
 @click.option("--all", "retry_all", is_flag=True, help="Every dead-lettered job.")
 @click.option("--pipeline", help="Only jobs of this pipeline.")
@@ -312,7 +322,7 @@ def queue_retry(
 
 
 @queue.command("purge")
-@config_argument
+@config_option
 @click.option("--dead", is_flag=True, required=True, help="Forget every dead-lettered job.")
 def queue_purge(config_file: Path, dead: bool) -> None:
     """Forget dead-lettered jobs (their files stay where they are)."""

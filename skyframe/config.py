@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
@@ -51,8 +52,16 @@ class SinkConfig(_Model):
 
     @property
     def key(self) -> str:
-        """The name under which deliveries to this sink are recorded in the manifest."""
-        return self.name or self.url
+        """The name deliveries are recorded under (manifest, events): never holds a password."""
+        if self.name:
+            return self.name
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+        if parts.username:
+            netloc = f"{parts.username}@{netloc}"
+        return urlunsplit(parts._replace(netloc=netloc))
 
 
 class RetryConfig(_Model):

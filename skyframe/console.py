@@ -95,5 +95,20 @@ def print_summary(console: Console, summary: RunSummary) -> None:
         console.print(
             f"  unreadable while scanning: {summary.scan_errors}", highlight=False, markup=False
         )
+    earlier = summary.dead_letters - len(summary.failed)
+    if earlier > 0:
+        console.print(
+            f"  dead-lettered by earlier runs: {earlier} (see `skyframe queue list`)",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+    if summary.interrupted:
+        console.print(
+            "  stopped before the queue was empty: the rest is delivered at the next run",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
     for key, reason in sorted(summary.failed.items()):
         console.print(f"  failed {key}: {reason}", highlight=False, markup=False, soft_wrap=True)

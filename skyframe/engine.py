@@ -20,7 +20,7 @@ import pluggy
 
 from skyframe.config import Config
 from skyframe.delivery import JobRunner
-from skyframe.errors import RuleError
+from skyframe.errors import PluginError, RuleError, SkyframeError
 from skyframe.events import EventKind, FileEvent, LifecycleEvent
 from skyframe.pipeline import Pipeline, evaluate_rules
 from skyframe.queue import JobQueue
@@ -61,11 +61,13 @@ class RunSummary:
     rejected: Counter[str] = field(default_factory=Counter)
     failed: dict[str, str] = field(default_factory=dict)  #: "pipeline:relpath" -> last error
     scan_errors: int = 0
+    dead_letters: int = 0  #: jobs in the dead-letter list when a --once run ended
+    interrupted: bool = False  #: a --once run was stopped before the queue was empty
 
     @property
     def ok(self) -> bool:
         """True when every accepted file was delivered (or needed no delivery)."""
-        return not self.failed
+        return not self.failed and not self.dead_letters and not self.interrupted
 
     def count(self, event: LifecycleEvent) -> None:
         """Add one lifecycle event to the counts."""
@@ -156,7 +158,9 @@ class Engine:
             self.summary.count(event)
         for impl in self.pm.hook.skyframe_event.get_hookimpls():
             try:
-                impl.function(event=event)
+                # Called one by one, so that a failing notifier cannot stop the others; an
+                # implementation may, as pluggy allows, take no argument at all.
+                impl.function(*[event for _ in impl.argnames])
             except Exception:
                 log.exception("notifier %s failed on a %s event", impl.plugin_name, event.kind)
 
@@ -168,8 +172,10 @@ class Engine:
         source = self._sources[pipeline.name]
         settle = source.settler.settle
         seen: set[str] = set()
+        errors = [0]
 
         def on_error(path: Path, exc: OSError) -> None:
+            errors[0] += 1
             with self._summary_lock:
                 self.summary.scan_errors += 1
             log.warning("%s: cannot read %s: %s", pipeline.name, path, exc.strerror or exc)
@@ -184,9 +190,23 @@ class Engine:
                 source.settler.touch(event.path)
             else:
                 self.offer(pipeline, event)
-        if any(s.on_delete == "delete" for s in pipeline.sinks):
-            for relpath in self._delivered_relpaths(pipeline) - seen:
-                self._queue_delete(pipeline, relpath)
+        if not any(s.on_delete == "delete" for s in pipeline.sinks):
+            return
+        missing = self._delivered_relpaths(pipeline) - seen
+        if missing and (errors[0] or not seen or not pipeline.source_root.is_dir()):
+            # An unmounted card, an empty mount point or an unreadable folder looks exactly
+            # like "everything was deleted": never mirror that onto the sink.
+            log.warning(
+                "%s: %d delivered file(s) missing from %s, but the scan %s: not deleting "
+                "remote copies",
+                pipeline.name,
+                len(missing),
+                pipeline.source_root,
+                "met errors" if errors[0] else "found no files at all",
+            )
+            return
+        for relpath in missing:
+            self._queue_delete(pipeline, relpath)
 
     def _delivered_relpaths(self, pipeline: Pipeline) -> set[str]:
         return {
@@ -228,7 +248,8 @@ class Engine:
         payload: dict[str, Any] = {"action": "upload", "event": event.to_json()}
         if moved_from is not None:
             payload["moved_from"] = moved_from
-        self.queue.put(pipeline.name, event.relpath, payload)
+        version = f"{event.size}:{event.mtime_ns}:{event.inode}:{moved_from or ''}"
+        self.queue.put(pipeline.name, event.relpath, payload, version)
         self.emit(LifecycleEvent("queued", pipeline.name, event.relpath, size=event.size))
         self._notify()
 
@@ -311,7 +332,8 @@ class Engine:
             and self.manifest.get(pipeline.name, sink.key, relpath) is not None
             for sink in pipeline.sinks
         ):
-            self.queue.put(pipeline.name, relpath, {"action": "delete", "relpath": relpath})
+            payload = {"action": "delete", "relpath": relpath}
+            self.queue.put(pipeline.name, relpath, payload, "deleted")
             self._notify()
 
     def _on_moved(self, pipeline: Pipeline, src: Path, dest: Path) -> None:
@@ -430,18 +452,30 @@ class Engine:
         self._stop.set()
         self._notify()
 
+    def _startup_hooks(self) -> None:
+        try:
+            self.pm.hook.skyframe_startup(config=self.config)
+        except SkyframeError:
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"a skyframe_startup hook failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
     def run_once(self) -> RunSummary:
         """Scan every source, then deliver until nothing is queued, waiting or settling."""
-        self.pm.hook.skyframe_startup(config=self.config)
         housekeeping = threading.Thread(
             target=self._housekeeping, name="skyframe-housekeeping", daemon=True
         )
         try:
+            self._startup_hooks()
             for pipeline in self.pipelines.values():
                 self.scan(pipeline)
             housekeeping.start()
             self._dispatch(until_idle=True)
             self._drain_in_flight()
+            self.summary.interrupted = self._stop.is_set()
+            self.summary.dead_letters = len(self.queue.records("dead"))
         finally:
             self._stop.set()
             if housekeeping.is_alive():
@@ -451,12 +485,12 @@ class Engine:
 
     def run_daemon(self) -> RunSummary:
         """Watch, catch up, and deliver until ``stop()`` is called."""
-        self.pm.hook.skyframe_startup(config=self.config)
         threads = [
             threading.Thread(target=self._housekeeping, name="skyframe-housekeeping", daemon=True),
             threading.Thread(target=self._rescanner, name="skyframe-rescan", daemon=True),
         ]
         try:
+            self._startup_hooks()
             for source in self._sources.values():
                 spec = source.pipeline.source
                 source.watcher = SourceWatcher(

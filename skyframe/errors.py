@@ -10,7 +10,8 @@ The tree::
         ├── UnsafePathError       a remote path would leave its sink root
         ├── SourceChangedError    the file changed while it was being read
         ├── SourceUnreadableError the file vanished or cannot be read
-        └── RuleError             a rule raised, or returned neither a bool nor a reason
+        ├── RuleError             a rule raised, or returned neither a bool nor a reason
+        └── ProcessError          a process failed in a way that waiting cannot fix
 
 The CLI turns every ``SkyframeError`` into one line on stderr: exit 2 for ``ConfigError`` and
 ``PluginError``, exit 1 for the others.
@@ -88,5 +89,13 @@ class SourceUnreadableError(DeliveryError):
 
 class RuleError(DeliveryError):
     """A rule crashed or misbehaved: a bug to fix, so the file waits in the dead-letter list."""
+
+    retryable = False
+
+
+class ProcessError(DeliveryError):
+    """Raise it from a process for a failure that retrying cannot fix (bad data, a template
+    field the file does not have): the file goes straight to the dead-letter list. Any other
+    exception from a process is retried with backoff."""
 
     retryable = False

@@ -137,7 +137,6 @@ LifecycleKind = Literal[
     "progress",
     "delivered",
     "failed",
-    "retrying",
     "dead-lettered",
     "skipped",
     "moved",

@@ -113,6 +113,9 @@ def get_plugin_manager(
 def _load_entry_points(pm: SkyframePluginManager) -> None:
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            log.warning(
+                "skipping plugin %r (%s): that name is already registered", ep.name, ep.value
+            )
             continue
         try:
             plugin = ep.load()
@@ -168,10 +171,10 @@ def _user_line(exc: BaseException, file: Path) -> str:
 
 
 def _register_file(pm: SkyframePluginManager, file: Path) -> None:
+    if pm.get_plugin(str(file.resolve())) is not None:
+        return  # listed twice (in plugins: and beside the config): load it once
     module = load_module_from_path(file)
     try:
         pm.register(module, name=str(file.resolve()))
-    except ValueError as exc:  # registered twice, e.g. listed in plugins: and found beside config
-        log.debug("not registering %s again: %s", file, exc)
     except pluggy.PluginValidationError as exc:
         raise PluginError(f"{file}: {exc}") from None

@@ -72,12 +72,22 @@ class JobQueue:
         if payload is not None:
             record["payload"] = payload
             record["attempts"] = 0
-        record.update(state="pending", lease=None, next_payload=None)
+            if record.get("next_payload") is payload:
+                record["version"] = record.get("next_version")
+        record.update(state="pending", lease=None, next_payload=None, next_version=None)
         self._cache.set(key, record)
         self._cache.push(key, prefix=_READY)
 
-    def put(self, pipeline: str, relpath: str, payload: dict[str, Any]) -> bool:
-        """Queue the latest state of a path; returns False when it replaced a queued one."""
+    def put(
+        self, pipeline: str, relpath: str, payload: dict[str, Any], version: str | None = None
+    ) -> bool:
+        """Queue the latest state of a path; returns False when a job for it was queued already.
+
+        ``version`` identifies the state of the file (e.g. size and mtime). Offering the same
+        version again changes nothing: a job waiting for its retry keeps its backoff and its
+        attempt count, and a dead-lettered one stays dead until the file changes or someone
+        retries it. A new version replaces the queued one and starts afresh.
+        """
         key = self._key(pipeline, relpath)
         with self._lock, self._cache.transact(retry=True):
             record = self._cache.get(key)
@@ -86,23 +96,28 @@ class JobQueue:
                     "pipeline": pipeline,
                     "relpath": relpath,
                     "payload": payload,
+                    "version": version,
                     "attempts": 0,
                     "errors": [],
                     "queued_at": time.time(),
                 }
                 self._make_pending(key, record)
                 return True
+            same = version is not None and record.get("version") == version
             state = record["state"]
-            if state == "pending":
-                record["payload"] = payload
-                record["attempts"] = 0
-                self._cache.set(key, record)
-            elif state == "leased":
-                # Never run two versions of one path at once: this one follows when it ends.
-                record["next_payload"] = payload
+            if state == "leased":
+                # Never run two versions of one path at once: a new one follows when it ends.
+                if not same:
+                    record["next_payload"] = payload
+                    record["next_version"] = version
+                    self._cache.set(key, record)
+            elif same:
+                pass
+            elif state == "pending":
+                record.update(payload=payload, version=version, attempts=0, errors=[])
                 self._cache.set(key, record)
             else:  # waiting or dead: a new version deserves a fresh start
-                record["errors"] = []
+                record.update(errors=[], version=version)
                 self._make_pending(key, record, payload)
             return False
 

@@ -58,7 +58,8 @@ class StepSpec:
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Check options against the signature; raises pydantic's ValidationError."""
         instance = self.options_model.model_validate(dict(options))
-        values = {name: getattr(instance, name) for name in instance.model_fields_set}
+        # Every option, defaults included: a default such as `min: Size = "1MB"` is parsed too.
+        values = {name: getattr(instance, name) for name in type(instance).model_fields}
         values.update(instance.model_extra or {})
         return values
 
@@ -142,7 +143,7 @@ def _options_model(kind: StepKind, name: str, func: Callable[..., Any]) -> type[
     try:
         model: type[BaseModel] = create_model(
             f"{kind}_{name}_options",
-            __config__=ConfigDict(extra=extra, arbitrary_types_allowed=True),  # type: ignore[typeddict-item]
+            __config__=ConfigDict(extra=extra, arbitrary_types_allowed=True, validate_default=True),  # type: ignore[typeddict-item]
             **fields,
         )
     except Exception as exc:

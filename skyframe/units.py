@@ -31,7 +31,7 @@ _SIZE_UNITS = {
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)", re.IGNORECASE)
 
 
 def parse_size(value: Any) -> int:
@@ -66,9 +66,11 @@ def parse_duration(value: Any) -> float:
         return float(value)
     if isinstance(value, str):
         text = value.strip().replace(" ", "")
+        if re.fullmatch(r"\d+(?:\.\d+)?", text):  # "5" from ${VAR}: seconds
+            return float(text)
         if text and _DURATION_PART_RE.sub("", text) == "":
             return sum(
-                float(number) * _DURATION_UNITS[unit]
+                float(number) * _DURATION_UNITS[unit.lower()]
                 for number, unit in _DURATION_PART_RE.findall(text)
             )
     raise ValueError(

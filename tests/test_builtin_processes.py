@@ -13,7 +13,7 @@ import pytest
 from conftest import make_file
 from pydantic import ValidationError
 
-from skyframe.errors import UnsafePathError
+from skyframe.errors import ProcessError, UnsafePathError
 from skyframe.events import FileEvent, Job
 from skyframe.plugin_manager import get_plugin_manager
 from skyframe.registry import Registry
@@ -88,10 +88,19 @@ def test_rename_template_checked_at_config_time(template: str) -> None:
         REGISTRY.processes["rename"].validate_options({"template": template})
 
 
-def test_rename_unknown_field_is_a_clear_error(tmp_path: Path) -> None:
+def test_rename_unknown_field_is_not_retried(tmp_path: Path) -> None:
     job = make_job(tmp_path)
-    with pytest.raises(ValueError, match="unknown field 'camera'"):
+    with pytest.raises(ProcessError, match="unknown field 'camera'") as info:
         run("rename", job, template="{camera}/{name}")
+    assert info.value.retryable is False
+    with pytest.raises(ProcessError, match="Invalid format specifier"):
+        run("rename", job, template="{size:%Y}/{name}")
+
+
+def test_rename_empty_parent_at_source_root(tmp_path: Path) -> None:
+    job = make_job(tmp_path, relpath="DJI_0001.JPG")
+    run("rename", job, template="{parent}/{mtime:%Y}/{name}")
+    assert job.remote_name == "2024/DJI_0001.JPG"
 
 
 def test_sidecar_is_delivered_beside_the_final_name(tmp_path: Path) -> None:

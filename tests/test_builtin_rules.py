@@ -63,6 +63,13 @@ def test_ignore_own_patterns_and_defaults_off() -> None:
     assert verdict("ignore", event("raw/a.dng"), patterns=["raw/*.dng"]) == "matches 'raw/*.dng'"
     assert verdict("ignore", event("jpg/a.dng"), patterns=["raw/*.dng"]) is True
     assert verdict("ignore", event("cache/x/a.jpg"), patterns=["cache"]) == "matches 'cache'"
+    assert verdict("ignore", event("x/raw/a.dng"), patterns=["/raw/*.dng"]) is True  # anchored
+    assert verdict("ignore", event("raw/a.dng"), patterns=["/raw/*.dng"]) == "matches '/raw/*.dng'"
+    assert (
+        verdict("ignore", event("a/b/c/d.tif"), patterns=["a/**/*.tif"]) == "matches 'a/**/*.tif'"
+    )
+    assert verdict("ignore", event("a/d.tif"), patterns=["a/**/*.tif"]) == "matches 'a/**/*.tif'"
+    assert verdict("ignore", event("b/d.tif"), patterns=["/a/**/*.tif"]) is True
     assert "*.part" in DEFAULT_IGNORES
 
 

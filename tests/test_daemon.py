@@ -267,11 +267,28 @@ def test_delete_is_mirrored_when_opted_in(tmp_path: Path, start: Callable[..., D
 def test_deletes_while_down_are_caught_up(tmp_path: Path, start: Callable[..., Daemon]) -> None:
     first = start(settle="0", on_delete="delete")
     path = make_file(tmp_path / "incoming", "a.jpg", b"A")
-    wait_for(lambda: "a.jpg" in outbox_files(tmp_path))
+    make_file(tmp_path / "incoming", "b.jpg", b"B")
+    wait_for(lambda: len(outbox_files(tmp_path)) == 2)
     first.stop()
     path.unlink()
     start(settle="0", on_delete="delete")
-    wait_for(lambda: outbox_files(tmp_path) == {}, what="catch-up delete")
+    wait_for(lambda: outbox_files(tmp_path) == {"b.jpg": b"B"}, what="catch-up delete")
+
+
+def test_an_emptied_source_never_wipes_the_sink(
+    tmp_path: Path, start: Callable[..., Daemon], caplog: pytest.LogCaptureFixture
+) -> None:
+    first = start(settle="0", on_delete="delete")
+    for name in ("a.jpg", "b.jpg"):
+        make_file(tmp_path / "incoming", name, name.encode())
+    wait_for(lambda: len(outbox_files(tmp_path)) == 2)
+    first.stop()
+    for path in (tmp_path / "incoming").iterdir():  # like an SD card that did not mount
+        path.unlink()
+    start(settle="0", on_delete="delete")
+    time.sleep(0.5)
+    assert outbox_files(tmp_path) == {"a.jpg": b"a.jpg", "b.jpg": b"b.jpg"}
+    assert "found no files at all: not deleting remote copies" in caplog.text
 
 
 def test_editor_save_replaces_the_file(tmp_path: Path, start: Callable[..., Daemon]) -> None:
@@ -342,20 +359,20 @@ def test_failing_sink_dead_letters_then_cli_retry(
     from skyframe.cli import cli
 
     config = str(tmp_path / "skyframe.yaml")
-    listing = CliRunner().invoke(cli, ["queue", "list", config])
+    listing = CliRunner().invoke(cli, ["queue", "list", "-c", config])
     assert listing.exit_code == 0, listing.output
     assert "dead\tsurvey\ta.jpg\tupload\t2\t\tConnectionResetError: peer reset" in listing.output
 
     import sys
 
-    for name, module in sys.modules.items():
-        if name.startswith("_skyframe_user.flaky_"):
-            module.FAIL[0] = False
-    retried = CliRunner().invoke(cli, ["queue", "retry", config, "a.jpg"])
+    from skyframe.plugin_manager import private_module_name
+
+    sys.modules[private_module_name(tmp_path / "plugins" / "flaky.py")].FAIL[0] = False
+    retried = CliRunner().invoke(cli, ["queue", "retry", "--config", config, "a.jpg"])
     assert retried.exit_code == 0, retried.output
     assert "1 job(s) back in the queue" in retried.output
     wait_for(lambda: outbox_files(tmp_path) == {"a.jpg": b"A"}, what="delivery after retry")
-    missing = CliRunner().invoke(cli, ["queue", "retry", config, "nope.jpg"])
+    missing = CliRunner().invoke(cli, ["queue", "retry", "-c", config, "nope.jpg"])
     assert missing.exit_code == 1
 
 

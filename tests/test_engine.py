@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
 import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import pytest
@@ -50,6 +52,13 @@ def files_under(root: Path) -> dict[str, bytes]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+def plugin_module(tmp_path: Path, name: str) -> Any:
+    """The module most recently loaded from plugins/NAME of this test's project."""
+    from skyframe.plugin_manager import private_module_name
+
+    return sys.modules[private_module_name(tmp_path / "plugins" / name)]
 
 
 def write_plugin(tmp_path: Path, name: str, body: str) -> None:
@@ -334,3 +343,71 @@ def test_state_dir_is_single_instance(tmp_path: Path, project: Callable[[str], P
     finally:
         first.close()
     Engine(project_.config, project_.pm, project_.pipelines).close()
+
+
+def test_dead_letters_stay_dead_across_runs(tmp_path: Path, project: Callable[[str], Path]) -> None:
+    write_plugin(tmp_path, "flaky.py", FAILING_TRANSFER)
+    make_file(tmp_path / "incoming", "a.jpg", b"A")
+    config = project(CONFIG.replace("url: outbox", "url: outbox\n        name: broken"))
+    first = run_once(config)
+    assert list(first.failed) == ["survey:a.jpg"]
+    second = run_once(config)  # same file, same version: not retried by a scan
+    assert second.failed == {}
+    assert second.dead_letters == 1
+    assert not second.ok
+    assert (
+        plugin_module(tmp_path, "flaky.py").CALLS == []
+    )  # the module was loaded afresh for the second run and never called
+
+
+def test_startup_hook_failure_is_one_clear_error(
+    tmp_path: Path, project: Callable[[str], Path]
+) -> None:
+    write_plugin(
+        tmp_path,
+        "boot.py",
+        """
+        from skyframe import hookimpl
+
+        @hookimpl
+        def skyframe_startup(config):
+            raise KeyError("camera id")
+
+        @hookimpl
+        def skyframe_shutdown(config):
+            (config.state_path / "shutdown-ran").write_text("yes")
+    """,
+    )
+    from skyframe.errors import PluginError
+
+    with pytest.raises(PluginError, match="a skyframe_startup hook failed: KeyError: 'camera id'"):
+        run_once(project(CONFIG))
+    assert (tmp_path / ".state" / "shutdown-ran").exists()
+
+
+def test_notifier_without_arguments_is_called(
+    tmp_path: Path, project: Callable[[str], Path]
+) -> None:
+    write_plugin(
+        tmp_path,
+        "tick.py",
+        """
+        from skyframe import hookimpl
+
+        TICKS = []
+
+        @hookimpl
+        def skyframe_event():
+            TICKS.append(1)
+    """,
+    )
+    make_file(tmp_path / "incoming", "a.jpg", b"A")
+    assert run_once(project(CONFIG)).ok
+    assert len(plugin_module(tmp_path, "tick.py").TICKS) >= 3  # queued, started, delivered
+
+
+def test_password_never_becomes_a_sink_key() -> None:
+    from skyframe.config import SinkConfig
+
+    sink = SinkConfig(url="sftp://pilot:hunter2@host:2222/data")
+    assert sink.key == "sftp://pilot@host:2222/data"

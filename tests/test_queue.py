@@ -143,3 +143,44 @@ def test_stored_as_json_not_pickle(tmp_path: Path) -> None:
         assert isinstance(key, str)
         assert raw == 1
         json.loads(value)  # JSON text, never a pickle
+
+
+def test_same_version_keeps_backoff_and_dead_letters(queue: JobQueue) -> None:
+    queue.put("p", "a", {"v": 1}, version="10:1")
+    claim = queue.claim()
+    assert claim is not None
+    queue.retry(claim, "link down", delay=60)
+    # A rescan offers the same version: the job keeps waiting, with its attempt counted.
+    assert queue.put("p", "a", {"v": 1}, version="10:1") is False
+    assert queue.claim() is None
+    (record,) = queue.records("waiting")
+    assert record["attempts"] == 1
+    # A new version of the file starts afresh at once.
+    queue.put("p", "a", {"v": 2}, version="12:2")
+    again = queue.claim()
+    assert again is not None
+    assert (again.payload, again.attempts) == ({"v": 2}, 0)
+    queue.dead(again, "bad")
+    queue.put("p", "a", {"v": 2}, version="12:2")
+    assert queue.claim() is None
+    assert [r["state"] for r in queue.records()] == ["dead"]
+
+
+def test_same_version_while_leased_does_not_run_twice(queue: JobQueue) -> None:
+    queue.put("p", "a", {"v": 1}, version="1")
+    claim = queue.claim()
+    assert claim is not None
+    queue.put("p", "a", {"v": 1}, version="1")
+    queue.complete(claim)
+    assert queue.claim() is None
+    queue.put("p", "a", {"v": 2}, version="2")
+    follow = queue.claim()
+    assert follow is not None
+    queue.put("p", "a", {"v": 3}, version="3")
+    queue.complete(follow)
+    last = queue.claim()
+    assert last is not None
+    assert last.payload == {"v": 3}
+    queue.complete(last)
+    queue.put("p", "a", {"v": 3}, version="3")  # the delivered version, offered again
+    assert queue.claim() is not None  # the queue does not know deliveries; the manifest does

@@ -229,3 +229,38 @@ def test_broken_entry_point_is_reported_and_skipped(
     assert [b.name for b in pm.broken] == ["bad"]
     assert "ModuleNotFoundError" in pm.broken[0].error
     assert "skipping plugin 'bad'" in caplog.text
+
+
+def test_option_defaults_are_parsed_like_options(tmp_path: Path) -> None:
+    write_plugin(
+        tmp_path / "plugins",
+        "defaults.py",
+        """
+        from skyframe import Size, rule
+
+        @rule
+        def rule_big(event, min: Size = "1MB"):
+            return event.size >= min
+    """,
+    )
+    registry = Registry.from_plugin_manager(get_plugin_manager([tmp_path / "plugins"]))
+    assert registry.rules["big"].validate_options({}) == {"min": 1_000_000}
+
+
+def test_a_file_listed_twice_is_loaded_once(tmp_path: Path) -> None:
+    path = write_plugin(
+        tmp_path / "plugins",
+        "counted.py",
+        """
+        import builtins
+        builtins.skyframe_test_loads = getattr(builtins, "skyframe_test_loads", 0) + 1
+    """,
+    )
+    import builtins
+
+    builtins.skyframe_test_loads = 0  # type: ignore[attr-defined]
+    try:
+        get_plugin_manager([path, tmp_path / "plugins"])
+        assert builtins.skyframe_test_loads == 1  # type: ignore[attr-defined]
+    finally:
+        del builtins.skyframe_test_loads  # type: ignore[attr-defined]

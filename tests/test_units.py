@@ -41,6 +41,9 @@ def test_parse_size_rejects(bad: object) -> None:
         ("1h30m", 5400.0),
         ("1d", 86400.0),
         ("1h 30m", 5400.0),
+        ("5", 5.0),
+        ("1H", 3600.0),
+        ("250MS", 0.25),
     ],
 )
 def test_parse_duration(text: object, expected: float) -> None:

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator
 
+from skyframe.errors import ProcessError
 from skyframe.events import Job
 from skyframe.markers import process
 from skyframe.storage import CHUNK_SIZE, safe_relative_path
@@ -87,9 +88,13 @@ def render_template(template: str, job: Job) -> str:
     """Fill a template such as ``{mtime:%Y/%m/%d}/{stem}-{sha256:.12}{suffix}``."""
     template_fields(template)
     try:
-        return template.format_map(_TemplateFields(job))
+        rendered = template.format_map(_TemplateFields(job))
     except KeyError as exc:
-        raise ValueError(f"template {template!r}: unknown field {exc.args[0]!r}") from None
+        raise ProcessError(f"template {template!r}: unknown field {exc.args[0]!r}") from None
+    except (ValueError, TypeError) as exc:  # a format spec that does not fit the value
+        raise ProcessError(f"template {template!r}: {exc}") from None
+    # An empty field ({parent} at the source root) must not turn "{parent}/x" into "/x".
+    return rendered if template.startswith("/") else rendered.lstrip("/")
 
 
 def _check_template(template: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import fnmatch
 import mimetypes
 from collections.abc import Iterable
-from pathlib import PurePosixPath
 
 from skyframe.events import FileEvent
 from skyframe.markers import rule
@@ -41,20 +40,36 @@ DEFAULT_IGNORES = (
 )
 
 
+def _match_parts(parts: list[str], pattern: list[str]) -> bool:
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":  # any number of folders, none included
+        return any(_match_parts(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
+    return (
+        bool(parts)
+        and fnmatch.fnmatchcase(parts[0], pattern[0])
+        and _match_parts(parts[1:], pattern[1:])
+    )
+
+
 def matching_pattern(relpath: str, patterns: Iterable[str], case_sensitive: bool) -> str | None:
     """The first glob that matches, gitignore-style.
 
-    A pattern without ``/`` matches any path component (file or folder name); a pattern with
-    ``/`` matches the end of the relative path (``raw/*.dng``).
+    A pattern without ``/`` matches any path component (a file or folder name). A pattern
+    with ``/`` matches the end of the relative path (``raw/*.dng``), or the whole of it when
+    it starts with ``/`` (``/DCIM/*.JPG``). ``**`` stands for any number of folders.
     """
     path = relpath if case_sensitive else relpath.lower()
     parts = path.split("/")
     for pattern in patterns:
-        pat = pattern if case_sensitive else pattern.lower()
-        if "/" in pat:
-            if PurePosixPath(path).match(pat.lstrip("/")):
+        pat = (pattern if case_sensitive else pattern.lower()).rstrip("/")
+        if "/" not in pat:
+            if any(fnmatch.fnmatchcase(part, pat) for part in parts):
                 return pattern
-        elif any(fnmatch.fnmatchcase(part, pat) for part in parts):
+            continue
+        pieces = pat.lstrip("/").split("/")
+        starts = [0] if pat.startswith("/") else range(len(parts))
+        if any(_match_parts(parts[i:], pieces) for i in starts):
             return pattern
     return None
 
