@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import WriteConfig, make_file
@@ -439,3 +440,57 @@ def test_stop_cuts_long_transfers_and_leaves_no_partial_files(
     (record,) = queue.records()
     assert (record["state"], record["attempts"]) == ("pending", 0)  # back in line, not failed
     queue.close()
+
+
+def test_polling_mode_for_network_mounts(tmp_path: Path, start: Callable[..., Daemon]) -> None:
+    daemon = start(settle="0.2s", extra="")
+    daemon.stop()
+    config = (tmp_path / "skyframe.yaml").read_text()
+    config = config.replace("rescan: 1h}", "rescan: 1h, polling: true, poll_interval: 200ms}")
+    (tmp_path / "skyframe.yaml").write_text(config)
+    polled = Daemon(tmp_path / "skyframe.yaml").__enter__()
+    try:
+        source = next(iter(polled.engine._sources.values()))
+        assert source.watcher is not None
+        assert source.watcher.mode == "polling"
+        make_file(tmp_path / "incoming", "nfs/DJI_1.JPG", b"polled")
+        wait_for(lambda: outbox_files(tmp_path) == {"nfs/DJI_1.JPG": b"polled"}, what="polled")
+    finally:
+        polled.stop()
+
+
+def test_lost_events_trigger_a_rescan(
+    tmp_path: Path, start: Callable[..., Daemon], caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    daemon = start(settle="0")
+    scans: list[str] = []
+    original = daemon.engine.scan
+
+    def counting_scan(pipeline: Any, **kwargs: Any) -> None:
+        scans.append(pipeline.name)
+        original(pipeline, **kwargs)
+
+    daemon.engine.scan = counting_scan  # type: ignore[method-assign]
+    # What watchdog logs when the kernel's inotify queue overflows and events are lost.
+    logging.getLogger("watchdog.observers.inotify_c").warning(
+        "Inotify queue overflowed; filesystem events were lost"
+    )
+    wait_for(lambda: scans == ["survey"], what="a rescan")
+    assert "overflowed: rescanning" in caplog.text
+
+
+def test_a_dead_observer_is_restarted(
+    tmp_path: Path, start: Callable[..., Daemon], caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon = start(settle="0")
+    watcher = next(iter(daemon.engine._sources.values())).watcher
+    assert watcher is not None
+    dead = watcher._observer
+    assert dead is not None
+    dead.stop()
+    dead.join()
+    wait_for(lambda: "stopped; restarting it" in caplog.text, what="restart", timeout=5)
+    make_file(tmp_path / "incoming", "after-restart.jpg", b"R")
+    wait_for(lambda: outbox_files(tmp_path) == {"after-restart.jpg": b"R"}, what="delivery")
