@@ -66,49 +66,27 @@ class ProgressReporter:
 
 def print_summary(console: Console, summary: RunSummary) -> None:
     """A few plain lines: delivered, unchanged, rejected by rule, failed with reasons."""
-    console.print(
+
+    def line(text: str) -> None:
+        console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+    line(
         f"delivered {summary.delivered} file(s) ({format_size(summary.delivered_bytes)}), "
         f"{summary.unchanged} unchanged, {sum(summary.rejected.values())} rejected, "
-        f"{len(summary.failed)} failed",
-        highlight=False,
-        markup=False,
-        soft_wrap=True,
+        f"{len(summary.failed)} failed"
     )
     for rule_name, count in sorted(summary.rejected.items()):
-        console.print(
-            f"  rejected by {rule_name}: {count}", highlight=False, markup=False, soft_wrap=True
-        )
+        line(f"  rejected by {rule_name}: {count}")
     if summary.moved or summary.deleted:
-        console.print(
-            f"  moved remotely: {summary.moved}, deleted remotely: {summary.deleted}",
-            highlight=False,
-            markup=False,
-            soft_wrap=True,
-        )
+        line(f"  moved remotely: {summary.moved}, deleted remotely: {summary.deleted}")
     if summary.skipped:
-        console.print(
-            f"  skipped (vanished before delivery): {summary.skipped}",
-            highlight=False,
-            markup=False,
-        )
+        line(f"  skipped (vanished before delivery): {summary.skipped}")
     if summary.scan_errors:
-        console.print(
-            f"  unreadable while scanning: {summary.scan_errors}", highlight=False, markup=False
-        )
+        line(f"  unreadable while scanning: {summary.scan_errors}")
     earlier = summary.dead_letters - len(summary.failed)
     if earlier > 0:
-        console.print(
-            f"  dead-lettered by earlier runs: {earlier} (see `skyframe queue list`)",
-            highlight=False,
-            markup=False,
-            soft_wrap=True,
-        )
+        line(f"  dead-lettered by earlier runs: {earlier} (see `skyframe queue list`)")
     if summary.interrupted:
-        console.print(
-            "  stopped before the queue was empty: the rest is delivered at the next run",
-            highlight=False,
-            markup=False,
-            soft_wrap=True,
-        )
+        line("  stopped before the queue was empty: the rest is delivered at the next run")
     for key, reason in sorted(summary.failed.items()):
-        console.print(f"  failed {key}: {reason}", highlight=False, markup=False, soft_wrap=True)
+        line(f"  failed {key}: {reason}")

@@ -150,6 +150,30 @@ def open_gate() -> None:
             module.GATE.set()
 
 
+SLOW_TRANSFER = """
+    import time
+    from skyframe import hookimpl
+    from skyframe.builtin import transfer_generic
+
+    @hookimpl(tryfirst=True)
+    def skyframe_transfer(request):
+        original = request.progress
+
+        def slowed(done):
+            time.sleep(DELAY)
+            original(done)
+
+        request.progress = slowed
+        return transfer_generic.skyframe_transfer(request)
+"""
+
+
+def slow_transfer_plugin(tmp_path: Path, delay: float) -> None:
+    """A transfer plugin that sleeps `delay` seconds per 1 MiB chunk, then delivers."""
+    text = textwrap.dedent(SLOW_TRANSFER).replace("DELAY", str(delay))
+    (tmp_path / "plugins" / "slow.py").write_text(text)
+
+
 def test_new_file_is_delivered(tmp_path: Path, start: Callable[..., Daemon]) -> None:
     daemon = start()
     make_file(tmp_path / "incoming", "f1/a.jpg", b"A")
@@ -380,24 +404,7 @@ def test_failing_sink_dead_letters_then_cli_retry(
 def test_changed_while_uploading_is_sent_again_complete(
     tmp_path: Path, start: Callable[..., Daemon]
 ) -> None:
-    (tmp_path / "plugins" / "slow.py").write_text(
-        textwrap.dedent("""
-        import time
-        from skyframe import hookimpl
-        from skyframe.builtin import transfer_generic
-
-        @hookimpl(tryfirst=True)
-        def skyframe_transfer(request):
-            original = request.progress
-
-            def slow(done):
-                time.sleep(0.05)
-                original(done)
-
-            request.progress = slow
-            return transfer_generic.skyframe_transfer(request)
-    """)
-    )
+    slow_transfer_plugin(tmp_path, delay=0.05)
     daemon = start(settle="0")
     path = make_file(tmp_path / "incoming", "v.mp4", os.urandom(8 * 1024 * 1024))
     wait_for(lambda: daemon.recorder.count("started", "v.mp4") >= 1)
@@ -410,24 +417,7 @@ def test_changed_while_uploading_is_sent_again_complete(
 def test_stop_cuts_long_transfers_and_leaves_no_partial_files(
     tmp_path: Path, start: Callable[..., Daemon]
 ) -> None:
-    (tmp_path / "plugins" / "crawl.py").write_text(
-        textwrap.dedent("""
-        import time
-        from skyframe import hookimpl
-        from skyframe.builtin import transfer_generic
-
-        @hookimpl(tryfirst=True)
-        def skyframe_transfer(request):
-            original = request.progress
-
-            def crawl(done):
-                time.sleep(0.2)
-                original(done)
-
-            request.progress = crawl
-            return transfer_generic.skyframe_transfer(request)
-    """)
-    )
+    slow_transfer_plugin(tmp_path, delay=0.2)
     daemon = start(settle="0.2s")  # close-write makes it ready; half-written it is not
     make_file(tmp_path / "incoming", "big.mp4", os.urandom(50 * 1024 * 1024))
     wait_for(lambda: daemon.recorder.count("started", "big.mp4") == 1)
