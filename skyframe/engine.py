@@ -249,9 +249,9 @@ class Engine:
         if moved_from is not None:
             payload["moved_from"] = moved_from
         version = f"{event.size}:{event.mtime_ns}:{event.inode}:{moved_from or ''}"
-        self.queue.put(pipeline.name, event.relpath, payload, version)
-        self.emit(LifecycleEvent("queued", pipeline.name, event.relpath, size=event.size))
-        self._notify()
+        if self.queue.put(pipeline.name, event.relpath, payload, version):
+            self.emit(LifecycleEvent("queued", pipeline.name, event.relpath, size=event.size))
+            self._notify()
 
     def file_ready(
         self, pipeline: Pipeline, path: Path, kind: EventKind, moved_from: str | None = None

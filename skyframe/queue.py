@@ -81,7 +81,7 @@ class JobQueue:
     def put(
         self, pipeline: str, relpath: str, payload: dict[str, Any], version: str | None = None
     ) -> bool:
-        """Queue the latest state of a path; returns False when a job for it was queued already.
+        """Queue the latest state of a path; returns False when that version was queued already.
 
         ``version`` identifies the state of the file (e.g. size and mtime). Offering the same
         version again changes nothing: a job waiting for its retry keeps its backoff and its
@@ -103,23 +103,24 @@ class JobQueue:
                 }
                 self._make_pending(key, record)
                 return True
-            same = version is not None and record.get("version") == version
             state = record["state"]
+            known = {record.get("version")}
+            if state == "leased":
+                known.add(record.get("next_version"))
+            if version is not None and version in known:
+                return False
             if state == "leased":
                 # Never run two versions of one path at once: a new one follows when it ends.
-                if not same:
-                    record["next_payload"] = payload
-                    record["next_version"] = version
-                    self._cache.set(key, record)
-            elif same:
-                pass
+                record["next_payload"] = payload
+                record["next_version"] = version
+                self._cache.set(key, record)
             elif state == "pending":
                 record.update(payload=payload, version=version, attempts=0, errors=[])
                 self._cache.set(key, record)
             else:  # waiting or dead: a new version deserves a fresh start
                 record.update(errors=[], version=version)
                 self._make_pending(key, record, payload)
-            return False
+            return True
 
     def claim(self) -> Claim | None:
         """Lease the next ready job, or return None when none is ready now."""

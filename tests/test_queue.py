@@ -30,7 +30,7 @@ def test_put_then_claim_in_order(queue: JobQueue) -> None:
 def test_latest_state_wins_while_pending(queue: JobQueue) -> None:
     queue.put("p", "a", {"v": 1})
     queue.put("p", "b", {"v": 1})
-    assert queue.put("p", "a", {"v": 2}) is False
+    assert queue.put("p", "a", {"v": 2}) is True  # no version given: the latest always wins
     first = queue.claim()
     assert first is not None
     assert (first.relpath, first.payload) == ("a", {"v": 2})
