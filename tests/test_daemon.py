@@ -27,8 +27,9 @@ retry: {max_attempts: 2, initial: 50ms, max: 100ms}
 shutdown_grace: 1s
 pipelines:
   - name: survey
-    source: {path: incoming, settle: SETTLE, rescan: 1h}
+    source: {path: incoming, settle: SETTLE, rescan: 1hSOURCE_EXTRA}
     rules: [{ignore: {patterns: ["*.skip"]}}]
+    processes: PROCESSES
     sinks:
       - url: outbox
         on_delete: ON_DELETE
@@ -100,10 +101,18 @@ def start(tmp_path: Path, write_config: WriteConfig) -> Iterator[Callable[..., D
     daemons: list[Daemon] = []
 
     def start_daemon(
-        settle: str = "0.3s", on_delete: str = "keep", concurrency: int = 4, extra: str = ""
+        *,
+        settle: str = "0.3s",
+        on_delete: str = "keep",
+        concurrency: int = 4,
+        extra: str = "",
+        processes: str = "[]",
+        source_extra: str = "",
     ) -> Daemon:
         text = (
             CONFIG.replace("SETTLE", settle)
+            .replace("SOURCE_EXTRA", source_extra)
+            .replace("PROCESSES", processes)
             .replace("ON_DELETE", on_delete)
             .replace("CONCURRENCY", str(concurrency))
             + extra
@@ -433,20 +442,12 @@ def test_stop_cuts_long_transfers_and_leaves_no_partial_files(
 
 
 def test_polling_mode_for_network_mounts(tmp_path: Path, start: Callable[..., Daemon]) -> None:
-    daemon = start(settle="0.2s", extra="")
-    daemon.stop()
-    config = (tmp_path / "skyframe.yaml").read_text()
-    config = config.replace("rescan: 1h}", "rescan: 1h, polling: true, poll_interval: 200ms}")
-    (tmp_path / "skyframe.yaml").write_text(config)
-    polled = Daemon(tmp_path / "skyframe.yaml").__enter__()
-    try:
-        source = next(iter(polled.engine._sources.values()))
-        assert source.watcher is not None
-        assert source.watcher.mode == "polling"
-        make_file(tmp_path / "incoming", "nfs/DJI_1.JPG", b"polled")
-        wait_for(lambda: outbox_files(tmp_path) == {"nfs/DJI_1.JPG": b"polled"}, what="polled")
-    finally:
-        polled.stop()
+    polled = start(settle="0.2s", source_extra=", polling: true, poll_interval: 200ms")
+    source = next(iter(polled.engine._sources.values()))
+    assert source.watcher is not None
+    assert source.watcher.mode == "polling"
+    make_file(tmp_path / "incoming", "nfs/DJI_1.JPG", b"polled")
+    wait_for(lambda: outbox_files(tmp_path) == {"nfs/DJI_1.JPG": b"polled"}, what="polled")
 
 
 def test_lost_events_trigger_a_rescan(
@@ -484,3 +485,30 @@ def test_a_dead_observer_is_restarted(
     wait_for(lambda: "stopped; restarting it" in caplog.text, what="restart", timeout=5)
     make_file(tmp_path / "incoming", "after-restart.jpg", b"R")
     wait_for(lambda: outbox_files(tmp_path) == {"after-restart.jpg": b"R"}, what="delivery")
+
+
+def test_cpu_heavy_processes_do_not_stall_uploads(
+    tmp_path: Path, start: Callable[..., Daemon]
+) -> None:
+    (tmp_path / "processes.py").write_text(
+        textwrap.dedent("""
+        import time
+        from skyframe import process
+
+        @process
+        def process_crunch(job):
+            if job.path.name.startswith("heavy"):
+                end = time.monotonic() + 3
+                while time.monotonic() < end:  # pure-Python work, holding the GIL in turns
+                    sum(i * i for i in range(1000))
+    """)
+    )
+    busy = start(settle="0", extra="workers: 2\n", processes="[crunch]")
+    make_file(tmp_path / "incoming", "heavy.jpg", b"H")
+    wait_for(lambda: busy.recorder.count("queued", "heavy.jpg") == 1)
+    began = time.monotonic()
+    make_file(tmp_path / "incoming", "light.jpg", b"L")
+    wait_for(lambda: "light.jpg" in outbox_files(tmp_path), timeout=2, what="light upload")
+    assert time.monotonic() - began < 2
+    assert "heavy.jpg" not in outbox_files(tmp_path)  # still crunching
+    wait_for(lambda: "heavy.jpg" in outbox_files(tmp_path), timeout=10)
