@@ -123,9 +123,9 @@ def run(obj: dict[str, Console], config_file: Path, once: bool, workers: int | N
     """Run the pipelines in CONFIG (default ./skyframe.yaml).
 
     Without --once: watch the sources and deliver new and changed files until SIGINT or
-    SIGTERM. With --once: scan every source, deliver what is new or changed, print a summary
-    and exit. Exit 0 when everything accepted was delivered, 1 when any file failed, 2 on
-    config errors.
+    SIGTERM (exit 0). With --once: scan every source, deliver what is new or changed, print a
+    summary and exit 0 when everything accepted was delivered, 1 when a file failed or waits in
+    the dead-letter list or the run was stopped with work left. Config errors exit 2.
     """
     from skyframe.console import ProgressReporter, print_summary
     from skyframe.engine import Engine

@@ -55,13 +55,7 @@ class SinkConfig(_Model):
         """The name deliveries are recorded under (manifest, events): never holds a password."""
         if self.name:
             return self.name
-        parts = urlsplit(self.url)
-        if parts.password is None:
-            return self.url
-        netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-        if parts.username:
-            netloc = f"{parts.username}@{netloc}"
-        return urlunsplit(parts._replace(netloc=netloc))
+        return url_without_password(self.url)
 
 
 class RetryConfig(_Model):
@@ -166,6 +160,17 @@ class Config(_Model):
             return str(self._file.relative_to(Path.cwd()))
         except ValueError:
             return str(self._file)
+
+
+def url_without_password(url: str, replacement: str = "") -> str:
+    """The URL with the password of its user info removed (or replaced), all else untouched."""
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    secret = f":{replacement}" if replacement else ""
+    return urlunsplit(parts._replace(netloc=f"{user}{secret}@{host}"))
 
 
 def format_key(path: YamlPath) -> str:

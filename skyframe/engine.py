@@ -156,11 +156,11 @@ class Engine:
         """Update the summary and call every notifier; a failing notifier is only logged."""
         with self._summary_lock:
             self.summary.count(event)
-        for impl in self.pm.hook.skyframe_event.get_hookimpls():
+        # Called one by one (in pluggy's order: tryfirst first), so that a failing notifier
+        # cannot stop the others. An implementation may take no argument, as pluggy allows.
+        for impl in reversed(self.pm.hook.skyframe_event.get_hookimpls()):
             try:
-                # Called one by one, so that a failing notifier cannot stop the others; an
-                # implementation may, as pluggy allows, take no argument at all.
-                impl.function(*[event for _ in impl.argnames])
+                impl.function(**{name: event for name in impl.argnames})
             except Exception:
                 log.exception("notifier %s failed on a %s event", impl.plugin_name, event.kind)
 
@@ -190,10 +190,13 @@ class Engine:
                 source.settler.touch(event.path)
             else:
                 self.offer(pipeline, event)
+        complete = not errors[0] and bool(seen) and pipeline.source_root.is_dir()
+        if complete:
+            self._forget_dead_letters_of_gone_files(pipeline, seen)
         if not any(s.on_delete == "delete" for s in pipeline.sinks):
             return
         missing = self._delivered_relpaths(pipeline) - seen
-        if missing and (errors[0] or not seen or not pipeline.source_root.is_dir()):
+        if missing and not complete:
             # An unmounted card, an empty mount point or an unreadable folder looks exactly
             # like "everything was deleted": never mirror that onto the sink.
             log.warning(
@@ -207,6 +210,20 @@ class Engine:
             return
         for relpath in missing:
             self._queue_delete(pipeline, relpath)
+
+    def _forget_dead_letters_of_gone_files(self, pipeline: Pipeline, seen: set[str]) -> None:
+        """A dead-lettered upload whose file no longer exists has nothing left to deliver."""
+        for record in self.queue.records("dead"):
+            relpath = record["relpath"]
+            if record["pipeline"] != pipeline.name or relpath in seen:
+                continue
+            if record["payload"].get("action") != "upload":
+                continue
+            if not (pipeline.source_root / relpath).exists():
+                self.queue.discard(pipeline.name, relpath)
+                log.info(
+                    "%s: %s is gone: dropped from the dead-letter list", pipeline.name, relpath
+                )
 
     def _delivered_relpaths(self, pipeline: Pipeline) -> set[str]:
         return {
@@ -474,8 +491,10 @@ class Engine:
             housekeeping.start()
             self._dispatch(until_idle=True)
             self._drain_in_flight()
-            self.summary.interrupted = self._stop.is_set()
-            self.summary.dead_letters = len(self.queue.records("dead"))
+            counts = self.queue.counts()
+            left = counts["pending"] + counts["leased"] + counts["waiting"]
+            self.summary.interrupted = self._stop.is_set() and left > 0
+            self.summary.dead_letters = counts["dead"]
         finally:
             self._stop.set()
             if housekeeping.is_alive():

@@ -13,7 +13,14 @@ from types import MappingProxyType, UnionType
 from typing import Any
 
 import pluggy
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    PydanticUserError,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+)
 
 from skyframe.config import Config, StepConfig, YamlPath, format_key
 from skyframe.errors import ConfigError, PluginError
@@ -138,8 +145,21 @@ def _options_model(kind: StepKind, name: str, func: Callable[..., Any]) -> type[
             continue
         if param.kind is inspect.Parameter.VAR_POSITIONAL:
             raise PluginError(f"{kind} {name!r} ({where}): *{param.name} cannot take options")
-        default = ... if param.default is inspect.Parameter.empty else param.default
-        fields[param.name] = (hints.get(param.name, Any), default)
+        annotation = hints.get(param.name, Any)
+        if param.default is inspect.Parameter.empty:
+            fields[param.name] = (annotation, ...)
+            continue
+        try:
+            adapter: TypeAdapter[Any] = TypeAdapter(
+                annotation, config=ConfigDict(arbitrary_types_allowed=True)
+            )
+            adapter.validate_python(param.default)
+        except (ValidationError, PydanticUserError, TypeError) as exc:
+            raise PluginError(
+                f"{kind} {name!r} ({where}): the default of option {param.name!r} "
+                f"({param.default!r}) does not fit its type {type_name(annotation)}"
+            ) from exc
+        fields[param.name] = (annotation, param.default)
     try:
         model: type[BaseModel] = create_model(
             f"{kind}_{name}_options",

@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 from fsspec.spec import AbstractFileSystem
 
-from skyframe.config import SinkConfig
+from skyframe.config import SinkConfig, url_without_password
 from skyframe.errors import SourceChangedError, SourceUnreadableError, UnsafePathError
 
 CHUNK_SIZE = 1024 * 1024
@@ -34,14 +33,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 def redact_url(url: str) -> str:
     """The URL without a password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    netloc = f"{parts.username}:***@{host}" if parts.username else f"***@{host}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    return url_without_password(url, "***")
 
 
 def safe_relative_path(name: str) -> str:

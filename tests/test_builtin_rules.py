@@ -70,6 +70,14 @@ def test_ignore_own_patterns_and_defaults_off() -> None:
     )
     assert verdict("ignore", event("a/d.tif"), patterns=["a/**/*.tif"]) == "matches 'a/**/*.tif'"
     assert verdict("ignore", event("b/d.tif"), patterns=["/a/**/*.tif"]) is True
+    # a folder pattern covers what is inside it; a trailing slash means folders only
+    assert (
+        verdict("ignore", event("scratch/x/y.jpg"), patterns=["/scratch"]) == "matches '/scratch'"
+    )
+    assert verdict("ignore", event("a/raw/x.dng"), patterns=["a/raw"]) == "matches 'a/raw'"
+    assert verdict("ignore", event("cache"), patterns=["cache/"]) is True
+    assert verdict("ignore", event("cache/a.jpg"), patterns=["cache/"]) == "matches 'cache/'"
+    assert verdict("ignore", event("x/raw"), patterns=["raw/**"]) is True
     assert "*.part" in DEFAULT_IGNORES
 
 

@@ -264,3 +264,21 @@ def test_a_file_listed_twice_is_loaded_once(tmp_path: Path) -> None:
         assert builtins.skyframe_test_loads == 1  # type: ignore[attr-defined]
     finally:
         del builtins.skyframe_test_loads  # type: ignore[attr-defined]
+
+
+def test_a_default_that_does_not_fit_its_type_is_a_plugin_error(tmp_path: Path) -> None:
+    write_plugin(
+        tmp_path / "plugins",
+        "bad_default.py",
+        """
+        from skyframe import rule
+
+        @rule
+        def rule_limit(event, count: int = None):
+            return True
+    """,
+    )
+    with pytest.raises(
+        PluginError, match=r"the default of option 'count' \(None\) does not fit its type int"
+    ):
+        Registry.from_plugin_manager(get_plugin_manager([tmp_path / "plugins"]))

@@ -72,6 +72,8 @@ def test_memory_sink_and_redaction(tmp_path: Path) -> None:
     assert sink.remote_path("x.jpg") == "/bucket/prefix/x.jpg"
     assert redact_url("sftp://pilot:hunter2@host:2222/data") == "sftp://pilot:***@host:2222/data"
     assert redact_url("s3://bucket/x") == "s3://bucket/x"
+    assert redact_url("sftp://u:p@NAS.Local:22/x") == "sftp://u:***@NAS.Local:22/x"
+    assert redact_url("sftp://u:p@[::1]:22/x") == "sftp://u:***@[::1]:22/x"
 
 
 def test_local_sink_takes_no_options(tmp_path: Path) -> None:

@@ -55,21 +55,27 @@ def _match_parts(parts: list[str], pattern: list[str]) -> bool:
 def matching_pattern(relpath: str, patterns: Iterable[str], case_sensitive: bool) -> str | None:
     """The first glob that matches, gitignore-style.
 
-    A pattern without ``/`` matches any path component (a file or folder name). A pattern
-    with ``/`` matches the end of the relative path (``raw/*.dng``), or the whole of it when
-    it starts with ``/`` (``/DCIM/*.JPG``). ``**`` stands for any number of folders.
+    A pattern matches a file, or a folder the file is in. Without ``/`` it matches any name
+    along the path (``cache``, ``*.tmp``). With ``/`` it matches a run of names ending the
+    path or a folder in it (``raw/*.dng``), anchored at the source root when it starts with
+    ``/`` (``/DCIM``). ``**`` stands for any number of folders; a trailing ``/`` matches
+    folders only.
     """
     path = relpath if case_sensitive else relpath.lower()
     parts = path.split("/")
     for pattern in patterns:
-        pat = (pattern if case_sensitive else pattern.lower()).rstrip("/")
+        pat = pattern if case_sensitive else pattern.lower()
+        folders_only = pat.endswith(("/", "/**"))  # "raw/**": what is inside raw, not raw
+        pat = pat.removesuffix("/**").rstrip("/")
+        # Where a match may end: at the file itself, or at any folder holding it.
+        ends = range(1, len(parts)) if folders_only else range(1, len(parts) + 1)
         if "/" not in pat:
-            if any(fnmatch.fnmatchcase(part, pat) for part in parts):
+            if any(fnmatch.fnmatchcase(parts[end - 1], pat) for end in ends):
                 return pattern
             continue
         pieces = pat.lstrip("/").split("/")
         starts = [0] if pat.startswith("/") else range(len(parts))
-        if any(_match_parts(parts[i:], pieces) for i in starts):
+        if any(_match_parts(parts[i:end], pieces) for i in starts for end in ends if end > i):
             return pattern
     return None
 
