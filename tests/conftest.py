@@ -56,6 +56,18 @@ def memory_fs() -> Iterator[fsspec.AbstractFileSystem]:
     fs.pseudo_dirs.append("")
 
 
+def tree_files(root: Path) -> dict[str, bytes]:
+    """Every file under root (relative POSIX path -> bytes); {} when root does not exist."""
+    files = {}
+    for path in sorted(root.rglob("*")):
+        try:
+            if path.is_file():
+                files[path.relative_to(root).as_posix()] = path.read_bytes()
+        except FileNotFoundError:  # a temporary file renamed into place meanwhile
+            continue
+    return files
+
+
 def make_file(
     root: Path, relpath: str, data: bytes | str = b"data", mtime: float | None = None
 ) -> Path:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tree_files
 
 from skyframe.state import Manifest
 from skyframe.storage import TEMP_MARKER
@@ -85,10 +86,7 @@ def write_files(
 
 
 def sink_files(root: Path) -> dict[str, bytes]:
-    out = root / "outbox"
-    if not out.exists():
-        return {}
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    return tree_files(root / "outbox")
 
 
 @pytest.mark.parametrize("seed", [11, 22, 33])

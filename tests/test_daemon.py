@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import WriteConfig, make_file
+from conftest import WriteConfig, make_file, tree_files
 
 from skyframe.engine import Engine, RunSummary
 from skyframe.events import LifecycleEvent
@@ -127,10 +127,7 @@ def start(tmp_path: Path, write_config: WriteConfig) -> Iterator[Callable[..., D
 
 
 def outbox_files(tmp_path: Path) -> dict[str, bytes]:
-    root = tmp_path / "outbox"
-    if not root.exists():
-        return {}
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    return tree_files(tmp_path / "outbox")
 
 
 GATE = """

@@ -12,7 +12,7 @@ from typing import Any
 
 import fsspec
 import pytest
-from conftest import WriteConfig, make_file
+from conftest import WriteConfig, make_file, tree_files
 
 from skyframe.engine import Engine, RunSummary
 from skyframe.errors import StateError
@@ -44,14 +44,6 @@ def run_once(config: Path) -> RunSummary:
         return engine.run_once()
     finally:
         engine.close()
-
-
-def files_under(root: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(root).as_posix(): p.read_bytes()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 def plugin_module(tmp_path: Path, name: str) -> Any:
@@ -98,7 +90,7 @@ def test_once_delivers_accepted_files_identically(
     assert summary.ok
     assert summary.delivered == 4
     assert summary.rejected == {"type": 1, "ignore": 2}
-    assert files_under(tmp_path / "outbox") == wanted
+    assert tree_files(tmp_path / "outbox") == wanted
     manifest = Manifest(tmp_path / ".state" / "manifest")
     entries = {rel: entry for _, _, rel, entry in manifest.entries()}
     manifest.close()
@@ -273,7 +265,7 @@ def test_sidecar_and_rename_deliver_beside(tmp_path: Path, project: Callable[[st
         "processes: [checksum, sidecar, {rename: {template: '{mtime:%Y}/{parent}/{name}'}}]",
     )
     assert run_once(project(config)).ok
-    assert sorted(files_under(tmp_path / "outbox")) == ["2024/f1/a.jpg", "2024/f1/a.jpg.json"]
+    assert sorted(tree_files(tmp_path / "outbox")) == ["2024/f1/a.jpg", "2024/f1/a.jpg.json"]
 
 
 def test_vanished_file_is_skipped_not_failed(
@@ -304,7 +296,7 @@ def test_vanished_file_is_skipped_not_failed(
         os.chdir(cwd)
     assert summary.ok
     assert summary.skipped == 1
-    assert files_under(tmp_path / "outbox") == {"kept.jpg": b"K"}
+    assert tree_files(tmp_path / "outbox") == {"kept.jpg": b"K"}
 
 
 def test_jobs_left_by_a_crashed_run_are_delivered(
