@@ -94,11 +94,13 @@ def test_kill_9_while_files_arrive_loses_nothing(tmp_path: Path, seed: int) -> N
     rng = random.Random(seed)
     (tmp_path / "skyframe.yaml").write_text(textwrap.dedent(CONFIG))
     (tmp_path / "incoming").mkdir()
-    log = tmp_path / "daemon.log"
+    logs = tmp_path / "logs"
+    logs.mkdir()
     expected: dict[str, bytes] = {}
     done = threading.Event()
     writer = threading.Thread(target=write_files, args=(tmp_path, rng, expected, done))
 
+    log = logs / "run-0.log"
     daemon = start_daemon(tmp_path, log)
     kills = 0
     try:
@@ -108,10 +110,14 @@ def test_kill_9_while_files_arrive_loses_nothing(tmp_path: Path, seed: int) -> N
             daemon.send_signal(signal.SIGKILL)
             daemon.wait(10)
             kills += 1
+            log = logs / f"run-{kills}.log"
             daemon = start_daemon(tmp_path, log)
         writer.join()
-        while log.read_text(errors="replace").count("watching") < kills + 1:
+        # Some runs were killed before they even started; wait until the last one is up.
+        started = time.monotonic()
+        while "watching" not in log.read_text(errors="replace"):
             assert daemon.poll() is None, log.read_text(errors="replace")[-3000:]
+            assert time.monotonic() - started < 30, "the last run did not start"
             time.sleep(0.05)
 
         deadline = time.monotonic() + 90
@@ -127,20 +133,25 @@ def test_kill_9_while_files_arrive_loses_nothing(tmp_path: Path, seed: int) -> N
     assert code == 0, output[-3000:]
     assert kills >= 3
 
-    delivered = sink_files(tmp_path)
+    assert_sink_matches(tmp_path, expected)
+
+
+def assert_sink_matches(root: Path, expected: dict[str, bytes]) -> None:
+    """Every accepted file delivered, byte for byte; nothing else; a manifest that agrees."""
+    delivered = sink_files(root)
     assert not [name for name in delivered if TEMP_MARKER in name], "temporary files left"
-    assert sorted(delivered) == sorted(expected), output[-3000:]
+    assert sorted(delivered) == sorted(expected), "unexpected files in the sink"
     for relpath, data in expected.items():
         assert delivered[relpath] == data, f"{relpath} differs"
     assert len(expected) > 350
 
-    manifest = Manifest(tmp_path / ".state" / "manifest")
+    manifest = Manifest(root / ".state" / "manifest")
     try:
         entries = {rel: entry for _, _, rel, entry in manifest.entries()}
     finally:
         manifest.close()
     assert sorted(entries) == sorted(expected)
     for relpath, entry in entries.items():
-        st = (tmp_path / "incoming" / relpath).stat()
+        st = (root / "incoming" / relpath).stat()
         assert (entry.size, entry.mtime_ns, entry.remote) == (st.st_size, st.st_mtime_ns, relpath)
         assert entry.sha256 == hashlib.sha256(expected[relpath]).hexdigest()
