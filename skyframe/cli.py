@@ -177,6 +177,29 @@ def validate(obj: dict[str, Console], config_file: Path) -> None:
 
 
 @cli.command()
+@config_argument
+def check(config_file: Path) -> None:
+    """Check that every sink in CONFIG is reachable and writable (write, then delete a probe)."""
+    from skyframe.pipeline import load_project
+    from skyframe.storage import probe_sink
+
+    project = load_project(config_file)
+    failed = 0
+    for pipeline in project.pipelines:
+        for sink in pipeline.sinks:
+            where = f"{pipeline.name} -> {sink.display}"
+            try:
+                seconds = probe_sink(sink)
+            except Exception as exc:  # any backend error is the answer to "does it work?"
+                failed += 1
+                click.echo(f"FAIL  {where}: {type(exc).__name__}: {exc}")
+            else:
+                click.echo(f"ok    {where}: write+delete {seconds * 1000:.1f} ms")
+    if failed:
+        sys.exit(1)
+
+
+@cli.command()
 @click.argument(
     "config_file",
     metavar="[CONFIG]",

@@ -10,6 +10,7 @@ import hashlib
 import os
 import posixpath
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +199,26 @@ class SourceReader:
             or now.st_ino != self._stat.st_ino
         ):
             raise SourceChangedError(f"{self.path}: changed while it was read")
+
+
+def probe_sink(sink: Sink) -> float:
+    """Write, check and delete a small hidden object at the sink root; return the seconds taken.
+
+    Raises whatever the backend raises (permission, connection, missing bucket...).
+    """
+    began = time.monotonic()
+    name = sink.remote_path(f".skyframe-check-{os.getpid()}-{int(began * 1000)}")
+    payload = b"skyframe write check\n"
+    if sink.root:
+        sink.fs.makedirs(sink.root, exist_ok=True)
+    sink.fs.pipe_file(name, payload)
+    try:
+        size = sink.fs.size(name)
+        if size != len(payload):
+            raise OSError(f"wrote {len(payload)} bytes but the sink reports {size}")
+    finally:
+        sink.fs.rm(name)
+    return time.monotonic() - began
 
 
 def file_sha256(path: Path) -> str:

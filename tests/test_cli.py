@@ -130,3 +130,18 @@ def test_failed_delivery_exits_1(example_project: Path) -> None:
         "failed survey:flight-01/DJI_20240517101502_0001.JPG: ConnectionError: uplink down"
         in result.stdout
     )
+
+
+def test_check_probes_every_sink(example_project: Path) -> None:
+    config = example_project / "skyframe.yaml"
+    text = config.read_text().replace(
+        "        options: {}             # fsspec storage options; values may use ${VAR}\n",
+        "        options: {}\n      - url: /proc/no-such-folder\n        name: readonly\n",
+    )
+    config.write_text(text)
+    result = skyframe(example_project, "check")
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("ok    survey -> outbox: write+delete ")
+    assert lines[1].startswith("FAIL  survey -> /proc/no-such-folder: FileNotFoundError")
+    assert list((example_project / "outbox").iterdir()) == []  # the probe was deleted
