@@ -8,6 +8,7 @@ events (inotify queue overflow, watch limit) trigger a full rescan instead of si
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -222,6 +223,8 @@ class SourceWatcher:
             )
             observer.start()
         except OSError as exc:
+            with contextlib.suppress(Exception):  # release what the observer already holds
+                observer.stop()
             if exc.errno in (errno.ENOSPC, errno.EMFILE) and not self.polling:
                 log.warning(
                     "cannot watch %s natively (%s; raise fs.inotify.max_user_watches): "

@@ -509,3 +509,26 @@ def test_cpu_heavy_processes_do_not_stall_uploads(
     assert time.monotonic() - began < 2
     assert "heavy.jpg" not in outbox_files(tmp_path)  # still crunching
     wait_for(lambda: "heavy.jpg" in outbox_files(tmp_path), timeout=10)
+
+
+def test_watch_limit_falls_back_to_polling(
+    tmp_path: Path,
+    start: Callable[..., Daemon],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import errno
+
+    from watchdog.observers.inotify import InotifyObserver
+
+    def no_more_watches(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "inotify watch limit reached")
+
+    monkeypatch.setattr(InotifyObserver, "schedule", no_more_watches)
+    daemon = start(settle="0.2s", source_extra=", poll_interval: 200ms")
+    source = next(iter(daemon.engine._sources.values()))
+    assert source.watcher is not None
+    assert source.watcher.mode == "polling"
+    assert "raise fs.inotify.max_user_watches" in caplog.text
+    make_file(tmp_path / "incoming", "a.jpg", b"A")
+    wait_for(lambda: outbox_files(tmp_path) == {"a.jpg": b"A"}, what="delivery while polling")
