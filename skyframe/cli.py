@@ -21,6 +21,7 @@ from rich.text import Text
 from skyframe import __version__
 from skyframe.config import DEFAULT_CONFIG_NAME
 from skyframe.errors import SkyframeError
+from skyframe.state import STATE_DB_ERRORS
 
 log = logging.getLogger("skyframe")
 
@@ -53,6 +54,12 @@ class SkyframeGroup(click.Group):
                 raise
             click.echo(f"skyframe: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except STATE_DB_ERRORS as exc:
+            if ctx.meta.get("skyframe.traceback"):
+                raise
+            detail = str(exc) or "database timeout"
+            click.echo(f"skyframe: error: the state database is unusable: {detail}", err=True)
+            ctx.exit(1)
 
 
 class _PlainFormatter(logging.Formatter):
@@ -72,6 +79,7 @@ def _setup_logging(verbose: int, quiet: bool, stderr: Console) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_PlainFormatter("skyframe: %(levelname)s: %(message)s"))
+    handler.setLevel(level)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -152,6 +160,13 @@ def run(obj: dict[str, Console], config_file: Path, once: bool, workers: int | N
     finally:
         engine.close()
     print_summary(stdout, summary)
+    if engine.abandoned:
+        log.error(
+            "%d job(s) did not stop in time; exiting now, they resume at the next start",
+            engine.abandoned,
+        )
+        sys.stdout.flush()
+        os._exit(1)
     if once and not summary.ok:
         sys.exit(1)
 

@@ -340,9 +340,14 @@ class JobRunner:
         if old is None or not old.matches(event.size, event.mtime_ns):
             return False
         if old.remote != job.remote_name:
+            target = sink.remote_path(job.remote_name)
             try:
-                sink.fs.makedirs(os.path.dirname(sink.remote_path(job.remote_name)), exist_ok=True)
-                sink.fs.mv(sink.remote_path(old.remote), sink.remote_path(job.remote_name))
+                sink.fs.makedirs(os.path.dirname(target), exist_ok=True)
+                sink.fs.mv(sink.remote_path(old.remote), target)
+            except FileNotFoundError:
+                # An earlier attempt moved it and stopped before recording that.
+                if not (sink.fs.exists(target) and sink.fs.size(target) == old.size):
+                    return False
             except (OSError, NotImplementedError) as exc:
                 log.info(
                     "%s: cannot move %s remotely (%s); uploading it again",
@@ -381,6 +386,8 @@ class JobRunner:
     def _delete_remote(self, run: _Run) -> None:
         """Remove a deleted file from every sink with ``on_delete: delete``."""
         claim = run.claim
+        if (run.pipeline.source_root / claim.relpath).exists():
+            return  # it is back: a delete queued earlier must not remove the new version
         for sink in run.pipeline.sinks:
             if sink.on_delete != "delete":
                 continue

@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,7 @@ class Engine:
             raise
         self._stop = threading.Event()
         self._cancel = threading.Event()
+        self._scan_cut = False
         #: Set once the watchers run and the first catch-up scan of every source is done.
         self.ready = threading.Event()
         self._wake = threading.Condition()
@@ -143,8 +145,21 @@ class Engine:
             cancelled=self._cancel,
         )
 
+    @property
+    def abandoned(self) -> int:
+        """Jobs still running after the shutdown deadline (their leases return at next start)."""
+        with self._wake:
+            return self._in_flight
+
     def close(self) -> None:
-        """Stop the pools, close the databases and release the state directory."""
+        """Stop the pools, close the databases and release the state directory.
+
+        With jobs still running past the deadline, nothing is closed and the lock is kept: the
+        process must exit (the queue is durable), so that no second instance can start while
+        an old upload is still writing.
+        """
+        if self.abandoned:
+            return
         self.runner.shutdown()
         self.queue.close()
         self.manifest.close()
@@ -173,6 +188,7 @@ class Engine:
         settle = source.settler.settle
         seen: set[str] = set()
         errors = [0]
+        began = time.time()
 
         def on_error(path: Path, exc: OSError) -> None:
             errors[0] += 1
@@ -184,6 +200,7 @@ class Engine:
             pipeline.name, pipeline.source_root, recursive=pipeline.recursive, on_error=on_error
         ):
             if self._stop.is_set():
+                self._scan_cut = True
                 return
             seen.add(event.relpath)
             if settle_recent and settle > 0 and time.time() - event.mtime_ns / 1e9 < settle:
@@ -195,7 +212,8 @@ class Engine:
             self._forget_dead_letters_of_gone_files(pipeline, seen)
         if not any(s.on_delete == "delete" for s in pipeline.sinks):
             return
-        missing = self._delivered_relpaths(pipeline) - seen
+        # Files delivered after this scan began may sit in folders it had already listed.
+        missing = self._delivered_relpaths(pipeline, before=began) - seen
         if missing and not complete:
             # An unmounted card, an empty mount point or an unreadable folder looks exactly
             # like "everything was deleted": never mirror that onto the sink.
@@ -225,9 +243,11 @@ class Engine:
                     "%s: %s is gone: dropped from the dead-letter list", pipeline.name, relpath
                 )
 
-    def _delivered_relpaths(self, pipeline: Pipeline) -> set[str]:
+    def _delivered_relpaths(self, pipeline: Pipeline, before: float) -> set[str]:
         return {
-            rel for name, _sink, rel, _entry in self.manifest.entries() if name == pipeline.name
+            rel
+            for name, _sink, rel, entry in self.manifest.entries()
+            if name == pipeline.name and entry.delivered_at < before
         }
 
     def offer(self, pipeline: Pipeline, event: FileEvent, moved_from: str | None = None) -> None:
@@ -344,6 +364,8 @@ class Engine:
             self._queue_delete(self.pipelines[name], gone.relpath)
 
     def _queue_delete(self, pipeline: Pipeline, relpath: str) -> None:
+        if (pipeline.source_root / relpath).exists():
+            return  # it came back (rewritten, or moved back): nothing to delete
         if any(
             sink.on_delete == "delete"
             and self.manifest.get(pipeline.name, sink.key, relpath) is not None
@@ -435,14 +457,23 @@ class Engine:
         """Hand settled files over, and revive dead watchers."""
         next_watch_check = time.monotonic() + WATCHER_CHECK_INTERVAL
         while not self._stop.wait(HOUSEKEEPING_INTERVAL):
+            # Each step is guarded: one failure (a database error, a source folder that is
+            # away) must not end settling, deletes or watcher restarts for the whole run.
             for source in self._sources.values():
-                source.settler.tick()
-            self._expire_vanished()
+                self._guarded(source.settler.tick, "settling files")
+            self._guarded(self._expire_vanished, "mirroring deletes")
             if time.monotonic() >= next_watch_check:
                 next_watch_check = time.monotonic() + WATCHER_CHECK_INTERVAL
                 for source in self._sources.values():
                     if source.watcher is not None:
-                        source.watcher.check()
+                        self._guarded(source.watcher.check, "checking the watcher")
+
+    @staticmethod
+    def _guarded(step: Callable[[], None], what: str) -> None:
+        try:
+            step()
+        except Exception:
+            log.exception("error while %s; trying again shortly", what)
 
     def _rescanner(self) -> None:
         """Catch-up scans: at start, every ``rescan`` interval, and whenever events were lost."""
@@ -493,7 +524,10 @@ class Engine:
             self._drain_in_flight()
             counts = self.queue.counts()
             left = counts["pending"] + counts["leased"] + counts["waiting"]
-            self.summary.interrupted = self._stop.is_set() and left > 0
+            settling = sum(len(s.settler) for s in self._sources.values())
+            self.summary.interrupted = self._stop.is_set() and bool(
+                left or settling or self._scan_cut
+            )
             self.summary.dead_letters = counts["dead"]
         finally:
             self._stop.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import sqlite3
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -15,6 +16,9 @@ from typing import Any
 import diskcache
 
 from skyframe.errors import StateError
+
+#: What the state databases raise when they are corrupt, full or locked for too long.
+STATE_DB_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, diskcache.Timeout)
 
 #: Never evict: a cache that forgets is a manifest that re-sends, or a queue that loses jobs.
 CACHE_SETTINGS: dict[str, Any] = {

@@ -65,18 +65,34 @@ class Settler:
         self.settle = settle
         self._on_ready = on_ready
         self._pending: dict[Path, _Pending] = {}
+        self._handing_over = 0  #: paths taken out of _pending whose on_ready has not returned
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
+        """Paths held, including those being handed over right now."""
         with self._lock:
-            return len(self._pending)
+            return len(self._pending) + self._handing_over
+
+    def _hand_over(self, path: Path, entry: _Pending | None) -> None:
+        """Call on_ready; if it fails, keep the path (it is tried again at the next tick)."""
+        try:
+            self._on_ready(path)
+        except BaseException:
+            if entry is not None:
+                with self._lock:
+                    self._pending.setdefault(path, entry)
+            raise
+        finally:
+            with self._lock:
+                self._handing_over -= 1
 
     def touch(self, path: Path, *, complete: bool = False) -> None:
         """A path changed; ``complete`` when it was closed after writing or renamed into place."""
         if complete:
             with self._lock:
-                self._pending.pop(path, None)
-            self._on_ready(path)
+                entry = self._pending.pop(path, None)
+                self._handing_over += 1
+            self._hand_over(path, entry)
             return
         now = time.monotonic()
         with self._lock:
@@ -116,7 +132,8 @@ class Settler:
                     entry.size, entry.mtime_ns, entry.stable_since = st.st_size, st.st_mtime_ns, now
                     continue
                 del self._pending[path]
-            self._on_ready(path)
+                self._handing_over += 1
+            self._hand_over(path, entry)
 
 
 @dataclass(frozen=True)
@@ -158,6 +175,9 @@ class _Handler(FileSystemEventHandler):
                 self._cb.moved(src, Path(os.fsdecode(event.dest_path)))
 
 
+_WATCHDOG_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
+
+
 class _OverflowDetector(logging.Filter):
     """watchdog reports a kernel queue overflow only in its log: turn that into a rescan."""
 
@@ -190,6 +210,7 @@ class SourceWatcher:
         self._callbacks = callbacks
         self._observer: BaseObserver | None = None
         self._overflow = _OverflowDetector(callbacks.rescan)
+        self._missing_reported = False
 
     @property
     def mode(self) -> str:
@@ -198,8 +219,12 @@ class SourceWatcher:
 
     def start(self) -> None:
         """Start watching; falls back to polling when the inotify watch limit is reached."""
-        logging.getLogger("watchdog.observers.inotify_c").addFilter(self._overflow)
-        logging.getLogger("watchdog.observers.inotify").addFilter(self._overflow)
+        for name in _WATCHDOG_LOGGERS:
+            logger = logging.getLogger(name)
+            # The overflow warning must be created even under `-q`, for the detector to see it;
+            # the handlers decide what is shown.
+            logger.setLevel(logging.WARNING)
+            logger.addFilter(self._overflow)
         self._observer = self._start_observer()
 
     def _start_observer(self) -> BaseObserver:
@@ -241,16 +266,35 @@ class SourceWatcher:
         return observer
 
     def check(self) -> None:
-        """Restart a dead observer (and ask for a rescan: its events may be lost)."""
-        if self._observer is not None and not self._observer.is_alive():
-            log.warning("the watcher of %s stopped; restarting it", self.root)
-            self._observer = self._start_observer()
-            self._callbacks.rescan("the watcher was restarted")
+        """Restart a dead observer (and ask for a rescan: its events may be lost).
+
+        An observer whose emitter stopped counts as dead: watchdog stops watching a folder
+        that was deleted, and an SD card's mount point comes and goes exactly like that.
+        """
+        observer = self._observer
+        if observer is None:
+            return
+        if observer.is_alive() and all(e.is_alive() for e in observer.emitters):
+            return
+        if not self.root.is_dir():
+            if not self._missing_reported:
+                log.warning(
+                    "source folder %s is missing; watching again when it is back", self.root
+                )
+                self._missing_reported = True
+            return
+        log.warning("the watcher of %s stopped; restarting it", self.root)
+        with contextlib.suppress(Exception):
+            observer.stop()
+            observer.join(timeout=1)
+        self._observer = self._start_observer()
+        self._missing_reported = False
+        self._callbacks.rescan("the watcher was restarted")
 
     def stop(self) -> None:
         """Stop the observer and wait for its thread."""
-        logging.getLogger("watchdog.observers.inotify_c").removeFilter(self._overflow)
-        logging.getLogger("watchdog.observers.inotify").removeFilter(self._overflow)
+        for name in _WATCHDOG_LOGGERS:
+            logging.getLogger(name).removeFilter(self._overflow)
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=5)

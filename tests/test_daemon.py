@@ -532,3 +532,31 @@ def test_watch_limit_falls_back_to_polling(
     assert "raise fs.inotify.max_user_watches" in caplog.text
     make_file(tmp_path / "incoming", "a.jpg", b"A")
     wait_for(lambda: outbox_files(tmp_path) == {"a.jpg": b"A"}, what="delivery while polling")
+
+
+def test_a_file_rewritten_after_its_delete_is_not_deleted_remotely(
+    tmp_path: Path, start: Callable[..., Daemon]
+) -> None:
+    daemon = start(settle="0", on_delete="delete")
+    path = make_file(tmp_path / "incoming", "a.jpg", b"version 1")
+    wait_for(lambda: "a.jpg" in outbox_files(tmp_path))
+    path.unlink()
+    path.write_bytes(b"version 2, a new file")
+    wait_for(lambda: outbox_files(tmp_path) == {"a.jpg": b"version 2, a new file"})
+    time.sleep(2.5)  # past the window in which the delete could have been mirrored
+    assert outbox_files(tmp_path) == {"a.jpg": b"version 2, a new file"}
+    assert daemon.recorder.count("deleted") == 0
+
+
+def test_source_folder_removed_and_recreated(tmp_path: Path, start: Callable[..., Daemon]) -> None:
+    """Like an SD card's mount point, which comes and goes with the card."""
+    import shutil
+
+    start(settle="0")
+    make_file(tmp_path / "incoming", "card1/a.jpg", b"A")
+    wait_for(lambda: "card1/a.jpg" in outbox_files(tmp_path))
+    shutil.rmtree(tmp_path / "incoming")
+    time.sleep(0.5)
+    (tmp_path / "incoming").mkdir()
+    make_file(tmp_path / "incoming", "card2/b.jpg", b"B")
+    wait_for(lambda: "card2/b.jpg" in outbox_files(tmp_path), timeout=10, what="after remount")

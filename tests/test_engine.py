@@ -403,3 +403,28 @@ def test_password_never_becomes_a_sink_key() -> None:
 
     sink = SinkConfig(url="sftp://pilot:hunter2@host:2222/data")
     assert sink.key == "sftp://pilot@host:2222/data"
+
+
+def test_a_failure_while_handing_over_a_settled_file_is_retried(
+    tmp_path: Path, project: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_file(tmp_path / "incoming", "fresh.jpg", b"F")  # modified just now: it must settle
+    project_ = load_project(project(CONFIG.replace("settle: 0", "settle: 0.3s")))
+    engine = Engine(project_.config, project_.pm, project_.pipelines)
+    original = engine.offer
+    failures = [1]
+
+    def flaky_offer(*args: Any, **kwargs: Any) -> None:
+        if failures[0]:
+            failures[0] -= 1
+            raise OSError("database is locked")
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "offer", flaky_offer)
+    try:
+        summary = engine.run_once()
+    finally:
+        engine.close()
+    assert failures == [0]
+    assert summary.ok
+    assert tree_files(tmp_path / "outbox") == {"fresh.jpg": b"F"}
