@@ -181,7 +181,7 @@ class Engine:
 
     # --- intake: scans and watch events ------------------------------------------------------
 
-    def scan(self, pipeline: Pipeline, *, settle_recent: bool = True) -> None:
+    def scan(self, pipeline: Pipeline) -> None:
         """Compare the source with the manifest: queue what is new or changed (and deleted,
         for sinks with ``on_delete: delete``). Recently modified files go through the settler."""
         source = self._sources[pipeline.name]
@@ -203,7 +203,7 @@ class Engine:
                 self._scan_cut = True
                 return
             seen.add(event.relpath)
-            if settle_recent and settle > 0 and time.time() - event.mtime_ns / 1e9 < settle:
+            if settle > 0 and time.time() - event.mtime_ns / 1e9 < settle:
                 source.settler.touch(event.path)
             else:
                 self.offer(pipeline, event)

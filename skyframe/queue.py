@@ -232,11 +232,6 @@ class JobQueue:
             self._cache.delete(key)
             return True
 
-    def pending_payload(self, pipeline: str, relpath: str) -> dict[str, Any] | None:
-        """The payload of a queued job for this path, if one is queued."""
-        record = self._cache.get(self._key(pipeline, relpath))
-        return None if record is None else record.get("next_payload") or record["payload"]
-
     def next_due(self) -> float | None:
         """When the earliest waiting job becomes ready (epoch seconds), if any."""
         with self._lock:
