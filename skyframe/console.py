@@ -58,7 +58,7 @@ class ProgressReporter:
                 self._progress.update(self._task, total=total + 1)
             elif event.kind == "started":
                 self._progress.update(self._task, current=event.relpath)
-            elif event.kind in ("delivered", "unchanged") and event.sink is not None:
+            elif event.kind in ("delivered", "unchanged", "moved") and event.sink is not None:
                 self._progress.advance(self._task, share)
             elif event.kind in ("dead-lettered", "skipped"):
                 self._progress.advance(self._task, 1)

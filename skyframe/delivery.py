@@ -28,7 +28,7 @@ from skyframe.errors import DeliveryError, SourceChangedError, SourceUnreadableE
 from skyframe.events import FileEvent, Job, LifecycleEvent
 from skyframe.pipeline import Pipeline, evaluate_rules
 from skyframe.queue import Claim, JobQueue
-from skyframe.state import Manifest
+from skyframe.state import Manifest, ManifestEntry
 from skyframe.storage import (
     Sink,
     TransferRequest,
@@ -63,6 +63,15 @@ class _Run:
     remaining: int = 0
     errors: list[BaseException] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _sha256: str | None = None
+
+    def sha256(self) -> str:
+        """The file's sha256, read at most once per job however many sinks ask."""
+        with self.lock:
+            if self._sha256 is None:
+                assert self.job is not None
+                self._sha256 = file_sha256(self.job.path)
+            return self._sha256
 
 
 class JobRunner:
@@ -120,7 +129,7 @@ class JobRunner:
         try:
             if claim.payload.get("action") == "delete":
                 self._delete_remote(run)
-                sinks: list[Sink] = []
+                sinks: list[tuple[Sink, ManifestEntry | None]] = []
             else:
                 sinks = self._prepare(run)
         except BaseException as exc:
@@ -130,11 +139,12 @@ class JobRunner:
             self._finish(run)
             return
         run.remaining = len(sinks)
-        for sink in sinks:
-            self._sink_pools[(pipeline.name, sink.key)].submit(self._serve_sink, run, sink)
+        for sink, entry in sinks:
+            self._sink_pools[(pipeline.name, sink.key)].submit(self._serve_sink, run, sink, entry)
 
-    def _prepare(self, run: _Run) -> list[Sink]:
-        """Run rules again on the file as it is now, then the processes; return sinks to serve."""
+    def _prepare(self, run: _Run) -> list[tuple[Sink, ManifestEntry | None]]:
+        """Run rules again on the file as it is now, then the processes; return the sinks that
+        still need this version of the file, with what each one has now."""
         queued = FileEvent.from_json(run.claim.payload["event"])
         try:
             st = os.stat(queued.path)
@@ -162,18 +172,20 @@ class JobRunner:
             step(job)
         job.remote_name = safe_relative_path(job.remote_name)
         run.job = job
-        return [
-            sink
+        entries = [
+            (sink, self.manifest.get(event.pipeline, sink.key, event.relpath))
             for sink in run.pipeline.sinks
-            if not self.manifest.is_delivered(
-                event.pipeline, sink.key, event.relpath, event.size, event.mtime_ns
-            )
+        ]
+        return [
+            (sink, entry)
+            for sink, entry in entries
+            if entry is None or not entry.matches(event.size, event.mtime_ns)
         ]
 
-    def _serve_sink(self, run: _Run, sink: Sink) -> None:
+    def _serve_sink(self, run: _Run, sink: Sink, entry: ManifestEntry | None) -> None:
         try:
             assert run.job is not None
-            self._deliver(run, run.job, sink)
+            self._deliver(run, run.job, sink, entry)
         except BaseException as exc:
             with run.lock:
                 run.errors.append(exc)
@@ -258,30 +270,19 @@ class JobRunner:
 
     # --- one sink ----------------------------------------------------------------------------
 
-    def _deliver(self, run: _Run, job: Job, sink: Sink) -> None:
+    def _deliver(self, run: _Run, job: Job, sink: Sink, entry: ManifestEntry | None) -> None:
         event = job.event
         pipeline = event.pipeline
         attempt = run.claim.attempts + 1
         remote = job.remote_name
-        entry = self.manifest.get(pipeline, sink.key, event.relpath)
         if (
             entry is not None
             and entry.size == event.size
             and entry.remote == remote
-            and file_sha256(event.path) == entry.sha256
+            and run.sha256() == entry.sha256
         ):
             # Touched, not changed: record the new mtime and send nothing.
-            self.manifest.record(
-                pipeline,
-                sink.key,
-                event.relpath,
-                size=event.size,
-                mtime_ns=event.mtime_ns,
-                sha256=entry.sha256,
-                remote=remote,
-                derived=entry.derived,
-                inode=event.inode,
-            )
+            self._record(job, sink, entry.sha256, entry.derived)
             self.emit(LifecycleEvent("unchanged", pipeline, event.relpath, sink=sink.key))
             return
         moved_from = run.claim.payload.get("moved_from")
@@ -309,18 +310,7 @@ class JobRunner:
                 state_dir=self.state_dir,
             )
         )
-        derived = self._send_derived(job, sink)
-        self.manifest.record(
-            pipeline,
-            sink.key,
-            event.relpath,
-            size=result.size,
-            mtime_ns=event.mtime_ns,
-            sha256=result.sha256,
-            remote=remote,
-            derived=derived,
-            inode=event.inode,
-        )
+        self._record(job, sink, result.sha256, self._send_derived(job, sink))
         self.emit(
             LifecycleEvent(
                 "delivered",
@@ -358,17 +348,7 @@ class JobRunner:
                 return False
         derived = self._send_derived(job, sink)
         self._remove_remote(sink, [name for name in old.derived if name not in derived])
-        self.manifest.record(
-            event.pipeline,
-            sink.key,
-            event.relpath,
-            size=old.size,
-            mtime_ns=old.mtime_ns,
-            sha256=old.sha256,
-            remote=job.remote_name,
-            derived=derived,
-            inode=event.inode,
-        )
+        self._record(job, sink, old.sha256, derived)
         self.manifest.forget(event.pipeline, sink.key, moved_from)
         self.emit(
             LifecycleEvent(
@@ -402,6 +382,23 @@ class JobRunner:
                 )
             )
 
+    def _record(
+        self, job: Job, sink: Sink, sha256: str, derived: tuple[str, ...] | list[str]
+    ) -> None:
+        """The manifest now holds this version of the job's file at its remote name."""
+        event = job.event
+        self.manifest.record(
+            event.pipeline,
+            sink.key,
+            event.relpath,
+            size=event.size,
+            mtime_ns=event.mtime_ns,
+            sha256=sha256,
+            remote=job.remote_name,
+            derived=derived,
+            inode=event.inode,
+        )
+
     def _send_derived(self, job: Job, sink: Sink) -> list[str]:
         """Deliver the job's derived files (sidecars, thumbnails); return their remote names."""
         names = []
@@ -432,6 +429,11 @@ class JobRunner:
         if result is None:
             sink = request.sink
             raise DeliveryError(f"no transfer plugin handles {sink.protocol!r} ({sink.display})")
+        if result.size != request.size:  # whatever plugin sent it, the size is checked here
+            raise DeliveryError(
+                f"{request.sink.display}: {request.remote_path} got {result.size} bytes "
+                f"of {request.size}"
+            )
         return result
 
     def _progress(

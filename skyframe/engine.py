@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 from collections import Counter
@@ -103,6 +104,7 @@ class _Source:
         self.watcher: SourceWatcher | None = None
         self.rescan_requested = threading.Event()
         self.next_rescan = 0.0
+        self.caught_up = False  #: a complete scan ran since the start
 
 
 class Engine:
@@ -208,8 +210,12 @@ class Engine:
             else:
                 self.offer(pipeline, event)
         complete = not errors[0] and bool(seen) and pipeline.source_root.is_dir()
-        if complete:
+        if complete and not source.caught_up:
+            # Only files that went while skyframe was down can leave such entries behind (a
+            # deletion seen by the watcher drops its job), so the first scan is enough: later
+            # rescans need not read the whole queue.
             self._forget_dead_letters_of_gone_files(pipeline, seen)
+            source.caught_up = True
         if not any(s.on_delete == "delete" for s in pipeline.sinks):
             return
         # Files delivered after this scan began may sit in folders it had already listed.
@@ -304,7 +310,7 @@ class Engine:
         except OSError as exc:
             log.warning("%s: cannot read %s: %s", pipeline.name, path, exc.strerror)
             return
-        if not os.path.isfile(path):
+        if not stat.S_ISREG(st.st_mode):
             return
         self.offer(
             pipeline,

@@ -428,3 +428,42 @@ def test_a_failure_while_handing_over_a_settled_file_is_retried(
     assert failures == [0]
     assert summary.ok
     assert tree_files(tmp_path / "outbox") == {"fresh.jpg": b"F"}
+
+
+def test_a_transfer_that_sends_the_wrong_size_fails(
+    tmp_path: Path, project: Callable[[str], Path]
+) -> None:
+    write_plugin(
+        tmp_path,
+        "short.py",
+        """
+        from skyframe import TransferResult, hookimpl
+
+        @hookimpl(tryfirst=True)
+        def skyframe_transfer(request):
+            return TransferResult(size=request.size - 1, sha256="0" * 64)
+    """,
+    )
+    make_file(tmp_path / "incoming", "a.jpg", b"ABCDEF")
+    summary = run_once(project(CONFIG))
+    (reason,) = summary.failed.values()
+    assert reason.endswith("got 5 bytes of 6")
+    manifest = Manifest(tmp_path / ".state" / "manifest")
+    assert manifest.entries() == []  # never recorded as delivered
+    manifest.close()
+
+
+def test_dead_letters_of_files_gone_meanwhile_are_dropped(
+    tmp_path: Path, project: Callable[[str], Path]
+) -> None:
+    write_plugin(tmp_path, "flaky.py", FAILING_TRANSFER)
+    path = make_file(tmp_path / "incoming", "a.jpg", b"A")
+    make_file(tmp_path / "incoming", "keep.jpg", b"K")
+    config = project(CONFIG.replace("url: outbox", "url: outbox\n        name: broken"))
+    assert run_once(config).dead_letters == 2
+    path.unlink()  # deleted while skyframe was not running
+    second = run_once(config)
+    assert second.dead_letters == 1  # keep.jpg still waits for a retry; a.jpg is gone
+    queue = JobQueue(tmp_path / ".state" / "queue")
+    assert [r["relpath"] for r in queue.records("dead")] == ["keep.jpg"]
+    queue.close()
