@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -23,7 +23,12 @@ from skyframe.config import DEFAULT_CONFIG_NAME
 from skyframe.errors import SkyframeError
 from skyframe.state import STATE_DB_ERRORS
 
+if TYPE_CHECKING:
+    from skyframe.pipeline import Pipeline
+
 log = logging.getLogger("skyframe")
+
+PREFLIGHT_TIMEOUT = 60.0  #: seconds to wait for the sinks' answers before a run starts
 
 config_argument = click.argument(
     "config_file",
@@ -142,6 +147,7 @@ def run(obj: dict[str, Console], config_file: Path, once: bool, workers: int | N
     project = load_project(config_file)
     if workers is not None:
         project.config.workers = workers
+    _preflight(project.pipelines)
     engine = Engine(project.config, project.pm, project.pipelines)
     stdout, stderr = obj["stdout"], obj["stderr"]
     work = engine.run_once if once else engine.run_daemon
@@ -171,6 +177,24 @@ def run(obj: dict[str, Console], config_file: Path, once: bool, workers: int | N
         sys.exit(1)
 
 
+def _preflight(pipelines: list[Pipeline]) -> None:
+    """Probe every remote sink before starting: a refusal (credentials, host key, bucket) is
+    fatal; an unreachable sink is not (files queue until it is back)."""
+    from skyframe.errors import SinkRefusedError
+    from skyframe.storage import check_sinks
+
+    sinks = [s for p in pipelines for s in p.sinks if s.remote]
+    for sink, outcome in check_sinks(sinks, PREFLIGHT_TIMEOUT):
+        if isinstance(outcome, SinkRefusedError):
+            raise outcome
+        if isinstance(outcome, SkyframeError):
+            log.warning("%s; files queue until it answers", outcome)
+        elif isinstance(outcome, BaseException):
+            log.warning(
+                "%s: write check failed: %s: %s", sink.display, type(outcome).__name__, outcome
+            )
+
+
 @cli.command()
 @config_argument
 @click.pass_obj
@@ -193,23 +217,38 @@ def validate(obj: dict[str, Console], config_file: Path) -> None:
 
 @cli.command()
 @config_argument
-def check(config_file: Path) -> None:
-    """Check that every sink in CONFIG is reachable and writable (write, then delete a probe)."""
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for each sink.",
+)
+def check(config_file: Path, timeout: float) -> None:
+    """Check that every sink in CONFIG is reachable and writable: connect, write a small hidden
+    object, check its size and delete it. One line per sink; exit 1 if any fails."""
     from skyframe.pipeline import load_project
-    from skyframe.storage import probe_sink
+    from skyframe.storage import ProbeResult, check_sinks
 
     project = load_project(config_file)
+    sinks = [s for p in project.pipelines for s in p.sinks]
+    pipeline_of = {id(s): p.name for p in project.pipelines for s in p.sinks}
     failed = 0
-    for pipeline in project.pipelines:
-        for sink in pipeline.sinks:
-            where = f"{pipeline.name} -> {sink.display}"
-            try:
-                seconds = probe_sink(sink)
-            except Exception as exc:  # any backend error is the answer to "does it work?"
-                failed += 1
-                click.echo(f"FAIL  {where}: {type(exc).__name__}: {exc}")
-            else:
-                click.echo(f"ok    {where}: write+delete {seconds * 1000:.1f} ms")
+    for sink, outcome in check_sinks(sinks, timeout):
+        where = f"{pipeline_of[id(sink)]} -> {sink.display}"
+        if isinstance(outcome, ProbeResult):
+            click.echo(
+                f"ok    {where}: connect {outcome.connect * 1000:.0f} ms, "
+                f"write+check+delete {outcome.write * 1000:.0f} ms"
+            )
+        else:
+            failed += 1
+            message = str(outcome).removeprefix(f"{sink.display}: ")
+            if not isinstance(outcome, SkyframeError):
+                message = f"{type(outcome).__name__}: {' '.join(message.split())}"
+            click.echo(f"FAIL  {where}: {message}")
+        if not isinstance(outcome, SkyframeError) or "no answer within" not in str(outcome):
+            sink.close()
     if failed:
         sys.exit(1)
 

@@ -45,7 +45,12 @@ class SinkConfig(_Model):
     url: str = Field(description="a path relative to the config file, or an fsspec URL")
     name: str | None = Field(None, description="a stable name; defaults to the URL")
     options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options")
-    concurrency: int = Field(4, ge=1, le=64, description="files sent to this sink at once")
+    concurrency: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="files sent to this sink at once (default: 4 local, 8 SFTP, 16 S3/GCS)",
+    )
     on_delete: Literal["keep", "delete"] = Field(
         "keep", description="delete the remote copy when the local file is deleted"
     )

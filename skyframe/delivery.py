@@ -16,7 +16,7 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +24,13 @@ from pathlib import Path
 import pluggy
 
 from skyframe.config import RetryConfig
-from skyframe.errors import DeliveryError, SourceChangedError, SourceUnreadableError
+from skyframe.errors import (
+    DeliveryError,
+    SinkRefusedError,
+    SinkUnavailableError,
+    SourceChangedError,
+    SourceUnreadableError,
+)
 from skyframe.events import FileEvent, Job, LifecycleEvent
 from skyframe.pipeline import Pipeline, evaluate_rules
 from skyframe.queue import Claim, JobQueue
@@ -98,6 +104,9 @@ class JobRunner:
         self.emit = emit
         self._on_finished = on_finished
         self._cancelled = cancelled
+        #: True in the daemon: an unreachable sink keeps files waiting without counting
+        #: attempts. False for ``--once``, whose run must end: attempts count as usual.
+        self.patient = False
         #: How many jobs may be in flight at once: enough to keep every pool busy, no more.
         self.capacity = workers + sum(s.concurrency for p in pipelines.values() for s in p.sinks)
         self._processing = ThreadPoolExecutor(workers, thread_name_prefix="skyframe-process")
@@ -126,6 +135,12 @@ class JobRunner:
             self._on_finished()
             return
         run = _Run(claim, pipeline, self.state_dir / "scratch" / claim.token)
+        offline = [s.health.wait() for s in pipeline.sinks]
+        if self.patient and offline and min(offline) > 0:
+            # Every sink is away: wait for the next try without running the processes.
+            self.queue.retry(claim, pipeline.sinks[0].health.last_error, max(offline), count=False)
+            self._on_finished()
+            return
         try:
             if claim.payload.get("action") == "delete":
                 self._delete_remote(run)
@@ -185,7 +200,8 @@ class JobRunner:
     def _serve_sink(self, run: _Run, sink: Sink, entry: ManifestEntry | None) -> None:
         try:
             assert run.job is not None
-            self._deliver(run, run.job, sink, entry)
+            with self._sink_errors(sink):
+                self._deliver(run, run.job, sink, entry)
         except BaseException as exc:
             with run.lock:
                 run.errors.append(exc)
@@ -194,6 +210,31 @@ class JobRunner:
             last = run.remaining == 0
         if last:
             self._finish(run)
+
+    @contextlib.contextmanager
+    def _sink_errors(self, sink: Sink) -> Iterator[None]:
+        """Turn backend errors about the sink itself into sink errors, keep its health, and
+        drop a connection that failed (fsspec would otherwise keep a dead one cached)."""
+        sink.health.admit()
+        generation = sink.generation
+        try:
+            yield
+        except Exception as exc:
+            error = sink.translate(exc)
+            if isinstance(error, SinkUnavailableError | SinkRefusedError):
+                if isinstance(error, SinkUnavailableError):
+                    sink.reset(generation)
+                if sink.health.failed(error):
+                    if isinstance(error, SinkRefusedError):
+                        log.error("%s", error)
+                    else:
+                        log.warning("%s; files wait until it is back", error)
+                if error is not exc:
+                    raise error from exc
+            raise
+        else:
+            if sink.health.succeeded():
+                log.warning("%s: reachable again; delivering", sink.display)
 
     def _finish(self, run: _Run) -> None:
         claim = run.claim
@@ -233,6 +274,13 @@ class JobRunner:
         if all(isinstance(e, SourceChangedError) for e in errors):
             # Still being written: wait for it to settle again, without counting an attempt.
             self.queue.retry(claim, reason, delay=1.0, count=False)
+            return
+        if self.patient and all(isinstance(e, SinkUnavailableError) for e in errors):
+            # The sink is away (link down, server restarting): not this file's fault. Wait
+            # for the sink's next try, however long it takes.
+            waits = [s.health.wait() for s in run.pipeline.sinks if s.health.state == "offline"]
+            delay = max(waits, default=0.0) + random.uniform(0.0, 0.5)
+            self.queue.retry(claim, reason, delay, count=False)
             return
         retryable = all(not isinstance(e, DeliveryError) or e.retryable for e in errors)
         attempts = claim.attempts + 1
@@ -332,7 +380,8 @@ class JobRunner:
         if old.remote != job.remote_name:
             target = sink.remote_path(job.remote_name)
             try:
-                sink.fs.makedirs(os.path.dirname(target), exist_ok=True)
+                if not sink.endpoint.object_store:
+                    sink.ensure_folder(os.path.dirname(target))
                 sink.fs.mv(sink.remote_path(old.remote), target)
             except FileNotFoundError:
                 # An earlier attempt moved it and stopped before recording that.
@@ -374,7 +423,8 @@ class JobRunner:
             entry = self.manifest.get(claim.pipeline, sink.key, claim.relpath)
             if entry is None:
                 continue
-            self._remove_remote(sink, [entry.remote, *entry.derived])
+            with self._sink_errors(sink):
+                self._remove_remote(sink, [entry.remote, *entry.derived])
             self.manifest.forget(claim.pipeline, sink.key, claim.relpath)
             self.emit(
                 LifecycleEvent(

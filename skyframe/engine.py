@@ -163,6 +163,9 @@ class Engine:
         if self.abandoned:
             return
         self.runner.shutdown()
+        for pipeline in self.pipelines.values():
+            for sink in pipeline.sinks:
+                sink.close()
         self.queue.close()
         self.manifest.close()
         self._lock.release()
@@ -548,6 +551,7 @@ class Engine:
             threading.Thread(target=self._housekeeping, name="skyframe-housekeeping", daemon=True),
             threading.Thread(target=self._rescanner, name="skyframe-rescan", daemon=True),
         ]
+        self.runner.patient = True  # an unreachable sink keeps files waiting, uncounted
         try:
             self._startup_hooks()
             for source in self._sources.values():

@@ -11,7 +11,9 @@ The tree::
         ├── SourceChangedError    the file changed while it was being read
         ├── SourceUnreadableError the file vanished or cannot be read
         ├── RuleError             a rule raised, or returned neither a bool nor a reason
-        └── ProcessError          a process failed in a way that waiting cannot fix
+        ├── ProcessError          a process failed in a way that waiting cannot fix
+        ├── SinkUnavailableError  the sink cannot be reached now (connection, timeout, 5xx)
+        └── SinkRefusedError      the sink refuses us (credentials, host key, no bucket)
 
 The CLI turns every ``SkyframeError`` into one line on stderr: exit 2 for ``ConfigError`` and
 ``PluginError``, exit 1 for the others.
@@ -97,5 +99,21 @@ class ProcessError(DeliveryError):
     """Raise it from a process for a failure that retrying cannot fix (bad data, a template
     field the file does not have): the file goes straight to the dead-letter list. Any other
     exception from a process is retried with backoff."""
+
+    retryable = False
+
+
+class SinkUnavailableError(DeliveryError):
+    """The sink cannot be reached now: connection refused or lost, timeout, server error.
+
+    The daemon keeps the file queued (without counting an attempt), rebuilds the connection
+    and tries again with backoff until the sink is back.
+    """
+
+
+class SinkRefusedError(DeliveryError):
+    """The sink answered and refused: bad credentials, unknown host key, missing bucket, no
+    permission. Waiting cannot fix it: the file goes to the dead-letter list and the sink is
+    reported unhealthy until a delivery succeeds again."""
 
     retryable = False

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pluggy
+from pydantic import ValidationError
 
 from skyframe.config import (
     Config,
@@ -84,7 +85,9 @@ def _build_pipeline(
     for k, sink_config in enumerate(spec.sinks):
         where = (*base, "sinks", k, "url")
         try:
-            sink = open_sink(sink_config, config.base_dir)
+            sink = open_sink(sink_config, config.base_dir, config.retry_for(spec))
+        except ValidationError as exc:
+            raise _options_error(exc, config, (*base, "sinks", k, "options")) from None
         except (ValueError, ImportError, OSError) as exc:
             raise ConfigError(str(exc), config.locate(where), format_key(where)) from None
         if sink.protocol == "file" and Path(sink.root).is_relative_to(source_root):
@@ -152,3 +155,27 @@ def evaluate_rules(rules: list[BoundStep], event: FileEvent) -> tuple[str, str] 
             "False or a reason string to reject"
         )
     return None
+
+
+def _options_error(exc: ValidationError, config: Config, where: YamlPath) -> ConfigError:
+    """A sink's backend options failed their model: point at the first bad key."""
+    first = exc.errors(include_url=False, include_input=False)[0]
+    loc = tuple(str(p) for p in first["loc"] if isinstance(p, str | int))
+    path = (*where, *loc)
+    if first["type"] == "extra_forbidden":
+        fields = ", ".join(_model_fields(exc.title))
+        message = f"unknown option {loc[-1]!r} (expected one of: {fields})"
+    else:
+        message = str(first["msg"]).removeprefix("Value error, ")
+    key = path if first["type"] != "missing" else where
+    return ConfigError(message, config.locate(path), format_key(key))
+
+
+def _model_fields(title: str) -> list[str]:
+    from skyframe.backends.gcs import GCSOptions
+    from skyframe.backends.s3 import S3Options
+    from skyframe.backends.sftp import SFTPOptions
+
+    models = {m.__name__: m for m in (S3Options, GCSOptions, SFTPOptions)}
+    model = models.get(title)
+    return list(model.model_fields) if model else []

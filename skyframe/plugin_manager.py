@@ -33,6 +33,9 @@ BUILTIN_PLUGINS = (
     "skyframe.builtin.rules",
     "skyframe.builtin.processes",
     "skyframe.builtin.transfer_generic",
+    "skyframe.builtin.transfer_sftp",
+    "skyframe.builtin.transfer_s3",
+    "skyframe.builtin.transfer_gcs",
 )
 PROJECT_FILES = ("rules.py", "processes.py")
 _PRIVATE_PACKAGE = "_skyframe_user"

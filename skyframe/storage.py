@@ -9,10 +9,12 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import random
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -20,8 +22,15 @@ from typing import Any
 import fsspec
 from fsspec.spec import AbstractFileSystem
 
-from skyframe.config import SinkConfig, url_without_password
-from skyframe.errors import SourceChangedError, SourceUnreadableError, UnsafePathError
+from skyframe.backends import Endpoint
+from skyframe.config import RetryConfig, SinkConfig, url_without_password
+from skyframe.errors import (
+    SinkRefusedError,
+    SinkUnavailableError,
+    SourceChangedError,
+    SourceUnreadableError,
+    UnsafePathError,
+)
 
 CHUNK_SIZE = 1024 * 1024
 TEMP_MARKER = ".skyframe-"
@@ -66,54 +75,187 @@ def temporary_path(remote_path: str) -> str:
     return posixpath.join(parent, f".{name}{TEMP_MARKER}{tag}{TEMP_SUFFIX}")
 
 
-@dataclass
-class Sink:
-    """A configured destination, with its filesystem."""
+class SinkHealth:
+    """Whether a sink answers, and when to try it again after it stopped answering.
 
-    key: str  #: the name deliveries are recorded under in the manifest
-    url: str  #: as configured (may hold credentials: show :attr:`display` instead)
-    protocol: str
-    root: str  #: the root path inside ``fs``
-    fs: AbstractFileSystem = field(repr=False)
-    concurrency: int = 4  #: files sent to this sink at once
-    on_delete: str = "keep"  #: ``keep`` or ``delete`` the remote copy of a deleted file
+    ``offline`` (unreachable) backs off exponentially with jitter between ``initial`` and
+    ``maximum`` seconds; during the wait, deliveries to the sink fail fast without touching
+    the network. ``refused`` (credentials, host key, bucket) is reported until a delivery
+    succeeds again.
+    """
+
+    def __init__(self, initial: float = 1.0, maximum: float = 60.0) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.state = "unknown"  #: unknown, ok, offline or refused
+        self.failures = 0  #: consecutive failures to reach the sink
+        self.last_error = ""
+        self.since = time.time()  #: when the state last changed (epoch seconds)
+        self._retry_at = 0.0
+        self._lock = threading.Lock()
+
+    def admit(self) -> None:
+        """Raise SinkUnavailableError while the sink is offline and its wait is not over."""
+        with self._lock:
+            if self.state == "offline" and time.monotonic() < self._retry_at:
+                raise SinkUnavailableError(self.last_error)
+
+    def wait(self) -> float:
+        """Seconds until the sink is tried again (0 when it is not offline)."""
+        with self._lock:
+            if self.state != "offline":
+                return 0.0
+            return max(self._retry_at - time.monotonic(), 0.0)
+
+    def succeeded(self) -> bool:
+        """Record an answer; True when the sink was offline or refusing until now."""
+        with self._lock:
+            back = self.state in ("offline", "refused")
+            if self.state != "ok":
+                self.state, self.since = "ok", time.time()
+            self.failures = 0
+            self.last_error = ""
+            return back
+
+    def failed(self, error: SinkUnavailableError | SinkRefusedError) -> bool:
+        """Record a failure; True when it changes the state (worth one log line)."""
+        with self._lock:
+            state = "refused" if isinstance(error, SinkRefusedError) else "offline"
+            changed = state != self.state
+            if changed:
+                self.state, self.since = state, time.time()
+            self.last_error = str(error)
+            if state == "offline":
+                self.failures += 1
+                ceiling = min(self.maximum, self.initial * 2 ** (self.failures - 1))
+                self._retry_at = time.monotonic() + ceiling * random.uniform(0.5, 1.0)
+            return changed
+
+
+class Sink:
+    """A configured destination. Its filesystem connects on first use and after a reset."""
+
+    def __init__(
+        self,
+        key: str,
+        url: str,
+        endpoint: Endpoint,
+        *,
+        concurrency: int | None = None,
+        on_delete: str = "keep",
+        health: SinkHealth | None = None,
+    ) -> None:
+        self.key = key  #: the name deliveries are recorded under in the manifest
+        self.url = url  #: as configured (may hold credentials: show :attr:`display` instead)
+        self.endpoint = endpoint
+        self.protocol = endpoint.protocol
+        self.root = endpoint.root  #: the root path inside ``fs``
+        #: files sent to this sink at once
+        self.concurrency = concurrency or endpoint.default_concurrency
+        self.on_delete = on_delete  #: ``keep`` or ``delete`` the remote copy of a deleted file
+        self.health = health or SinkHealth()
+        self.generation = 0  #: bumped at every reconnect
+        self._fs: AbstractFileSystem | None = None
+        self._lock = threading.Lock()
+        self._folders: set[str] = set()  #: remote folders known to exist on this connection
+
+    def __repr__(self) -> str:
+        return f"Sink({self.key!r}, {self.display!r})"
 
     @property
     def display(self) -> str:
         """The URL for messages, password removed."""
         return redact_url(self.url)
 
+    @property
+    def remote(self) -> bool:
+        """True when the sink is reached over a network."""
+        return self.endpoint.remote
+
+    @property
+    def settings(self) -> Any:
+        """The backend's checked options (None for the generic backend)."""
+        return self.endpoint.settings
+
+    @property
+    def fs(self) -> AbstractFileSystem:
+        """The connected filesystem (connecting now if needed)."""
+        with self._lock:
+            if self._fs is None:
+                self._fs = self.endpoint.connect()
+                self._folders = set()
+            return self._fs
+
+    def reset(self, generation: int | None = None) -> None:
+        """Drop the connection (it reconnects on next use), unless another thread already did
+        since ``generation``: a dead connection stays dead, a cached instance would keep it."""
+        with self._lock:
+            if generation is not None and generation != self.generation:
+                return
+            self.generation += 1
+            old, self._fs = self._fs, None
+            self._folders = set()
+        if old is not None:
+            self.endpoint.close(old)
+
+    def close(self) -> None:
+        """Close the connection, if one is open (the sink reconnects if used again)."""
+        self.reset()
+
+    def translate(self, exc: BaseException) -> BaseException:
+        """A backend error as a sink error when it is about the sink, else ``exc`` itself."""
+        if isinstance(exc, SinkUnavailableError | SinkRefusedError):
+            return exc
+        translated = self.endpoint.classify(exc)
+        if translated is None:
+            return exc
+        return type(translated)(f"{self.display}: {translated}")
+
     def remote_path(self, name: str) -> str:
         """The full path on ``fs`` for a remote name, confined to the sink root."""
         relative = safe_relative_path(name)
         return posixpath.join(self.root, relative) if self.root else relative
+
+    def ensure_folder(self, folder: str) -> None:
+        """Create a remote folder (and its parents) once per connection."""
+        if not folder or folder in self._folders:
+            return
+        self.fs.makedirs(folder, exist_ok=True)
+        self._folders.add(folder)
+
+    def forget_folders(self) -> None:
+        """Forget which folders exist (one was removed behind our back)."""
+        self._folders = set()
 
 
 def _is_url(value: str) -> bool:
     return "://" in value or value.startswith(("s3:", "gs:", "gcs:"))
 
 
-def open_sink(config: SinkConfig, base_dir: Path) -> Sink:
-    """Build the filesystem for a sink. Raises ValueError or ImportError with a clear message."""
+def open_sink(config: SinkConfig, base_dir: Path, retry: RetryConfig | None = None) -> Sink:
+    """Check a sink's URL and options, without connecting.
+
+    Raises ValueError, ImportError or pydantic's ValidationError with a clear message.
+    """
+    from skyframe.backends import load_backend
+
     options: dict[str, Any] = dict(config.options)
-    if _is_url(config.url):
-        try:
-            fs, root = fsspec.core.url_to_fs(config.url, **options)
-        except ImportError as exc:
-            raise ImportError(
-                f"the backend for {redact_url(config.url)} is not installed: {exc}"
-            ) from None
-        except ValueError as exc:
-            raise ValueError(f"cannot use {redact_url(config.url)}: {exc}") from None
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        root = str(root).rstrip("/")
-    else:
-        if options:
-            raise ValueError("a local folder sink takes no options")
-        fs = fsspec.filesystem("file")
-        protocol = "file"
-        root = str((base_dir / Path(config.url).expanduser()).resolve())
-    return Sink(config.key, config.url, protocol, root, fs, config.concurrency, config.on_delete)
+    protocol = fsspec.core.split_protocol(config.url)[0] if _is_url(config.url) else "file"
+    try:
+        endpoint = load_backend(protocol or "file")(config.url, options, base_dir)
+    except ImportError as exc:
+        raise ImportError(
+            f"the backend for {redact_url(config.url)} is not installed: {exc}"
+        ) from None
+    health = SinkHealth(retry.initial, retry.max) if retry else SinkHealth()
+    return Sink(
+        config.key,
+        config.url,
+        endpoint,
+        concurrency=config.concurrency,
+        on_delete=config.on_delete,
+        health=health,
+    )
 
 
 @dataclass
@@ -180,6 +322,18 @@ class SourceReader:
             self.bytes_read += len(data)
             yield data
 
+    def chunks_marked(self) -> Iterator[tuple[bytes, bool]]:
+        """The file's chunks, each with True when it is the last one (read one ahead).
+
+        An empty file gives one empty last chunk.
+        """
+        previous: bytes | None = None
+        for chunk in self.chunks():
+            if previous is not None:
+                yield previous, False
+            previous = chunk
+        yield (previous if previous is not None else b""), True
+
     @property
     def sha256(self) -> str:
         """The hex digest of what was read."""
@@ -201,24 +355,92 @@ class SourceReader:
             raise SourceChangedError(f"{self.path}: changed while it was read")
 
 
-def probe_sink(sink: Sink) -> float:
-    """Write, check and delete a small hidden object at the sink root; return the seconds taken.
+@dataclass(frozen=True)
+class ProbeResult:
+    """How long a sink took to connect, and to write, check and delete a small object."""
 
-    Raises whatever the backend raises (permission, connection, missing bucket...).
+    connect: float
+    write: float
+
+
+def probe_sink(sink: Sink) -> ProbeResult:
+    """Connect, write a small hidden object at the sink root, check its size, delete it.
+
+    Raises SinkUnavailableError or SinkRefusedError for sink-level problems, else whatever
+    the backend raised.
     """
     began = time.monotonic()
-    name = sink.remote_path(f".skyframe-check-{os.getpid()}-{int(began * 1000)}")
-    payload = b"skyframe write check\n"
-    if sink.root:
-        sink.fs.makedirs(sink.root, exist_ok=True)
-    sink.fs.pipe_file(name, payload)
     try:
-        size = sink.fs.size(name)
-        if size != len(payload):
-            raise OSError(f"wrote {len(payload)} bytes but the sink reports {size}")
-    finally:
-        sink.fs.rm(name)
-    return time.monotonic() - began
+        fs = sink.fs
+        connected = time.monotonic()
+        name = sink.remote_path(f".skyframe-check-{os.getpid()}-{int(began * 1000)}")
+        payload = b"skyframe write check\n"
+        if not sink.endpoint.object_store:
+            sink.ensure_folder(sink.root)
+        try:
+            fs.pipe_file(name, payload)
+        except FileNotFoundError:
+            if sink.endpoint.object_store:
+                bucket = sink.root.split("/", 1)[0]
+                raise SinkRefusedError(
+                    f"{sink.display}: bucket {bucket!r} does not exist"
+                ) from None
+            raise
+        try:
+            size = fs.size(name)
+            if size != len(payload):
+                raise OSError(f"wrote {len(payload)} bytes but the sink reports {size}")
+        finally:
+            fs.rm(name)
+    except Exception as exc:
+        raise sink.translate(exc) from exc
+    return ProbeResult(connected - began, time.monotonic() - connected)
+
+
+def check_sinks(
+    sinks: list[Sink], timeout: float | None = None
+) -> list[tuple[Sink, ProbeResult | BaseException]]:
+    """Probe sinks concurrently; each gets a ProbeResult or the error it gave, in order.
+
+    A sink that gives no answer within ``timeout`` seconds gets a SinkUnavailableError (its
+    probe is abandoned in a daemon thread). Sink-level failures are recorded in its health.
+    """
+    results: list[ProbeResult | BaseException | None] = [None] * len(sinks)
+    done = threading.Event()
+    remaining = [len(sinks)]
+    lock = threading.Lock()
+
+    def probe(index: int, sink: Sink) -> None:
+        try:
+            results[index] = probe_sink(sink)
+            sink.health.succeeded()
+        except Exception as exc:
+            results[index] = exc
+            if isinstance(exc, SinkUnavailableError | SinkRefusedError):
+                sink.health.failed(exc)
+                if isinstance(exc, SinkUnavailableError):
+                    sink.reset()
+        with lock:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                done.set()
+
+    if not sinks:
+        return []
+    for index, sink in enumerate(sinks):
+        threading.Thread(
+            target=probe, args=(index, sink), name="skyframe-check", daemon=True
+        ).start()
+    done.wait(timeout)
+    out: list[tuple[Sink, ProbeResult | BaseException]] = []
+    for sink, result in zip(sinks, results, strict=True):
+        if result is None:
+            silent = SinkUnavailableError(f"{sink.display}: no answer within {timeout:g} s")
+            sink.health.failed(silent)
+            out.append((sink, silent))
+        else:
+            out.append((sink, result))
+    return out
 
 
 def file_sha256(path: Path) -> str:

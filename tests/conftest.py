@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import textwrap
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import pytest
+import servers
+
+# gcsfs reads this when it is imported: its zonal-bucket probe stalls against the emulator.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,3 +87,55 @@ def make_file(
 
         os.utime(path, (mtime, mtime))
     return path
+
+
+# --- real servers ----------------------------------------------------------------------------
+# Started once per test session, on free loopback ports; a server that cannot start fails the
+# tests that need it, with the reason (never a skip).
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.S3Server]:
+    with servers.S3Server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def sftp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.SFTPServer]:
+    with servers.SFTPServer(tmp_path_factory.mktemp("sftp")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.GCSServer]:
+    with servers.GCSServer(tmp_path_factory.mktemp("gcs")) as server:
+        yield server
+
+
+def unique_name(prefix: str) -> str:
+    """A bucket or folder name no other test uses (lowercase, as buckets need)."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def s3_sink(server: servers.S3Server, **extra: Any) -> dict[str, Any]:
+    """A sink entry for a fresh bucket on the test S3 server."""
+    bucket = unique_name("b")
+    server.make_bucket(bucket)
+    options = {"endpoint_url": server.endpoint_url, "key": server.key, "secret": server.secret}
+    return {"url": f"s3://{bucket}/drop", "options": {**options, **extra}}
+
+
+def sftp_sink(server: servers.SFTPServer, **extra: Any) -> dict[str, Any]:
+    """A sink entry for a fresh folder on the test SFTP server."""
+    folder = server.root / unique_name("f")
+    options = {"key_file": str(server.client_key), "known_hosts": str(server.known_hosts)}
+    url = f"sftp://{server.username}@127.0.0.1:{server.port}{folder}"
+    return {"url": url, "options": {**options, **extra}}
+
+
+def gcs_sink(server: servers.GCSServer, **extra: Any) -> dict[str, Any]:
+    """A sink entry for a fresh bucket on the test GCS server."""
+    bucket = unique_name("b")
+    server.make_bucket(bucket)
+    options = {"endpoint_url": server.endpoint_url, "token": "anon"}
+    return {"url": f"gcs://{bucket}/drop", "options": {**options, **extra}}

@@ -142,6 +142,7 @@ def test_check_probes_every_sink(example_project: Path) -> None:
     result = skyframe(example_project, "check")
     assert result.returncode == 1, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("ok    survey -> outbox: write+delete ")
+    assert lines[0].startswith("ok    survey -> outbox: connect ")
+    assert "write+check+delete" in lines[0]
     assert lines[1].startswith("FAIL  survey -> /proc/no-such-folder: FileNotFoundError")
     assert list((example_project / "outbox").iterdir()) == []  # the probe was deleted

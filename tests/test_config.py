@@ -127,7 +127,7 @@ BAD_CONFIGS = [
     pytest.param(
         GOOD.replace("url: outbox", "url: nosuchproto://bucket/x"),
         (11, 9),
-        r"sinks\[0\]\.url: cannot use nosuchproto://bucket/x: Protocol not known",
+        r"sinks\[0\]\.url: unknown protocol 'nosuchproto'",
         id="unknown-protocol",
     ),
     pytest.param(

@@ -1,7 +1,7 @@
 """The generic transfer: any fsspec filesystem, streamed into a temporary name, then renamed.
 
-It runs last (``trylast``), so protocol-specific plugins (resumable S3 multipart, GCS sessions,
-SFTP offsets) take precedence where they are installed.
+It runs last (``trylast``), so protocol-specific plugins (S3 and GCS straight to the final
+object, SFTP with a hidden temporary file) take precedence where they apply.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ from skyframe.storage import SourceReader, TransferRequest, TransferResult, temp
 @hookimpl(trylast=True)
 def skyframe_transfer(request: TransferRequest) -> TransferResult:
     """Stream the file to a hidden temporary name, verify its size, then rename it into place."""
-    fs = request.sink.fs
-    parent = posixpath.dirname(request.remote_path)
+    sink = request.sink
+    fs = sink.fs
     temporary = temporary_path(request.remote_path)
     with SourceReader(request.local_path) as reader:
-        if parent:
-            fs.makedirs(parent, exist_ok=True)
+        sink.ensure_folder(posixpath.dirname(request.remote_path))
         try:
             with fs.open(temporary, "wb") as out:
                 for chunk in reader.chunks():
@@ -31,11 +30,11 @@ def skyframe_transfer(request: TransferRequest) -> TransferResult:
             reader.check_unchanged(request.size, request.mtime_ns)
             written = fs.size(temporary)
             if written != reader.bytes_read:
-                raise DeliveryError(
-                    f"{request.sink.display}: wrote {written} bytes of {reader.bytes_read}"
-                )
+                raise DeliveryError(f"{sink.display}: wrote {written} bytes of {reader.bytes_read}")
             fs.mv(temporary, request.remote_path)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, FileNotFoundError):
+                sink.forget_folders()  # the folder may have been removed behind our back
             with contextlib.suppress(Exception):
                 fs.rm(temporary)
             raise

@@ -1,0 +1,127 @@
+"""Storage backends: how a sink URL becomes a connected fsspec filesystem, and what its errors mean.
+
+One module per protocol (``s3``, ``gcs``, ``sftp``, ``local``) plus ``generic`` for any other
+fsspec protocol. Each module's ``endpoint(url, options, base_dir)`` checks the sink's options
+(raising :class:`pydantic.ValidationError` or ``ValueError``) without connecting, and returns
+an :class:`Endpoint`: the connection is opened lazily, on first use, so a daemon started while
+the link is down still starts, queues, and connects once the server is back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fsspec.spec import AbstractFileSystem
+from pydantic import BaseModel, ConfigDict
+
+from skyframe.errors import SinkRefusedError, SinkUnavailableError
+
+#: errno values that mean "the other end cannot be reached now".
+_UNREACHABLE_ERRNOS = {
+    errno.ECONNREFUSED,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.ENETUNREACH,
+    errno.ENETDOWN,
+    errno.EHOSTUNREACH,
+    errno.EHOSTDOWN,
+    errno.ETIMEDOUT,
+    errno.EPIPE,
+}
+
+
+class BackendOptions(BaseModel):
+    """Base of every backend's options model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Classifier = Callable[[BaseException], "SinkUnavailableError | SinkRefusedError | None"]
+
+
+@dataclass
+class Endpoint:
+    """What a sink needs from its backend."""
+
+    protocol: str  #: canonical protocol name: s3, gcs, sftp, file, memory, ...
+    root: str  #: root path inside the filesystem (bucket/prefix, absolute folder...)
+    connect: Callable[[], AbstractFileSystem]  #: a new, uncached filesystem instance
+    classify: Classifier = field(default=lambda exc: None)  #: backend errors -> sink errors
+    remote: bool = True  #: False for local folders and memory (nothing to reach)
+    object_store: bool = False  #: atomic objects, no folders (S3, GCS)
+    default_concurrency: int = 4  #: files sent at once when the sink does not say
+    close: Callable[[Any], None] = field(default=lambda fs: None)  #: close a connection now
+    settings: BackendOptions | None = None  #: the checked options, for transfer plugins
+    warnings: list[str] = field(default_factory=list)  #: to log once when the sink is used
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or during, outermost first."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message on one line (servers put newlines in theirs)."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def unreachable(exc: BaseException, extra: tuple[type[BaseException], ...] = ()) -> bool:
+    """True when ``exc`` (or what caused it) means the server cannot be reached right now."""
+    for item in exception_chain(exc):
+        if isinstance(item, ConnectionError | TimeoutError | socket.gaierror):
+            return True
+        if isinstance(item, OSError) and item.errno in _UNREACHABLE_ERRNOS:
+            return True
+        if extra and isinstance(item, extra):
+            return True
+    return False
+
+
+CLOSE_TIMEOUT = 5.0  #: seconds to wait for a connection to close
+
+
+def close_quietly(fs: Any, closer: Callable[[], Any]) -> None:
+    """Run ``closer`` (a coroutine function) on the filesystem's event loop, ignoring errors:
+    the connection may already be dead, which is often why it is being closed."""
+    from fsspec.asyn import sync
+
+    loop = getattr(fs, "loop", None)
+    if loop is None or not loop.is_running():
+        return
+    with contextlib.suppress(Exception):
+        sync(loop, closer, timeout=CLOSE_TIMEOUT)
+
+
+def load_backend(protocol: str) -> Callable[[str, dict[str, Any], Path], Endpoint]:
+    """The ``endpoint`` function for a URL's protocol (the generic one for unknown protocols)."""
+    if protocol in ("s3", "s3a"):
+        from skyframe.backends import s3
+
+        return s3.endpoint
+    if protocol in ("gcs", "gs"):
+        from skyframe.backends import gcs
+
+        return gcs.endpoint
+    if protocol in ("sftp", "ssh"):
+        from skyframe.backends import sftp
+
+        return sftp.endpoint
+    if protocol in ("", "file", "local"):
+        from skyframe.backends import local
+
+        return local.endpoint
+    from skyframe.backends import generic
+
+    return generic.endpoint

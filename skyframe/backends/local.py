@@ -1,0 +1,20 @@
+"""Local folders (a mounted disk, a NAS share): writes through fsspec's local filesystem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import fsspec
+
+from skyframe.backends import Endpoint
+
+
+def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
+    """A folder path (relative to the config file) or a ``file://`` URL."""
+    if options:
+        raise ValueError("a local folder sink takes no options")
+    path = unquote(urlsplit(url).path) if url.startswith("file://") else url
+    root = str((base_dir / Path(path).expanduser()).resolve())
+    return Endpoint("file", root, lambda: fsspec.filesystem("file"), remote=False)

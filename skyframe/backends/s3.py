@@ -1,0 +1,177 @@
+"""S3 and S3-compatible stores (AWS, SeaweedFS, MinIO, Ceph...) through s3fs.
+
+Objects are atomic on S3: an upload goes straight to its final key (a single PUT, or a
+multipart upload that is invisible until completed), never through a temporary name that
+would then be copied.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import Field, model_validator
+
+from skyframe.backends import (
+    BackendOptions,
+    Endpoint,
+    close_quietly,
+    exception_chain,
+    one_line,
+    unreachable,
+)
+from skyframe.errors import SinkRefusedError, SinkUnavailableError
+from skyframe.units import Duration, Size
+
+MIB = 1024 * 1024
+MAX_PARTS = 10_000
+
+_AUTH_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AccessDenied",
+    "ExpiredToken",
+    "InvalidToken",
+    "AuthorizationHeaderMalformed",
+    "InvalidClientTokenId",
+}
+_BUSY_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"}
+
+
+class S3Options(BackendOptions):
+    """Options of an ``s3://bucket/prefix`` sink."""
+
+    endpoint_url: str | None = Field(None, description="S3-compatible server; AWS when unset")
+    key: str | None = Field(None, description="access key id (default: AWS_ACCESS_KEY_ID...)")
+    secret: str | None = Field(None, description="secret access key")
+    token: str | None = Field(None, description="session token, for temporary credentials")
+    region: str | None = Field(None, description="region; us-east-1 with an endpoint_url")
+    anon: bool = Field(False, description="unsigned requests (public buckets)")
+    timeout: Duration = Field(60.0, gt=0, description="seconds without an answer from the server")
+    part_size: Size = Field(
+        16 * MIB, ge=5 * MIB, le=5 * 1024 * MIB, description="multipart part size"
+    )
+    part_concurrency: int = Field(4, ge=1, le=32, description="parts of one file sent at once")
+
+    @model_validator(mode="after")
+    def _pairs(self) -> S3Options:
+        if (self.key is None) != (self.secret is None):
+            raise ValueError("give both key and secret, or neither (to use the environment)")
+        return self
+
+    def part_size_for(self, size: int) -> int:
+        """The part size for a file: the configured one, raised to stay within 10,000 parts."""
+        part = self.part_size
+        while size > part * MAX_PARTS:
+            part *= 2
+        return part
+
+
+def _split(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    bucket = parts.netloc
+    if not bucket:
+        raise ValueError(f"{url}: no bucket in the URL (expected s3://bucket/prefix)")
+    if "@" in bucket or ":" in bucket:
+        raise ValueError(
+            f"s3://{bucket}: put credentials and the server in options "
+            "(key, secret, endpoint_url), not in the URL"
+        )
+    prefix = parts.path.strip("/")
+    return bucket, f"{bucket}/{prefix}" if prefix else bucket
+
+
+def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
+    """Check the options of an S3 sink; the connection opens on first use."""
+    settings = S3Options.model_validate(options)
+    bucket, root = _split(url)
+
+    def connect() -> Any:
+        import s3fs
+
+        client_kwargs: dict[str, Any] = {}
+        region = settings.region or ("us-east-1" if settings.endpoint_url else None)
+        if region:
+            client_kwargs["region_name"] = region
+        fs = s3fs.S3FileSystem(
+            endpoint_url=settings.endpoint_url,
+            key=settings.key,
+            secret=settings.secret,
+            token=settings.token,
+            anon=settings.anon,
+            client_kwargs=client_kwargs,
+            config_kwargs={
+                "connect_timeout": min(settings.timeout, 10.0),
+                "read_timeout": settings.timeout,
+                "retries": {"max_attempts": 2, "mode": "standard"},
+            },
+            skip_instance_cache=True,
+        )
+        fs.retries = 3  # s3fs's own retry loop (a class attribute, not an argument)
+        return fs
+
+    def classify(exc: BaseException) -> SinkUnavailableError | SinkRefusedError | None:
+        return classify_error(exc, bucket)
+
+    return Endpoint(
+        "s3",
+        root,
+        connect,
+        classify,
+        close=close,
+        object_store=True,
+        default_concurrency=16,
+        settings=settings,
+    )
+
+
+def close(fs: Any) -> None:
+    """Close the client's HTTP connections now rather than at garbage collection."""
+    creator = getattr(fs, "_s3creator", None)
+    if creator is None:
+        return
+    fs._s3creator = fs._s3 = None
+
+    async def aexit() -> None:
+        await creator.__aexit__(None, None, None)
+
+    close_quietly(fs, aexit)
+
+
+def classify_error(
+    exc: BaseException, bucket: str
+) -> SinkUnavailableError | SinkRefusedError | None:
+    """Map botocore and s3fs errors to sink errors (None: an error about this one file)."""
+    from botocore.exceptions import (
+        ClientError,
+        HTTPClientError,
+        NoCredentialsError,
+        PartialCredentialsError,
+    )
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from fsspec.exceptions import FSTimeoutError
+
+    for item in exception_chain(exc):
+        if isinstance(item, NoCredentialsError | PartialCredentialsError):
+            return SinkRefusedError(
+                "no credentials: set the key and secret options (from ${VAR}) or "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            )
+        if isinstance(item, ClientError):
+            error = item.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            message = " ".join(str(error.get("Message", "")).split()) or code
+            status = item.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code == "NoSuchBucket":
+                return SinkRefusedError(f"bucket {bucket!r} does not exist")
+            if code in _AUTH_CODES or status in (401, 403):
+                return SinkRefusedError(f"access denied ({code}): {message}")
+            if code in _BUSY_CODES or (isinstance(status, int) and status >= 500):
+                return SinkUnavailableError(f"server error ({code or status}): {message}")
+            return None
+    if unreachable(exc, (HTTPClientError, BotoConnectionError, FSTimeoutError)):
+        return SinkUnavailableError(f"cannot reach the server: {one_line(exc)}")
+    if isinstance(exc, PermissionError):
+        return SinkRefusedError(f"access denied: {one_line(exc)}")
+    return None

@@ -1,0 +1,173 @@
+"""SFTP servers through sshfs (asyncssh), with host keys verified by default.
+
+SFTP has no atomic object put: uploads go to a hidden temporary name beside the target and
+are renamed into place with ``posix-rename@openssh.com`` (atomic on OpenSSH).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from pydantic import Field
+
+from skyframe.backends import (
+    BackendOptions,
+    Endpoint,
+    close_quietly,
+    exception_chain,
+    one_line,
+    unreachable,
+)
+from skyframe.errors import SinkRefusedError, SinkUnavailableError
+from skyframe.units import Duration
+
+DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
+
+
+class SFTPOptions(BackendOptions):
+    """Options of an ``sftp://user@host:port/path`` sink."""
+
+    key_file: str | list[str] | None = Field(
+        None, description="private key file(s); default: ~/.ssh keys and the ssh agent"
+    )
+    known_hosts: str = Field(DEFAULT_KNOWN_HOSTS, description="trusted host keys")
+    host_key_check: bool = Field(True, description="verify the server's host key")
+    password: str | None = Field(None, description="password login (from ${VAR} only)")
+    passphrase: str | None = Field(None, description="passphrase of an encrypted key file")
+    timeout: Duration = Field(30.0, gt=0, description="seconds to connect and log in")
+    keepalive: Duration = Field(15.0, gt=0, description="seconds between keepalives")
+    max_sessions: int = Field(10, ge=3, le=64, description="SFTP channels on the connection")
+
+
+def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
+    """Check an SFTP sink's URL and options (key and known_hosts files exist)."""
+    settings = SFTPOptions.model_validate(options)
+    parts = urlsplit(url)
+    if not parts.hostname:
+        raise ValueError(f"{url}: no host in the URL (expected sftp://user@host:port/path)")
+    if parts.password:
+        raise ValueError("no password in the URL: use the password option with ${VAR}")
+    host = parts.hostname
+    try:
+        port = parts.port or 22
+    except ValueError:
+        raise ValueError(f"{url}: the port is not a number") from None
+    username = unquote(parts.username) if parts.username else getpass.getuser()
+    root = unquote(parts.path).rstrip("/") or "/"
+    if not root.startswith("/"):
+        root = "/" + root
+
+    def resolve(value: str, what: str) -> str:
+        path = (base_dir / Path(value).expanduser()).resolve()
+        if not path.is_file():
+            raise ValueError(f"{what}: {path} does not exist")
+        return str(path)
+
+    keys = settings.key_file
+    client_keys = [
+        resolve(k, "key_file") for k in ([keys] if isinstance(keys, str) else keys or [])
+    ]
+    warnings = []
+    known_hosts: str | None = None
+    if settings.host_key_check:
+        path = (base_dir / Path(settings.known_hosts).expanduser()).resolve()
+        if not path.is_file():
+            raise ValueError(
+                f"known_hosts: {path} does not exist; add the server's key "
+                f"(ssh-keyscan -p {port} {host} >> {settings.known_hosts}) "
+                "or set host_key_check: false"
+            )
+        known_hosts = str(path)
+    else:
+        warnings.append(
+            f"host key checking is off for sftp://{host}:{port}: "
+            "anyone on the path can pose as the server"
+        )
+
+    def connect() -> Any:
+        import sshfs
+
+        kwargs: dict[str, Any] = {
+            "port": port,
+            "username": username,
+            "known_hosts": known_hosts,
+            "connect_timeout": settings.timeout,
+            "login_timeout": settings.timeout,
+            "keepalive_interval": settings.keepalive,
+            "keepalive_count_max": 3,
+            "max_sessions": settings.max_sessions,
+            "skip_instance_cache": True,
+        }
+        if client_keys:
+            kwargs["client_keys"] = client_keys
+        if settings.password is not None:
+            kwargs["password"] = settings.password
+        if settings.passphrase is not None:
+            kwargs["passphrase"] = settings.passphrase
+        return sshfs.SSHFileSystem(host, **kwargs)
+
+    def classify(exc: BaseException) -> SinkUnavailableError | SinkRefusedError | None:
+        return classify_error(exc, f"{username}@{host}:{port}", known_hosts)
+
+    return Endpoint(
+        "sftp",
+        root,
+        connect,
+        classify,
+        close=close,
+        default_concurrency=8,
+        settings=settings,
+        warnings=warnings,
+    )
+
+
+def close(fs: Any) -> None:
+    """Close the SFTP channels and the SSH connection now."""
+    pool, stack = getattr(fs, "_pool", None), getattr(fs, "_stack", None)
+    if pool is None or stack is None:
+        return
+
+    async def close_all() -> None:
+        with contextlib.suppress(Exception):
+            await pool.close()
+        await stack.aclose()
+
+    close_quietly(fs, close_all)
+
+
+def classify_error(
+    exc: BaseException, where: str, known_hosts: str | None
+) -> SinkUnavailableError | SinkRefusedError | None:
+    """Map asyncssh and sshfs errors to sink errors."""
+    import asyncssh
+
+    for item in exception_chain(exc):
+        if isinstance(item, asyncssh.HostKeyNotVerifiable):
+            return SinkRefusedError(
+                f"host key of {where} is not trusted ({one_line(item)}); "
+                f"check {known_hosts or 'known_hosts'}"
+            )
+        if isinstance(item, asyncssh.PermissionDenied):
+            return SinkRefusedError(f"authentication failed for {where}: {one_line(item)}")
+        if isinstance(item, asyncssh.SFTPPermissionDenied):
+            return SinkRefusedError(f"permission denied on {where}: {one_line(item)}")
+        if isinstance(item, asyncssh.KeyImportError | asyncssh.KeyEncryptionError):
+            return SinkRefusedError(f"cannot use the key file: {one_line(item)}")
+    if unreachable(
+        exc,
+        (
+            asyncssh.ConnectionLost,
+            asyncssh.SFTPConnectionLost,
+            asyncssh.DisconnectError,
+            asyncssh.ChannelOpenError,
+            asyncssh.SFTPEOFError,
+        ),
+    ):
+        return SinkUnavailableError(f"cannot reach {where}: {one_line(exc)}")
+    if isinstance(exc, ValueError) and "SFTP connections" in str(exc):
+        return SinkUnavailableError(f"cannot reach {where}: {one_line(exc)}")
+    return None
