@@ -7,6 +7,7 @@ the local file: it hashes while reading and notices a file that changed or vanis
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import posixpath
 import random
@@ -31,6 +32,8 @@ from skyframe.errors import (
     SourceUnreadableError,
     UnsafePathError,
 )
+
+log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1024 * 1024
 TEMP_MARKER = ".skyframe-"
@@ -209,6 +212,11 @@ class Sink:
         translated = self.endpoint.classify(exc)
         if translated is None:
             return exc
+        if isinstance(translated, SinkRefusedError) and self._fs is not None:
+            try:
+                translated = self.endpoint.explain(self._fs, translated)
+            except Exception:  # the closer look is a courtesy; the refusal stands
+                log.debug("could not look closer at %s", translated, exc_info=True)
         return type(translated)(f"{self.display}: {translated}")
 
     def remote_path(self, name: str) -> str:

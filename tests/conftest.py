@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import textwrap
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -139,3 +141,41 @@ def gcs_sink(server: servers.GCSServer, **extra: Any) -> dict[str, Any]:
     server.make_bucket(bucket)
     options = {"endpoint_url": server.endpoint_url, "token": "anon"}
     return {"url": f"gcs://{bucket}/drop", "options": {**options, **extra}}
+
+
+# --- an in-process daemon --------------------------------------------------------------------
+
+
+class Running:
+    """``Engine.run_daemon`` in a thread, for ``with``: started, caught up, then stopped."""
+
+    def __init__(self, config: Path, *plugins: object) -> None:
+        from skyframe.engine import Engine
+        from skyframe.pipeline import load_project
+
+        project = load_project(config)
+        for plugin in plugins:
+            project.pm.register(plugin)
+        self.engine = Engine(project.config, project.pm, project.pipelines)
+        self.thread = threading.Thread(target=self.engine.run_daemon, daemon=True)
+
+    def __enter__(self) -> Running:
+        self.thread.start()
+        assert self.engine.ready.wait(30), "the daemon did not finish its catch-up scan"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.engine.stop()
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "the daemon did not stop"
+        self.engine.close()
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Poll ``condition`` until it holds; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

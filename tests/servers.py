@@ -497,6 +497,10 @@ class S3Server(Server):
     key = "testkey"
     secret = "testsecret"
     region = "us-east-1"
+    #: A second identity without Admin: SeaweedFS creates a missing bucket on the first PUT of
+    #: an admin, as AWS never does; this one gets NoSuchBucket, as on AWS.
+    writer_key = "writerkey"
+    writer_secret = "writersecret"
 
     def __init__(self, base_dir: str | os.PathLike[str], *, timeout: float = START_TIMEOUT):
         super().__init__(base_dir, timeout=timeout)
@@ -522,7 +526,14 @@ class S3Server(Server):
                     "name": "admin",
                     "credentials": [{"accessKey": self.key, "secretKey": self.secret}],
                     "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-                }
+                },
+                {
+                    "name": "writer",
+                    "credentials": [
+                        {"accessKey": self.writer_key, "secretKey": self.writer_secret}
+                    ],
+                    "actions": ["Read", "List", "Tagging", "Write"],
+                },
             ]
         }
         (self.dir / "s3.json").write_text(json.dumps(identities), encoding="utf-8")

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 import fsspec
 import pytest
 import servers
-from conftest import WriteConfig, gcs_sink, make_file, s3_sink, sftp_sink
+from conftest import Running, WriteConfig, gcs_sink, make_file, s3_sink, sftp_sink, wait_for
 
 from skyframe.engine import Engine, RunSummary
 from skyframe.markers import hookimpl
@@ -258,33 +258,6 @@ def test_failed_upload_leaves_nothing(
 
 
 # --- daemon: moves and deletes --------------------------------------------------------------
-
-
-class Running:
-    def __init__(self, config: Path) -> None:
-        project = load_project(config)
-        self.engine = Engine(project.config, project.pm, project.pipelines)
-        self.thread = threading.Thread(target=self.engine.run_daemon, daemon=True)
-
-    def __enter__(self) -> Running:
-        self.thread.start()
-        assert self.engine.ready.wait(20), "no catch-up scan"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.engine.stop()
-        self.thread.join(30)
-        assert not self.thread.is_alive()
-        self.engine.close()
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_moves_and_opt_in_deletes(

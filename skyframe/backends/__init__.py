@@ -57,6 +57,10 @@ class Endpoint:
     object_store: bool = False  #: atomic objects, no folders (S3, GCS)
     default_concurrency: int = 4  #: files sent at once when the sink does not say
     close: Callable[[Any], None] = field(default=lambda fs: None)  #: close a connection now
+    #: a closer look at a refusal, with the connection (S3: is it the bucket that is missing?)
+    explain: Callable[[Any, SinkRefusedError], SinkRefusedError] = field(
+        default=lambda fs, error: error
+    )
     settings: BackendOptions | None = None  #: the checked options, for transfer plugins
     warnings: list[str] = field(default_factory=list)  #: to log once when the sink is used
 

@@ -114,12 +114,22 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
     def classify(exc: BaseException) -> SinkUnavailableError | SinkRefusedError | None:
         return classify_error(exc, bucket)
 
+    def explain(fs: Any, error: SinkRefusedError) -> SinkRefusedError:
+        # Some servers answer a write to a missing bucket with AccessDenied; HEAD tells.
+        if "access denied" in str(error):
+            try:
+                fs.call_s3("head_bucket", Bucket=bucket)
+            except FileNotFoundError:
+                return SinkRefusedError(f"bucket {bucket!r} does not exist")
+        return error
+
     return Endpoint(
         "s3",
         root,
         connect,
         classify,
         close=close,
+        explain=explain,
         object_store=True,
         default_concurrency=16,
         settings=settings,

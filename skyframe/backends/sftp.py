@@ -144,6 +144,7 @@ def classify_error(
 ) -> SinkUnavailableError | SinkRefusedError | None:
     """Map asyncssh and sshfs errors to sink errors."""
     import asyncssh
+    import asyncssh.sftp
 
     for item in exception_chain(exc):
         if isinstance(item, asyncssh.HostKeyNotVerifiable):
@@ -162,6 +163,7 @@ def classify_error(
         (
             asyncssh.ConnectionLost,
             asyncssh.SFTPConnectionLost,
+            asyncssh.sftp.SFTPNoConnection,
             asyncssh.DisconnectError,
             asyncssh.ChannelOpenError,
             asyncssh.SFTPEOFError,
