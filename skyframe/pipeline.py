@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from skyframe.events import FileEvent
 from skyframe.plugin_manager import get_plugin_manager
 from skyframe.registry import BoundStep, Registry
 from skyframe.storage import Sink, open_sink
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,6 +93,8 @@ def _build_pipeline(
             raise _options_error(exc, config, (*base, "sinks", k, "options")) from None
         except (ValueError, ImportError, OSError) as exc:
             raise ConfigError(str(exc), config.locate(where), format_key(where)) from None
+        for warning in sink.endpoint.warnings:
+            log.warning("%s: %s", config.locate(where), warning)
         if sink.protocol == "file" and Path(sink.root).is_relative_to(source_root):
             raise ConfigError(
                 f"sink folder {sink.root} is inside the source folder {source_root}: "

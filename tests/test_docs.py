@@ -85,3 +85,18 @@ def test_readme_opens_with_setup_test_and_main_job() -> None:
     assert "bash .ci/setup" in first
     assert ".venv/bin/pytest" in first
     assert "skyframe run skyframe.yaml" in "".join(blocks[:2])
+
+
+def _backend_options() -> list[tuple[str, str]]:
+    from skyframe.backends.gcs import GCSOptions
+    from skyframe.backends.s3 import S3Options
+    from skyframe.backends.sftp import SFTPOptions
+
+    models = {"s3": S3Options, "gcs": GCSOptions, "sftp": SFTPOptions}
+    return [(name, option) for name, model in models.items() for option in model.model_fields]
+
+
+@pytest.mark.parametrize(("backend", "option"), _backend_options())
+def test_every_backend_option_is_documented(backend: str, option: str) -> None:
+    body = sections("storage.md").get(backend, "")
+    assert f"| `{option}` |" in body, f"docs/storage.md, ### {backend}: no row for `{option}`"
