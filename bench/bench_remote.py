@@ -490,7 +490,7 @@ def print_result(result: Result) -> None:
         mbs = data.total_bytes / MB / median if median else None
         times = " ".join(f"{run.seconds:.2f}{'' if run.ok else '*'}" for run in result.of(tool))
         print(
-            f"{tool:<9} {fmt(median):>9} {fmt(rate, '.0f'):>9} {fmt(mbs, '.1f'):>8} "
+            f"{tool:<9} {fmt(median):>9} {fmt(rate, '.3g'):>9} {fmt(mbs, '.1f'):>8} "
             f"{result.rss_mb(tool):>6.0f} MB  {times}"
         )
     print(

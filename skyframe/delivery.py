@@ -117,8 +117,17 @@ class JobRunner:
         }
 
     def submit(self, claim: Claim) -> None:
-        """Start a claimed job; ``on_finished`` is called once it is settled either way."""
-        self._processing.submit(self._start, claim)
+        """Start a claimed job; ``on_finished`` is called once it is settled either way.
+
+        A pipeline without processes has no heavy work before the upload: its jobs start on
+        their first sink's pool and serve that sink in the same thread (one hand-over less).
+        """
+        pipeline = self.pipelines.get(claim.pipeline)
+        if pipeline is not None and not pipeline.processes and pipeline.sinks:
+            first = pipeline.sinks[0]
+            self._sink_pools[(pipeline.name, first.key)].submit(self._start, claim, first)
+        else:
+            self._processing.submit(self._start, claim)
 
     def shutdown(self) -> None:
         """Stop the pools (callers wait for in-flight jobs first)."""
@@ -128,7 +137,7 @@ class JobRunner:
 
     # --- stages ------------------------------------------------------------------------------
 
-    def _start(self, claim: Claim) -> None:
+    def _start(self, claim: Claim, inline: Sink | None = None) -> None:
         pipeline = self.pipelines.get(claim.pipeline)
         if pipeline is None:
             self._dead(claim, f"pipeline {claim.pipeline!r} is no longer configured")
@@ -154,8 +163,15 @@ class JobRunner:
             self._finish(run)
             return
         run.remaining = len(sinks)
+        here = None
         for sink, entry in sinks:
-            self._sink_pools[(pipeline.name, sink.key)].submit(self._serve_sink, run, sink, entry)
+            if sink is inline:
+                here = (sink, entry)
+            else:
+                pool = self._sink_pools[(pipeline.name, sink.key)]
+                pool.submit(self._serve_sink, run, sink, entry)
+        if here is not None:
+            self._serve_sink(run, *here)
 
     def _prepare(self, run: _Run) -> list[tuple[Sink, ManifestEntry | None]]:
         """Run rules again on the file as it is now, then the processes; return the sinks that
@@ -167,7 +183,15 @@ class JobRunner:
             raise SourceUnreadableError(f"{queued.path}: vanished") from None
         # The latest state of the file wins: what is on disk now is what gets delivered.
         event = FileEvent.from_stat(queued.pipeline, queued.path, queued.relpath, st, queued.kind)
-        rejection = evaluate_rules(run.pipeline.rules, event)
+        unchanged = (event.size, event.mtime_ns, event.inode) == (
+            queued.size,
+            queued.mtime_ns,
+            queued.inode,
+        )
+        if unchanged and run.claim.payload.get("accepted"):
+            rejection = None  # the rules accepted this very version when it was queued
+        else:
+            rejection = evaluate_rules(run.pipeline.rules, event)
         if rejection is not None:
             self.emit(
                 LifecycleEvent(

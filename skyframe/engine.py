@@ -13,7 +13,7 @@ import stat
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 HOUSEKEEPING_INTERVAL = 0.05  #: seconds between settle checks
 WATCHER_CHECK_INTERVAL = 2.0  #: seconds between checks that the observers are alive
 RESCAN_POLL_INTERVAL = 0.2  #: seconds between checks for due or requested rescans
+SCAN_BATCH = 256  #: files a scan queues per transaction
+CLAIM_BATCH = 64  #: jobs the dispatcher leases per transaction
 #: Seconds beyond ``settle`` that a deleted file is remembered, to recognise it if it reappears.
 MOVE_SLACK = 2.0
 
@@ -201,6 +203,7 @@ class Engine:
                 self.summary.scan_errors += 1
             log.warning("%s: cannot read %s: %s", pipeline.name, path, exc.strerror or exc)
 
+        batch: list[tuple[FileEvent, str | None]] = []
         for event in scan_source(
             pipeline.name, pipeline.source_root, recursive=pipeline.recursive, on_error=on_error
         ):
@@ -211,7 +214,12 @@ class Engine:
             if settle > 0 and time.time() - event.mtime_ns / 1e9 < settle:
                 source.settler.touch(event.path)
             else:
-                self.offer(pipeline, event)
+                batch.append((event, None))
+                if len(batch) >= SCAN_BATCH:
+                    self.offer_many(pipeline, batch)
+                    batch = []
+        if batch:
+            self.offer_many(pipeline, batch)
         complete = not errors[0] and bool(seen) and pipeline.source_root.is_dir()
         if complete and not source.caught_up:
             # Only files that went while skyframe was down can leave such entries behind (a
@@ -261,6 +269,40 @@ class Engine:
 
     def offer(self, pipeline: Pipeline, event: FileEvent, moved_from: str | None = None) -> None:
         """Apply the rules to one file and queue it unless rejected or already delivered."""
+        self.offer_many(pipeline, [(event, moved_from)])
+
+    def offer_many(
+        self, pipeline: Pipeline, offers: Sequence[tuple[FileEvent, str | None]]
+    ) -> None:
+        """Offer files; those to deliver are queued in one transaction, then events go out."""
+        events: list[LifecycleEvent] = []
+        to_queue: list[tuple[FileEvent, dict[str, Any], str]] = []
+        for event, moved_from in offers:
+            decision = self._decide(pipeline, event, moved_from)
+            if isinstance(decision, LifecycleEvent):
+                events.append(decision)
+            else:
+                to_queue.append((event, *decision))
+        if to_queue:
+            with self.queue.batch():
+                queued = [
+                    event
+                    for event, payload, version in to_queue
+                    if self.queue.put(pipeline.name, event.relpath, payload, version)
+                ]
+            events += [
+                LifecycleEvent("queued", pipeline.name, e.relpath, size=e.size) for e in queued
+            ]
+        for lifecycle in events:
+            self.emit(lifecycle)
+        if to_queue:
+            self._notify()
+
+    def _decide(
+        self, pipeline: Pipeline, event: FileEvent, moved_from: str | None
+    ) -> LifecycleEvent | tuple[dict[str, Any], str]:
+        """What to do with a file: an event (rejected, unchanged), or a payload to queue."""
+        accepted = True
         try:
             rejection = evaluate_rules(pipeline.rules, event)
         except RuleError as exc:
@@ -268,19 +310,17 @@ class Engine:
             # it stays visible and can be retried once the rule is fixed.
             log.debug("%s: %s: %s", pipeline.name, event.relpath, exc)
             rejection = None
+            accepted = False
         if rejection is not None:
             rule_name, reason = rejection
-            self.emit(
-                LifecycleEvent(
-                    "rejected",
-                    pipeline.name,
-                    event.relpath,
-                    rule=rule_name,
-                    reason=reason,
-                    size=event.size,
-                )
+            return LifecycleEvent(
+                "rejected",
+                pipeline.name,
+                event.relpath,
+                rule=rule_name,
+                reason=reason,
+                size=event.size,
             )
-            return
         if moved_from is None:
             moved_from = self._moved_origin(pipeline, event)
         if moved_from is None and all(
@@ -289,15 +329,13 @@ class Engine:
             )
             for sink in pipeline.sinks
         ):
-            self.emit(LifecycleEvent("unchanged", pipeline.name, event.relpath, size=event.size))
-            return
+            return LifecycleEvent("unchanged", pipeline.name, event.relpath, size=event.size)
         payload: dict[str, Any] = {"action": "upload", "event": event.to_json()}
+        if accepted:
+            payload["accepted"] = True  # the worker need not run the rules again on this version
         if moved_from is not None:
             payload["moved_from"] = moved_from
-        version = f"{event.size}:{event.mtime_ns}:{event.inode}:{moved_from or ''}"
-        if self.queue.put(pipeline.name, event.relpath, payload, version):
-            self.emit(LifecycleEvent("queued", pipeline.name, event.relpath, size=event.size))
-            self._notify()
+        return payload, f"{event.size}:{event.mtime_ns}:{event.inode}:{moved_from or ''}"
 
     def file_ready(
         self, pipeline: Pipeline, path: Path, kind: EventKind, moved_from: str | None = None
@@ -429,13 +467,15 @@ class Engine:
                 if self._in_flight >= self.runner.capacity:
                     self._wake.wait(0.5)
                     continue
-            claim = self.queue.claim()
-            if claim is None:
+            with self._wake:
+                room = self.runner.capacity - self._in_flight
+            claims = self.queue.claim_many(min(room, CLAIM_BATCH))
+            if not claims:
                 with self._wake:
                     if until_idle and self._idle():
                         # Re-check under the lock: a job may have been queued meanwhile.
-                        claim = self.queue.claim()
-                        if claim is None:
+                        claims = self.queue.claim_many(1)
+                        if not claims:
                             return
                     else:
                         due = self.queue.next_due()
@@ -443,8 +483,9 @@ class Engine:
                         self._wake.wait(timeout)
                         continue
             with self._wake:
-                self._in_flight += 1
-            self.runner.submit(claim)
+                self._in_flight += len(claims)
+            for claim in claims:
+                self.runner.submit(claim)
 
     def _drain_in_flight(self) -> None:
         """On stop: let in-flight jobs finish for ``shutdown_grace``, then cut their transfers."""

@@ -10,15 +10,17 @@ States: ``pending`` (in the ready list) -> ``leased`` (a worker has it) -> delet
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from skyframe.state import open_cache
+from skyframe.state import GroupCommit, open_cache
 
 _JOB = "job\x00"
 _READY = "ready"
@@ -45,6 +47,7 @@ class JobQueue:
         leased jobs to the queue and restores the backoff timers."""
         self._cache = open_cache(directory)
         self._lock = threading.RLock()
+        self._commit = GroupCommit(self._cache, self._lock)
         self._waiting: list[tuple[float, str]] = []
         if recover:
             self._recover()
@@ -163,7 +166,8 @@ class JobQueue:
 
     def complete(self, claim: Claim) -> None:
         """The job is done; a version queued meanwhile becomes pending."""
-        with self._lock, self._cache.transact(retry=True):
+
+        def write() -> None:
             record = self._leased(claim)
             if record is None:
                 return
@@ -172,6 +176,26 @@ class JobQueue:
                 self._make_pending(claim.key, record, record["next_payload"])
             else:
                 self._cache.delete(claim.key)
+
+        self._commit(write)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group several calls (puts, claims) into one transaction; this thread holds the
+        queue meanwhile, so keep the block short."""
+        with self._lock, self._cache.transact(retry=True):
+            yield
+
+    def claim_many(self, limit: int) -> list[Claim]:
+        """Lease up to ``limit`` ready jobs in one transaction."""
+        claims: list[Claim] = []
+        with self.batch():
+            while len(claims) < limit:
+                claim = self.claim()
+                if claim is None:
+                    break
+                claims.append(claim)
+        return claims
 
     def release(self, claim: Claim) -> None:
         """Give the job back untouched (shutdown before it started)."""

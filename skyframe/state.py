@@ -8,14 +8,17 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import diskcache
 
 from skyframe.errors import StateError
+
+T = TypeVar("T")
 
 #: What the state databases raise when they are corrupt, full or locked for too long.
 STATE_DB_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, diskcache.Timeout)
@@ -45,6 +48,66 @@ class JSONValueDisk(diskcache.Disk):  # type: ignore[misc]
     def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
         data = super().fetch(mode, filename, value, read)
         return data if read else json.loads(data)
+
+
+class GroupCommit:
+    """Small writes from many threads, committed together: one SQLite transaction per group.
+
+    A commit costs far more than the statements in it. A thread hands its write over and takes
+    ``lock``; the first to get it (the leader) runs every write handed over so far in one
+    transaction; the others find theirs done when they get the lock. Each caller returns only
+    once its own write is committed, so durability is unchanged, and nothing waits for a
+    timer: a lone writer commits at once.
+    """
+
+    def __init__(self, cache: diskcache.Cache, lock: threading.Lock | threading.RLock) -> None:
+        self._cache = cache
+        self._lock = lock
+        self._pending: list[_Write[Any]] = []
+        self._pending_lock = threading.Lock()
+
+    def __call__(self, write: Callable[[], T]) -> T:
+        item = _Write(write)
+        with self._pending_lock:
+            self._pending.append(item)
+        with self._lock:
+            if not item.done:
+                with self._pending_lock:
+                    group, self._pending = self._pending, []
+                try:
+                    with self._cache.transact(retry=True):
+                        for each in group:
+                            each.run()
+                except BaseException as exc:  # the commit failed: every write in it did
+                    for each in group:
+                        each.fail(exc)
+                for each in group:
+                    each.done = True
+        return item.outcome()
+
+
+class _Write(Generic[T]):
+    __slots__ = ("done", "error", "result", "write")
+
+    def __init__(self, write: Callable[[], T]) -> None:
+        self.write = write
+        self.done = False
+        self.result: T | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.write()
+        except Exception as exc:
+            self.error = exc
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc
+
+    def outcome(self) -> T:
+        if self.error is not None:
+            raise self.error
+        return self.result  # type: ignore[return-value]
 
 
 def open_cache(directory: Path) -> diskcache.Cache:
@@ -126,6 +189,7 @@ class Manifest:
         # One writer at a time in this process: SQLite's own busy handler backs off in
         # milliseconds, far slower than a lock handing over.
         self._write_lock = threading.Lock()
+        self._commit = GroupCommit(self._cache, self._write_lock)
 
     @staticmethod
     def _key(pipeline: str, sink: str, relpath: str) -> str:
@@ -158,8 +222,8 @@ class Manifest:
     ) -> ManifestEntry:
         """Store a delivery."""
         entry = ManifestEntry(size, mtime_ns, sha256, remote, time.time(), tuple(derived), inode)
-        with self._write_lock:
-            self._cache.set(self._key(pipeline, sink, relpath), asdict(entry), retry=True)
+        key, value = self._key(pipeline, sink, relpath), asdict(entry)
+        self._commit(lambda: self._cache.set(key, value))
         return entry
 
     def forget(self, pipeline: str, sink: str, relpath: str) -> None:

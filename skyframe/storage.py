@@ -36,6 +36,7 @@ from skyframe.errors import (
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1024 * 1024
+MAX_RETIRED = 8  #: dropped connections kept open for the transfers that may still use them
 TEMP_MARKER = ".skyframe-"
 TEMP_SUFFIX = ".part"
 #: Glob that matches the temporary names of our own uploads (see :func:`temporary_path`).
@@ -159,6 +160,7 @@ class Sink:
         self.health = health or SinkHealth()
         self.generation = 0  #: bumped at every reconnect
         self._fs: AbstractFileSystem | None = None
+        self._retired: list[AbstractFileSystem] = []  #: dropped after errors, closed at the end
         self._lock = threading.Lock()
         self._folders: set[str] = set()  #: remote folders known to exist on this connection
 
@@ -196,14 +198,27 @@ class Sink:
             if generation is not None and generation != self.generation:
                 return
             self.generation += 1
-            old, self._fs = self._fs, None
+            if self._fs is not None:
+                # Other transfers may still be using it: it is closed later, with the sink,
+                # or once it is long out of use.
+                self._retired.append(self._fs)
+            stale = self._retired[:-MAX_RETIRED]
+            del self._retired[:-MAX_RETIRED]
+            self._fs = None
             self._folders = set()
-        if old is not None:
-            self.endpoint.close(old)
+        for fs in stale:
+            self.endpoint.close(fs)
 
     def close(self) -> None:
-        """Close the connection, if one is open (the sink reconnects if used again)."""
-        self.reset()
+        """Close every connection this sink opened (it reconnects if used again)."""
+        with self._lock:
+            connections = [*self._retired, *([self._fs] if self._fs is not None else [])]
+            self._retired = []
+            self._fs = None
+            self._folders = set()
+            self.generation += 1
+        for fs in connections:
+            self.endpoint.close(fs)
 
     def translate(self, exc: BaseException) -> BaseException:
         """A backend error as a sink error when it is about the sink, else ``exc`` itself."""

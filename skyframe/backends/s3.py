@@ -7,9 +7,12 @@ would then be copied.
 
 from __future__ import annotations
 
+import logging
+import threading
+import weakref
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from pydantic import Field, model_validator
 
@@ -23,6 +26,8 @@ from skyframe.backends import (
 )
 from skyframe.errors import SinkRefusedError, SinkUnavailableError
 from skyframe.units import Duration, Size
+
+log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 MAX_PARTS = 10_000
@@ -50,9 +55,9 @@ class S3Options(BackendOptions):
     anon: bool = Field(False, description="unsigned requests (public buckets)")
     timeout: Duration = Field(60.0, gt=0, description="seconds without an answer from the server")
     part_size: Size = Field(
-        16 * MIB, ge=5 * MIB, le=5 * 1024 * MIB, description="multipart part size"
+        8 * MIB, ge=5 * MIB, le=5 * 1024 * MIB, description="multipart part size"
     )
-    part_concurrency: int = Field(4, ge=1, le=32, description="parts of one file sent at once")
+    part_concurrency: int = Field(3, ge=1, le=32, description="parts of one file sent at once")
 
     @model_validator(mode="after")
     def _pairs(self) -> S3Options:
@@ -136,8 +141,76 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
     )
 
 
+class DirectPut:
+    """A PUT of a small object that skips the generic request pipeline of aiobotocore.
+
+    On a many-small-files run, most of the time goes into building each request (parameter
+    validation, endpoint rules, user agent, event hooks, response parsing): about 2 ms of CPU
+    per object. Here the request is signed by the client's own signer (same credentials,
+    region and SigV4 rules) and sent on an aiohttp session of our own, on the filesystem's
+    event loop. Anything but a 200 answer returns False, and the caller repeats the PUT
+    through s3fs, whose errors (and retries) are then the ones reported.
+
+    Used with an ``endpoint_url`` (S3-compatible servers take path-style URLs); on AWS the
+    regular path is used, as bucket addressing there depends on the bucket and region.
+    """
+
+    def __init__(self, fs: Any, endpoint_url: str) -> None:
+        self.fs = fs
+        self.base = endpoint_url.rstrip("/")
+        self._session: Any = None
+        self.sent = 0  #: objects stored this way
+        self.declined = 0  #: answers other than 200 (the caller then uses s3fs)
+
+    def put(self, bucket: str, key: str, body: bytes, metadata: dict[str, str]) -> bool:
+        """PUT from a worker thread; True when the server stored the object."""
+        from fsspec.asyn import sync
+
+        client = self.fs.s3  # connects (outside the loop) when needed
+        return bool(sync(self.fs.loop, self._put, client, bucket, key, body, metadata))
+
+    async def _put(
+        self, client: Any, bucket: str, key: str, body: bytes, metadata: dict[str, str]
+    ) -> bool:
+        import aiohttp
+        from botocore.awsrequest import AWSRequest
+        from yarl import URL
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
+            )
+        url = f"{self.base}/{quote(bucket)}/{quote(key, safe='/~')}"
+        headers = {f"x-amz-meta-{name}": value for name, value in metadata.items()}
+        request = AWSRequest(method="PUT", url=url, data=body, headers=headers)
+        await client._request_signer.sign("PutObject", request)
+        prepared = request.prepare()
+        try:
+            async with self._session.put(
+                URL(prepared.url, encoded=True), data=body, headers=dict(prepared.headers)
+            ) as response:
+                await response.read()
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError):
+            status = 0
+        if status == 200:
+            self.sent += 1
+            return True
+        self.declined += 1
+        log.debug("direct PUT of %s/%s answered %s; sending it through s3fs", bucket, key, status)
+        return False
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
 def close(fs: Any) -> None:
     """Close the client's HTTP connections now rather than at garbage collection."""
+    direct = _DIRECT.pop(fs, None)
+    if direct is not None:
+        close_quietly(fs, direct.close)
     creator = getattr(fs, "_s3creator", None)
     if creator is None:
         return
@@ -147,6 +220,21 @@ def close(fs: Any) -> None:
         await creator.__aexit__(None, None, None)
 
     close_quietly(fs, aexit)
+
+
+_DIRECT: weakref.WeakKeyDictionary[Any, DirectPut] = weakref.WeakKeyDictionary()
+_DIRECT_LOCK = threading.Lock()
+
+
+def direct_put(fs: Any, settings: S3Options) -> DirectPut | None:
+    """The fast PUT for this connection, or None where only the regular path applies."""
+    if settings.endpoint_url is None or settings.anon:
+        return None
+    with _DIRECT_LOCK:
+        direct = _DIRECT.get(fs)
+        if direct is None:
+            direct = _DIRECT[fs] = DirectPut(fs, settings.endpoint_url)
+        return direct
 
 
 def classify_error(

@@ -26,6 +26,16 @@ from skyframe.errors import SinkRefusedError, SinkUnavailableError
 from skyframe.units import Duration
 
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
+#: AES-GCM first: with the CPU's AES instructions it is the fastest of the safe ciphers (asyncssh
+#: prefers ChaCha20-Poly1305, which runs at about 60 % of that speed here).
+DEFAULT_CIPHERS = (
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes128-ctr",
+    "aes192-ctr",
+    "aes256-ctr",
+)
 
 
 class SFTPOptions(BackendOptions):
@@ -41,6 +51,11 @@ class SFTPOptions(BackendOptions):
     timeout: Duration = Field(30.0, gt=0, description="seconds to connect and log in")
     keepalive: Duration = Field(15.0, gt=0, description="seconds between keepalives")
     max_sessions: int = Field(10, ge=3, le=64, description="SFTP channels on the connection")
+    ciphers: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_CIPHERS),
+        min_length=1,
+        description="SSH ciphers in order of preference",
+    )
 
 
 def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
@@ -100,6 +115,7 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
             "keepalive_interval": settings.keepalive,
             "keepalive_count_max": 3,
             "max_sessions": settings.max_sessions,
+            "encryption_algs": settings.ciphers,
             "skip_instance_cache": True,
         }
         if client_keys:

@@ -15,7 +15,7 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any
 
-from skyframe.backends.s3 import S3Options
+from skyframe.backends.s3 import S3Options, direct_put
 from skyframe.markers import hookimpl
 from skyframe.storage import SourceReader, TransferRequest, TransferResult
 
@@ -35,13 +35,10 @@ def skyframe_transfer(request: TransferRequest) -> TransferResult | None:
         if request.size < part_size:
             data = b"".join(reader.chunks())
             reader.check_unchanged(request.size, request.mtime_ns)
-            fs.call_s3(
-                "put_object",
-                Bucket=bucket,
-                Key=key,
-                Body=data,
-                Metadata={"sha256": reader.sha256},
-            )
+            metadata = {"sha256": reader.sha256}
+            direct = direct_put(fs, settings)
+            if direct is None or not direct.put(bucket, key, data, metadata):
+                fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, Metadata=metadata)
             request.progress(len(data))
         else:
             _multipart(fs, bucket, key, reader, request, width=settings.part_concurrency)
