@@ -183,19 +183,23 @@ class VisibilityProbe:
         return (yield)
 
 
+def small_parts(target: Target) -> dict[str, Any]:
+    """The target's sink with the smallest parts or chunks, so that a file takes several."""
+    extra: dict[str, Any] = {}
+    if target.kind == "s3":
+        extra = {"part_size": "5MiB", "part_concurrency": 1}
+    elif target.kind == "gcs":
+        extra = {"chunk_size": "1MiB"}
+    return {**target.sink, "options": {**target.sink.get("options", {}), **extra}}
+
+
 def test_no_partial_object_is_ever_visible(
     tmp_path: Path, write_config: WriteConfig, target: Target
 ) -> None:
     size = 12 * 1024 * 1024 + 123  # several parts (S3), chunks (GCS) and writes (others)
     data = os.urandom(size)
     make_file(tmp_path / "incoming", "big/video.mp4", data)
-    extra: dict[str, Any] = {}
-    if target.kind == "s3":
-        extra = {"part_size": "5MiB", "part_concurrency": 1}
-    elif target.kind == "gcs":
-        extra = {"chunk_size": "1MiB"}
-    sink = dict(target.sink)
-    sink["options"] = {**sink.get("options", {}), **extra}
+    sink = small_parts(target)
     probe = VisibilityProbe(Target(target.kind, sink, target.fs, target.root))
     config = write_config(config_text(Target(target.kind, sink, target.fs, target.root)))
     assert run_once(config, probe).ok
@@ -210,13 +214,7 @@ def test_failed_upload_leaves_nothing(
     # The file changes while it is read: the upload is abandoned; no object, no temporary.
     data = os.urandom(11 * 1024 * 1024)
     path = make_file(tmp_path / "incoming", "changing.bin", data)
-    extra: dict[str, Any] = {}
-    if target.kind == "s3":
-        extra = {"part_size": "5MiB", "part_concurrency": 1}
-    elif target.kind == "gcs":
-        extra = {"chunk_size": "1MiB"}
-    sink = dict(target.sink)
-    sink["options"] = {**sink.get("options", {}), **extra}
+    sink = small_parts(target)
     changed = threading.Event()
 
     class Changer:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from fsspec.spec import AbstractFileSystem
 from pydantic import BaseModel, ConfigDict
@@ -91,6 +92,19 @@ def unreachable(exc: BaseException, extra: tuple[type[BaseException], ...] = ())
         if extra and isinstance(item, extra):
             return True
     return False
+
+
+def bucket_and_root(url: str, hint: str) -> tuple[str, str]:
+    """``scheme://bucket/prefix`` -> (bucket, "bucket/prefix"); ``hint`` names the options
+    that hold what must not be in the URL (credentials, server)."""
+    parts = urlsplit(url)
+    bucket = parts.netloc
+    if not bucket:
+        raise ValueError(f"{url}: no bucket in the URL (expected {parts.scheme}://bucket/prefix)")
+    if "@" in bucket or ":" in bucket:
+        raise ValueError(f"{parts.scheme}://{bucket}: put {hint} in options, not in the URL")
+    prefix = parts.path.strip("/")
+    return bucket, f"{bucket}/{prefix}" if prefix else bucket
 
 
 CLOSE_TIMEOUT = 5.0  #: seconds to wait for a connection to close

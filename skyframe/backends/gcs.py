@@ -11,13 +11,13 @@ import os
 import warnings
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
 from skyframe.backends import (
     BackendOptions,
     Endpoint,
+    bucket_and_root,
     close_quietly,
     exception_chain,
     one_line,
@@ -51,21 +51,10 @@ class GCSOptions(BackendOptions):
         return value
 
 
-def _split(url: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    bucket = parts.netloc
-    if not bucket:
-        raise ValueError(f"{url}: no bucket in the URL (expected gcs://bucket/prefix)")
-    if "@" in bucket or ":" in bucket:
-        raise ValueError(f"{parts.scheme}://{bucket}: put credentials in options, not the URL")
-    prefix = parts.path.strip("/")
-    return bucket, f"{bucket}/{prefix}" if prefix else bucket
-
-
 def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
     """Check the options of a GCS sink; the connection opens on first use."""
     settings = GCSOptions.model_validate(options)
-    bucket, root = _split(url)
+    bucket, root = bucket_and_root(url, "credentials")
     token = settings.token
     if token and token not in ("google_default", "cloud", "anon", "browser", "cache"):
         path = (base_dir / Path(token).expanduser()).resolve()

@@ -12,13 +12,14 @@ import threading
 import weakref
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from pydantic import Field, model_validator
 
 from skyframe.backends import (
     BackendOptions,
     Endpoint,
+    bucket_and_root,
     close_quietly,
     exception_chain,
     one_line,
@@ -73,24 +74,10 @@ class S3Options(BackendOptions):
         return part
 
 
-def _split(url: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    bucket = parts.netloc
-    if not bucket:
-        raise ValueError(f"{url}: no bucket in the URL (expected s3://bucket/prefix)")
-    if "@" in bucket or ":" in bucket:
-        raise ValueError(
-            f"s3://{bucket}: put credentials and the server in options "
-            "(key, secret, endpoint_url), not in the URL"
-        )
-    prefix = parts.path.strip("/")
-    return bucket, f"{bucket}/{prefix}" if prefix else bucket
-
-
 def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
     """Check the options of an S3 sink; the connection opens on first use."""
     settings = S3Options.model_validate(options)
-    bucket, root = _split(url)
+    bucket, root = bucket_and_root(url, "credentials and the server (key, secret, endpoint_url)")
 
     def connect() -> Any:
         import s3fs
