@@ -85,14 +85,20 @@ def test_daemon_delivers_everything_across_a_server_outage(
             servers.close_filesystem(check)
             # GCS: frozen (connections hang until the request timeout); others: gone
             # (connections refused, open ones dead).
-            server.pause() if kind == "gcs" else server.kill()
+            if kind == "gcs":
+                server.pause()
+            else:
+                server.kill()
             began = time.monotonic()
             n = 0
             while time.monotonic() - began < OUTAGE:
                 add(f"during/{n}.jpg")
                 n += 1
                 time.sleep(0.25)
-            server.resume() if kind == "gcs" else server.restart()
+            if kind == "gcs":
+                server.resume()
+            else:
+                server.restart()
             check = server.filesystem()
             wait_for(
                 lambda: remote_files(check, root) == expected,

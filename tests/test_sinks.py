@@ -69,7 +69,8 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
         name = f"contract-{uuid.uuid4().hex[:8]}"
         fs = fsspec.filesystem("memory")
         yield Target(kind, {"url": f"memory://{name}"}, fs, f"/{name}")
-        fs.rm(f"/{name}", recursive=True) if fs.exists(f"/{name}") else None
+        if fs.exists(f"/{name}"):
+            fs.rm(f"/{name}", recursive=True)
         return
     if kind == "s3":
         server: Any = request.getfixturevalue("s3_server")
