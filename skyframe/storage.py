@@ -184,10 +184,21 @@ class Sink:
 
     @property
     def fs(self) -> AbstractFileSystem:
-        """The connected filesystem (connecting now if needed)."""
+        """The connected filesystem (connecting now if needed).
+
+        Threads that waited here while another one failed to connect fail at once rather
+        than each trying (and timing out) in turn.
+        """
         with self._lock:
             if self._fs is None:
-                self._fs = self.endpoint.connect()
+                self.health.admit()
+                try:
+                    self._fs = self.endpoint.connect()
+                except Exception as exc:
+                    error = self.translate(exc)
+                    if isinstance(error, SinkUnavailableError):
+                        self.health.failed(error)  # before the next waiting thread gets in
+                    raise
                 self._folders = set()
             return self._fs
 

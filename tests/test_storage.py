@@ -174,3 +174,41 @@ def test_overwrite_replaces_whole_file(tmp_path: Path) -> None:
 
 def test_fsspec_memory_is_reset(memory_fs: fsspec.AbstractFileSystem) -> None:
     assert memory_fs.ls("/", detail=False) == []
+
+
+def test_threads_waiting_on_a_failing_connect_fail_at_once() -> None:
+    # A server that hangs until the connect timeout: the first thread waits it out; the others,
+    # queued behind it, must not each wait the whole timeout again.
+    from skyframe.backends import Endpoint
+    from skyframe.errors import SinkUnavailableError
+    from skyframe.storage import Sink, SinkHealth
+
+    attempts: list[float] = []
+
+    def connect() -> fsspec.AbstractFileSystem:
+        attempts.append(0.0)
+        threading.Event().wait(0.3)  # the "timeout"
+        raise ConnectionRefusedError("refused")
+
+    def classify(exc: BaseException) -> SinkUnavailableError | None:
+        return SinkUnavailableError(f"cannot reach: {exc}")
+
+    endpoint = Endpoint("test", "root", connect, classify)
+    sink = Sink("t", "test://root", endpoint, health=SinkHealth(initial=30, maximum=60))
+    errors: list[BaseException] = []
+
+    def use() -> None:
+        try:
+            _ = sink.fs
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=use) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(attempts) == 1
+    assert len(errors) == 6
+    assert sink.health.state == "offline"
+    assert sum(isinstance(e, SinkUnavailableError) for e in errors) == 5
