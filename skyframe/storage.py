@@ -129,7 +129,9 @@ class SinkHealth:
             if changed:
                 self.state, self.since = state, time.time()
             self.last_error = str(error)
-            if state == "offline":
+            if state == "offline" and (changed or time.monotonic() >= self._retry_at):
+                # Transfers that were already under way when the link dropped fail together:
+                # they are one failure, not one each (the wait would jump to its maximum).
                 self.failures += 1
                 ceiling = min(self.maximum, self.initial * 2 ** (self.failures - 1))
                 self._retry_at = time.monotonic() + ceiling * random.uniform(0.5, 1.0)

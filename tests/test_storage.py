@@ -212,3 +212,19 @@ def test_threads_waiting_on_a_failing_connect_fail_at_once() -> None:
     assert len(errors) == 6
     assert sink.health.state == "offline"
     assert sum(isinstance(e, SinkUnavailableError) for e in errors) == 5
+
+
+def test_failures_within_one_wait_count_once() -> None:
+    from skyframe.errors import SinkUnavailableError
+    from skyframe.storage import SinkHealth
+
+    health = SinkHealth(initial=10, maximum=300)
+    for _ in range(16):  # sixteen transfers in flight when the link drops
+        health.failed(SinkUnavailableError("gone"))
+    assert health.failures == 1
+    assert 5 <= health.wait() <= 10
+    with pytest.raises(SinkUnavailableError):
+        health.admit()
+    assert health.succeeded()
+    assert health.state == "ok"
+    assert health.wait() == 0
