@@ -184,6 +184,9 @@ def test_new_file_is_delivered(tmp_path: Path, start: Callable[..., Daemon]) -> 
     daemon = start()
     make_file(tmp_path / "incoming", "f1/a.jpg", b"A")
     wait_for(lambda: outbox_files(tmp_path) == {"f1/a.jpg": b"A"}, what="delivery")
+    # The event follows the file's arrival (and the manifest record): wait for it.
+    wait_for(lambda: daemon.recorder.count("delivered") == 1, what="delivered event")
+    time.sleep(0.2)
     assert daemon.recorder.count("delivered") == 1
 
 
@@ -262,12 +265,13 @@ def test_move_after_delivery_is_a_remote_move(tmp_path: Path, start: Callable[..
     # folder's watch is added) before "delete": settling gives the pair time to meet.
     daemon = start(settle="0.5s")
     path = make_file(tmp_path / "incoming", "f1/a.jpg", os.urandom(100_000))
-    wait_for(lambda: "f1/a.jpg" in outbox_files(tmp_path))
+    # Recorded as delivered (the event follows the manifest record), so a move is recognised.
+    wait_for(lambda: daemon.recorder.count("delivered", "f1/a.jpg") == 1)
     data = path.read_bytes()
     (tmp_path / "incoming" / "f2").mkdir()
     path.rename(tmp_path / "incoming" / "f2" / "renamed.jpg")
     wait_for(lambda: outbox_files(tmp_path) == {"f2/renamed.jpg": data}, what="remote move")
-    assert daemon.recorder.count("moved", "f2/renamed.jpg") == 1
+    wait_for(lambda: daemon.recorder.count("moved", "f2/renamed.jpg") == 1, what="moved event")
     assert daemon.recorder.count("started", "f2/renamed.jpg") == 0  # not uploaded again
     # A rename within one folder arrives as one move event: no settling needed.
     path = tmp_path / "incoming" / "f2" / "renamed.jpg"
@@ -292,6 +296,9 @@ def test_delete_is_mirrored_when_opted_in(tmp_path: Path, start: Callable[..., D
     wait_for(lambda: "a.jpg" in outbox_files(tmp_path))
     path.unlink()
     wait_for(lambda: outbox_files(tmp_path) == {}, what="remote delete")
+    # The event follows the removal (and the manifest update): wait for it, do not race it.
+    wait_for(lambda: daemon.recorder.count("deleted", "a.jpg") == 1, what="deleted event")
+    time.sleep(0.2)
     assert daemon.recorder.count("deleted", "a.jpg") == 1
 
 

@@ -264,12 +264,15 @@ def test_moves_and_opt_in_deletes(
 ) -> None:
     config = write_config(config_text(target, on_delete="delete"))
     incoming = tmp_path / "incoming"
-    with Running(config):
+    with Running(config) as running:
         a = make_file(incoming, "in/a.jpg", b"A" * 1000)
         b = make_file(incoming, "in/b.jpg", b"B" * 1000)
         wait_for(
             lambda: target.files() == {"in/a.jpg": b"A" * 1000, "in/b.jpg": b"B" * 1000}, "upload"
         )
+        # Objects land a moment before the manifest records them: wait for the records.
+        manifest = running.engine.manifest
+        wait_for(lambda: len(manifest.entries()) == 2, "manifest records")
         a.rename(incoming / "in" / "a renamed.jpg")
         wait_for(
             lambda: target.files() == {"in/a renamed.jpg": b"A" * 1000, "in/b.jpg": b"B" * 1000},
