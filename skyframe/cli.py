@@ -234,7 +234,7 @@ def check(config_file: Path, timeout: float) -> None:
     sinks = [s for p in project.pipelines for s in p.sinks]
     pipeline_of = {id(s): p.name for p in project.pipelines for s in p.sinks}
     failed = 0
-    for sink, outcome in check_sinks(sinks, timeout):
+    for sink, outcome in check_sinks(sinks, timeout, close=True):
         where = f"{pipeline_of[id(sink)]} -> {sink.display}"
         if isinstance(outcome, ProbeResult):
             click.echo(
@@ -247,8 +247,6 @@ def check(config_file: Path, timeout: float) -> None:
             if not isinstance(outcome, SkyframeError):
                 message = f"{type(outcome).__name__}: {' '.join(message.split())}"
             click.echo(f"FAIL  {where}: {message}")
-        if not isinstance(outcome, SkyframeError) or "no answer within" not in str(outcome):
-            sink.close()
     if failed:
         sys.exit(1)
 

@@ -16,7 +16,7 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +26,6 @@ import pluggy
 from skyframe.config import RetryConfig
 from skyframe.errors import (
     DeliveryError,
-    SinkRefusedError,
     SinkUnavailableError,
     SourceChangedError,
     SourceUnreadableError,
@@ -224,7 +223,7 @@ class JobRunner:
     def _serve_sink(self, run: _Run, sink: Sink, entry: ManifestEntry | None) -> None:
         try:
             assert run.job is not None
-            with self._sink_errors(sink):
+            with sink.guard():
                 self._deliver(run, run.job, sink, entry)
         except BaseException as exc:
             with run.lock:
@@ -234,31 +233,6 @@ class JobRunner:
             last = run.remaining == 0
         if last:
             self._finish(run)
-
-    @contextlib.contextmanager
-    def _sink_errors(self, sink: Sink) -> Iterator[None]:
-        """Turn backend errors about the sink itself into sink errors, keep its health, and
-        drop a connection that failed (fsspec would otherwise keep a dead one cached)."""
-        sink.health.admit()
-        generation = sink.generation
-        try:
-            yield
-        except Exception as exc:
-            error = sink.translate(exc)
-            if isinstance(error, SinkUnavailableError | SinkRefusedError):
-                if isinstance(error, SinkUnavailableError):
-                    sink.reset(generation)
-                if sink.health.failed(error):
-                    if isinstance(error, SinkRefusedError):
-                        log.error("%s", error)
-                    else:
-                        log.warning("%s; files wait until it is back", error)
-                if error is not exc:
-                    raise error from exc
-            raise
-        else:
-            if sink.health.succeeded():
-                log.warning("%s: reachable again; delivering", sink.display)
 
     def _finish(self, run: _Run) -> None:
         claim = run.claim
@@ -404,8 +378,7 @@ class JobRunner:
         if old.remote != job.remote_name:
             target = sink.remote_path(job.remote_name)
             try:
-                if not sink.endpoint.object_store:
-                    sink.ensure_folder(os.path.dirname(target))
+                sink.ensure_folder(os.path.dirname(target))
                 sink.fs.mv(sink.remote_path(old.remote), target)
             except FileNotFoundError:
                 # An earlier attempt moved it and stopped before recording that.
@@ -447,7 +420,7 @@ class JobRunner:
             entry = self.manifest.get(claim.pipeline, sink.key, claim.relpath)
             if entry is None:
                 continue
-            with self._sink_errors(sink):
+            with sink.guard():
                 self._remove_remote(sink, [entry.remote, *entry.derived])
             self.manifest.forget(claim.pipeline, sink.key, claim.relpath)
             self.emit(

@@ -6,6 +6,7 @@ the local file: it hashes while reading and notices a file that changed or vanis
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -94,7 +95,6 @@ class SinkHealth:
         self.state = "unknown"  #: unknown, ok, offline or refused
         self.failures = 0  #: consecutive failures to reach the sink
         self.last_error = ""
-        self.since = time.time()  #: when the state last changed (epoch seconds)
         self._retry_at = 0.0
         self._lock = threading.Lock()
 
@@ -115,8 +115,7 @@ class SinkHealth:
         """Record an answer; True when the sink was offline or refusing until now."""
         with self._lock:
             back = self.state in ("offline", "refused")
-            if self.state != "ok":
-                self.state, self.since = "ok", time.time()
+            self.state = "ok"
             self.failures = 0
             self.last_error = ""
             return back
@@ -126,8 +125,7 @@ class SinkHealth:
         with self._lock:
             state = "refused" if isinstance(error, SinkRefusedError) else "offline"
             changed = state != self.state
-            if changed:
-                self.state, self.since = state, time.time()
+            self.state = state
             self.last_error = str(error)
             if state == "offline" and (changed or time.monotonic() >= self._retry_at):
                 # Transfers that were already under way when the link dropped fail together:
@@ -233,6 +231,33 @@ class Sink:
         for fs in connections:
             self.endpoint.close(fs)
 
+    @contextlib.contextmanager
+    def guard(self, *, report: bool = True) -> Iterator[None]:
+        """Around any use of the sink: fail fast while it is offline; turn backend errors
+        about the sink itself into sink errors; keep its health; drop a connection that
+        failed (fsspec would keep a dead one cached). With ``report``, a change of health is
+        logged once (the daemon's "gone" and "back" lines)."""
+        self.health.admit()
+        generation = self.generation
+        try:
+            yield
+        except Exception as exc:
+            error = self.translate(exc)
+            if isinstance(error, SinkUnavailableError | SinkRefusedError):
+                if isinstance(error, SinkUnavailableError):
+                    self.reset(generation)
+                if self.health.failed(error) and report:
+                    if isinstance(error, SinkRefusedError):
+                        log.error("%s", error)
+                    else:
+                        log.warning("%s; files wait until it is back", error)
+                if error is not exc:
+                    raise error from exc
+            raise
+        else:
+            if self.health.succeeded() and report:
+                log.warning("%s: reachable again; delivering", self.display)
+
     def translate(self, exc: BaseException) -> BaseException:
         """A backend error as a sink error when it is about the sink, else ``exc`` itself."""
         if isinstance(exc, SinkUnavailableError | SinkRefusedError):
@@ -253,8 +278,9 @@ class Sink:
         return posixpath.join(self.root, relative) if self.root else relative
 
     def ensure_folder(self, folder: str) -> None:
-        """Create a remote folder (and its parents) once per connection."""
-        if not folder or folder in self._folders:
+        """Create a remote folder (and its parents) once per connection; object stores have
+        no folders (and creating one there could create a bucket)."""
+        if not folder or folder in self._folders or self.endpoint.object_store:
             return
         self.fs.makedirs(folder, exist_ok=True)
         self._folders.add(folder)
@@ -358,18 +384,6 @@ class SourceReader:
             self.bytes_read += len(data)
             yield data
 
-    def chunks_marked(self) -> Iterator[tuple[bytes, bool]]:
-        """The file's chunks, each with True when it is the last one (read one ahead).
-
-        An empty file gives one empty last chunk.
-        """
-        previous: bytes | None = None
-        for chunk in self.chunks():
-            if previous is not None:
-                yield previous, False
-            previous = chunk
-        yield (previous if previous is not None else b""), True
-
     @property
     def sha256(self) -> str:
         """The hex digest of what was read."""
@@ -402,44 +416,38 @@ class ProbeResult:
 def probe_sink(sink: Sink) -> ProbeResult:
     """Connect, write a small hidden object at the sink root, check its size, delete it.
 
-    Raises SinkUnavailableError or SinkRefusedError for sink-level problems, else whatever
-    the backend raised.
+    Raises what the backend raised; run it inside ``sink.guard()`` to get sink errors.
     """
     began = time.monotonic()
+    fs = sink.fs
+    connected = time.monotonic()
+    name = sink.remote_path(f".skyframe-check-{os.getpid()}-{int(began * 1000)}")
+    payload = b"skyframe write check\n"
+    sink.ensure_folder(sink.root)
     try:
-        fs = sink.fs
-        connected = time.monotonic()
-        name = sink.remote_path(f".skyframe-check-{os.getpid()}-{int(began * 1000)}")
-        payload = b"skyframe write check\n"
+        fs.pipe_file(name, payload)
+    except FileNotFoundError:
         if not sink.endpoint.object_store:
-            sink.ensure_folder(sink.root)
-        try:
-            fs.pipe_file(name, payload)
-        except FileNotFoundError:
-            if sink.endpoint.object_store:
-                bucket = sink.root.split("/", 1)[0]
-                raise SinkRefusedError(
-                    f"{sink.display}: bucket {bucket!r} does not exist"
-                ) from None
             raise
-        try:
-            size = fs.size(name)
-            if size != len(payload):
-                raise OSError(f"wrote {len(payload)} bytes but the sink reports {size}")
-        finally:
-            fs.rm(name)
-    except Exception as exc:
-        raise sink.translate(exc) from exc
+        bucket = sink.root.split("/", 1)[0]
+        raise SinkRefusedError(f"{sink.display}: bucket {bucket!r} does not exist") from None
+    try:
+        size = fs.size(name)
+        if size != len(payload):
+            raise OSError(f"wrote {len(payload)} bytes but the sink reports {size}")
+    finally:
+        fs.rm(name)
     return ProbeResult(connected - began, time.monotonic() - connected)
 
 
 def check_sinks(
-    sinks: list[Sink], timeout: float | None = None
+    sinks: list[Sink], timeout: float | None = None, *, close: bool = False
 ) -> list[tuple[Sink, ProbeResult | BaseException]]:
     """Probe sinks concurrently; each gets a ProbeResult or the error it gave, in order.
 
     A sink that gives no answer within ``timeout`` seconds gets a SinkUnavailableError (its
     probe is abandoned in a daemon thread). Sink-level failures are recorded in its health.
+    With ``close``, each probe closes its sink's connections when it is done.
     """
     results: list[ProbeResult | BaseException | None] = [None] * len(sinks)
     done = threading.Event()
@@ -448,14 +456,12 @@ def check_sinks(
 
     def probe(index: int, sink: Sink) -> None:
         try:
-            results[index] = probe_sink(sink)
-            sink.health.succeeded()
+            with sink.guard(report=False):
+                results[index] = probe_sink(sink)
         except Exception as exc:
             results[index] = exc
-            if isinstance(exc, SinkUnavailableError | SinkRefusedError):
-                sink.health.failed(exc)
-                if isinstance(exc, SinkUnavailableError):
-                    sink.reset()
+        if close:
+            sink.close()
         with lock:
             remaining[0] -= 1
             if remaining[0] == 0:

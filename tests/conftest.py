@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import textwrap
@@ -112,6 +113,19 @@ def sftp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.SF
 def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.GCSServer]:
     with servers.GCSServer(tmp_path_factory.mktemp("gcs")) as server:
         yield server
+
+
+def one_sink_config(sink: dict[str, Any], *, pipeline: str, retry: str, settle: str = "0.2") -> str:
+    """A config with one pipeline from incoming/ to ``sink`` (a url/options mapping)."""
+    return f"""
+        state_dir: state
+        retry: {retry}
+        pipelines:
+          - name: {pipeline}
+            source: {{path: incoming, settle: {settle}}}
+            sinks:
+              - {json.dumps(sink)}
+        """
 
 
 def unique_name(prefix: str) -> str:

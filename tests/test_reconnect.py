@@ -6,7 +6,6 @@ dead-letter files within a second if an unreachable sink counted as a failed att
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -15,7 +14,16 @@ from typing import Any
 
 import pytest
 import servers
-from conftest import Running, WriteConfig, gcs_sink, make_file, s3_sink, sftp_sink, wait_for
+from conftest import (
+    Running,
+    WriteConfig,
+    gcs_sink,
+    make_file,
+    one_sink_config,
+    s3_sink,
+    sftp_sink,
+    wait_for,
+)
 
 OUTAGE = 4.0  #: seconds the server stays away: many retry intervals of the policy below
 
@@ -58,17 +66,8 @@ def test_daemon_delivers_everything_across_a_server_outage(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     server, sink, root = start_server(kind, tmp_path / "server")
-    config = write_config(
-        f"""
-        state_dir: state
-        retry: {{max_attempts: 2, initial: 0.2, max: 1}}
-        pipelines:
-          - name: field
-            source: {{path: incoming, settle: 0.2}}
-            sinks:
-              - {json.dumps(sink)}
-        """
-    )
+    retry = "{max_attempts: 2, initial: 0.2, max: 1}"
+    config = write_config(one_sink_config(sink, pipeline="field", retry=retry))
     expected: dict[str, bytes] = {}
 
     def add(name: str) -> None:

@@ -6,7 +6,6 @@ The real CLI runs in a subprocess against the real servers.
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import subprocess
@@ -16,22 +15,13 @@ from typing import Any
 
 import pytest
 import servers
-from conftest import WriteConfig, gcs_sink, make_file, s3_sink, sftp_sink
+from conftest import WriteConfig, gcs_sink, make_file, one_sink_config, s3_sink, sftp_sink
 from test_cli import skyframe
 
 
 def write_project(write_config: WriteConfig, sink: dict[str, Any]) -> Path:
-    config = write_config(
-        f"""
-        state_dir: state
-        retry: {{max_attempts: 1, initial: 0.1, max: 0.1}}
-        pipelines:
-          - name: field
-            source: {{path: incoming, settle: 0}}
-            sinks:
-              - {json.dumps(sink)}
-        """
-    )
+    retry = "{max_attempts: 1, initial: 0.1, max: 0.1}"
+    config = write_config(one_sink_config(sink, pipeline="field", retry=retry, settle="0"))
     make_file(config.parent / "incoming", "a.jpg", b"A" * 100)
     return config
 

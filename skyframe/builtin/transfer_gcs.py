@@ -2,8 +2,8 @@
 
 A file smaller than one chunk goes in a single (multipart-encoded) upload carrying its sha256
 as object metadata. A larger file goes through a resumable session, one chunk (a multiple of
-256 KiB) at a time; the last chunk, which publishes the object, is sent only after the file is
-checked unchanged, and the session is cancelled on any error.
+256 KiB) at a time; the chunk that reaches the declared size publishes the object, so it is
+sent only after the file is checked unchanged, and the session is cancelled on any error.
 """
 
 from __future__ import annotations
@@ -69,13 +69,16 @@ def _resumable(
     location = sync(fs.loop, initiate_upload, fs, bucket, key, CONTENT_TYPE)
     offset = 0
     try:
-        for chunk, last in reader.chunks_marked():
-            if last:
-                # The last chunk publishes the object: only a file that did not change.
+        for chunk in reader.chunks():
+            if offset + len(chunk) >= request.size:
+                # The chunk that reaches the declared size publishes the object (even if the
+                # file has grown since): only for a file that did not change.
                 reader.check_unchanged(request.size, request.mtime_ns)
             sync(fs.loop, upload_chunk, fs, location, chunk, offset, request.size, CONTENT_TYPE)
             offset += len(chunk)
             request.progress(offset)
+        if offset < request.size:  # the file shrank: the session was never completed
+            reader.check_unchanged(request.size, request.mtime_ns)
     except BaseException:
         with contextlib.suppress(Exception):
             sync(fs.loop, fs._call, "DELETE", location, timeout=10)
