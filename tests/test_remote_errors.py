@@ -116,3 +116,15 @@ def test_unreachable_sink_fails_check_but_run_queues(
     assert "Traceback" not in ran.stderr
     listed = skyframe(tmp_path, "queue", "list", "-c", str(config))
     assert "a.jpg" in listed.stdout
+
+
+def test_host_key_check_off_connects_to_an_unknown_host_with_a_warning(
+    sftp_server: servers.SFTPServer, tmp_path: Path, write_config: WriteConfig
+) -> None:
+    sink = sftp_sink(sftp_server, host_key_check=False)
+    del sink["options"]["known_hosts"]  # nothing vouches for this server
+    config = write_project(write_config, sink)
+    checked = skyframe(tmp_path, "check", str(config))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.startswith("ok    field -> sftp://")
+    assert "host key checking is off" in checked.stderr
