@@ -251,6 +251,59 @@ def check(config_file: Path, timeout: float) -> None:
         sys.exit(1)
 
 
+def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    from skyframe.units import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@cli.command()
+@config_argument
+@click.option(
+    "--older-than",
+    default="24h",
+    show_default=True,
+    callback=_duration,
+    help="Only uploads whose progress stopped at least this long ago.",
+)
+@click.option("--dry-run", is_flag=True, help="Say what would be cancelled; change nothing.")
+def cleanup(config_file: Path, older_than: float, dry_run: bool) -> None:
+    """Cancel interrupted uploads left on the sinks of CONFIG: S3 multipart uploads, GCS
+    resumable sessions and SFTP temporary files that skyframe started and whose progress
+    stopped long ago. One line each; exit 1 if any could not be cancelled."""
+    from skyframe.cleanup import cleanup as cancel_stale
+    from skyframe.cleanup import span
+    from skyframe.journal import UploadJournal
+    from skyframe.pipeline import load_project
+
+    project = load_project(config_file)
+    folder = project.config.state_path / "uploads"
+    if not folder.is_dir():
+        click.echo("no uploads journaled yet: nothing to clean up")
+        return
+    sinks = {s.key: s for p in project.pipelines for s in p.sinks}
+    journal = UploadJournal(folder)
+    try:
+        cleaned = cancel_stale(journal, sinks, older_than, dry_run=dry_run)
+        left = len(journal.entries())
+    finally:
+        journal.close()
+        for sink in sinks.values():
+            sink.close()
+    for item in cleaned:
+        status = "ok  " if item.ok else "FAIL"
+        click.echo(
+            f"{status}  {item.key.sink} -> {item.key.remote}: {item.done} (idle {span(item.idle)})"
+        )
+    if not cleaned:
+        click.echo(f"nothing idle for {span(older_than)} ({left} upload(s) journaled)")
+    if any(not item.ok for item in cleaned):
+        sys.exit(1)
+
+
 @cli.command()
 @click.argument(
     "config_file",

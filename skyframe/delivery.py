@@ -31,6 +31,7 @@ from skyframe.errors import (
     SourceUnreadableError,
 )
 from skyframe.events import FileEvent, Job, LifecycleEvent
+from skyframe.journal import UploadJournal
 from skyframe.pipeline import Pipeline, evaluate_rules
 from skyframe.queue import Claim, JobQueue
 from skyframe.state import Manifest, ManifestEntry
@@ -90,6 +91,7 @@ class JobRunner:
         manifest: Manifest,
         pipelines: dict[str, Pipeline],
         state_dir: Path,
+        journal: UploadJournal | None,
         workers: int,
         emit: Callable[[LifecycleEvent], None],
         on_finished: Callable[[], None],
@@ -100,6 +102,7 @@ class JobRunner:
         self.manifest = manifest
         self.pipelines = pipelines
         self.state_dir = state_dir
+        self.journal = journal
         self.emit = emit
         self._on_finished = on_finished
         self._cancelled = cancelled
@@ -354,6 +357,7 @@ class JobRunner:
                 mtime_ns=event.mtime_ns,
                 progress=self._progress(pipeline, event.relpath, sink, event.size),
                 state_dir=self.state_dir,
+                journal=self.journal,
             )
         )
         self._record(job, sink, result.sha256, self._send_derived(job, sink))
@@ -460,6 +464,7 @@ class JobRunner:
                     size=st.st_size,
                     mtime_ns=st.st_mtime_ns,
                     state_dir=self.state_dir,
+                    journal=self.journal,
                 )
             )
             names.append(name)

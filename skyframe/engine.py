@@ -24,6 +24,7 @@ from skyframe.config import Config
 from skyframe.delivery import JobRunner
 from skyframe.errors import PluginError, RuleError, SkyframeError
 from skyframe.events import EventKind, FileEvent, LifecycleEvent
+from skyframe.journal import UploadJournal
 from skyframe.pipeline import Pipeline, evaluate_rules
 from skyframe.queue import JobQueue
 from skyframe.scanner import scan_source
@@ -124,6 +125,7 @@ class Engine:
         try:
             self.queue = JobQueue(self.state_dir / "queue")
             self.manifest = Manifest(self.state_dir / "manifest")
+            self.journal = UploadJournal(self.state_dir / "uploads")
         except BaseException:
             self._lock.release()
             raise
@@ -143,6 +145,7 @@ class Engine:
             manifest=self.manifest,
             pipelines=self.pipelines,
             state_dir=self.state_dir,
+            journal=self.journal,
             workers=config.workers,
             emit=self.emit,
             on_finished=self._job_finished,
@@ -170,6 +173,7 @@ class Engine:
                 sink.close()
         self.queue.close()
         self.manifest.close()
+        self.journal.close()
         self._lock.release()
 
     # --- events ------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from skyframe.errors import (
     SourceUnreadableError,
     UnsafePathError,
 )
+from skyframe.journal import JournalKey, UploadJournal
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +331,14 @@ class TransferRequest:
     size: int  #: size when the job was queued
     mtime_ns: int
     progress: Callable[[int], None] = lambda done: None  #: called with bytes sent so far
-    state_dir: Path | None = None  #: where a plugin may keep resume journals
+    state_dir: Path | None = None  #: the state directory (scratch space for plugins)
+    journal: UploadJournal | None = None  #: resume records; None: no resuming
+    pace: Callable[[int], None] = lambda size: None  #: call before sending ``size`` bytes
+
+    @property
+    def journal_key(self) -> JournalKey:
+        """The key of this upload's resume record in ``journal``."""
+        return JournalKey(self.sink.key, self.remote_path)
 
 
 @dataclass(frozen=True)
@@ -342,13 +350,17 @@ class TransferResult:
 
 
 class SourceReader:
-    """Read a local file in chunks, hashing it, and check it did not change meanwhile."""
+    """Read a local file in chunks, hashing it, and check it did not change meanwhile.
 
-    def __init__(self, path: Path, chunk_size: int = CHUNK_SIZE) -> None:
+    ``hashing=False`` is for a plugin that hashed the file already (a resumable upload names
+    the digest when it starts); ``sha256`` is then unavailable.
+    """
+
+    def __init__(self, path: Path, chunk_size: int = CHUNK_SIZE, *, hashing: bool = True) -> None:
         self.path = path
         self.chunk_size = chunk_size
         self.bytes_read = 0
-        self._hash = hashlib.sha256()
+        self._hash: Any = hashlib.sha256() if hashing else None
         self._file: Any = None
         self._stat: os.stat_result | None = None
 
@@ -371,23 +383,38 @@ class SourceReader:
         if self._file is not None:
             self._file.close()
 
-    def chunks(self) -> Iterator[bytes]:
-        """The file's bytes, chunk by chunk."""
-        while True:
-            try:
-                data = self._file.read(self.chunk_size)
-            except OSError as exc:
-                raise SourceUnreadableError(f"{self.path}: read failed: {exc.strerror}") from None
-            if not data:
-                return
+    def _read(self, size: int) -> bytes:
+        try:
+            data: bytes = self._file.read(size)
+        except OSError as exc:
+            raise SourceUnreadableError(f"{self.path}: read failed: {exc.strerror}") from None
+        if self._hash is not None:
             self._hash.update(data)
-            self.bytes_read += len(data)
+        self.bytes_read += len(data)
+        return data
+
+    def chunks(self) -> Iterator[bytes]:
+        """The file's bytes, chunk by chunk (from where ``start_at`` left it)."""
+        while data := self._read(self.chunk_size):
             yield data
+
+    def start_at(self, offset: int) -> None:
+        """Go on from ``offset`` (an upload resumed there): the bytes before it are hashed,
+        not returned; without hashing they are skipped."""
+        if self._hash is None:
+            self._file.seek(offset)
+            self.bytes_read = offset
+            return
+        while self.bytes_read < offset:
+            if not self._read(min(CHUNK_SIZE, offset - self.bytes_read)):
+                break  # shorter than the offset: check_unchanged will say so
 
     @property
     def sha256(self) -> str:
         """The hex digest of what was read."""
-        return self._hash.hexdigest()
+        if self._hash is None:
+            raise RuntimeError("this reader does not hash")
+        return str(self._hash.hexdigest())
 
     def check_unchanged(self, expected_size: int, expected_mtime_ns: int) -> None:
         """Raise SourceChangedError if the file differs from what the job expected."""

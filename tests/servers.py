@@ -778,6 +778,9 @@ class GCSServer(Server):
         super().__init__(base_dir, timeout=timeout)
         self.port = free_port()
         self.endpoint_url = f"http://{LOOPBACK}:{self.port}"
+        #: The address the server names in the session URIs it hands out (set it to a
+        #: proxy's before start() to route uploads through the proxy).
+        self.external_url = self.endpoint_url
         self.data_dir = self.dir / "gcs"
 
     def _prepare(self) -> None:
@@ -797,7 +800,7 @@ class GCSServer(Server):
             "-filesystem-root",
             str(self.data_dir),
             "-external-url",
-            self.endpoint_url,
+            self.external_url,
             "-log-level",
             "warn",
         ]

@@ -42,6 +42,13 @@ class GCSOptions(BackendOptions):
     chunk_size: Size = Field(
         16 * 1024 * 1024, ge=CHUNK_QUANTUM, description="resumable upload chunk size"
     )
+    status_query: bool = Field(
+        True,
+        description=(
+            "before resuming an upload, ask the server how much it holds; turn off for "
+            "emulators that publish the object on that query (fake-gcs-server)"
+        ),
+    )
 
     @field_validator("chunk_size")
     @classmethod

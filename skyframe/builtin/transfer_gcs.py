@@ -1,22 +1,37 @@
 """GCS transfer: straight to the final object, which GCS publishes atomically.
 
 A file smaller than one chunk goes in a single (multipart-encoded) upload carrying its sha256
-as object metadata. A larger file goes through a resumable session, one chunk (a multiple of
-256 KiB) at a time; the chunk that reaches the declared size publishes the object, so it is
-sent only after the file is checked unchanged, and the session is cancelled on any error.
+as object metadata. A larger file is hashed first (the metadata is fixed when the session
+opens), then goes through a resumable session, one chunk (a multiple of 256 KiB) at a time;
+the chunk that reaches the declared size publishes the object, so it is sent only after the
+file is checked unchanged.
+
+The session URI and the offset the server confirmed are journaled after every chunk. A later
+attempt asks the server how much it holds (the status query; ``status_query: false`` trusts
+the journal instead) and sends the rest. An expired session, or a file that changed since,
+starts anew; a file that changed while it was read cancels its session.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 from fsspec.asyn import sync
 
 from skyframe.backends.gcs import GCSOptions
-from skyframe.errors import SinkRefusedError
+from skyframe.errors import (
+    DeliveryError,
+    SinkRefusedError,
+    SourceChangedError,
+    SourceUnreadableError,
+)
+from skyframe.journal import same_file
 from skyframe.markers import hookimpl
-from skyframe.storage import SourceReader, TransferRequest, TransferResult
+from skyframe.storage import SourceReader, TransferRequest, TransferResult, file_sha256
+
+log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/octet-stream"
 
@@ -32,15 +47,14 @@ def skyframe_transfer(request: TransferRequest) -> TransferResult | None:
     fs = sink.fs
     bucket, _, key = request.remote_path.partition("/")
     try:
+        if request.size >= settings.chunk_size:
+            return _resumable(fs, bucket, key, request, settings)
         with SourceReader(request.local_path, chunk_size=settings.chunk_size) as reader:
-            if request.size < settings.chunk_size:
-                _simple(fs, bucket, key, reader, request)
-            else:
-                _resumable(fs, bucket, key, reader, request)
+            _simple(fs, bucket, key, reader, request)
+        return TransferResult(reader.bytes_read, reader.sha256)
     except FileNotFoundError:
         # Uploads name no existing object: a 404 here is the bucket.
         raise SinkRefusedError(f"{sink.display}: bucket {bucket!r} does not exist") from None
-    return TransferResult(reader.bytes_read, reader.sha256)
 
 
 def _simple(fs: Any, bucket: str, key: str, reader: SourceReader, request: TransferRequest) -> None:
@@ -62,24 +76,136 @@ def _simple(fs: Any, bucket: str, key: str, reader: SourceReader, request: Trans
 
 
 def _resumable(
-    fs: Any, bucket: str, key: str, reader: SourceReader, request: TransferRequest
-) -> None:
-    from gcsfs.core import initiate_upload, upload_chunk
-
-    location = sync(fs.loop, initiate_upload, fs, bucket, key, CONTENT_TYPE)
-    offset = 0
+    fs: Any, bucket: str, key: str, request: TransferRequest, settings: GCSOptions
+) -> TransferResult:
+    journal, journal_key = request.journal, request.journal_key
+    session, offset, sha256 = _resume(fs, request, settings)
+    if session is None:
+        session, sha256 = _open_session(fs, bucket, key, request, settings)
     try:
-        for chunk in reader.chunks():
-            if offset + len(chunk) >= request.size:
-                # The chunk that reaches the declared size publishes the object (even if the
-                # file has grown since): only for a file that did not change.
+        with SourceReader(
+            request.local_path, chunk_size=settings.chunk_size, hashing=False
+        ) as reader:
+            reader.start_at(offset)
+            for chunk in reader.chunks():
+                if offset + len(chunk) >= request.size:
+                    # The chunk that reaches the declared size publishes the object (even if
+                    # the file has grown since): only for a file that did not change.
+                    reader.check_unchanged(request.size, request.mtime_ns)
+                request.pace(len(chunk))
+                _send_chunk(fs, session, chunk, offset, request)
+                offset += len(chunk)
+                if journal is not None and offset < request.size:
+                    journal.update(journal_key, offset=offset)
+                request.progress(offset)
+            if offset < request.size:  # the file shrank: the session was never completed
                 reader.check_unchanged(request.size, request.mtime_ns)
-            sync(fs.loop, upload_chunk, fs, location, chunk, offset, request.size, CONTENT_TYPE)
-            offset += len(chunk)
-            request.progress(offset)
-        if offset < request.size:  # the file shrank: the session was never completed
-            reader.check_unchanged(request.size, request.mtime_ns)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            sync(fs.loop, fs._call, "DELETE", location, timeout=10)
+    except BaseException as exc:
+        if journal is None or isinstance(exc, SourceChangedError | SourceUnreadableError):
+            cancel_session(fs, session)
+            if journal is not None:
+                journal.forget(journal_key)
         raise
+    if journal is not None:
+        journal.forget(journal_key)
+    return TransferResult(request.size, sha256)
+
+
+def _open_session(
+    fs: Any, bucket: str, key: str, request: TransferRequest, settings: GCSOptions
+) -> tuple[str, str]:
+    """Hash the file, open a resumable session carrying the digest, journal it."""
+    from gcsfs.core import initiate_upload
+
+    sha256 = file_sha256(request.local_path)
+    metadata = {"sha256": sha256}
+    session = sync(fs.loop, initiate_upload, fs, bucket, key, CONTENT_TYPE, metadata=metadata)
+    if request.journal is not None:
+        request.journal.start(
+            request.journal_key,
+            {
+                "protocol": "gcs",
+                "session": session,
+                "local": str(request.local_path),
+                "size": request.size,
+                "mtime_ns": request.mtime_ns,
+                "chunk_size": settings.chunk_size,
+                "sha256": sha256,
+                "offset": 0,
+            },
+        )
+    return session, sha256
+
+
+def _send_chunk(fs: Any, session: str, chunk: bytes, offset: int, request: TransferRequest) -> None:
+    from gcsfs.core import upload_chunk
+
+    try:
+        sync(fs.loop, upload_chunk, fs, session, chunk, offset, request.size, CONTENT_TYPE)
+    except Exception as exc:
+        if not session_gone(exc):
+            raise
+        if request.journal is not None:
+            request.journal.forget(request.journal_key)
+        raise DeliveryError(
+            f"{request.sink.display}: the upload session of {request.remote_path} expired; "
+            "it starts again"
+        ) from None
+
+
+def _resume(fs: Any, request: TransferRequest, settings: GCSOptions) -> tuple[str | None, int, str]:
+    """The journaled session of this file and the offset to go on from, or (None, 0, "")."""
+    journal = request.journal
+    record = journal.get(request.journal_key) if journal is not None else None
+    if journal is None or record is None:
+        return None, 0, ""
+    usable = (
+        record.get("protocol") == "gcs"
+        and same_file(record, request.size, request.mtime_ns)
+        and record.get("chunk_size") == settings.chunk_size
+    )
+    offset: int | None = int(record.get("offset", 0))
+    if usable and settings.status_query:
+        offset = session_offset(fs, record["session"], request.size)
+    if not usable or offset is None:
+        if not usable:
+            cancel_session(fs, record["session"])
+        journal.forget(request.journal_key)
+        return None, 0, ""
+    log.info("%s: resuming %s at byte %d", request.sink.display, request.remote_path, offset)
+    return record["session"], offset, record["sha256"]
+
+
+def session_offset(fs: Any, session: str, size: int) -> int | None:
+    """How many bytes the server holds for a resumable session (the status query), or None
+    when the session expired or is already complete (it starts anew then)."""
+    try:
+        headers, text = sync(
+            fs.loop,
+            fs._call,
+            "PUT",
+            session,
+            headers={"Content-Range": f"bytes */{size}", "Content-Length": "0"},
+            data=b"",
+            timeout=30,
+        )
+    except Exception as exc:
+        if not session_gone(exc):
+            raise
+        log.info("the resumable session is gone (%s); starting anew", exc)
+        return None
+    if text:  # a resource: the upload completed (e.g. killed before it was recorded)
+        return None
+    held = headers.get("Range")
+    return int(held.rsplit("-", 1)[1]) + 1 if held else 0
+
+
+def session_gone(exc: BaseException) -> bool:
+    """True for the answers of a session that expired (410) or was cancelled (404)."""
+    return isinstance(exc, FileNotFoundError) or getattr(exc, "code", None) in (404, 410)
+
+
+def cancel_session(fs: Any, session: str) -> None:
+    """Cancel a resumable session (the server drops what it holds); errors are ignored."""
+    with contextlib.suppress(Exception):
+        sync(fs.loop, fs._call, "DELETE", session, timeout=10)

@@ -1,23 +1,43 @@
 """S3 transfer: straight to the final key, which S3 publishes atomically.
 
 A file smaller than one part goes in a single PUT carrying its sha256 as object metadata
-(``x-amz-meta-sha256``). A larger file goes as a multipart upload: parts are read one after
-the other (memory stays at ``part_concurrency`` parts) and sent ``part_concurrency`` at a
-time; the upload is completed only after the file is checked unchanged, and aborted on any
-error, so no partial object is ever visible.
+(``x-amz-meta-sha256``). A larger file goes as a multipart upload that survives crashes and
+dropped links:
+
+- the file is hashed first (S3 takes metadata only when the upload is created), then the
+  upload id, part size and digest are journaled before the first part is sent;
+- every part the server confirms is journaled with its ETag;
+- a later attempt asks the server which parts it holds (``list_parts``, paged), checks each
+  against the local bytes (size, and the ETag where it is the part's MD5) and sends only the
+  missing ones, ``part_concurrency`` at a time, reading one part ahead per slot;
+- the upload is completed only once the file is known unchanged. A file that changed since
+  the journal, or while it was read, gets its stale upload aborted and starts anew.
+
+On any other error (a dropped link, a kill) the upload stays on the server for the next
+attempt; ``skyframe cleanup`` aborts the ones left behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import logging
+import re
 from collections import deque
 from concurrent.futures import Future
 from typing import Any
 
 from skyframe.backends.s3 import S3Options, direct_put
+from skyframe.errors import DeliveryError, SourceChangedError, SourceUnreadableError
+from skyframe.journal import JournalKey, UploadJournal, same_file
 from skyframe.markers import hookimpl
-from skyframe.storage import SourceReader, TransferRequest, TransferResult
+from skyframe.storage import SourceReader, TransferRequest, TransferResult, file_sha256
+
+log = logging.getLogger(__name__)
+
+CLOCK_SLACK = 60.0  #: seconds the server's clock may differ from ours
+_PLAIN_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')
 
 
 @hookimpl
@@ -31,62 +51,260 @@ def skyframe_transfer(request: TransferRequest) -> TransferResult | None:
     fs = sink.fs
     bucket, _, key = request.remote_path.partition("/")
     part_size = settings.part_size_for(request.size)
+    if request.size >= part_size:
+        upload = MultipartUpload(fs, bucket, key, request, part_size)
+        return upload.run(width=settings.part_concurrency)
     with SourceReader(request.local_path, chunk_size=part_size) as reader:
-        if request.size < part_size:
-            data = b"".join(reader.chunks())
-            reader.check_unchanged(request.size, request.mtime_ns)
-            metadata = {"sha256": reader.sha256}
-            direct = direct_put(fs, settings)
-            if direct is None or not direct.put(bucket, key, data, metadata):
-                fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, Metadata=metadata)
-            request.progress(len(data))
-        else:
-            _multipart(fs, bucket, key, reader, request, width=settings.part_concurrency)
+        data = b"".join(reader.chunks())
+        reader.check_unchanged(request.size, request.mtime_ns)
+        metadata = {"sha256": reader.sha256}
+        request.pace(len(data))
+        direct = direct_put(fs, settings)
+        if direct is None or not direct.put(bucket, key, data, metadata):
+            fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, Metadata=metadata)
+        request.progress(len(data))
     return TransferResult(reader.bytes_read, reader.sha256)
 
 
-def _multipart(
-    fs: Any, bucket: str, key: str, reader: SourceReader, request: TransferRequest, *, width: int
-) -> None:
-    upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)
-    upload_id = upload["UploadId"]
-    in_flight: deque[tuple[int, int, Future[Any]]] = deque()
-    parts: list[dict[str, Any]] = []
-    sent = 0
-
-    def settle_oldest() -> None:
-        nonlocal sent
-        number, size, future = in_flight.popleft()
-        parts.append({"PartNumber": number, "ETag": future.result()["ETag"]})
-        sent += size
-        request.progress(sent)
-
-    try:
-        for number, chunk in enumerate(reader.chunks(), start=1):
-            call = fs._call_s3(
-                "upload_part",
-                Bucket=bucket,
-                Key=key,
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=chunk,
+def list_parts(fs: Any, bucket: str, key: str, upload_id: str) -> dict[int, dict[str, Any]] | None:
+    """The parts the server holds for an upload (all pages), or None if it is gone."""
+    parts: dict[int, dict[str, Any]] = {}
+    marker = 0
+    while True:
+        try:
+            page = fs.call_s3(
+                "list_parts", Bucket=bucket, Key=key, UploadId=upload_id, PartNumberMarker=marker
             )
-            in_flight.append((number, len(chunk), asyncio.run_coroutine_threadsafe(call, fs.loop)))
-            while len(in_flight) >= width:
-                settle_oldest()
-        while in_flight:
-            settle_oldest()
-        reader.check_unchanged(request.size, request.mtime_ns)
-        fs.call_s3(
-            "complete_multipart_upload",
-            Bucket=bucket,
-            Key=key,
-            UploadId=upload_id,
-            MultipartUpload={"Parts": parts},
+        except FileNotFoundError:  # NoSuchUpload: completed, aborted or expired
+            return None
+        for part in page.get("Parts", []):
+            parts[int(part["PartNumber"])] = {"etag": part["ETag"], "size": int(part["Size"])}
+        if not page.get("IsTruncated"):
+            return parts
+        marker = int(page["NextPartNumberMarker"])
+
+
+def abort_upload(fs: Any, bucket: str, key: str, upload_id: str) -> None:
+    """Abort a multipart upload; one that is gone already is fine."""
+    with contextlib.suppress(FileNotFoundError):
+        fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+
+
+def uploads_of(fs: Any, bucket: str, key: str) -> list[tuple[str, float]]:
+    """Multipart uploads under way for exactly this key: (upload id, epoch started)."""
+    found: list[tuple[str, float]] = []
+    markers: dict[str, str] = {}
+    while True:
+        page = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key, **markers)
+        for upload in page.get("Uploads", []):
+            if upload["Key"] == key:
+                found.append((upload["UploadId"], upload["Initiated"].timestamp()))
+        if not page.get("IsTruncated"):
+            return found
+        markers = {
+            "KeyMarker": page["NextKeyMarker"],
+            "UploadIdMarker": page["NextUploadIdMarker"],
+        }
+
+
+def abort_unrecorded(fs: Any, bucket: str, key: str, since: float) -> int:
+    """Abort the uploads of ``key`` begun since ``since`` (a record that never got their id:
+    the process died between creating the upload and noting it); returns how many."""
+    aborted = 0
+    for upload_id, started in uploads_of(fs, bucket, key):
+        if started >= since - CLOCK_SLACK:
+            abort_upload(fs, bucket, key, upload_id)
+            aborted += 1
+    return aborted
+
+
+def _part_matches(held: dict[str, Any] | None, chunk: bytes) -> bool:
+    """True when the part the server holds has these bytes (as far as S3 tells)."""
+    if held is None or held["size"] != len(chunk):
+        return False
+    plain = _PLAIN_ETAG.match(str(held["etag"]))
+    return plain is None or plain.group(1) == hashlib.md5(chunk, usedforsecurity=False).hexdigest()
+
+
+class MultipartUpload:
+    """One file's multipart upload, resumed from the journal where it can be."""
+
+    def __init__(
+        self, fs: Any, bucket: str, key: str, request: TransferRequest, part_size: int
+    ) -> None:
+        self.fs = fs
+        self.bucket = bucket
+        self.key = key
+        self.request = request
+        self.part_size = part_size
+        self.journal: UploadJournal | None = request.journal
+        self.journal_key: JournalKey = request.journal_key
+        self.upload_id = ""
+        self.sha256 = ""
+        self.held: dict[int, dict[str, Any]] = {}  #: parts on the server: number -> etag, size
+
+    def run(self, *, width: int) -> TransferResult:
+        """Send what the server lacks and complete the upload."""
+        if not self._resume():
+            self._create()
+        try:
+            size = self._send_parts(width)
+            self.fs.call_s3(
+                "complete_multipart_upload",
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                MultipartUpload={
+                    "Parts": [
+                        {"PartNumber": number, "ETag": part["etag"]}
+                        for number, part in sorted(self.held.items())
+                    ]
+                },
+            )
+        except FileNotFoundError:
+            # NoSuchUpload: aborted behind our back (cleanup, a lifecycle rule) mid-way.
+            self._forget()
+            raise DeliveryError(
+                f"{self.request.sink.display}: multipart upload of {self.key} vanished "
+                "from the server; it starts again"
+            ) from None
+        except (SourceChangedError, SourceUnreadableError):
+            self._abandon()
+            raise
+        except BaseException:
+            if self.journal is None:  # nothing could resume it: leave nothing behind
+                self._abandon()
+            raise
+        self._forget()
+        return TransferResult(size, self.sha256)
+
+    def _resume(self) -> bool:
+        """Pick up the journaled upload of this file; False when there is none to resume."""
+        if self.journal is None:
+            return False
+        record = self.journal.get(self.journal_key)
+        if record is None:
+            return False
+        request = self.request
+        resumable = (
+            record.get("protocol") == "s3"
+            and same_file(record, request.size, request.mtime_ns)
+            and record.get("part_size") == self.part_size
+            and bool(record.get("upload_id"))
         )
-    except BaseException:
-        for _, _, future in in_flight:
-            future.cancel()
-        with contextlib.suppress(Exception):
-            fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
-        raise
+        held = (
+            list_parts(self.fs, self.bucket, self.key, record["upload_id"]) if resumable else None
+        )
+        if held is None:
+            if not record.get("upload_id"):
+                abort_unrecorded(self.fs, self.bucket, self.key, record["started_at"])
+            elif not resumable:
+                log.info(
+                    "%s: %s changed since its upload began; starting anew",
+                    request.sink.display,
+                    self.key,
+                )
+                abort_upload(self.fs, self.bucket, self.key, record["upload_id"])
+            self.journal.forget(self.journal_key)
+            return False
+        self.upload_id = record["upload_id"]
+        self.sha256 = record["sha256"]
+        self.held = held
+        log.info(
+            "%s: resuming %s: %d of %d part(s) on the server",
+            request.sink.display,
+            self.key,
+            len(held),
+            -(-request.size // self.part_size),
+        )
+        return True
+
+    def _create(self) -> None:
+        request = self.request
+        self.sha256 = file_sha256(request.local_path)
+        if self.journal is not None:
+            # Journaled before the upload exists, so cleanup can find it even if we die
+            # between creating it and noting its id.
+            self.journal.start(
+                self.journal_key,
+                {
+                    "protocol": "s3",
+                    "bucket": self.bucket,
+                    "key": self.key,
+                    "local": str(request.local_path),
+                    "size": request.size,
+                    "mtime_ns": request.mtime_ns,
+                    "part_size": self.part_size,
+                    "sha256": self.sha256,
+                    "upload_id": None,
+                    "parts": {},
+                },
+            )
+        created = self.fs.call_s3(
+            "create_multipart_upload",
+            Bucket=self.bucket,
+            Key=self.key,
+            Metadata={"sha256": self.sha256},
+        )
+        self.upload_id = created["UploadId"]
+        if self.journal is not None:
+            self.journal.update(self.journal_key, upload_id=self.upload_id)
+
+    def _send_parts(self, width: int) -> int:
+        """Upload the missing parts, ``width`` at a time; returns the bytes in the object."""
+        request = self.request
+        in_flight: deque[tuple[int, int, Future[Any]]] = deque()
+        done = 0
+
+        def settle_oldest() -> None:
+            nonlocal done
+            number, size, future = in_flight.popleft()
+            etag = future.result()["ETag"]
+            self.held[number] = {"etag": etag, "size": size}
+            if self.journal is not None:
+                self.journal.add_part(self.journal_key, number, etag, size)
+            done += size
+            request.progress(done)
+
+        with SourceReader(request.local_path, chunk_size=self.part_size, hashing=False) as reader:
+            try:
+                for number, chunk in enumerate(reader.chunks(), start=1):
+                    if _part_matches(self.held.get(number), chunk):
+                        done += len(chunk)
+                        continue
+                    self.held.pop(number, None)
+                    request.pace(len(chunk))
+                    call = self.fs._call_s3(
+                        "upload_part",
+                        Bucket=self.bucket,
+                        Key=self.key,
+                        UploadId=self.upload_id,
+                        PartNumber=number,
+                        Body=chunk,
+                    )
+                    future = asyncio.run_coroutine_threadsafe(call, self.fs.loop)
+                    in_flight.append((number, len(chunk), future))
+                    while len(in_flight) >= width:
+                        settle_oldest()
+                while in_flight:
+                    settle_oldest()
+                reader.check_unchanged(request.size, request.mtime_ns)
+            finally:
+                for _, _, future in in_flight:
+                    future.cancel()
+            last = -(-reader.bytes_read // self.part_size)
+            for number in [n for n in self.held if n > last]:  # left by a longer version
+                del self.held[number]
+            return reader.bytes_read
+
+    def _forget(self) -> None:
+        if self.journal is not None:
+            self.journal.forget(self.journal_key)
+
+    def _abandon(self) -> None:
+        """Abort the upload (it can never complete) and drop its record."""
+        try:
+            abort_upload(self.fs, self.bucket, self.key, self.upload_id)
+        except Exception as exc:  # cleanup aborts it later; the original error matters more
+            log.debug("could not abort upload of %s: %s", self.key, exc)
+        self._forget()

@@ -2,6 +2,11 @@
 place with ``posix-rename@openssh.com``, which replaces the target atomically.
 
 Round trips per file: open, write(s), close, rename; folders are created once per connection.
+A large upload is journaled as it goes (the offset up to which every write was acknowledged):
+after a crash or a dropped link the next attempt reopens the temporary file without
+truncating it and goes on from the lower of that offset and the file's size, re-reading
+the local prefix only to finish the hash.
+
 The SFTP server acknowledges every write, so the size is not asked again. Large files are
 written in chunks at explicit offsets, two chunks in flight, each split by asyncssh into many
 parallel requests: reading and hashing the next chunk overlaps with sending this one.
@@ -11,40 +16,78 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import posixpath
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from skyframe.errors import SourceChangedError, SourceUnreadableError
+from skyframe.journal import UploadJournal, same_file
 from skyframe.markers import hookimpl
 from skyframe.storage import SourceReader, TransferRequest, TransferResult, temporary_path
+
+log = logging.getLogger(__name__)
 
 CHUNK = 4 * 1024 * 1024  #: bytes per write call (asyncssh splits it into parallel requests)
 IN_FLIGHT = 2  #: write calls outstanding at once (memory: IN_FLIGHT x CHUNK)
 
 
-def _write_pipelined(out: Any, reader: SourceReader, request: TransferRequest) -> None:
-    """Write the file at explicit offsets, keeping IN_FLIGHT chunks on the wire."""
+def _write_pipelined(
+    out: Any,
+    reader: SourceReader,
+    request: TransferRequest,
+    offset: int,
+    confirmed: Callable[[int], None],
+) -> None:
+    """Write the rest of the file from ``offset``, keeping IN_FLIGHT chunks on the wire;
+    ``confirmed(end)`` is called as the server acknowledges each chunk, in file order."""
     handle = out._file  # sshfs's file wraps asyncssh's, which takes explicit offsets
     pending: deque[tuple[Future[Any], int]] = deque()
-    offset = 0
     try:
         for chunk in reader.chunks():
+            request.pace(len(chunk))
             write = handle.write(chunk, offset)
             offset += len(chunk)
             pending.append((asyncio.run_coroutine_threadsafe(write, out.loop), offset))
             while len(pending) >= IN_FLIGHT:
                 future, done = pending.popleft()
                 future.result()
-                request.progress(done)
+                confirmed(done)
         while pending:
             future, done = pending.popleft()
             future.result()
-            request.progress(done)
+            confirmed(done)
     except BaseException:
         for future, _ in pending:
             future.cancel()
         raise
+
+
+def _resume_offset(
+    fs: Any, journal: UploadJournal | None, request: TransferRequest, temporary: str
+) -> int:
+    """Where a journaled upload of this file into ``temporary`` can go on from (0: anew).
+
+    The lower of the journaled offset (every byte before it was acknowledged) and the
+    temporary file's size (which a write still in flight may have pushed past a hole).
+    """
+    if journal is None:
+        return 0
+    record = journal.get(request.journal_key)
+    if (
+        record is None
+        or record.get("protocol") != "sftp"
+        or record.get("temporary") != temporary
+        or not same_file(record, request.size, request.mtime_ns)
+    ):
+        return 0
+    try:
+        remote_size = int(fs.info(temporary)["size"])
+    except FileNotFoundError:
+        return 0
+    return max(0, min(int(record.get("offset", 0)), remote_size, request.size))
 
 
 @hookimpl
@@ -54,22 +97,59 @@ def skyframe_transfer(request: TransferRequest) -> TransferResult | None:
     if sink.protocol != "sftp":
         return None
     fs = sink.fs
+    # A file of one chunk is sent again whole: a journal would cost more than it saves.
+    journal = request.journal if request.size > CHUNK else None
+    key = request.journal_key
     temporary = temporary_path(request.remote_path)
     with SourceReader(request.local_path, chunk_size=CHUNK) as reader:
         sink.ensure_folder(posixpath.dirname(request.remote_path))
-        try:
-            out = fs.open(temporary, "wb")
-        except FileNotFoundError:
-            sink.forget_folders()  # removed behind our back since we made it
-            sink.ensure_folder(posixpath.dirname(request.remote_path))
-            out = fs.open(temporary, "wb")
+        start = _resume_offset(fs, journal, request, temporary)
+        if start:
+            log.info("%s: resuming %s at byte %d", sink.display, request.remote_path, start)
+            reader.start_at(start)  # hashes what is already there
+        elif journal is not None:
+            journal.start(
+                key,
+                {
+                    "protocol": "sftp",
+                    "temporary": temporary,
+                    "local": str(request.local_path),
+                    "size": request.size,
+                    "mtime_ns": request.mtime_ns,
+                    "offset": 0,
+                },
+            )
+
+        def confirmed(done: int) -> None:
+            if journal is not None:
+                journal.update(key, offset=done)
+            request.progress(done)
+
+        out = _open(sink, temporary, "r+b" if start else "wb")
         try:
             with out:
-                _write_pipelined(out, reader, request)
+                _write_pipelined(out, reader, request, start, confirmed)
             reader.check_unchanged(request.size, request.mtime_ns)
             fs.mv(temporary, request.remote_path)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                fs.rm(temporary)
+        except BaseException as exc:
+            if journal is None or isinstance(exc, SourceChangedError | SourceUnreadableError):
+                with contextlib.suppress(Exception):
+                    fs.rm(temporary)
+                if journal is not None:
+                    journal.forget(key)
             raise
+    if journal is not None:
+        journal.forget(key)
     return TransferResult(reader.bytes_read, reader.sha256)
+
+
+def _open(sink: Any, temporary: str, mode: str) -> Any:
+    """Open the temporary file, making its folder again if it was removed behind our back."""
+    try:
+        return sink.fs.open(temporary, mode)
+    except FileNotFoundError:
+        if mode != "wb":
+            raise
+        sink.forget_folders()
+        sink.ensure_folder(posixpath.dirname(temporary))
+        return sink.fs.open(temporary, mode)

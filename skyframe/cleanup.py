@@ -1,0 +1,109 @@
+"""Cancel resumable uploads that were left behind (``skyframe cleanup``).
+
+An upload interrupted for good (its file deleted, the job dead-lettered, the sink removed
+from the config) keeps its journal record, and on the server an S3 multipart upload (whose
+parts are billed), a GCS resumable session or a hidden SFTP temporary file. These are the
+uploads skyframe started itself: only journaled ones are touched, and only once their record
+has not moved for the given age, so an upload still under way is never cancelled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from skyframe.journal import JournalKey, UploadJournal, stale_uploads
+from skyframe.storage import Sink
+
+
+@dataclass(frozen=True)
+class Cleaned:
+    """One stale upload and what became of it."""
+
+    key: JournalKey
+    protocol: str
+    idle: float  #: seconds since its record last moved
+    done: str  #: what was found or cancelled, for people
+    ok: bool  #: False when it could not be cancelled (its record is kept)
+
+
+def span(seconds: float) -> str:
+    """A duration for people: ``45s``, ``12m``, ``3h05m``, ``2d04h``."""
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def describe(record: dict[str, Any]) -> str:
+    """What the server holds for an upload, as far as the journal knows."""
+    protocol = record.get("protocol")
+    if protocol == "s3":
+        return f"S3 multipart upload, {len(record.get('parts') or {})} part(s) sent"
+    if protocol == "gcs":
+        return f"GCS resumable session, {record.get('offset', 0)} byte(s) confirmed"
+    if protocol == "sftp":
+        return f"SFTP temporary file, {record.get('offset', 0)} byte(s) written"
+    return f"{protocol} upload"
+
+
+def cancel(sink: Sink, record: dict[str, Any]) -> None:
+    """Cancel one upload on its sink (one already gone is fine)."""
+    protocol = record.get("protocol")
+    fs = sink.fs
+    if protocol == "s3":
+        from skyframe.builtin.transfer_s3 import abort_unrecorded, abort_upload
+
+        bucket, key = record["bucket"], record["key"]
+        if record.get("upload_id"):
+            abort_upload(fs, bucket, key, record["upload_id"])
+        else:  # died between creating the upload and noting its id
+            abort_unrecorded(fs, bucket, key, record["started_at"])
+    elif protocol == "gcs":
+        from skyframe.builtin.transfer_gcs import cancel_session
+
+        cancel_session(fs, record["session"])
+    elif protocol == "sftp":
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(record["temporary"])
+    else:
+        raise ValueError(f"unknown upload protocol {protocol!r}")
+
+
+def cleanup(
+    journal: UploadJournal,
+    sinks: dict[str, Sink],
+    older_than: float,
+    *,
+    dry_run: bool = False,
+) -> list[Cleaned]:
+    """Cancel every journaled upload idle for ``older_than`` seconds on a configured sink."""
+    now = time.time()
+    out = []
+    for key, record in stale_uploads(journal, older_than, now):
+        protocol = str(record.get("protocol"))
+        idle = now - float(record["updated_at"])
+        sink = sinks.get(key.sink)
+        what = describe(record)
+        if sink is None:
+            out.append(Cleaned(key, protocol, idle, f"{what}; sink not in the config", False))
+            continue
+        if dry_run:
+            out.append(Cleaned(key, protocol, idle, f"{what}; would cancel", True))
+            continue
+        try:
+            with sink.guard():
+                cancel(sink, record)
+        except Exception as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            out.append(Cleaned(key, protocol, idle, f"{what}; not cancelled: {reason}", False))
+            continue
+        journal.forget(key)
+        out.append(Cleaned(key, protocol, idle, f"{what}; cancelled", True))
+    return out
