@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from skyframe.errors import ConfigError, Location
-from skyframe.units import Duration
+from skyframe.units import Duration, Rate
 
 YamlPath = tuple[str | int, ...]
 
@@ -53,6 +53,9 @@ class SinkConfig(_Model):
     )
     on_delete: Literal["keep", "delete"] = Field(
         "keep", description="delete the remote copy when the local file is deleted"
+    )
+    bwlimit: Rate | None = Field(
+        None, description="upload rate limit for this sink (e.g. 2MB/s, 10Mbit/s)"
     )
 
     @property
@@ -115,6 +118,9 @@ class Config(_Model):
         5.0, description="on stop, how long in-flight transfers may finish before being cut"
     )
     retry: RetryConfig = Field(default_factory=RetryConfig)
+    bwlimit: Rate | None = Field(
+        None, description="upload rate limit of all sinks together (e.g. 2MB/s, 10Mbit/s)"
+    )
     pipelines: list[PipelineConfig] = Field(min_length=1)
 
     _file: Path = PrivateAttr(default=Path(DEFAULT_CONFIG_NAME))

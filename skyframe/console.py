@@ -8,8 +8,8 @@ from types import TracebackType
 from rich.console import Console
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
 )
@@ -19,23 +19,28 @@ from skyframe.events import LifecycleEvent
 from skyframe.markers import hookimpl
 from skyframe.units import format_size
 
+#: Files at least this large get a bar of their own, in bytes, while they are sent.
+BYTE_BAR_MIN = 8 * 1024 * 1024
+
 
 class ProgressReporter:
-    """A ``skyframe_event`` plugin that drives a progress bar of files handled."""
+    """A ``skyframe_event`` plugin that drives a progress bar of files handled, and one bar
+    per large file in flight, in bytes, fed by the throttled ``progress`` events."""
 
     def __init__(self, console: Console, sinks_per_pipeline: dict[str, int]) -> None:
         self._sinks = sinks_per_pipeline
         self._lock = threading.Lock()
         self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
+            TextColumn("[bold]{task.description}", markup=True),
             BarColumn(),
-            MofNCompleteColumn(),
+            TextColumn("{task.fields[amount]}", markup=False),
             TextColumn("{task.fields[current]}", style="dim", markup=False),
             TimeElapsedColumn(),
             console=console,
             transient=True,
         )
-        self._task = self._progress.add_task("delivering", total=0, current="")
+        self._task = self._progress.add_task("delivering", total=0, current="", amount="0/0")
+        self._files: dict[tuple[str, str, str], TaskID] = {}
 
     def __enter__(self) -> ProgressReporter:
         self._progress.start()
@@ -52,16 +57,49 @@ class ProgressReporter:
     @hookimpl
     def skyframe_event(self, event: LifecycleEvent) -> None:
         with self._lock:
-            share = 1 / max(self._sinks.get(event.pipeline, 1), 1)
-            if event.kind == "queued":
-                total = self._progress.tasks[0].total or 0
-                self._progress.update(self._task, total=total + 1)
-            elif event.kind == "started":
-                self._progress.update(self._task, current=event.relpath)
-            elif event.kind in ("delivered", "unchanged", "moved") and event.sink is not None:
-                self._progress.advance(self._task, share)
-            elif event.kind in ("dead-lettered", "skipped"):
-                self._progress.advance(self._task, 1)
+            self._count(event)
+            if event.sink is not None:
+                self._bytes(event, (event.pipeline, event.relpath, event.sink))
+
+    def _count(self, event: LifecycleEvent) -> None:
+        """The files bar: each file counts once, shared between its pipeline's sinks."""
+        share = 1 / max(self._sinks.get(event.pipeline, 1), 1)
+        task = self._progress.tasks[0]
+        if event.kind == "queued":
+            self._progress.update(self._task, total=(task.total or 0) + 1)
+        elif event.kind == "started":
+            self._progress.update(self._task, current=event.relpath)
+        elif event.kind in ("delivered", "unchanged", "moved") and event.sink is not None:
+            self._progress.advance(self._task, share)
+        elif event.kind in ("dead-lettered", "skipped"):
+            self._progress.advance(self._task, 1)
+        self._progress.update(
+            self._task, amount=f"{int(task.completed + 1e-9)}/{int(task.total or 0)} files"
+        )
+
+    def _bytes(self, event: LifecycleEvent, key: tuple[str, str, str]) -> None:
+        """A bar per large file in flight to one sink, in bytes, with its rate."""
+        task = self._files.get(key)
+        if event.kind == "started" and (event.size or 0) >= BYTE_BAR_MIN:
+            if task is not None:
+                self._progress.remove_task(task)
+            self._files[key] = self._progress.add_task(
+                "  sending", total=event.size, current=f"{event.relpath} -> {event.sink}", amount=""
+            )
+            self._progress.update(self._files[key], amount=self._amount(self._files[key]))
+        elif event.kind == "progress" and task is not None and event.bytes_done is not None:
+            self._progress.update(task, completed=event.bytes_done)
+            self._progress.update(task, amount=self._amount(task))
+        elif event.kind in ("delivered", "failed", "dead-lettered") and task is not None:
+            self._progress.remove_task(task)
+            del self._files[key]
+
+    def _amount(self, task_id: TaskID) -> str:
+        task = next(t for t in self._progress.tasks if t.id == task_id)
+        text = f"{format_size(task.completed)}/{format_size(task.total or 0)}"
+        if task.speed:
+            text += f" {format_size(task.speed)}/s"
+        return text
 
 
 def print_summary(console: Console, summary: RunSummary) -> None:

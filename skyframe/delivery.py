@@ -358,6 +358,7 @@ class JobRunner:
                 progress=self._progress(pipeline, event.relpath, sink, event.size),
                 state_dir=self.state_dir,
                 journal=self.journal,
+                pace=self._pace(sink),
             )
         )
         self._record(job, sink, result.sha256, self._send_derived(job, sink))
@@ -465,6 +466,7 @@ class JobRunner:
                     mtime_ns=st.st_mtime_ns,
                     state_dir=self.state_dir,
                     journal=self.journal,
+                    pace=self._pace(sink),
                 )
             )
             names.append(name)
@@ -487,6 +489,19 @@ class JobRunner:
                 f"of {request.size}"
             )
         return result
+
+    def _pace(self, sink: Sink) -> Callable[[int], None]:
+        """Wait as the sink's rate limits require before sending so many bytes."""
+        limiter = sink.limiter
+        cancelled = self._cancelled
+
+        def pace(size: int) -> None:
+            if limiter:
+                limiter.take(size, cancelled)
+            if cancelled.is_set():
+                raise TransferCancelled
+
+        return pace
 
     def _progress(
         self, pipeline: str | None, relpath: str | None, sink: Sink, size: int

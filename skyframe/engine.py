@@ -20,6 +20,7 @@ from typing import Any
 
 import pluggy
 
+from skyframe.bandwidth import Limiter, TokenBucket
 from skyframe.config import Config
 from skyframe.delivery import JobRunner
 from skyframe.errors import PluginError, RuleError, SkyframeError
@@ -137,6 +138,10 @@ class Engine:
         self._wake = threading.Condition()
         self._in_flight = 0
         self._sources = {p.name: _Source(self, p) for p in pipelines}
+        if config.bwlimit:  # one budget for every sink, on top of each sink's own
+            shared = TokenBucket(config.bwlimit)
+            for sink in (s for p in pipelines for s in p.sinks):
+                sink.limiter = Limiter([shared, *sink.limiter.buckets])
         self._vanished: dict[tuple[str, int], _Vanished] = {}
         self._vanished_lock = threading.Lock()
         self.runner = JobRunner(

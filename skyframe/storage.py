@@ -25,6 +25,7 @@ import fsspec
 from fsspec.spec import AbstractFileSystem
 
 from skyframe.backends import Endpoint
+from skyframe.bandwidth import Limiter, TokenBucket
 from skyframe.config import RetryConfig, SinkConfig, url_without_password
 from skyframe.errors import (
     SinkRefusedError,
@@ -149,6 +150,7 @@ class Sink:
         concurrency: int | None = None,
         on_delete: str = "keep",
         health: SinkHealth | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self.key = key  #: the name deliveries are recorded under in the manifest
         self.url = url  #: as configured (may hold credentials: show :attr:`display` instead)
@@ -159,6 +161,9 @@ class Sink:
         self.concurrency = concurrency or endpoint.default_concurrency
         self.on_delete = on_delete  #: ``keep`` or ``delete`` the remote copy of a deleted file
         self.health = health or SinkHealth()
+        #: upload rate limits (this sink's ``bwlimit``, and the global one once the engine
+        #: adds it): transfers pace every piece they send through it
+        self.limiter = limiter or Limiter.none()
         self.generation = 0  #: bumped at every reconnect
         self._fs: AbstractFileSystem | None = None
         self._retired: list[AbstractFileSystem] = []  #: dropped after errors, closed at the end
@@ -318,6 +323,7 @@ def open_sink(config: SinkConfig, base_dir: Path, retry: RetryConfig | None = No
         concurrency=config.concurrency,
         on_delete=config.on_delete,
         health=health,
+        limiter=Limiter([TokenBucket(config.bwlimit)]) if config.bwlimit else None,
     )
 
 

@@ -1,11 +1,13 @@
-"""Human-friendly sizes (``5MB``, ``1GiB``) and durations (``2s``, ``10m``, ``1h30m``).
+"""Human-friendly sizes (``5MB``, ``1GiB``), durations (``2s``, ``10m``, ``1h30m``) and rates
+(``2MB/s``, ``10Mbit/s``).
 
-``Size`` and ``Duration`` are annotated types: use them in a rule's or a process's signature
-and YAML options are parsed and checked with the same messages as skyframe's own keys.
+``Size``, ``Duration`` and ``Rate`` are annotated types: use them in a rule's or a process's
+signature and YAML options are parsed and checked with the same messages as skyframe's own keys.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -78,6 +80,57 @@ def parse_duration(value: Any) -> float:
     )
 
 
+# Bits per second: 10Mbit/s, 10Mbps. The "b" of "bps" must be lowercase ("MBps" is not accepted).
+_BIT_UNITS = {
+    "bit": 1,
+    "kbit": 1000,
+    "mbit": 1000**2,
+    "gbit": 1000**3,
+    "tbit": 1000**4,
+}
+_RATE_RE = re.compile(
+    r"^\s*([-+]?\d+(?:\.\d+)?)\s*"
+    r"(?:([a-zA-Z]*?)\s*/\s*[sS]|([kKmMgGtT]?)bps)\s*$"
+)
+# "Mb/s" means megabits to network people but megabytes to parse_size: refuse the guess.
+_AMBIGUOUS_RATE_UNIT = re.compile(r"^[kKmMgGtT]?b$")
+_RATE_HINT = "use a size per second such as 2MB/s, 512KiB/s or 10Mbit/s"
+
+
+def parse_rate(value: Any) -> float:
+    """Return bytes per second from ``2000000``, ``"2MB/s"``, ``"512KiB/s"`` or ``"10Mbit/s"``.
+
+    Strings must say ``/s`` (or ``bps``): ``"2MB"`` is a size, not a rate. ``kbit``, ``Mbit``,
+    ``Gbit`` and ``kbps``, ``Mbps``, ``Gbps`` are decimal *bits* per second (``10Mbit/s`` is
+    1.25 MB/s). A lowercase ``b`` after a decimal prefix (``Mb/s``) is refused as ambiguous.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a rate such as 2MB/s or 10Mbit/s, not a boolean")
+    rate: float | None = None
+    if isinstance(value, int | float):
+        rate = float(value)
+    elif isinstance(value, str):
+        match = _RATE_RE.match(value)
+        if match:
+            number, size_unit, bit_prefix = match.groups()
+            factor: float | None
+            if bit_prefix is not None:
+                factor = _BIT_UNITS[bit_prefix.lower() + "bit"] / 8
+            elif _AMBIGUOUS_RATE_UNIT.match(size_unit):
+                factor = None
+            elif size_unit.lower() in _BIT_UNITS:
+                factor = _BIT_UNITS[size_unit.lower()] / 8
+            else:
+                factor = _SIZE_UNITS.get(size_unit.lower())
+            if factor is not None:
+                rate = float(number) * factor
+    if rate is None or math.isnan(rate) or math.isinf(rate):
+        raise ValueError(f"invalid rate {value!r}: {_RATE_HINT}")
+    if rate <= 0:
+        raise ValueError(f"a rate must be positive, not {value!r}")
+    return rate
+
+
 def format_size(n: float) -> str:
     """Render a byte count for people: ``1.5 MB``."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
@@ -85,6 +138,11 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     raise AssertionError("unreachable")
+
+
+def format_rate(bytes_per_s: float) -> str:
+    """Render bytes per second for people: ``2.0 MB/s``."""
+    return f"{format_size(bytes_per_s)}/s"
 
 
 @dataclass(frozen=True)
@@ -96,3 +154,4 @@ class Label:
 
 Size = Annotated[int, BeforeValidator(parse_size), Label("Size")]
 Duration = Annotated[float, BeforeValidator(parse_duration), Label("Duration")]
+Rate = Annotated[float, BeforeValidator(parse_rate), Label("Rate")]

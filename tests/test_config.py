@@ -61,6 +61,18 @@ BAD_CONFIGS = [
         id="bad-duration",
     ),
     pytest.param(
+        GOOD.replace("      - url: outbox", "      - {url: outbox, bwlimit: 2MB}"),
+        (11, 23),
+        r"pipelines\[0\]\.sinks\[0\]\.bwlimit: invalid rate '2MB': use a size per second",
+        id="rate-without-per-second",
+    ),
+    pytest.param(
+        GOOD.replace("      - url: outbox", "      - {url: outbox, bwlimit: 10Mb/s}"),
+        (11, 23),
+        r"bwlimit: invalid rate '10Mb/s'",
+        id="ambiguous-rate",
+    ),
+    pytest.param(
         GOOD.replace("max: 100GB", "max: 100XB"),
         (7, 25),
         r"pipelines\[0\]\.rules\[1\]\.size\.max: rule 'size' "

@@ -43,3 +43,24 @@ def test_summary_is_plain_text_with_markup_shown_literally() -> None:
     )
     assert "  rejected by ignore: 2" in text
     assert "  failed p:[bold]x.jpg: PermissionError: denied" in text  # long lines not wrapped
+
+
+def test_large_files_get_a_byte_bar_while_they_are_sent() -> None:
+    console = Console(file=io.StringIO(), force_terminal=True, width=120)
+    size = 50_000_000
+    with ProgressReporter(console, {"p": 1}) as reporter:
+        for name in ("big.mp4", "small.jpg"):
+            reporter.skyframe_event(LifecycleEvent("queued", "p", name))
+        reporter.skyframe_event(LifecycleEvent("started", "p", "big.mp4", sink="s3", size=size))
+        reporter.skyframe_event(LifecycleEvent("started", "p", "small.jpg", sink="s3", size=10))
+        assert len(reporter._progress.tasks) == 2  # the files bar and one byte bar
+        reporter.skyframe_event(
+            LifecycleEvent("progress", "p", "big.mp4", sink="s3", size=size, bytes_done=20_000_000)
+        )
+        bar = reporter._progress.tasks[1]
+        assert (bar.total, bar.completed) == (size, 20_000_000)
+        assert bar.fields["amount"].startswith("20.0 MB/50.0 MB")
+        assert bar.fields["current"] == "big.mp4 -> s3"
+        reporter.skyframe_event(LifecycleEvent("delivered", "p", "big.mp4", sink="s3", size=size))
+        assert len(reporter._progress.tasks) == 1
+        assert reporter._progress.tasks[0].fields["amount"] == "1/2 files"

@@ -62,6 +62,7 @@ def _simple(fs: Any, bucket: str, key: str, reader: SourceReader, request: Trans
 
     data = b"".join(reader.chunks())
     reader.check_unchanged(request.size, request.mtime_ns)
+    request.pace(len(data))
     sync(
         fs.loop,
         simple_upload,

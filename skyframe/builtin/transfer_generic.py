@@ -25,6 +25,7 @@ def skyframe_transfer(request: TransferRequest) -> TransferResult:
         try:
             with fs.open(temporary, "wb") as out:
                 for chunk in reader.chunks():
+                    request.pace(len(chunk))
                     out.write(chunk)
                     request.progress(reader.bytes_read)
             reader.check_unchanged(request.size, request.mtime_ns)

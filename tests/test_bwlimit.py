@@ -1,0 +1,99 @@
+"""``bwlimit``: the rate measured on the wire (through a counting proxy) stays at the limit,
+per sink and for all concurrent transfers together."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import servers
+from conftest import unique_name
+from proxy import CountingProxy
+from test_resume import finish, skyframe, write_config, write_random
+
+MB = 1_000_000
+LIMIT = 4 * MB
+
+
+class Sampler:
+    """Samples the proxy's upward byte count every 10 ms while a run goes on."""
+
+    def __init__(self, proxy: CountingProxy) -> None:
+        self.proxy = proxy
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), self.proxy.bytes_up))
+            time.sleep(0.01)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def rate(self, total: int) -> float:
+        """Bytes per second between the moments 20% and 90% of ``total`` had gone up.
+
+        Uploads are paced before each piece they send, so the count rises in steps; both
+        moments are the first samples past a step, which makes the quotient the paced rate.
+        """
+
+        def first_past(share: float) -> tuple[float, int]:
+            return next((t, n) for t, n in self.samples if n >= share * total)
+
+        (t1, n1), (t2, n2) = first_past(0.2), first_past(0.9)
+        assert t2 > t1, self.samples
+        return (n2 - n1) / (t2 - t1)
+
+
+def s3_through(proxy: CountingProxy, server: servers.S3Server, **extra: Any) -> dict[str, Any]:
+    bucket = unique_name("b")
+    server.make_bucket(bucket)
+    options = {"endpoint_url": f"http://{proxy.address}", "key": server.key}
+    options |= {"secret": server.secret, "part_size": "5MiB"}
+    return {"url": f"s3://{bucket}/drop", "options": options, **extra}
+
+
+def test_sink_bwlimit_holds_the_rate_on_the_wire(
+    s3_server: servers.S3Server, tmp_path: Path
+) -> None:
+    size = 26 * MB
+    write_random(tmp_path / "incoming" / "clip.mp4", size, seed=7)
+    with CountingProxy(servers.LOOPBACK, s3_server.port) as proxy:
+        config = write_config(tmp_path, s3_through(proxy, s3_server, bwlimit="4MB/s"))
+        with Sampler(proxy) as sampler:
+            finish(skyframe(config, "-q", "run", "--once"))
+    rate = sampler.rate(size)
+    assert rate == pytest.approx(LIMIT, rel=0.15), f"{rate / MB:.2f} MB/s"
+
+
+def test_global_bwlimit_is_shared_by_concurrent_transfers(
+    sftp_server: servers.SFTPServer, tmp_path: Path
+) -> None:
+    for index in range(3):
+        write_random(tmp_path / "incoming" / f"clip{index}.mp4", 9 * MB, seed=10 + index)
+    with CountingProxy(servers.LOOPBACK, sftp_server.port) as proxy:
+        known_hosts = tmp_path / "known_hosts"
+        known_hosts.write_text(
+            f"[{servers.LOOPBACK}]:{proxy.port} {sftp_server.host_public_key}\n", encoding="utf-8"
+        )
+        folder = sftp_server.root / unique_name("f")
+        sink = {
+            "url": f"sftp://{sftp_server.username}@{servers.LOOPBACK}:{proxy.port}{folder}",
+            "options": {"key_file": str(sftp_server.client_key), "known_hosts": str(known_hosts)},
+        }
+        config = write_config(tmp_path, sink, bwlimit="4MB/s")
+        with Sampler(proxy) as sampler:
+            finish(skyframe(config, "-q", "run", "--once"))
+    assert sorted(p.name for p in folder.iterdir()) == ["clip0.mp4", "clip1.mp4", "clip2.mp4"]
+    rate = sampler.rate(27 * MB)
+    assert rate == pytest.approx(LIMIT, rel=0.15), f"{rate / MB:.2f} MB/s"
