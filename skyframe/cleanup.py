@@ -10,12 +10,15 @@ has not moved for the given age, so an upload still under way is never cancelled
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from skyframe.journal import JournalKey, UploadJournal, stale_uploads
-from skyframe.storage import Sink
+from skyframe.storage import Sink, TransferRequest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -107,3 +110,24 @@ def cleanup(
         journal.forget(key)
         out.append(Cleaned(key, protocol, idle, f"{what}; cancelled", True))
     return out
+
+
+def drop_stale(request: TransferRequest) -> None:
+    """Cancel a journaled upload to this request's path that it will not resume (the file is
+    now small enough for one request), and drop its record; if it cannot be cancelled now, the
+    record stays for ``skyframe cleanup``."""
+    journal = request.journal
+    record = journal.get(request.journal_key) if journal is not None else None
+    if journal is None or record is None:
+        return
+    try:
+        cancel(request.sink, record)
+    except Exception as exc:
+        log.info(
+            "%s: could not cancel the stale upload of %s: %s",
+            request.sink.display,
+            request.remote_path,
+            exc,
+        )
+        return
+    journal.forget(request.journal_key)

@@ -15,6 +15,7 @@ from proxy import CountingProxy
 from test_resume import finish, skyframe, write_config, write_random
 
 MB = 1_000_000
+MIB = 1024 * 1024
 LIMIT = 4 * MB
 
 
@@ -43,8 +44,9 @@ class Sampler:
     def rate(self, total: int) -> float:
         """Bytes per second between the moments 20% and 90% of ``total`` had gone up.
 
-        Uploads are paced before each piece they send, so the count rises in steps; both
-        moments are the first samples past a step, which makes the quotient the paced rate.
+        Uploads are paced before each piece they send, so the count rises in steps; with
+        pieces of one size, both moments are the first samples past a step, which makes the
+        quotient the paced rate.
         """
 
         def first_past(share: float) -> tuple[float, int]:
@@ -66,7 +68,7 @@ def s3_through(proxy: CountingProxy, server: servers.S3Server, **extra: Any) -> 
 def test_sink_bwlimit_holds_the_rate_on_the_wire(
     s3_server: servers.S3Server, tmp_path: Path
 ) -> None:
-    size = 26 * MB
+    size = 5 * 5 * MIB  # five whole parts: every step of the count is one part
     write_random(tmp_path / "incoming" / "clip.mp4", size, seed=7)
     with CountingProxy(servers.LOOPBACK, s3_server.port) as proxy:
         config = write_config(tmp_path, s3_through(proxy, s3_server, bwlimit="4MB/s"))
@@ -79,8 +81,8 @@ def test_sink_bwlimit_holds_the_rate_on_the_wire(
 def test_global_bwlimit_is_shared_by_concurrent_transfers(
     sftp_server: servers.SFTPServer, tmp_path: Path
 ) -> None:
-    for index in range(3):
-        write_random(tmp_path / "incoming" / f"clip{index}.mp4", 9 * MB, seed=10 + index)
+    for index in range(4):  # two whole 4 MiB SFTP writes each, all four files at once
+        write_random(tmp_path / "incoming" / f"clip{index}.mp4", 8 * MIB, seed=10 + index)
     with CountingProxy(servers.LOOPBACK, sftp_server.port) as proxy:
         known_hosts = tmp_path / "known_hosts"
         known_hosts.write_text(
@@ -91,9 +93,9 @@ def test_global_bwlimit_is_shared_by_concurrent_transfers(
             "url": f"sftp://{sftp_server.username}@{servers.LOOPBACK}:{proxy.port}{folder}",
             "options": {"key_file": str(sftp_server.client_key), "known_hosts": str(known_hosts)},
         }
-        config = write_config(tmp_path, sink, bwlimit="4MB/s")
+        config = write_config(tmp_path, sink, bwlimit="8MB/s")
         with Sampler(proxy) as sampler:
             finish(skyframe(config, "-q", "run", "--once"))
-    assert sorted(p.name for p in folder.iterdir()) == ["clip0.mp4", "clip1.mp4", "clip2.mp4"]
-    rate = sampler.rate(27 * MB)
-    assert rate == pytest.approx(LIMIT, rel=0.15), f"{rate / MB:.2f} MB/s"
+    assert len(list(folder.iterdir())) == 4
+    rate = sampler.rate(4 * 8 * MIB)
+    assert rate == pytest.approx(2 * LIMIT, rel=0.15), f"{rate / MB:.2f} MB/s"

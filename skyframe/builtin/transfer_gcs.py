@@ -14,13 +14,13 @@ starts anew; a file that changed while it was read cancels its session.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any
 
 from fsspec.asyn import sync
 
 from skyframe.backends.gcs import GCSOptions
+from skyframe.cleanup import drop_stale
 from skyframe.errors import (
     DeliveryError,
     SinkRefusedError,
@@ -49,6 +49,7 @@ def skyframe_transfer(request: TransferRequest) -> TransferResult | None:
     try:
         if request.size >= settings.chunk_size:
             return _resumable(fs, bucket, key, request, settings)
+        drop_stale(request)  # the file shrank since a resumable upload of it began
         with SourceReader(request.local_path, chunk_size=settings.chunk_size) as reader:
             _simple(fs, bucket, key, reader, request)
         return TransferResult(reader.bytes_read, reader.sha256)
@@ -103,7 +104,7 @@ def _resumable(
                 reader.check_unchanged(request.size, request.mtime_ns)
     except BaseException as exc:
         if journal is None or isinstance(exc, SourceChangedError | SourceUnreadableError):
-            cancel_session(fs, session)
+            _cancel_quietly(fs, session)
             if journal is not None:
                 journal.forget(journal_key)
         raise
@@ -170,7 +171,7 @@ def _resume(fs: Any, request: TransferRequest, settings: GCSOptions) -> tuple[st
         offset = session_offset(fs, record["session"], request.size)
     if not usable or offset is None:
         if not usable:
-            cancel_session(fs, record["session"])
+            _cancel_quietly(fs, record["session"])
         journal.forget(request.journal_key)
         return None, 0, ""
     log.info("%s: resuming %s at byte %d", request.sink.display, request.remote_path, offset)
@@ -207,6 +208,18 @@ def session_gone(exc: BaseException) -> bool:
 
 
 def cancel_session(fs: Any, session: str) -> None:
-    """Cancel a resumable session (the server drops what it holds); errors are ignored."""
-    with contextlib.suppress(Exception):
+    """Cancel a resumable session (the server drops what it holds); one gone already is fine."""
+    try:
         sync(fs.loop, fs._call, "DELETE", session, timeout=10)
+    except Exception as exc:
+        if not session_gone(exc):
+            raise
+
+
+def _cancel_quietly(fs: Any, session: str) -> None:
+    """Cancel a session while another error is on its way; ``skyframe cleanup`` catches what
+    this cannot."""
+    try:
+        cancel_session(fs, session)
+    except Exception as exc:
+        log.debug("could not cancel resumable session: %s", exc)

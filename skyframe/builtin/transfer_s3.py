@@ -29,6 +29,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from skyframe.backends.s3 import S3Options, direct_put
+from skyframe.cleanup import drop_stale
 from skyframe.errors import DeliveryError, SourceChangedError, SourceUnreadableError
 from skyframe.journal import JournalKey, UploadJournal, same_file
 from skyframe.markers import hookimpl
@@ -54,6 +55,7 @@ def skyframe_transfer(request: TransferRequest) -> TransferResult | None:
     if request.size >= part_size:
         upload = MultipartUpload(fs, bucket, key, request, part_size)
         return upload.run(width=settings.part_concurrency)
+    drop_stale(request)  # the file shrank since a multipart upload of it began
     with SourceReader(request.local_path, chunk_size=part_size) as reader:
         data = b"".join(reader.chunks())
         reader.check_unchanged(request.size, request.mtime_ns)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from skyframe.cleanup import drop_stale
 from skyframe.errors import SourceChangedError, SourceUnreadableError
 from skyframe.journal import UploadJournal, same_file
 from skyframe.markers import hookimpl
@@ -101,6 +102,8 @@ def skyframe_transfer(request: TransferRequest) -> TransferResult | None:
     journal = request.journal if request.size > CHUNK else None
     key = request.journal_key
     temporary = temporary_path(request.remote_path)
+    if journal is None:
+        drop_stale(request)  # the file shrank since a journaled upload of it began
     with SourceReader(request.local_path, chunk_size=CHUNK) as reader:
         sink.ensure_folder(posixpath.dirname(request.remote_path))
         start = _resume_offset(fs, journal, request, temporary)
