@@ -305,6 +305,150 @@ def cleanup(config_file: Path, older_than: float, dry_run: bool) -> None:
 
 
 @cli.command()
+@config_argument
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status document.")
+def status(config_file: Path, as_json: bool) -> None:
+    """Show what the daemon of CONFIG is doing: queue per pipeline, sinks, files in flight
+    with their progress, throughput and the latest errors. Exit 1 when no daemon runs."""
+    import json
+
+    from skyframe.client import DaemonClient, status_lines
+    from skyframe.config import load_config
+
+    answer = DaemonClient(load_config(config_file)).request("GET", "/api/status")
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+        return
+    for line in status_lines(answer):
+        click.echo(line)
+
+
+def _switch(config_file: Path, pipeline: str | None, paused: bool) -> None:
+    from skyframe.client import DaemonClient, NoDaemonError
+    from skyframe.config import load_config
+    from skyframe.control import Control
+
+    config = load_config(config_file)
+    names = [p.name for p in config.pipelines]
+    if pipeline is not None and pipeline not in names:
+        raise click.BadParameter(
+            f"no pipeline named {pipeline!r} in {config_file} (there are: {', '.join(names)})",
+            param_hint="--pipeline",
+        )
+    what = pipeline or "everything"
+    verb = "paused" if paused else "resumed"
+    try:
+        client = DaemonClient(config)
+    except NoDaemonError as exc:
+        # Nothing to tell: switch the saved state, which the next start obeys.
+        config.state_path.mkdir(parents=True, exist_ok=True)
+        Control(config.state_path, names).set(paused, pipeline)
+        click.echo(f"{verb} {what}: {exc}; the next start is {verb}")
+        return
+    state = client.request(
+        "POST",
+        "/api/pause" if paused else "/api/resume",
+        ({"pipeline": pipeline} if pipeline else {}),
+    )
+    held = [name for name, on in state["pipelines"].items() if on or state["paused"]]
+    click.echo(f"{verb} {what}; held now: {', '.join(held) if held else 'nothing'}")
+
+
+pipeline_option = click.option(
+    "-p", "--pipeline", metavar="NAME", help="Only this pipeline (default: the whole daemon)."
+)
+
+
+@cli.command()
+@config_argument
+@pipeline_option
+def pause(config_file: Path, pipeline: str | None) -> None:
+    """Pause uploads of the daemon of CONFIG (or of one pipeline): no new transfer starts and
+    running ones halt before their next piece. Kept across restarts. With no daemon running,
+    the next start is paused."""
+    _switch(config_file, pipeline, paused=True)
+
+
+@cli.command()
+@config_argument
+@pipeline_option
+def resume(config_file: Path, pipeline: str | None) -> None:
+    """Resume what `skyframe pause` held (the whole daemon resumes every pipeline)."""
+    _switch(config_file, pipeline, paused=False)
+
+
+def _since(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    import time as _time
+    from datetime import datetime
+
+    from skyframe.units import parse_duration
+
+    if value is None:
+        return None
+    try:
+        return _time.time() - parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is neither a duration (90m, 2h, 7d) nor a date (2026-11-29 08:00)"
+        ) from None
+
+
+@cli.command()
+@click.argument("path", required=False)
+@config_option
+@click.option("--failed", is_flag=True, help="Only failed and dead-lettered events.")
+@click.option(
+    "--since", callback=_since, metavar="WHEN", help="A duration back (2h, 7d) or a date."
+)
+@pipeline_option
+@click.option(
+    "-n",
+    "--limit",
+    type=click.IntRange(1, 1_000_000),
+    default=100,
+    show_default=True,
+    help="The most events shown (the latest).",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON event per line.")
+def history(  # noqa: PLR0917 (click passes every option)
+    path: str | None,
+    config_file: Path,
+    failed: bool,
+    since: float | None,
+    pipeline: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List what happened to each file (or to PATH, relative to its source folder), oldest
+    first: queued, delivered, failed, moved, paused... Works with or without a daemon."""
+    import json
+
+    from skyframe.client import history_line
+    from skyframe.config import load_config
+    from skyframe.history import HISTORY_FILE, History
+
+    config = load_config(config_file)
+    if not (config.state_path / HISTORY_FILE).is_file():
+        click.echo(f"no history yet in {config.state_path} (nothing has run)")
+        return
+    store = History(config.state_path, writer=False)
+    try:
+        events = store.query(
+            failed=failed, since=since, pipeline=pipeline, relpath=path, limit=limit
+        )
+    finally:
+        store.close()
+    for event in reversed(events):
+        click.echo(json.dumps(event) if as_json else history_line(event))
+    if not events:
+        click.echo("no events match", err=True)
+
+
+@cli.command()
 @click.argument(
     "config_file",
     metavar="[CONFIG]",

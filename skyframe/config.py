@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from skyframe.errors import ConfigError, Location
+from skyframe.events import LifecycleKind
 from skyframe.units import Duration, Rate
 
 YamlPath = tuple[str | int, ...]
@@ -108,6 +109,94 @@ class PipelineConfig(_Model):
     retry: RetryConfig | None = Field(None, description="overrides the top-level retry")
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+class ApiConfig(_Model):
+    """The daemon's HTTP API and dashboard."""
+
+    enabled: bool = Field(True, description="serve the API and dashboard while the daemon runs")
+    listen: str = Field(
+        "127.0.0.1:8765",
+        description="host:port to listen on (port 0 picks a free one); "
+        "anything but loopback needs a token",
+    )
+    token: str | None = Field(
+        None,
+        description="bearer token every request must carry; take it from the environment "
+        "(${SKYFRAME_API_TOKEN})",
+    )
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> ApiConfig:
+        host, _port = self.address
+        if self.enabled and host not in LOOPBACK_HOSTS and not self.token:
+            raise ValueError(
+                f"listening on {host} (not loopback) needs a token: set api.token "
+                "(e.g. token: ${SKYFRAME_API_TOKEN})"
+            )
+        return self
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) of ``listen``; IPv6 hosts may be written in brackets."""
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"listen must be host:port, e.g. 127.0.0.1:8765, not {self.listen!r}")
+        return host.strip("[]"), int(port)
+
+
+class HistoryConfig(_Model):
+    """The durable record of what happened to each file (``skyframe history``)."""
+
+    retention: Duration = Field(30 * 86400.0, description="how long events are kept")
+    max_events: int = Field(
+        500_000, ge=1000, description="the most events kept (the oldest go first)"
+    )
+
+
+class WebhookConfig(_Model):
+    """A notifier that POSTs lifecycle events, in batches, to a URL."""
+
+    url: str = Field(description="http(s) URL the events are POSTed to")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="extra request headers (secrets from ${VAR})"
+    )
+    events: list[str] | None = Field(
+        None, description="only these event kinds (default: all but progress)"
+    )
+    batch_size: int = Field(100, ge=1, le=10_000, description="the most events in one POST")
+    flush_interval: Duration = Field(2.0, description="longest wait before a batch is sent")
+    buffer: int = Field(
+        10_000, ge=1, description="events kept while the receiver is down (the oldest go first)"
+    )
+    timeout: Duration = Field(10.0, description="seconds one POST may take")
+    retry: RetryConfig = Field(
+        default_factory=lambda: RetryConfig(initial=1.0, max=60.0),
+        description="backoff between failed POSTs (max_attempts is not used: it retries "
+        "until the buffer overflows)",
+    )
+
+    @model_validator(mode="after")
+    def _http_url(self) -> WebhookConfig:
+        scheme = urlsplit(self.url).scheme
+        if scheme not in ("http", "https"):
+            raise ValueError(f"a webhook URL must start with http:// or https://, not {self.url!r}")
+        known = get_args(LifecycleKind)
+        unknown = [kind for kind in self.events or () if kind not in known]
+        if unknown:
+            raise ValueError(
+                f"unknown event kind(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}"
+            )
+        return self
+
+
+class NotifyConfig(_Model):
+    """One notifier; today there is one kind, ``webhook``."""
+
+    webhook: WebhookConfig
+
+
 class Config(_Model):
     """The whole ``skyframe.yaml``."""
 
@@ -120,6 +209,11 @@ class Config(_Model):
     retry: RetryConfig = Field(default_factory=RetryConfig)
     bwlimit: Rate | None = Field(
         None, description="upload rate limit of all sinks together (e.g. 2MB/s, 10Mbit/s)"
+    )
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    history: HistoryConfig = Field(default_factory=HistoryConfig)
+    notify: list[NotifyConfig] = Field(
+        default_factory=list, description="notifiers that receive every lifecycle event"
     )
     pipelines: list[PipelineConfig] = Field(min_length=1)
 

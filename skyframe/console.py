@@ -126,5 +126,7 @@ def print_summary(console: Console, summary: RunSummary) -> None:
         line(f"  dead-lettered by earlier runs: {earlier} (see `skyframe queue list`)")
     if summary.interrupted:
         line("  stopped before the queue was empty: the rest is delivered at the next run")
+    if summary.held:
+        line(f"  held in the queue, pipeline paused: {summary.held} (see `skyframe resume`)")
     for key, reason in sorted(summary.failed.items()):
         line(f"  failed {key}: {reason}")

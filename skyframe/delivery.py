@@ -24,6 +24,7 @@ from pathlib import Path
 import pluggy
 
 from skyframe.config import RetryConfig
+from skyframe.control import Control
 from skyframe.errors import (
     DeliveryError,
     SinkUnavailableError,
@@ -68,6 +69,8 @@ class _Run:
     job: Job | None = None
     remaining: int = 0
     errors: list[BaseException] = field(default_factory=list)
+    #: id of an error -> the sink it came from, for the failure events
+    error_sinks: dict[int, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     _sha256: str | None = None
 
@@ -96,8 +99,12 @@ class JobRunner:
         emit: Callable[[LifecycleEvent], None],
         on_finished: Callable[[], None],
         cancelled: threading.Event,
+        control: Control | None = None,
     ) -> None:
         self.pm = pm
+        self.control = control
+        #: Called once a job is settled either way (its transfers are over).
+        self.job_ended: Callable[[str, str], None] | None = None
         self.queue = queue
         self.manifest = manifest
         self.pipelines = pipelines
@@ -142,7 +149,9 @@ class JobRunner:
     def _start(self, claim: Claim, inline: Sink | None = None) -> None:
         pipeline = self.pipelines.get(claim.pipeline)
         if pipeline is None:
-            self._dead(claim, f"pipeline {claim.pipeline!r} is no longer configured")
+            self._dead(
+                claim, f"pipeline {claim.pipeline!r} is no longer configured", error="ConfigError"
+            )
             self._on_finished()
             return
         run = _Run(claim, pipeline, self.state_dir / "scratch" / claim.token)
@@ -231,6 +240,7 @@ class JobRunner:
         except BaseException as exc:
             with run.lock:
                 run.errors.append(exc)
+                run.error_sinks[id(exc)] = sink.key
         with run.lock:
             run.remaining -= 1
             last = run.remaining == 0
@@ -249,6 +259,8 @@ class JobRunner:
         finally:
             if run.scratch.exists():
                 shutil.rmtree(run.scratch, ignore_errors=True)
+            if self.job_ended is not None:
+                self.job_ended(claim.pipeline, claim.relpath)
             self._on_finished()
 
     def _settle_failure(self, run: _Run) -> None:
@@ -298,13 +310,21 @@ class JobRunner:
             )
             self.emit(
                 LifecycleEvent(
-                    "failed", claim.pipeline, claim.relpath, attempt=attempts, reason=reason
+                    "failed",
+                    claim.pipeline,
+                    claim.relpath,
+                    sink=run.error_sinks.get(id(first)),
+                    attempt=attempts,
+                    reason=reason,
+                    error=type(first).__name__,
                 )
             )
         else:
-            self._dead(claim, reason)
+            self._dead(claim, reason, run.error_sinks.get(id(first)), type(first).__name__)
 
-    def _dead(self, claim: Claim, reason: str) -> None:
+    def _dead(
+        self, claim: Claim, reason: str, sink: str | None = None, error: str | None = None
+    ) -> None:
         self.queue.dead(claim, reason)
         log.error("%s: %s: giving up: %s", claim.pipeline, claim.relpath, reason)
         self.emit(
@@ -312,8 +332,10 @@ class JobRunner:
                 "dead-lettered",
                 claim.pipeline,
                 claim.relpath,
+                sink=sink,
                 attempt=claim.attempts + 1,
                 reason=reason,
+                error=error,
             )
         )
 
@@ -358,7 +380,7 @@ class JobRunner:
                 progress=self._progress(pipeline, event.relpath, sink, event.size),
                 state_dir=self.state_dir,
                 journal=self.journal,
-                pace=self._pace(sink),
+                pace=self._pace(sink, pipeline),
             )
         )
         self._record(job, sink, result.sha256, self._send_derived(job, sink))
@@ -466,7 +488,7 @@ class JobRunner:
                     mtime_ns=st.st_mtime_ns,
                     state_dir=self.state_dir,
                     journal=self.journal,
-                    pace=self._pace(sink),
+                    pace=self._pace(sink, job.pipeline),
                 )
             )
             names.append(name)
@@ -490,14 +512,20 @@ class JobRunner:
             )
         return result
 
-    def _pace(self, sink: Sink) -> Callable[[int], None]:
-        """Wait as the sink's rate limits require before sending so many bytes."""
+    def _pace(self, sink: Sink, pipeline: str) -> Callable[[int], None]:
+        """Before sending so many bytes: wait while the pipeline is paused, and as the sink's
+        rate limits require."""
         limiter = sink.limiter
         cancelled = self._cancelled
+        control = self.control
 
         def pace(size: int) -> None:
+            if control is not None:
+                control.wait_running(pipeline, cancelled)
             if limiter:
                 limiter.take(size, cancelled)
+                if control is not None:  # a pause that came while waiting for the budget
+                    control.wait_running(pipeline, cancelled)
             if cancelled.is_set():
                 raise TransferCancelled
 

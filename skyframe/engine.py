@@ -16,21 +16,30 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from skyframe.bandwidth import Limiter, TokenBucket
 from skyframe.config import Config
+from skyframe.control import Control
 from skyframe.delivery import JobRunner
 from skyframe.errors import PluginError, RuleError, SkyframeError
-from skyframe.events import EventKind, FileEvent, LifecycleEvent
+from skyframe.events import EventKind, FileEvent, LifecycleEvent, LifecycleKind
+from skyframe.history import History
 from skyframe.journal import UploadJournal
+from skyframe.metrics import Metrics
+from skyframe.notifiers import Notifiers
 from skyframe.pipeline import Pipeline, evaluate_rules
 from skyframe.queue import JobQueue
 from skyframe.scanner import scan_source
 from skyframe.state import Manifest, StateLock
+from skyframe.status import StatusTracker
 from skyframe.watcher import Settler, SourceWatcher, WatchCallbacks
+from skyframe.webhook import WebhookNotifier
+
+if TYPE_CHECKING:
+    from skyframe.api import ApiServer
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +78,12 @@ class RunSummary:
     scan_errors: int = 0
     dead_letters: int = 0  #: jobs in the dead-letter list when a --once run ended
     interrupted: bool = False  #: a --once run was stopped before the queue was empty
+    held: int = 0  #: jobs a --once run left in the queue because their pipeline is paused
 
     @property
     def ok(self) -> bool:
         """True when every accepted file was delivered (or needed no delivery)."""
-        return not self.failed and not self.dead_letters and not self.interrupted
+        return not self.failed and not self.dead_letters and not self.interrupted and not self.held
 
     def count(self, event: LifecycleEvent) -> None:
         """Add one lifecycle event to the counts."""
@@ -123,13 +133,38 @@ class Engine:
         self._summary_lock = threading.Lock()
         self._lock = StateLock(self.state_dir)
         self._lock.acquire()
+        opened: list[Any] = []
         try:
             self.queue = JobQueue(self.state_dir / "queue")
+            opened.append(self.queue)
             self.manifest = Manifest(self.state_dir / "manifest")
+            opened.append(self.manifest)
             self.journal = UploadJournal(self.state_dir / "uploads")
+            opened.append(self.journal)
+            self.history = History(
+                self.state_dir,
+                retention=config.history.retention,
+                max_events=config.history.max_events,
+            )
+            opened.append(self.history)
+            self.control = Control(self.state_dir, self.pipelines)
         except BaseException:
+            for each in reversed(opened):
+                each.close()
             self._lock.release()
             raise
+        self.queue.add_lanes(list(self.pipelines))
+        self.tracker = StatusTracker(pipelines, self.queue.counts_by_pipeline, self.control.state)
+        self.metrics = Metrics()
+        self.metrics.set_status_source(self.status)
+        self.notifiers = Notifiers(pm)
+        self.webhooks = [
+            WebhookNotifier(entry.webhook, name=f"webhook-{index + 1}")
+            for index, entry in enumerate(config.notify)
+        ]
+        for index, webhook in enumerate(self.webhooks):
+            pm.register(webhook, name=f"skyframe.webhook-{index + 1}")
+        self.api: ApiServer | None = None
         self._stop = threading.Event()
         self._cancel = threading.Event()
         self._scan_cut = False
@@ -155,7 +190,9 @@ class Engine:
             emit=self.emit,
             on_finished=self._job_finished,
             cancelled=self._cancel,
+            control=self.control,
         )
+        self.runner.job_ended = self.tracker.job_ended
 
     @property
     def abandoned(self) -> int:
@@ -179,21 +216,72 @@ class Engine:
         self.queue.close()
         self.manifest.close()
         self.journal.close()
+        self.history.close()
         self._lock.release()
 
     # --- events ------------------------------------------------------------------------------
 
     def emit(self, event: LifecycleEvent) -> None:
-        """Update the summary and call every notifier; a failing notifier is only logged."""
+        """Count the event, record it, and hand it to every notifier (each on its own thread:
+        a slow or failing notifier never holds up the caller)."""
         with self._summary_lock:
             self.summary.count(event)
-        # Called one by one (in pluggy's order: tryfirst first), so that a failing notifier
-        # cannot stop the others. An implementation may take no argument, as pluggy allows.
-        for impl in reversed(self.pm.hook.skyframe_event.get_hookimpls()):
-            try:
-                impl.function(**{name: event for name in impl.argnames})
-            except Exception:
-                log.exception("notifier %s failed on a %s event", impl.plugin_name, event.kind)
+        self.tracker.observe(event)
+        self.metrics.observe(event)
+        self.history.record(event)
+        if self.api is not None:
+            self.api.publish(event)
+        self.notifiers.publish(event)
+
+    # --- control (the API's) -----------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The status document of ``GET /api/status`` (docs/api.md)."""
+        return self.tracker.snapshot()
+
+    def set_paused(
+        self, paused: bool, pipeline: str | None = None, *, reason: str = ""
+    ) -> dict[str, Any]:
+        """Pause or resume everything or one pipeline (KeyError for an unknown one); the
+        switch is saved at once. Returns the pause state after the change."""
+        changed = self.control.set(paused, pipeline)
+        kind: LifecycleKind = "paused" if paused else "resumed"
+        for name in changed:
+            log.log(logging.WARNING if paused else logging.INFO, "%s: %s %s", name, kind, reason)
+            self.emit(LifecycleEvent(kind, name, "", reason=reason or None))
+        self._notify()
+        return self.control.state()
+
+    def retry_dead(self, pipeline: str | None = None, relpath: str | None = None) -> int:
+        """Move dead-lettered jobs back into the queue; returns how many."""
+        moved = self.queue.requeue_dead(pipeline, relpath)
+        if moved:
+            self._notify()
+        return moved
+
+    def history_query(self, **criteria: Any) -> list[dict[str, Any]]:
+        """Recorded events, newest first (see :meth:`History.query`)."""
+        self.history.flush()
+        return self.history.query(**criteria)
+
+    def alive(self) -> bool:
+        """True while the engine runs and has not been asked to stop."""
+        return not self._stop.is_set()
+
+    def readiness(self) -> tuple[bool, list[dict[str, Any]]]:
+        """Whether every sink answers, and each sink's health."""
+        sinks = [
+            {
+                "pipeline": p.name,
+                "sink": s.key,
+                "health": s.health.state,
+                "last_error": s.health.last_error or None,
+            }
+            for p in self.pipelines.values()
+            for s in p.sinks
+        ]
+        ready = self.ready.is_set() and all(s["health"] in ("ok", "unknown") for s in sinks)
+        return ready, sinks
 
     # --- intake: scans and watch events ------------------------------------------------------
 
@@ -478,12 +566,13 @@ class Engine:
                     continue
             with self._wake:
                 room = self.runner.capacity - self._in_flight
-            claims = self.queue.claim_many(min(room, CLAIM_BATCH))
+            held = self.control.held()
+            claims = self.queue.claim_many(min(room, CLAIM_BATCH), held)
             if not claims:
                 with self._wake:
                     if until_idle and self._idle():
                         # Re-check under the lock: a job may have been queued meanwhile.
-                        claims = self.queue.claim_many(1)
+                        claims = self.queue.claim_many(1, held)
                         if not claims:
                             return
                     else:
@@ -575,14 +664,24 @@ class Engine:
             target=self._housekeeping, name="skyframe-housekeeping", daemon=True
         )
         try:
+            self._start_notifiers()
             self._startup_hooks()
+            self._warn_held()
             for pipeline in self.pipelines.values():
                 self.scan(pipeline)
             housekeeping.start()
             self._dispatch(until_idle=True)
             self._drain_in_flight()
-            counts = self.queue.counts()
-            left = counts["pending"] + counts["leased"] + counts["waiting"]
+            per_pipeline = self.queue.counts_by_pipeline()
+            counts = {
+                state: sum(c.get(state, 0) for c in per_pipeline.values())
+                for state in ("pending", "leased", "waiting", "dead")
+            }
+            held = self.control.held()
+            self.summary.held = sum(
+                c["pending"] + c["waiting"] for name, c in per_pipeline.items() if name in held
+            )
+            left = counts["pending"] + counts["leased"] + counts["waiting"] - self.summary.held
             settling = sum(len(s.settler) for s in self._sources.values())
             self.summary.interrupted = self._stop.is_set() and bool(
                 left or settling or self._scan_cut
@@ -592,6 +691,7 @@ class Engine:
             self._stop.set()
             if housekeeping.is_alive():
                 housekeeping.join()
+            self._stop_notifiers()
             self._shutdown_hooks()
         return self.summary
 
@@ -603,7 +703,10 @@ class Engine:
         ]
         self.runner.patient = True  # an unreachable sink keeps files waiting, uncounted
         try:
+            self._start_notifiers()
             self._startup_hooks()
+            self._start_api()
+            self._warn_held()
             for source in self._sources.values():
                 spec = source.pipeline.source
                 source.watcher = SourceWatcher(
@@ -628,8 +731,52 @@ class Engine:
             for source in self._sources.values():
                 if source.watcher is not None:
                     source.watcher.stop()
+            if self.api is not None:
+                self.api.stop()
+                self.api = None
+            self._stop_notifiers()
             self._shutdown_hooks()
         return self.summary
+
+    def _start_api(self) -> None:
+        """Serve the API and dashboard; a port in use costs the API, never the uploads."""
+        from skyframe.api import ApiServer
+
+        settings = self.config.api
+        if not settings.enabled:
+            return
+        server = ApiServer(self, settings, self.state_dir)
+        try:
+            server.start()
+        except OSError as exc:
+            log.error(
+                "cannot serve the API on %s: %s; running without it "
+                "(set api.listen to a free address)",
+                settings.listen,
+                exc.strerror or exc,
+            )
+            return
+        self.api = server
+
+    def _warn_held(self) -> None:
+        held = self.control.held()
+        if held:
+            log.warning(
+                "paused: %s (skyframe resume to go on)",
+                "everything" if self.control.paused else ", ".join(sorted(held)),
+            )
+
+    def _start_notifiers(self) -> None:
+        for webhook in self.webhooks:
+            webhook.start()
+
+    def _stop_notifiers(self) -> None:
+        """Let the notifiers catch up (a few seconds at most), then let the webhooks flush."""
+        self.notifiers.close(timeout=10.0)
+        for webhook in self.webhooks:
+            webhook.close(timeout=5.0)
+        for name, count in self.notifiers.dropped.items():
+            log.warning("notifier %s lost %d event(s): it could not keep up", name, count)
 
     def _callbacks(self, source: _Source) -> WatchCallbacks:
         pipeline = source.pipeline

@@ -141,6 +141,8 @@ LifecycleKind = Literal[
     "skipped",
     "moved",
     "deleted",
+    "paused",
+    "resumed",
 ]
 
 
@@ -161,6 +163,7 @@ class LifecycleEvent:
     attempt: int | None = None
     rule: str | None = None
     reason: str | None = None
+    error: str | None = None  #: the error's type name, for failed and dead-lettered events
     time: float = field(default_factory=time.time)
 
     def to_json(self) -> dict[str, Any]:

@@ -4,8 +4,9 @@ Records are JSON in a diskcache Cache (SQLite). Every state change is one transa
 crash at any moment leaves each job in exactly one state. At open, leased jobs (their worker
 died with the process) return to the queue and waiting jobs get their timers back.
 
-States: ``pending`` (in the ready list) -> ``leased`` (a worker has it) -> deleted when done;
-``waiting`` (backoff until ``not_before``) -> ``pending``; ``dead`` (visible, re-queueable).
+States: ``pending`` (in its pipeline's ready list) -> ``leased`` (a worker has it) -> deleted
+when done; ``waiting`` (backoff until ``not_before``) -> ``pending``; ``dead`` (visible,
+re-queueable).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import heapq
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,9 @@ from typing import Any
 from skyframe.state import GroupCommit, open_cache
 
 _JOB = "job\x00"
+#: The ready list of earlier versions, one for all pipelines: still drained, never filled.
 _READY = "ready"
+_LANE = "lane\x00"  #: + pipeline name: one ready list per pipeline, so one can be held
 _MAX_ERRORS_KEPT = 5
 
 
@@ -49,6 +52,8 @@ class JobQueue:
         self._lock = threading.RLock()
         self._commit = GroupCommit(self._cache, self._lock)
         self._waiting: list[tuple[float, str]] = []
+        self._lanes: list[str] = []  #: pipelines with a ready list, in round-robin order
+        self._old_list_empty = False
         if recover:
             self._recover()
 
@@ -64,6 +69,7 @@ class JobQueue:
                 record = self._cache.get(key)
                 if record is None:
                     continue
+                self.add_lanes([record["pipeline"]])
                 if record["state"] == "leased":
                     self._make_pending(key, record, record.get("next_payload"))
                 elif record["state"] == "waiting":
@@ -79,7 +85,15 @@ class JobQueue:
                 record["version"] = record.get("next_version")
         record.update(state="pending", lease=None, next_payload=None, next_version=None)
         self._cache.set(key, record)
-        self._cache.push(key, prefix=_READY)
+        self._cache.push(key, prefix=_LANE + record["pipeline"])
+        self.add_lanes([record["pipeline"]])
+
+    def add_lanes(self, pipelines: Collection[str]) -> None:
+        """Make sure :meth:`claim` looks at these pipelines' ready lists (the engine names the
+        configured ones: another process, ``skyframe queue retry``, may fill them)."""
+        for name in pipelines:
+            if name not in self._lanes:
+                self._lanes.append(name)
 
     def put(
         self, pipeline: str, relpath: str, payload: dict[str, Any], version: str | None = None
@@ -125,13 +139,16 @@ class JobQueue:
                 self._make_pending(key, record, payload)
             return True
 
-    def claim(self) -> Claim | None:
-        """Lease the next ready job, or return None when none is ready now."""
+    def claim(self, skip: Collection[str] = ()) -> Claim | None:
+        """Lease the next ready job of a pipeline not in ``skip`` (held ones), or return None.
+
+        Pipelines take turns, one job each, so a busy one cannot starve the others.
+        """
         with self._lock:
             self._promote_due()
             while True:
                 with self._cache.transact(retry=True):
-                    _ready_key, key = self._cache.pull(prefix=_READY, retry=True)
+                    key = self._pull(skip)
                     if key is None:
                         return None
                     record = self._cache.get(key)
@@ -148,6 +165,29 @@ class JobQueue:
                     record["attempts"],
                     token,
                 )
+
+    def _pull(self, skip: Collection[str]) -> str | None:
+        """The key of the next ready job outside ``skip``, taken off its ready list."""
+        while not self._old_list_empty:  # its jobs move to their pipeline's list
+            _ready_key, key = self._cache.pull(prefix=_READY, retry=True)
+            if key is None:
+                self._old_list_empty = True
+                break
+            record = self._cache.get(key)
+            if record is not None and record["pipeline"] in skip:
+                self._cache.push(key, prefix=_LANE + record["pipeline"])
+                self.add_lanes([record["pipeline"]])
+                continue
+            return str(key)
+        for _ in range(len(self._lanes)):
+            name = self._lanes.pop(0)
+            self._lanes.append(name)  # the next claim starts with the next pipeline
+            if name in skip:
+                continue
+            _lane_key, key = self._cache.pull(prefix=_LANE + name, retry=True)
+            if key is not None:
+                return str(key)
+        return None
 
     def _promote_due(self) -> None:
         now = time.time()
@@ -186,12 +226,12 @@ class JobQueue:
         with self._lock, self._cache.transact(retry=True):
             yield
 
-    def claim_many(self, limit: int) -> list[Claim]:
-        """Lease up to ``limit`` ready jobs in one transaction."""
+    def claim_many(self, limit: int, skip: Collection[str] = ()) -> list[Claim]:
+        """Lease up to ``limit`` ready jobs (of pipelines not in ``skip``) in one transaction."""
         claims: list[Claim] = []
         with self.batch():
             while len(claims) < limit:
-                claim = self.claim()
+                claim = self.claim(skip)
                 if claim is None:
                     break
                 claims.append(claim)
@@ -271,11 +311,36 @@ class JobQueue:
                     out.append(record)
         return sorted(out, key=lambda r: r["queued_at"])
 
+    def counts_by_pipeline(self) -> dict[str, dict[str, int]]:
+        """How many jobs each pipeline has in each state, counted inside SQLite (no record is
+        decoded in Python, so it stays quick with 100,000 jobs queued)."""
+        rows = self._cache._sql(  # diskcache's own connection, used read-only
+            "SELECT json_extract(CAST(value AS TEXT), '$.pipeline'),"
+            " json_extract(CAST(value AS TEXT), '$.state'), count(*)"
+            " FROM Cache WHERE key >= ? AND key < ? AND value IS NOT NULL GROUP BY 1, 2",
+            (_JOB, _JOB[:-1] + "\x01"),
+        ).fetchall()
+        # A record too large for a row lives in a file of its own: decode those few here.
+        large = self._cache._sql(
+            "SELECT key FROM Cache WHERE key >= ? AND key < ? AND value IS NULL",
+            (_JOB, _JOB[:-1] + "\x01"),
+        ).fetchall()
+        for (key,) in large:
+            record = self._cache.get(key)
+            if record is not None:
+                rows.append((record["pipeline"], record["state"], 1))
+        out: dict[str, dict[str, int]] = {}
+        for pipeline, state, count in rows:
+            counts = out.setdefault(pipeline, {"pending": 0, "leased": 0, "waiting": 0, "dead": 0})
+            counts[state] = counts.get(state, 0) + count
+        return out
+
     def counts(self) -> dict[str, int]:
         """How many jobs are in each state."""
         counts = {"pending": 0, "leased": 0, "waiting": 0, "dead": 0}
-        for record in self.records():
-            counts[record["state"]] += 1
+        for per_state in self.counts_by_pipeline().values():
+            for state, count in per_state.items():
+                counts[state] += count
         return counts
 
     def requeue_dead(self, pipeline: str | None = None, relpath: str | None = None) -> int:

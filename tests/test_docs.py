@@ -10,7 +10,16 @@ import pytest
 from pydantic import BaseModel
 
 from skyframe import hookspecs
-from skyframe.config import Config, PipelineConfig, RetryConfig, SinkConfig, SourceConfig
+from skyframe.config import (
+    ApiConfig,
+    Config,
+    HistoryConfig,
+    PipelineConfig,
+    RetryConfig,
+    SinkConfig,
+    SourceConfig,
+    WebhookConfig,
+)
 from skyframe.plugin_manager import get_plugin_manager
 from skyframe.registry import Registry
 
@@ -67,7 +76,16 @@ def _keys(model: type[BaseModel]) -> list[str]:
     sorted(
         {
             k
-            for m in (Config, PipelineConfig, SourceConfig, SinkConfig, RetryConfig)
+            for m in (
+                Config,
+                PipelineConfig,
+                SourceConfig,
+                SinkConfig,
+                RetryConfig,
+                ApiConfig,
+                HistoryConfig,
+                WebhookConfig,
+            )
             for k in _keys(m)
         }
     ),

@@ -184,3 +184,58 @@ def test_same_version_while_leased_does_not_run_twice(queue: JobQueue) -> None:
     queue.complete(last)
     queue.put("p", "a", {"v": 3}, version="3")  # the delivered version, offered again
     assert queue.claim() is not None  # the queue does not know deliveries; the manifest does
+
+
+def test_claims_skip_held_pipelines_and_take_turns(tmp_path: Path) -> None:
+    q = JobQueue(tmp_path / "q")
+    for i in range(3):
+        q.put("busy", f"b{i}", {"n": i})
+    q.put("quiet", "q0", {"n": 0})
+    assert [c.relpath for c in q.claim_many(10, skip={"busy"})] == ["q0"]
+    assert q.claim_many(10, skip={"busy"}) == []
+    assert [c.relpath for c in q.claim_many(10)] == ["b0", "b1", "b2"]
+    for i in range(2):
+        q.put("busy", f"b{i + 3}", {})
+        q.put("quiet", f"q{i + 1}", {})
+    # one of each in turn, in each pipeline's own order
+    assert [c.relpath for c in q.claim_many(4)] in (
+        ["b3", "q1", "b4", "q2"],
+        ["q1", "b3", "q2", "b4"],
+    )
+    q.close()
+
+
+def test_counts_by_pipeline(tmp_path: Path) -> None:
+    q = JobQueue(tmp_path / "q")
+    for i in range(4):
+        q.put("a", f"f{i}", {"n": i})
+    q.put("b", "g", {"big": "x" * 100_000})  # stored in a file of its own by diskcache
+    claim = q.claim(skip={"b"})
+    assert claim is not None
+    q.dead(claim, "boom")
+    q.claim(skip={"b"})
+    assert q.counts_by_pipeline() == {
+        "a": {"pending": 2, "leased": 1, "waiting": 0, "dead": 1},
+        "b": {"pending": 1, "leased": 0, "waiting": 0, "dead": 0},
+    }
+    assert q.counts() == {"pending": 3, "leased": 1, "waiting": 0, "dead": 1}
+    q.close()
+
+
+def test_jobs_in_the_shared_ready_list_of_earlier_versions_are_still_claimed(
+    tmp_path: Path,
+) -> None:
+    q = JobQueue(tmp_path / "q")
+    q.put("a", "f0", {})
+    q.put("b", "g0", {})
+    # Move both references to the single ready list older versions used.
+    cache = q._cache
+    for lane in ("lane\x00a", "lane\x00b"):
+        _key, value = cache.pull(prefix=lane)
+        cache.push(value, prefix="ready")
+    q.close()
+    reopened = JobQueue(tmp_path / "q")
+    # A held pipeline's job moves to its own list; the other is claimed.
+    assert [c.relpath for c in reopened.claim_many(5, skip={"a"})] == ["g0"]
+    assert [c.relpath for c in reopened.claim_many(5)] == ["f0"]
+    reopened.close()

@@ -1,0 +1,113 @@
+"""Pause and resume, for the whole daemon or one pipeline, kept across restarts.
+
+The state lives in ``<state_dir>/control.json`` (written atomically), so a daemon paused before
+a restart starts paused. While a pipeline is held, the dispatcher claims none of its jobs and
+its running transfers wait before their next piece (see :meth:`Control.wait_running`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from skyframe.errors import StateError
+
+log = logging.getLogger(__name__)
+
+CONTROL_FILE = "control.json"
+#: Longest wait between two looks at the cancel flag while a transfer is held.
+HOLD_POLL = 0.25
+
+
+class Control:
+    """The pause switches of one state directory."""
+
+    def __init__(self, state_dir: Path, pipelines: Iterable[str]) -> None:
+        self._file = state_dir / CONTROL_FILE
+        self._pipelines = list(pipelines)
+        self._cond = threading.Condition()
+        self.paused = False
+        self._held: set[str] = set()
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            data = json.loads(self._file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            # Not fatal: uploads must go on. Say so, and start running.
+            log.error("cannot read %s (%s): starting unpaused", self._file, exc)
+            return
+        if not isinstance(data, dict):
+            log.error("%s does not hold a JSON object: starting unpaused", self._file)
+            return
+        self.paused = data.get("paused") is True
+        held = data.get("pipelines", {})
+        if isinstance(held, dict):
+            self._held = {name for name, on in held.items() if on is True}
+
+    def _save(self) -> None:
+        data = {"paused": self.paused, "pipelines": {name: True for name in sorted(self._held)}}
+        temporary = self._file.with_name(f".{CONTROL_FILE}.tmp")
+        try:
+            temporary.write_text(json.dumps(data) + "\n", encoding="utf-8")
+            os.replace(temporary, self._file)
+        except OSError as exc:
+            raise StateError(f"cannot save the pause state in {self._file}: {exc}") from exc
+
+    def state(self) -> dict[str, Any]:
+        """``{"paused": bool, "pipelines": {name: bool}}`` for every configured pipeline."""
+        with self._cond:
+            return {
+                "paused": self.paused,
+                "pipelines": {name: name in self._held for name in self._pipelines},
+            }
+
+    def is_held(self, pipeline: str) -> bool:
+        """True while the pipeline may not send (paused itself, or everything is)."""
+        with self._cond:
+            return self.paused or pipeline in self._held
+
+    def held(self) -> set[str]:
+        """The configured pipelines that are held now."""
+        with self._cond:
+            return set(self._pipelines) if self.paused else set(self._held)
+
+    def set(self, paused: bool, pipeline: str | None = None) -> list[str]:
+        """Pause or resume everything (``pipeline`` None) or one pipeline; saved at once.
+
+        Returns the pipelines whose held state changed.
+        """
+        with self._cond:
+            if pipeline is not None and pipeline not in self._pipelines:
+                raise KeyError(pipeline)
+            before = self.held()
+            if pipeline is None:
+                self.paused = paused
+                if not paused:
+                    self._held.clear()  # resuming everything resumes every pipeline
+            elif paused:
+                self._held.add(pipeline)
+            else:
+                self._held.discard(pipeline)
+            self._save()
+            changed = sorted(before ^ self.held())
+            self._cond.notify_all()
+        return changed
+
+    def wait_running(self, pipeline: str, cancelled: threading.Event) -> None:
+        """Block while the pipeline is held; return at once when it runs or on ``cancelled``."""
+        with self._cond:
+            while (self.paused or pipeline in self._held) and not cancelled.is_set():
+                self._cond.wait(HOLD_POLL)
+
+    def wake(self) -> None:
+        """Wake held transfers so they see a cancel at once."""
+        with self._cond:
+            self._cond.notify_all()

@@ -1,0 +1,389 @@
+"""The live dashboard, in a real headless Chromium, against a real daemon in a subprocess.
+
+Each test starts ``skyframe run`` on a config of its own (API on a free loopback port), opens
+the address the daemon wrote to ``<state_dir>/api.json`` and checks the page against what the
+API says. The browser is Debian's Chromium driven by Playwright; when it is missing the tests
+fail and say so. A full-page screenshot of each test's last state is saved in
+``test-artifacts/`` at the repository root (``SKYFRAME_TEST_ARTIFACTS`` overrides it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO, wait_for
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+ARTIFACTS = Path(os.environ.get("SKYFRAME_TEST_ARTIFACTS") or REPO / "test-artifacts")
+START_TIMEOUT = 30.0  # seconds for a daemon to write api.json
+UI_TIMEOUT = 10_000  # milliseconds for the page to show something
+
+# `relpath` names that are HTML. A slash cannot be part of a file name, so the second one is
+# a file `b>.txt` in a folder `<b>bold<`.
+IMG_NAME = "<img src=x onerror=window.__pwned=1>.txt"
+BOLD_NAME = "<b>bold</b>.txt"
+LATE_NAME = "<img src=y onerror=window.__pwned=2>late.txt"
+SINK_NAME = "<i>sink</i>"
+
+
+# --- the daemon ------------------------------------------------------------------------------
+
+
+@dataclass
+class Daemon:
+    root: Path
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=10) as response:
+            return json.load(response)
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        request = urllib.request.Request(
+            self.url + path,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.load(response)
+
+    def dead(self) -> list[dict[str, Any]]:
+        jobs: list[dict[str, Any]] = self.get("/api/jobs?state=dead")["jobs"]
+        return jobs
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM by PID, SIGKILL if it does not end in time."""
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(10)
+
+
+StartDaemon = Callable[[str], Daemon]
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
+    """Start ``skyframe run`` on a config (text) in tmp_path; stopped at the end of the test."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(config: str) -> Daemon:
+        (tmp_path / "skyframe.yaml").write_text(textwrap.dedent(config).lstrip())
+        (tmp_path / "incoming").mkdir(exist_ok=True)
+        log = tmp_path / "daemon.log"
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "skyframe", "run", "skyframe.yaml"],
+                cwd=tmp_path,
+                stdout=out,
+                stderr=out,
+                stdin=subprocess.DEVNULL,
+            )
+        processes.append(process)
+        api_file = tmp_path / "state" / "api.json"
+        deadline = time.monotonic() + START_TIMEOUT
+        info: dict[str, Any] = {}
+        while not info:
+            if process.poll() is not None:
+                raise AssertionError(
+                    f"the daemon exited ({process.returncode}) before it wrote {api_file}:\n"
+                    + log.read_text(errors="replace")[-3000:]
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"the daemon did not write {api_file} within {START_TIMEOUT:.0f} s:\n"
+                    + log.read_text(errors="replace")[-3000:]
+                )
+            try:
+                info = json.loads(api_file.read_text())
+            except (OSError, ValueError):
+                time.sleep(0.05)
+        assert info.get("pid") == process.pid, info
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", info["url"]), info
+        return Daemon(tmp_path, process, info["url"], log)
+
+    yield start
+    for process in processes:
+        stop(process)
+
+
+# --- the browser -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.is_file() or not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(
+            f"{CHROMIUM} is missing: the dashboard tests need Debian's chromium package "
+            "(apt-get install chromium; .ci/setup installs it)",
+            pytrace=False,
+        )
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
+    """A fresh page; its last state is saved as a screenshot, and it must raise no error."""
+    context = browser.new_context(viewport={"width": 1100, "height": 800})
+    page = context.new_page()
+    page.set_default_timeout(UI_TIMEOUT)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        yield page
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
+        page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    finally:
+        context.close()
+    assert not errors, f"the page raised: {errors}"
+
+
+def open_dashboard(page: Page, daemon: Daemon) -> None:
+    page.goto(daemon.url + "/")
+    page.locator('#conn[data-state="live"]').wait_for()
+    page.locator("article.pipeline").first.wait_for()
+
+
+# --- the tests -------------------------------------------------------------------------------
+
+
+def test_progress_bar_of_a_running_upload_advances(
+    tmp_path: Path, start_daemon: StartDaemon, page: Page
+) -> None:
+    size = 30_000_000
+    (tmp_path / "incoming").mkdir()
+    with (tmp_path / "incoming" / "flight.mp4").open("wb") as f:
+        f.truncate(size)  # sparse: instant to write, 15 s to send at 2MB/s
+    daemon = start_daemon(
+        """
+        state_dir: state
+        shutdown_grace: 1s
+        api: {listen: "127.0.0.1:0"}
+        pipelines:
+          - name: survey
+            source: {path: incoming, settle: 0}
+            sinks:
+              - url: outbox
+                bwlimit: 2MB/s
+        """
+    )
+    open_dashboard(page, daemon)
+    row = page.locator('#transfers li.transfer[data-relpath="flight.mp4"]')
+    row.wait_for()
+
+    def reading() -> tuple[int, float]:
+        done = int(row.get_attribute("data-bytes-done") or -1)
+        value = row.locator("progress").evaluate("bar => bar.value")
+        return done, float(value)
+
+    wait_for(lambda: reading()[0] > 0, "the first progress of flight.mp4", timeout=10)
+    first, first_value = reading()
+    time.sleep(2.5)
+    second, second_value = reading()
+    assert 0 < first < second < size, (first, second)
+    assert 0 < first_value < second_value < size, (first_value, second_value)
+    assert row.get_attribute("data-size") == str(size)
+    percent = float(row.get_attribute("data-percent") or "nan")
+    assert 0 < percent < 100
+    assert re.search(r"MB of 30\.0 MB · \d+ %", row.inner_text()), row.inner_text()
+    # The API agrees that the file is on its way, not done.
+    transfers = daemon.get("/api/status")["transfers"]
+    assert [t["relpath"] for t in transfers] == ["flight.mp4"], transfers
+    assert 0 < transfers[0]["bytes_done"] < size
+
+
+def test_pause_button_pauses_and_resumes_the_daemon(start_daemon: StartDaemon, page: Page) -> None:
+    daemon = start_daemon(
+        """
+        state_dir: state
+        api: {listen: "127.0.0.1:0"}
+        pipelines:
+          - name: survey
+            source: {path: incoming, settle: 0}
+            sinks:
+              - url: outbox
+        """
+    )
+    open_dashboard(page, daemon)
+    state = page.locator("#daemon-state")
+    toggle = page.locator("#daemon-toggle")
+    card = page.locator('article.pipeline[data-pipeline="survey"]')
+    assert state.get_attribute("data-paused") == "false"
+    assert toggle.inner_text() == "Pause"
+
+    toggle.click()
+    page.locator('#daemon-state[data-paused="true"]').wait_for()
+    assert daemon.get("/api/status")["paused"] is True
+    assert state.inner_text() == "paused"
+    assert toggle.inner_text() == "Resume"
+    assert card.locator(".badge").inner_text() == "held"  # held by the daemon-wide pause
+
+    toggle.click()
+    page.locator('#daemon-state[data-paused="false"]').wait_for()
+    status = daemon.get("/api/status")
+    assert status["paused"] is False
+    assert toggle.inner_text() == "Pause"
+
+    # The pipeline's own button pauses only that pipeline.
+    card.locator("button.pipeline-toggle").click()
+    page.locator('article.pipeline[data-pipeline="survey"][data-paused="true"]').wait_for()
+    status = daemon.get("/api/status")
+    assert status["paused"] is False
+    assert status["pipelines"][0]["paused"] is True
+    card.locator("button.pipeline-toggle").click()
+    page.locator('article.pipeline[data-pipeline="survey"][data-paused="false"]').wait_for()
+    assert daemon.get("/api/status")["pipelines"][0]["paused"] is False
+
+
+BROKEN_PIPELINE = f"""
+    state_dir: state
+    shutdown_grace: 1s
+    api: {{listen: "127.0.0.1:0"}}
+    pipelines:
+      - name: survey
+        source: {{path: incoming, settle: 0}}
+        retry: {{max_attempts: 1}}
+        sinks:
+          - url: outbox
+            name: {json.dumps(SINK_NAME)}
+    """
+
+
+def test_file_names_with_html_are_shown_as_text(
+    tmp_path: Path, start_daemon: StartDaemon, page: Page
+) -> None:
+    # The sink folder is a regular file: every upload fails and, with one attempt, is
+    # dead-lettered at once. Names reach the page through the dead-letter list, the recent
+    # errors of the status and the live feed of lifecycle events.
+    incoming = tmp_path / "incoming"
+    (incoming / "<b>bold<").mkdir(parents=True)
+    (incoming / IMG_NAME).write_text("img")
+    (incoming / BOLD_NAME).write_text("bold")
+    (tmp_path / "outbox").write_text("not a folder")
+    daemon = start_daemon(BROKEN_PIPELINE)
+    wait_for(lambda: len(daemon.dead()) == 2, "two dead letters")
+    open_dashboard(page, daemon)
+    dead = page.locator("#dead-list li.dead")
+    dead.nth(1).wait_for()
+    assert sorted(dead.locator(".dead-path").all_inner_texts()) == sorted([BOLD_NAME, IMG_NAME])
+
+    # A file that fails while the page is open comes through the event stream.
+    (incoming / LATE_NAME).write_text("late")
+    feed = page.locator("#feed li.event", has_text=LATE_NAME)
+    feed.first.wait_for()
+    page.locator(f'#dead-list li.dead[data-relpath="{LATE_NAME}"]').wait_for()
+    page.locator("#errors li.event", has_text=LATE_NAME).first.wait_for()
+
+    sink = page.locator('article.pipeline[data-pipeline="survey"] li.sink .sink-name')
+    assert sink.inner_text() == SINK_NAME
+    text = page.locator("main").inner_text()
+    for name in (IMG_NAME, BOLD_NAME, LATE_NAME, SINK_NAME):
+        assert name in text, name
+    # Nothing was parsed as HTML: no element from a name, no handler ran.
+    created = page.evaluate(
+        "document.querySelectorAll('img, b, i, script:not([src]), [onerror]').length"
+    )
+    assert created == 0
+    assert page.evaluate("typeof window.__pwned") == "undefined"
+
+    # Long names wrap: on a phone's screen the page never scrolls sideways.
+    page.set_viewport_size({"width": 390, "height": 844})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+
+
+def test_retry_button_puts_a_dead_letter_back_in_the_queue(
+    tmp_path: Path, start_daemon: StartDaemon, page: Page
+) -> None:
+    incoming = tmp_path / "incoming"
+    (incoming / "flight-01").mkdir(parents=True)
+    (incoming / "flight-01" / "DJI_0001.JPG").write_bytes(b"jpeg" * 1000)
+    (tmp_path / "outbox").write_text("not a folder")
+    daemon = start_daemon(BROKEN_PIPELINE)
+    wait_for(lambda: len(daemon.dead()) == 1, "a dead letter")
+    open_dashboard(page, daemon)
+    row = page.locator('#dead-list li.dead[data-relpath="flight-01/DJI_0001.JPG"]')
+    row.wait_for()
+    assert "outbox" in row.locator(".dead-error").inner_text()
+
+    (tmp_path / "outbox").unlink()  # the cause is fixed: the sink folder can be made
+    row.locator("button.retry").click()
+    wait_for(lambda: not daemon.dead(), "the dead-letter list to empty through the API")
+    delivered = tmp_path / "outbox" / "flight-01" / "DJI_0001.JPG"
+    wait_for(delivered.is_file, "the retried file to be delivered")
+    assert delivered.read_bytes() == b"jpeg" * 1000
+    page.locator("#dead-empty").wait_for()
+    assert page.locator("#dead-list li").count() == 0
+    page.locator("#feed li.event[data-kind='delivered']", has_text="DJI_0001.JPG").wait_for()
+    expect(page.locator("#total-delivered")).to_have_text("1")
+
+
+def test_sign_in_form_when_the_daemon_has_a_token(start_daemon: StartDaemon, page: Page) -> None:
+    daemon = start_daemon(
+        """
+        state_dir: state
+        api: {listen: "127.0.0.1:0", token: "s3cret-token"}
+        pipelines:
+          - name: survey
+            source: {path: incoming, settle: 0}
+            sinks:
+              - url: outbox
+        """
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        daemon.get("/api/status")
+    assert refused.value.code == 401
+    refused.value.close()
+
+    page.goto(daemon.url + "/")
+    page.locator("#login-token").wait_for()
+    assert page.locator("#conn").get_attribute("data-state") == "signed-out"
+    page.fill("#login-token", "wrong")
+    page.press("#login-token", "Enter")
+    expect(page.locator("#login-error")).to_have_text("Wrong token.")
+
+    page.fill("#login-token", "s3cret-token")
+    page.press("#login-token", "Enter")
+    page.locator('#conn[data-state="live"]').wait_for()
+    page.locator('article.pipeline[data-pipeline="survey"]').wait_for()
+    assert page.locator("#login").is_hidden()
+    cookies = page.context.cookies()
+    assert [(c["name"], c["httpOnly"]) for c in cookies] == [("skyframe_token", True)]
+    # Signed in, the buttons work too.
+    page.locator("#daemon-toggle").click()
+    page.locator('#daemon-state[data-paused="true"]').wait_for()
