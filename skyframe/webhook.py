@@ -68,15 +68,8 @@ class WebhookNotifier:
         self.config = config
         self.name = name
         self.url = display_url(config.url)
+        # The config refuses unknown kinds (a config error naming the line).
         self._kinds = DEFAULT_KINDS if config.events is None else frozenset(config.events)
-        unknown = sorted(self._kinds - ALL_KINDS)
-        if unknown:
-            log.warning(
-                "%s: events: unknown kind(s) %s, never sent (the kinds are: %s)",
-                name,
-                ", ".join(unknown),
-                ", ".join(sorted(ALL_KINDS)),
-            )
         self._host = socket.gethostname()
         self._headers = {"Content-Type": "application/json", **config.headers}
 

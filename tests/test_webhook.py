@@ -277,15 +277,6 @@ def test_only_the_configured_kinds_are_sent(
     assert kinds == expected
 
 
-def test_unknown_kinds_are_reported(
-    make_notifier: MakeNotifier, caplog: pytest.LogCaptureFixture
-) -> None:
-    with caplog.at_level(logging.WARNING, logger="skyframe.webhook"):
-        make_notifier("http://127.0.0.1:9/hook", start=False, events=["delivered", "deliverd"])
-    (warning,) = records(caplog, logging.WARNING)
-    assert "unknown kind(s) deliverd," in warning
-
-
 def test_configured_headers_are_sent(receiver: Receiver, make_notifier: MakeNotifier) -> None:
     headers = {"Authorization": "Bearer tok-123", "X-Skyframe-Site": "site-7"}
     notifier = make_notifier(receiver.url, headers=headers, flush_interval=0.01)
