@@ -606,6 +606,33 @@ def queue_purge(config_file: Path, dead: bool) -> None:
     click.echo(f"{removed} dead-lettered job(s) forgotten")
 
 
+#: glibc's mallopt() parameter for the size from which malloc() maps memory of its own.
+_M_MMAP_THRESHOLD = -3
+#: Upload parts (8 MiB by default) are above it: their memory goes back to the system as soon
+#: as a part is sent, instead of piling up in the heaps of the many upload threads (glibc
+#: raises its own threshold to the largest block freed, 8 MiB here, and then keeps them).
+MMAP_THRESHOLD = 4 * 1024 * 1024
+
+
+def tune_malloc() -> bool:
+    """Fix glibc's mmap threshold (unless MALLOC_MMAP_THRESHOLD_ is set); True when done.
+
+    Measured with a 1 GB upload to S3: peak RSS 135 MB instead of 144 to 153 MB, at the same
+    speed (docs/benchmarks.md). Elsewhere (musl, macOS) nothing changes.
+    """
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
 def main() -> None:
     """Console-script entry point."""
+    tune_malloc()
     cli(prog_name="skyframe")

@@ -146,3 +146,16 @@ def test_check_probes_every_sink(example_project: Path) -> None:
     assert "write+check+delete" in lines[0]
     assert lines[1].startswith("FAIL  survey -> /proc/no-such-folder: FileNotFoundError")
     assert list((example_project / "outbox").iterdir()) == []  # the probe was deleted
+
+
+def test_malloc_tuning_applies_on_glibc_and_leaves_a_user_setting_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import platform
+
+    from skyframe.cli import tune_malloc
+
+    if platform.libc_ver()[0] == "glibc":
+        assert tune_malloc() is True
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert tune_malloc() is False
