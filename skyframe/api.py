@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -22,17 +21,17 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from skyframe.config import LOOPBACK_HOSTS, ApiConfig
+from skyframe.config import ApiConfig, is_loopback
 from skyframe.events import LifecycleEvent
-from skyframe.units import parse_duration
+from skyframe.state import API_FILE, write_json_atomic
+from skyframe.units import parse_since
 
 if TYPE_CHECKING:
     from skyframe.engine import Engine
 
 log = logging.getLogger(__name__)
 
-API_FILE = "api.json"
-COOKIE = "skyframe_token"
+COOKIE = "skyframe_session_{port}"  #: one per daemon: browsers share cookies across ports
 WEB_ROOT = Path(__file__).resolve().parent / "web"
 STATUS_EVERY = 2.0  #: seconds between two status documents on the event stream
 STREAM_BUFFER = 1000  #: events waiting for one slow event-stream client before it loses some
@@ -44,16 +43,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
-
-
-def _is_loopback_host(host: str) -> bool:
-    name = host.strip("[]").lower()
-    if name in LOOPBACK_HOSTS or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def _host_name(host_header: str) -> str:
@@ -98,13 +87,12 @@ class ApiServer:
         )
         self._thread.start()
         if not ready.wait(START_TIMEOUT):
+            self.stop()  # it may still bind later: nobody would stop it then
             raise OSError(f"the API did not start within {START_TIMEOUT:.0f} s")
         if failure:
             self._thread.join()
             raise failure[0]
-        temporary = self.api_file.with_name(f".{API_FILE}.tmp")
-        temporary.write_text(json.dumps({"url": self.url, "pid": os.getpid()}) + "\n")
-        os.replace(temporary, self.api_file)
+        write_json_atomic(self.api_file, {"url": self.url, "pid": os.getpid()})
         log.info("dashboard and API on %s", self.url)
 
     def _serve(self, ready: threading.Event, failure: list[BaseException]) -> None:
@@ -206,7 +194,7 @@ class ApiServer:
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
         token = self.config.token
-        if not token and not _is_loopback_host(_host_name(request.host)):
+        if not token and not is_loopback(_host_name(request.host)):
             # A page of another site that resolved its own name to 127.0.0.1 (DNS rebinding).
             return _error(403, f"unexpected Host {request.host!r}: use http://127.0.0.1")
         public = path in ("/", "/healthz", "/api/login") or path.startswith("/static/")
@@ -218,18 +206,35 @@ class ApiServer:
             origin = request.headers.get("Origin")
             if origin and origin.split("://", 1)[-1] != request.host:
                 return _error(403, f"cross-site request from {origin} refused")
-        response = await handler(request)
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:  # aiohttp's own 404, 405...: JSON like ours
+            if exc.content_type == "application/json":
+                raise
+            return _error(exc.status, exc.reason)
+        except Exception as exc:
+            log.exception("API request %s %s failed", request.method, path)
+            return _error(500, f"{type(exc).__name__}: {exc}")
         response.headers.setdefault("Cache-Control", "no-store")
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("X-Frame-Options", "DENY")
         response.headers.setdefault("Referrer-Policy", "no-referrer")
         return response
 
-    @staticmethod
-    def _authorised(request: web.Request, token: str) -> bool:
+    def _authorised(self, request: web.Request, token: str) -> bool:
         header = request.headers.get("Authorization", "")
-        given = header[7:] if header.startswith("Bearer ") else request.cookies.get(COOKIE, "")
-        return hmac.compare_digest(given.encode(), token.encode())
+        if header.startswith("Bearer "):
+            return hmac.compare_digest(header[7:].encode(), token.encode())
+        cookie = request.cookies.get(self._cookie_name(), "")
+        return hmac.compare_digest(cookie.encode(), self._session(token).encode())
+
+    def _cookie_name(self) -> str:
+        return COOKIE.format(port=self.url.rsplit(":", 1)[-1])
+
+    @staticmethod
+    def _session(token: str) -> str:
+        """The dashboard's cookie value: derived from the token, never the token itself."""
+        return hmac.new(token.encode(), b"skyframe dashboard session", "sha256").hexdigest()
 
     async def _json_body(self, request: web.Request) -> dict[str, Any]:
         try:
@@ -311,7 +316,9 @@ class ApiServer:
         if state not in (None, "pending", "leased", "waiting", "dead"):
             return _error(400, f"state must be pending, leased, waiting or dead, not {state!r}")
         limit = _limit(request)
-        records = await self._run(lambda: self.engine.queue.records(state))
+        records = await self._run(lambda: self.engine.queue.records(state, limit))
+        counts = await self._run(self.engine.queue.counts)
+        total = counts[state] if state is not None else sum(counts.values())
         jobs = [
             {
                 "pipeline": r["pipeline"],
@@ -323,16 +330,16 @@ class ApiServer:
                 "not_before": r.get("not_before"),
                 "errors": r["errors"],
             }
-            for r in records[:limit]
+            for r in records
         ]
-        return web.json_response({"jobs": jobs, "total": len(records)})
+        return web.json_response({"jobs": jobs, "total": total})
 
     async def _history(self, request: web.Request) -> web.StreamResponse:
         query = request.query
         since = None
         if "since" in query:
             try:
-                since = parse_duration(query["since"])
+                since = parse_since(query["since"])
             except ValueError as exc:
                 return _error(400, f"since: {exc}")
         limit = _limit(request)
@@ -374,6 +381,8 @@ class ApiServer:
             return _error(400, 'name a dead-lettered job ({"pipeline", "path"}) or {"all": true}')
         if pipeline is not None and not isinstance(pipeline, str):
             return _error(400, "pipeline must be a string")
+        if pipeline is not None and pipeline not in self.engine.pipelines:
+            return _error(404, f"no pipeline named {pipeline!r}")
         if body.get("all") is True:
             path = None
         retried = await self._run(lambda: self.engine.retry_dead(pipeline, path))
@@ -390,18 +399,11 @@ class ApiServer:
         if not isinstance(given, str) or not hmac.compare_digest(given.encode(), token.encode()):
             return _error(401, "wrong token")
         response = web.json_response({"ok": True})
-        response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/")
+        response.set_cookie(
+            self._cookie_name(), self._session(token), httponly=True, samesite="Strict", path="/"
+        )
         return response
 
 
 def _sse(kind: str, data: dict[str, Any]) -> bytes:
     return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
-
-
-def read_api_file(state_dir: Path) -> dict[str, Any] | None:
-    """What a running daemon wrote to ``api.json``, or None when there is none."""
-    try:
-        data = json.loads((state_dir / API_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("url"), str) else None

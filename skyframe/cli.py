@@ -327,6 +327,8 @@ def _switch(config_file: Path, pipeline: str | None, paused: bool) -> None:
     from skyframe.client import DaemonClient, NoDaemonError
     from skyframe.config import load_config
     from skyframe.control import Control
+    from skyframe.errors import StateError
+    from skyframe.state import StateLock
 
     config = load_config(config_file)
     names = [p.name for p in config.pipelines]
@@ -340,9 +342,20 @@ def _switch(config_file: Path, pipeline: str | None, paused: bool) -> None:
     try:
         client = DaemonClient(config)
     except NoDaemonError as exc:
-        # Nothing to tell: switch the saved state, which the next start obeys.
-        config.state_path.mkdir(parents=True, exist_ok=True)
-        Control(config.state_path, names).set(paused, pipeline)
+        # Nothing to tell: switch the saved state, which the next start obeys; under the
+        # state lock, so that a daemon without API does not overwrite it later.
+        lock = StateLock(config.state_path)
+        try:
+            lock.acquire()
+        except StateError as busy:
+            raise StateError(
+                f"{busy}, but without an API that answers (api.enabled is false, or its "
+                f"address was taken): it cannot be {verb} from here"
+            ) from None
+        try:
+            Control(config.state_path, names).set(paused, pipeline)
+        finally:
+            lock.release()
         click.echo(f"{verb} {what}: {exc}; the next start is {verb}")
         return
     state = client.request(
@@ -378,23 +391,14 @@ def resume(config_file: Path, pipeline: str | None) -> None:
 
 
 def _since(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
-    import time as _time
-    from datetime import datetime
-
-    from skyframe.units import parse_duration
+    from skyframe.units import parse_since
 
     if value is None:
         return None
     try:
-        return _time.time() - parse_duration(value)
-    except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(value).timestamp()
-    except ValueError:
-        raise click.BadParameter(
-            f"{value!r} is neither a duration (90m, 2h, 7d) nor a date (2026-11-29 08:00)"
-        ) from None
+        return parse_since(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @cli.command()

@@ -10,9 +10,9 @@ import urllib.request
 from datetime import datetime
 from typing import Any
 
-from skyframe.api import read_api_file
 from skyframe.config import Config
 from skyframe.errors import SkyframeError
+from skyframe.state import API_FILE, read_api_file
 from skyframe.units import format_rate, format_size
 
 TIMEOUT = 10.0
@@ -29,7 +29,7 @@ class DaemonClient:
     def __init__(self, config: Config) -> None:
         self.config = config
         found = read_api_file(config.state_path)
-        where = config.state_path / "api.json"
+        where = config.state_path / API_FILE
         if found is None:
             raise NoDaemonError(
                 f"no daemon is running for {config.file} (no {where}; start it with "

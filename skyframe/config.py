@@ -5,6 +5,7 @@ Every error raised from here is a :class:`ConfigError` naming file, line and col
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -109,7 +110,15 @@ class PipelineConfig(_Model):
     retry: RetryConfig | None = Field(None, description="overrides the top-level retry")
 
 
-LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+def is_loopback(host: str) -> bool:
+    """True for a name or address of this machine only: localhost, 127.0.0.0/8, ::1."""
+    name = host.strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 class ApiConfig(_Model):
@@ -130,7 +139,7 @@ class ApiConfig(_Model):
     @model_validator(mode="after")
     def _token_off_loopback(self) -> ApiConfig:
         host, _port = self.address
-        if self.enabled and host not in LOOPBACK_HOSTS and not self.token:
+        if self.enabled and not is_loopback(host) and not self.token:
             raise ValueError(
                 f"listening on {host} (not loopback) needs a token: set api.token "
                 "(e.g. token: ${SKYFRAME_API_TOKEN})"

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from skyframe.errors import StateError
+from skyframe.state import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,10 @@ class Control:
         self._cond = threading.Condition()
         self.paused = False
         self._held: set[str] = set()
+        #: False when nothing at all is held: read without the lock on every piece sent
+        self._any_held = False
         self._load()
+        self._any_held = self.paused or bool(self._held)
 
     def _load(self) -> None:
         try:
@@ -52,12 +55,10 @@ class Control:
         if isinstance(held, dict):
             self._held = {name for name, on in held.items() if on is True}
 
-    def _save(self) -> None:
-        data = {"paused": self.paused, "pipelines": {name: True for name in sorted(self._held)}}
-        temporary = self._file.with_name(f".{CONTROL_FILE}.tmp")
+    def _save(self, paused: bool, held: set[str]) -> None:
+        data = {"paused": paused, "pipelines": {name: True for name in sorted(held)}}
         try:
-            temporary.write_text(json.dumps(data) + "\n", encoding="utf-8")
-            os.replace(temporary, self._file)
+            write_json_atomic(self._file, data)
         except OSError as exc:
             raise StateError(f"cannot save the pause state in {self._file}: {exc}") from exc
 
@@ -71,6 +72,8 @@ class Control:
 
     def is_held(self, pipeline: str) -> bool:
         """True while the pipeline may not send (paused itself, or everything is)."""
+        if not self._any_held:
+            return False
         with self._cond:
             return self.paused or pipeline in self._held
 
@@ -88,26 +91,37 @@ class Control:
             if pipeline is not None and pipeline not in self._pipelines:
                 raise KeyError(pipeline)
             before = self.held()
+            everything, held = self.paused, set(self._held)
             if pipeline is None:
-                self.paused = paused
+                everything = paused
                 if not paused:
-                    self._held.clear()  # resuming everything resumes every pipeline
+                    held.clear()  # resuming everything resumes every pipeline
             elif paused:
-                self._held.add(pipeline)
+                held.add(pipeline)
             else:
-                self._held.discard(pipeline)
-            self._save()
+                held.discard(pipeline)
+            self._save(everything, held)  # nothing changes unless it is saved
+            self.paused, self._held = everything, held
+            self._any_held = everything or bool(held)
             changed = sorted(before ^ self.held())
             self._cond.notify_all()
         return changed
 
-    def wait_running(self, pipeline: str, cancelled: threading.Event) -> None:
-        """Block while the pipeline is held; return at once when it runs or on ``cancelled``."""
+    def wait_running(self, pipeline: str, *stop: threading.Event) -> bool:
+        """Block while the pipeline is held, unless one of ``stop`` is set; True once it runs.
+
+        Cheap when nothing is held: transfers call it before every piece.
+        """
+        if not self._any_held:
+            return True
         with self._cond:
-            while (self.paused or pipeline in self._held) and not cancelled.is_set():
+            while self.paused or pipeline in self._held:
+                if any(event.is_set() for event in stop):
+                    return False
                 self._cond.wait(HOLD_POLL)
+            return True
 
     def wake(self) -> None:
-        """Wake held transfers so they see a cancel at once."""
+        """Wake held transfers so they see a stop at once."""
         with self._cond:
             self._cond.notify_all()

@@ -100,9 +100,12 @@ class JobRunner:
         on_finished: Callable[[], None],
         cancelled: threading.Event,
         control: Control | None = None,
+        stopping: threading.Event | None = None,
     ) -> None:
         self.pm = pm
         self.control = control
+        #: Set when the engine stops: a transfer held by a pause is cut at once.
+        self.stopping = stopping or threading.Event()
         #: Called once a job is settled either way (its transfers are over).
         self.job_ended: Callable[[str, str], None] | None = None
         self.queue = queue
@@ -152,6 +155,11 @@ class JobRunner:
             self._dead(
                 claim, f"pipeline {claim.pipeline!r} is no longer configured", error="ConfigError"
             )
+            self._on_finished()
+            return
+        if self.control is not None and self.control.is_held(pipeline.name):
+            # Paused after it was claimed: back to the queue before anything runs.
+            self.queue.release(claim)
             self._on_finished()
             return
         run = _Run(claim, pipeline, self.state_dir / "scratch" / claim.token)
@@ -519,13 +527,17 @@ class JobRunner:
         cancelled = self._cancelled
         control = self.control
 
+        stopping = self.stopping
+
+        def hold() -> None:
+            if control is not None and not control.wait_running(pipeline, cancelled, stopping):
+                raise TransferCancelled  # stopping while paused: it resumes at the next start
+
         def pace(size: int) -> None:
-            if control is not None:
-                control.wait_running(pipeline, cancelled)
+            hold()
             if limiter:
                 limiter.take(size, cancelled)
-                if control is not None:  # a pause that came while waiting for the budget
-                    control.wait_running(pipeline, cancelled)
+                hold()  # a pause that came while waiting for the budget
             if cancelled.is_set():
                 raise TransferCancelled
 

@@ -36,10 +36,10 @@ from skyframe.scanner import scan_source
 from skyframe.state import Manifest, StateLock
 from skyframe.status import StatusTracker
 from skyframe.watcher import Settler, SourceWatcher, WatchCallbacks
-from skyframe.webhook import WebhookNotifier
 
 if TYPE_CHECKING:
     from skyframe.api import ApiServer
+    from skyframe.webhook import WebhookNotifier
 
 log = logging.getLogger(__name__)
 
@@ -158,12 +158,15 @@ class Engine:
         self.metrics = Metrics()
         self.metrics.set_status_source(self.status)
         self.notifiers = Notifiers(pm)
-        self.webhooks = [
-            WebhookNotifier(entry.webhook, name=f"webhook-{index + 1}")
-            for index, entry in enumerate(config.notify)
-        ]
-        for index, webhook in enumerate(self.webhooks):
-            pm.register(webhook, name=f"skyframe.webhook-{index + 1}")
+        #: Called straight from emit(): they never block, and keep their own buffer.
+        self.webhooks: list[WebhookNotifier] = []
+        if config.notify:
+            from skyframe.webhook import WebhookNotifier  # aiohttp: only when configured
+
+            self.webhooks = [
+                WebhookNotifier(entry.webhook, name=f"webhook-{index + 1}")
+                for index, entry in enumerate(config.notify)
+            ]
         self.api: ApiServer | None = None
         self._stop = threading.Event()
         self._cancel = threading.Event()
@@ -191,6 +194,7 @@ class Engine:
             on_finished=self._job_finished,
             cancelled=self._cancel,
             control=self.control,
+            stopping=self._stop,
         )
         self.runner.job_ended = self.tracker.job_ended
 
@@ -226,12 +230,19 @@ class Engine:
         a slow or failing notifier never holds up the caller)."""
         with self._summary_lock:
             self.summary.count(event)
-        self.tracker.observe(event)
-        self.metrics.observe(event)
-        self.history.record(event)
-        if self.api is not None:
-            self.api.publish(event)
-        self.notifiers.publish(event)
+        api = self.api  # it may go away meanwhile (a stop while transfers still run)
+        for consume in (
+            self.tracker.observe,
+            self.metrics.observe,
+            self.history.record,
+            *((api.publish,) if api is not None else ()),
+            *(webhook.skyframe_event for webhook in self.webhooks),
+            self.notifiers.publish,
+        ):
+            try:
+                consume(event)
+            except Exception:  # monitoring must never fail a transfer
+                log.exception("could not record a %s event", event.kind)
 
     # --- control (the API's) -----------------------------------------------------------------
 
@@ -644,8 +655,10 @@ class Engine:
     # --- entry points ------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Take no new work; in-flight work finishes (or is cut after ``shutdown_grace``)."""
+        """Take no new work; in-flight work finishes (or is cut after ``shutdown_grace``;
+        at once when it is held by a pause)."""
         self._stop.set()
+        self.control.wake()
         self._notify()
 
     def _startup_hooks(self) -> None:

@@ -30,6 +30,7 @@ FLUSH_INTERVAL = 0.5  #: seconds between two batched writes
 PRUNE_INTERVAL = 60.0  #: seconds between two prunes
 BUFFER_LIMIT = 100_000  #: events waiting for the writer before the oldest are dropped
 REJECTIONS_REMEMBERED = 100_000  #: files whose last rejection is remembered (to record it once)
+WARN_INTERVAL = 60.0  #: seconds between two warnings about the same trouble
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -42,6 +43,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_time ON events (time);
 CREATE INDEX IF NOT EXISTS events_file ON events (pipeline, relpath);
+CREATE INDEX IF NOT EXISTS events_kind ON events (kind, id);
 """
 
 
@@ -80,6 +82,8 @@ class History:
         self._cond = threading.Condition()
         self._closed = False
         self._pruned_at = 0.0
+        self.dropped = 0  #: events lost because the database could not keep up
+        self._warned_at = -WARN_INTERVAL
         self._thread: threading.Thread | None = None
         if writer:
             self._thread = threading.Thread(
@@ -105,6 +109,9 @@ class History:
                     self._rejections.popitem(last=False)
             elif key in self._rejections:
                 del self._rejections[key]
+            if len(self._buffer) == self._buffer.maxlen:
+                self.dropped += 1  # the deque drops the oldest
+                self._warn(f"the history is falling behind: {self.dropped} event(s) lost")
             self._buffer.append(event)
 
     def _writer(self) -> None:
@@ -117,8 +124,8 @@ class History:
                 self.flush()
                 if time.monotonic() - self._pruned_at >= PRUNE_INTERVAL:
                     self.prune()
-            except sqlite3.Error:
-                log.exception("cannot write the history in %s; trying again", self.path)
+            except sqlite3.Error as exc:
+                self._warn(f"cannot write the history in {self.path}: {exc}; trying again")
             if closed:
                 return
 
@@ -145,6 +152,12 @@ class History:
                 with self._cond:  # keep them for the next try
                     self._buffer.extendleft(reversed(events))
                 raise
+
+    def _warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._warned_at >= WARN_INTERVAL:
+            self._warned_at = now
+            log.warning("%s", message)
 
     def _rejected_before(self, event: LifecycleEvent) -> bool:
         """A rejection the file already has as its latest event (from before a restart)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import json
 import threading
 import time
 import uuid
@@ -24,9 +25,18 @@ from typing import Any
 from skyframe.state import GroupCommit, open_cache
 
 _JOB = "job\x00"
+_JOB_END = "job\x01"  #: every job key sorts between _JOB and this
 #: The ready list of earlier versions, one for all pipelines: still drained, never filled.
 _READY = "ready"
-_LANE = "lane\x00"  #: + pipeline name: one ready list per pipeline, so one can be held
+_LANE = "lane\x00"  #: + pipeline name + NUL: one ready list per pipeline, so one can be held
+
+
+def _lane(pipeline: str) -> str:
+    # The NUL ends the name: diskcache's pull(prefix=...) takes every key between
+    # ``prefix-000...`` and ``prefix-999...``, which "cam" would share with "cam-2".
+    return f"{_LANE}{pipeline}\x00"
+
+
 _MAX_ERRORS_KEPT = 5
 
 
@@ -85,7 +95,7 @@ class JobQueue:
                 record["version"] = record.get("next_version")
         record.update(state="pending", lease=None, next_payload=None, next_version=None)
         self._cache.set(key, record)
-        self._cache.push(key, prefix=_LANE + record["pipeline"])
+        self._cache.push(key, prefix=_lane(record["pipeline"]))
         self.add_lanes([record["pipeline"]])
 
     def add_lanes(self, pipelines: Collection[str]) -> None:
@@ -154,6 +164,9 @@ class JobQueue:
                     record = self._cache.get(key)
                     if record is None or record["state"] != "pending":
                         continue  # a stale reference: the job moved on since it was queued
+                    if record["pipeline"] in skip:  # never hand out a held pipeline's job
+                        self._cache.push(key, prefix=_lane(record["pipeline"]))
+                        continue
                     token = uuid.uuid4().hex
                     record.update(state="leased", lease=token, claimed_at=time.time())
                     self._cache.set(key, record)
@@ -175,7 +188,7 @@ class JobQueue:
                 break
             record = self._cache.get(key)
             if record is not None and record["pipeline"] in skip:
-                self._cache.push(key, prefix=_LANE + record["pipeline"])
+                self._cache.push(key, prefix=_lane(record["pipeline"]))
                 self.add_lanes([record["pipeline"]])
                 continue
             return str(key)
@@ -184,7 +197,7 @@ class JobQueue:
             self._lanes.append(name)  # the next claim starts with the next pipeline
             if name in skip:
                 continue
-            _lane_key, key = self._cache.pull(prefix=_LANE + name, retry=True)
+            _lane_key, key = self._cache.pull(prefix=_lane(name), retry=True)
             if key is not None:
                 return str(key)
         return None
@@ -301,15 +314,26 @@ class JobQueue:
         with self._lock:
             return self._waiting[0][0] if self._waiting else None
 
-    def records(self, state: str | None = None) -> list[dict[str, Any]]:
-        """Every job record (optionally of one state), oldest first."""
+    def records(self, state: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """Job records (optionally of one state, at most ``limit``), oldest first; selected and
+        sorted inside SQLite, so a short list stays quick with 100,000 jobs queued."""
+        value = "CAST(value AS TEXT)"
+        sql = f"SELECT key, {value} FROM Cache WHERE key >= ? AND key < ?"
+        args: list[Any] = [_JOB, _JOB_END]
+        if state is not None:
+            # A record too large for a row has no value here (it lives in a file): keep it.
+            sql += f" AND (value IS NULL OR json_extract({value}, '$.state') = ?)"
+            args.append(state)
+        sql += f" ORDER BY json_extract({value}, '$.queued_at')"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
         out = []
-        for key in list(self._cache.iterkeys()):
-            if isinstance(key, str) and key.startswith(_JOB):
-                record = self._cache.get(key)
-                if record is not None and (state is None or record["state"] == state):
-                    out.append(record)
-        return sorted(out, key=lambda r: r["queued_at"])
+        for key, text in self._cache._sql(sql, args).fetchall():
+            record = json.loads(text) if text is not None else self._cache.get(key)
+            if record is not None and (state is None or record["state"] == state):
+                out.append(record)
+        return out
 
     def counts_by_pipeline(self) -> dict[str, dict[str, int]]:
         """How many jobs each pipeline has in each state, counted inside SQLite (no record is
@@ -318,12 +342,12 @@ class JobQueue:
             "SELECT json_extract(CAST(value AS TEXT), '$.pipeline'),"
             " json_extract(CAST(value AS TEXT), '$.state'), count(*)"
             " FROM Cache WHERE key >= ? AND key < ? AND value IS NOT NULL GROUP BY 1, 2",
-            (_JOB, _JOB[:-1] + "\x01"),
+            (_JOB, _JOB_END),
         ).fetchall()
         # A record too large for a row lives in a file of its own: decode those few here.
         large = self._cache._sql(
             "SELECT key FROM Cache WHERE key >= ? AND key < ? AND value IS NULL",
-            (_JOB, _JOB[:-1] + "\x01"),
+            (_JOB, _JOB_END),
         ).fetchall()
         for (key,) in large:
             record = self._cache.get(key)

@@ -110,6 +110,25 @@ class _Write(Generic[T]):
         return self.result  # type: ignore[return-value]
 
 
+API_FILE = "api.json"  #: where a running daemon says where its API listens
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write a small JSON file so that readers see the old or the new content, never a mix."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(data) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def read_api_file(state_dir: Path) -> dict[str, Any] | None:
+    """What a running daemon wrote to ``api.json`` (``url``, ``pid``), or None."""
+    try:
+        data = json.loads((state_dir / API_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("url"), str) else None
+
+
 def open_cache(directory: Path) -> diskcache.Cache:
     """A diskcache Cache that stores JSON (never pickles) and never evicts."""
     return diskcache.Cache(str(directory), disk=JSONValueDisk, **CACHE_SETTINGS)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator
@@ -129,6 +131,21 @@ def parse_rate(value: Any) -> float:
     if rate <= 0:
         raise ValueError(f"a rate must be positive, not {value!r}")
     return rate
+
+
+def parse_since(value: str, now: float | None = None) -> float:
+    """A point in time (epoch seconds) given as a duration back (``90m``, ``2h``, ``7d``) or as
+    an ISO date or date and time (``2026-11-29``, ``2026-11-29 08:00``, local time)."""
+    try:
+        return (time.time() if now is None else now) - parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is neither a duration (90m, 2h, 7d) nor a date (2026-11-29 08:00)"
+        ) from None
 
 
 def format_size(n: float) -> str:

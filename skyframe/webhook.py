@@ -18,7 +18,6 @@ import itertools
 import json
 import logging
 import os
-import random
 import socket
 import threading
 import time
@@ -28,6 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from skyframe.config import WebhookConfig, url_without_password
+from skyframe.delivery import backoff_delay
 from skyframe.events import LifecycleEvent, LifecycleKind
 from skyframe.markers import hookimpl
 
@@ -339,9 +339,7 @@ class WebhookNotifier:
 
     def _failed(self, error: str, count: int) -> None:
         self._failures += 1
-        retry = self.config.retry
-        delay = min(retry.max, retry.initial * 2 ** (self._failures - 1))
-        delay = random.uniform(delay / 2, delay)
+        delay = backoff_delay(self.config.retry, self._failures)
         self._retry_at = time.monotonic() + delay
         if self._failures == 1:
             with self._lock:

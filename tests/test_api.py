@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_daemon import Daemon, wait_for
 
 from skyframe.cli import cli
+from skyframe.queue import JobQueue
 
 TOKEN = "s3cr3t-token-for-tests"
 
@@ -152,7 +153,11 @@ def test_token_is_required_except_for_healthz_and_the_page(
     assert "HttpOnly" in cookie
     assert "SameSite=Strict" in cookie
     value = cookie.split(";", 1)[0]
+    assert value.startswith(f"skyframe_session_{url.rsplit(':', 1)[-1]}=")
+    assert TOKEN not in value
     assert request(url + "/api/status", headers={"Cookie": value})[0] == 200
+    forged = value.split("=", 1)[0] + "=" + TOKEN
+    assert request(url + "/api/status", headers={"Cookie": forged})[0] == 401
 
 
 def test_requests_from_other_sites_are_refused(daemon: Callable[..., Daemon]) -> None:
@@ -299,6 +304,11 @@ def test_dead_letters_are_listed_and_retried(daemon: Callable[..., Daemon], tmp_
     assert errors[0]["error"]
     assert request(url + "/api/retry", "POST", {"pipeline": "survey", "path": "b.jpg"})[0] == 404
     assert request(url + "/api/retry", "POST", {})[0] == 400
+    assert request(url + "/api/retry", "POST", {"all": True, "pipeline": "nope"})[0] == 404
+    status, body, _ = request(url + "/api/nothing-here")
+    assert status == 404
+    assert "error" in body
+    assert request(url + "/api/retry")[1] == {"error": "Method Not Allowed"}
     (tmp_path / "outbox").unlink()  # the cause is fixed
     status, body, _ = request(url + "/api/retry", "POST", {"pipeline": "survey", "path": "a.jpg"})
     assert (status, body) == (200, {"retried": 1})
@@ -364,6 +374,8 @@ def test_history_and_event_stream(daemon: Callable[..., Daemon], tmp_path: Path)
     events = request(url + "/api/history?path=a.jpg")[1]["events"]
     assert [e["kind"] for e in events] == ["delivered", "started", "queued"]
     assert request(url + "/api/history?failed=1")[1]["events"] == []
+    assert len(request(url + "/api/history?since=1h")[1]["events"]) == 3
+    assert request(url + "/api/history?since=2100-01-01")[1]["events"] == []
     assert request(url + "/api/history?since=soon")[0] == 400
 
 
@@ -446,3 +458,56 @@ def test_cli_without_a_daemon(tmp_path: Path, write_config: WriteConfig) -> None
     result = runner.invoke(cli, ["run", config, "--once"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "outbox" / "a.jpg").read_bytes() == b"abc"
+
+
+def test_a_paused_daemon_stops_at_once_and_its_transfer_goes_back_to_the_queue(
+    tmp_path: Path, write_config: WriteConfig
+) -> None:
+    (tmp_path / "logs").mkdir()
+    text = CONFIG.replace("shutdown_grace: 1s", "shutdown_grace: 30s").replace("TOKEN", "")
+    d = Daemon(write_config(text.replace("BWLIMIT", "bwlimit: 4MB/s")))
+    with d:
+        make_file(tmp_path / "incoming", "video.mp4", os.urandom(16 * 1024 * 1024))
+        wait_for(lambda: d.recorder.count("started", "video.mp4") == 1, what="the upload")
+        d.engine.set_paused(True)
+        began = time.monotonic()
+        d.stop()  # the held transfer cannot finish: no point waiting 30 s for it
+        assert time.monotonic() - began < 5
+    assert d.engine.abandoned == 0
+    queue = JobQueue(tmp_path / ".state" / "queue")
+    try:
+        assert [r["state"] for r in queue.records()] == ["pending"]
+    finally:
+        queue.close()
+    assert not (tmp_path / "outbox" / "video.mp4").exists()
+
+
+def test_a_failing_monitoring_consumer_never_fails_a_transfer(
+    daemon: Callable[..., Daemon], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    d = daemon()
+
+    def broken(event: object) -> None:
+        raise RuntimeError("history database gone")
+
+    d.engine.history.record = broken  # type: ignore[method-assign]
+    make_file(tmp_path / "incoming", "a.jpg", b"abc")
+    wait_for((tmp_path / "outbox" / "a.jpg").exists, what="delivery")
+    wait_for(lambda: d.recorder.count("delivered", "a.jpg") == 1, what="the event")
+    assert d.recorder.count("failed") == 0
+    assert "could not record a delivered event" in caplog.text
+
+
+def test_cli_pause_with_a_daemon_that_runs_without_its_api(
+    tmp_path: Path, write_config: WriteConfig
+) -> None:
+    (tmp_path / "logs").mkdir()
+    text = CONFIG.replace('api: {listen: "127.0.0.1:0"TOKEN}', "api: {enabled: false}")
+    config = write_config(text.replace("BWLIMIT", ""))
+    with Daemon(config) as d:
+        assert d.engine.api is None
+        result = CliRunner().invoke(cli, ["pause", str(config)])
+        assert result.exit_code == 1
+        assert "without an API that answers" in result.output
+        assert d.engine.control.held() == set()
+    assert not (tmp_path / ".state" / "control.json").exists()

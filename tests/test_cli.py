@@ -148,14 +148,20 @@ def test_check_probes_every_sink(example_project: Path) -> None:
     assert list((example_project / "outbox").iterdir()) == []  # the probe was deleted
 
 
-def test_malloc_tuning_applies_on_glibc_and_leaves_a_user_setting_alone(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_malloc_tuning_applies_on_glibc_and_leaves_a_user_setting_alone() -> None:
     import platform
+    import subprocess
+    import sys
 
-    from skyframe.cli import tune_malloc
-
-    if platform.libc_ver()[0] == "glibc":
-        assert tune_malloc() is True
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    assert tune_malloc() is False
+    # In a child process: the setting stays for the life of a process.
+    code = "from skyframe.cli import tune_malloc; print(tune_malloc())"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    tuned = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert tuned.stdout.strip() == str(platform.libc_ver()[0] == "glibc")
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    left = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert left.stdout.strip() == "False"

@@ -383,7 +383,9 @@ def test_sign_in_form_when_the_daemon_has_a_token(start_daemon: StartDaemon, pag
     page.locator('article.pipeline[data-pipeline="survey"]').wait_for()
     assert page.locator("#login").is_hidden()
     cookies = page.context.cookies()
-    assert [(c["name"], c["httpOnly"]) for c in cookies] == [("skyframe_token", True)]
+    port = daemon.url.rsplit(":", 1)[-1]
+    assert [(c["name"], c["httpOnly"]) for c in cookies] == [(f"skyframe_session_{port}", True)]
+    assert "s3cret-token" not in cookies[0]["value"]  # derived from the token, not the token
     # Signed in, the buttons work too.
     page.locator("#daemon-toggle").click()
     page.locator('#daemon-state[data-paused="true"]').wait_for()

@@ -230,7 +230,7 @@ def test_jobs_in_the_shared_ready_list_of_earlier_versions_are_still_claimed(
     q.put("b", "g0", {})
     # Move both references to the single ready list older versions used.
     cache = q._cache
-    for lane in ("lane\x00a", "lane\x00b"):
+    for lane in ("lane\x00a\x00", "lane\x00b\x00"):
         _key, value = cache.pull(prefix=lane)
         cache.push(value, prefix="ready")
     q.close()
@@ -239,3 +239,29 @@ def test_jobs_in_the_shared_ready_list_of_earlier_versions_are_still_claimed(
     assert [c.relpath for c in reopened.claim_many(5, skip={"a"})] == ["g0"]
     assert [c.relpath for c in reopened.claim_many(5)] == ["f0"]
     reopened.close()
+
+
+def test_a_held_pipeline_named_like_another_plus_a_suffix_stays_held(tmp_path: Path) -> None:
+    q = JobQueue(tmp_path / "q")
+    q.put("cam", "a", {})
+    q.put("cam-2", "b", {})
+    q.put("cam-2", "c", {})
+    assert [c.relpath for c in q.claim_many(10, skip={"cam-2"})] == ["a"]
+    assert [c.relpath for c in q.claim_many(10, skip={"cam"})] == ["b", "c"]
+    q.close()
+
+
+def test_records_of_one_state_oldest_first_with_a_limit(tmp_path: Path) -> None:
+    q = JobQueue(tmp_path / "q")
+    for name in ("a", "b", "c", "d"):
+        q.put("p", name, {})
+        time.sleep(0.002)
+    for _ in range(3):
+        claim = q.claim()
+        assert claim is not None
+        q.dead(claim, "boom")
+    assert [r["relpath"] for r in q.records("dead")] == ["a", "b", "c"]
+    assert [r["relpath"] for r in q.records("dead", limit=2)] == ["a", "b"]
+    assert [r["relpath"] for r in q.records("pending")] == ["d"]
+    assert [r["relpath"] for r in q.records(limit=3)] == ["a", "b", "c"]
+    q.close()
