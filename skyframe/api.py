@@ -93,7 +93,6 @@ class ApiServer:
             self._thread.join()
             raise failure[0]
         write_json_atomic(self.api_file, {"url": self.url, "pid": os.getpid()})
-        log.info("dashboard and API on %s", self.url)
 
     def _serve(self, ready: threading.Event, failure: list[BaseException]) -> None:
         loop = asyncio.new_event_loop()

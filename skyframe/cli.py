@@ -156,6 +156,7 @@ def run(obj: dict[str, Console], config_file: Path, once: bool, workers: int | N
             if not once:
                 folders = ", ".join(str(p.source_root) for p in project.pipelines)
                 click.echo(f"skyframe {__version__}: watching {folders} (Ctrl-C to stop)", err=True)
+                engine.on_api = lambda url: click.echo(f"dashboard and API: {url}/", err=True)
             if stderr.is_terminal:
                 sinks = {p.name: len(p.sinks) for p in project.pipelines}
                 with ProgressReporter(stderr, sinks) as reporter:

@@ -168,6 +168,8 @@ class Engine:
                 for index, entry in enumerate(config.notify)
             ]
         self.api: ApiServer | None = None
+        #: Told the API's address once it listens (the CLI prints it).
+        self.on_api: Callable[[str], None] | None = None
         self._stop = threading.Event()
         self._cancel = threading.Event()
         self._scan_cut = False
@@ -770,6 +772,8 @@ class Engine:
             )
             return
         self.api = server
+        if self.on_api is not None:
+            self.on_api(server.url)
 
     def _warn_held(self) -> None:
         held = self.control.held()

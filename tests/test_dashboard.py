@@ -128,6 +128,11 @@ def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
                 time.sleep(0.05)
         assert info.get("pid") == process.pid, info
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+", info["url"]), info
+        # The address is printed for the user too.
+        wait_for(
+            lambda: f"dashboard and API: {info['url']}/" in log.read_text(errors="replace"),
+            what="the dashboard line",
+        )
         return Daemon(tmp_path, process, info["url"], log)
 
     yield start
