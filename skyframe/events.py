@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Literal
@@ -167,5 +167,12 @@ class LifecycleEvent:
     time: float = field(default_factory=time.time)
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-safe dict without the empty fields."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        """A JSON-safe dict without the empty fields (in field order)."""
+        # Every field is a plain value: no need for asdict()'s deep copy (several times
+        # slower, and this runs for every event the history, API and webhooks record).
+        return {
+            name: value for name in _LIFECYCLE_FIELDS if (value := getattr(self, name)) is not None
+        }
+
+
+_LIFECYCLE_FIELDS = tuple(f.name for f in fields(LifecycleEvent))
