@@ -23,6 +23,7 @@ from aiohttp import web
 
 from skyframe.config import ApiConfig, is_loopback
 from skyframe.events import LifecycleEvent
+from skyframe.metrics import Metrics
 from skyframe.state import API_FILE, write_json_atomic
 from skyframe.units import parse_since
 
@@ -74,6 +75,9 @@ class ApiServer:
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
         self._streams: set[asyncio.Queue[tuple[str, dict[str, Any]]]] = set()
+        #: Counted from the start of the API (the daemon's start): only served here.
+        self.metrics = Metrics()
+        self.metrics.set_status_source(engine.status)
         self._stopping: asyncio.Event | None = None
 
     # --- life cycle --------------------------------------------------------------------------
@@ -175,7 +179,9 @@ class ApiServer:
     # --- events to the stream ----------------------------------------------------------------
 
     def publish(self, event: LifecycleEvent) -> None:
-        """Called for every lifecycle event, in the emitting thread: hand it to the loop."""
+        """Called for every lifecycle event, in the emitting thread: count it for the metrics
+        and hand it to the event streams' loop."""
+        self.metrics.observe(event)
         loop = self._loop
         if not self._streams or loop is None or loop.is_closed():
             return
@@ -274,7 +280,7 @@ class ApiServer:
         return web.json_response({"ready": ready, "sinks": sinks}, status=200 if ready else 503)
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
-        body, content_type = await self._run(self.engine.metrics.render)
+        body, content_type = await self._run(self.metrics.render)
         response = web.Response(body=body)
         response.headers["Content-Type"] = content_type
         return response

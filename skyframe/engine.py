@@ -28,7 +28,6 @@ from skyframe.errors import PluginError, RuleError, SkyframeError
 from skyframe.events import EventKind, FileEvent, LifecycleEvent, LifecycleKind
 from skyframe.history import History
 from skyframe.journal import UploadJournal
-from skyframe.metrics import Metrics
 from skyframe.notifiers import Notifiers
 from skyframe.pipeline import Pipeline, evaluate_rules
 from skyframe.queue import JobQueue
@@ -155,8 +154,6 @@ class Engine:
             raise
         self.queue.add_lanes(list(self.pipelines))
         self.tracker = StatusTracker(pipelines, self.queue.counts_by_pipeline, self.control.state)
-        self.metrics = Metrics()
-        self.metrics.set_status_source(self.status)
         self.notifiers = Notifiers(pm)
         #: Called straight from emit(): they never block, and keep their own buffer.
         self.webhooks: list[WebhookNotifier] = []
@@ -235,9 +232,8 @@ class Engine:
         api = self.api  # it may go away meanwhile (a stop while transfers still run)
         for consume in (
             self.tracker.observe,
-            self.metrics.observe,
             self.history.record,
-            *((api.publish,) if api is not None else ()),
+            *((api.publish,) if api is not None else ()),  # its stream and metrics
             *(webhook.skyframe_event for webhook in self.webhooks),
             self.notifiers.publish,
         ):
@@ -688,10 +684,7 @@ class Engine:
             self._dispatch(until_idle=True)
             self._drain_in_flight()
             per_pipeline = self.queue.counts_by_pipeline()
-            counts = {
-                state: sum(c.get(state, 0) for c in per_pipeline.values())
-                for state in ("pending", "leased", "waiting", "dead")
-            }
+            counts = self.queue.totals(per_pipeline)
             held = self.control.held()
             self.summary.held = sum(
                 c["pending"] + c["waiting"] for name, c in per_pipeline.items() if name in held
@@ -789,7 +782,8 @@ class Engine:
 
     def _stop_notifiers(self) -> None:
         """Let the notifiers catch up (a few seconds at most), then let the webhooks flush."""
-        self.notifiers.close(timeout=10.0)
+        if not self.notifiers.close(timeout=10.0):
+            log.warning("notifiers still busy after 10 s: the rest of their events are dropped")
         for webhook in self.webhooks:
             webhook.close(timeout=5.0)
         for name, count in self.notifiers.dropped.items():

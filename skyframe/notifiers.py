@@ -90,13 +90,14 @@ class _Channel:
                 self._cond.wait(left)
         return True
 
-    def close(self, deadline: float) -> None:
-        self.flush(deadline)
+    def close(self, deadline: float) -> bool:
+        caught_up = self.flush(deadline)
         with self._cond:
             self._closed = True
             self._events.clear()
             self._cond.notify_all()
         self._thread.join(max(deadline - time.monotonic(), 0.0))
+        return caught_up
 
 
 class Notifiers:
@@ -124,21 +125,14 @@ class Notifiers:
         for channel in channels:
             channel.put(event)
 
-    def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until the notifiers have handled every event so far; False on timeout."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            channels = list(self._channels.values())
-        return all([channel.flush(deadline) for channel in channels])
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Deliver what is buffered (within ``timeout``), then stop the threads."""
+    def close(self, timeout: float = 10.0) -> bool:
+        """Deliver what is buffered (within ``timeout``), then stop the threads; False when a
+        notifier could not catch up in time."""
         deadline = time.monotonic() + timeout
         with self._lock:
             self._closed = True
             channels = list(self._channels.values())
-        for channel in channels:
-            channel.close(deadline)
+        return all([channel.close(deadline) for channel in channels])
 
     @property
     def dropped(self) -> dict[str, int]:

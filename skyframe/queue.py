@@ -361,8 +361,13 @@ class JobQueue:
 
     def counts(self) -> dict[str, int]:
         """How many jobs are in each state."""
+        return self.totals(self.counts_by_pipeline())
+
+    @staticmethod
+    def totals(per_pipeline: dict[str, dict[str, int]]) -> dict[str, int]:
+        """Counts of :meth:`counts_by_pipeline`, all pipelines together."""
         counts = {"pending": 0, "leased": 0, "waiting": 0, "dead": 0}
-        for per_state in self.counts_by_pipeline().values():
+        for per_state in per_pipeline.values():
             for state, count in per_state.items():
                 counts[state] += count
         return counts

@@ -44,6 +44,21 @@ LATE_NAME = "<img src=y onerror=window.__pwned=2>late.txt"
 SINK_NAME = "<i>sink</i>"
 
 
+def one_pipeline(*, api: str = '{listen: "127.0.0.1:0"}', sink_extra: str = "") -> str:
+    """A config with the pipeline `survey` from incoming/ to outbox/, the API on a free port."""
+    return f"""
+        state_dir: state
+        shutdown_grace: 1s
+        api: {api}
+        pipelines:
+          - name: survey
+            source: {{path: incoming, settle: 0}}
+            sinks:
+              - url: outbox
+                {sink_extra}
+        """
+
+
 # --- the daemon ------------------------------------------------------------------------------
 
 
@@ -195,19 +210,7 @@ def test_progress_bar_of_a_running_upload_advances(
     (tmp_path / "incoming").mkdir()
     with (tmp_path / "incoming" / "flight.mp4").open("wb") as f:
         f.truncate(size)  # sparse: instant to write, 15 s to send at 2MB/s
-    daemon = start_daemon(
-        """
-        state_dir: state
-        shutdown_grace: 1s
-        api: {listen: "127.0.0.1:0"}
-        pipelines:
-          - name: survey
-            source: {path: incoming, settle: 0}
-            sinks:
-              - url: outbox
-                bwlimit: 2MB/s
-        """
-    )
+    daemon = start_daemon(one_pipeline(sink_extra="bwlimit: 2MB/s"))
     open_dashboard(page, daemon)
     row = page.locator('#transfers li.transfer[data-relpath="flight.mp4"]')
     row.wait_for()
@@ -234,17 +237,7 @@ def test_progress_bar_of_a_running_upload_advances(
 
 
 def test_pause_button_pauses_and_resumes_the_daemon(start_daemon: StartDaemon, page: Page) -> None:
-    daemon = start_daemon(
-        """
-        state_dir: state
-        api: {listen: "127.0.0.1:0"}
-        pipelines:
-          - name: survey
-            source: {path: incoming, settle: 0}
-            sinks:
-              - url: outbox
-        """
-    )
+    daemon = start_daemon(one_pipeline())
     open_dashboard(page, daemon)
     state = page.locator("#daemon-state")
     toggle = page.locator("#daemon-toggle")
@@ -359,17 +352,7 @@ def test_retry_button_puts_a_dead_letter_back_in_the_queue(
 
 
 def test_sign_in_form_when_the_daemon_has_a_token(start_daemon: StartDaemon, page: Page) -> None:
-    daemon = start_daemon(
-        """
-        state_dir: state
-        api: {listen: "127.0.0.1:0", token: "s3cret-token"}
-        pipelines:
-          - name: survey
-            source: {path: incoming, settle: 0}
-            sinks:
-              - url: outbox
-        """
-    )
+    daemon = start_daemon(one_pipeline(api='{listen: "127.0.0.1:0", token: "s3cret-token"}'))
     with pytest.raises(urllib.error.HTTPError) as refused:
         daemon.get("/api/status")
     assert refused.value.code == 401
