@@ -9,7 +9,9 @@ the two tools alternately (skyframe, rclone, skyframe, rclone, ...), `--runs` ti
 - rclone: `rclone copy DATA REMOTE:DEST` with default flags (what a user types).
 
 Every run writes into a fresh destination (a new bucket, or a new folder on the SFTP server) and
-skyframe gets a fresh state_dir, so both tools always do a full upload. Each run is timed with
+skyframe gets a fresh state_dir, so both tools always do a full upload. Before each run the disk
+is synced and the harness waits a second, so that no run pays for an earlier one's write-back.
+Each run is timed with
 `time.perf_counter` around the subprocess, its peak RSS comes from `os.wait4`, and afterwards
 the destination is listed with an s3fs / sshfs client: every file must be there with the right
 size (and nothing else), or the run counts as failed and the script exits 1 at the end.
@@ -64,6 +66,7 @@ MB = 1_000_000
 RUN_TIMEOUT = 3600.0
 TOOLS = ("skyframe", "rclone")
 CASES = ("small", "large")
+QUIET_SECONDS = 1.0  #: pause after syncing the disk, before each run
 TARGETS = ("s3", "sftp")
 SIZE_UNITS = {
     "": 1,
@@ -403,6 +406,14 @@ def check(target: Target, data: Dataset, dest: Destination) -> str:
     return "; ".join(problems)
 
 
+def quiesce() -> None:
+    """Let the disk catch up before a run: the data just generated and what earlier runs
+    wrote and removed would otherwise be written back (and trimmed) during the next run, by
+    the kernel on the same two cores, and slow down whichever tool happens to run then."""
+    os.sync()
+    time.sleep(QUIET_SECONDS)
+
+
 def one_run(
     tool: str,
     target: Target,
@@ -417,6 +428,7 @@ def one_run(
     run_dir = work / f"{target.name}-{label}"
     run_dir.mkdir()
     dest = target.fresh(label)
+    quiesce()
     try:
         if tool == "skyframe":
             seconds, rss, code, stderr = run_skyframe(launcher, data, dest, run_dir)

@@ -22,6 +22,7 @@ from skyframe.backends import (
     one_line,
     unreachable,
 )
+from skyframe.backends.ssh_wire import GatheringConnector, routed
 from skyframe.errors import SinkRefusedError, SinkUnavailableError
 from skyframe.units import Duration
 
@@ -118,6 +119,8 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
             "encryption_algs": settings.ciphers,
             "skip_instance_cache": True,
         }
+        if not routed(host, port, username):  # gathered writes (see ssh_wire)
+            kwargs["tunnel"] = GatheringConnector()
         if client_keys:
             kwargs["client_keys"] = client_keys
         if settings.password is not None:
