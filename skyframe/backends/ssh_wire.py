@@ -59,10 +59,6 @@ class GatheringTransport(asyncio.Transport):
         if pending and not self._transport.is_closing():
             self._transport.writelines(pending)
 
-    def flush(self) -> None:
-        """Hand what is pending to the socket now."""
-        self._flush()
-
     def close(self) -> None:
         self._flush()
         self._transport.close()
