@@ -10,6 +10,11 @@ The session URI and the offset the server confirmed are journaled after every ch
 attempt asks the server how much it holds (the status query; ``status_query: false`` trusts
 the journal instead) and sends the rest. An expired session, or a file that changed since,
 starts anew; a file that changed while it was read cancels its session.
+
+The object the last chunk publishes must have the file's size. Trusting the journal resends
+the chunk that a process killed between the server's answer and the journal's update had
+already sent; GCS keeps the bytes it holds once, but an emulator may append them again
+(fake-gcs-server does). An object of another size is removed and the file sent again afresh.
 """
 
 from __future__ import annotations
@@ -90,12 +95,15 @@ def _resumable(
         ) as reader:
             reader.start_at(offset)
             for chunk in reader.chunks():
-                if offset + len(chunk) >= request.size:
+                last = offset + len(chunk) >= request.size
+                if last:
                     # The chunk that reaches the declared size publishes the object (even if
                     # the file has grown since): only for a file that did not change.
                     reader.check_unchanged(request.size, request.mtime_ns)
                 request.pace(len(chunk))
-                _send_chunk(fs, session, chunk, offset, request)
+                published = _send_chunk(fs, session, chunk, offset, request)
+                if last:
+                    _check_published(fs, f"{bucket}/{key}", published, request)
                 offset += len(chunk)
                 if journal is not None and offset < request.size:
                     journal.update(journal_key, offset=offset)
@@ -139,11 +147,12 @@ def _open_session(
     return session, sha256
 
 
-def _send_chunk(fs: Any, session: str, chunk: bytes, offset: int, request: TransferRequest) -> None:
+def _send_chunk(fs: Any, session: str, chunk: bytes, offset: int, request: TransferRequest) -> Any:
+    """Send one chunk; returns the server's answer (the object's resource after the last)."""
     from gcsfs.core import upload_chunk
 
     try:
-        sync(fs.loop, upload_chunk, fs, session, chunk, offset, request.size, CONTENT_TYPE)
+        return sync(fs.loop, upload_chunk, fs, session, chunk, offset, request.size, CONTENT_TYPE)
     except Exception as exc:
         if not session_gone(exc):
             raise
@@ -153,6 +162,24 @@ def _send_chunk(fs: Any, session: str, chunk: bytes, offset: int, request: Trans
             f"{request.sink.display}: the upload session of {request.remote_path} expired; "
             "it starts again"
         ) from None
+
+
+def _check_published(fs: Any, path: str, resource: Any, request: TransferRequest) -> None:
+    """Raise (after removing the object and the journal record) when the object the last chunk
+    published does not have the file's size."""
+    size = resource.get("size") if isinstance(resource, dict) else None
+    if size is None or int(size) == request.size:
+        return
+    if request.journal is not None:
+        request.journal.forget(request.journal_key)  # the session is spent: start anew
+    try:
+        fs.rm_file(path)
+    except Exception as exc:
+        log.warning("%s: could not remove %s: %s", request.sink.display, path, exc)
+    raise DeliveryError(
+        f"{request.sink.display}: the server assembled {int(size)} bytes of "
+        f"{request.size} for {request.remote_path}; it is sent again from the start"
+    )
 
 
 def _resume(fs: Any, request: TransferRequest, settings: GCSOptions) -> tuple[str | None, int, str]:
