@@ -20,7 +20,9 @@ Cases: "small" = many small files (default 2,000 of 16 KB over 20 subfolders); "
 big file (default 500 MB). Data is random but deterministic (seeded `random.Random`).
 
 Prints a table per case and target (median and individual seconds, ratio rclone / skyframe of
-the medians: >= 1.0 means skyframe is at least as fast, throughput, peak RSS), then a summary.
+the medians: >= 1.0 means skyframe is at least as fast, throughput, peak RSS, and the median
+CPU seconds of the tool's own process, which vary less than wall time on a busy machine but
+leave out the servers' share), then a summary.
 
 Run from the repository root:
 
@@ -267,6 +269,7 @@ class Run:
     rss_kb: int
     code: int
     problem: str = ""  # empty when the run succeeded and the destination is right
+    cpu: float = 0.0  # the tool's own CPU seconds (user + system), servers not included
 
     @property
     def ok(self) -> bool:
@@ -305,14 +308,15 @@ for line in sys.stdin:
             timer.cancel()
         seconds = time.perf_counter() - began
     proc.returncode = code = os.waitstatus_to_exitcode(status)
-    answer = {"seconds": seconds, "maxrss_kb": usage.ru_maxrss, "code": code}
+    cpu = usage.ru_utime + usage.ru_stime
+    answer = {"seconds": seconds, "maxrss_kb": usage.ru_maxrss, "code": code, "cpu": cpu}
     print(json.dumps(answer), flush=True)
 """
 
 
 class Launcher:
     """Runs commands through the helper: time (perf_counter around Popen + os.wait4), the
-    child's peak RSS (ru_maxrss from os.wait4, in KB) and its exit code."""
+    child's peak RSS (ru_maxrss from os.wait4, in KB), its CPU seconds and its exit code."""
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
@@ -324,8 +328,9 @@ class Launcher:
 
     def run(
         self, command: list[str], env: dict[str, str], cwd: Path
-    ) -> tuple[float, int, int, str]:
-        """Run a command: (seconds, peak RSS in KB, exit code, stderr + stdout text)."""
+    ) -> tuple[float, int, int, str, float]:
+        """Run a command: (seconds, peak RSS in KB, exit code, stderr + stdout text, CPU
+        seconds)."""
         assert self.proc.stdin is not None
         assert self.proc.stdout is not None
         out_path, err_path = cwd / "stdout.txt", cwd / "stderr.txt"
@@ -344,7 +349,13 @@ class Launcher:
             raise RuntimeError(f"the launcher exited (code {self.proc.wait()})")
         answer = json.loads(line)
         stderr = err_path.read_text(errors="replace") + out_path.read_text(errors="replace")
-        return float(answer["seconds"]), int(answer["maxrss_kb"]), int(answer["code"]), stderr
+        return (
+            float(answer["seconds"]),
+            int(answer["maxrss_kb"]),
+            int(answer["code"]),
+            stderr,
+            float(answer["cpu"]),
+        )
 
     def close(self) -> None:
         """Stop the helper and whatever it runs (SIGTERM makes it kill its child)."""
@@ -363,7 +374,7 @@ class Launcher:
 
 def run_skyframe(
     launcher: Launcher, data: Dataset, dest: Destination, work: Path
-) -> tuple[float, int, int, str]:
+) -> tuple[float, int, int, str, float]:
     config = {
         "state_dir": str(work / "state"),
         "pipelines": [
@@ -382,7 +393,7 @@ def run_skyframe(
 
 def run_rclone(
     launcher: Launcher, data: Dataset, dest: Destination, work: Path, rclone_conf: Path
-) -> tuple[float, int, int, str]:
+) -> tuple[float, int, int, str, float]:
     env = dict(os.environ)
     env.pop("AWS_CA_BUNDLE", None)  # rclone 1.60 fails when it is set
     env["RCLONE_CONFIG"] = str(rclone_conf)
@@ -431,9 +442,9 @@ def one_run(
     quiesce()
     try:
         if tool == "skyframe":
-            seconds, rss, code, stderr = run_skyframe(launcher, data, dest, run_dir)
+            seconds, rss, code, stderr, cpu = run_skyframe(launcher, data, dest, run_dir)
         else:
-            seconds, rss, code, stderr = run_rclone(launcher, data, dest, run_dir, rclone_conf)
+            seconds, rss, code, stderr, cpu = run_rclone(launcher, data, dest, run_dir, rclone_conf)
         problem = f"exit code {code}" if code != 0 else ""
         try:
             wrong = check(target, data, dest)
@@ -446,7 +457,7 @@ def one_run(
                 f"{problem}\n!!!!! stderr of the run:\n{stderr.rstrip() or '(empty)'}\n",
                 flush=True,
             )
-        return Run(tool, seconds, rss, code, problem)
+        return Run(tool, seconds, rss, code, problem, cpu)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
         try:
@@ -473,6 +484,10 @@ class Result:
         times = [run.seconds for run in self.of(tool) if run.ok]
         return statistics.median(times) if times else None
 
+    def median_cpu(self, tool: str) -> float | None:
+        cpu = [run.cpu for run in self.of(tool) if run.ok]
+        return statistics.median(cpu) if cpu else None
+
     def rss_mb(self, tool: str) -> float:
         return max((run.rss_kb for run in self.of(tool)), default=0) / 1024
 
@@ -493,8 +508,8 @@ def print_result(result: Result) -> None:
     data = result.data
     print(f"\n=== {result.case}: {data.describe()} -> {result.target} ===")
     print(
-        f"{'tool':<9} {'median s':>9} {'files/s':>9} {'MB/s':>8} {'peak RSS':>9}  "
-        "runs (s; * = failed)"
+        f"{'tool':<9} {'median s':>9} {'files/s':>9} {'MB/s':>8} {'peak RSS':>9} "
+        f"{'CPU s':>6}  runs (s; * = failed)"
     )
     for tool in TOOLS:
         median = result.median(tool)
@@ -503,7 +518,7 @@ def print_result(result: Result) -> None:
         times = " ".join(f"{run.seconds:.2f}{'' if run.ok else '*'}" for run in result.of(tool))
         print(
             f"{tool:<9} {fmt(median):>9} {fmt(rate, '.3g'):>9} {fmt(mbs, '.1f'):>8} "
-            f"{result.rss_mb(tool):>6.0f} MB  {times}"
+            f"{result.rss_mb(tool):>6.0f} MB {fmt(result.median_cpu(tool)):>6}  {times}"
         )
     print(
         f"ratio rclone/skyframe (medians): {fmt(result.ratio())} "
@@ -568,7 +583,7 @@ def bench(
     rclone_conf.write_text("\n".join(target.section() for target in targets), encoding="utf-8")
     work = base / "work"
     work.mkdir()
-    _, floor_kb, _, _ = launcher.run(["true"], dict(os.environ), work)
+    _, floor_kb, _, _, _ = launcher.run(["true"], dict(os.environ), work)
     print(f"peak RSS reported for /bin/true (the measurement's floor): {floor_kb / 1024:.0f} MB")
     results = []
     for case in args.cases:
