@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import prometheus_client
@@ -47,6 +48,15 @@ def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
 
 
+def run_threads(work: Callable[[int], None], count: int) -> None:
+    """Run ``work(n)`` for n in range(count), each on its own thread, and wait for all."""
+    workers = [threading.Thread(target=work, args=(n,)) for n in range(count)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+
+
 def names(samples: Samples) -> set[str]:
     return {name for name, _ in samples}
 
@@ -63,11 +73,7 @@ def test_delivered_files_and_bytes_per_sink_from_many_threads() -> None:
             metrics.observe(lifecycle("progress", rel, sink=S3, size=1000, bytes_done=10))
             metrics.observe(lifecycle("queued", rel, size=1000))
 
-    workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
+    run_threads(work, threads)
     metrics.observe(lifecycle("delivered", "x.log", pipeline="logs", sink=S3, size=5))
 
     s = scrape(metrics)
@@ -202,11 +208,7 @@ def test_timing_from_many_threads() -> None:
             metrics.observe(lifecycle("started", rel, sink=S3, time=1000.0 + i))
             metrics.observe(lifecycle("delivered", rel, sink=S3, size=1, time=1002.0 + i))
 
-    workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
+    run_threads(work, threads)
 
     s = scrape(metrics)
     total = threads * per_thread

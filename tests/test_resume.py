@@ -282,11 +282,30 @@ class Stop(Exception):
     """Raised from a progress callback: the process "dies" at that point."""
 
 
+def die_after(request: TransferRequest, done: int) -> None:
+    """Run the transfer until ``done`` bytes are confirmed, then "die" there; the request is
+    left ready for the next attempt."""
+
+    def stop_there(sent: int) -> None:
+        if sent >= done:
+            raise Stop
+
+    request.progress = stop_there
+    with pytest.raises(Stop):
+        transfer_gcs.skyframe_transfer(request)
+    request.progress = lambda sent: None
+
+
 def gcs_request(
-    server: FaithfulGCS, tmp_path: Path, local: Path, journal: UploadJournal, **options: Any
+    server: FaithfulGCS | servers.GCSServer,
+    tmp_path: Path,
+    local: Path,
+    journal: UploadJournal,
+    bucket: str = "field",
+    **options: Any,
 ) -> tuple[Sink, TransferRequest]:
     config = SinkConfig(
-        url="gcs://field/drop",
+        url=f"gcs://{bucket}/drop",
         options={
             "endpoint_url": server.endpoint_url,
             "token": "anon",
@@ -317,14 +336,7 @@ def test_gcs_resume_goes_on_from_what_the_server_holds(tmp_path: Path, status_qu
         server.create_bucket("field")
         sink, request = gcs_request(server, tmp_path, local, journal, status_query=status_query)
         try:
-
-            def die_after_four(done: int) -> None:
-                if done >= 4 * QUANTUM:
-                    raise Stop
-
-            request.progress = die_after_four
-            with pytest.raises(Stop):
-                transfer_gcs.skyframe_transfer(request)
+            die_after(request, 4 * QUANTUM)
             (session,) = server.sessions()
             assert server.persisted(session) == 4 * QUANTUM
             # The process died after the server confirmed the 4th chunk and before the
@@ -333,7 +345,6 @@ def test_gcs_resume_goes_on_from_what_the_server_holds(tmp_path: Path, status_qu
             assert server.object_bytes("field", "drop/ortho.tif") is None
 
             before = server.bytes_received
-            request.progress = lambda done: None
             result = transfer_gcs.skyframe_transfer(request)
             sent = server.bytes_received - before
         finally:
@@ -361,16 +372,8 @@ def test_gcs_expired_session_starts_anew(tmp_path: Path) -> None:
         server.create_bucket("field")
         sink, request = gcs_request(server, tmp_path, local, journal)
         try:
-
-            def die_after_two(done: int) -> None:
-                if done >= 2 * QUANTUM:
-                    raise Stop
-
-            request.progress = die_after_two
-            with pytest.raises(Stop):
-                transfer_gcs.skyframe_transfer(request)
+            die_after(request, 2 * QUANTUM)
             server.expire("all")
-            request.progress = lambda done: None
             transfer_gcs.skyframe_transfer(request)
         finally:
             sink.close()
@@ -391,55 +394,29 @@ def test_gcs_object_of_the_wrong_size_is_removed_and_sent_again(
     bucket = unique_name("b")
     gcs_server.make_bucket(bucket)
     journal = UploadJournal(tmp_path / "uploads")
-    config = SinkConfig(
-        url=f"gcs://{bucket}/drop",
-        options={
-            "endpoint_url": gcs_server.endpoint_url,
-            "token": "anon",
-            "chunk_size": QUANTUM,
-            "status_query": False,
-        },
-    )
-    sink = open_sink(config, tmp_path)
-    st = local.stat()
-    request = TransferRequest(
-        sink=sink,
-        local_path=local,
-        remote_path=sink.remote_path(local.name),
-        size=st.st_size,
-        mtime_ns=st.st_mtime_ns,
-        journal=journal,
-    )
-    try:
+    sink, request = gcs_request(gcs_server, tmp_path, local, journal, bucket, status_query=False)
 
-        def die_after_three(done: int) -> None:
-            if done >= 3 * QUANTUM:
-                raise Stop
-
-        request.progress = die_after_three
-        with pytest.raises(Stop):
-            transfer_gcs.skyframe_transfer(request)
-        journal.update(request.journal_key, offset=2 * QUANTUM)  # one chunk behind
-        request.progress = lambda done: None
-        with pytest.raises(DeliveryError, match=r"assembled \d+ bytes of"):
-            transfer_gcs.skyframe_transfer(request)
-        assert journal.entries() == []  # the spent session is forgotten
+    def remote_bytes() -> bytes | None:
         remote = gcs_server.filesystem()
         try:
             remote.invalidate_cache()
-            assert not remote.exists(request.remote_path)  # the wrong object is gone
+            found = remote.exists(request.remote_path)
+            return bytes(remote.cat_file(request.remote_path)) if found else None
         finally:
             servers.close_filesystem(remote)
+
+    try:
+        die_after(request, 3 * QUANTUM)
+        journal.update(request.journal_key, offset=2 * QUANTUM)  # one chunk behind
+        with pytest.raises(DeliveryError, match=r"assembled \d+ bytes of"):
+            transfer_gcs.skyframe_transfer(request)
+        assert journal.entries() == []  # the spent session is forgotten
+        assert remote_bytes() is None  # the wrong object is gone
 
         result = transfer_gcs.skyframe_transfer(request)  # the next attempt, afresh
         assert result is not None
         assert result.sha256 == digest
-        remote = gcs_server.filesystem()
-        try:
-            remote.invalidate_cache()
-            assert hashlib.sha256(remote.cat_file(request.remote_path)).hexdigest() == digest
-        finally:
-            servers.close_filesystem(remote)
+        assert hashlib.sha256(remote_bytes() or b"").hexdigest() == digest
     finally:
         sink.close()
         journal.close()
