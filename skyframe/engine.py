@@ -167,6 +167,9 @@ class Engine:
         self.api: ApiServer | None = None
         #: Told the API's address once it listens (the CLI prints it).
         self.on_api: Callable[[str], None] | None = None
+        #: Called by ``run_once`` after the scans, before the first job is handed out; what it
+        #: raises ends the run (the CLI's check of the sinks, which runs meanwhile).
+        self.gate: Callable[[], None] | None = None
         self._stop = threading.Event()
         self._cancel = threading.Event()
         self._scan_cut = False
@@ -680,6 +683,8 @@ class Engine:
             self._warn_held()
             for pipeline in self.pipelines.values():
                 self.scan(pipeline)
+            if self.gate is not None:
+                self.gate()
             housekeeping.start()
             self._dispatch(until_idle=True)
             self._drain_in_flight()

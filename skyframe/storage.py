@@ -473,49 +473,71 @@ def probe_sink(sink: Sink) -> ProbeResult:
     return ProbeResult(connected - began, time.monotonic() - connected)
 
 
+class SinkChecks:
+    """Probes of several sinks (:func:`probe_sink`), each in a daemon thread of its own, started
+    at once; :meth:`results` collects them.
+
+    Sink-level failures are recorded in each sink's health. With ``close``, each probe closes
+    its sink's connections when it is done.
+    """
+
+    def __init__(self, sinks: list[Sink], *, close: bool = False) -> None:
+        self.sinks = sinks
+        self.started = time.monotonic()
+        self._results: list[ProbeResult | BaseException | None] = [None] * len(sinks)
+        self._done = threading.Event()
+        self._remaining = len(sinks)
+        self._lock = threading.Lock()
+        self._close = close
+        if not sinks:
+            self._done.set()
+        for index, sink in enumerate(sinks):
+            threading.Thread(
+                target=self._probe, args=(index, sink), name="skyframe-check", daemon=True
+            ).start()
+
+    def _probe(self, index: int, sink: Sink) -> None:
+        try:
+            with sink.guard(report=False):
+                self._results[index] = probe_sink(sink)
+        except Exception as exc:
+            self._results[index] = exc
+        if self._close:
+            sink.close()
+        with self._lock:
+            self._remaining -= 1
+            if self._remaining == 0:
+                self._done.set()
+
+    def results(
+        self, timeout: float | None = None
+    ) -> list[tuple[Sink, ProbeResult | BaseException]]:
+        """Each sink with its ProbeResult or the error it gave, in order.
+
+        A sink that gave no answer within ``timeout`` seconds of the start gets a
+        SinkUnavailableError (its probe is abandoned in its daemon thread).
+        """
+        if timeout is None:
+            self._done.wait()
+        else:
+            self._done.wait(max(self.started + timeout - time.monotonic(), 0.0))
+        out: list[tuple[Sink, ProbeResult | BaseException]] = []
+        for sink, result in zip(self.sinks, self._results, strict=True):
+            if result is None:
+                silent = SinkUnavailableError(f"{sink.display}: no answer within {timeout:g} s")
+                sink.health.failed(silent)
+                out.append((sink, silent))
+            else:
+                out.append((sink, result))
+        return out
+
+
 def check_sinks(
     sinks: list[Sink], timeout: float | None = None, *, close: bool = False
 ) -> list[tuple[Sink, ProbeResult | BaseException]]:
-    """Probe sinks concurrently; each gets a ProbeResult or the error it gave, in order.
-
-    A sink that gives no answer within ``timeout`` seconds gets a SinkUnavailableError (its
-    probe is abandoned in a daemon thread). Sink-level failures are recorded in its health.
-    With ``close``, each probe closes its sink's connections when it is done.
-    """
-    results: list[ProbeResult | BaseException | None] = [None] * len(sinks)
-    done = threading.Event()
-    remaining = [len(sinks)]
-    lock = threading.Lock()
-
-    def probe(index: int, sink: Sink) -> None:
-        try:
-            with sink.guard(report=False):
-                results[index] = probe_sink(sink)
-        except Exception as exc:
-            results[index] = exc
-        if close:
-            sink.close()
-        with lock:
-            remaining[0] -= 1
-            if remaining[0] == 0:
-                done.set()
-
-    if not sinks:
-        return []
-    for index, sink in enumerate(sinks):
-        threading.Thread(
-            target=probe, args=(index, sink), name="skyframe-check", daemon=True
-        ).start()
-    done.wait(timeout)
-    out: list[tuple[Sink, ProbeResult | BaseException]] = []
-    for sink, result in zip(sinks, results, strict=True):
-        if result is None:
-            silent = SinkUnavailableError(f"{sink.display}: no answer within {timeout:g} s")
-            sink.health.failed(silent)
-            out.append((sink, silent))
-        else:
-            out.append((sink, result))
-    return out
+    """Probe sinks concurrently; each gets a ProbeResult or the error it gave, in order (see
+    :class:`SinkChecks`)."""
+    return SinkChecks(sinks, close=close).results(timeout)
 
 
 def file_sha256(path: Path) -> str:

@@ -202,3 +202,45 @@ def test_malloc_tuning_keeps_heaps_from_shrinking_around_every_packet() -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert int(done.stdout) < 20_000  # measured: about 1,000; 197,000 with the mmap one only
+
+
+def test_garbage_collector_is_paused_while_the_command_starts(example_project: Path) -> None:
+    # A plugin notes the collector's state when the project loads it (start-up), at the first
+    # delivery (resumed, with start-up's objects frozen) and when the run ends.
+    (example_project / "plugins" / "gcstate.py").write_text(
+        "import gc, json, pathlib\n"
+        "from skyframe import hookimpl\n"
+        "LOG = pathlib.Path(__file__).with_name('gc.jsonl')\n"
+        "def note(when):\n"
+        "    entry = {'when': when, 'enabled': gc.isenabled(), 'frozen': gc.get_freeze_count()}\n"
+        "    with LOG.open('a') as out:\n"
+        "        out.write(json.dumps(entry) + '\\n')\n"
+        "note('loaded')\n"
+        "@hookimpl\ndef skyframe_event(event):\n"
+        "    if event.kind == 'delivered':\n        note('delivered')\n"
+        "@hookimpl\ndef skyframe_shutdown(config):\n    note('shutdown')\n"
+    )
+    result = skyframe(example_project, "run", "--once")
+    assert result.returncode == 0, result.stderr
+    lines = (example_project / "plugins" / "gc.jsonl").read_text().splitlines()
+    notes = [json.loads(line) for line in lines]
+    assert notes[0] == {"when": "loaded", "enabled": False, "frozen": 0}
+    assert [n["when"] for n in notes[1:]] == ["delivered"] * 4 + ["shutdown"]
+    assert all(n["enabled"] for n in notes[1:])
+    assert notes[1]["frozen"] > 10_000  # the modules, the clients, the project
+
+
+def test_main_leaves_the_garbage_collector_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    from skyframe.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["skyframe", "--version"])
+    try:
+        with pytest.raises(SystemExit) as exited:
+            main()
+        assert exited.value.code == 0
+        assert gc.isenabled()
+        assert gc.get_freeze_count() > 0  # frozen on the way out: the process ends next
+    finally:
+        gc.unfreeze()

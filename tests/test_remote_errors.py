@@ -90,6 +90,10 @@ def test_refusal_is_one_clear_line_from_check_and_run(
     assert re.search(pattern, errors[0]), errors[0]
     assert "Traceback" not in ran.stderr
     assert "not-the-secret" not in checked.stdout + ran.stderr  # secrets are never printed
+    # The source was scanned while the sink was being checked: the file waits in the queue,
+    # with no attempt counted, for a run with the problem fixed.
+    listed = skyframe(tmp_path, "queue", "list", "-c", str(config))
+    assert listed.stdout.splitlines() == ["pending\tfield\ta.jpg\tupload\t0\t\t"]
 
 
 def test_unreachable_sink_fails_check_but_run_queues(
