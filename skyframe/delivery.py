@@ -20,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pluggy
 
@@ -30,6 +31,7 @@ from skyframe.errors import (
     SinkUnavailableError,
     SourceChangedError,
     SourceUnreadableError,
+    UnsafePathError,
 )
 from skyframe.events import FileEvent, Job, LifecycleEvent
 from skyframe.journal import UploadJournal
@@ -37,6 +39,7 @@ from skyframe.pipeline import Pipeline, evaluate_rules
 from skyframe.queue import Claim, JobQueue
 from skyframe.state import Manifest, ManifestEntry
 from skyframe.storage import (
+    BatchTransfer,
     Sink,
     TransferRequest,
     TransferResult,
@@ -47,6 +50,9 @@ from skyframe.storage import (
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 0.5  #: seconds between progress events for one transfer
+BATCH_FILE_LIMIT = 1024 * 1024  #: files up to this size may go in batches
+BATCH_SIZE = 32  #: files per batch
+BATCH_THREADS = 2  #: batches under way at once (one reads while another is sent)
 
 
 class TransferCancelled(Exception):
@@ -81,6 +87,18 @@ class _Run:
                 assert self.job is not None
                 self._sha256 = file_sha256(self.job.path)
             return self._sha256
+
+
+@dataclass
+class _BatchJob:
+    """One file in a batch: a plain new file (see ``JobRunner._plain_new_file``)."""
+
+    claim: Claim
+    event: FileEvent
+    remote: str
+    #: None while all goes well; "failed": to send again alone; "cancelled": the run stops;
+    #: "unrecorded": the state database failed
+    outcome: Literal["failed", "cancelled", "unrecorded"] | None = None
 
 
 class JobRunner:
@@ -119,9 +137,19 @@ class JobRunner:
         #: True in the daemon: an unreachable sink keeps files waiting without counting
         #: attempts. False for ``--once``, whose run must end: attempts count as usual.
         self.patient = False
+        #: Per pipeline: each sink's batch sender, where every sink of the pipeline has one and
+        #: the pipeline has no processes (they may rename files or add derived ones).
+        self._batch_senders: dict[str, list[BatchTransfer]] = {}
+        for p in pipelines.values():
+            senders = [pm.hook.skyframe_transfer_batch(sink=s) for s in p.sinks]
+            if p.sinks and not p.processes and all(senders):
+                self._batch_senders[p.name] = senders
         #: How many jobs may be in flight at once: enough to keep every pool busy, no more.
         self.capacity = workers + sum(s.concurrency for p in pipelines.values() for s in p.sinks)
+        if self._batch_senders:
+            self.capacity += BATCH_SIZE * BATCH_THREADS
         self._processing = ThreadPoolExecutor(workers, thread_name_prefix="skyframe-process")
+        self._batches = ThreadPoolExecutor(BATCH_THREADS, thread_name_prefix="skyframe-batch")
         self._sink_pools: dict[tuple[str, str], ThreadPoolExecutor] = {
             (p.name, s.key): ThreadPoolExecutor(s.concurrency, thread_name_prefix="skyframe-sink")
             for p in pipelines.values()
@@ -141,8 +169,34 @@ class JobRunner:
         else:
             self._processing.submit(self._start, claim)
 
+    def submit_many(self, claims: list[Claim]) -> None:
+        """Start claimed jobs: small new files of a pipeline whose sinks all take batches go in
+        batches (see :meth:`_run_batch`), the others one by one (:meth:`submit`)."""
+        batches: dict[str, list[Claim]] = {}
+        for claim in claims:
+            if self._batchable(claim):
+                batch = batches.setdefault(claim.pipeline, [])
+                batch.append(claim)
+                if len(batch) == BATCH_SIZE:
+                    self._batches.submit(self._run_batch, batches.pop(claim.pipeline))
+            else:
+                self.submit(claim)
+        for batch in batches.values():
+            self._batches.submit(self._run_batch, batch)
+
+    def _batchable(self, claim: Claim) -> bool:
+        payload = claim.payload
+        return (
+            claim.pipeline in self._batch_senders
+            and payload.get("action") == "upload"
+            and bool(payload.get("accepted"))
+            and not payload.get("moved_from")
+            and payload["event"]["size"] <= BATCH_FILE_LIMIT
+        )
+
     def shutdown(self) -> None:
         """Stop the pools (callers wait for in-flight jobs first)."""
+        self._batches.shutdown(wait=False, cancel_futures=True)
         self._processing.shutdown(wait=False, cancel_futures=True)
         for pool in self._sink_pools.values():
             pool.shutdown(wait=False, cancel_futures=True)
@@ -346,6 +400,150 @@ class JobRunner:
                 error=error,
             )
         )
+
+    # --- batches of small files --------------------------------------------------------------
+
+    def _run_batch(self, claims: list[Claim]) -> None:
+        """Deliver small files of one pipeline together: each sink's batch sender sends them
+        at once, then the manifest and the queue record the whole batch in one transaction
+        each. Only the plain case goes this way: a file first seen (no manifest entry on any
+        sink) and unchanged since it was queued. Any other file, and any file that fails in
+        the batch, takes the one-by-one path, which has the full logic (touched files, moves,
+        error classification, retries, dead letters)."""
+        pipeline = self.pipelines[claims[0].pipeline]
+        if (self.control is not None and self.control.is_held(pipeline.name)) or any(
+            sink.health.wait() > 0 for sink in pipeline.sinks
+        ):
+            for claim in claims:  # paused, or a sink is away: the one-by-one path knows what
+                self.submit(claim)  # to do (release, or wait for the sink)
+            return
+        jobs: list[_BatchJob] = []
+        for claim in claims:
+            plain = self._plain_new_file(pipeline, claim)
+            if plain is None:
+                self.submit(claim)
+            else:
+                jobs.append(_BatchJob(claim, *plain))
+        try:
+            for sink, send in zip(pipeline.sinks, self._batch_senders[pipeline.name], strict=True):
+                todo = [job for job in jobs if job.outcome is None]
+                if todo:
+                    self._send_batch(pipeline.name, sink, send, todo)
+            self.queue.complete_many([job.claim for job in jobs if job.outcome is None])
+        except Exception:  # the state database: as in _finish, the leases return at next start
+            log.exception("could not record the outcome of a batch of %d file(s)", len(jobs))
+            for job in jobs:
+                job.outcome = job.outcome or "unrecorded"
+        self._settle_batch(jobs)
+
+    def _settle_batch(self, jobs: list[_BatchJob]) -> None:
+        for job in jobs:
+            if job.outcome == "failed":
+                self.submit(job.claim)  # again, alone: the manifest skips the sinks it reached
+                continue
+            try:
+                if job.outcome == "cancelled":
+                    self.queue.release(job.claim)  # stopping: it starts again at the next run
+            except Exception:
+                log.exception("could not record the outcome of %s", job.claim.relpath)
+            finally:
+                if self.job_ended is not None:
+                    self.job_ended(job.claim.pipeline, job.claim.relpath)
+                self._on_finished()
+
+    def _send_batch(
+        self, pipeline: str, sink: Sink, send: BatchTransfer, jobs: list[_BatchJob]
+    ) -> None:
+        """Send a batch to one sink; record and announce what arrived, mark the rest."""
+        for job in jobs:
+            self.emit(
+                LifecycleEvent(
+                    "started",
+                    pipeline,
+                    job.event.relpath,
+                    sink=sink.key,
+                    remote=job.remote,
+                    size=job.event.size,
+                    attempt=job.claim.attempts + 1,
+                )
+            )
+        pace = self._pace(sink, pipeline)
+        requests = [
+            TransferRequest(
+                sink=sink,
+                local_path=job.event.path,
+                remote_path=sink.remote_path(job.remote),
+                size=job.event.size,
+                mtime_ns=job.event.mtime_ns,
+                progress=self._progress(None, None, sink, job.event.size),
+                state_dir=self.state_dir,
+                journal=self.journal,
+                pace=pace,
+            )
+            for job in jobs
+        ]
+        try:
+            outcomes = send(requests)
+        except Exception as exc:  # not about one file (say, the connection): each goes alone
+            log.debug("%s: a batch to %s failed: %s", pipeline, sink.display, exc)
+            outcomes = [exc] * len(jobs)
+        delivered: list[tuple[_BatchJob, TransferResult]] = []
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            if isinstance(outcome, TransferCancelled):
+                job.outcome = "cancelled"
+            elif isinstance(outcome, TransferResult) and outcome.size == job.event.size:
+                delivered.append((job, outcome))
+            else:
+                log.debug("%s: %s: %s (in a batch)", pipeline, job.event.relpath, outcome)
+                job.outcome = "failed"
+        self.manifest.record_many(
+            [
+                (
+                    pipeline,
+                    sink.key,
+                    job.event.relpath,
+                    ManifestEntry.now(
+                        job.event.size,
+                        job.event.mtime_ns,
+                        result.sha256,
+                        job.remote,
+                        inode=job.event.inode,
+                    ),
+                )
+                for job, result in delivered
+            ]
+        )
+        for job, result in delivered:
+            self.emit(
+                LifecycleEvent(
+                    "delivered",
+                    pipeline,
+                    job.event.relpath,
+                    sink=sink.key,
+                    remote=job.remote,
+                    size=result.size,
+                    attempt=job.claim.attempts + 1,
+                )
+            )
+
+    def _plain_new_file(self, pipeline: Pipeline, claim: Claim) -> tuple[FileEvent, str] | None:
+        """The file's event and remote name when it is as it was queued and no sink has any
+        version of it; None otherwise."""
+        queued = FileEvent.from_json(claim.payload["event"])
+        try:
+            st = os.stat(queued.path)
+            remote = safe_relative_path(queued.relpath)
+        except (OSError, UnsafePathError):
+            return None
+        if (st.st_size, st.st_mtime_ns, st.st_ino) != (queued.size, queued.mtime_ns, queued.inode):
+            return None
+        try:
+            known = any(
+                self.manifest.get(pipeline.name, s.key, queued.relpath) for s in pipeline.sinks
+            )
+        except Exception:  # the state database: the one-by-one path reports it
+            return None
+        return None if known else (queued, remote)
 
     # --- one sink ----------------------------------------------------------------------------
 

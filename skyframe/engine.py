@@ -594,8 +594,7 @@ class Engine:
                         continue
             with self._wake:
                 self._in_flight += len(claims)
-            for claim in claims:
-                self.runner.submit(claim)
+            self.runner.submit_many(claims)
 
     def _drain_in_flight(self) -> None:
         """On stop: let in-flight jobs finish for ``shutdown_grace``, then cut their transfers."""

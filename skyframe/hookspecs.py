@@ -10,7 +10,7 @@ from skyframe.markers import hookspec
 if TYPE_CHECKING:
     from skyframe.config import Config
     from skyframe.events import LifecycleEvent
-    from skyframe.storage import TransferRequest, TransferResult
+    from skyframe.storage import BatchTransfer, Sink, TransferRequest, TransferResult
 
 RegisterFn = Callable[..., None]
 
@@ -43,3 +43,16 @@ def skyframe_event(event: LifecycleEvent) -> None:
 @hookspec(firstresult=True)
 def skyframe_transfer(request: TransferRequest) -> TransferResult | None:
     """Deliver one local file to one sink atomically, or return None to let another plugin."""
+
+
+@hookspec(firstresult=True)
+def skyframe_transfer_batch(sink: Sink) -> BatchTransfer | None:
+    """Return a function that delivers several small files to ``sink`` at once, or None to have
+    each one go through ``skyframe_transfer``. Asked once per sink, before any connection.
+
+    The function gets requests for this sink only, each for a file under 1 MiB, and returns one
+    ``TransferResult`` or exception per request, in order; it raises only for what is not about
+    one file. As in ``skyframe_transfer``, each upload is atomic, the file is checked unchanged
+    after it was read, and ``pace`` is called before its bytes are sent. A file that fails is
+    sent again through ``skyframe_transfer``, where its errors are classified and retried.
+    """

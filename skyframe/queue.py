@@ -219,16 +219,23 @@ class JobQueue:
 
     def complete(self, claim: Claim) -> None:
         """The job is done; a version queued meanwhile becomes pending."""
+        self.complete_many([claim])
+
+    def complete_many(self, claims: list[Claim]) -> None:
+        """These jobs are done (see :meth:`complete`), in one transaction."""
+        if not claims:
+            return
 
         def write() -> None:
-            record = self._leased(claim)
-            if record is None:
-                return
-            if record.get("next_payload") is not None:
-                record["errors"] = []
-                self._make_pending(claim.key, record, record["next_payload"])
-            else:
-                self._cache.delete(claim.key)
+            for claim in claims:
+                record = self._leased(claim)
+                if record is None:
+                    continue
+                if record.get("next_payload") is not None:
+                    record["errors"] = []
+                    self._make_pending(claim.key, record, record["next_payload"])
+                else:
+                    self._cache.delete(claim.key)
 
         self._commit(write)
 

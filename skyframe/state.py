@@ -191,6 +191,20 @@ class ManifestEntry:
     derived: tuple[str, ...] = ()  #: remote names of files delivered with it (sidecars...)
     inode: int = 0  #: the local file's inode, to recognise it after a rename
 
+    @classmethod
+    def now(
+        cls,
+        size: int,
+        mtime_ns: int,
+        sha256: str,
+        remote: str,
+        *,
+        derived: tuple[str, ...] | list[str] = (),
+        inode: int = 0,
+    ) -> ManifestEntry:
+        """An entry for a delivery that just ended."""
+        return cls(size, mtime_ns, sha256, remote, time.time(), tuple(derived), inode)
+
     def matches(self, size: int, mtime_ns: int) -> bool:
         """True when the local file still has the size and mtime that were delivered."""
         return self.size == size and self.mtime_ns == mtime_ns
@@ -240,10 +254,21 @@ class Manifest:
         inode: int = 0,
     ) -> ManifestEntry:
         """Store a delivery."""
-        entry = ManifestEntry(size, mtime_ns, sha256, remote, time.time(), tuple(derived), inode)
-        key, value = self._key(pipeline, sink, relpath), asdict(entry)
-        self._commit(lambda: self._cache.set(key, value))
+        entry = ManifestEntry.now(size, mtime_ns, sha256, remote, derived=derived, inode=inode)
+        self.record_many([(pipeline, sink, relpath, entry)])
         return entry
+
+    def record_many(self, entries: list[tuple[str, str, str, ManifestEntry]]) -> None:
+        """Store deliveries, given as (pipeline, sink, relpath, entry), in one transaction."""
+        if not entries:
+            return
+        rows = [(self._key(p, s, r), asdict(entry)) for p, s, r, entry in entries]
+
+        def write() -> None:
+            for key, value in rows:
+                self._cache.set(key, value)
+
+        self._commit(write)
 
     def forget(self, pipeline: str, sink: str, relpath: str) -> None:
         """Drop a record (the remote copy is no longer considered delivered)."""

@@ -355,6 +355,11 @@ class TransferResult:
     sha256: str
 
 
+#: Delivers several small files to one sink at once (``skyframe_transfer_batch``): one result
+#: or exception per request, in order.
+BatchTransfer = Callable[[list[TransferRequest]], list[TransferResult | Exception]]
+
+
 class SourceReader:
     """Read a local file in chunks, hashing it, and check it did not change meanwhile.
 

@@ -154,11 +154,12 @@ class DirectPut:
         from fsspec.asyn import sync
 
         client = self.fs.s3  # connects (outside the loop) when needed
-        return bool(sync(self.fs.loop, self._put, client, bucket, key, body, metadata))
+        return bool(sync(self.fs.loop, self.put_async, client, bucket, key, body, metadata))
 
-    async def _put(
+    async def put_async(
         self, client: Any, bucket: str, key: str, body: bytes, metadata: dict[str, str]
     ) -> bool:
+        """The PUT, on the filesystem's event loop, with its connected ``client``."""
         import aiohttp
         from botocore.awsrequest import AWSRequest
         from yarl import URL

@@ -28,12 +28,21 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any
 
+from fsspec.asyn import sync
+
 from skyframe.backends.s3 import S3Options, direct_put
 from skyframe.cleanup import drop_stale
 from skyframe.errors import DeliveryError, SourceChangedError, SourceUnreadableError
 from skyframe.journal import JournalKey, UploadJournal, same_file
 from skyframe.markers import hookimpl
-from skyframe.storage import SourceReader, TransferRequest, TransferResult, file_sha256
+from skyframe.storage import (
+    BatchTransfer,
+    Sink,
+    SourceReader,
+    TransferRequest,
+    TransferResult,
+    file_sha256,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +64,73 @@ def skyframe_transfer(request: TransferRequest) -> TransferResult | None:
     if request.size >= part_size:
         upload = MultipartUpload(fs, bucket, key, request, part_size)
         return upload.run(width=settings.part_concurrency)
+    data, sha256 = _read_whole(request)
+    direct = direct_put(fs, settings)
+    if direct is None or not direct.put(bucket, key, data, {"sha256": sha256}):
+        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, Metadata={"sha256": sha256})
+    request.progress(len(data))
+    return TransferResult(len(data), sha256)
+
+
+def _read_whole(request: TransferRequest) -> tuple[bytes, str]:
+    """A file small enough for one PUT, read and hashed (checked unchanged); then ``pace``."""
     drop_stale(request)  # the file shrank since a multipart upload of it began
-    with SourceReader(request.local_path, chunk_size=part_size) as reader:
+    with SourceReader(request.local_path, chunk_size=max(request.size, 1)) as reader:
         data = b"".join(reader.chunks())
         reader.check_unchanged(request.size, request.mtime_ns)
-        metadata = {"sha256": reader.sha256}
-        request.pace(len(data))
-        direct = direct_put(fs, settings)
-        if direct is None or not direct.put(bucket, key, data, metadata):
-            fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, Metadata=metadata)
+    request.pace(len(data))
+    return data, reader.sha256
+
+
+@hookimpl
+def skyframe_transfer_batch(sink: Sink) -> BatchTransfer | None:
+    """Small files to an ``s3://`` sink: concurrent PUTs on the connection's event loop."""
+    if sink.protocol != "s3":
+        return None
+    return lambda requests: _put_many(sink, requests)
+
+
+def _put_many(sink: Sink, requests: list[TransferRequest]) -> list[TransferResult | Exception]:
+    """Read and hash the files here, then send them all at once, ``concurrency`` at a time."""
+    settings = sink.settings
+    assert isinstance(settings, S3Options)
+    fs = sink.fs
+    client = fs.s3  # connects (outside the event loop) when needed
+    direct = direct_put(fs, settings)
+    outcomes: list[TransferResult | Exception] = []
+    ready: list[tuple[int, TransferRequest, bytes, str]] = []
+    for index, request in enumerate(requests):
+        try:
+            data, sha256 = _read_whole(request)
+        except Exception as exc:  # this file only: unreadable, changed, or the run stopping
+            outcomes.append(exc)
+        else:
+            outcomes.append(DeliveryError("not sent"))
+            ready.append((index, request, data, sha256))
+
+    async def put(request: TransferRequest, data: bytes, sha256: str) -> TransferResult:
+        bucket, _, key = request.remote_path.partition("/")
+        metadata = {"sha256": sha256}
+        async with limit:
+            if direct is None or not await direct.put_async(client, bucket, key, data, metadata):
+                await fs._call_s3(
+                    "put_object", Bucket=bucket, Key=key, Body=data, Metadata=metadata
+                )
         request.progress(len(data))
-    return TransferResult(reader.bytes_read, reader.sha256)
+        return TransferResult(len(data), sha256)
+
+    async def send_all() -> list[TransferResult | BaseException]:
+        return await asyncio.gather(
+            *(put(request, data, sha256) for _, request, data, sha256 in ready),
+            return_exceptions=True,
+        )
+
+    limit = asyncio.Semaphore(sink.concurrency)
+    for (index, *_), outcome in zip(ready, sync(fs.loop, send_all), strict=True):
+        if not isinstance(outcome, TransferResult | Exception):
+            raise outcome  # the loop is going away (cancelled): not this file's doing
+        outcomes[index] = outcome
+    return outcomes
 
 
 def list_parts(fs: Any, bucket: str, key: str, upload_id: str) -> dict[int, dict[str, Any]] | None:

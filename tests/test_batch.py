@@ -1,0 +1,219 @@
+"""Small new files go in batches (``skyframe_transfer_batch``); everything else, and every file
+that fails in a batch, goes one by one through ``skyframe_transfer``.
+
+A test plugin gives local sinks a batch sender that writes through the sink's filesystem and
+notes what it was given; another one notes the files that went one by one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import WriteConfig, make_file
+from test_engine import plugin_module, run_once, write_plugin
+
+from skyframe.engine import Engine, RunSummary
+from skyframe.pipeline import load_project
+from skyframe.queue import JobQueue
+from skyframe.state import Manifest
+
+CONFIG = """\
+state_dir: .state
+plugins: [plugins]
+shutdown_grace: 0.2
+retry: {max_attempts: 2, initial: 10ms, max: 10ms}
+pipelines:
+  - name: survey
+    source: {path: incoming, settle: 0}
+    sinks:
+      - url: outbox
+"""
+
+TWO_SINKS = CONFIG + "      - url: outbox2\n        name: second\n"
+
+BATCHES = """
+    import hashlib, os, threading, time
+    from skyframe import TransferResult, hookimpl
+    from skyframe.errors import DeliveryError
+
+    BATCHES = []  # (sink key, [remote paths])
+    ALONE = []  # (sink key, remote path) sent through skyframe_transfer
+    STARTED = threading.Event()
+
+    def send(requests):
+        sink = requests[0].sink
+        BATCHES.append((sink.key, [r.remote_path for r in requests]))
+        STARTED.set()
+        if os.environ.get("BATCH_TEST_RAISE"):
+            raise ConnectionError("link down")
+        if os.environ.get("BATCH_TEST_HOLD"):  # "sending" until the run is cut
+            while True:
+                try:
+                    requests[0].pace(0)
+                except Exception as exc:
+                    return [exc] * len(requests)
+                time.sleep(0.01)
+        fail = os.environ.get("BATCH_TEST_FAIL", "").split(",")  # "sink:name,..."
+        out = []
+        for request in requests:
+            if f"{sink.key}:{request.local_path.name}" in fail:
+                out.append(DeliveryError("refused in a batch"))
+                continue
+            data = request.local_path.read_bytes()
+            request.pace(len(data))
+            sink.ensure_folder(request.remote_path.rpartition("/")[0])
+            sink.fs.pipe_file(request.remote_path, data)
+            out.append(TransferResult(len(data), hashlib.sha256(data).hexdigest()))
+        return out
+
+    @hookimpl
+    def skyframe_transfer_batch(sink):
+        return send if sink.protocol == "file" else None
+
+    @hookimpl(tryfirst=True)
+    def skyframe_transfer(request):
+        ALONE.append((request.sink.key, request.remote_path))
+        return None  # the generic transfer delivers it
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path, write_config: WriteConfig) -> Callable[[str], Path]:
+    write_plugin(tmp_path, "batches.py", BATCHES)
+    return write_config
+
+
+def alone_names(tmp_path: Path, sink: str = "outbox") -> list[str]:
+    recorder = plugin_module(tmp_path, "batches.py")
+    return sorted(path.rpartition("/")[2] for key, path in recorder.ALONE if key == sink)
+
+
+def test_small_new_files_go_in_batches_and_are_recorded(
+    tmp_path: Path, project: Callable[[str], Path]
+) -> None:
+    src = tmp_path / "incoming"
+    small = {f"d{i % 3}/img{i:03d}.jpg": os.urandom(100 + i) for i in range(70)}
+    for name, data in small.items():
+        make_file(src, name, data)
+    make_file(src, "video.mp4", os.urandom(2 * 1024 * 1024))  # over the batch limit
+    summary = run_once(project(CONFIG))
+    assert summary.ok
+    assert summary.delivered == 71
+    recorder = plugin_module(tmp_path, "batches.py")
+    batched = [path for _, paths in recorder.BATCHES for path in paths]
+    assert sorted(p.split("outbox/", 1)[1] for p in batched) == sorted(small)
+    assert all(len(paths) <= 32 for _, paths in recorder.BATCHES)
+    assert alone_names(tmp_path) == ["video.mp4"]
+    for name, data in small.items():
+        assert (tmp_path / "outbox" / name).read_bytes() == data
+    manifest = Manifest(tmp_path / ".state" / "manifest")
+    entries = {relpath: entry for _, _, relpath, entry in manifest.entries()}
+    manifest.close()
+    assert len(entries) == 71
+    for name, data in small.items():
+        st = (src / name).stat()
+        entry = entries[name]
+        assert (entry.size, entry.mtime_ns, entry.inode) == (len(data), st.st_mtime_ns, st.st_ino)
+        assert entry.sha256 == hashlib.sha256(data).hexdigest()
+        assert entry.remote == name
+    queue = JobQueue(tmp_path / ".state" / "queue")
+    assert queue.counts() == {"pending": 0, "leased": 0, "waiting": 0, "dead": 0}
+    queue.close()
+    # Nothing is sent again: the scan finds every file in the manifest.
+    again = run_once(project(CONFIG))
+    assert (again.delivered, again.unchanged) == (0, 71)
+
+
+def test_a_file_failing_in_a_batch_is_sent_again_alone(
+    tmp_path: Path, project: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        make_file(tmp_path / "incoming", name, name.encode())
+    monkeypatch.setenv("BATCH_TEST_FAIL", "outbox:b.jpg")
+    summary = run_once(project(CONFIG))
+    assert summary.ok
+    assert summary.delivered == 3
+    assert alone_names(tmp_path) == ["b.jpg"]
+    assert (tmp_path / "outbox" / "b.jpg").read_bytes() == b"b.jpg"
+
+
+def test_a_batch_sender_that_raises_sends_each_file_alone(
+    tmp_path: Path, project: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("a.jpg", "b.jpg"):
+        make_file(tmp_path / "incoming", name, name.encode())
+    monkeypatch.setenv("BATCH_TEST_RAISE", "1")
+    summary = run_once(project(CONFIG))
+    assert summary.ok
+    assert summary.delivered == 2
+    assert alone_names(tmp_path) == ["a.jpg", "b.jpg"]
+
+
+def test_a_file_failing_on_one_sink_is_sent_again_there_only(
+    tmp_path: Path, project: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("a.jpg", "b.jpg"):
+        make_file(tmp_path / "incoming", name, name.encode())
+    monkeypatch.setenv("BATCH_TEST_FAIL", "second:b.jpg")
+    summary = run_once(project(TWO_SINKS))
+    assert summary.ok
+    assert summary.delivered == 4
+    assert alone_names(tmp_path, "second") == ["b.jpg"]
+    assert alone_names(tmp_path, "outbox") == []  # the first sink had it: not sent again
+    assert (tmp_path / "outbox2" / "b.jpg").read_bytes() == b"b.jpg"
+
+
+def test_touched_and_changed_files_take_the_one_by_one_path(
+    tmp_path: Path, project: Callable[[str], Path]
+) -> None:
+    src = tmp_path / "incoming"
+    touched = make_file(src, "touched.jpg", b"same bytes")
+    changed = make_file(src, "changed.jpg", b"old bytes")
+    config = project(CONFIG)
+    assert run_once(config).delivered == 2
+    later = time.time() + 5
+    os.utime(touched, (later, later))
+    changed.write_bytes(b"new bytes, longer")
+    summary = run_once(config)
+    assert (summary.delivered, summary.unchanged) == (1, 1)
+    recorder = plugin_module(tmp_path, "batches.py")
+    assert recorder.BATCHES == []  # the touched one needs no transfer at all
+    assert alone_names(tmp_path) == ["changed.jpg"]
+    assert (tmp_path / "outbox" / "changed.jpg").read_bytes() == b"new bytes, longer"
+
+
+def test_a_batch_cut_by_shutdown_goes_back_to_the_queue(
+    tmp_path: Path, project: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("a.jpg", "b.jpg"):
+        make_file(tmp_path / "incoming", name, name.encode())
+    config = project(CONFIG)
+    monkeypatch.setenv("BATCH_TEST_HOLD", "1")
+    loaded = load_project(config)
+    recorder = plugin_module(tmp_path, "batches.py")
+    engine = Engine(loaded.config, loaded.pm, loaded.pipelines)
+    outcome: dict[str, RunSummary] = {}
+    runner = threading.Thread(target=lambda: outcome.setdefault("summary", engine.run_once()))
+    runner.start()
+    try:
+        assert recorder.STARTED.wait(10)
+        engine.stop()  # the batch is still "sending": it is cut after shutdown_grace
+        runner.join(10)
+        assert not runner.is_alive()
+    finally:
+        engine.close()
+    summary = outcome["summary"]
+    assert summary.interrupted
+    assert summary.delivered == 0
+    queue = JobQueue(tmp_path / ".state" / "queue")
+    assert queue.counts()["pending"] == 2
+    assert all(record["attempts"] == 0 for record in queue.records())
+    queue.close()
+    monkeypatch.delenv("BATCH_TEST_HOLD")
+    assert run_once(config).delivered == 2
