@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Literal
@@ -46,9 +46,16 @@ class FileEvent:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-safe dict, as stored in the queue."""
-        data = asdict(self)
-        data["path"] = str(self.path)
-        return data
+        # Built directly: asdict()'s deep copy took a fifth of a scan's time.
+        return {
+            "pipeline": self.pipeline,
+            "path": str(self.path),
+            "relpath": self.relpath,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+            "kind": self.kind,
+            "inode": self.inode,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FileEvent:

@@ -265,3 +265,15 @@ def test_records_of_one_state_oldest_first_with_a_limit(tmp_path: Path) -> None:
     assert [r["relpath"] for r in q.records("pending")] == ["d"]
     assert [r["relpath"] for r in q.records(limit=3)] == ["a", "b", "c"]
     q.close()
+
+
+def test_file_event_json_round_trips_every_field(tmp_path: Path) -> None:
+    from dataclasses import fields
+
+    from skyframe.events import FileEvent
+
+    event = FileEvent("cam", tmp_path / "a b.jpg", "a b.jpg", 12, 34, "moved", 56)
+    data = event.to_json()
+    assert set(data) == {f.name for f in fields(FileEvent)}
+    assert json.loads(json.dumps(data)) == data
+    assert FileEvent.from_json(data) == event

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import mimetypes
+import re
 from collections.abc import Iterable
 
 from skyframe.events import FileEvent
@@ -52,6 +54,15 @@ def _match_parts(parts: list[str], pattern: list[str]) -> bool:
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _name_regex(patterns: tuple[str, ...], case_sensitive: bool) -> tuple[re.Pattern[str], bool]:
+    """The patterns without ``/`` (which match any one name along a path) as one regex, and
+    whether there are others."""
+    simple = [p if case_sensitive else p.lower() for p in patterns if "/" not in p]
+    regex = "|".join(f"(?:{fnmatch.translate(p)})" for p in simple) or "(?!)"
+    return re.compile(regex), len(simple) < len(patterns)
+
+
 def matching_pattern(relpath: str, patterns: Iterable[str], case_sensitive: bool) -> str | None:
     """The first glob that matches, gitignore-style.
 
@@ -63,6 +74,10 @@ def matching_pattern(relpath: str, patterns: Iterable[str], case_sensitive: bool
     """
     path = relpath if case_sensitive else relpath.lower()
     parts = path.split("/")
+    patterns = tuple(patterns)
+    names, others = _name_regex(patterns, case_sensitive)
+    if not others and not any(names.match(part) for part in parts):
+        return None  # the usual answer, found in one regex pass; a hit is named below
     for pattern in patterns:
         pat = pattern if case_sensitive else pattern.lower()
         folders_only = pat.endswith(("/", "/**"))  # "raw/**": what is inside raw, not raw
