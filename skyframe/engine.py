@@ -173,6 +173,8 @@ class Engine:
         self._stop = threading.Event()
         self._cancel = threading.Event()
         self._scan_cut = False
+        self._scanning = False  #: run_once's scans are under way
+        self._scan_failure: BaseException | None = None
         #: Set once the watchers run and the first catch-up scan of every source is done.
         self.ready = threading.Event()
         self._wake = threading.Condition()
@@ -564,7 +566,8 @@ class Engine:
 
     def _idle(self) -> bool:
         return (
-            self._in_flight == 0
+            not self._scanning
+            and self._in_flight == 0
             and self.queue.next_due() is None
             and not any(len(s.settler) for s in self._sources.values())
         )
@@ -676,17 +679,23 @@ class Engine:
         housekeeping = threading.Thread(
             target=self._housekeeping, name="skyframe-housekeeping", daemon=True
         )
+        # The scans run beside the gate (the sinks' check) and the first deliveries: what they
+        # queue is handed out as it comes, and the run is idle only once they are done.
+        scans = threading.Thread(target=self._scan_all, name="skyframe-scan", daemon=True)
         try:
             self._start_notifiers()
             self._startup_hooks()
             self._warn_held()
-            for pipeline in self.pipelines.values():
-                self.scan(pipeline)
+            self._scanning = True
+            scans.start()
             if self.gate is not None:
                 self.gate()
             housekeeping.start()
             self._dispatch(until_idle=True)
             self._drain_in_flight()
+            scans.join()
+            if self._scan_failure is not None:
+                raise self._scan_failure
             per_pipeline = self.queue.counts_by_pipeline()
             counts = self.queue.totals(per_pipeline)
             held = self.control.held()
@@ -701,11 +710,24 @@ class Engine:
             self.summary.dead_letters = counts["dead"]
         finally:
             self._stop.set()
-            if housekeeping.is_alive():
-                housekeeping.join()
+            for thread in (scans, housekeeping):
+                if thread.is_alive():
+                    thread.join()
             self._stop_notifiers()
             self._shutdown_hooks()
         return self.summary
+
+    def _scan_all(self) -> None:
+        """Scan every source once (``run_once``); a failure stops the run and is raised there."""
+        try:
+            for pipeline in self.pipelines.values():
+                self.scan(pipeline)
+        except BaseException as exc:
+            self._scan_failure = exc
+            self.stop()
+        finally:
+            self._scanning = False
+            self._notify()
 
     def run_daemon(self) -> RunSummary:
         """Watch, catch up, and deliver until ``stop()`` is called."""

@@ -467,3 +467,53 @@ def test_dead_letters_of_files_gone_meanwhile_are_dropped(
     queue = JobQueue(tmp_path / ".state" / "queue")
     assert [r["relpath"] for r in queue.records("dead")] == ["keep.jpg"]
     queue.close()
+
+
+def test_once_delivers_while_the_scan_goes_on(
+    tmp_path: Path, project: Callable[[str], Path]
+) -> None:
+    # A slow rule makes the scan take a while: the first files it queued are delivered before
+    # it has queued the last ones.
+    write_plugin(
+        tmp_path,
+        "order.py",
+        """
+        import time
+        from skyframe import hookimpl, rule
+
+        ORDER = []
+
+        @rule
+        def rule_slowly(event):
+            time.sleep(0.002)
+            return True
+
+        @hookimpl
+        def skyframe_event(event):
+            if event.kind in ("queued", "delivered"):
+                ORDER.append(event.kind)
+    """,
+    )
+    for i in range(600):
+        make_file(tmp_path / "incoming", f"f{i:03d}.jpg", b"x")
+    config = CONFIG.replace("      - type: {extensions: [jpg, mp4, srt]}\n", "      - slowly: {}\n")
+    summary = run_once(project(config))
+    assert summary.delivered == 600
+    order = plugin_module(tmp_path, "order.py").ORDER
+    assert order.count("queued") == order.count("delivered") == 600
+    last_queued = len(order) - 1 - order[::-1].index("queued")
+    assert order.index("delivered") < last_queued
+
+
+def test_once_raises_what_failed_in_the_scan(
+    tmp_path: Path, project: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from skyframe.errors import StateError
+
+    def broken(self: Engine, pipeline: Any) -> None:
+        raise StateError("the queue database is damaged")
+
+    monkeypatch.setattr(Engine, "scan", broken)
+    make_file(tmp_path / "incoming", "a.jpg", b"A")
+    with pytest.raises(StateError, match="the queue database is damaged"):
+        run_once(project(CONFIG))
