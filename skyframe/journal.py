@@ -47,6 +47,11 @@ class UploadJournal:
         self._cache = open_cache(directory)
         self._lock = threading.Lock()
 
+    def is_empty(self) -> bool:
+        """True when no upload is under way anywhere (one query, where get() would be one per
+        file)."""
+        return len(self._cache) == 0
+
     def get(self, key: JournalKey) -> dict[str, Any] | None:
         """The record of the upload under way to this remote path, if any."""
         record = self._cache.get(key.encode(), retry=True)

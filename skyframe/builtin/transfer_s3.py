@@ -72,9 +72,11 @@ def skyframe_transfer(request: TransferRequest) -> TransferResult | None:
     return TransferResult(len(data), sha256)
 
 
-def _read_whole(request: TransferRequest) -> tuple[bytes, str]:
-    """A file small enough for one PUT, read and hashed (checked unchanged); then ``pace``."""
-    drop_stale(request)  # the file shrank since a multipart upload of it began
+def _read_whole(request: TransferRequest, *, stale: bool = True) -> tuple[bytes, str]:
+    """A file small enough for one PUT, read and hashed (checked unchanged); then ``pace``.
+    ``stale=False``: the journal is known to hold no upload to drop."""
+    if stale:
+        drop_stale(request)  # the file shrank since a multipart upload of it began
     with SourceReader(request.local_path, chunk_size=max(request.size, 1)) as reader:
         data = b"".join(reader.chunks())
         reader.check_unchanged(request.size, request.mtime_ns)
@@ -99,9 +101,11 @@ def _put_many(sink: Sink, requests: list[TransferRequest]) -> list[TransferResul
     direct = direct_put(fs, settings)
     outcomes: list[TransferResult | Exception] = []
     ready: list[tuple[int, TransferRequest, bytes, str]] = []
+    journal = requests[0].journal if requests else None
+    stale = journal is not None and not journal.is_empty()
     for index, request in enumerate(requests):
         try:
-            data, sha256 = _read_whole(request)
+            data, sha256 = _read_whole(request, stale=stale)
         except Exception as exc:  # this file only: unreadable, changed, or the run stopping
             outcomes.append(exc)
         else:
