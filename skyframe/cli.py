@@ -705,8 +705,8 @@ def main() -> None:
     libraries and building their clients makes tens of thousands of objects that live as long
     as the process, and the collector's repeated passes over them, with the last one at exit,
     took about 0.2 s of every run (docs/benchmarks.md).
-    ``run`` resumes it once the sinks have answered the pre-flight check (the engine is built
-    and the sources are scanned by then); other commands when they end.
+    ``run`` resumes it once the sinks have answered the pre-flight check (with ``--once`` the
+    engine is built and the scan under way by then); other commands when they end.
     """
     tune_malloc()
     _StartupGC.pause()

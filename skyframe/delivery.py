@@ -33,7 +33,7 @@ from skyframe.errors import (
     SourceUnreadableError,
     UnsafePathError,
 )
-from skyframe.events import FileEvent, Job, LifecycleEvent
+from skyframe.events import FileEvent, Job, LifecycleEvent, LifecycleKind
 from skyframe.journal import UploadJournal
 from skyframe.pipeline import Pipeline, evaluate_rules
 from skyframe.queue import Claim, JobQueue
@@ -455,18 +455,22 @@ class JobRunner:
         self, pipeline: str, sink: Sink, send: BatchTransfer, jobs: list[_BatchJob]
     ) -> None:
         """Send a batch to one sink; record and announce what arrived, mark the rest."""
-        for job in jobs:
+
+        def announce(kind: LifecycleKind, job: _BatchJob, size: int) -> None:
             self.emit(
                 LifecycleEvent(
-                    "started",
+                    kind,
                     pipeline,
                     job.event.relpath,
                     sink=sink.key,
                     remote=job.remote,
-                    size=job.event.size,
+                    size=size,
                     attempt=job.claim.attempts + 1,
                 )
             )
+
+        for job in jobs:
+            announce("started", job, job.event.size)
         pace = self._pace(sink, pipeline)
         requests = [
             TransferRequest(
@@ -514,17 +518,7 @@ class JobRunner:
             ]
         )
         for job, result in delivered:
-            self.emit(
-                LifecycleEvent(
-                    "delivered",
-                    pipeline,
-                    job.event.relpath,
-                    sink=sink.key,
-                    remote=job.remote,
-                    size=result.size,
-                    attempt=job.claim.attempts + 1,
-                )
-            )
+            announce("delivered", job, result.size)
 
     def _plain_new_file(self, pipeline: Pipeline, claim: Claim) -> tuple[FileEvent, str] | None:
         """The file's event and remote name when it is as it was queued and no sink has any
