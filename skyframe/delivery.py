@@ -137,12 +137,14 @@ class JobRunner:
         #: True in the daemon: an unreachable sink keeps files waiting without counting
         #: attempts. False for ``--once``, whose run must end: attempts count as usual.
         self.patient = False
-        #: Per pipeline: each sink's batch sender, where every sink of the pipeline has one and
-        #: the pipeline has no processes (they may rename files or add derived ones).
+        #: Per pipeline: each sink's batch sender, where every sink of the pipeline has one, the
+        #: pipeline has no processes (they may rename files or add derived ones) and no sink a
+        #: bandwidth limit (a batch would take its budget file by file, then send in a burst).
         self._batch_senders: dict[str, list[BatchTransfer]] = {}
         for p in pipelines.values():
             senders = [pm.hook.skyframe_transfer_batch(sink=s) for s in p.sinks]
-            if p.sinks and not p.processes and all(senders):
+            limited = any(s.limiter for s in p.sinks)
+            if p.sinks and not p.processes and not limited and all(senders):
                 self._batch_senders[p.name] = senders
         #: How many jobs may be in flight at once: enough to keep every pool busy, no more.
         self.capacity = workers + sum(s.concurrency for p in pipelines.values() for s in p.sinks)

@@ -217,3 +217,23 @@ def test_a_batch_cut_by_shutdown_goes_back_to_the_queue(
     queue.close()
     monkeypatch.delenv("BATCH_TEST_HOLD")
     assert run_once(config).delivered == 2
+
+
+@pytest.mark.parametrize("where", ["sink", "global"])
+def test_a_bandwidth_limit_keeps_files_one_by_one(
+    tmp_path: Path, project: Callable[[str], Path], where: str
+) -> None:
+    # Paced file by file, as they are sent: a batch would take the budget of 32 files, then
+    # send them all in one burst.
+    for name in ("a.jpg", "b.jpg"):
+        make_file(tmp_path / "incoming", name, name.encode())
+    if where == "sink":
+        config = CONFIG.replace(
+            "      - url: outbox\n", "      - url: outbox\n        bwlimit: 1MB/s\n"
+        )
+    else:
+        config = "bwlimit: 1MB/s\n" + CONFIG
+    summary = run_once(project(config))
+    assert summary.delivered == 2
+    assert plugin_module(tmp_path, "batches.py").BATCHES == []
+    assert alone_names(tmp_path) == ["a.jpg", "b.jpg"]
