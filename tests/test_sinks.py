@@ -390,3 +390,40 @@ def test_s3_batch_to_a_missing_bucket_gives_each_file_the_error(
         assert (direct.sent, direct.declined) == (0, 2)
     finally:
         sink.close()
+
+
+def test_gcs_batch_sends_small_files_at_once_and_reports_each(
+    tmp_path: Path, gcs_server: servers.GCSServer
+) -> None:
+    from skyframe.builtin.transfer_gcs import skyframe_transfer_batch
+    from skyframe.config import SinkConfig
+    from skyframe.storage import TransferResult, open_sink
+
+    sink = open_sink(SinkConfig.model_validate(gcs_sink(gcs_server)), tmp_path)
+    send = skyframe_transfer_batch(sink)
+    assert send is not None
+    names = [f"batch/{i:02d} é.jpg" for i in range(20)] + ["batch/gone.jpg", "batch/empty.jpg"]
+    requests = []
+    for name in names:
+        data = b"" if name.endswith("empty.jpg") else os.urandom(700)
+        path = make_file(tmp_path / "src", name, data)
+        st = path.stat()
+        requests.append(
+            TransferRequest(sink, path, sink.remote_path(name), st.st_size, st.st_mtime_ns)
+        )
+    (tmp_path / "src" / "batch" / "gone.jpg").unlink()
+    check = gcs_server.filesystem()
+    try:
+        outcomes = send(requests)
+        assert isinstance(outcomes[-2], SourceUnreadableError)
+        assert not check.exists(requests[-2].remote_path)
+        for request, outcome in zip(requests, outcomes, strict=True):
+            if request is requests[-2]:
+                continue
+            data = request.local_path.read_bytes()
+            assert outcome == TransferResult(len(data), hashlib.sha256(data).hexdigest())
+            assert check.cat_file(request.remote_path) == data
+            assert check.info(request.remote_path)["metadata"] == {"sha256": outcome.sha256}
+    finally:
+        servers.close_filesystem(check)
+        sink.close()

@@ -1,7 +1,8 @@
 """GCS transfer: straight to the final object, which GCS publishes atomically.
 
 A file smaller than one chunk goes in a single (multipart-encoded) upload carrying its sha256
-as object metadata. A larger file is hashed first (the metadata is fixed when the session
+as object metadata; new files of up to 1 MiB go in batches of such uploads, sent concurrently
+(``skyframe_transfer_batch``). A larger file is hashed first (the metadata is fixed when the session
 opens), then goes through a resumable session, one chunk (a multiple of 256 KiB) at a time;
 the chunk that reaches the declared size publishes the object, so it is sent only after the
 file is checked unchanged.
@@ -25,7 +26,7 @@ from typing import Any
 from fsspec.asyn import sync
 
 from skyframe.backends.gcs import GCSOptions
-from skyframe.cleanup import drop_stale
+from skyframe.builtin.batch import read_whole, send_batch
 from skyframe.errors import (
     DeliveryError,
     SinkRefusedError,
@@ -34,7 +35,14 @@ from skyframe.errors import (
 )
 from skyframe.journal import same_file
 from skyframe.markers import hookimpl
-from skyframe.storage import SourceReader, TransferRequest, TransferResult, file_sha256
+from skyframe.storage import (
+    BatchTransfer,
+    Sink,
+    SourceReader,
+    TransferRequest,
+    TransferResult,
+    file_sha256,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,32 +62,33 @@ def skyframe_transfer(request: TransferRequest) -> TransferResult | None:
     try:
         if request.size >= settings.chunk_size:
             return _resumable(fs, bucket, key, request, settings)
-        drop_stale(request)  # the file shrank since a resumable upload of it began
-        with SourceReader(request.local_path, chunk_size=settings.chunk_size) as reader:
-            _simple(fs, bucket, key, reader, request)
-        return TransferResult(reader.bytes_read, reader.sha256)
+        data, sha256 = read_whole(request)
+        sync(fs.loop, _simple, fs, request, data, sha256)
+        request.progress(len(data))
+        return TransferResult(len(data), sha256)
     except FileNotFoundError:
         # Uploads name no existing object: a 404 here is the bucket.
         raise SinkRefusedError(f"{sink.display}: bucket {bucket!r} does not exist") from None
 
 
-def _simple(fs: Any, bucket: str, key: str, reader: SourceReader, request: TransferRequest) -> None:
+async def _simple(fs: Any, request: TransferRequest, data: bytes, sha256: str) -> None:
+    """One request (multipart-encoded: metadata and bytes) that publishes the object."""
     from gcsfs.core import simple_upload
 
-    data = b"".join(reader.chunks())
-    reader.check_unchanged(request.size, request.mtime_ns)
-    request.pace(len(data))
-    sync(
-        fs.loop,
-        simple_upload,
-        fs,
-        bucket,
-        key,
-        data,
-        metadatain={"sha256": reader.sha256},
-        content_type=CONTENT_TYPE,
+    bucket, _, key = request.remote_path.partition("/")
+    await simple_upload(
+        fs, bucket, key, data, metadatain={"sha256": sha256}, content_type=CONTENT_TYPE
     )
-    request.progress(len(data))
+
+
+@hookimpl
+def skyframe_transfer_batch(sink: Sink) -> BatchTransfer | None:
+    """Small files to a ``gcs://`` sink: concurrent single-request uploads on the event loop."""
+    if sink.protocol != "gcs":
+        return None
+    return lambda requests: send_batch(
+        sink, requests, lambda request, data, sha256: _simple(sink.fs, request, data, sha256)
+    )
 
 
 def _resumable(

@@ -28,10 +28,8 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any
 
-from fsspec.asyn import sync
-
 from skyframe.backends.s3 import S3Options, direct_put
-from skyframe.cleanup import drop_stale
+from skyframe.builtin.batch import read_whole, send_batch
 from skyframe.errors import DeliveryError, SourceChangedError, SourceUnreadableError
 from skyframe.journal import JournalKey, UploadJournal, same_file
 from skyframe.markers import hookimpl
@@ -64,24 +62,12 @@ def skyframe_transfer(request: TransferRequest) -> TransferResult | None:
     if request.size >= part_size:
         upload = MultipartUpload(fs, bucket, key, request, part_size)
         return upload.run(width=settings.part_concurrency)
-    data, sha256 = _read_whole(request)
+    data, sha256 = read_whole(request)
     direct = direct_put(fs, settings)
     if direct is None or not direct.put(bucket, key, data, {"sha256": sha256}):
         fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, Metadata={"sha256": sha256})
     request.progress(len(data))
     return TransferResult(len(data), sha256)
-
-
-def _read_whole(request: TransferRequest, *, stale: bool = True) -> tuple[bytes, str]:
-    """A file small enough for one PUT, read and hashed (checked unchanged); then ``pace``.
-    ``stale=False``: the journal is known to hold no upload to drop."""
-    if stale:
-        drop_stale(request)  # the file shrank since a multipart upload of it began
-    with SourceReader(request.local_path, chunk_size=max(request.size, 1)) as reader:
-        data = b"".join(reader.chunks())
-        reader.check_unchanged(request.size, request.mtime_ns)
-    request.pace(len(data))
-    return data, reader.sha256
 
 
 @hookimpl
@@ -93,48 +79,19 @@ def skyframe_transfer_batch(sink: Sink) -> BatchTransfer | None:
 
 
 def _put_many(sink: Sink, requests: list[TransferRequest]) -> list[TransferResult | Exception]:
-    """Read and hash the files here, then send them all at once, ``concurrency`` at a time."""
     settings = sink.settings
     assert isinstance(settings, S3Options)
     fs = sink.fs
     client = fs.s3  # connects (outside the event loop) when needed
     direct = direct_put(fs, settings)
-    outcomes: list[TransferResult | Exception] = []
-    ready: list[tuple[int, TransferRequest, bytes, str]] = []
-    journal = requests[0].journal if requests else None
-    stale = journal is not None and not journal.is_empty()
-    for index, request in enumerate(requests):
-        try:
-            data, sha256 = _read_whole(request, stale=stale)
-        except Exception as exc:  # this file only: unreadable, changed, or the run stopping
-            outcomes.append(exc)
-        else:
-            outcomes.append(DeliveryError("not sent"))
-            ready.append((index, request, data, sha256))
 
-    async def put(request: TransferRequest, data: bytes, sha256: str) -> TransferResult:
+    async def put(request: TransferRequest, data: bytes, sha256: str) -> None:
         bucket, _, key = request.remote_path.partition("/")
         metadata = {"sha256": sha256}
-        async with limit:
-            if direct is None or not await direct.put_async(client, bucket, key, data, metadata):
-                await fs._call_s3(
-                    "put_object", Bucket=bucket, Key=key, Body=data, Metadata=metadata
-                )
-        request.progress(len(data))
-        return TransferResult(len(data), sha256)
+        if direct is None or not await direct.put_async(client, bucket, key, data, metadata):
+            await fs._call_s3("put_object", Bucket=bucket, Key=key, Body=data, Metadata=metadata)
 
-    async def send_all() -> list[TransferResult | BaseException]:
-        return await asyncio.gather(
-            *(put(request, data, sha256) for _, request, data, sha256 in ready),
-            return_exceptions=True,
-        )
-
-    limit = asyncio.Semaphore(sink.concurrency)
-    for (index, *_), outcome in zip(ready, sync(fs.loop, send_all), strict=True):
-        if not isinstance(outcome, TransferResult | Exception):
-            raise outcome  # the loop is going away (cancelled): not this file's doing
-        outcomes[index] = outcome
-    return outcomes
+    return send_batch(sink, requests, put)
 
 
 def list_parts(fs: Any, bucket: str, key: str, upload_id: str) -> dict[int, dict[str, Any]] | None:

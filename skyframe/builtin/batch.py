@@ -1,0 +1,73 @@
+"""What the object-store transfers share for small files: read one whole, and send a batch.
+
+A small file goes in one request: it is read whole and hashed, checked unchanged, and paced
+(``read_whole``). A batch (``skyframe_transfer_batch``) reads each file that way in the calling
+thread, then runs the backend's upload coroutine for all of them on the filesystem's event
+loop, ``concurrency`` at a time (``send_batch``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from fsspec.asyn import sync
+
+from skyframe.cleanup import drop_stale
+from skyframe.errors import DeliveryError
+from skyframe.storage import Sink, SourceReader, TransferRequest, TransferResult
+
+#: Uploads one file's bytes, with its sha256 for the object's metadata.
+Put = Callable[[TransferRequest, bytes, str], Awaitable[None]]
+
+
+def read_whole(request: TransferRequest, *, stale: bool = True) -> tuple[bytes, str]:
+    """A file small enough for one request, read and hashed (checked unchanged); then ``pace``.
+
+    ``stale=False``: the journal is known to hold no upload to drop, so it is not looked up.
+    """
+    if stale:
+        drop_stale(request)  # the file shrank since a resumable upload of it began
+    with SourceReader(request.local_path, chunk_size=max(request.size, 1)) as reader:
+        data = b"".join(reader.chunks())
+        reader.check_unchanged(request.size, request.mtime_ns)
+    request.pace(len(data))
+    return data, reader.sha256
+
+
+def send_batch(
+    sink: Sink, requests: list[TransferRequest], put: Put
+) -> list[TransferResult | Exception]:
+    """Read every file here, then ``put`` them all on ``sink.fs``'s event loop; one outcome per
+    request, in order (a file that could not be read or sent gets its exception)."""
+    outcomes: list[TransferResult | Exception] = []
+    ready: list[tuple[int, TransferRequest, bytes, str]] = []
+    journal = requests[0].journal if requests else None
+    stale = journal is not None and not journal.is_empty()  # one query for the whole batch
+    for index, request in enumerate(requests):
+        try:
+            data, sha256 = read_whole(request, stale=stale)
+        except Exception as exc:  # this file only: unreadable, changed, or the run stopping
+            outcomes.append(exc)
+        else:
+            outcomes.append(DeliveryError("not sent"))
+            ready.append((index, request, data, sha256))
+
+    async def send(request: TransferRequest, data: bytes, sha256: str) -> TransferResult:
+        async with limit:
+            await put(request, data, sha256)
+        request.progress(len(data))
+        return TransferResult(len(data), sha256)
+
+    async def send_all() -> list[TransferResult | BaseException]:
+        return await asyncio.gather(
+            *(send(request, data, sha256) for _, request, data, sha256 in ready),
+            return_exceptions=True,
+        )
+
+    limit = asyncio.Semaphore(sink.concurrency)
+    for (index, *_), outcome in zip(ready, sync(sink.fs.loop, send_all), strict=True):
+        if not isinstance(outcome, TransferResult | Exception):
+            raise outcome  # the loop is going away (cancelled): not this file's doing
+        outcomes[index] = outcome
+    return outcomes
