@@ -693,7 +693,9 @@ def settle_startup_gc() -> None:
     """End the start-up pause of the garbage collector (see :func:`main`); no-op otherwise.
 
     What start-up created (modules, clients, the project) is frozen first: it lives as long as
-    the process, so later collections, and the one at exit, need not go through it again.
+    the process, so later collections, and the one at exit, need not go through it again. The
+    cyclic garbage start-up left (some 2,000 objects with S3) is frozen with it, once: a full
+    collection to free it first would cost about 60 ms.
     """
     _StartupGC.settle()
 
