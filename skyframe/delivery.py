@@ -488,11 +488,22 @@ class JobRunner:
             )
             for job in jobs
         ]
+        outcomes: list[TransferResult | Exception] | None = None
         try:
-            outcomes = send(requests)
-        except Exception as exc:  # not about one file (say, the connection): each goes alone
-            log.debug("%s: a batch to %s failed: %s", pipeline, sink.display, exc)
-            outcomes = [exc] * len(jobs)
+            # The sink's health follows the batch as it follows a single transfer: a file that
+            # arrived means the sink answers (after an outage: "reachable again").
+            with sink.guard():
+                outcomes = send(requests)
+                if not any(isinstance(outcome, TransferResult) for outcome in outcomes):
+                    # Nothing arrived: the guard judges whether that was the sink's doing.
+                    raise next(
+                        (o for o in outcomes if isinstance(o, Exception)),
+                        DeliveryError(f"{sink.display}: nothing delivered"),
+                    )
+        except Exception as exc:
+            if outcomes is None:  # not about one file (say, the connection): each goes alone
+                log.debug("%s: a batch to %s failed: %s", pipeline, sink.display, exc)
+                outcomes = [exc] * len(jobs)
         delivered: list[tuple[_BatchJob, TransferResult]] = []
         for job, outcome in zip(jobs, outcomes, strict=True):
             if isinstance(outcome, TransferCancelled):

@@ -8,6 +8,7 @@ notes what it was given; another one notes the files that went one by one.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -237,3 +238,28 @@ def test_a_bandwidth_limit_keeps_files_one_by_one(
     assert summary.delivered == 2
     assert plugin_module(tmp_path, "batches.py").BATCHES == []
     assert alone_names(tmp_path) == ["a.jpg", "b.jpg"]
+
+
+def test_a_batch_that_arrives_marks_the_sink_reachable_again(
+    tmp_path: Path, project: Callable[[str], Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The sink was down, and its wait (10 ms here) is over: the next batch goes out, and once
+    # files arrive the sink is healthy again, as after a single transfer.
+    from skyframe.errors import SinkUnavailableError
+
+    for name in ("a.jpg", "b.jpg"):
+        make_file(tmp_path / "incoming", name, name.encode())
+    loaded = load_project(project(CONFIG))
+    engine = Engine(loaded.config, loaded.pm, loaded.pipelines)
+    (sink,) = engine.pipelines["survey"].sinks
+    sink.health.failed(SinkUnavailableError("outbox: link down"))
+    time.sleep(0.05)
+    caplog.set_level(logging.WARNING, logger="skyframe")
+    try:
+        summary = engine.run_once()
+    finally:
+        engine.close()
+    assert summary.delivered == 2
+    assert plugin_module(tmp_path, "batches.py").BATCHES  # it went as a batch
+    assert sink.health.state == "ok"
+    assert any("reachable again" in r.getMessage() for r in caplog.records)

@@ -318,6 +318,18 @@ def test_s3_small_objects_take_the_direct_put(tmp_path: Path, s3_server: servers
         sink.close()
 
 
+def batch_requests(sink: Any, root: Path, files: dict[str, bytes]) -> list[TransferRequest]:
+    """Files written under root, as requests to send them to the same names on the sink."""
+    requests = []
+    for name, data in files.items():
+        path = make_file(root, name, data)
+        st = path.stat()
+        requests.append(
+            TransferRequest(sink, path, sink.remote_path(name), st.st_size, st.st_mtime_ns)
+        )
+    return requests
+
+
 def test_s3_batch_sends_small_files_at_once_and_reports_each(
     tmp_path: Path, s3_server: servers.S3Server
 ) -> None:
@@ -330,13 +342,7 @@ def test_s3_batch_sends_small_files_at_once_and_reports_each(
     send = skyframe_transfer_batch(sink)
     assert send is not None
     names = [f"batch/{i:02d} é.jpg" for i in range(40)] + ["batch/gone.jpg"]
-    requests = []
-    for name in names:
-        path = make_file(tmp_path / "src", name, os.urandom(500))
-        st = path.stat()
-        requests.append(
-            TransferRequest(sink, path, sink.remote_path(name), st.st_size, st.st_mtime_ns)
-        )
+    requests = batch_requests(sink, tmp_path / "src", {name: os.urandom(500) for name in names})
     (tmp_path / "src" / "batch" / "gone.jpg").unlink()
     check = s3_server.filesystem()
     try:
@@ -375,13 +381,7 @@ def test_s3_batch_to_a_missing_bucket_gives_each_file_the_error(
     sink = open_sink(config, tmp_path)
     send = skyframe_transfer_batch(sink)
     assert send is not None
-    requests = []
-    for name in ("a.jpg", "b.jpg"):
-        path = make_file(tmp_path / "src", name, b"data")
-        st = path.stat()
-        requests.append(
-            TransferRequest(sink, path, sink.remote_path(name), st.st_size, st.st_mtime_ns)
-        )
+    requests = batch_requests(sink, tmp_path / "src", {"a.jpg": b"data", "b.jpg": b"data"})
     try:
         outcomes = send(requests)
         assert all(isinstance(outcome, PermissionError) for outcome in outcomes), outcomes
@@ -402,15 +402,9 @@ def test_gcs_batch_sends_small_files_at_once_and_reports_each(
     sink = open_sink(SinkConfig.model_validate(gcs_sink(gcs_server)), tmp_path)
     send = skyframe_transfer_batch(sink)
     assert send is not None
-    names = [f"batch/{i:02d} é.jpg" for i in range(20)] + ["batch/gone.jpg", "batch/empty.jpg"]
-    requests = []
-    for name in names:
-        data = b"" if name.endswith("empty.jpg") else os.urandom(700)
-        path = make_file(tmp_path / "src", name, data)
-        st = path.stat()
-        requests.append(
-            TransferRequest(sink, path, sink.remote_path(name), st.st_size, st.st_mtime_ns)
-        )
+    files = {f"batch/{i:02d} é.jpg": os.urandom(700) for i in range(20)}
+    files |= {"batch/gone.jpg": b"gone", "batch/empty.jpg": b""}
+    requests = batch_requests(sink, tmp_path / "src", files)
     (tmp_path / "src" / "batch" / "gone.jpg").unlink()
     check = gcs_server.filesystem()
     try:
