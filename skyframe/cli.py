@@ -210,7 +210,7 @@ def _start_preflight(pipelines: list[Pipeline]) -> Callable[[], None]:
                     type(outcome).__name__,
                     outcome,
                 )
-        settle_startup_gc()
+        _StartupGC.settle()
 
     return settle
 
@@ -683,21 +683,17 @@ class _StartupGC:
 
     @classmethod
     def settle(cls) -> None:
+        """End the pause; no-op when there is none.
+
+        What start-up created (modules, clients, the project) is frozen first: it lives as
+        long as the process, so later collections, and the one at exit, need not go through
+        it again. The cyclic garbage start-up left (some 2,000 objects with S3) is frozen with
+        it, once: a full collection to free it first would cost about 60 ms.
+        """
         if cls.paused:
             cls.paused = False
             gc.freeze()
             gc.enable()
-
-
-def settle_startup_gc() -> None:
-    """End the start-up pause of the garbage collector (see :func:`main`); no-op otherwise.
-
-    What start-up created (modules, clients, the project) is frozen first: it lives as long as
-    the process, so later collections, and the one at exit, need not go through it again. The
-    cyclic garbage start-up left (some 2,000 objects with S3) is frozen with it, once: a full
-    collection to free it first would cost about 60 ms.
-    """
-    _StartupGC.settle()
 
 
 def main() -> None:
@@ -715,4 +711,4 @@ def main() -> None:
     try:
         cli(prog_name="skyframe")
     finally:
-        settle_startup_gc()
+        _StartupGC.settle()

@@ -674,17 +674,10 @@ class JobRunner:
     ) -> None:
         """The manifest now holds this version of the job's file at its remote name."""
         event = job.event
-        self.manifest.record(
-            event.pipeline,
-            sink.key,
-            event.relpath,
-            size=event.size,
-            mtime_ns=event.mtime_ns,
-            sha256=sha256,
-            remote=job.remote_name,
-            derived=derived,
-            inode=event.inode,
+        entry = ManifestEntry.now(
+            event.size, event.mtime_ns, sha256, job.remote_name, derived=derived, inode=event.inode
         )
+        self.manifest.record_many([(event.pipeline, sink.key, event.relpath, entry)])
 
     def _send_derived(self, job: Job, sink: Sink) -> list[str]:
         """Deliver the job's derived files (sidecars, thumbnails); return their remote names."""

@@ -167,8 +167,8 @@ class Engine:
         self.api: ApiServer | None = None
         #: Told the API's address once it listens (the CLI prints it).
         self.on_api: Callable[[str], None] | None = None
-        #: Called by ``run_once`` after the scans, before the first job is handed out; what it
-        #: raises ends the run (the CLI's check of the sinks, which runs meanwhile).
+        #: Called by ``run_once`` before the first job is handed out, while the scans run; what
+        #: it raises ends the run (the CLI's check of the sinks, under way since start-up).
         self.gate: Callable[[], None] | None = None
         self._stop = threading.Event()
         self._cancel = threading.Event()

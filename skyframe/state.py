@@ -240,24 +240,6 @@ class Manifest:
         entry = self.get(pipeline, sink, relpath)
         return entry is not None and entry.matches(size, mtime_ns)
 
-    def record(
-        self,
-        pipeline: str,
-        sink: str,
-        relpath: str,
-        *,
-        size: int,
-        mtime_ns: int,
-        sha256: str,
-        remote: str,
-        derived: tuple[str, ...] | list[str] = (),
-        inode: int = 0,
-    ) -> ManifestEntry:
-        """Store a delivery."""
-        entry = ManifestEntry.now(size, mtime_ns, sha256, remote, derived=derived, inode=inode)
-        self.record_many([(pipeline, sink, relpath, entry)])
-        return entry
-
     def record_many(self, entries: list[tuple[str, str, str, ManifestEntry]]) -> None:
         """Store deliveries, given as (pipeline, sink, relpath, entry), in one transaction."""
         if not entries:

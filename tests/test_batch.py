@@ -90,6 +90,12 @@ def project(tmp_path: Path, write_config: WriteConfig) -> Callable[[str], Path]:
     return write_config
 
 
+def incoming(tmp_path: Path, *names: str) -> None:
+    """Files in the source folder, each holding its own name."""
+    for name in names:
+        make_file(tmp_path / "incoming", name, name.encode())
+
+
 def alone_names(tmp_path: Path, sink: str = "outbox") -> list[str]:
     recorder = plugin_module(tmp_path, "batches.py")
     return sorted(path.rpartition("/")[2] for key, path in recorder.ALONE if key == sink)
@@ -134,8 +140,7 @@ def test_small_new_files_go_in_batches_and_are_recorded(
 def test_a_file_failing_in_a_batch_is_sent_again_alone(
     tmp_path: Path, project: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in ("a.jpg", "b.jpg", "c.jpg"):
-        make_file(tmp_path / "incoming", name, name.encode())
+    incoming(tmp_path, "a.jpg", "b.jpg", "c.jpg")
     monkeypatch.setenv("BATCH_TEST_FAIL", "outbox:b.jpg")
     summary = run_once(project(CONFIG))
     assert summary.ok
@@ -147,8 +152,7 @@ def test_a_file_failing_in_a_batch_is_sent_again_alone(
 def test_a_batch_sender_that_raises_sends_each_file_alone(
     tmp_path: Path, project: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in ("a.jpg", "b.jpg"):
-        make_file(tmp_path / "incoming", name, name.encode())
+    incoming(tmp_path, "a.jpg", "b.jpg")
     monkeypatch.setenv("BATCH_TEST_RAISE", "1")
     summary = run_once(project(CONFIG))
     assert summary.ok
@@ -159,8 +163,7 @@ def test_a_batch_sender_that_raises_sends_each_file_alone(
 def test_a_file_failing_on_one_sink_is_sent_again_there_only(
     tmp_path: Path, project: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in ("a.jpg", "b.jpg"):
-        make_file(tmp_path / "incoming", name, name.encode())
+    incoming(tmp_path, "a.jpg", "b.jpg")
     monkeypatch.setenv("BATCH_TEST_FAIL", "second:b.jpg")
     summary = run_once(project(TWO_SINKS))
     assert summary.ok
@@ -192,8 +195,7 @@ def test_touched_and_changed_files_take_the_one_by_one_path(
 def test_a_batch_cut_by_shutdown_goes_back_to_the_queue(
     tmp_path: Path, project: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in ("a.jpg", "b.jpg"):
-        make_file(tmp_path / "incoming", name, name.encode())
+    incoming(tmp_path, "a.jpg", "b.jpg")
     config = project(CONFIG)
     monkeypatch.setenv("BATCH_TEST_HOLD", "1")
     loaded = load_project(config)
@@ -226,8 +228,7 @@ def test_a_bandwidth_limit_keeps_files_one_by_one(
 ) -> None:
     # Paced file by file, as they are sent: a batch would take the budget of 32 files, then
     # send them all in one burst.
-    for name in ("a.jpg", "b.jpg"):
-        make_file(tmp_path / "incoming", name, name.encode())
+    incoming(tmp_path, "a.jpg", "b.jpg")
     if where == "sink":
         config = CONFIG.replace(
             "      - url: outbox\n", "      - url: outbox\n        bwlimit: 1MB/s\n"
@@ -247,8 +248,7 @@ def test_a_batch_that_arrives_marks_the_sink_reachable_again(
     # files arrive the sink is healthy again, as after a single transfer.
     from skyframe.errors import SinkUnavailableError
 
-    for name in ("a.jpg", "b.jpg"):
-        make_file(tmp_path / "incoming", name, name.encode())
+    incoming(tmp_path, "a.jpg", "b.jpg")
     loaded = load_project(project(CONFIG))
     engine = Engine(loaded.config, loaded.pm, loaded.pipelines)
     (sink,) = engine.pipelines["survey"].sinks

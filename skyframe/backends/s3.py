@@ -149,17 +149,11 @@ class DirectPut:
         self.sent = 0  #: objects stored this way
         self.declined = 0  #: answers other than 200 (the caller then uses s3fs)
 
-    def put(self, bucket: str, key: str, body: bytes, metadata: dict[str, str]) -> bool:
-        """PUT from a worker thread; True when the server stored the object."""
-        from fsspec.asyn import sync
-
-        client = self.fs.s3  # connects (outside the loop) when needed
-        return bool(sync(self.fs.loop, self.put_async, client, bucket, key, body, metadata))
-
     async def put_async(
         self, client: Any, bucket: str, key: str, body: bytes, metadata: dict[str, str]
     ) -> bool:
-        """The PUT, on the filesystem's event loop, with its connected ``client``."""
+        """The PUT, on the filesystem's event loop, with its connected ``client`` (``fs.s3``,
+        taken outside the loop); True when the server stored the object."""
         import aiohttp
         from botocore.awsrequest import AWSRequest
         from yarl import URL

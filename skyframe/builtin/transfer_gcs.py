@@ -20,6 +20,7 @@ already sent; GCS keeps the bytes it holds once, but an emulator may append them
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -86,9 +87,7 @@ def skyframe_transfer_batch(sink: Sink) -> BatchTransfer | None:
     """Small files to a ``gcs://`` sink: concurrent single-request uploads on the event loop."""
     if sink.protocol != "gcs":
         return None
-    return lambda requests: send_batch(
-        sink, requests, lambda request, data, sha256: _simple(sink.fs, request, data, sha256)
-    )
+    return lambda requests: send_batch(sink, requests, functools.partial(_simple, sink.fs))
 
 
 def _resumable(

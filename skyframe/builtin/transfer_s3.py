@@ -28,8 +28,10 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any
 
+from fsspec.asyn import sync
+
 from skyframe.backends.s3 import S3Options, direct_put
-from skyframe.builtin.batch import read_whole, send_batch
+from skyframe.builtin.batch import Put, read_whole, send_batch
 from skyframe.errors import DeliveryError, SourceChangedError, SourceUnreadableError
 from skyframe.journal import JournalKey, UploadJournal, same_file
 from skyframe.markers import hookimpl
@@ -63,9 +65,7 @@ def skyframe_transfer(request: TransferRequest) -> TransferResult | None:
         upload = MultipartUpload(fs, bucket, key, request, part_size)
         return upload.run(width=settings.part_concurrency)
     data, sha256 = read_whole(request)
-    direct = direct_put(fs, settings)
-    if direct is None or not direct.put(bucket, key, data, {"sha256": sha256}):
-        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, Metadata={"sha256": sha256})
+    sync(fs.loop, _putter(sink), request, data, sha256)
     request.progress(len(data))
     return TransferResult(len(data), sha256)
 
@@ -75,14 +75,16 @@ def skyframe_transfer_batch(sink: Sink) -> BatchTransfer | None:
     """Small files to an ``s3://`` sink: concurrent PUTs on the connection's event loop."""
     if sink.protocol != "s3":
         return None
-    return lambda requests: _put_many(sink, requests)
+    return lambda requests: send_batch(sink, requests, _putter(sink))
 
 
-def _put_many(sink: Sink, requests: list[TransferRequest]) -> list[TransferResult | Exception]:
+def _putter(sink: Sink) -> Put:
+    """The PUT of one small object with its sha256 as metadata, to run on the connection's
+    event loop: the direct PUT where it applies, else (or when it is declined) s3fs's."""
     settings = sink.settings
     assert isinstance(settings, S3Options)
     fs = sink.fs
-    client = fs.s3  # connects (outside the event loop) when needed
+    client = fs.s3  # connects here, outside the event loop, when needed
     direct = direct_put(fs, settings)
 
     async def put(request: TransferRequest, data: bytes, sha256: str) -> None:
@@ -91,7 +93,7 @@ def _put_many(sink: Sink, requests: list[TransferRequest]) -> list[TransferResul
         if direct is None or not await direct.put_async(client, bucket, key, data, metadata):
             await fs._call_s3("put_object", Bucket=bucket, Key=key, Body=data, Metadata=metadata)
 
-    return send_batch(sink, requests, put)
+    return put
 
 
 def list_parts(fs: Any, bucket: str, key: str, upload_id: str) -> dict[int, dict[str, Any]] | None:
