@@ -25,6 +25,7 @@ from skyframe.backends import (
     one_line,
     unreachable,
 )
+from skyframe.backends.sigv4 import SigV4Signer, host_of
 from skyframe.errors import SinkRefusedError, SinkUnavailableError
 from skyframe.units import Duration, Size
 
@@ -133,10 +134,12 @@ class DirectPut:
 
     On a many-small-files run, most of the time goes into building each request (parameter
     validation, endpoint rules, user agent, event hooks, response parsing): about 2 ms of CPU
-    per object. Here the request is signed by the client's own signer (same credentials,
-    region and SigV4 rules) and sent on an aiohttp session of our own, on the filesystem's
-    event loop. Anything but a 200 answer returns False, and the caller repeats the PUT
-    through s3fs, whose errors (and retries) are then the ones reported.
+    per object. Here the request is signed with the client's own credentials and region by
+    :class:`~skyframe.backends.sigv4.SigV4Signer` (SigV4, signed payload, the payload's
+    sha256 being the one computed for the manifest) and sent on an aiohttp session of our
+    own, on the filesystem's event loop. Anything but a 200 answer returns False, and the
+    caller repeats the PUT through s3fs, whose errors (and retries) are then the ones
+    reported; so does a client without credentials or with another signature version.
 
     Used with an ``endpoint_url`` (S3-compatible servers take path-style URLs); on AWS the
     regular path is used, as bucket addressing there depends on the bucket and region.
@@ -145,31 +148,52 @@ class DirectPut:
     def __init__(self, fs: Any, endpoint_url: str) -> None:
         self.fs = fs
         self.base = endpoint_url.rstrip("/")
+        self.host = host_of(endpoint_url)
+        self._signer: SigV4Signer | None = None
         self._session: Any = None
         self.sent = 0  #: objects stored this way
         self.declined = 0  #: answers other than 200 (the caller then uses s3fs)
 
     async def put_async(
-        self, client: Any, bucket: str, key: str, body: bytes, metadata: dict[str, str]
+        self,
+        client: Any,
+        bucket: str,
+        key: str,
+        body: bytes,
+        *,
+        sha256: str,
+        metadata: dict[str, str],
     ) -> bool:
-        """The PUT, on the filesystem's event loop, with its connected ``client`` (``fs.s3``,
-        taken outside the loop); True when the server stored the object."""
+        """The PUT of ``body`` (whose sha256 is ``sha256``), on the filesystem's event loop,
+        with its connected ``client`` (``fs.s3``, taken outside the loop); True when the server
+        stored the object."""
         import aiohttp
-        from botocore.awsrequest import AWSRequest
         from yarl import URL
 
+        credentials = await self._credentials(client)
+        if credentials is None:
+            self.declined += 1
+            return False  # s3fs's path reports the missing credentials
+        if self._signer is None or self._signer.region != client.meta.region_name:
+            self._signer = SigV4Signer(self.host, client.meta.region_name)
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60),
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
-        url = f"{self.base}/{quote(bucket)}/{quote(key, safe='/~')}"
-        headers = {f"x-amz-meta-{name}": value for name, value in metadata.items()}
-        request = AWSRequest(method="PUT", url=url, data=body, headers=headers)
-        await client._request_signer.sign("PutObject", request)
-        prepared = request.prepare()
+        path = f"/{quote(bucket)}/{quote(key, safe='/~')}"
+        headers = self._signer.sign(
+            "PUT",
+            path,
+            {f"x-amz-meta-{name}": value for name, value in metadata.items()},
+            sha256,
+            access_key=credentials.access_key,
+            secret_key=credentials.secret_key,
+            token=credentials.token,
+        )
         try:
             async with self._session.put(
-                URL(prepared.url, encoded=True), data=body, headers=dict(prepared.headers)
+                URL(self.base + path, encoded=True), data=body, headers=headers
             ) as response:
                 await response.read()
                 status = response.status
@@ -181,6 +205,22 @@ class DirectPut:
         self.declined += 1
         log.debug("direct PUT of %s/%s answered %s; sending it through s3fs", bucket, key, status)
         return False
+
+    @staticmethod
+    async def _credentials(client: Any) -> Any:
+        """The client's current credentials (refreshed when they expire), or None when it has
+        none or does not sign with SigV4."""
+        if client.meta.config.signature_version not in (None, "s3v4", "v4"):
+            return None
+        if not client.meta.region_name:
+            return None
+        source = client._request_signer._credentials
+        if source is None:
+            return None
+        frozen = await source.get_frozen_credentials()
+        if frozen is None or not frozen.access_key or not frozen.secret_key:
+            return None
+        return frozen
 
     async def close(self) -> None:
         if self._session is not None:

@@ -90,7 +90,9 @@ def _putter(sink: Sink) -> Put:
     async def put(request: TransferRequest, data: bytes, sha256: str) -> None:
         bucket, _, key = request.remote_path.partition("/")
         metadata = {"sha256": sha256}
-        if direct is None or not await direct.put_async(client, bucket, key, data, metadata):
+        if direct is None or not await direct.put_async(
+            client, bucket, key, data, sha256=sha256, metadata=metadata
+        ):
             await fs._call_s3("put_object", Bucket=bucket, Key=key, Body=data, Metadata=metadata)
 
     return put
