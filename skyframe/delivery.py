@@ -40,6 +40,7 @@ from skyframe.queue import Claim, JobQueue
 from skyframe.state import Manifest, ManifestEntry
 from skyframe.storage import (
     BatchTransfer,
+    Digests,
     Sink,
     TransferRequest,
     TransferResult,
@@ -137,6 +138,8 @@ class JobRunner:
         #: True in the daemon: an unreachable sink keeps files waiting without counting
         #: attempts. False for ``--once``, whose run must end: attempts count as usual.
         self.patient = False
+        #: digests computed ahead of large transfers (``run --once`` fills it during its gate)
+        self.digests = Digests()
         #: Per pipeline: each sink's batch sender, where every sink of the pipeline has one, the
         #: pipeline has no processes (they may rename files or add derived ones) and no sink a
         #: bandwidth limit (a batch would take its budget file by file, then send in a burst).
@@ -594,6 +597,7 @@ class JobRunner:
                 state_dir=self.state_dir,
                 journal=self.journal,
                 pace=self._pace(sink, pipeline),
+                digests=self.digests,
             )
         )
         self._record(job, sink, result.sha256, self._send_derived(job, sink))

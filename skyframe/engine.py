@@ -170,6 +170,7 @@ class Engine:
         #: Called by ``run_once`` before the first job is handed out, while the scans run; what
         #: it raises ends the run (the CLI's check of the sinks, under way since start-up).
         self.gate: Callable[[], None] | None = None
+        self._hashing_ahead = False  #: True while run_once waits for the gate
         self._stop = threading.Event()
         self._cancel = threading.Event()
         self._scan_cut = False
@@ -404,10 +405,23 @@ class Engine:
             events += [
                 LifecycleEvent("queued", pipeline.name, e.relpath, size=e.size) for e in queued
             ]
+            if self._hashing_ahead:
+                self._hash_ahead(pipeline, queued)
         for lifecycle in events:
             self.emit(lifecycle)
         if to_queue:
             self._notify()
+
+    def _hash_ahead(self, pipeline: Pipeline, events: list[FileEvent]) -> None:
+        """Have the files a sink hashes before sending (``Endpoint.hashes_from``) hashed now,
+        while the gate is closed and the CPU is otherwise idle."""
+        limits = [s.endpoint.hashes_from for s in pipeline.sinks if s.endpoint.hashes_from]
+        if not limits:
+            return
+        smallest = min(limits)
+        for event in events:
+            if event.size >= smallest:
+                self.runner.digests.ahead(event.path, event.size, event.mtime_ns)
 
     def _decide(
         self, pipeline: Pipeline, event: FileEvent, moved_from: str | None
@@ -687,9 +701,15 @@ class Engine:
             self._startup_hooks()
             self._warn_held()
             self._scanning = True
+            # Files the sinks hash before sending are hashed meanwhile (see Digests).
+            self._hashing_ahead = self.gate is not None
             scans.start()
             if self.gate is not None:
-                self.gate()
+                try:
+                    self.gate()
+                finally:
+                    self._hashing_ahead = False
+                    self.runner.digests.stop()
             housekeeping.start()
             self._dispatch(until_idle=True)
             self._drain_in_flight()

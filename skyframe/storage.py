@@ -15,7 +15,9 @@ import random
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -340,6 +342,16 @@ class TransferRequest:
     state_dir: Path | None = None  #: the state directory (scratch space for plugins)
     journal: UploadJournal | None = None  #: resume records; None: no resuming
     pace: Callable[[int], None] = lambda size: None  #: call before sending ``size`` bytes
+    digests: Digests | None = None  #: digests computed ahead of the transfer, if any
+
+    def digest(self) -> str:
+        """The file's sha256 before anything is sent (object stores name it when an upload
+        begins): the one computed ahead (:class:`Digests`) when there is one, else read now."""
+        if self.digests is not None:
+            ahead = self.digests.take(self.local_path, self.size, self.mtime_ns)
+            if ahead is not None:
+                return ahead
+        return file_sha256(self.local_path)
 
     @property
     def journal_key(self) -> JournalKey:
@@ -551,3 +563,76 @@ def file_sha256(path: Path) -> str:
         for _ in reader.chunks():
             pass
         return reader.sha256
+
+
+class Digests:
+    """sha256 digests of files computed ahead of their transfer, in a thread of their own.
+
+    An object store names a large file's digest when its upload begins (S3 and GCS keep the
+    object's metadata from then), so the file is read once for the digest before the first
+    byte goes out. While ``run --once`` waits for the sinks' check, the engine hands such
+    files here (``Endpoint.hashes_from``); the transfer then takes the digest (waiting for it
+    if it is under way) instead of reading the file first. A digest is kept for the file's
+    size and mtime: a file that changed meanwhile is read again. :meth:`stop` drops what has
+    not started. The thread is a daemon: a run that ends early does not wait for it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._futures: dict[tuple[Path, int, int], Future[str]] = {}
+        self._todo: deque[tuple[tuple[Path, int, int], Future[str]]] = deque()
+        self._worker: threading.Thread | None = None
+        self._stopped = False
+
+    def ahead(self, path: Path, size: int, mtime_ns: int) -> None:
+        """Start hashing this version of a file (once); nothing after :meth:`stop`."""
+        key = (path, size, mtime_ns)
+        with self._lock:
+            if self._stopped or key in self._futures:
+                return
+            future: Future[str] = Future()
+            self._futures[key] = future
+            self._todo.append((key, future))
+            if self._worker is None:
+                self._worker = threading.Thread(
+                    target=self._work, name="skyframe-digests", daemon=True
+                )
+                self._worker.start()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if not self._todo:
+                    self._worker = None
+                    return
+                (path, size, mtime_ns), future = self._todo.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                with SourceReader(path) as reader:
+                    for _ in reader.chunks():
+                        pass
+                    reader.check_unchanged(size, mtime_ns)
+                future.set_result(reader.sha256)
+            except BaseException as exc:  # handed to the transfer, which then reads the file
+                future.set_exception(exc)
+
+    def take(self, path: Path, size: int, mtime_ns: int) -> str | None:
+        """The digest of this version, once computed; None if it was not asked for, was
+        dropped, or failed (the file changed or could not be read: the caller reads it)."""
+        with self._lock:
+            future = self._futures.pop((path, size, mtime_ns), None)
+        if future is None:
+            return None
+        try:
+            return future.result()
+        except Exception:  # a failure or a cancelled hash: the transfer reads the file itself
+            return None
+
+    def stop(self) -> None:
+        """Start nothing more; drop what has not started (what has, finishes)."""
+        with self._lock:
+            self._stopped = True
+            for _key, future in self._todo:
+                future.cancel()
+            self._todo.clear()

@@ -57,6 +57,9 @@ class Endpoint:
     remote: bool = True  #: False for local folders and memory (nothing to reach)
     object_store: bool = False  #: atomic objects, no folders (S3, GCS)
     default_concurrency: int = 4  #: files sent at once when the sink does not say
+    #: files of at least this size are hashed before their upload begins (object stores that
+    #: name the digest then); None: the digest is computed while sending
+    hashes_from: int | None = None
     close: Callable[[Any], None] = field(default=lambda fs: None)  #: close a connection now
     #: a closer look at a refusal, with the connection (S3: is it the bucket that is missing?)
     explain: Callable[[Any, SinkRefusedError], SinkRefusedError] = field(

@@ -99,6 +99,7 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
         close=close,
         object_store=True,
         default_concurrency=16,
+        hashes_from=settings.chunk_size,  # a resumable session names the digest when it opens
         settings=settings,
     )
 

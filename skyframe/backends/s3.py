@@ -125,6 +125,7 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
         explain=explain,
         object_store=True,
         default_concurrency=16,
+        hashes_from=settings.part_size,  # a multipart upload names the digest when it begins
         settings=settings,
     )
 

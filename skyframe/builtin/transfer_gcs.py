@@ -42,7 +42,6 @@ from skyframe.storage import (
     SourceReader,
     TransferRequest,
     TransferResult,
-    file_sha256,
 )
 
 log = logging.getLogger(__name__)
@@ -135,7 +134,7 @@ def _open_session(
     """Hash the file, open a resumable session carrying the digest, journal it."""
     from gcsfs.core import initiate_upload
 
-    sha256 = file_sha256(request.local_path)
+    sha256 = request.digest()
     metadata = {"sha256": sha256}
     session = sync(fs.loop, initiate_upload, fs, bucket, key, CONTENT_TYPE, metadata=metadata)
     if request.journal is not None:

@@ -41,7 +41,6 @@ from skyframe.storage import (
     SourceReader,
     TransferRequest,
     TransferResult,
-    file_sha256,
 )
 
 log = logging.getLogger(__name__)
@@ -253,7 +252,7 @@ class MultipartUpload:
 
     def _create(self) -> None:
         request = self.request
-        self.sha256 = file_sha256(request.local_path)
+        self.sha256 = request.digest()
         if self.journal is not None:
             # Journaled before the upload exists, so cleanup can find it even if we die
             # between creating it and noting its id.
