@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pluggy
 
@@ -179,7 +179,7 @@ class JobRunner:
         batches (see :meth:`_run_batch`), the others one by one (:meth:`submit`)."""
         batches: dict[str, list[Claim]] = {}
         for claim in claims:
-            if self._batchable(claim):
+            if self.batchable(claim.pipeline, claim.payload):
                 batch = batches.setdefault(claim.pipeline, [])
                 batch.append(claim)
                 if len(batch) == BATCH_SIZE:
@@ -189,10 +189,10 @@ class JobRunner:
         for batch in batches.values():
             self._batches.submit(self._run_batch, batch)
 
-    def _batchable(self, claim: Claim) -> bool:
-        payload = claim.payload
+    def batchable(self, pipeline: str, payload: dict[str, Any]) -> bool:
+        """Whether a job with this payload goes in a batch (when its file is new everywhere)."""
         return (
-            claim.pipeline in self._batch_senders
+            pipeline in self._batch_senders
             and payload.get("action") == "upload"
             and bool(payload.get("accepted"))
             and not payload.get("moved_from")

@@ -12,8 +12,8 @@ import os
 import stat
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +30,7 @@ from skyframe.history import History
 from skyframe.journal import UploadJournal
 from skyframe.notifiers import Notifiers
 from skyframe.pipeline import Pipeline, evaluate_rules
-from skyframe.queue import JobQueue
+from skyframe.queue import Claim, JobQueue
 from skyframe.scanner import scan_source
 from skyframe.state import Manifest, StateLock
 from skyframe.status import StatusTracker
@@ -170,11 +170,15 @@ class Engine:
         #: Called by ``run_once`` before the first job is handed out, while the scans run; what
         #: it raises ends the run (the CLI's check of the sinks, under way since start-up).
         self.gate: Callable[[], None] | None = None
-        self._hashing_ahead = False  #: True while run_once waits for the gate
+        #: True while run_once waits for the gate (files are hashed ahead: see Digests), and
+        #: until its scan is done (small files bound for batches are then handed out without a
+        #: queue record: JobQueue.volatile, from the list below)
+        self._hashing_ahead = self._volatile_open = False
+        self._volatile_claims: deque[Claim] = deque()
         self._stop = threading.Event()
         self._cancel = threading.Event()
-        self._scan_cut = False
-        self._scanning = False  #: run_once's scans are under way
+        #: a scan was cut short; run_once's scans are under way
+        self._scan_cut = self._scanning = False
         self._scan_failure: BaseException | None = None
         #: Set once the watchers run and the first catch-up scan of every source is done.
         self.ready = threading.Event()
@@ -396,12 +400,24 @@ class Engine:
             else:
                 to_queue.append((event, *decision))
         if to_queue:
+            # In a one-shot run, the files a batch takes need no record on disk (see
+            # JobQueue.volatile): the next run's scan finds again whatever this one leaves.
+            fast = self._volatile_open and pipeline.name not in self.control.held()
+            claims: list[Claim] = []
+            queued: list[FileEvent] = []
             with self.queue.batch():
-                queued = [
-                    event
-                    for event, payload, version in to_queue
-                    if self.queue.put(pipeline.name, event.relpath, payload, version)
-                ]
+                for event, payload, version in to_queue:
+                    if fast and self.runner.batchable(pipeline.name, payload):
+                        claim = self.queue.volatile(pipeline.name, event.relpath, payload, version)
+                        if claim is not None:
+                            claims.append(claim)
+                            queued.append(event)
+                            continue
+                    if self.queue.put(pipeline.name, event.relpath, payload, version):
+                        queued.append(event)
+            if claims:
+                with self._wake:
+                    self._volatile_claims.extend(claims)
             events += [
                 LifecycleEvent("queued", pipeline.name, e.relpath, size=e.size) for e in queued
             ]
@@ -581,6 +597,7 @@ class Engine:
     def _idle(self) -> bool:
         return (
             not self._scanning
+            and not self._volatile_claims
             and self._in_flight == 0
             and self.queue.next_due() is None
             and not any(len(s.settler) for s in self._sources.values())
@@ -596,7 +613,9 @@ class Engine:
             with self._wake:
                 room = self.runner.capacity - self._in_flight
             held = self.control.held()
-            claims = self.queue.claim_many(min(room, CLAIM_BATCH), held)
+            claims = self._take_volatile(min(room, CLAIM_BATCH), held)
+            if not claims:
+                claims = self.queue.claim_many(min(room, CLAIM_BATCH), held)
             if not claims:
                 with self._wake:
                     if until_idle and self._idle():
@@ -612,6 +631,34 @@ class Engine:
             with self._wake:
                 self._in_flight += len(claims)
             self.runner.submit_many(claims)
+
+    def _take_volatile(self, limit: int, held: Collection[str]) -> list[Claim]:
+        """Up to ``limit`` volatile claims to hand out; those of a held pipeline are written to
+        the queue instead (pending, for when it resumes)."""
+        with self._wake:
+            taken = [
+                self._volatile_claims.popleft()
+                for _ in range(min(limit, len(self._volatile_claims)))
+            ]
+        ready = [claim for claim in taken if claim.pipeline not in held]
+        if len(ready) < len(taken):
+            with self.queue.batch():
+                for claim in taken:
+                    if claim.pipeline in held:
+                        self.queue.release(claim)
+        return ready
+
+    def _write_volatile(self) -> None:
+        """Write the volatile claims not handed out to the queue (pending): at the end of a
+        one-shot run that stopped early, they wait there for the next run."""
+        with self._wake:
+            self._volatile_open = False
+            left = list(self._volatile_claims)
+            self._volatile_claims.clear()
+        if left:
+            with self.queue.batch():
+                for claim in left:
+                    self.queue.release(claim)
 
     def _drain_in_flight(self) -> None:
         """On stop: let in-flight jobs finish for ``shutdown_grace``, then cut their transfers."""
@@ -701,6 +748,7 @@ class Engine:
             self._startup_hooks()
             self._warn_held()
             self._scanning = True
+            self._volatile_open = True
             # Files the sinks hash before sending are hashed meanwhile (see Digests).
             self._hashing_ahead = self.gate is not None
             scans.start()
@@ -714,6 +762,7 @@ class Engine:
             self._dispatch(until_idle=True)
             self._drain_in_flight()
             scans.join()
+            self._write_volatile()
             if self._scan_failure is not None:
                 raise self._scan_failure
             per_pipeline = self.queue.counts_by_pipeline()
@@ -733,6 +782,7 @@ class Engine:
             for thread in (scans, housekeeping):
                 if thread.is_alive():
                     thread.join()
+            self._write_volatile()
             self._stop_notifiers()
             self._shutdown_hooks()
         return self.summary

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import itertools
 import json
 import threading
 import time
@@ -50,6 +51,10 @@ class Claim:
     payload: dict[str, Any]
     attempts: int  #: attempts made before this one
     token: str
+    #: Not on disk (see :meth:`JobQueue.volatile`): the version, for the record it gets
+    #: if it needs one.
+    volatile: bool = False
+    version: str | None = None
 
 
 class JobQueue:
@@ -63,6 +68,10 @@ class JobQueue:
         self._commit = GroupCommit(self._cache, self._lock)
         self._waiting: list[tuple[float, str]] = []
         self._lanes: list[str] = []  #: pipelines with a ready list, in round-robin order
+        #: volatile claims still only in memory, by key
+        self._volatile: dict[str, Claim] = {}
+        self._volatile_ids = itertools.count()
+        self._volatile_prefix = uuid.uuid4().hex[:12]
         self._old_list_empty = False
         if recover:
             self._recover()
@@ -117,7 +126,7 @@ class JobQueue:
         """
         key = self._key(pipeline, relpath)
         with self._lock, self._cache.transact(retry=True):
-            record = self._cache.get(key)
+            record = self._adopt(key) if key in self._volatile else self._cache.get(key)
             if record is None:
                 record = {
                     "pipeline": pipeline,
@@ -211,7 +220,54 @@ class JobQueue:
                 if record and record["state"] == "waiting" and record["not_before"] == not_before:
                     self._make_pending(key, record)
 
+    def volatile(
+        self, pipeline: str, relpath: str, payload: dict[str, Any], version: str | None
+    ) -> Claim | None:
+        """A claim for a job that is not written to disk, or None when the path has a record
+        already (then :meth:`put` it).
+
+        For files found by a one-shot run's scan (the engine decides which): if the process
+        dies, the next start's scan finds them again, as their delivery is not in the
+        manifest. A volatile job that is done leaves no trace here. One that needs a record
+        (a retry, a dead letter, a release, or a new version offered meanwhile) gets it then,
+        as a leased job with this claim's token, and goes on like any other.
+        """
+        key = self._key(pipeline, relpath)
+        with self._lock:
+            if key in self._volatile or self._cache.get(key) is not None:
+                return None
+            token = f"v{self._volatile_prefix}{next(self._volatile_ids)}"
+            claim = Claim(key, pipeline, relpath, payload, 0, token, volatile=True, version=version)
+            self._volatile[key] = claim
+            return claim
+
+    def _adopt(self, key: str) -> dict[str, Any] | None:
+        """Write the leased record of a volatile job still only in memory (within the
+        caller's transaction); None if ``key`` is no such job."""
+        claim = self._volatile.pop(key, None)
+        if claim is None:
+            return None
+        now = time.time()
+        record: dict[str, Any] = {
+            "pipeline": claim.pipeline,
+            "relpath": claim.relpath,
+            "payload": claim.payload,
+            "version": claim.version,
+            "attempts": 0,
+            "errors": [],
+            "queued_at": now,
+            "state": "leased",
+            "lease": claim.token,
+            "claimed_at": now,
+            "next_payload": None,
+            "next_version": None,
+        }
+        self._cache.set(key, record)
+        return record
+
     def _leased(self, claim: Claim) -> dict[str, Any] | None:
+        if claim.volatile and claim.key in self._volatile:
+            return self._adopt(claim.key)
         record = self._cache.get(claim.key)
         if record is None or record.get("lease") != claim.token:
             return None  # the lease was lost (e.g. purged); nothing to update
@@ -228,6 +284,8 @@ class JobQueue:
 
         def write() -> None:
             for claim in claims:
+                if claim.volatile and self._volatile.pop(claim.key, None) is not None:
+                    continue  # it was never written: nothing to remove
                 record = self._leased(claim)
                 if record is None:
                     continue
@@ -306,6 +364,8 @@ class JobQueue:
         """Drop a job that no worker holds (its file was deleted or moved); True if dropped."""
         key = self._key(pipeline, relpath)
         with self._lock, self._cache.transact(retry=True):
+            if key in self._volatile:
+                return False  # a worker holds it, and it has no next version to drop
             record = self._cache.get(key)
             if record is None:
                 return False
@@ -360,6 +420,8 @@ class JobQueue:
             record = self._cache.get(key)
             if record is not None:
                 rows.append((record["pipeline"], record["state"], 1))
+        with self._lock:  # volatile jobs are this process's, handed out: counted as leased
+            rows += [(claim.pipeline, "leased", 1) for claim in self._volatile.values()]
         out: dict[str, dict[str, int]] = {}
         for pipeline, state, count in rows:
             counts = out.setdefault(pipeline, {"pending": 0, "leased": 0, "waiting": 0, "dead": 0})

@@ -80,6 +80,8 @@ BATCHES = """
     @hookimpl(tryfirst=True)
     def skyframe_transfer(request):
         ALONE.append((request.sink.key, request.remote_path))
+        if request.local_path.name == os.environ.get("ALONE_TEST_FAIL"):
+            raise DeliveryError("refused alone too")
         return None  # the generic transfer delivers it
 """
 
@@ -263,3 +265,86 @@ def test_a_batch_that_arrives_marks_the_sink_reachable_again(
     assert plugin_module(tmp_path, "batches.py").BATCHES  # it went as a batch
     assert sink.health.state == "ok"
     assert any("reachable again" in r.getMessage() for r in caplog.records)
+
+
+# --- one-shot runs: batched files need no queue record (JobQueue.volatile) ------------------
+
+
+def test_a_one_shot_run_writes_no_queue_record_for_the_files_it_batches(
+    tmp_path: Path, project: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    put: list[str] = []
+    original = JobQueue.put
+
+    def counting(self: JobQueue, pipeline: str, relpath: str, *args: object) -> bool:
+        put.append(relpath)
+        return original(self, pipeline, relpath, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(JobQueue, "put", counting)
+    incoming(tmp_path, *(f"img{i:02d}.jpg" for i in range(40)))
+    make_file(tmp_path / "incoming", "video.mp4", os.urandom(2 * 1024 * 1024))
+    summary = run_once(project(CONFIG))
+    assert (summary.delivered, summary.ok) == (41, True)
+    assert put == ["video.mp4"]  # over the batch limit: queued as always
+    assert len(os.listdir(tmp_path / "outbox")) == 41
+
+
+def test_a_batched_file_that_keeps_failing_ends_in_the_dead_letters(
+    tmp_path: Path, project: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BATCH_TEST_FAIL", "outbox:bad.jpg")
+    monkeypatch.setenv("ALONE_TEST_FAIL", "bad.jpg")
+    incoming(tmp_path, "good.jpg", "bad.jpg")
+    summary = run_once(project(CONFIG))
+    assert summary.delivered == 1
+    assert summary.dead_letters == 1
+    queue = JobQueue(tmp_path / ".state" / "queue")
+    try:
+        (record,) = queue.records("dead")
+    finally:
+        queue.close()
+    assert record["relpath"] == "bad.jpg"
+    assert record["attempts"] == 2  # max_attempts: each attempt alone counted
+    assert all("refused alone too" in error for error in record["errors"])
+    # The next run leaves it with the dead letters, as for any job.
+    monkeypatch.delenv("ALONE_TEST_FAIL")
+    again = run_once(project(CONFIG))
+    assert (again.delivered, again.dead_letters) == (0, 1)
+
+
+def test_a_pause_before_the_first_batch_leaves_the_scanned_files_queued(
+    tmp_path: Path, project: Callable[[str], Path]
+) -> None:
+    names = [f"img{i:02d}.jpg" for i in range(10)]
+    incoming(tmp_path, *names)
+    loaded = load_project(project(CONFIG))
+    engine = Engine(loaded.config, loaded.pm, loaded.pipelines)
+
+    def pause_once_scanned() -> None:  # the gate: the scan has handed out its files by then
+        deadline = time.monotonic() + 10
+        while engine._scanning and time.monotonic() < deadline:
+            time.sleep(0.01)
+        engine.control.set(True, "survey")
+
+    engine.gate = pause_once_scanned
+    try:
+        summary = engine.run_once()
+    finally:
+        engine.close()
+    assert (summary.delivered, summary.held) == (0, 10)
+    assert not (tmp_path / "outbox").exists() or not os.listdir(tmp_path / "outbox")
+    queue = JobQueue(tmp_path / ".state" / "queue")
+    try:
+        pending = queue.records("pending")
+    finally:
+        queue.close()
+    assert sorted(r["relpath"] for r in pending) == names
+    assert {r["attempts"] for r in pending} == {0}
+    # Resumed, the next run delivers them from the queue.
+    loaded = load_project(project(CONFIG))
+    engine = Engine(loaded.config, loaded.pm, loaded.pipelines)
+    engine.control.set(False, "survey")
+    try:
+        assert engine.run_once().delivered == 10
+    finally:
+        engine.close()

@@ -277,3 +277,84 @@ def test_file_event_json_round_trips_every_field(tmp_path: Path) -> None:
     assert set(data) == {f.name for f in fields(FileEvent)}
     assert json.loads(json.dumps(data)) == data
     assert FileEvent.from_json(data) == event
+
+
+# --- volatile jobs: handed out without a record, written only when they need one ----------
+
+
+NO_JOBS = {"pending": 0, "leased": 0, "waiting": 0, "dead": 0}
+
+
+def test_a_volatile_job_done_leaves_no_record(tmp_path: Path) -> None:
+    queue = JobQueue(tmp_path / "queue")
+    claim = queue.volatile("p", "a.jpg", {"v": 1}, "1:1")
+    assert claim is not None
+    assert (claim.volatile, claim.attempts, claim.version) == (True, 0, "1:1")
+    assert queue.counts() == {**NO_JOBS, "leased": 1}  # handed out, in this process
+    assert queue.claim() is None  # it is in no ready list
+    assert queue.volatile("p", "a.jpg", {"v": 1}, "1:1") is None  # one job per path
+    queue.complete_many([claim])
+    assert queue.counts() == NO_JOBS
+    queue.close()
+    rows = sqlite3.connect(tmp_path / "queue" / "cache.db").execute("SELECT count(*) FROM Cache")
+    assert rows.fetchone() == (0,)  # nothing was ever written
+
+
+def test_a_path_with_a_record_gets_no_volatile_job(queue: JobQueue) -> None:
+    queue.put("p", "a.jpg", {"v": 1}, "1")
+    assert queue.volatile("p", "a.jpg", {"v": 2}, "2") is None
+    assert queue.volatile("other", "a.jpg", {"v": 2}, "2") is not None  # another pipeline's
+
+
+def test_a_volatile_job_that_fails_gets_its_record_then(queue: JobQueue) -> None:
+    claim = queue.volatile("p", "a.jpg", {"v": 1}, "1")
+    assert claim is not None
+    queue.retry(claim, "link down", delay=0.0)
+    time.sleep(0.01)
+    again = queue.claim()
+    assert again is not None
+    assert (again.relpath, again.payload, again.attempts, again.volatile) == (
+        "a.jpg",
+        {"v": 1},
+        1,
+        False,
+    )
+    assert queue.put("p", "a.jpg", {"v": 1}, "1") is False  # its version was kept
+    queue.dead(again, "refused")
+    (record,) = queue.records("dead")
+    assert (record["attempts"], record["errors"]) == (2, ["link down", "refused"])
+
+
+def test_a_volatile_job_released_waits_in_the_queue(tmp_path: Path) -> None:
+    queue = JobQueue(tmp_path / "queue")
+    claim = queue.volatile("p", "a.jpg", {"v": 1}, "1")
+    assert claim is not None
+    queue.release(claim)
+    queue.close()
+    reopened = JobQueue(tmp_path / "queue")  # a later run finds it pending, no attempt counted
+    again = reopened.claim()
+    assert again is not None
+    assert (again.relpath, again.payload, again.attempts) == ("a.jpg", {"v": 1}, 0)
+    reopened.close()
+
+
+def test_a_new_version_of_a_volatile_job_runs_after_it(queue: JobQueue) -> None:
+    claim = queue.volatile("p", "a.jpg", {"v": 1}, "1")
+    assert claim is not None
+    assert queue.put("p", "a.jpg", {"v": 2}, "2") is True
+    assert queue.claim() is None  # never two versions of one path at once
+    assert queue.discard("p", "b.jpg") is False
+    queue.complete(claim)
+    again = queue.claim()
+    assert again is not None
+    assert (again.payload, again.attempts) == ({"v": 2}, 0)
+    queue.complete(again)
+    assert queue.counts() == NO_JOBS
+
+
+def test_a_volatile_job_is_not_discarded_under_its_worker(queue: JobQueue) -> None:
+    claim = queue.volatile("p", "a.jpg", {"v": 1}, "1")
+    assert claim is not None
+    assert queue.discard("p", "a.jpg") is False
+    queue.complete(claim)
+    assert queue.counts() == NO_JOBS
