@@ -47,6 +47,9 @@ WATCHER_CHECK_INTERVAL = 2.0  #: seconds between checks that the observers are a
 RESCAN_POLL_INTERVAL = 0.2  #: seconds between checks for due or requested rescans
 SCAN_BATCH = 256  #: files a scan queues per transaction
 CLAIM_BATCH = 64  #: jobs the dispatcher leases per transaction
+#: volatile jobs (run --once) waiting to be handed out at most; the scan queues the others on
+#: disk as usual, so a first run over a huge folder keeps its memory bounded
+VOLATILE_BACKLOG = 10_000
 #: Seconds beyond ``settle`` that a deleted file is remembered, to recognise it if it reappears.
 MOVE_SLACK = 2.0
 
@@ -406,8 +409,9 @@ class Engine:
             claims: list[Claim] = []
             queued: list[FileEvent] = []
             with self.queue.batch():
+                room = VOLATILE_BACKLOG - len(self._volatile_claims) if fast else 0
                 for event, payload, version in to_queue:
-                    if fast and self.runner.batchable(pipeline.name, payload):
+                    if len(claims) < room and self.runner.batchable(pipeline.name, payload):
                         claim = self.queue.volatile(pipeline.name, event.relpath, payload, version)
                         if claim is not None:
                             claims.append(claim)

@@ -348,3 +348,43 @@ def test_a_pause_before_the_first_batch_leaves_the_scanned_files_queued(
         assert engine.run_once().delivered == 10
     finally:
         engine.close()
+
+
+def test_beyond_the_backlog_the_scan_writes_queue_records(
+    tmp_path: Path, project: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Memory stays bounded on a first run over a huge folder: the files the scan finds while
+    # VOLATILE_BACKLOG of them wait to be handed out are queued on disk as usual.
+    import skyframe.engine
+
+    monkeypatch.setattr(skyframe.engine, "VOLATILE_BACKLOG", 8)
+    monkeypatch.setattr(skyframe.engine, "SCAN_BATCH", 4)
+    put: list[str] = []
+    original = JobQueue.put
+
+    def counting(self: JobQueue, pipeline: str, relpath: str, *args: object) -> bool:
+        put.append(relpath)
+        return original(self, pipeline, relpath, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(JobQueue, "put", counting)
+    names = [f"img{i:02d}.jpg" for i in range(40)]
+    incoming(tmp_path, *names)
+    loaded = load_project(project(CONFIG))
+    engine = Engine(loaded.config, loaded.pm, loaded.pipelines)
+    backlog: list[int] = []
+
+    def after_the_scan() -> None:  # the gate: nothing is handed out before the scan ends
+        deadline = time.monotonic() + 10
+        while engine._scanning and time.monotonic() < deadline:
+            time.sleep(0.01)
+        backlog.append(len(engine._volatile_claims))
+
+    engine.gate = after_the_scan
+    try:
+        summary = engine.run_once()
+    finally:
+        engine.close()
+    assert summary.delivered == 40
+    assert backlog == [8]
+    assert len(put) == 32
+    assert sorted(os.listdir(tmp_path / "outbox")) == names
