@@ -786,7 +786,10 @@ class Engine:
             for thread in (scans, housekeeping):
                 if thread.is_alive():
                     thread.join()
-            self._write_volatile()
+            try:
+                self._write_volatile()
+            except Exception:  # keep the run's own error; the next scan finds these files
+                log.exception("could not queue the files this run had not sent")
             self._stop_notifiers()
             self._shutdown_hooks()
         return self.summary

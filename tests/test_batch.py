@@ -270,9 +270,8 @@ def test_a_batch_that_arrives_marks_the_sink_reachable_again(
 # --- one-shot runs: batched files need no queue record (JobQueue.volatile) ------------------
 
 
-def test_a_one_shot_run_writes_no_queue_record_for_the_files_it_batches(
-    tmp_path: Path, project: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def counted_puts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths written to the queue (``JobQueue.put``) from now on."""
     put: list[str] = []
     original = JobQueue.put
 
@@ -281,6 +280,13 @@ def test_a_one_shot_run_writes_no_queue_record_for_the_files_it_batches(
         return original(self, pipeline, relpath, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(JobQueue, "put", counting)
+    return put
+
+
+def test_a_one_shot_run_writes_no_queue_record_for_the_files_it_batches(
+    tmp_path: Path, project: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    put = counted_puts(monkeypatch)
     incoming(tmp_path, *(f"img{i:02d}.jpg" for i in range(40)))
     make_file(tmp_path / "incoming", "video.mp4", os.urandom(2 * 1024 * 1024))
     summary = run_once(project(CONFIG))
@@ -359,14 +365,7 @@ def test_beyond_the_backlog_the_scan_writes_queue_records(
 
     monkeypatch.setattr(skyframe.engine, "VOLATILE_BACKLOG", 8)
     monkeypatch.setattr(skyframe.engine, "SCAN_BATCH", 4)
-    put: list[str] = []
-    original = JobQueue.put
-
-    def counting(self: JobQueue, pipeline: str, relpath: str, *args: object) -> bool:
-        put.append(relpath)
-        return original(self, pipeline, relpath, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(JobQueue, "put", counting)
+    put = counted_puts(monkeypatch)
     names = [f"img{i:02d}.jpg" for i in range(40)]
     incoming(tmp_path, *names)
     loaded = load_project(project(CONFIG))
