@@ -29,16 +29,18 @@ OUTAGE = 4.0  #: seconds the server stays away: many retry intervals of the poli
 
 
 def remote_files(fs: Any, root: str) -> dict[str, bytes]:
+    """What the server holds under ``root`` now. A file it cannot give yet counts as missing:
+    right after a restart SeaweedFS answers InternalError until its volume server is back."""
     fs.invalidate_cache()
     try:
         found = fs.find(root)
-    except FileNotFoundError:
+    except OSError:  # FileNotFoundError, or the server still starting
         return {}
     files = {}
     for path in found:
         try:
             files[path.removeprefix(root.rstrip("/") + "/")] = fs.cat_file(path)
-        except FileNotFoundError:
+        except OSError:
             continue
     return files
 
