@@ -644,13 +644,8 @@ class Engine:
                 self._volatile_claims.popleft()
                 for _ in range(min(limit, len(self._volatile_claims)))
             ]
-        ready = [claim for claim in taken if claim.pipeline not in held]
-        if len(ready) < len(taken):
-            with self.queue.batch():
-                for claim in taken:
-                    if claim.pipeline in held:
-                        self.queue.release(claim)
-        return ready
+        self._release([claim for claim in taken if claim.pipeline in held])
+        return [claim for claim in taken if claim.pipeline not in held]
 
     def _write_volatile(self) -> None:
         """Write the volatile claims not handed out to the queue (pending): at the end of a
@@ -659,9 +654,13 @@ class Engine:
             self._volatile_open = False
             left = list(self._volatile_claims)
             self._volatile_claims.clear()
-        if left:
+        self._release(left)
+
+    def _release(self, claims: list[Claim]) -> None:
+        """Give claims back to the queue (pending), in one transaction."""
+        if claims:
             with self.queue.batch():
-                for claim in left:
+                for claim in claims:
                     self.queue.release(claim)
 
     def _drain_in_flight(self) -> None:

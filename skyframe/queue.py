@@ -41,6 +41,21 @@ def _lane(pipeline: str) -> str:
 _MAX_ERRORS_KEPT = 5
 
 
+def _new_record(
+    pipeline: str, relpath: str, payload: dict[str, Any], version: str | None
+) -> dict[str, Any]:
+    """A job's record before its first state (pending, or leased for a volatile job)."""
+    return {
+        "pipeline": pipeline,
+        "relpath": relpath,
+        "payload": payload,
+        "version": version,
+        "attempts": 0,
+        "errors": [],
+        "queued_at": time.time(),
+    }
+
+
 @dataclass(frozen=True)
 class Claim:
     """A leased job: hand it back with complete(), retry(), dead() or release()."""
@@ -128,16 +143,7 @@ class JobQueue:
         with self._lock, self._cache.transact(retry=True):
             record = self._adopt(key) if key in self._volatile else self._cache.get(key)
             if record is None:
-                record = {
-                    "pipeline": pipeline,
-                    "relpath": relpath,
-                    "payload": payload,
-                    "version": version,
-                    "attempts": 0,
-                    "errors": [],
-                    "queued_at": time.time(),
-                }
-                self._make_pending(key, record)
+                self._make_pending(key, _new_record(pipeline, relpath, payload, version))
                 return True
             state = record["state"]
             known = {record.get("version")}
@@ -247,21 +253,14 @@ class JobQueue:
         claim = self._volatile.pop(key, None)
         if claim is None:
             return None
-        now = time.time()
-        record: dict[str, Any] = {
-            "pipeline": claim.pipeline,
-            "relpath": claim.relpath,
-            "payload": claim.payload,
-            "version": claim.version,
-            "attempts": 0,
-            "errors": [],
-            "queued_at": now,
-            "state": "leased",
-            "lease": claim.token,
-            "claimed_at": now,
-            "next_payload": None,
-            "next_version": None,
-        }
+        record = _new_record(claim.pipeline, claim.relpath, claim.payload, claim.version)
+        record.update(
+            state="leased",
+            lease=claim.token,
+            claimed_at=record["queued_at"],
+            next_payload=None,
+            next_version=None,
+        )
         self._cache.set(key, record)
         return record
 

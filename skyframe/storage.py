@@ -557,11 +557,14 @@ def check_sinks(
     return SinkChecks(sinks, close=close).results(timeout)
 
 
-def file_sha256(path: Path) -> str:
-    """Stream a file through sha256."""
+def file_sha256(path: Path, size: int | None = None, mtime_ns: int | None = None) -> str:
+    """Stream a file through sha256; with ``size`` and ``mtime_ns``, check it is still that
+    version once read (SourceChangedError otherwise)."""
     with SourceReader(path) as reader:
         for _ in reader.chunks():
             pass
+        if size is not None and mtime_ns is not None:
+            reader.check_unchanged(size, mtime_ns)
         return reader.sha256
 
 
@@ -609,11 +612,7 @@ class Digests:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                with SourceReader(path) as reader:
-                    for _ in reader.chunks():
-                        pass
-                    reader.check_unchanged(size, mtime_ns)
-                future.set_result(reader.sha256)
+                future.set_result(file_sha256(path, size, mtime_ns))
             except BaseException as exc:  # handed to the transfer, which then reads the file
                 future.set_exception(exc)
 

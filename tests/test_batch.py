@@ -270,6 +270,25 @@ def test_a_batch_that_arrives_marks_the_sink_reachable_again(
 # --- one-shot runs: batched files need no queue record (JobQueue.volatile) ------------------
 
 
+def run_after_the_scan(config: Path, then: Callable[[Engine], object]) -> RunSummary:
+    """A one-shot run whose gate opens once the scan is done (so every file it found has
+    been handed out or queued), after calling ``then(engine)``."""
+    loaded = load_project(config)
+    engine = Engine(loaded.config, loaded.pm, loaded.pipelines)
+
+    def gate() -> None:
+        deadline = time.monotonic() + 10
+        while engine._scanning and time.monotonic() < deadline:
+            time.sleep(0.01)
+        then(engine)
+
+    engine.gate = gate
+    try:
+        return engine.run_once()
+    finally:
+        engine.close()
+
+
 def counted_puts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The paths written to the queue (``JobQueue.put``) from now on."""
     put: list[str] = []
@@ -323,20 +342,7 @@ def test_a_pause_before_the_first_batch_leaves_the_scanned_files_queued(
 ) -> None:
     names = [f"img{i:02d}.jpg" for i in range(10)]
     incoming(tmp_path, *names)
-    loaded = load_project(project(CONFIG))
-    engine = Engine(loaded.config, loaded.pm, loaded.pipelines)
-
-    def pause_once_scanned() -> None:  # the gate: the scan has handed out its files by then
-        deadline = time.monotonic() + 10
-        while engine._scanning and time.monotonic() < deadline:
-            time.sleep(0.01)
-        engine.control.set(True, "survey")
-
-    engine.gate = pause_once_scanned
-    try:
-        summary = engine.run_once()
-    finally:
-        engine.close()
+    summary = run_after_the_scan(project(CONFIG), lambda engine: engine.control.set(True, "survey"))
     assert (summary.delivered, summary.held) == (0, 10)
     assert not (tmp_path / "outbox").exists() or not os.listdir(tmp_path / "outbox")
     queue = JobQueue(tmp_path / ".state" / "queue")
@@ -368,21 +374,10 @@ def test_beyond_the_backlog_the_scan_writes_queue_records(
     put = counted_puts(monkeypatch)
     names = [f"img{i:02d}.jpg" for i in range(40)]
     incoming(tmp_path, *names)
-    loaded = load_project(project(CONFIG))
-    engine = Engine(loaded.config, loaded.pm, loaded.pipelines)
     backlog: list[int] = []
-
-    def after_the_scan() -> None:  # the gate: nothing is handed out before the scan ends
-        deadline = time.monotonic() + 10
-        while engine._scanning and time.monotonic() < deadline:
-            time.sleep(0.01)
-        backlog.append(len(engine._volatile_claims))
-
-    engine.gate = after_the_scan
-    try:
-        summary = engine.run_once()
-    finally:
-        engine.close()
+    summary = run_after_the_scan(
+        project(CONFIG), lambda engine: backlog.append(len(engine._volatile_claims))
+    )
     assert summary.delivered == 40
     assert backlog == [8]
     assert len(put) == 32

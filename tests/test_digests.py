@@ -53,14 +53,15 @@ MIB = 1024 * 1024
 
 
 @pytest.fixture
-def counted_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """The files a transfer read for their digest itself (``file_sha256``)."""
-    reads: list[Path] = []
+def counted_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Path]]:
+    """The files read for a digest (``file_sha256``): "ahead" by Digests (which names the
+    version it hashes), "transfer" by a transfer that had no digest computed ahead."""
+    reads: dict[str, list[Path]] = {"ahead": [], "transfer": []}
     original = skyframe.storage.file_sha256
 
-    def counting(path: Path) -> str:
-        reads.append(path)
-        return original(path)
+    def counting(path: Path, *version: int) -> str:
+        reads["ahead" if version else "transfer"].append(path)
+        return original(path, *version)
 
     monkeypatch.setattr(skyframe.storage, "file_sha256", counting)
     return reads
@@ -96,7 +97,7 @@ def sha256_of(path: Path) -> str:
 
 
 def test_large_files_are_hashed_while_the_gate_is_closed(
-    tmp_path: Path, write_config: WriteConfig, counted_reads: list[Path]
+    tmp_path: Path, write_config: WriteConfig, counted_reads: dict[str, list[Path]]
 ) -> None:
     src = tmp_path / "incoming"
     big = make_file(src, "flight/video.mp4", os.urandom(3 * MIB))
@@ -111,7 +112,8 @@ def test_large_files_are_hashed_while_the_gate_is_closed(
     assert summary.delivered == 3
     assert not summary.failed
     # Only the small file was read by its transfer; the large ones' digests came from ahead.
-    assert counted_reads == [small]
+    assert counted_reads["transfer"] == [small]
+    assert sorted(counted_reads["ahead"]) == sorted([big, bigger])
     given = plugin_module(tmp_path, "digest_first.py").DIGESTS
     outbox = tmp_path / "outbox"
     for path in (big, bigger, small):
@@ -128,7 +130,7 @@ def test_large_files_are_hashed_while_the_gate_is_closed(
 
 
 def test_without_a_gate_the_transfer_reads_the_file_itself(
-    tmp_path: Path, write_config: WriteConfig, counted_reads: list[Path]
+    tmp_path: Path, write_config: WriteConfig, counted_reads: dict[str, list[Path]]
 ) -> None:
     big = make_file(tmp_path / "incoming", "video.mp4", os.urandom(2 * MIB))
     engine = engine_for(tmp_path, write_config, hashes_from=MIB)
@@ -136,7 +138,7 @@ def test_without_a_gate_the_transfer_reads_the_file_itself(
         assert engine.run_once().delivered == 1
     finally:
         engine.close()
-    assert counted_reads == [big]
+    assert counted_reads == {"ahead": [], "transfer": [big]}
     assert engine.runner.digests._futures == {}
 
 
