@@ -285,7 +285,7 @@ def test_moves_and_opt_in_deletes(
 
 
 def test_s3_small_objects_take_the_direct_put(tmp_path: Path, s3_server: servers.S3Server) -> None:
-    from skyframe.backends.s3 import direct_put
+    from skyframe.backends.s3 import DirectS3
     from skyframe.builtin.transfer_s3 import skyframe_transfer
     from skyframe.config import SinkConfig
     from skyframe.storage import open_sink
@@ -310,8 +310,8 @@ def test_s3_small_objects_take_the_direct_put(tmp_path: Path, s3_server: servers
             )
             assert head["Metadata"] == {"sha256": result.sha256}
             assert check.cat_file(request.remote_path) == path.read_bytes()
-        direct = direct_put(sink.fs, sink.settings)
-        assert direct is not None
+        direct = sink.endpoint.direct
+        assert isinstance(direct, DirectS3)
         assert (direct.sent, direct.declined) == (len(names), 0)
     finally:
         servers.close_filesystem(check)
@@ -333,7 +333,7 @@ def batch_requests(sink: Any, root: Path, files: dict[str, bytes]) -> list[Trans
 def test_s3_batch_sends_small_files_at_once_and_reports_each(
     tmp_path: Path, s3_server: servers.S3Server
 ) -> None:
-    from skyframe.backends.s3 import direct_put
+    from skyframe.backends.s3 import DirectS3
     from skyframe.builtin.transfer_s3 import skyframe_transfer_batch
     from skyframe.config import SinkConfig
     from skyframe.storage import TransferResult, open_sink
@@ -357,9 +357,10 @@ def test_s3_batch_sends_small_files_at_once_and_reports_each(
             head = check.call_s3("head_object", Bucket=bucket, Key=key)
             assert head["Metadata"] == {"sha256": outcome.sha256}
         assert not check.exists(requests[-1].remote_path)
-        direct = direct_put(sink.fs, sink.settings)
-        assert direct is not None
+        direct = sink.endpoint.direct
+        assert isinstance(direct, DirectS3)
         assert (direct.sent, direct.declined) == (40, 0)
+        assert sink._fs is None  # credentials from the options: s3fs was never needed
     finally:
         servers.close_filesystem(check)
         sink.close()
@@ -371,7 +372,7 @@ def test_s3_batch_to_a_missing_bucket_gives_each_file_the_error(
     # The direct PUT is declined: each file is then tried through s3fs, whose error is the one
     # reported, for the one-by-one path to classify (SeaweedFS answers this identity with
     # AccessDenied, which the sink's check then explains as a missing bucket).
-    from skyframe.backends.s3 import direct_put
+    from skyframe.backends.s3 import DirectS3
     from skyframe.builtin.transfer_s3 import skyframe_transfer_batch
     from skyframe.config import SinkConfig
     from skyframe.storage import open_sink
@@ -385,11 +386,96 @@ def test_s3_batch_to_a_missing_bucket_gives_each_file_the_error(
     try:
         outcomes = send(requests)
         assert all(isinstance(outcome, PermissionError) for outcome in outcomes), outcomes
-        direct = direct_put(sink.fs, sink.settings)
-        assert direct is not None
+        direct = sink.endpoint.direct
+        assert isinstance(direct, DirectS3)
         assert (direct.sent, direct.declined) == (0, 2)
     finally:
         sink.close()
+
+
+def test_s3_check_with_the_options_credentials_needs_no_s3_library(
+    tmp_path: Path, s3_server: servers.S3Server
+) -> None:
+    from skyframe.config import SinkConfig
+    from skyframe.storage import open_sink, probe_sink
+
+    sink = open_sink(SinkConfig.model_validate(s3_sink(s3_server)), tmp_path)
+    check = s3_server.filesystem()
+    try:
+        result = probe_sink(sink)
+        assert result.write > 0
+        assert sink._fs is None  # written, checked and deleted by the light client
+        assert check.find(sink.root.split("/")[0]) == []  # the probe object is gone
+    finally:
+        servers.close_filesystem(check)
+        sink.close()
+
+
+def test_s3_direct_put_takes_the_environments_credentials_from_the_client(
+    tmp_path: Path, s3_server: servers.S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without key and secret in the options, botocore finds the credentials (here in the
+    # environment): the direct PUT signs with the connected client's, and the check takes the
+    # regular path.
+    from skyframe.backends.s3 import DirectS3
+    from skyframe.builtin.transfer_s3 import skyframe_transfer_batch
+    from skyframe.config import SinkConfig
+    from skyframe.storage import TransferResult, open_sink, probe_sink
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret)
+    entry = s3_sink(s3_server)
+    entry["options"] = {"endpoint_url": s3_server.endpoint_url}
+    sink = open_sink(SinkConfig.model_validate(entry), tmp_path)
+    direct = sink.endpoint.direct
+    assert isinstance(direct, DirectS3)
+    assert direct.static is None
+    check = s3_server.filesystem()
+    try:
+        probe_sink(sink)
+        assert sink._fs is not None
+        send = skyframe_transfer_batch(sink)
+        assert send is not None
+        files = {f"env/{i}.jpg": os.urandom(300) for i in range(5)}
+        outcomes = send(batch_requests(sink, tmp_path / "src", files))
+        assert all(isinstance(outcome, TransferResult) for outcome in outcomes), outcomes
+        assert (direct.sent, direct.declined) == (5, 0)
+        for name, data in files.items():
+            assert check.cat_file(sink.remote_path(name)) == data
+    finally:
+        servers.close_filesystem(check)
+        sink.close()
+
+
+def test_s3_one_shot_run_of_small_files_never_loads_the_s3_library(
+    tmp_path: Path, s3_server: servers.S3Server, write_config: WriteConfig
+) -> None:
+    # `check` and `run --once` in a subprocess, with Python's import log: with the credentials
+    # in the options, neither the check nor small files load s3fs, aiobotocore or botocore.
+    from test_cli import skyframe
+
+    sink = s3_sink(s3_server)
+    retry = "{max_attempts: 1, initial: 0.1, max: 0.1}"
+    config = write_config(one_sink_config(sink, pipeline="field", retry=retry, settle="0"))
+    for i in range(3):
+        make_file(config.parent / "incoming", f"f{i}.jpg", os.urandom(2000))
+    heavy = {"s3fs", "aiobotocore", "botocore"}
+    for args in (["check"], ["run", "--once"]):
+        done = skyframe(tmp_path, *args, str(config), env={"PYTHONPROFILEIMPORTTIME": "1"})
+        assert done.returncode == 0, done.stderr
+        imported = {
+            line.rsplit("|", 1)[1].strip()
+            for line in done.stderr.splitlines()
+            if line.startswith("import time:")
+        }
+        assert "skyframe.backends.s3" in imported  # the log is the one expected
+        assert not heavy & imported, (args, heavy & imported)
+    check = s3_server.filesystem()
+    try:
+        bucket_root = sink["url"].removeprefix("s3://")
+        assert sorted(check.find(bucket_root)) == [f"{bucket_root}/f{i}.jpg" for i in range(3)]
+    finally:
+        servers.close_filesystem(check)
 
 
 def test_gcs_batch_sends_small_files_at_once_and_reports_each(

@@ -15,7 +15,7 @@ import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from fsspec.spec import AbstractFileSystem
@@ -46,6 +46,24 @@ class BackendOptions(BaseModel):
 Classifier = Callable[[BaseException], "SinkUnavailableError | SinkRefusedError | None"]
 
 
+class DirectClient(Protocol):
+    """A backend's own light client for its most common requests, beside the fsspec
+    filesystem (S3: signed PUT, HEAD and DELETE without loading botocore).
+
+    It never reports errors itself: whatever it cannot do is done again through the
+    filesystem, whose errors are the ones classified and reported.
+    """
+
+    def probe(self, path: str, payload: bytes) -> bool:
+        """Write ``payload`` at ``path``, check its size, delete it: True when all three
+        succeeded; False when it could not tell (the regular probe then runs)."""
+        ...
+
+    def close(self) -> None:
+        """Close its connections (it opens new ones if used again)."""
+        ...
+
+
 @dataclass
 class Endpoint:
     """What a sink needs from its backend."""
@@ -66,6 +84,8 @@ class Endpoint:
         default=lambda fs, error: error
     )
     settings: BackendOptions | None = None  #: the checked options, for transfer plugins
+    #: the backend's light client, if it has one; the protocol's transfer plugin knows its type
+    direct: DirectClient | None = None
     warnings: list[str] = field(default_factory=list)  #: to log once when the sink is used
 
 

@@ -7,9 +7,11 @@ would then be copied.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
-import threading
-import weakref
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -17,6 +19,7 @@ from urllib.parse import quote
 from pydantic import Field, model_validator
 
 from skyframe.backends import (
+    CLOSE_TIMEOUT,
     BackendOptions,
     Endpoint,
     bucket_and_root,
@@ -127,93 +130,93 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
         default_concurrency=16,
         hashes_from=settings.part_size,  # a multipart upload names the digest when it begins
         settings=settings,
+        direct=direct_client(settings),
     )
 
 
-class DirectPut:
-    """A PUT of a small object that skips the generic request pipeline of aiobotocore.
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
-    On a many-small-files run, most of the time goes into building each request (parameter
+
+@dataclass(frozen=True)
+class StaticCredentials:
+    """Credentials given in the sink's options (``key``, ``secret``, ``token``)."""
+
+    access_key: str
+    secret_key: str
+    token: str | None = None
+
+
+class DirectS3:
+    """PUT, HEAD and DELETE of small objects without aiobotocore's request pipeline.
+
+    On a many-small-files run, most of the time went into building each request (parameter
     validation, endpoint rules, user agent, event hooks, response parsing): about 2 ms of CPU
-    per object. Here the request is signed with the client's own credentials and region by
-    :class:`~skyframe.backends.sigv4.SigV4Signer` (SigV4, signed payload, the payload's
-    sha256 being the one computed for the manifest) and sent on an aiohttp session of our
-    own, on the filesystem's event loop. Anything but a 200 answer returns False, and the
-    caller repeats the PUT through s3fs, whose errors (and retries) are then the ones
-    reported; so does a client without credentials or with another signature version.
+    per object; and a one-shot run spent a quarter of a second loading s3fs, aiobotocore and
+    botocore and building the client before its first PUT. Here each request is signed by
+    :class:`~skyframe.backends.sigv4.SigV4Signer` (SigV4, signed payload: a PUT's payload hash
+    is the sha256 computed for the manifest) and sent on an aiohttp session of our own, on
+    fsspec's event loop (the one s3fs uses).
+
+    The credentials are the sink's ``key`` and ``secret`` options when it has them: then
+    neither the sinks' check nor the upload of small files loads the S3 library at all.
+    Otherwise they are read from the connected client for each request (refreshed ones are
+    used), and a client without credentials or with another signature version declines.
+
+    It never reports an error: anything but the expected answer is counted as declined and
+    the caller repeats the request through s3fs, whose errors (and retries) are then the ones
+    classified and reported, exactly as without it.
 
     Used with an ``endpoint_url`` (S3-compatible servers take path-style URLs); on AWS the
     regular path is used, as bucket addressing there depends on the bucket and region.
     """
 
-    def __init__(self, fs: Any, endpoint_url: str) -> None:
-        self.fs = fs
+    def __init__(
+        self,
+        endpoint_url: str,
+        region: str,
+        *,
+        credentials: StaticCredentials | None = None,
+        timeout: float = 60.0,
+    ) -> None:
         self.base = endpoint_url.rstrip("/")
-        self.host = host_of(endpoint_url)
-        self._signer: SigV4Signer | None = None
+        self.region = region
+        self.static = credentials  #: None: the credentials come from the connected client
+        self.timeout = timeout
+        self._signer = SigV4Signer(host_of(endpoint_url), region)
         self._session: Any = None
         self.sent = 0  #: objects stored this way
-        self.declined = 0  #: answers other than 200 (the caller then uses s3fs)
+        self.declined = 0  #: requests answered otherwise (the caller then uses s3fs)
 
-    async def put_async(
-        self,
-        client: Any,
-        bucket: str,
-        key: str,
-        body: bytes,
-        *,
-        sha256: str,
-        metadata: dict[str, str],
-    ) -> bool:
-        """The PUT of ``body`` (whose sha256 is ``sha256``), on the filesystem's event loop,
-        with its connected ``client`` (``fs.s3``, taken outside the loop); True when the server
-        stored the object."""
-        import aiohttp
-        from yarl import URL
-
-        credentials = await self._credentials(client)
-        if credentials is None:
-            self.declined += 1
-            return False  # s3fs's path reports the missing credentials
-        if self._signer is None or self._signer.region != client.meta.region_name:
-            self._signer = SigV4Signer(self.host, client.meta.region_name)
+    def _open(self) -> Any:
+        """The session, opened on first use (on the event loop, as aiohttp requires)."""
         if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60),
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        path = f"/{quote(bucket)}/{quote(key, safe='/~')}"
-        headers = self._signer.sign(
-            "PUT",
-            path,
-            {f"x-amz-meta-{name}": value for name, value in metadata.items()},
-            sha256,
-            access_key=credentials.access_key,
-            secret_key=credentials.secret_key,
-            token=credentials.token,
-        )
-        try:
-            async with self._session.put(
-                URL(self.base + path, encoded=True), data=body, headers=headers
-            ) as response:
-                await response.read()
-                status = response.status
-        except (aiohttp.ClientError, TimeoutError):
-            status = 0
-        if status == 200:
-            self.sent += 1
-            return True
-        self.declined += 1
-        log.debug("direct PUT of %s/%s answered %s; sending it through s3fs", bucket, key, status)
-        return False
+            import aiohttp
 
-    @staticmethod
-    async def _credentials(client: Any) -> Any:
-        """The client's current credentials (refreshed when they expire), or None when it has
-        none or does not sign with SigV4."""
+            ssl: Any = True  # aiohttp's default verification
+            bundle = os.environ.get("AWS_CA_BUNDLE")
+            if self.base.startswith("https:") and bundle:
+                import ssl as ssl_module
+
+                ssl = ssl_module.create_default_context(cafile=bundle)
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=min(self.timeout, 10.0), sock_read=self.timeout
+                ),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                connector=aiohttp.TCPConnector(ssl=ssl),
+            )
+        return self._session
+
+    async def _credentials(self, client: Any) -> StaticCredentials | None:
+        """The options' credentials, else the client's current ones; None when there are none
+        (or the client does not sign with SigV4 in this region)."""
+        if self.static is not None:
+            return self.static
+        if client is None:
+            return None
         if client.meta.config.signature_version not in (None, "s3v4", "v4"):
             return None
-        if not client.meta.region_name:
+        if client.meta.region_name != self.region:
             return None
         source = client._request_signer._credentials
         if source is None:
@@ -221,19 +224,139 @@ class DirectPut:
         frozen = await source.get_frozen_credentials()
         if frozen is None or not frozen.access_key or not frozen.secret_key:
             return None
-        return frozen
+        return StaticCredentials(frozen.access_key, frozen.secret_key, frozen.token)
 
-    async def close(self) -> None:
+    async def _send(
+        self,
+        method: str,
+        bucket: str,
+        key: str,
+        credentials: StaticCredentials,
+        *,
+        body: bytes = b"",
+        sha256: str = EMPTY_SHA256,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        """One signed request: (status, response headers); status 0 when it got no answer."""
+        import aiohttp
+        from yarl import URL
+
+        path = f"/{quote(bucket)}/{quote(key, safe='/~')}"
+        signed = self._signer.sign(
+            method,
+            path,
+            headers or {},
+            sha256,
+            access_key=credentials.access_key,
+            secret_key=credentials.secret_key,
+            token=credentials.token,
+        )
+        url = URL(self.base + path, encoded=True)
+        try:
+            async with self._open().request(
+                method, url, data=body if method == "PUT" else None, headers=signed
+            ) as response:
+                await response.read()
+                return response.status, response.headers
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.debug("%s of %s/%s got no answer: %s", method, bucket, key, exc)
+            return 0, {}
+
+    async def put(
+        self,
+        bucket: str,
+        key: str,
+        body: bytes,
+        *,
+        sha256: str,
+        metadata: dict[str, str],
+        client: Any = None,
+    ) -> bool:
+        """The PUT of ``body`` (whose sha256 is ``sha256``), on fsspec's event loop; True when
+        the server stored the object. ``client`` (``fs.s3``, taken outside the loop) gives the
+        credentials when the options have none."""
+        credentials = await self._credentials(client)
+        if credentials is None:
+            self.declined += 1
+            return False  # s3fs's path reports the missing credentials
+        status, _ = await self._send(
+            "PUT",
+            bucket,
+            key,
+            credentials,
+            body=body,
+            sha256=sha256,
+            headers={f"x-amz-meta-{name}": value for name, value in metadata.items()},
+        )
+        if status == 200:
+            self.sent += 1
+            return True
+        self.declined += 1
+        log.debug("direct PUT of %s/%s answered %s; sending it through s3fs", bucket, key, status)
+        return False
+
+    async def probe_async(self, bucket: str, key: str, payload: bytes) -> bool:
+        """Write, check the size of, and delete a small object with the options' credentials;
+        True when all three succeeded."""
+        if self.static is None:
+            return False
+        digest = hashlib.sha256(payload).hexdigest()
+        status, _ = await self._send("PUT", bucket, key, self.static, body=payload, sha256=digest)
+        if status != 200:
+            return False
+        status, headers = await self._send("HEAD", bucket, key, self.static)
+        stored = status == 200 and headers.get("Content-Length") == str(len(payload))
+        status, _ = await self._send("DELETE", bucket, key, self.static)
+        # Anything else leaves the answer to the regular probe, which writes the same name
+        # again and deletes it.
+        return stored and status in (200, 204)
+
+    def probe(self, path: str, payload: bytes) -> bool:
+        """See :meth:`skyframe.backends.DirectClient.probe`; ``path`` is ``bucket/key``."""
+        from fsspec.asyn import get_loop, sync
+
+        bucket, _, key = path.partition("/")
+        try:
+            return bool(sync(get_loop(), self.probe_async, bucket, key, payload))
+        except Exception:  # the regular probe runs and reports
+            log.debug("direct probe of %s failed", path, exc_info=True)
+            return False
+
+    async def close_async(self) -> None:
         if self._session is not None:
-            await self._session.close()
-            self._session = None
+            session, self._session = self._session, None
+            await session.close()
+
+    def close(self) -> None:
+        """Close the session's connections (a new session opens if used again)."""
+        from fsspec.asyn import loop as fsspec_loop
+        from fsspec.asyn import sync
+
+        running = fsspec_loop[0]
+        if self._session is None or running is None or not running.is_running():
+            return
+        with contextlib.suppress(Exception):
+            sync(running, self.close_async, timeout=CLOSE_TIMEOUT)
+
+
+def direct_client(settings: S3Options) -> DirectS3 | None:
+    """The light client for a sink's options, or None where only the regular path applies
+    (AWS itself, or unsigned requests)."""
+    if settings.endpoint_url is None or settings.anon:
+        return None
+    credentials = None
+    if settings.key is not None and settings.secret is not None:
+        credentials = StaticCredentials(settings.key, settings.secret, settings.token)
+    return DirectS3(
+        settings.endpoint_url,
+        settings.region or "us-east-1",
+        credentials=credentials,
+        timeout=settings.timeout,
+    )
 
 
 def close(fs: Any) -> None:
     """Close the client's HTTP connections now rather than at garbage collection."""
-    direct = _DIRECT.pop(fs, None)
-    if direct is not None:
-        close_quietly(fs, direct.close)
     creator = getattr(fs, "_s3creator", None)
     if creator is None:
         return
@@ -243,21 +366,6 @@ def close(fs: Any) -> None:
         await creator.__aexit__(None, None, None)
 
     close_quietly(fs, aexit)
-
-
-_DIRECT: weakref.WeakKeyDictionary[Any, DirectPut] = weakref.WeakKeyDictionary()
-_DIRECT_LOCK = threading.Lock()
-
-
-def direct_put(fs: Any, settings: S3Options) -> DirectPut | None:
-    """The fast PUT for this connection, or None where only the regular path applies."""
-    if settings.endpoint_url is None or settings.anon:
-        return None
-    with _DIRECT_LOCK:
-        direct = _DIRECT.get(fs)
-        if direct is None:
-            direct = _DIRECT[fs] = DirectPut(fs, settings.endpoint_url)
-        return direct
 
 
 def classify_error(

@@ -1,11 +1,12 @@
-"""AWS Signature Version 4 for the direct S3 PUT (``skyframe.backends.s3.DirectPut``).
+"""AWS Signature Version 4 for the direct S3 requests (``skyframe.backends.s3.DirectS3``).
 
 botocore's signer costs about 0.2 ms of interpreter time per request: it parses the URL and
 the host again, walks an ``email.message`` header object, hashes the body that was just hashed
 for the manifest, and derives the signing key with four HMACs, for every request. On a run
 of thousands of small objects that is a sixth of the whole run. This signer does the same
 computation (the algorithm of AWS's SigV4 documentation, header-based, signed payload) for
-the one request shape the direct PUT sends: the payload's sha256 comes from the caller, the
+the request shape the direct client sends (PUT, HEAD and DELETE, no query): the payload's sha256
+comes from the caller (a PUT's is the one computed for the manifest), the
 host is fixed, and the signing key is derived once per day. tests/test_sigv4.py checks every
 header it produces against botocore's ``S3SigV4Auth`` for the same request.
 """

@@ -36,10 +36,15 @@ def read_whole(request: TransferRequest, *, stale: bool = True) -> tuple[bytes, 
 
 
 def send_batch(
-    sink: Sink, requests: list[TransferRequest], put: Put
+    sink: Sink,
+    requests: list[TransferRequest],
+    put: Put,
+    *,
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> list[TransferResult | Exception]:
-    """Read every file here, then ``put`` them all on ``sink.fs``'s event loop; one outcome per
-    request, in order (a file that could not be read or sent gets its exception)."""
+    """Read every file here, then ``put`` them all on ``loop`` (default: ``sink.fs``'s event
+    loop); one outcome per request, in order (a file that could not be read or sent gets its
+    exception)."""
     outcomes: list[TransferResult | Exception] = []
     ready: list[tuple[int, TransferRequest, bytes, str]] = []
     journal = requests[0].journal if requests else None
@@ -66,7 +71,9 @@ def send_batch(
         )
 
     limit = asyncio.Semaphore(sink.concurrency)
-    for (index, *_), outcome in zip(ready, sync(sink.fs.loop, send_all), strict=True):
+    if loop is None:
+        loop = sink.fs.loop
+    for (index, *_), outcome in zip(ready, sync(loop, send_all), strict=True):
         if not isinstance(outcome, TransferResult | Exception):
             raise outcome  # the loop is going away (cancelled): not this file's doing
         outcomes[index] = outcome

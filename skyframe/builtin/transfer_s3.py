@@ -28,9 +28,9 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any
 
-from fsspec.asyn import sync
+from fsspec.asyn import get_loop, sync
 
-from skyframe.backends.s3 import S3Options, direct_put
+from skyframe.backends.s3 import DirectS3, S3Options
 from skyframe.builtin.batch import Put, read_whole, send_batch
 from skyframe.errors import DeliveryError, SourceChangedError, SourceUnreadableError
 from skyframe.journal import JournalKey, UploadJournal, same_file
@@ -57,42 +57,47 @@ def skyframe_transfer(request: TransferRequest) -> TransferResult | None:
         return None
     settings = sink.settings
     assert isinstance(settings, S3Options)
-    fs = sink.fs
-    bucket, _, key = request.remote_path.partition("/")
     part_size = settings.part_size_for(request.size)
     if request.size >= part_size:
-        upload = MultipartUpload(fs, bucket, key, request, part_size)
+        bucket, _, key = request.remote_path.partition("/")
+        upload = MultipartUpload(sink.fs, bucket, key, request, part_size)
         return upload.run(width=settings.part_concurrency)
     data, sha256 = read_whole(request)
-    sync(fs.loop, _putter(sink), request, data, sha256)
+    sync(get_loop(), _putter(sink), request, data, sha256)
     request.progress(len(data))
     return TransferResult(len(data), sha256)
 
 
 @hookimpl
 def skyframe_transfer_batch(sink: Sink) -> BatchTransfer | None:
-    """Small files to an ``s3://`` sink: concurrent PUTs on the connection's event loop."""
+    """Small files to an ``s3://`` sink: concurrent PUTs on fsspec's event loop (s3fs's)."""
     if sink.protocol != "s3":
         return None
-    return lambda requests: send_batch(sink, requests, _putter(sink))
+    return lambda requests: send_batch(sink, requests, _putter(sink), loop=get_loop())
 
 
 def _putter(sink: Sink) -> Put:
-    """The PUT of one small object with its sha256 as metadata, to run on the connection's
-    event loop: the direct PUT where it applies, else (or when it is declined) s3fs's."""
-    settings = sink.settings
-    assert isinstance(settings, S3Options)
-    fs = sink.fs
-    client = fs.s3  # connects here, outside the event loop, when needed
-    direct = direct_put(fs, settings)
+    """The PUT of one small object with its sha256 as metadata, to run on fsspec's event loop:
+    the direct PUT where it applies, else (or when it is declined) s3fs's.
+
+    With the credentials in the sink's options, the direct PUT needs no connected filesystem:
+    s3fs is loaded only for a PUT it declines (and then reports that PUT's error)."""
+    direct = sink.endpoint.direct
+    assert direct is None or isinstance(direct, DirectS3)
+    client = None
+    if direct is None or direct.static is None:
+        client = sink.fs.s3  # connects here, outside the event loop, when needed
 
     async def put(request: TransferRequest, data: bytes, sha256: str) -> None:
         bucket, _, key = request.remote_path.partition("/")
         metadata = {"sha256": sha256}
-        if direct is None or not await direct.put_async(
-            client, bucket, key, data, sha256=sha256, metadata=metadata
+        if direct is not None and await direct.put(
+            bucket, key, data, sha256=sha256, metadata=metadata, client=client
         ):
-            await fs._call_s3("put_object", Bucket=bucket, Key=key, Body=data, Metadata=metadata)
+            return
+        # Connecting may load s3fs or wait for another thread's connection: not on the loop.
+        fs = await asyncio.to_thread(lambda: sink.fs)
+        await fs._call_s3("put_object", Bucket=bucket, Key=key, Body=data, Metadata=metadata)
 
     return put
 
