@@ -476,11 +476,10 @@ def probe_sink(sink: Sink) -> ProbeResult:
     payload = b"skyframe write check\n"
     direct = sink.endpoint.direct
     if direct is not None:
-        # The backend's light client opens its connection with the first request: no step
-        # of its own to time. When it cannot tell, the regular probe says what is wrong.
-        if direct.probe(name, payload):
-            return ProbeResult(0.0, time.monotonic() - began)
-        began = time.monotonic()
+        connected = direct.probe(name, payload)
+        if connected is not None:
+            return ProbeResult(connected, time.monotonic() - began - connected)
+        began = time.monotonic()  # it could not tell: the regular probe says what is wrong
     fs = sink.fs
     connected = time.monotonic()
     sink.ensure_folder(sink.root)

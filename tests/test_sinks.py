@@ -403,11 +403,33 @@ def test_s3_check_with_the_options_credentials_needs_no_s3_library(
     check = s3_server.filesystem()
     try:
         result = probe_sink(sink)
+        assert result.connect > 0
         assert result.write > 0
         assert sink._fs is None  # written, checked and deleted by the light client
         assert check.find(sink.root.split("/")[0]) == []  # the probe object is gone
     finally:
         servers.close_filesystem(check)
+        sink.close()
+
+
+def test_s3_check_the_light_client_cannot_pass_is_reported_by_the_regular_one(
+    tmp_path: Path, s3_server: servers.S3Server
+) -> None:
+    from skyframe.config import SinkConfig
+    from skyframe.errors import SinkRefusedError
+    from skyframe.storage import open_sink, probe_sink
+
+    entry = s3_sink(s3_server, secret="not-the-secret")
+    sink = open_sink(SinkConfig.model_validate(entry), tmp_path)
+    try:
+        direct = sink.endpoint.direct
+        assert direct is not None
+        assert direct.probe(sink.remote_path(".probe"), b"data") is None
+        refused = pytest.raises(SinkRefusedError, match=r"access denied \(SignatureDoesNotMatch\)")
+        with refused, sink.guard(report=False):
+            probe_sink(sink)
+        assert sink._fs is not None  # the error came from s3fs, classified as before
+    finally:
         sink.close()
 
 

@@ -54,9 +54,10 @@ class DirectClient(Protocol):
     filesystem, whose errors are the ones classified and reported.
     """
 
-    def probe(self, path: str, payload: bytes) -> bool:
-        """Write ``payload`` at ``path``, check its size, delete it: True when all three
-        succeeded; False when it could not tell (the regular probe then runs)."""
+    def probe(self, path: str, payload: bytes) -> float | None:
+        """Write ``payload`` at ``path``, check its size, delete it: the seconds it took to
+        connect when all three succeeded; None when it could not tell (the regular probe then
+        runs and says what is wrong)."""
         ...
 
     def close(self) -> None:

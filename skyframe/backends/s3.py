@@ -7,14 +7,17 @@ would then be copied.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
+import http.client
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from pydantic import Field, model_validator
 
@@ -179,6 +182,9 @@ class DirectS3:
         timeout: float = 60.0,
     ) -> None:
         self.base = endpoint_url.rstrip("/")
+        parts = urlsplit(self.base)
+        self._origin = f"{parts.scheme}://{parts.netloc}"
+        self._prefix = parts.path  #: a path the server is mounted under, if any
         self.region = region
         self.static = credentials  #: None: the credentials come from the connected client
         self.timeout = timeout
@@ -187,23 +193,31 @@ class DirectS3:
         self.sent = 0  #: objects stored this way
         self.declined = 0  #: requests answered otherwise (the caller then uses s3fs)
 
+    def _path(self, bucket: str, key: str) -> str:
+        """A request's path (path-style addressing), percent-encoded as sent and signed."""
+        return f"{self._prefix}/{quote(bucket)}/{quote(key, safe='/~')}"
+
+    def _ssl_context(self) -> Any:
+        """The TLS context for an https endpoint: the bundle in AWS_CA_BUNDLE, as botocore
+        uses, else the system's; None for plain HTTP."""
+        if not self.base.startswith("https:"):
+            return None
+        import ssl
+
+        return ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or None)
+
     def _open(self) -> Any:
         """The session, opened on first use (on the event loop, as aiohttp requires)."""
         if self._session is None:
             import aiohttp
 
-            ssl: Any = True  # aiohttp's default verification
-            bundle = os.environ.get("AWS_CA_BUNDLE")
-            if self.base.startswith("https:") and bundle:
-                import ssl as ssl_module
-
-                ssl = ssl_module.create_default_context(cafile=bundle)
+            context = self._ssl_context()
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(
                     total=None, sock_connect=min(self.timeout, 10.0), sock_read=self.timeout
                 ),
                 cookie_jar=aiohttp.DummyCookieJar(),
-                connector=aiohttp.TCPConnector(ssl=ssl),
+                connector=aiohttp.TCPConnector(ssl=True if context is None else context),
             )
         return self._session
 
@@ -241,7 +255,7 @@ class DirectS3:
         import aiohttp
         from yarl import URL
 
-        path = f"/{quote(bucket)}/{quote(key, safe='/~')}"
+        path = self._path(bucket, key)
         signed = self._signer.sign(
             method,
             path,
@@ -251,7 +265,7 @@ class DirectS3:
             secret_key=credentials.secret_key,
             token=credentials.token,
         )
-        url = URL(self.base + path, encoded=True)
+        url = URL(self._origin + path, encoded=True)
         try:
             async with self._open().request(
                 method, url, data=body if method == "PUT" else None, headers=signed
@@ -295,32 +309,83 @@ class DirectS3:
         log.debug("direct PUT of %s/%s answered %s; sending it through s3fs", bucket, key, status)
         return False
 
-    async def probe_async(self, bucket: str, key: str, payload: bytes) -> bool:
-        """Write, check the size of, and delete a small object with the options' credentials;
-        True when all three succeeded."""
+    def probe(self, path: str, payload: bytes) -> float | None:
+        """See :meth:`skyframe.backends.DirectClient.probe`; ``path`` is ``bucket/key``.
+
+        The three requests go on a connection of their own from the calling thread (the
+        standard library's HTTP client), so the first one is on its way within milliseconds of
+        the start. Meanwhile aiohttp is loaded and the uploads' session opened on the event
+        loop: a server's first write into a fresh bucket can take a fifth of a second
+        (SeaweedFS grows a volume for it), which is then not lost.
+        """
         if self.static is None:
-            return False
-        digest = hashlib.sha256(payload).hexdigest()
-        status, _ = await self._send("PUT", bucket, key, self.static, body=payload, sha256=digest)
-        if status != 200:
-            return False
-        status, headers = await self._send("HEAD", bucket, key, self.static)
-        stored = status == 200 and headers.get("Content-Length") == str(len(payload))
-        status, _ = await self._send("DELETE", bucket, key, self.static)
-        # Anything else leaves the answer to the regular probe, which writes the same name
-        # again and deletes it.
-        return stored and status in (200, 204)
-
-    def probe(self, path: str, payload: bytes) -> bool:
-        """See :meth:`skyframe.backends.DirectClient.probe`; ``path`` is ``bucket/key``."""
-        from fsspec.asyn import get_loop, sync
-
+            return None
+        self._warm_up()
         bucket, _, key = path.partition("/")
+        began = time.monotonic()
+        connection = self._connection()
         try:
-            return bool(sync(get_loop(), self.probe_async, bucket, key, payload))
-        except Exception:  # the regular probe runs and reports
-            log.debug("direct probe of %s failed", path, exc_info=True)
-            return False
+            connection.connect()
+            connected = time.monotonic() - began
+            connection.sock.settimeout(self.timeout)
+            status, _ = self._request(connection, "PUT", bucket, key, payload)
+            if status != 200:
+                return None
+            status, headers = self._request(connection, "HEAD", bucket, key)
+            stored = status == 200 and headers.get("Content-Length") == str(len(payload))
+            status, _ = self._request(connection, "DELETE", bucket, key)
+            # Anything else leaves the answer to the regular probe, which writes the same
+            # name again and deletes it.
+            return connected if stored and status in (200, 204) else None
+        except (OSError, http.client.HTTPException) as exc:
+            log.debug("direct probe of %s got no answer: %s", path, exc)
+            return None
+        finally:
+            connection.close()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        parts = urlsplit(self.base)
+        host, port = parts.hostname or "", parts.port
+        connect_timeout = min(self.timeout, 10.0)
+        if parts.scheme == "https":
+            return http.client.HTTPSConnection(
+                host, port, timeout=connect_timeout, context=self._ssl_context()
+            )
+        return http.client.HTTPConnection(host, port, timeout=connect_timeout)
+
+    def _request(
+        self,
+        connection: http.client.HTTPConnection,
+        method: str,
+        bucket: str,
+        key: str,
+        body: bytes | None = None,
+    ) -> tuple[int, Any]:
+        """One request of the probe, signed with the options' credentials."""
+        assert self.static is not None
+        path = self._path(bucket, key)
+        headers = self._signer.sign(
+            method,
+            path,
+            {},
+            hashlib.sha256(body).hexdigest() if body is not None else EMPTY_SHA256,
+            access_key=self.static.access_key,
+            secret_key=self.static.secret_key,
+            token=self.static.token,
+        )
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        response.read()
+        return response.status, response.headers
+
+    def _warm_up(self) -> None:
+        """Load aiohttp and open the session on fsspec's event loop, without waiting."""
+        from fsspec.asyn import get_loop
+
+        async def warm_up() -> None:
+            self._open()
+
+        asyncio.run_coroutine_threadsafe(warm_up(), get_loop())
 
     async def close_async(self) -> None:
         if self._session is not None:
