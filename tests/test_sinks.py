@@ -500,6 +500,50 @@ def test_s3_one_shot_run_of_small_files_never_loads_the_s3_library(
         servers.close_filesystem(check)
 
 
+def test_s3_parts_over_plain_http_carry_no_extra_checksum(
+    tmp_path: Path, s3_server: servers.S3Server
+) -> None:
+    # Each signed request over plain HTTP carries its payload's sha256, which the server
+    # checks: botocore's default CRC32 of every part would be computed (and checked) twice.
+    from skyframe.builtin.transfer_s3 import skyframe_transfer
+    from skyframe.config import SinkConfig
+    from skyframe.storage import open_sink
+
+    entry = s3_sink(s3_server, part_size="5MiB", part_concurrency=1)
+    sink = open_sink(SinkConfig.model_validate(entry), tmp_path)
+    sent: list[dict[str, bytes]] = []
+
+    def note(request: Any, **kwargs: Any) -> None:
+        sent.append({name.lower(): value for name, value in request.headers.items()})
+
+    sink.fs.s3.meta.events.register("before-send.s3.UploadPart", note)
+    data = os.urandom(6 * 1024 * 1024)
+    path = make_file(tmp_path / "src", "big.bin", data)
+    st = path.stat()
+    request = TransferRequest(sink, path, sink.remote_path("big.bin"), st.st_size, st.st_mtime_ns)
+    check = s3_server.filesystem()
+    try:
+        result = skyframe_transfer(request)
+        assert result is not None
+        assert check.cat_file(request.remote_path) == data
+        assert len(sent) == 2
+        for headers in sent:
+            assert len(headers["x-amz-content-sha256"]) == 64  # the signed payload
+            assert not [name for name in headers if "checksum" in name], headers
+    finally:
+        servers.close_filesystem(check)
+        sink.close()
+
+
+def test_s3_payload_signing_decides_the_extra_checksum() -> None:
+    from skyframe.backends.s3 import S3Options, signs_payload
+
+    assert signs_payload(S3Options(endpoint_url="http://127.0.0.1:9000"))
+    assert not signs_payload(S3Options(endpoint_url="http://127.0.0.1:9000", anon=True))
+    assert not signs_payload(S3Options(endpoint_url="https://s3.example.org"))
+    assert not signs_payload(S3Options())  # AWS, over HTTPS
+
+
 def test_gcs_batch_sends_small_files_at_once_and_reports_each(
     tmp_path: Path, gcs_server: servers.GCSServer
 ) -> None:

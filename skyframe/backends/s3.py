@@ -81,6 +81,13 @@ class S3Options(BackendOptions):
         return part
 
 
+def signs_payload(settings: S3Options) -> bool:
+    """True when every request's payload is signed (its sha256 is checked by the server):
+    signed requests to a plain-HTTP endpoint, where botocore always signs the payload."""
+    endpoint_url = settings.endpoint_url or ""
+    return endpoint_url.startswith("http://") and not settings.anon
+
+
 def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
     """Check the options of an S3 sink; the connection opens on first use."""
     settings = S3Options.model_validate(options)
@@ -93,6 +100,15 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
         region = settings.region or ("us-east-1" if settings.endpoint_url else None)
         if region:
             client_kwargs["region_name"] = region
+        config: dict[str, Any] = {
+            "connect_timeout": min(settings.timeout, 10.0),
+            "read_timeout": settings.timeout,
+            "retries": {"max_attempts": 2, "mode": "standard"},
+        }
+        if signs_payload(settings):
+            # botocore adds a CRC32 of every part by default; over plain HTTP each signed
+            # request already carries its payload's sha256, which the server checks.
+            config["request_checksum_calculation"] = "when_required"
         fs = s3fs.S3FileSystem(
             endpoint_url=settings.endpoint_url,
             key=settings.key,
@@ -100,11 +116,7 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
             token=settings.token,
             anon=settings.anon,
             client_kwargs=client_kwargs,
-            config_kwargs={
-                "connect_timeout": min(settings.timeout, 10.0),
-                "read_timeout": settings.timeout,
-                "retries": {"max_attempts": 2, "mode": "standard"},
-            },
+            config_kwargs=config,
             skip_instance_cache=True,
         )
         fs.retries = 3  # s3fs's own retry loop (a class attribute, not an argument)
