@@ -257,6 +257,8 @@ class MultipartUpload:
 
     def _create(self) -> None:
         request = self.request
+        # The client is built (about 0.1 s) while the digest computed ahead is finishing.
+        self.fs.s3  # noqa: B018 - connects the client, outside the event loop
         self.sha256 = request.digest()
         if self.journal is not None:
             # Journaled before the upload exists, so cleanup can find it even if we die
