@@ -433,6 +433,35 @@ def test_s3_check_the_light_client_cannot_pass_is_reported_by_the_regular_one(
         sink.close()
 
 
+def test_s3_check_of_a_server_nothing_answers_is_reported_at_once(tmp_path: Path) -> None:
+    # Nothing listens there: the light client says so itself, rather than leaving the regular
+    # probe to wait as long again to say the same.
+    from skyframe.config import SinkConfig
+    from skyframe.errors import SinkUnavailableError
+    from skyframe.storage import open_sink, probe_sink
+
+    port = servers.free_port()
+    entry = {
+        "url": "s3://bucket/drop",
+        "options": {"endpoint_url": f"http://127.0.0.1:{port}", "key": "k", "secret": "s"},
+    }
+    sink = open_sink(SinkConfig.model_validate(entry), tmp_path)
+    began = time.monotonic()
+    try:
+        unreachable = pytest.raises(
+            SinkUnavailableError,
+            match=rf"^s3://bucket/drop: cannot reach the server: could not connect to "
+            rf"http://127\.0\.0\.1:{port}: Connection refused$",
+        )
+        with unreachable, sink.guard(report=False):
+            probe_sink(sink)
+        assert sink._fs is None
+        assert sink.health.state == "offline"
+        assert time.monotonic() - began < 5
+    finally:
+        sink.close()
+
+
 def test_s3_direct_put_takes_the_environments_credentials_from_the_client(
     tmp_path: Path, s3_server: servers.S3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -50,14 +50,14 @@ class DirectClient(Protocol):
     """A backend's own light client for its most common requests, beside the fsspec
     filesystem (S3: signed PUT, HEAD and DELETE without loading botocore).
 
-    It never reports errors itself: whatever it cannot do is done again through the
-    filesystem, whose errors are the ones classified and reported.
+    Whatever it cannot do is done again through the filesystem, whose errors are the ones
+    classified and reported; the one exception is a server where nothing answers.
     """
 
     def probe(self, path: str, payload: bytes) -> float | None:
         """Write ``payload`` at ``path``, check its size, delete it: the seconds it took to
         connect when all three succeeded; None when it could not tell (the regular probe then
-        runs and says what is wrong)."""
+        runs and says what is wrong). Raises ConnectionError when nothing answers at all."""
         ...
 
     def close(self) -> None:

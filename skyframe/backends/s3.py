@@ -177,9 +177,10 @@ class DirectS3:
     Otherwise they are read from the connected client for each request (refreshed ones are
     used), and a client without credentials or with another signature version declines.
 
-    It never reports an error: anything but the expected answer is counted as declined and
-    the caller repeats the request through s3fs, whose errors (and retries) are then the ones
-    classified and reported, exactly as without it.
+    It reports no error of its own: anything but the expected answer is counted as declined
+    and the caller repeats the request through s3fs, whose errors (and retries) are then the
+    ones classified and reported, exactly as without it. The check is the one exception: when
+    nothing answers at the endpoint, it says so at once (:meth:`probe`).
 
     Used with an ``endpoint_url`` (S3-compatible servers take path-style URLs); on AWS the
     regular path is used, as bucket addressing there depends on the bucket and region.
@@ -338,7 +339,16 @@ class DirectS3:
         connection = self._connection()
         try:
             connection.connect()
-            connected = time.monotonic() - began
+        except OSError as exc:
+            connection.close()
+            if unreachable(exc):
+                # Nothing answers there: the regular probe would wait as long to say so.
+                reason = exc.strerror or one_line(exc)
+                raise ConnectionError(f"could not connect to {self.base}: {reason}") from exc
+            log.debug("direct probe of %s could not connect: %s", path, exc)
+            return None
+        connected = time.monotonic() - began
+        try:
             connection.sock.settimeout(self.timeout)
             status, _ = self._request(connection, "PUT", bucket, key, payload)
             if status != 200:
