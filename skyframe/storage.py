@@ -476,9 +476,9 @@ def probe_sink(sink: Sink) -> ProbeResult:
     payload = b"skyframe write check\n"
     direct = sink.endpoint.direct
     if direct is not None:
-        connected = direct.probe(name, payload)
-        if connected is not None:
-            return ProbeResult(connected, time.monotonic() - began - connected)
+        connecting = direct.probe(name, payload)
+        if connecting is not None:
+            return ProbeResult(connecting, time.monotonic() - began - connecting)
         began = time.monotonic()  # it could not tell: the regular probe says what is wrong
     fs = sink.fs
     connected = time.monotonic()

@@ -407,6 +407,10 @@ def test_s3_check_with_the_options_credentials_needs_no_s3_library(
         assert result.write > 0
         assert sink._fs is None  # written, checked and deleted by the light client
         assert check.find(sink.root.split("/")[0]) == []  # the probe object is gone
+        direct = sink.endpoint.direct
+        assert direct is not None
+        sink.close()  # `skyframe check` closes right away: the session opened meanwhile too
+        assert getattr(direct, "_session", "missing") is None
     finally:
         servers.close_filesystem(check)
         sink.close()

@@ -14,6 +14,7 @@ import http.client
 import logging
 import os
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,8 @@ class DirectS3:
         self.timeout = timeout
         self._signer = SigV4Signer(host_of(endpoint_url), region)
         self._session: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None  #: the session's
+        self._warming: Future[None] | None = None  #: the session being opened ahead
         self.sent = 0  #: objects stored this way
         self.declined = 0  #: requests answered otherwise (the caller then uses s3fs)
 
@@ -225,6 +228,7 @@ class DirectS3:
             import aiohttp
 
             context = self._ssl_context()
+            self._loop = asyncio.get_running_loop()
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(
                     total=None, sock_connect=min(self.timeout, 10.0), sock_read=self.timeout
@@ -402,12 +406,14 @@ class DirectS3:
 
     def _warm_up(self) -> None:
         """Load aiohttp and open the session on fsspec's event loop, without waiting."""
+        if self._session is not None or self._warming is not None:
+            return
         from fsspec.asyn import get_loop
 
         async def warm_up() -> None:
             self._open()
 
-        asyncio.run_coroutine_threadsafe(warm_up(), get_loop())
+        self._warming = asyncio.run_coroutine_threadsafe(warm_up(), get_loop())
 
     async def close_async(self) -> None:
         if self._session is not None:
@@ -416,14 +422,17 @@ class DirectS3:
 
     def close(self) -> None:
         """Close the session's connections (a new session opens if used again)."""
-        from fsspec.asyn import loop as fsspec_loop
         from fsspec.asyn import sync
 
-        running = fsspec_loop[0]
-        if self._session is None or running is None or not running.is_running():
+        warming, self._warming = self._warming, None
+        if warming is not None:  # a session opened after this would be left open
+            with contextlib.suppress(Exception):
+                warming.result(timeout=CLOSE_TIMEOUT)
+        loop = self._loop
+        if self._session is None or loop is None or not loop.is_running():
             return
         with contextlib.suppress(Exception):
-            sync(running, self.close_async, timeout=CLOSE_TIMEOUT)
+            sync(loop, self.close_async, timeout=CLOSE_TIMEOUT)
 
 
 def direct_client(settings: S3Options) -> DirectS3 | None:
