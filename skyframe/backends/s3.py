@@ -150,9 +150,6 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
     )
 
 
-EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-
-
 @dataclass(frozen=True)
 class StaticCredentials:
     """Credentials given in the sink's options (``key``, ``secret``, ``token``)."""
@@ -196,9 +193,7 @@ class DirectS3:
         timeout: float = 60.0,
     ) -> None:
         self.base = endpoint_url.rstrip("/")
-        parts = urlsplit(self.base)
-        self._origin = f"{parts.scheme}://{parts.netloc}"
-        self._prefix = parts.path  #: a path the server is mounted under, if any
+        self._endpoint = urlsplit(self.base)  #: its path: where the server is mounted, if any
         self.region = region
         self.static = credentials  #: None: the credentials come from the connected client
         self.timeout = timeout
@@ -209,14 +204,33 @@ class DirectS3:
         self.sent = 0  #: objects stored this way
         self.declined = 0  #: requests answered otherwise (the caller then uses s3fs)
 
-    def _path(self, bucket: str, key: str) -> str:
-        """A request's path (path-style addressing), percent-encoded as sent and signed."""
-        return f"{self._prefix}/{quote(bucket)}/{quote(key, safe='/~')}"
+    def _signed(
+        self,
+        method: str,
+        bucket: str,
+        key: str,
+        credentials: StaticCredentials,
+        *,
+        sha256: str,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[str, dict[str, str]]:
+        """A request's path (path-style addressing, percent-encoded as sent) and its signed
+        headers; ``sha256`` is the payload's."""
+        path = f"{self._endpoint.path}/{quote(bucket)}/{quote(key, safe='/~')}"
+        return path, self._signer.sign(
+            method,
+            path,
+            headers or {},
+            sha256,
+            access_key=credentials.access_key,
+            secret_key=credentials.secret_key,
+            token=credentials.token,
+        )
 
     def _ssl_context(self) -> Any:
         """The TLS context for an https endpoint: the bundle in AWS_CA_BUNDLE, as botocore
         uses, else the system's; None for plain HTTP."""
-        if not self.base.startswith("https:"):
+        if self._endpoint.scheme != "https":
             return None
         import ssl
 
@@ -257,42 +271,6 @@ class DirectS3:
             return None
         return StaticCredentials(frozen.access_key, frozen.secret_key, frozen.token)
 
-    async def _send(
-        self,
-        method: str,
-        bucket: str,
-        key: str,
-        credentials: StaticCredentials,
-        *,
-        body: bytes = b"",
-        sha256: str = EMPTY_SHA256,
-        headers: dict[str, str] | None = None,
-    ) -> tuple[int, Any]:
-        """One signed request: (status, response headers); status 0 when it got no answer."""
-        import aiohttp
-        from yarl import URL
-
-        path = self._path(bucket, key)
-        signed = self._signer.sign(
-            method,
-            path,
-            headers or {},
-            sha256,
-            access_key=credentials.access_key,
-            secret_key=credentials.secret_key,
-            token=credentials.token,
-        )
-        url = URL(self._origin + path, encoded=True)
-        try:
-            async with self._open().request(
-                method, url, data=body if method == "PUT" else None, headers=signed
-            ) as response:
-                await response.read()
-                return response.status, response.headers
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            log.debug("%s of %s/%s got no answer: %s", method, bucket, key, exc)
-            return 0, {}
-
     async def put(
         self,
         bucket: str,
@@ -306,19 +284,29 @@ class DirectS3:
         """The PUT of ``body`` (whose sha256 is ``sha256``), on fsspec's event loop; True when
         the server stored the object. ``client`` (``fs.s3``, taken outside the loop) gives the
         credentials when the options have none."""
+        import aiohttp
+        from yarl import URL
+
         credentials = await self._credentials(client)
         if credentials is None:
             self.declined += 1
             return False  # s3fs's path reports the missing credentials
-        status, _ = await self._send(
+        path, headers = self._signed(
             "PUT",
             bucket,
             key,
             credentials,
-            body=body,
             sha256=sha256,
             headers={f"x-amz-meta-{name}": value for name, value in metadata.items()},
         )
+        url = URL(f"{self._endpoint.scheme}://{self._endpoint.netloc}{path}", encoded=True)
+        try:
+            async with self._open().put(url, data=body, headers=headers) as response:
+                await response.read()
+                status = response.status
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.debug("direct PUT of %s/%s got no answer: %s", bucket, key, exc)
+            status = 0
         if status == 200:
             self.sent += 1
             return True
@@ -370,10 +358,9 @@ class DirectS3:
             connection.close()
 
     def _connection(self) -> http.client.HTTPConnection:
-        parts = urlsplit(self.base)
-        host, port = parts.hostname or "", parts.port
+        host, port = self._endpoint.hostname or "", self._endpoint.port
         connect_timeout = min(self.timeout, 10.0)
-        if parts.scheme == "https":
+        if self._endpoint.scheme == "https":
             return http.client.HTTPSConnection(
                 host, port, timeout=connect_timeout, context=self._ssl_context()
             )
@@ -389,16 +376,8 @@ class DirectS3:
     ) -> tuple[int, Any]:
         """One request of the probe, signed with the options' credentials."""
         assert self.static is not None
-        path = self._path(bucket, key)
-        headers = self._signer.sign(
-            method,
-            path,
-            {},
-            hashlib.sha256(body).hexdigest() if body is not None else EMPTY_SHA256,
-            access_key=self.static.access_key,
-            secret_key=self.static.secret_key,
-            token=self.static.token,
-        )
+        digest = hashlib.sha256(body or b"").hexdigest()
+        path, headers = self._signed(method, bucket, key, self.static, sha256=digest)
         connection.request(method, path, body=body, headers=headers)
         response = connection.getresponse()
         response.read()

@@ -2,8 +2,8 @@
 
 A small file goes in one request: it is read whole and hashed, checked unchanged, and paced
 (``read_whole``). A batch (``skyframe_transfer_batch``) reads each file that way in the calling
-thread, then runs the backend's upload coroutine for all of them on the filesystem's event
-loop, ``concurrency`` at a time (``send_batch``).
+thread, then runs the backend's upload coroutine for all of them on fsspec's event loop,
+``concurrency`` at a time (``send_batch``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from fsspec.asyn import sync
+from fsspec.asyn import get_loop, sync
 
 from skyframe.cleanup import drop_stale
 from skyframe.errors import DeliveryError
@@ -36,15 +36,11 @@ def read_whole(request: TransferRequest, *, stale: bool = True) -> tuple[bytes, 
 
 
 def send_batch(
-    sink: Sink,
-    requests: list[TransferRequest],
-    put: Put,
-    *,
-    loop: asyncio.AbstractEventLoop | None = None,
+    sink: Sink, requests: list[TransferRequest], put: Put
 ) -> list[TransferResult | Exception]:
-    """Read every file here, then ``put`` them all on ``loop`` (default: ``sink.fs``'s event
-    loop); one outcome per request, in order (a file that could not be read or sent gets its
-    exception)."""
+    """Read every file here, then ``put`` them all on fsspec's event loop (the one s3fs and
+    gcsfs run on); one outcome per request, in order (a file that could not be read or sent
+    gets its exception)."""
     outcomes: list[TransferResult | Exception] = []
     ready: list[tuple[int, TransferRequest, bytes, str]] = []
     journal = requests[0].journal if requests else None
@@ -71,9 +67,7 @@ def send_batch(
         )
 
     limit = asyncio.Semaphore(sink.concurrency)
-    if loop is None:
-        loop = sink.fs.loop
-    for (index, *_), outcome in zip(ready, sync(loop, send_all), strict=True):
+    for (index, *_), outcome in zip(ready, sync(get_loop(), send_all), strict=True):
         if not isinstance(outcome, TransferResult | Exception):
             raise outcome  # the loop is going away (cancelled): not this file's doing
         outcomes[index] = outcome

@@ -73,7 +73,7 @@ def skyframe_transfer_batch(sink: Sink) -> BatchTransfer | None:
     """Small files to an ``s3://`` sink: concurrent PUTs on fsspec's event loop (s3fs's)."""
     if sink.protocol != "s3":
         return None
-    return lambda requests: send_batch(sink, requests, _putter(sink), loop=get_loop())
+    return lambda requests: send_batch(sink, requests, _putter(sink))
 
 
 def _putter(sink: Sink) -> Put:
