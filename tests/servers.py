@@ -229,8 +229,11 @@ def _clean_up(leftovers: _Leftovers) -> None:
             process.wait(timeout=STOP_TIMEOUT)
     for pattern in leftovers.patterns:
         for path in glob.glob(pattern):
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
 
 
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -260,28 +263,27 @@ def close_filesystem(fs: Any) -> None:
     from fsspec.asyn import sync  # type: ignore[import-untyped, unused-ignore]
 
     loop = fs.loop
-    if hasattr(fs, "_s3creator"):  # s3fs
-        creator = fs._s3creator
-        if creator is not None:
-            fs._s3creator = None
-            fs._s3 = None
-            with contextlib.suppress(Exception):
-                sync(loop, creator.__aexit__, None, None, None)
-    elif hasattr(fs, "_pool") and hasattr(fs, "_stack"):  # sshfs
-        pool, stack = fs._pool, fs._stack
+    name = type(fs).__name__
+    closer: Any = None
+    if name == "S3FileSystem":
+        if fs.session is not None:  # connected
+            client = fs.s3
+            closer = client.close
+    elif name == "SSHFileSystem":
+        client = fs.client
 
         async def close_ssh() -> None:
-            with contextlib.suppress(Exception):
-                await pool.close()
-            with contextlib.suppress(Exception):
-                await stack.aclose()
+            client.close()
+            await client.wait_closed()
 
-        sync(loop, close_ssh)
-    elif hasattr(fs, "_session"):  # gcsfs
-        session = fs._session
+        closer = close_ssh
+    elif name == "GCSFileSystem":
+        session = fs.session
         if session is not None and not session.closed:
-            with contextlib.suppress(Exception):
-                sync(loop, session.close)
+            closer = session.close
+    if closer is not None:
+        with contextlib.suppress(Exception):
+            sync(loop, closer)
 
 
 # --------------------------------------------------------------------------------------------
@@ -728,8 +730,9 @@ class SFTPServer(Server):
 
     def filesystem(self, **options: Any) -> Any:
         """A fresh, connected `sshfs.SSHFileSystem`; close it with `close_filesystem`."""
-        import sshfs  # type: ignore[import-untyped, unused-ignore]
+        from skyframe.deps import import_sshfs  # its known warning filtered
 
+        sshfs = import_sshfs()
         return sshfs.SSHFileSystem(**self.client_options(), skip_instance_cache=True, **options)
 
     def rclone_section(self, name: str) -> str:
@@ -857,3 +860,75 @@ __all__ = [
     "free_ports",
     "gcs_environment",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# A forwarding HTTP proxy: Squid (Debian `squid`)
+
+
+def _squid_binary() -> str:
+    found = shutil.which("squid") or "/usr/sbin/squid"
+    if not Path(found).exists():
+        raise RuntimeError("squid is not installed (Debian package squid)")
+    return found
+
+
+class ForwardProxy(Server):
+    """Squid on loopback, caching nothing and logging every request it carries
+    (`requests()` reads them).
+
+    As root, Squid works as the `proxy` user, who cannot reach the test's temporary folders:
+    its own files then go in a folder of the system's temporary directory owned by `proxy`,
+    removed with the server.
+    """
+
+    kind = "proxy"
+
+    def __init__(self, base_dir: str | os.PathLike[str], *, timeout: float = START_TIMEOUT):
+        super().__init__(base_dir, timeout=timeout)
+        self.port = free_port()
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        self.config_path = self.dir / "squid.conf"
+        self.work_dir = self.dir
+        if os.geteuid() == 0:
+            self.work_dir = Path(tempfile.mkdtemp(prefix="skyframe-squid-"))
+            self._leftovers.patterns.append(str(self.work_dir))
+            shutil.chown(self.work_dir, "proxy", "proxy")
+        self.access_log = self.work_dir / "access.log"
+
+    def _prepare(self) -> None:
+        _squid_binary()
+        self.config_path.write_text(
+            f"http_port {LOOPBACK}:{self.port}\n"
+            f"pid_filename {self.work_dir / 'squid.pid'}\n"
+            f"access_log stdio:{self.access_log}\n"
+            "cache_log stdio:/dev/stderr\n"
+            "cache_store_log none\n"
+            "cache deny all\n"
+            "cache_mem 8 MB\n"
+            "http_access allow localhost\n"
+            "http_access deny all\n"
+            "shutdown_lifetime 0 seconds\n"
+            f"coredump_dir {self.work_dir}\n"
+            "via off\n"
+            "forwarded_for delete\n",
+            encoding="utf-8",
+        )
+
+    def _command(self) -> list[str]:
+        return [_squid_binary(), "-N", "-f", str(self.config_path)]
+
+    def _probe(self) -> None:
+        with socket.create_connection((LOOPBACK, self.port), timeout=1.0):
+            pass
+        if not self.access_log.exists():
+            raise ConnectionError("no access log yet")
+
+    def requests(self) -> list[tuple[str, str]]:
+        """(method, URL) of every request the proxy has carried so far, in order."""
+        found = []
+        for line in self.access_log.read_text(encoding="utf-8", errors="replace").splitlines():
+            fields = line.split()
+            if len(fields) >= 7:
+                found.append((fields[5], fields[6]))
+        return found

@@ -17,6 +17,8 @@ from servers import (
     gcs_environment,
 )
 
+from skyframe.deps import import_asyncssh, import_sshfs
+
 
 def _alive(pid: int) -> bool:
     try:
@@ -94,8 +96,8 @@ def test_s3_server_survives_kill_and_restart(tmp_path: Path) -> None:
 
 
 def test_sftp_server_kill_drops_connections(tmp_path: Path) -> None:
-    import asyncssh
-    import sshfs  # type: ignore[import-untyped, unused-ignore]
+    asyncssh = import_asyncssh()
+    sshfs = import_sshfs()
 
     server = SFTPServer(tmp_path)
     with server:
@@ -137,8 +139,8 @@ def test_sftp_server_kill_drops_connections(tmp_path: Path) -> None:
 
 
 def test_sftp_wrong_host_key_is_refused(tmp_path: Path) -> None:
-    import asyncssh
-    import sshfs  # type: ignore[import-untyped, unused-ignore]
+    asyncssh = import_asyncssh()
+    sshfs = import_sshfs()
 
     with SFTPServer(tmp_path / "server") as server:
         wrong = server.wrong_known_hosts(tmp_path / "known_hosts")

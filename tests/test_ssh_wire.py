@@ -15,6 +15,7 @@ import servers
 
 from skyframe.backends import sftp as sftp_backend
 from skyframe.backends.ssh_wire import GatheringConnector, GatheringTransport, routed
+from skyframe.deps import import_sshfs
 
 
 class RecordingTransport(asyncio.Transport):
@@ -146,8 +147,7 @@ def test_sftp_connection_to_a_routed_host_is_not_gathered(
         captured.update(kwargs)
         raise Capture
 
-    import sshfs  # type: ignore[import-untyped, unused-ignore]
-
+    sshfs = import_sshfs()
     monkeypatch.setattr(sshfs, "SSHFileSystem", fake_filesystem)
     endpoint = sftp_backend.endpoint(
         f"sftp://{sftp_server.username}@127.0.0.1:{sftp_server.port}/x",

@@ -106,7 +106,7 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
 
 def close(fs: Any) -> None:
     """Close the HTTP session now rather than at garbage collection."""
-    session = getattr(fs, "_session", None)
+    session = fs.session  # None until gcsfs connects
     if session is not None and not session.closed:
         close_quietly(fs, session.close)
 

@@ -11,13 +11,15 @@ import asyncio
 import contextlib
 import hashlib
 import http.client
+import inspect
 import logging
 import os
 import time
+from collections.abc import Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, urlsplit
 
 from pydantic import Field, model_validator
@@ -33,6 +35,7 @@ from skyframe.backends import (
     unreachable,
 )
 from skyframe.backends.sigv4 import SigV4Signer, host_of
+from skyframe.deps import internal
 from skyframe.errors import SinkRefusedError, SinkUnavailableError
 from skyframe.units import Duration, Size
 
@@ -199,6 +202,7 @@ class DirectS3:
         self.timeout = timeout
         self._signer = SigV4Signer(host_of(endpoint_url), region)
         self._session: Any = None
+        self._proxy: str | None = None  #: the session's proxy, read when it opens
         self._loop: asyncio.AbstractEventLoop | None = None  #: the session's
         self._warming: Future[None] | None = None  #: the session being opened ahead
         self.sent = 0  #: objects stored this way
@@ -243,6 +247,7 @@ class DirectS3:
 
             context = self._ssl_context()
             self._loop = asyncio.get_running_loop()
+            self._proxy = self.proxy()
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(
                     total=None, sock_connect=min(self.timeout, 10.0), sock_read=self.timeout
@@ -252,18 +257,19 @@ class DirectS3:
             )
         return self._session
 
-    async def _credentials(self, client: Any) -> StaticCredentials | None:
-        """The options' credentials, else the client's current ones; None when there are none
-        (or the client does not sign with SigV4 in this region)."""
+    async def _credentials(self, client: Any, session: Any) -> StaticCredentials | None:
+        """The options' credentials, else the current ones of the session that made the client
+        (the environment, a profile, a role); None when there are none (or the client does
+        not sign with SigV4 in this region)."""
         if self.static is not None:
             return self.static
-        if client is None:
+        if client is None or session is None:
             return None
         if client.meta.config.signature_version not in (None, "s3v4", "v4"):
             return None
         if client.meta.region_name != self.region:
             return None
-        source = client._request_signer._credentials
+        source = await session.get_credentials()
         if source is None:
             return None
         frozen = await source.get_frozen_credentials()
@@ -280,14 +286,16 @@ class DirectS3:
         sha256: str,
         metadata: dict[str, str],
         client: Any = None,
+        session: Any = None,
     ) -> bool:
         """The PUT of ``body`` (whose sha256 is ``sha256``), on fsspec's event loop; True when
-        the server stored the object. ``client`` (``fs.s3``, taken outside the loop) gives the
-        credentials when the options have none."""
+        the server stored the object. ``client`` and ``session`` (s3fs's ``fs.s3`` and
+        ``fs.session``, taken outside the loop) give the credentials when the options have
+        none."""
         import aiohttp
         from yarl import URL
 
-        credentials = await self._credentials(client)
+        credentials = await self._credentials(client, session)
         if credentials is None:
             self.declined += 1
             return False  # s3fs's path reports the missing credentials
@@ -301,7 +309,8 @@ class DirectS3:
         )
         url = URL(f"{self._endpoint.scheme}://{self._endpoint.netloc}{path}", encoded=True)
         try:
-            async with self._open().put(url, data=body, headers=headers) as response:
+            session = self._open()
+            async with session.put(url, data=body, headers=headers, proxy=self._proxy) as response:
                 await response.read()
                 status = response.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
@@ -323,8 +332,8 @@ class DirectS3:
         loop: a server's first write into a fresh bucket can take a fifth of a second
         (SeaweedFS grows a volume for it), which is then not lost.
         """
-        if self.static is None:
-            return None
+        if self.static is None or self.proxy():
+            return None  # the regular probe, which goes through the proxy
         self._warm_up()
         bucket, _, key = path.partition("/")
         began = time.monotonic()
@@ -356,6 +365,15 @@ class DirectS3:
             return None
         finally:
             connection.close()
+
+    def proxy(self) -> str | None:
+        """The proxy the environment names for the endpoint (``HTTP_PROXY`` or
+        ``HTTPS_PROXY``, unless ``NO_PROXY`` covers the host), as botocore finds it."""
+        import urllib.request
+
+        if urllib.request.proxy_bypass(self._endpoint.hostname or ""):
+            return None
+        return urllib.request.getproxies().get(self._endpoint.scheme) or None
 
     def _connection(self) -> http.client.HTTPConnection:
         host, port = self._endpoint.hostname or "", self._endpoint.port
@@ -432,15 +450,23 @@ def direct_client(settings: S3Options) -> DirectS3 | None:
 
 def close(fs: Any) -> None:
     """Close the client's HTTP connections now rather than at garbage collection."""
-    creator = getattr(fs, "_s3creator", None)
-    if creator is None:
+    if getattr(fs, "session", None) is None:  # never connected (s3fs sets it on connecting)
         return
-    fs._s3creator = fs._s3 = None
 
-    async def aexit() -> None:
-        await creator.__aexit__(None, None, None)
+    async def close_client() -> None:
+        await fs.s3.close()
 
-    close_quietly(fs, aexit)
+    close_quietly(fs, close_client)
+
+
+def call(fs: Any, method: str, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+    """One S3 request through s3fs (its retries and error translation), to await on fsspec's
+    event loop: s3fs's coroutine where it has one, else its public blocking ``call_s3`` in a
+    worker thread."""
+    coroutine = internal(fs, "_call_s3", "s3fs", "calling call_s3 in a thread")
+    if coroutine is not None and inspect.iscoroutinefunction(coroutine):
+        return cast("Coroutine[Any, Any, Any]", coroutine(method, **kwargs))
+    return asyncio.to_thread(fs.call_s3, method, **kwargs)
 
 
 def classify_error(

@@ -6,7 +6,6 @@ are renamed into place with ``posix-rename@openssh.com`` (atomic on OpenSSH).
 
 from __future__ import annotations
 
-import contextlib
 import getpass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,8 @@ from skyframe.backends import (
     one_line,
     unreachable,
 )
-from skyframe.backends.ssh_wire import GatheringConnector, routed
+from skyframe.backends.ssh_wire import GatheringConnector, gathering_supported, routed
+from skyframe.deps import import_asyncssh, import_sshfs
 from skyframe.errors import SinkRefusedError, SinkUnavailableError
 from skyframe.units import Duration
 
@@ -105,8 +105,7 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
         )
 
     def connect() -> Any:
-        import sshfs
-
+        sshfs = import_sshfs()
         kwargs: dict[str, Any] = {
             "port": port,
             "username": username,
@@ -119,7 +118,7 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
             "encryption_algs": settings.ciphers,
             "skip_instance_cache": True,
         }
-        if not routed(host, port, username):  # gathered writes (see ssh_wire)
+        if gathering_supported() and not routed(host, port, username):  # see ssh_wire
             kwargs["tunnel"] = GatheringConnector()
         if client_keys:
             kwargs["client_keys"] = client_keys
@@ -145,25 +144,25 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
 
 
 def close(fs: Any) -> None:
-    """Close the SFTP channels and the SSH connection now."""
-    pool, stack = getattr(fs, "_pool", None), getattr(fs, "_stack", None)
-    if pool is None or stack is None:
+    """Close the SSH connection now (its SFTP channels close with it)."""
+    try:
+        client = fs.client  # sshfs's public handle on asyncssh's connection
+    except Exception:  # never connected
         return
 
-    async def close_all() -> None:
-        with contextlib.suppress(Exception):
-            await pool.close()
-        await stack.aclose()
+    async def close_connection() -> None:
+        client.close()
+        await client.wait_closed()
 
-    close_quietly(fs, close_all)
+    close_quietly(fs, close_connection)
 
 
 def classify_error(
     exc: BaseException, where: str, known_hosts: str | None
 ) -> SinkUnavailableError | SinkRefusedError | None:
     """Map asyncssh and sshfs errors to sink errors."""
-    import asyncssh
-    import asyncssh.sftp
+    asyncssh = import_asyncssh()
+    from asyncssh.sftp import SFTPNoConnection
 
     for item in exception_chain(exc):
         if isinstance(item, asyncssh.HostKeyNotVerifiable):
@@ -182,7 +181,7 @@ def classify_error(
         (
             asyncssh.ConnectionLost,
             asyncssh.SFTPConnectionLost,
-            asyncssh.sftp.SFTPNoConnection,
+            SFTPNoConnection,
             asyncssh.DisconnectError,
             asyncssh.ChannelOpenError,
             asyncssh.SFTPEOFError,

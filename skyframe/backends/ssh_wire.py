@@ -19,12 +19,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from skyframe.deps import import_asyncssh, internal, missed
+
 
 def routed(host: str, port: int, username: str) -> bool:
     """Whether the user's OpenSSH configuration (``~/.ssh/config`` and what it includes, read
     as asyncssh reads it when it connects) sends connections to this host through a proxy."""
-    import asyncssh
-
+    asyncssh = import_asyncssh()
     options = asyncssh.SSHClientConnectionOptions(
         config=(),  # (): the user's file, as asyncssh.connect's default
         host=host,
@@ -34,7 +35,23 @@ def routed(host: str, port: int, username: str) -> bool:
         client_keys=None,
         agent_path=None,
     )
+    if not (hasattr(options, "tunnel") and hasattr(options, "proxy_command")):
+        # Another asyncssh: assume a proxy, and leave the connection to asyncssh.
+        missed("asyncssh", "SSHClientConnectionOptions.tunnel", "assuming a proxy")
+        return True
     return bool(options.tunnel or options.proxy_command)
+
+
+def gathering_supported() -> bool:
+    """Whether asyncssh's ``tunnel`` option takes an object that opens the connection (its
+    ``_TunnelConnectorProtocol``); where it does not, asyncssh connects by itself."""
+    import_asyncssh()
+    from asyncssh import connection
+
+    protocol = internal(
+        connection, "_TunnelConnectorProtocol", "asyncssh", "connecting without gathered writes"
+    )
+    return protocol is not None and hasattr(protocol, "create_connection")
 
 
 class GatheringTransport(asyncio.Transport):

@@ -20,6 +20,7 @@ already sent; GCS keeps the bytes it holds once, but an emulator may append them
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from typing import Any
@@ -28,6 +29,7 @@ from fsspec.asyn import sync
 
 from skyframe.backends.gcs import GCSOptions
 from skyframe.builtin.batch import read_whole, send_batch
+from skyframe.deps import internal
 from skyframe.errors import (
     DeliveryError,
     SinkRefusedError,
@@ -71,11 +73,23 @@ def skyframe_transfer(request: TransferRequest) -> TransferResult | None:
         raise SinkRefusedError(f"{sink.display}: bucket {bucket!r} does not exist") from None
 
 
+def _gcsfs_upload(name: str, fallback: str) -> Any:
+    """One of gcsfs's upload functions (``gcsfs.core``: undocumented, but what its own files
+    use), or None where this gcsfs lacks it."""
+    import gcsfs.core
+
+    return internal(gcsfs.core, name, "gcsfs", fallback)
+
+
 async def _simple(fs: Any, request: TransferRequest, data: bytes, sha256: str) -> None:
     """One request (multipart-encoded: metadata and bytes) that publishes the object."""
-    from gcsfs.core import simple_upload
-
     bucket, _, key = request.remote_path.partition("/")
+    simple_upload = _gcsfs_upload("simple_upload", "using pipe_file")
+    if simple_upload is None:
+        await fs._pipe_file(  # fsspec's async API: the coroutine of pipe_file
+            request.remote_path, data, metadata={"sha256": sha256}, content_type=CONTENT_TYPE
+        )
+        return
     await simple_upload(
         fs, bucket, key, data, metadatain={"sha256": sha256}, content_type=CONTENT_TYPE
     )
@@ -92,6 +106,12 @@ def skyframe_transfer_batch(sink: Sink) -> BatchTransfer | None:
 def _resumable(
     fs: Any, bucket: str, key: str, request: TransferRequest, settings: GCSOptions
 ) -> TransferResult:
+    fallback = "streaming through fs.open, without resume"
+    if None in (
+        _gcsfs_upload("initiate_upload", fallback),
+        _gcsfs_upload("upload_chunk", fallback),
+    ):
+        return _streamed(fs, request, settings)
     journal, journal_key = request.journal, request.journal_key
     session, offset, sha256 = _resume(fs, request, settings)
     if session is None:
@@ -128,12 +148,42 @@ def _resumable(
     return TransferResult(request.size, sha256)
 
 
+def _streamed(fs: Any, request: TransferRequest, settings: GCSOptions) -> TransferResult:
+    """A large file through gcsfs's public file API: a resumable session that is not
+    journaled (an interrupted upload starts again), cancelled if the file changes."""
+    sha256 = request.digest()
+    out = fs.open(
+        request.remote_path,
+        "wb",
+        block_size=settings.chunk_size,
+        metadata={"sha256": sha256},
+        content_type=CONTENT_TYPE,
+    )
+    try:
+        with SourceReader(
+            request.local_path, chunk_size=settings.chunk_size, hashing=False
+        ) as reader:
+            done = 0
+            for chunk in reader.chunks():
+                request.pace(len(chunk))
+                out.write(chunk)
+                done += len(chunk)
+                request.progress(done)
+            reader.check_unchanged(request.size, request.mtime_ns)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            out.discard()
+        out.closed = True  # never published by a later close
+        raise
+    out.close()  # the last chunk publishes the object
+    return TransferResult(request.size, sha256)
+
+
 def _open_session(
     fs: Any, bucket: str, key: str, request: TransferRequest, settings: GCSOptions
 ) -> tuple[str, str]:
     """Hash the file, open a resumable session carrying the digest, journal it."""
-    from gcsfs.core import initiate_upload
-
+    initiate_upload = _gcsfs_upload("initiate_upload", "")
     sha256 = request.digest()
     metadata = {"sha256": sha256}
     session = sync(fs.loop, initiate_upload, fs, bucket, key, CONTENT_TYPE, metadata=metadata)
@@ -156,8 +206,7 @@ def _open_session(
 
 def _send_chunk(fs: Any, session: str, chunk: bytes, offset: int, request: TransferRequest) -> Any:
     """Send one chunk; returns the server's answer (the object's resource after the last)."""
-    from gcsfs.core import upload_chunk
-
+    upload_chunk = _gcsfs_upload("upload_chunk", "")
     try:
         return sync(fs.loop, upload_chunk, fs, session, chunk, offset, request.size, CONTENT_TYPE)
     except Exception as exc:
@@ -216,9 +265,7 @@ def session_offset(fs: Any, session: str, size: int) -> int | None:
     """How many bytes the server holds for a resumable session (the status query), or None
     when the session expired or is already complete (it starts anew then)."""
     try:
-        headers, text = sync(
-            fs.loop,
-            fs._call,
+        headers, text = fs.call(
             "PUT",
             session,
             headers={"Content-Range": f"bytes */{size}", "Content-Length": "0"},
@@ -244,7 +291,7 @@ def session_gone(exc: BaseException) -> bool:
 def cancel_session(fs: Any, session: str) -> None:
     """Cancel a resumable session (the server drops what it holds); one gone already is fine."""
     try:
-        sync(fs.loop, fs._call, "DELETE", session, timeout=10)
+        fs.call("DELETE", session, timeout=10)
     except Exception as exc:
         if not session_gone(exc):
             raise

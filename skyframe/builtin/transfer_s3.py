@@ -30,6 +30,7 @@ from typing import Any
 
 from fsspec.asyn import get_loop, sync
 
+from skyframe.backends import s3
 from skyframe.backends.s3 import DirectS3, S3Options
 from skyframe.builtin.batch import Put, read_whole, send_batch
 from skyframe.errors import DeliveryError, SourceChangedError, SourceUnreadableError
@@ -84,20 +85,21 @@ def _putter(sink: Sink) -> Put:
     s3fs is loaded only for a PUT it declines (and then reports that PUT's error)."""
     direct = sink.endpoint.direct
     assert direct is None or isinstance(direct, DirectS3)
-    client = None
+    client = session = None
     if direct is None or direct.static is None:
         client = sink.fs.s3  # connects here, outside the event loop, when needed
+        session = sink.fs.session
 
     async def put(request: TransferRequest, data: bytes, sha256: str) -> None:
         bucket, _, key = request.remote_path.partition("/")
         metadata = {"sha256": sha256}
         if direct is not None and await direct.put(
-            bucket, key, data, sha256=sha256, metadata=metadata, client=client
+            bucket, key, data, sha256=sha256, metadata=metadata, client=client, session=session
         ):
             return
         # Connecting may load s3fs or wait for another thread's connection: not on the loop.
         fs = await asyncio.to_thread(lambda: sink.fs)
-        await fs._call_s3("put_object", Bucket=bucket, Key=key, Body=data, Metadata=metadata)
+        await s3.call(fs, "put_object", Bucket=bucket, Key=key, Body=data, Metadata=metadata)
 
     return put
 
@@ -312,7 +314,8 @@ class MultipartUpload:
                         continue
                     self.held.pop(number, None)
                     request.pace(len(chunk))
-                    call = self.fs._call_s3(
+                    call = s3.call(
+                        self.fs,
                         "upload_part",
                         Bucket=self.bucket,
                         Key=self.key,

@@ -24,6 +24,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from skyframe.cleanup import drop_stale
+from skyframe.deps import internal
 from skyframe.errors import SourceChangedError, SourceUnreadableError
 from skyframe.journal import UploadJournal, same_file
 from skyframe.markers import hookimpl
@@ -44,7 +45,12 @@ def _write_pipelined(
 ) -> None:
     """Write the rest of the file from ``offset``, keeping IN_FLIGHT chunks on the wire;
     ``confirmed(end)`` is called as the server acknowledges each chunk, in file order."""
-    handle = out._file  # sshfs's file wraps asyncssh's, which takes explicit offsets
+    # sshfs's file wraps asyncssh's, whose writes take explicit offsets: several can be in
+    # flight while the next chunk is read and hashed.
+    handle = internal(out, "_file", "sshfs", "writing one chunk at a time")
+    if handle is None:
+        _write_in_turn(out, reader, request, offset, confirmed)
+        return
     pending: deque[tuple[Future[Any], int]] = deque()
     try:
         for chunk in reader.chunks():
@@ -64,6 +70,22 @@ def _write_pipelined(
         for future, _ in pending:
             future.cancel()
         raise
+
+
+def _write_in_turn(
+    out: Any,
+    reader: SourceReader,
+    request: TransferRequest,
+    offset: int,
+    confirmed: Callable[[int], None],
+) -> None:
+    """:func:`_write_pipelined` through sshfs's public file API: one chunk at a time."""
+    out.seek(offset)
+    for chunk in reader.chunks():
+        request.pace(len(chunk))
+        out.write(chunk)
+        offset += len(chunk)
+        confirmed(offset)
 
 
 def _resume_offset(
