@@ -12,14 +12,19 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import os
+import re
 import socket
 import threading
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from skyframe.config import ApiConfig, is_loopback
 from skyframe.events import LifecycleEvent
@@ -38,12 +43,134 @@ STATUS_EVERY = 2.0  #: seconds between two status documents on the event stream
 STREAM_BUFFER = 1000  #: events waiting for one slow event-stream client before it loses some
 MAX_LIMIT = 5000
 START_TIMEOUT = 10.0
+MAX_BODY = 64 * 1024  #: bytes a request body may have: the API's bodies are a few dozen
+BODY_TIMEOUT = 10.0  #: seconds a client has to send its body
+
+# Wrong tokens, counted per client address (docs/api.md#authentication).
+FREE_FAILURES = 5  #: wrong tokens an address may send before it has to wait
+FIRST_WAIT = 1.0  #: seconds it then waits; doubled by each further wrong token
+LONGEST_WAIT = 300.0
+FORGET_AFTER = 600.0  #: seconds after its last wrong token that an address starts afresh
+LOG_EVERY = 60.0  #: seconds between two log lines about the wrong tokens of one address
+TRACKED = 10_000  #: addresses remembered at most
+
+_WHOLE_NUMBER = re.compile(r"0*([0-9]{1,9})")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+class _Refused(Exception):
+    """Raised by a helper: the guard answers ``{"error": message}`` with this status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _shown(value: object, width: int = 60) -> str:
+    """A value a client sent, quoted for a message and cut short."""
+    text = repr(value)
+    return text if len(text) <= width else f"{text[: width - 3]}..."
+
+
+def _digest(secret: str) -> bytes:
+    """A token as bytes of fixed length: compared in constant time, whatever its length, and
+    whatever a client sent (lone surrogates included)."""
+    return hmac.new(b"skyframe token", secret.encode("utf-8", "surrogatepass"), "sha256").digest()
+
+
+@dataclass
+class _Failures:
+    count: int = 0
+    first: float = 0.0  #: monotonic times of the first and the latest wrong token
+    last: float = 0.0
+    blocked_until: float = 0.0
+    unlogged: int = 0  #: wrong tokens not in a log line yet
+    logged_at: float = -math.inf
+
+
+class TokenThrottle:
+    """Slows down guessing the token: after FREE_FAILURES wrong tokens from one address, that
+    address must wait before each further try, twice as long after each wrong one. While it
+    waits, even the right token is refused, so that guesses tell nothing meanwhile.
+
+    The first wrong token of an address is logged (info), then a warning with their count
+    when it has to wait, and then at most one line every LOG_EVERY seconds. Only the event
+    loop's thread uses it.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._by_address: dict[str, _Failures] = {}
+
+    def wait(self, address: str) -> float:
+        """Seconds the address must still wait before its token is looked at (0: none)."""
+        failures = self._by_address.get(address)
+        return max(failures.blocked_until - self._clock(), 0.0) if failures else 0.0
+
+    def failed(self, address: str, what: str) -> None:
+        """Count a wrong token from ``address`` (``what``: the request, for the log)."""
+        now = self._clock()
+        failures = self._by_address.get(address)
+        if failures is None or now - failures.last > FORGET_AFTER:
+            self._forget_old(now)
+            failures = self._by_address[address] = _Failures(first=now)
+        failures.count += 1
+        failures.unlogged += 1
+        failures.last = now
+        extra = failures.count - FREE_FAILURES
+        if extra >= 0:
+            failures.blocked_until = now + min(FIRST_WAIT * 2 ** min(extra, 32), LONGEST_WAIT)
+        if failures.count == 1:  # a mistake, most likely: a warning once it goes on
+            log.info(
+                "API: wrong token from %s (%s); more from it are counted, and logged at most "
+                "once a minute",
+                address,
+                what,
+            )
+        elif failures.count == FREE_FAILURES or now - failures.logged_at >= LOG_EVERY:
+            wait = f"; it now waits {math.ceil(self.wait(address))} s per try" if extra >= 0 else ""
+            log.warning(
+                "API: %d more wrong token(s) from %s (latest: %s), %d since %.0f s ago%s",
+                failures.unlogged,
+                address,
+                what,
+                failures.count,
+                now - failures.first,
+                wait,
+            )
+        else:
+            return
+        failures.unlogged = 0
+        failures.logged_at = now
+
+    def _forget_old(self, now: float) -> None:
+        by_address = self._by_address
+        for address in [a for a, f in by_address.items() if now - f.last > FORGET_AFTER]:
+            del by_address[address]
+        while len(by_address) >= TRACKED:  # many addresses at once: the oldest go first
+            del by_address[min(by_address, key=lambda a: by_address[a].last)]
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse (a line too long, a bad chunk) as an error with
+    a traceback; the client has its 400: one debug line is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        log.debug("malformed HTTP request: %s: %s", type(exc).__name__, exc.message)
+        return False
+
+
+_http_log = logging.getLogger(f"{__name__}.http")  #: aiohttp's own messages
+_http_log.addFilter(_MalformedRequests())
 
 
 def _host_name(host_header: str) -> str:
@@ -55,12 +182,14 @@ def _host_name(host_header: str) -> str:
 
 def _limit(request: web.Request, default: int = 200) -> int:
     value = request.query.get("limit", str(default))
-    if not value.isdigit() or not 1 <= int(value) <= MAX_LIMIT:
-        raise web.HTTPBadRequest(
-            text=json.dumps({"error": f"limit must be 1 to {MAX_LIMIT}, not {value!r}"}),
-            content_type="application/json",
+    # Not int(value): it reads other scripts' digits, and raises on "²" and on 5,000 digits.
+    match = _WHOLE_NUMBER.fullmatch(value)
+    number = int(match[1]) if match else 0
+    if not 1 <= number <= MAX_LIMIT:
+        raise _Refused(
+            400, f"limit must be a whole number from 1 to {MAX_LIMIT}, not {_shown(value)}"
         )
-    return int(value)
+    return number
 
 
 class ApiServer:
@@ -79,6 +208,7 @@ class ApiServer:
         self.metrics = Metrics()
         self.metrics.set_status_source(engine.status)
         self._stopping: asyncio.Event | None = None
+        self._throttle = TokenThrottle()
 
     # --- life cycle --------------------------------------------------------------------------
 
@@ -118,7 +248,7 @@ class ApiServer:
 
     async def _bind(self) -> None:
         self._stopping = asyncio.Event()
-        app = web.Application(middlewares=[self._guard])
+        app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY)
         app.router.add_get("/", self._index)
         app.router.add_static("/static/", WEB_ROOT / "static", follow_symlinks=False)
         app.router.add_get("/healthz", self._healthz)
@@ -133,7 +263,12 @@ class ApiServer:
         app.router.add_post("/api/retry", self._retry)
         app.router.add_post("/api/login", self._login)
         self._runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=1.0
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=1.0,
+            logger=_http_log,
+            lingering_time=0,  # a body refused unread closes the connection: none is drained
         )
         await self._runner.setup()
         host, port = self.config.address
@@ -197,22 +332,35 @@ class ApiServer:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await self._answer(request, handler)
+        response.headers.setdefault("Cache-Control", "no-store")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        return response
+
+    async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The handler's answer, or the refusal of the request; never an exception."""
         path = request.path
         token = self.config.token
         if not token and not is_loopback(_host_name(request.host)):
             # A page of another site that resolved its own name to 127.0.0.1 (DNS rebinding).
-            return _error(403, f"unexpected Host {request.host!r}: use http://127.0.0.1")
+            return _error(403, f"unexpected Host {_shown(request.host)}: use http://127.0.0.1")
         public = path in ("/", "/healthz", "/api/login") or path.startswith("/static/")
-        if token and not public and not self._authorised(request, token):
-            return _error(401, "this daemon needs its API token (Authorization: Bearer ...)")
+        if token and not public:
+            refusal = self._check_token(request, token)
+            if refusal is not None:
+                return refusal
         if request.method == "POST":
             if request.content_type != "application/json":
                 return _error(415, "send a JSON body (Content-Type: application/json)")
             origin = request.headers.get("Origin")
             if origin and origin.split("://", 1)[-1] != request.host:
-                return _error(403, f"cross-site request from {origin} refused")
+                return _error(403, f"cross-site request from {_shown(origin)} refused")
         try:
-            response = await handler(request)
+            return await handler(request)
+        except _Refused as exc:
+            return _error(exc.status, exc.message)
         except web.HTTPException as exc:  # aiohttp's own 404, 405...: JSON like ours
             if exc.content_type == "application/json":
                 raise
@@ -220,18 +368,25 @@ class ApiServer:
         except Exception as exc:
             log.exception("API request %s %s failed", request.method, path)
             return _error(500, f"{type(exc).__name__}: {exc}")
-        response.headers.setdefault("Cache-Control", "no-store")
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        return response
 
-    def _authorised(self, request: web.Request, token: str) -> bool:
+    def _check_token(self, request: web.Request, token: str) -> web.Response | None:
+        """None when the request carries the token or the dashboard's cookie; else the answer.
+
+        Only a token counts as a guess: the cookie is an HMAC of it, which nobody guesses.
+        """
         header = request.headers.get("Authorization", "")
         if header.startswith("Bearer "):
-            return hmac.compare_digest(header[7:].encode(), token.encode())
-        cookie = request.cookies.get(self._cookie_name(), "")
-        return hmac.compare_digest(cookie.encode(), self._session(token).encode())
+            wait = self._throttle.wait(_address(request))
+            if wait:
+                return _too_many(wait)
+            if _same(header[7:], token):
+                return None
+            self._throttle.failed(_address(request), f"{request.method} {request.path}")
+            return _error(401, "wrong API token")
+        cookie = request.cookies.get(self._cookie_name())
+        if cookie is not None and _same(cookie, self._session(token)):
+            return None
+        return _error(401, "this daemon needs its API token (Authorization: Bearer ...)")
 
     def _cookie_name(self) -> str:
         return COOKIE.format(port=self.url.rsplit(":", 1)[-1])
@@ -242,18 +397,29 @@ class ApiServer:
         return hmac.new(token.encode(), b"skyframe dashboard session", "sha256").hexdigest()
 
     async def _json_body(self, request: web.Request) -> dict[str, Any]:
+        """The body as a JSON object; raises _Refused for anything else (never a 500)."""
+        size = request.content_length
+        if size is not None and size > MAX_BODY:  # refused before it is sent
+            raise _Refused(413, f"the body is larger than {MAX_BODY // 1024} KiB")
         try:
-            body = await request.json()
-        except ValueError:
-            raise web.HTTPBadRequest(
-                text=json.dumps({"error": "the body is not valid JSON"}),
-                content_type="application/json",
-            ) from None
+            raw = await asyncio.wait_for(request.read(), BODY_TIMEOUT)
+        except web.HTTPRequestEntityTooLarge:  # sent without a Content-Length
+            raise _Refused(413, f"the body is larger than {MAX_BODY // 1024} KiB") from None
+        except TimeoutError:
+            raise _Refused(408, f"the body did not come within {BODY_TIMEOUT:.0f} s") from None
+        except ConnectionError as exc:  # the client went away in the middle of its body
+            log.debug("API request %s %s: the client left: %s", request.method, request.path, exc)
+            raise _Refused(400, "the body was cut off") from None
+        try:
+            # JSON is UTF-8 (RFC 8259): a charset in the Content-Type is not looked at.
+            body = json.loads(raw)
+        except RecursionError:
+            raise _Refused(400, "the body is not valid JSON: nested too deep") from None
+        except ValueError as exc:  # UnicodeDecodeError included
+            detail = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+            raise _Refused(400, f"the body is not valid JSON: {detail}") from None
         if not isinstance(body, dict):
-            raise web.HTTPBadRequest(
-                text=json.dumps({"error": "the body must be a JSON object"}),
-                content_type="application/json",
-            )
+            raise _Refused(400, "the body must be a JSON object")
         return body
 
     async def _run(self, func: Callable[[], Any]) -> Any:
@@ -319,7 +485,9 @@ class ApiServer:
     async def _jobs(self, request: web.Request) -> web.StreamResponse:
         state = request.query.get("state")
         if state not in (None, "pending", "leased", "waiting", "dead"):
-            return _error(400, f"state must be pending, leased, waiting or dead, not {state!r}")
+            return _error(
+                400, f"state must be pending, leased, waiting or dead, not {_shown(state)}"
+            )
         limit = _limit(request)
         records = await self._run(lambda: self.engine.queue.records(state, limit))
         counts = await self._run(self.engine.queue.counts)
@@ -345,8 +513,12 @@ class ApiServer:
         if "since" in query:
             try:
                 since = parse_since(query["since"])
-            except ValueError as exc:
-                return _error(400, f"since: {exc}")
+            except ValueError:
+                return _error(
+                    400,
+                    "since must be a duration (90m, 2h, 7d) or a date (2026-11-29 08:00), "
+                    f"not {_shown(query['since'])}",
+                )
         limit = _limit(request)
         failed = query.get("failed", "") in ("1", "true", "yes")
         events = await self._run(
@@ -376,7 +548,7 @@ class ApiServer:
                 lambda: self.engine.set_paused(paused, pipeline, reason="through the API")
             )
         except KeyError:
-            return _error(404, f"no pipeline named {pipeline!r}")
+            return _error(404, f"no pipeline named {_shown(pipeline)}")
         return web.json_response(state)
 
     async def _retry(self, request: web.Request) -> web.StreamResponse:
@@ -387,27 +559,49 @@ class ApiServer:
         if pipeline is not None and not isinstance(pipeline, str):
             return _error(400, "pipeline must be a string")
         if pipeline is not None and pipeline not in self.engine.pipelines:
-            return _error(404, f"no pipeline named {pipeline!r}")
+            return _error(404, f"no pipeline named {_shown(pipeline)}")
         if body.get("all") is True:
             path = None
         retried = await self._run(lambda: self.engine.retry_dead(pipeline, path))
         if path is not None and not retried:
-            return _error(404, f"no dead-lettered job for {path!r}")
+            return _error(404, f"no dead-lettered job for {_shown(path)}")
         return web.json_response({"retried": retried})
 
     async def _login(self, request: web.Request) -> web.StreamResponse:
         token = self.config.token
         if not token:
             return web.json_response({"ok": True})
+        wait = self._throttle.wait(_address(request))
+        if wait:  # before the body is read: a guess now tells nothing
+            return _too_many(wait)
         body = await self._json_body(request)
         given = body.get("token")
-        if not isinstance(given, str) or not hmac.compare_digest(given.encode(), token.encode()):
+        if not isinstance(given, str) or not _same(given, token):
+            self._throttle.failed(_address(request), "dashboard sign-in")
             return _error(401, "wrong token")
         response = web.json_response({"ok": True})
         response.set_cookie(
             self._cookie_name(), self._session(token), httponly=True, samesite="Strict", path="/"
         )
         return response
+
+
+def _address(request: web.Request) -> str:
+    return request.remote or "unknown"
+
+
+def _same(given: str, secret: str) -> bool:
+    """Whether a client's value is the secret, in constant time whatever their lengths."""
+    return hmac.compare_digest(_digest(given), _digest(secret))
+
+
+def _too_many(wait: float) -> web.Response:
+    seconds = math.ceil(wait)
+    return _error(
+        429,
+        f"too many wrong tokens from this address: try again in {seconds} s",
+        headers={"Retry-After": str(seconds)},
+    )
 
 
 def _sse(kind: str, data: dict[str, Any]) -> bytes:

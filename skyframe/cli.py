@@ -21,6 +21,7 @@ from rich.text import Text
 
 from skyframe import __version__
 from skyframe.config import DEFAULT_CONFIG_NAME
+from skyframe.display import SafeLogFilter
 from skyframe.errors import SkyframeError
 from skyframe.state import STATE_DB_ERRORS
 
@@ -86,6 +87,7 @@ def _setup_logging(verbose: int, quiet: bool, stderr: Console) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_PlainFormatter("skyframe: %(levelname)s: %(message)s"))
     handler.setLevel(level)
+    handler.addFilter(SafeLogFilter())  # file names escaped, URL passwords removed
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -360,7 +362,11 @@ def _switch(config_file: Path, pipeline: str | None, paused: bool) -> None:
     what = pipeline or "everything"
     verb = "paused" if paused else "resumed"
     try:
-        client = DaemonClient(config)
+        state = DaemonClient(config).request(
+            "POST",
+            "/api/pause" if paused else "/api/resume",
+            ({"pipeline": pipeline} if pipeline else {}),
+        )
     except NoDaemonError as exc:
         # Nothing to tell: switch the saved state, which the next start obeys; under the
         # state lock, so that a daemon without API does not overwrite it later.
@@ -378,11 +384,6 @@ def _switch(config_file: Path, pipeline: str | None, paused: bool) -> None:
             lock.release()
         click.echo(f"{verb} {what}: {exc}; the next start is {verb}")
         return
-    state = client.request(
-        "POST",
-        "/api/pause" if paused else "/api/resume",
-        ({"pipeline": pipeline} if pipeline else {}),
-    )
     held = [name for name, on in state["pipelines"].items() if on or state["paused"]]
     click.echo(f"{verb} {what}; held now: {', '.join(held) if held else 'nothing'}")
 

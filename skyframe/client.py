@@ -2,25 +2,33 @@
 
 from __future__ import annotations
 
+import fcntl
+import http.client
 import json
 import os
 import time
 import urllib.error
 import urllib.request
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from skyframe.config import Config
 from skyframe.errors import SkyframeError
-from skyframe.state import API_FILE, read_api_file
+from skyframe.state import API_FILE, StateLock, read_api_file
 from skyframe.units import format_rate, format_size
 
+#: Seconds to wait for the daemon to accept a request, and then for each part of its answer.
 TIMEOUT = 10.0
 BAR_WIDTH = 24
 
 
 class NoDaemonError(SkyframeError):
-    """No daemon runs for this config (or it does not answer)."""
+    """No daemon runs for this config: its saved state may be changed directly."""
+
+
+class DaemonNotAnsweringError(SkyframeError):
+    """A process holds the config's state directory, but its API does not answer."""
 
 
 class DaemonClient:
@@ -28,44 +36,119 @@ class DaemonClient:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        found = read_api_file(config.state_path)
-        where = config.state_path / API_FILE
-        if found is None:
-            raise NoDaemonError(
-                f"no daemon is running for {config.file} (no {where}; start it with "
-                f"skyframe run {config.file.name})"
-            )
+        self.where = config.state_path / API_FILE
+        found = read_api_file(config.state_path) or {}
         pid = found.get("pid")
-        if isinstance(pid, int) and not _alive(pid):
-            raise NoDaemonError(f"no daemon is running for {config.file} (pid {pid} has ended)")
-        self.url: str = found["url"]
+        self.pid = pid if isinstance(pid, int) else None
+        self.url: str = found.get("url", "")
+        ended = self.pid is not None and not _alive(self.pid)
+        # api.json tells where a daemon listens, not whether one runs: its lock tells that.
+        in_use = state_dir_in_use(config.state_path)
+        if found and not ended and in_use:
+            return
+        if in_use:
+            holder = _lock_holder(config.state_path)
+            raise DaemonNotAnsweringError(
+                f"a skyframe process{holder} is using {config.state_path}, but without an API "
+                "that answers (api.enabled is false, its address was taken, or it is a "
+                "run --once)"
+            )
+        if not found:
+            reason = f"no {self.where}; start it with skyframe run {config.file.name}"
+        elif ended:
+            reason = f"pid {self.pid} has ended"
+        else:  # killed, and its PID is a zombie or another process's now
+            reason = f"{self.where} is left over: pid {self.pid} does not hold the state dir"
+        raise NoDaemonError(f"no daemon is running for {config.file} ({reason})")
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """Send one request; the answer's JSON. Errors become one-line SkyframeErrors."""
+        """Send one request; the answer's JSON. Errors become one-line SkyframeErrors:
+        NoDaemonError when no daemon runs after all (``api.json`` was left behind)."""
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method)
+        try:
+            request = urllib.request.Request(self.url + path, data=data, method=method)
+        except ValueError:  # not a URL: api.json was not written by a daemon
+            raise self._unreachable(f"{self.url!r} is not an address") from None
         if data is not None:
             request.add_header("Content-Type", "application/json")
         if self.config.api.token:
             request.add_header("Authorization", f"Bearer {self.config.api.token}")
         try:
             with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
-                return json.loads(response.read())
+                raw = response.read()
         except urllib.error.HTTPError as exc:
-            try:
-                message = json.loads(exc.read()).get("error", exc.reason)
-            except ValueError:
-                message = exc.reason
-            if exc.code == 401:
-                message += " (set api.token in the config, from the environment)"
-            raise SkyframeError(
-                f"the daemon at {self.url} answered {exc.code}: {message}"
-            ) from None
-        except (urllib.error.URLError, OSError) as exc:
+            with exc:
+                raise SkyframeError(self._refusal(exc)) from None
+        except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
             reason = getattr(exc, "reason", exc)
-            raise NoDaemonError(
-                f"the daemon of {self.config.file} does not answer at {self.url}: {reason}"
+            if isinstance(exc, TimeoutError) or isinstance(reason, TimeoutError):
+                raise self._unreachable(None) from None
+            raise self._unreachable(str(reason) or type(reason).__name__) from None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise DaemonNotAnsweringError(
+                f"what answers at {self.url} is not the API of skyframe "
+                f"(is the address in {self.where} used by another program?)"
             ) from None
+
+    def _refusal(self, exc: urllib.error.HTTPError) -> str:
+        """The one line for an error answer of the daemon."""
+        try:
+            answer = json.loads(exc.read())
+        except ValueError:
+            answer = None
+        error = answer.get("error") if isinstance(answer, dict) else None
+        message = error if isinstance(error, str) else exc.reason
+        if exc.code == 401:
+            message += " (set api.token in the config, from the environment)"
+        return f"the daemon at {self.url} answered {exc.code}: {message}"
+
+    def _unreachable(self, reason: str | None) -> SkyframeError:
+        """The error for an API that cannot be reached (``reason`` None: it timed out);
+        whether the state directory is held tells whether a daemon runs."""
+        file, url = self.config.file, self.url
+        if not state_dir_in_use(self.config.state_path):  # it ended meanwhile
+            reason = reason or f"no answer within {TIMEOUT:g} s"
+            return NoDaemonError(f"no daemon is running for {file} ({url}: {reason})")
+        if reason is None:
+            return DaemonNotAnsweringError(
+                f"the daemon of {file} did not answer at {url} within {TIMEOUT:g} s: it may "
+                "be hung (see its log)"
+            )
+        return DaemonNotAnsweringError(
+            f"a skyframe process holds {self.config.state_path}, but its API does not answer "
+            f"at {url} ({reason}): it may be starting, or run without its API"
+        )
+
+
+def state_dir_in_use(state_dir: Path) -> bool:
+    """Whether a process (a daemon, a run) holds the state directory's lock now.
+
+    The lock, unlike ``api.json``, goes away with its process, even one killed.
+    """
+    try:
+        fd = os.open(StateLock(state_dir).path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # cannot tell: say that one may run
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # the shared lock goes with it
+    return False
+
+
+def _lock_holder(state_dir: Path) -> str:
+    """`` (pid N)`` as the state lock's holder wrote it, or nothing."""
+    try:
+        pid = StateLock(state_dir).path.read_text(encoding="utf-8").strip()
+    except (OSError, ValueError):
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
 
 
 def _alive(pid: int) -> bool:

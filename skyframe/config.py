@@ -1,6 +1,7 @@
 """The YAML config: safe loading with positions, ``${VAR}`` interpolation, pydantic models.
 
-Every error raised from here is a :class:`ConfigError` naming file, line and column.
+Every error raised from here is a :class:`ConfigError` naming file, line and column, on one
+line, without a URL password or a value taken from the environment.
 """
 
 from __future__ import annotations
@@ -11,11 +12,22 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
-from urllib.parse import urlsplit, urlunsplit
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from skyframe.errors import ConfigError, Location
 from skyframe.events import LifecycleKind
@@ -25,20 +37,80 @@ YamlPath = tuple[str | int, ...]
 
 DEFAULT_CONFIG_NAME = "skyframe.yaml"
 
+#: The most values (scalars, lists, mappings) a config may hold once its aliases are expanded:
+#: real configs hold a few hundred; a "billion laughs" of nested aliases holds billions.
+MAX_VALUES = 100_000
+#: The shortest API token accepted when the API listens on anything but loopback.
+MIN_TOKEN_LENGTH = 16
+
+#: Values from the environment at least this long are hidden wherever they appear in an error.
+_MIN_HIDDEN = 4
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _not_bool(value: Any) -> Any:
+    # pydantic takes true for 1: "workers: true" is a mistake, not a count.
+    if isinstance(value, bool):
+        raise ValueError(f"expected a whole number, not {str(value).lower()}")
+    return value
+
+
+def _positive(seconds: float) -> float:
+    if seconds <= 0:
+        raise ValueError("must be longer than 0 (e.g. 1s or 500ms)")
+    return seconds
+
+
+#: An integer that refuses booleans (numbers written as strings, from ``${VAR}``, still pass).
+Count = Annotated[int, BeforeValidator(_not_bool)]
+#: A duration where 0 makes no sense (an interval, a timeout, a delay between retries).
+PositiveDuration = Annotated[Duration, AfterValidator(_positive)]
+
+#: RFC 7230 ``token``: the characters a header name may hold.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: Control characters other than tab: CR and LF would split the request, NUL cuts it.
+_HEADER_VALUE_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _header_name(name: str) -> str:
+    if not _HEADER_NAME.fullmatch(name):
+        raise ValueError(
+            f"invalid header name {name!r}: use letters, digits and !#$%&'*+-.^_`|~ only"
+        )
+    return name
+
+
+def _header_value(value: str) -> str:
+    # The value is often a secret: say what is wrong with it, never what it is.
+    if _HEADER_VALUE_CONTROL.search(value):
+        raise ValueError(
+            "the header value contains a control character (CR, LF, NUL...): "
+            "no request could carry it"
+        )
+    return value
+
+
 class SourceConfig(_Model):
     """Where files land."""
 
+    follow_symlinks: Literal["inside", "all", "none"] = Field(
+        "inside",
+        description=(
+            "symbolic links to files that are sent: those whose target is inside the source, "
+            "all, or none"
+        ),
+    )
     path: str = Field(description="folder to watch, relative to the config file")
     recursive: bool = Field(True, description="include sub-folders")
     settle: Duration = Field(2.0, description="seconds a file must be unchanged to be ready")
-    rescan: Duration = Field(600.0, description="full catch-up scan interval in watch mode")
+    rescan: PositiveDuration = Field(600.0, description="full catch-up scan interval in watch mode")
     polling: bool = Field(False, description="poll instead of inotify (network mounts)")
-    poll_interval: Duration = Field(5.0, description="seconds between polls when polling")
+    poll_interval: PositiveDuration = Field(5.0, description="seconds between polls when polling")
 
 
 class SinkConfig(_Model):
@@ -47,7 +119,7 @@ class SinkConfig(_Model):
     url: str = Field(description="a path relative to the config file, or an fsspec URL")
     name: str | None = Field(None, description="a stable name; defaults to the URL")
     options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options")
-    concurrency: int | None = Field(
+    concurrency: Count | None = Field(
         None,
         ge=1,
         le=64,
@@ -60,6 +132,14 @@ class SinkConfig(_Model):
         None, description="upload rate limit for this sink (e.g. 2MB/s, 10Mbit/s)"
     )
 
+    @field_validator("url")
+    @classmethod
+    def _not_empty(cls, url: str) -> str:
+        # An empty path is the config's own folder: refuse it rather than guess.
+        if not url.strip():
+            raise ValueError("the sink url is empty (is a variable it names set but empty?)")
+        return url
+
     @property
     def key(self) -> str:
         """The name deliveries are recorded under (manifest, events): never holds a password."""
@@ -71,9 +151,9 @@ class SinkConfig(_Model):
 class RetryConfig(_Model):
     """Exponential backoff with jitter, then the dead-letter list."""
 
-    max_attempts: int = Field(5, ge=1, description="attempts before a job is dead-lettered")
-    initial: Duration = Field(1.0, description="first delay")
-    max: Duration = Field(300.0, description="longest delay")
+    max_attempts: Count = Field(5, ge=1, description="attempts before a job is dead-lettered")
+    initial: PositiveDuration = Field(1.0, description="first delay")
+    max: PositiveDuration = Field(300.0, description="longest delay")
 
 
 class StepConfig(_Model):
@@ -133,33 +213,56 @@ class ApiConfig(_Model):
     token: str | None = Field(
         None,
         description="bearer token every request must carry; take it from the environment "
-        "(${SKYFRAME_API_TOKEN})",
+        f"(${{SKYFRAME_API_TOKEN}}); at least {MIN_TOKEN_LENGTH} characters off loopback",
+        validate_default=True,
     )
 
-    @model_validator(mode="after")
-    def _token_off_loopback(self) -> ApiConfig:
-        host, _port = self.address
-        if self.enabled and not is_loopback(host) and not self.token:
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, listen: str) -> str:
+        _split_listen(listen)
+        return listen
+
+    @field_validator("token")
+    @classmethod
+    def _token_off_loopback(cls, token: str | None, info: ValidationInfo) -> str | None:
+        if not info.data.get("enabled", True) or "listen" not in info.data:
+            return token  # disabled, or listen is wrong and reported on its own
+        host, _port = _split_listen(info.data["listen"])
+        if is_loopback(host):
+            return token
+        if not token:
             raise ValueError(
                 f"listening on {host} (not loopback) needs a token: set api.token "
                 "(e.g. token: ${SKYFRAME_API_TOKEN})"
             )
-        return self
+        if len(token) < MIN_TOKEN_LENGTH:
+            # Anyone who can reach the port could guess a short one: say so, never show it.
+            raise ValueError(
+                f"listening on {host} (not loopback) needs a token of at least "
+                f"{MIN_TOKEN_LENGTH} characters, this one has {len(token)} "
+                "(make one with: python -c 'import secrets; print(secrets.token_urlsafe(24))')"
+            )
+        return token
 
     @property
     def address(self) -> tuple[str, int]:
         """(host, port) of ``listen``; IPv6 hosts may be written in brackets."""
-        host, sep, port = self.listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or int(port) > 65535:
-            raise ValueError(f"listen must be host:port, e.g. 127.0.0.1:8765, not {self.listen!r}")
-        return host.strip("[]"), int(port)
+        return _split_listen(self.listen)
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"listen must be host:port, e.g. 127.0.0.1:8765, not {listen!r}")
+    return host.strip("[]"), int(port)
 
 
 class HistoryConfig(_Model):
     """The durable record of what happened to each file (``skyframe history``)."""
 
-    retention: Duration = Field(30 * 86400.0, description="how long events are kept")
-    max_events: int = Field(
+    retention: PositiveDuration = Field(30 * 86400.0, description="how long events are kept")
+    max_events: Count = Field(
         500_000, ge=1000, description="the most events kept (the oldest go first)"
     )
 
@@ -168,18 +271,18 @@ class WebhookConfig(_Model):
     """A notifier that POSTs lifecycle events, in batches, to a URL."""
 
     url: str = Field(description="http(s) URL the events are POSTed to")
-    headers: dict[str, str] = Field(
-        default_factory=dict, description="extra request headers (secrets from ${VAR})"
-    )
+    headers: dict[
+        Annotated[str, AfterValidator(_header_name)], Annotated[str, AfterValidator(_header_value)]
+    ] = Field(default_factory=dict, description="extra request headers (secrets from ${VAR})")
     events: list[str] | None = Field(
         None, description="only these event kinds (default: all but progress)"
     )
-    batch_size: int = Field(100, ge=1, le=10_000, description="the most events in one POST")
-    flush_interval: Duration = Field(2.0, description="longest wait before a batch is sent")
-    buffer: int = Field(
+    batch_size: Count = Field(100, ge=1, le=10_000, description="the most events in one POST")
+    flush_interval: PositiveDuration = Field(2.0, description="longest wait before a batch is sent")
+    buffer: Count = Field(
         10_000, ge=1, description="events kept while the receiver is down (the oldest go first)"
     )
-    timeout: Duration = Field(10.0, description="seconds one POST may take")
+    timeout: PositiveDuration = Field(10.0, description="seconds one POST may take")
     retry: RetryConfig = Field(
         default_factory=lambda: RetryConfig(initial=1.0, max=60.0),
         description="backoff between failed POSTs (max_attempts is not used: it retries "
@@ -190,7 +293,10 @@ class WebhookConfig(_Model):
     def _http_url(self) -> WebhookConfig:
         scheme = urlsplit(self.url).scheme
         if scheme not in ("http", "https"):
-            raise ValueError(f"a webhook URL must start with http:// or https://, not {self.url!r}")
+            raise ValueError(
+                "a webhook URL must start with http:// or https://, "
+                f"not {url_without_password(self.url, '***')!r}"
+            )
         known = get_args(LifecycleKind)
         unknown = [kind for kind in self.events or () if kind not in known]
         if unknown:
@@ -211,7 +317,7 @@ class Config(_Model):
 
     state_dir: str = Field(".skyframe", description="queue, manifest and journals")
     plugins: list[str] = Field(default_factory=list, description="plugin files or folders")
-    workers: int = Field(4, ge=1, le=64, description="files processed at once")
+    workers: Count = Field(4, ge=1, le=64, description="files processed at once")
     shutdown_grace: Duration = Field(
         5.0, description="on stop, how long in-flight transfers may finish before being cut"
     )
@@ -228,6 +334,8 @@ class Config(_Model):
 
     _file: Path = PrivateAttr(default=Path(DEFAULT_CONFIG_NAME))
     _marks: dict[YamlPath, tuple[int, int]] = PrivateAttr(default_factory=dict)
+    #: values read from the environment, and the strings they were put into: never shown
+    _from_env: set[str] = PrivateAttr(default_factory=set)
 
     @model_validator(mode="after")
     def _unique_pipeline_names(self) -> Config:
@@ -275,6 +383,106 @@ class Config(_Model):
         except ValueError:
             return str(self._file)
 
+    def redact_text(self, text: str) -> str:
+        """``text`` without values from the environment or URL passwords, on one line."""
+        for value in sorted(self._from_env, key=len, reverse=True):
+            # A quoted input is hidden whatever its length; a bare one from 4 characters on,
+            # so that a variable holding "4" does not mangle "64" in a message.
+            text = text.replace(repr(value), "'***'")
+            if len(value) >= _MIN_HIDDEN:
+                text = text.replace(value, "***")
+        return _one_line(redact_urls(text))
+
+    def redact(self, error: ConfigError) -> ConfigError:
+        """The same error, with its message passed through :meth:`redact_text`."""
+        message = self.redact_text(error.message)
+        if message == error.message:
+            return error
+        return ConfigError(message, error.location, error.key)
+
+    def check_sink_folder(self, folder: Path, where: YamlPath) -> None:
+        """Refuse a local sink folder that could overwrite the config, its project files
+        (``rules.py``, ``processes.py``), a plugin or the state directory."""
+        folder = folder.resolve()
+        problem = self._sink_folder_problem(folder)
+        if problem:
+            raise ConfigError(
+                f"sink folder {folder} {problem}", self.locate(where), format_key(where)
+            )
+
+    def _sink_folder_problem(self, folder: Path) -> str | None:
+        # Folders inside the config's own are fine (an outbox beside the config): only the
+        # folder itself and those above it could receive a file named like skyframe.yaml.
+        for config_dir in dict.fromkeys((self.base_dir.resolve(), self._file.resolve().parent)):
+            if config_dir.is_relative_to(folder):
+                what = "is the folder of the config file"
+                if folder != config_dir:
+                    what = f"contains the folder of the config file ({config_dir})"
+                return (
+                    f"{what}: a delivered file could replace "
+                    f"{self._file.name}, rules.py or processes.py, and run at the next start"
+                )
+        for value in self.plugins:
+            plugin = self.resolve_path(value)
+            kind = "file" if plugin.is_file() else "folder"
+            near = _relation(folder, plugin, kind == "file")
+            if near:
+                return f"{near} the plugin {kind} {plugin}: a delivered file could run as a plugin"
+        near = _relation(folder, self.state_path, False)
+        if near:
+            return (
+                f"{near} the state directory {self.state_path}: delivered files could "
+                "overwrite the queue and the manifest"
+            )
+        return None
+
+
+def _relation(folder: Path, other: Path, other_is_file: bool) -> str | None:
+    """How a sink folder stands to a path it must keep away from, if too close."""
+    if other_is_file:
+        return "contains" if other.is_relative_to(folder) else None
+    if folder == other:
+        return "is"
+    if folder.is_relative_to(other):
+        return "is inside"
+    if other.is_relative_to(folder):
+        return "contains"
+    return None
+
+
+def local_sink_folder(url: str, base_dir: Path) -> Path | None:
+    """The folder a sink writes into when it is local (a path or a ``file://`` URL), else None.
+
+    The same reading as :mod:`skyframe.storage` and :mod:`skyframe.backends.local` make.
+    """
+    if "://" in url or url.startswith(("s3:", "gs:", "gcs:")):
+        head, sep, _ = url.partition("://")
+        protocol = head if sep and len(head) > 1 else ""
+        if protocol not in ("", "file", "local"):
+            return None
+    path = unquote(urlsplit(url).path) if url.startswith("file://") else url
+    return (base_dir / Path(path).expanduser()).resolve()
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***``."""
+
+    def hide(match: re.Match[str]) -> str:
+        try:
+            return url_without_password(match.group(), "***")
+        except ValueError:  # a URL urllib cannot read (a bad IPv6 host...): cut by hand
+            head, sep, rest = match.group().partition("://")
+            userinfo, at, host = rest.rpartition("@")
+            if not at or ":" not in userinfo:
+                return match.group()
+            return f"{head}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
+
+    return _URL.sub(hide, text) if "://" in text else text
+
+
+def _one_line(text: str) -> str:
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
 
 def url_without_password(url: str, replacement: str = "") -> str:
     """The URL with the password of its user info removed (or replaced), all else untouched."""
@@ -291,7 +499,10 @@ def format_key(path: YamlPath) -> str:
     """``('pipelines', 0, 'sinks')`` -> ``pipelines[0].sinks``."""
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int) or not part or not part.isprintable():
+            out += f"[{part!r}]"  # a key with a newline or an escape stays on one line
+        else:
+            out += f".{part}" if out else part
     return out
 
 
@@ -319,12 +530,108 @@ def _record_marks(node: yaml.Node, path: YamlPath, marks: dict[YamlPath, tuple[i
             _record_marks(item, (*path, index), marks)
 
 
+class _Loader(yaml.SafeLoader):
+    """The safe loader, noting each alias it meets and where (the node graph cannot say)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.aliases: list[tuple[str, int, int]] = []  # anchor name, 1-based line and column
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event: yaml.AliasEvent = self.current_event  # what check_event just looked at
+            mark = event.start_mark or self.get_mark()
+            self.aliases.append((str(event.anchor), mark.line + 1, mark.column + 1))
+        return super().compose_node(parent, index)
+
+
+def _check_expansion(root: yaml.Node, aliases: list[tuple[str, int, int]], file: str) -> None:
+    """Refuse a document that would hold more than MAX_VALUES values once its aliases are
+    expanded, or that contains itself, before anything walks the expanded tree.
+
+    An alias shares the node of its anchor, so the graph stays as small as the text. It is
+    walked once in document order, where the first visit of a node is its anchor and every
+    later one is the next alias; each alias counts for the whole size of its node, known by
+    then (an anchor ends before its first alias).
+    """
+    sizes: dict[int, int] = {}  # id(node) -> values it stands for, capped at MAX_VALUES + 1
+    open_nodes: set[int] = set()  # nodes whose children are being walked
+    next_alias = iter(aliases)
+    total = 0
+    stack: list[tuple[yaml.Node, YamlPath, bool]] = [(root, (), False)]
+    while stack:
+        node, path, leaving = stack.pop()
+        if leaving:
+            open_nodes.discard(id(node))
+            size = 1 + sum(sizes[id(child)] for child, _ in _children(node, path))
+            sizes[id(node)] = min(size, MAX_VALUES + 1)
+            continue
+        if id(node) in sizes or id(node) in open_nodes:
+            anchor, line, column = next(next_alias, ("?", 1, 1))
+            where = Location(file, line, column)
+            if id(node) in open_nodes:
+                raise ConfigError(
+                    f"alias *{anchor} refers to a value that contains it: "
+                    "a config cannot contain itself",
+                    where,
+                    format_key(path),
+                )
+            total += sizes[id(node)]
+            if total > MAX_VALUES:
+                raise ConfigError(
+                    f"alias *{anchor} makes the config hold more than {MAX_VALUES:,} values "
+                    f"once aliases are expanded (it stands for {_count(sizes[id(node)])} "
+                    "alone): refusing to load it",
+                    where,
+                    format_key(path),
+                )
+            continue
+        total += 1
+        if total > MAX_VALUES:
+            where = Location(file, node.start_mark.line + 1, node.start_mark.column + 1)
+            raise ConfigError(
+                f"the config holds more than {MAX_VALUES:,} values: refusing to load it",
+                where,
+                format_key(path),
+            )
+        open_nodes.add(id(node))
+        stack.append((node, path, True))
+        stack.extend((child, at, False) for child, at in reversed(_children(node, path)))
+
+
+def _children(node: yaml.Node, path: YamlPath) -> list[tuple[yaml.Node, YamlPath]]:
+    """The nodes right under ``node``, in document order (a mapping's keys too), with the key
+    path of each."""
+    if isinstance(node, yaml.MappingNode):
+        out: list[tuple[yaml.Node, YamlPath]] = []
+        for key, value in node.value:
+            out.append((key, path))
+            out.append(
+                (value, (*path, str(key.value)) if isinstance(key, yaml.ScalarNode) else path)
+            )
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [(item, (*path, index)) for index, item in enumerate(node.value)]
+    return []
+
+
+def _count(size: int) -> str:
+    return f"more than {MAX_VALUES:,}" if size > MAX_VALUES else f"{size:,}"
+
+
 def _load_yaml(text: str, file: str) -> tuple[Any, dict[YamlPath, tuple[int, int]]]:
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
-        node = loader.get_single_node()
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            deep = loader.get_mark()
+            raise ConfigError(
+                "invalid YAML: nested too deeply", Location(file, deep.line + 1, deep.column + 1)
+            ) from None
         if node is None:
             return None, {}
+        _check_expansion(node, loader.aliases, file)
         marks: dict[YamlPath, tuple[int, int]] = {}
         try:
             _record_marks(node, (), marks)
@@ -349,10 +656,11 @@ def _load_yaml(text: str, file: str) -> tuple[Any, dict[YamlPath, tuple[int, int
 _VAR_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:-|:\?)([^}]*))?\}")
 
 
-def interpolate(text: str, environ: Mapping[str, str]) -> str:
+def interpolate(text: str, environ: Mapping[str, str], found: list[str] | None = None) -> str:
     """Expand ``${VAR}``, ``${VAR:-default}`` and ``${VAR:?message}``; ``$$`` is a literal ``$``.
 
-    Raises ValueError naming the variable (never its value) when it is unset.
+    Raises ValueError naming the variable (never its value) when it is unset. Each value taken
+    from ``environ`` is appended to ``found``, if given.
     """
 
     def replace(match: re.Match[str]) -> str:
@@ -361,6 +669,8 @@ def interpolate(text: str, environ: Mapping[str, str]) -> str:
         name, op, arg = match.groups()
         value = environ.get(name)
         if value:
+            if found is not None:
+                found.append(value)
             return value
         if op == ":-":
             return arg
@@ -379,10 +689,14 @@ def _interpolate_tree(
     value: Any, path: YamlPath, environ: Mapping[str, str], config: Config
 ) -> Any:
     if isinstance(value, str):
+        found: list[str] = []
         try:
-            return interpolate(value, environ)
+            result = interpolate(value, environ, found)
         except ValueError as exc:
             raise ConfigError(str(exc), config.locate(path), format_key(path)) from None
+        if found:
+            config._from_env.update((*found, result))
+        return result
     if isinstance(value, dict):
         return {k: _interpolate_tree(v, (*path, k), environ, config) for k, v in value.items()}
     if isinstance(value, list):
@@ -429,8 +743,10 @@ def _describe(error: Mapping[str, Any]) -> str:
 
 
 def _clean_loc(loc: tuple[Any, ...]) -> YamlPath:
-    # Union members and validator steps show up as str parts that are not YAML keys.
-    return tuple(p for p in loc if isinstance(p, int) or not str(p).startswith("function-"))
+    # Union members, validator steps and "[key]" (a bad mapping key) are not YAML keys.
+    return tuple(
+        p for p in loc if isinstance(p, int) or not (str(p).startswith("function-") or p == "[key]")
+    )
 
 
 def validation_error(exc: ValidationError, config: Config, prefix: YamlPath = ()) -> ConfigError:
@@ -461,10 +777,12 @@ def load_config(file: str | os.PathLike[str], environ: Mapping[str, str] | None 
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {shown}: {exc}") from None
 
-    data, marks = _load_yaml(text, shown)
     holder = Config.model_construct(pipelines=[])
     holder._file = path
-    holder._marks = marks
+    try:
+        data, holder._marks = _load_yaml(text, shown)
+    except ConfigError as exc:
+        raise holder.redact(exc) from None
     if data is None:
         raise ConfigError("the config file is empty", holder.locate(()))
     if not isinstance(data, dict):
@@ -475,7 +793,22 @@ def load_config(file: str | os.PathLike[str], environ: Mapping[str, str] | None 
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        raise validation_error(exc, holder) from None
+        raise holder.redact(validation_error(exc, holder)) from None
     config._file = path
-    config._marks = marks
+    config._marks = holder._marks
+    config._from_env = holder._from_env
+    try:
+        _check_local_sinks(config)
+    except ConfigError as exc:
+        raise config.redact(exc) from None
     return config
+
+
+def _check_local_sinks(config: Config) -> None:
+    # Before any plugin is loaded: a sink delivering into the config's folder could already
+    # have replaced rules.py, which the next start would run.
+    for i, pipeline in enumerate(config.pipelines):
+        for k, sink in enumerate(pipeline.sinks):
+            folder = local_sink_folder(sink.url, config.base_dir)
+            if folder is not None:
+                config.check_sink_folder(folder, ("pipelines", i, "sinks", k, "url"))

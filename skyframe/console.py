@@ -14,6 +14,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from skyframe.display import shown
 from skyframe.engine import RunSummary
 from skyframe.events import LifecycleEvent
 from skyframe.markers import hookimpl
@@ -114,11 +115,16 @@ def print_summary(console: Console, summary: RunSummary) -> None:
         f"{len(summary.failed)} failed"
     )
     for rule_name, count in sorted(summary.rejected.items()):
-        line(f"  rejected by {rule_name}: {count}")
+        line(f"  rejected by {shown(rule_name)}: {count}")
     if summary.moved or summary.deleted:
         line(f"  moved remotely: {summary.moved}, deleted remotely: {summary.deleted}")
     if summary.skipped:
         line(f"  skipped (vanished before delivery): {summary.skipped}")
+    if summary.refused:
+        line(
+            f"  not taken from the source: {summary.refused} "
+            "(a name that is not UTF-8, or a link outside the source: see the log)"
+        )
     if summary.scan_errors:
         line(f"  unreadable while scanning: {summary.scan_errors}")
     earlier = summary.dead_letters - len(summary.failed)
@@ -129,4 +135,4 @@ def print_summary(console: Console, summary: RunSummary) -> None:
     if summary.held:
         line(f"  held in the queue, pipeline paused: {summary.held} (see `skyframe resume`)")
     for key, reason in sorted(summary.failed.items()):
-        line(f"  failed {key}: {reason}")
+        line(f"  failed {shown(key)}: {shown(reason)}")

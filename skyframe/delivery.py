@@ -26,8 +26,10 @@ import pluggy
 
 from skyframe.config import RetryConfig
 from skyframe.control import Control
+from skyframe.display import redact
 from skyframe.errors import (
     DeliveryError,
+    RemoteConflictError,
     SinkUnavailableError,
     SourceChangedError,
     SourceUnreadableError,
@@ -37,6 +39,7 @@ from skyframe.events import FileEvent, Job, LifecycleEvent, LifecycleKind
 from skyframe.journal import UploadJournal
 from skyframe.pipeline import Pipeline, evaluate_rules
 from skyframe.queue import Claim, JobQueue
+from skyframe.sharing import RemoteOwners
 from skyframe.state import Manifest, ManifestEntry
 from skyframe.storage import (
     BatchTransfer,
@@ -120,8 +123,11 @@ class JobRunner:
         cancelled: threading.Event,
         control: Control | None = None,
         stopping: threading.Event | None = None,
+        owners: RemoteOwners | None = None,
     ) -> None:
         self.pm = pm
+        #: who owns each remote path of storage that several pipelines share
+        self.owners = owners
         self.control = control
         #: Set when the engine stops: a transfer held by a pause is cut at once.
         self.stopping = stopping or threading.Event()
@@ -337,7 +343,7 @@ class JobRunner:
             self.queue.release(claim)  # shutting down: it starts again at the next run
             return
         first = next((e for e in errors if not isinstance(e, SourceChangedError)), errors[0])
-        reason = (
+        reason = redact(
             str(first) if isinstance(first, DeliveryError) else f"{type(first).__name__}: {first}"
         )
         if (
@@ -456,6 +462,21 @@ class JobRunner:
                     self.job_ended(job.claim.pipeline, job.claim.relpath)
                 self._on_finished()
 
+    def _claim_remotes(self, sink: Sink, jobs: list[_BatchJob]) -> list[_BatchJob]:
+        """The jobs whose remote path is theirs to write (see RemoteOwners); the others are
+        marked failed, to go alone, where the conflict is reported."""
+        if self.owners is None or not self.owners.active:
+            return jobs
+        mine = []
+        for job in jobs:
+            try:
+                self.owners.claim(sink, sink.remote_path(job.remote))
+            except RemoteConflictError:
+                job.outcome = "failed"
+            else:
+                mine.append(job)
+        return mine
+
     def _send_batch(
         self, pipeline: str, sink: Sink, send: BatchTransfer, jobs: list[_BatchJob]
     ) -> None:
@@ -474,6 +495,9 @@ class JobRunner:
                 )
             )
 
+        jobs = self._claim_remotes(sink, jobs)
+        if not jobs:
+            return
         for job in jobs:
             announce("started", job, job.event.size)
         pace = self._pace(sink, pipeline)
@@ -711,6 +735,8 @@ class JobRunner:
                 sink.fs.rm(sink.remote_path(name))
 
     def _transfer(self, request: TransferRequest) -> TransferResult:
+        if self.owners is not None:
+            self.owners.claim(request.sink, request.remote_path)
         result: TransferResult | None = self.pm.hook.skyframe_transfer(request=request)
         if result is None:
             sink = request.sink

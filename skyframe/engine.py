@@ -24,14 +24,16 @@ from skyframe.bandwidth import Limiter, TokenBucket
 from skyframe.config import Config
 from skyframe.control import Control
 from skyframe.delivery import JobRunner
-from skyframe.errors import PluginError, RuleError, SkyframeError
+from skyframe.display import RepeatedLog, is_utf8, shown
+from skyframe.errors import PluginError, RuleError, SkyframeError, StateError
 from skyframe.events import EventKind, FileEvent, LifecycleEvent, LifecycleKind
 from skyframe.history import History
 from skyframe.journal import UploadJournal
 from skyframe.notifiers import Notifiers
 from skyframe.pipeline import Pipeline, evaluate_rules
 from skyframe.queue import Claim, JobQueue
-from skyframe.scanner import scan_source
+from skyframe.scanner import refusal, scan_source
+from skyframe.sharing import RemoteOwners
 from skyframe.state import Manifest, StateLock
 from skyframe.status import StatusTracker
 from skyframe.watcher import Settler, SourceWatcher, WatchCallbacks
@@ -52,6 +54,8 @@ CLAIM_BATCH = 64  #: jobs the dispatcher leases per transaction
 VOLATILE_BACKLOG = 10_000
 #: Seconds beyond ``settle`` that a deleted file is remembered, to recognise it if it reappears.
 MOVE_SLACK = 2.0
+#: files not taken (see scanner.refusal) whose warning is not repeated, at most
+MAX_REFUSALS_REMEMBERED = 10_000
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,8 @@ class RunSummary:
     rejected: Counter[str] = field(default_factory=Counter)
     failed: dict[str, str] = field(default_factory=dict)  #: "pipeline:relpath" -> last error
     scan_errors: int = 0
+    #: files not taken from a source: a name that is not UTF-8, a link outside the source
+    refused: int = 0
     dead_letters: int = 0  #: jobs in the dead-letter list when a --once run ended
     interrupted: bool = False  #: a --once run was stopped before the queue was empty
     held: int = 0  #: jobs a --once run left in the queue because their pipeline is paused
@@ -121,6 +127,8 @@ class _Source:
         self.rescan_requested = threading.Event()
         self.next_rescan = 0.0
         self.caught_up = False  #: a complete scan ran since the start
+        self.real_root = pipeline.source_root.resolve()
+        self.refused: set[str] = set()  #: files whose refusal was said (see Engine._refused)
 
 
 class Engine:
@@ -134,27 +142,7 @@ class Engine:
         self.summary = RunSummary()
         self._summary_lock = threading.Lock()
         self._lock = StateLock(self.state_dir)
-        self._lock.acquire()
-        opened: list[Any] = []
-        try:
-            self.queue = JobQueue(self.state_dir / "queue")
-            opened.append(self.queue)
-            self.manifest = Manifest(self.state_dir / "manifest")
-            opened.append(self.manifest)
-            self.journal = UploadJournal(self.state_dir / "uploads")
-            opened.append(self.journal)
-            self.history = History(
-                self.state_dir,
-                retention=config.history.retention,
-                max_events=config.history.max_events,
-            )
-            opened.append(self.history)
-            self.control = Control(self.state_dir, self.pipelines)
-        except BaseException:
-            for each in reversed(opened):
-                each.close()
-            self._lock.release()
-            raise
+        self._open_state()
         self.queue.add_lanes(list(self.pipelines))
         self.tracker = StatusTracker(pipelines, self.queue.counts_by_pipeline, self.control.state)
         self.notifiers = Notifiers(pm)
@@ -183,6 +171,9 @@ class Engine:
         #: a scan was cut short; run_once's scans are under way
         self._scan_cut = self._scanning = False
         self._scan_failure: BaseException | None = None
+        #: what ended the run early (the state directory vanished), raised when it ends
+        self._fatal: SkyframeError | None = None
+        self._errors = RepeatedLog(log)  #: errors of steps retried every tick, said once
         #: Set once the watchers run and the first catch-up scan of every source is done.
         self.ready = threading.Event()
         self._wake = threading.Condition()
@@ -207,8 +198,33 @@ class Engine:
             cancelled=self._cancel,
             control=self.control,
             stopping=self._stop,
+            owners=RemoteOwners((s for p in pipelines for s in p.sinks), self.manifest),
         )
         self.runner.job_ended = self.tracker.job_ended
+
+    def _open_state(self) -> None:
+        """Lock the state directory and open its databases (all, or none and unlocked)."""
+        self._lock.acquire()
+        opened: list[Any] = []
+        try:
+            self.queue = JobQueue(self.state_dir / "queue")
+            opened.append(self.queue)
+            self.manifest = Manifest(self.state_dir / "manifest")
+            opened.append(self.manifest)
+            self.journal = UploadJournal(self.state_dir / "uploads")
+            opened.append(self.journal)
+            self.history = History(
+                self.state_dir,
+                retention=self.config.history.retention,
+                max_events=self.config.history.max_events,
+            )
+            opened.append(self.history)
+            self.control = Control(self.state_dir, self.pipelines)
+        except BaseException:
+            for each in reversed(opened):
+                each.close()
+            self._lock.release()
+            raise
 
     @property
     def abandoned(self) -> int:
@@ -320,11 +336,16 @@ class Engine:
             errors[0] += 1
             with self._summary_lock:
                 self.summary.scan_errors += 1
-            log.warning("%s: cannot read %s: %s", pipeline.name, path, exc.strerror or exc)
+            log.warning("%s: cannot read %s: %s", pipeline.name, shown(path), exc.strerror or exc)
 
         batch: list[tuple[FileEvent, str | None]] = []
         for event in scan_source(
-            pipeline.name, pipeline.source_root, recursive=pipeline.recursive, on_error=on_error
+            pipeline.name,
+            pipeline.source_root,
+            recursive=pipeline.recursive,
+            follow_symlinks=pipeline.source.follow_symlinks,
+            on_error=on_error,
+            on_skip=lambda path, reason: self._refused(pipeline, path, reason),
         ):
             if self._stop.is_set():
                 self._scan_cut = True
@@ -482,10 +503,28 @@ class Engine:
             payload["moved_from"] = moved_from
         return payload, f"{event.size}:{event.mtime_ns}:{event.inode}:{moved_from or ''}"
 
+    def _refused(self, pipeline: Pipeline, path: Path, reason: str) -> None:
+        """A file the source holds but that is not taken: said once per file and run."""
+        said = self._sources[pipeline.name].refused
+        key = shown(path)
+        with self._summary_lock:
+            if key in said:
+                return
+            if len(said) >= MAX_REFUSALS_REMEMBERED:
+                said.clear()
+            said.add(key)
+            self.summary.refused += 1
+        log.warning("%s: not sent: %s: %s", pipeline.name, shown(path), reason)
+
     def file_ready(
         self, pipeline: Pipeline, path: Path, kind: EventKind, moved_from: str | None = None
     ) -> None:
         """A watched file settled (or was renamed into place): stat it and offer it."""
+        source = self._sources[pipeline.name]
+        reason = refusal(path, source.real_root, pipeline.source.follow_symlinks)
+        if reason is not None:
+            self._refused(pipeline, path, reason)
+            return
         relpath = self._relpath(pipeline, path)
         if relpath is None:
             return
@@ -494,7 +533,7 @@ class Engine:
         except FileNotFoundError:
             return
         except OSError as exc:
-            log.warning("%s: cannot read %s: %s", pipeline.name, path, exc.strerror)
+            log.warning("%s: cannot read %s: %s", pipeline.name, shown(path), exc.strerror)
             return
         if not stat.S_ISREG(st.st_mode):
             return
@@ -505,9 +544,13 @@ class Engine:
         )
 
     def _relpath(self, pipeline: Pipeline, path: Path) -> str | None:
+        """The path relative to the source, or None for a path outside it or one that cannot
+        be recorded (a name that is not UTF-8: never queued, so nothing to move or delete)."""
         try:
             rel = path.relative_to(pipeline.source_root)
         except ValueError:
+            return None
+        if not is_utf8(str(rel)):
             return None
         if not pipeline.recursive and len(rel.parts) > 1:
             return None
@@ -690,16 +733,27 @@ class Engine:
             self._guarded(self._expire_vanished, "mirroring deletes")
             if time.monotonic() >= next_watch_check:
                 next_watch_check = time.monotonic() + WATCHER_CHECK_INTERVAL
+                self._check_state_dir()
                 for source in self._sources.values():
                     if source.watcher is not None:
                         self._guarded(source.watcher.check, "checking the watcher")
 
-    @staticmethod
-    def _guarded(step: Callable[[], None], what: str) -> None:
+    def _guarded(self, step: Callable[[], None], what: str) -> None:
         try:
             step()
-        except Exception:
-            log.exception("error while %s; trying again shortly", what)
+        except Exception as exc:
+            self._errors.error(f"error while {what}; trying again shortly", exc)
+
+    def _check_state_dir(self) -> None:
+        """Stop when the state directory was removed or replaced under the running daemon:
+        its queue and manifest are gone, and another daemon could take the folder."""
+        if self._fatal is None and not self._lock.intact():
+            self._fatal = StateError(
+                f"the state directory {self.state_dir} was removed or replaced while "
+                "skyframe ran: stopping (start it again to begin with a fresh state)"
+            )
+            log.error("%s", self._fatal)
+            self.stop()
 
     def _rescanner(self) -> None:
         """Catch-up scans: at start, every ``rescan`` interval, and whenever events were lost."""
@@ -716,8 +770,8 @@ class Engine:
     def _safe_scan(self, pipeline: Pipeline) -> None:
         try:
             self.scan(pipeline)
-        except Exception:
-            log.exception("%s: the catch-up scan failed; it runs again later", pipeline.name)
+        except Exception as exc:
+            self._errors.error(f"{pipeline.name}: the catch-up scan failed; it runs again", exc)
 
     # --- entry points ------------------------------------------------------------------------
 
@@ -846,6 +900,8 @@ class Engine:
                 self.api = None
             self._stop_notifiers()
             self._shutdown_hooks()
+        if self._fatal is not None:
+            raise self._fatal
         return self.summary
 
     def _start_api(self) -> None:

@@ -13,7 +13,8 @@ The tree::
         ├── RuleError             a rule raised, or returned neither a bool nor a reason
         ├── ProcessError          a process failed in a way that waiting cannot fix
         ├── SinkUnavailableError  the sink cannot be reached now (connection, timeout, 5xx)
-        └── SinkRefusedError      the sink refuses us (credentials, host key, no bucket)
+        ├── SinkRefusedError      the sink refuses us (credentials, host key, no bucket)
+        └── RemoteConflictError   the remote path holds another pipeline's file
 
 The CLI turns every ``SkyframeError`` into one line on stderr: exit 2 for ``ConfigError`` and
 ``PluginError``, exit 1 for the others.
@@ -22,6 +23,8 @@ The CLI turns every ``SkyframeError`` into one line on stderr: exit 2 for ``Conf
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from skyframe.display import redact
 
 
 @dataclass(frozen=True)
@@ -37,9 +40,16 @@ class Location:
 
 
 class SkyframeError(Exception):
-    """Base class: an error whose message is complete and meant for the user."""
+    """Base class: an error whose message is complete and meant for the user.
+
+    A password in a URL quoted by the message (a library's error about an endpoint) is
+    replaced by ``***`` here, before the message can reach a log, the queue or a terminal.
+    """
 
     exit_code = 1
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
 
 class ConfigError(SkyframeError):
@@ -115,5 +125,12 @@ class SinkRefusedError(DeliveryError):
     """The sink answered and refused: bad credentials, unknown host key, missing bucket, no
     permission. Waiting cannot fix it: the file goes to the dead-letter list and the sink is
     reported unhealthy until a delivery succeeds again."""
+
+    retryable = False
+
+
+class RemoteConflictError(DeliveryError):
+    """The remote path holds a file another pipeline delivered to the same storage: it is
+    not replaced, and the file waits in the dead-letter list until the names are told apart."""
 
     retryable = False

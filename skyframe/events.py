@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import time
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -117,8 +119,8 @@ class Job:
         return self.event.pipeline
 
     def open(self) -> BinaryIO:
-        """Open the source file for reading (binary)."""
-        return self.event.path.open("rb")
+        """Open the source file for reading (binary); see :func:`open_regular`."""
+        return open_regular(self.event.path)
 
     def add_file(self, remote_name: str, data: bytes | Path, *, beside: bool = False) -> Path:
         """Deliver extra content with this job; returns the local file that will be sent.
@@ -183,3 +185,19 @@ class LifecycleEvent:
 
 
 _LIFECYCLE_FIELDS = tuple(f.name for f in fields(LifecycleEvent))
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """Open a source file for reading, refusing (OSError EINVAL) anything but a regular file.
+
+    The open never blocks: a file replaced by a FIFO after it was seen would otherwise wait
+    for a writer forever.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise

@@ -44,8 +44,14 @@ class Pipeline:
 
 
 def build_pipelines(config: Config, registry: Registry) -> list[Pipeline]:
-    """Check every name, option, folder and sink URL; raises ConfigError at the first problem."""
-    return [_build_pipeline(config, registry, i, p) for i, p in enumerate(config.pipelines)]
+    """Check every name, option, folder and sink URL; raises ConfigError at the first problem.
+
+    The error never shows a value taken from the environment or a URL password.
+    """
+    try:
+        return [_build_pipeline(config, registry, i, p) for i, p in enumerate(config.pipelines)]
+    except ConfigError as exc:
+        raise config.redact(exc) from None
 
 
 def _build_pipeline(
@@ -94,7 +100,7 @@ def _build_pipeline(
         except (ValueError, ImportError, OSError) as exc:
             raise ConfigError(str(exc), config.locate(where), format_key(where)) from None
         for warning in sink.endpoint.warnings:
-            log.warning("%s: %s", config.locate(where), warning)
+            log.warning("%s: %s", config.locate(where), config.redact_text(warning))
         if sink.protocol == "file" and Path(sink.root).is_relative_to(source_root):
             raise ConfigError(
                 f"sink folder {sink.root} is inside the source folder {source_root}: "
@@ -102,6 +108,11 @@ def _build_pipeline(
                 config.locate(where),
                 format_key(where),
             )
+        if sink.protocol == "file":
+            # load_config checked the folder it read from the URL; this is the one the backend
+            # will write to, should the two readings ever differ.
+            config.check_sink_folder(Path(sink.root), where)
+        sink.owner = spec.name
         sinks.append(sink)
     keys = [s.key for s in sinks]
     if len(set(keys)) != len(keys):

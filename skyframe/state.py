@@ -134,6 +134,10 @@ def open_cache(directory: Path) -> diskcache.Cache:
     return diskcache.Cache(str(directory), disk=JSONValueDisk, **CACHE_SETTINGS)
 
 
+#: seconds a start waits for a lock held by someone else before it says so
+LOCK_PATIENCE = 0.5
+
+
 class StateLock:
     """An exclusive lock on a state directory, so two daemons never share a queue."""
 
@@ -148,17 +152,37 @@ class StateLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise StateError(f"cannot use state dir {self.path.parent}: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise StateError(
-                f"another skyframe process (pid {holder}) is using state dir {self.path.parent}"
-            ) from None
+        # `skyframe status`/`pause` hold a shared lock for an instant to see whether a daemon
+        # runs: a start at that instant waits it out instead of failing.
+        deadline = time.monotonic() + LOCK_PATIENCE
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise StateError(
+                    f"another skyframe process (pid {holder}) is using state dir {self.path.parent}"
+                ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+
+    def intact(self) -> bool:
+        """Whether the lock file is still the one this lock holds (the state directory was
+        not removed or replaced meanwhile)."""
+        if self._fd is None:
+            return False
+        try:
+            on_disk = os.stat(self.path)
+        except OSError:
+            return False
+        held = os.fstat(self._fd)
+        return (on_disk.st_ino, on_disk.st_dev) == (held.st_ino, held.st_dev)
 
     def release(self) -> None:
         """Release the lock (also released by the OS when the process dies)."""

@@ -29,6 +29,7 @@ from fsspec.spec import AbstractFileSystem
 from skyframe.backends import Endpoint
 from skyframe.bandwidth import Limiter, TokenBucket
 from skyframe.config import RetryConfig, SinkConfig, url_without_password
+from skyframe.display import shown
 from skyframe.errors import (
     SinkRefusedError,
     SinkUnavailableError,
@@ -36,6 +37,7 @@ from skyframe.errors import (
     SourceUnreadableError,
     UnsafePathError,
 )
+from skyframe.events import open_regular
 from skyframe.journal import JournalKey, UploadJournal
 
 log = logging.getLogger(__name__)
@@ -73,14 +75,24 @@ def safe_relative_path(name: str) -> str:
     return "/".join(parts)
 
 
-def temporary_path(remote_path: str) -> str:
+#: bytes in one file name on the file systems and SFTP servers skyframe writes to
+NAME_MAX = 255
+
+
+def temporary_path(remote_path: str, owner: str = "") -> str:
     """A hidden name beside ``remote_path`` to upload into before the final rename.
 
-    The name is derived from the target, so an upload cut short (crash, kill -9) is
-    overwritten and renamed away by the next attempt instead of being left behind.
+    The name is derived from the target and ``owner`` (the pipeline sending it), so an upload
+    cut short (crash, kill -9) is overwritten and renamed away by the next attempt instead of
+    being left behind, and two pipelines never share one. The target's name is shortened as
+    needed to keep the temporary one within :data:`NAME_MAX` bytes.
     """
     parent, name = posixpath.split(remote_path)
-    tag = hashlib.sha256(remote_path.encode()).hexdigest()[:8]
+    tag = hashlib.sha256(f"{owner}\0{remote_path}".encode()).hexdigest()[:8]
+    room = NAME_MAX - len(f".{TEMP_MARKER}{tag}{TEMP_SUFFIX}")
+    encoded = name.encode()
+    if len(encoded) > room:
+        name = encoded[:room].decode(errors="ignore")  # whole characters only
     return posixpath.join(parent, f".{name}{TEMP_MARKER}{tag}{TEMP_SUFFIX}")
 
 
@@ -167,6 +179,8 @@ class Sink:
         #: adds it): transfers pace every piece they send through it
         self.limiter = limiter or Limiter.none()
         self.generation = 0  #: bumped at every reconnect
+        #: the pipeline delivering through this sink (its temporary names are its own)
+        self.owner = ""
         self._fs: AbstractFileSystem | None = None
         self._retired: list[AbstractFileSystem] = []  #: dropped after errors, closed at the end
         self._lock = threading.Lock()
@@ -287,6 +301,11 @@ class Sink:
         relative = safe_relative_path(name)
         return posixpath.join(self.root, relative) if self.root else relative
 
+    def temporary_path(self, remote_path: str) -> str:
+        """The hidden name to upload ``remote_path`` into, this sink's and pipeline's own
+        (see :func:`temporary_path`)."""
+        return temporary_path(remote_path, f"{self.owner}\0{self.key}")
+
     def ensure_folder(self, folder: str) -> None:
         """Create a remote folder (and its parents) once per connection; object stores have
         no folders (and creating one there could create a bucket)."""
@@ -391,12 +410,16 @@ class SourceReader:
 
     def __enter__(self) -> SourceReader:
         try:
-            self._file = self.path.open("rb")
+            self._file = open_regular(self.path)
             self._stat = os.fstat(self._file.fileno())
         except FileNotFoundError:
-            raise SourceUnreadableError(f"{self.path}: vanished before it could be read") from None
+            raise SourceUnreadableError(
+                f"{shown(self.path)}: vanished before it could be read"
+            ) from None
         except OSError as exc:
-            raise SourceUnreadableError(f"{self.path}: cannot read: {exc.strerror}") from None
+            raise SourceUnreadableError(
+                f"{shown(self.path)}: cannot read: {exc.strerror}"
+            ) from None
         return self
 
     def __exit__(
@@ -412,7 +435,9 @@ class SourceReader:
         try:
             data: bytes = self._file.read(size)
         except OSError as exc:
-            raise SourceUnreadableError(f"{self.path}: read failed: {exc.strerror}") from None
+            raise SourceUnreadableError(
+                f"{shown(self.path)}: read failed: {exc.strerror}"
+            ) from None
         if self._hash is not None:
             self._hash.update(data)
         self.bytes_read += len(data)
@@ -447,14 +472,14 @@ class SourceReader:
         try:
             now = os.stat(self.path)
         except FileNotFoundError:
-            raise SourceUnreadableError(f"{self.path}: vanished while it was read") from None
+            raise SourceUnreadableError(f"{shown(self.path)}: vanished while it was read") from None
         if (
             self.bytes_read != expected_size
             or now.st_size != expected_size
             or now.st_mtime_ns != expected_mtime_ns
             or now.st_ino != self._stat.st_ino
         ):
-            raise SourceChangedError(f"{self.path}: changed while it was read")
+            raise SourceChangedError(f"{shown(self.path)}: changed while it was read")
 
 
 @dataclass(frozen=True)

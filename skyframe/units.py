@@ -36,6 +36,8 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)", re.IGNORECASE)
+#: The longest duration accepted: 100 years (longer waits overflow the clocks' timeouts).
+MAX_DURATION = 36500 * 86400.0
 
 
 def parse_size(value: Any) -> int:
@@ -54,7 +56,10 @@ def parse_size(value: Any) -> int:
             number, unit = match.groups()
             factor = _SIZE_UNITS.get(unit.lower())
             if factor is not None:
-                return int(float(number) * factor)
+                size = float(number) * factor
+                if not math.isfinite(size):  # "9999...9" beyond what a float holds
+                    raise ValueError(f"invalid size {value!r}: too large")
+                return int(size)
     raise ValueError(
         f"invalid size {value!r}: use bytes or a unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
     )
@@ -67,19 +72,29 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("a duration cannot be negative")
-        return float(value)
+        return _finite_duration(value, value)
     if isinstance(value, str):
         text = value.strip().replace(" ", "")
         if re.fullmatch(r"\d+(?:\.\d+)?", text):  # "5" from ${VAR}: seconds
-            return float(text)
+            return _finite_duration(float(text), value)
         if text and _DURATION_PART_RE.sub("", text) == "":
-            return sum(
+            seconds = sum(
                 float(number) * _DURATION_UNITS[unit.lower()]
                 for number, unit in _DURATION_PART_RE.findall(text)
             )
+            return _finite_duration(seconds, value)
     raise ValueError(
         f"invalid duration {value!r}: use seconds or units, e.g. 500ms, 2s, 10m, 1h30m"
     )
+
+
+def _finite_duration(seconds: float, value: object) -> float:
+    # YAML's .nan and .inf are floats, and so is "9" * 400 once read: neither is a duration.
+    if isinstance(seconds, float) and not math.isfinite(seconds):
+        raise ValueError(f"invalid duration {value!r}: not a finite number")
+    if seconds > MAX_DURATION:  # a huge int is compared exactly, never converted
+        raise ValueError(f"invalid duration {value!r}: longer than 100 years")
+    return float(seconds)
 
 
 # Bits per second: 10Mbit/s, 10Mbps. The "b" of "bps" must be lowercase ("MBps" is not accepted).
@@ -110,7 +125,7 @@ def parse_rate(value: Any) -> float:
         raise ValueError("expected a rate such as 2MB/s or 10Mbit/s, not a boolean")
     rate: float | None = None
     if isinstance(value, int | float):
-        rate = float(value)
+        rate = float(value) if abs(value) < 1e300 else None  # a huge int overflows a float
     elif isinstance(value, str):
         match = _RATE_RE.match(value)
         if match:

@@ -313,6 +313,8 @@ def test_dead_letters_are_listed_and_retried(daemon: Callable[..., Daemon], tmp_
     status, body, _ = request(url + "/api/retry", "POST", {"pipeline": "survey", "path": "a.jpg"})
     assert (status, body) == (200, {"retried": 1})
     wait_for((tmp_path / "outbox" / "a.jpg").exists, what="delivery after retry")
+    # The file is renamed into place a moment before the delivery is recorded and counted.
+    wait_for(lambda: d.recorder.count("delivered", "a.jpg") == 1, what="delivery recorded")
     assert request(url + "/api/jobs?state=dead")[1]["total"] == 0
     metrics = {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value

@@ -159,7 +159,7 @@ def test_transfer_of_unreadable_file(tmp_path: Path) -> None:
     # Root can read any file, so make the path unreadable in a way that holds for root too.
     src.unlink()
     src.mkdir()
-    with pytest.raises(SourceUnreadableError, match="cannot read: Is a directory"):
+    with pytest.raises(SourceUnreadableError, match="cannot read: not a regular file"):
         skyframe_transfer(request)
 
 

@@ -85,6 +85,28 @@ class S3Options(BackendOptions):
         return part
 
 
+def _without_expect_continue(request: Any, **kwargs: Any) -> None:
+    """botocore's ``before-send`` handler that drops ``Expect: 100-continue``.
+
+    botocore asks for it on every PUT of a part or object; its own HTTP client sends the body
+    anyway after a second without an answer, but aiohttp (under aiobotocore) waits for the
+    "100 Continue" forever, outside any read timeout: a server that accepts the connection
+    and then answers nothing (hung, or behind a proxy that speaks HTTP/1.0) hung the upload.
+    Without it the body goes at once, and the read timeout applies to the answer.
+    """
+    if "Expect" in request.headers:
+        del request.headers["Expect"]
+
+
+def _session() -> Any:
+    """The aiobotocore session s3fs builds its clients from, with the handler above."""
+    from aiobotocore.session import AioSession
+
+    session = AioSession()
+    session.register("before-send.s3", _without_expect_continue)
+    return session
+
+
 def signs_payload(settings: S3Options) -> bool:
     """True when every request's payload is signed (its sha256 is checked by the server):
     signed requests to a plain-HTTP endpoint, where botocore always signs the payload."""
@@ -114,6 +136,7 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
             # request already carries its payload's sha256, which the server checks.
             config["request_checksum_calculation"] = "when_required"
         fs = s3fs.S3FileSystem(
+            session=_session(),
             endpoint_url=settings.endpoint_url,
             key=settings.key,
             secret=settings.secret,
@@ -360,6 +383,11 @@ class DirectS3:
             # Anything else leaves the answer to the regular probe, which writes the same
             # name again and deletes it.
             return connected if stored and status in (200, 204) else None
+        except TimeoutError as exc:
+            # Connected, and then nothing: a hung server (the regular probe would wait too).
+            raise ConnectionError(
+                f"{self.base} accepted the connection but gave no answer within {self.timeout:g} s"
+            ) from exc
         except (OSError, http.client.HTTPException) as exc:
             log.debug("direct probe of %s got no answer: %s", path, exc)
             return None

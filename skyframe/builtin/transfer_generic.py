@@ -11,7 +11,7 @@ import posixpath
 
 from skyframe.errors import DeliveryError
 from skyframe.markers import hookimpl
-from skyframe.storage import SourceReader, TransferRequest, TransferResult, temporary_path
+from skyframe.storage import SourceReader, TransferRequest, TransferResult
 
 
 @hookimpl(trylast=True)
@@ -19,7 +19,7 @@ def skyframe_transfer(request: TransferRequest) -> TransferResult:
     """Stream the file to a hidden temporary name, verify its size, then rename it into place."""
     sink = request.sink
     fs = sink.fs
-    temporary = temporary_path(request.remote_path)
+    temporary = sink.temporary_path(request.remote_path)
     with SourceReader(request.local_path) as reader:
         sink.ensure_folder(posixpath.dirname(request.remote_path))
         try:

@@ -28,7 +28,7 @@ from skyframe.deps import internal
 from skyframe.errors import SourceChangedError, SourceUnreadableError
 from skyframe.journal import UploadJournal, same_file
 from skyframe.markers import hookimpl
-from skyframe.storage import SourceReader, TransferRequest, TransferResult, temporary_path
+from skyframe.storage import SourceReader, TransferRequest, TransferResult
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def skyframe_transfer(request: TransferRequest) -> TransferResult | None:
     # A file of one chunk is sent again whole: a journal would cost more than it saves.
     journal = request.journal if request.size > CHUNK else None
     key = request.journal_key
-    temporary = temporary_path(request.remote_path)
+    temporary = sink.temporary_path(request.remote_path)
     if journal is None:
         drop_stale(request)  # the file shrank since a journaled upload of it began
     with SourceReader(request.local_path, chunk_size=CHUNK) as reader:

@@ -1,0 +1,474 @@
+"""Hostile names, links, hung servers, shared sinks, a vanished state folder, and secrets.
+
+Each test asserts what a crew needs: the other files delivered, the exit code, the one line
+that names the file (escaped), a bounded time, nothing secret left anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import servers
+from conftest import (
+    Running,
+    WriteConfig,
+    make_file,
+    one_sink_config,
+    s3_sink,
+    sftp_sink,
+    tree_files,
+    wait_for,
+)
+from test_cli import skyframe
+
+from skyframe.display import RepeatedLog, escape, redact, shown
+from skyframe.engine import Engine
+from skyframe.errors import SourceUnreadableError
+from skyframe.pipeline import load_project
+from skyframe.storage import NAME_MAX, SourceReader, temporary_path
+
+LOCAL = """
+    state_dir: state
+    retry: {max_attempts: 2, initial: 0.05, max: 0.1}
+    pipelines:
+      - name: field
+        source: {path: incoming, settle: 0FOLLOW}
+        sinks:
+          - url: outbox
+    """
+
+
+def local_config(write_config: WriteConfig, follow: str = "") -> Path:
+    extra = f", follow_symlinks: {follow}" if follow else ""
+    return write_config(LOCAL.replace("FOLLOW", extra))
+
+
+def run_once(config: Path) -> tuple[int, str, str]:
+    done = skyframe(config.parent, "run", str(config), "--once")
+    return done.returncode, done.stdout, done.stderr
+
+
+# --- 1. names that are not UTF-8 -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [b"bad\xff.jpg", b"latin1-caf\xe9.jpg", b"\xc3(half.jpg"])
+def test_a_name_that_is_not_utf8_is_reported_and_the_rest_flows(
+    tmp_path: Path, write_config: WriteConfig, bad: bytes
+) -> None:
+    config = local_config(write_config)
+    incoming = os.fsencode(config.parent / "incoming")
+    with open(os.path.join(incoming, bad), "wb") as f:
+        f.write(b"x" * 10)
+    os.makedirs(os.path.join(incoming, b"folder-\xfe"))
+    with open(os.path.join(incoming, b"folder-\xfe", b"inside.jpg"), "wb") as f:
+        f.write(b"y")
+    make_file(config.parent / "incoming", "good.jpg", b"good")
+    make_file(config.parent / "incoming", "sub/also-good.jpg", b"good too")
+    code, out, err = run_once(config)
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert tree_files(config.parent / "outbox") == {
+        "good.jpg": b"good",
+        "sub/also-good.jpg": b"good too",
+    }
+    escaped = escape(os.fsdecode(bad))
+    assert f"not sent: {config.parent / 'incoming'}/{escaped}: its name is not valid UTF-8" in err
+    assert "folder-\\xfe: a folder whose name is not valid UTF-8" in err
+    assert "not taken from the source: 2" in out
+    # A second run says it again (once), and still delivers nothing twice.
+    code, out, err = run_once(config)
+    assert code == 0
+    assert "0 file(s)" in out.splitlines()[0]
+    assert err.count("not valid UTF-8") == 2
+
+
+def test_a_bad_name_created_while_watching_is_said_once(
+    tmp_path: Path, write_config: WriteConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = local_config(write_config)
+    incoming = config.parent / "incoming"
+    caplog.set_level(logging.WARNING)
+    with Running(config) as daemon:
+        with open(os.path.join(os.fsencode(incoming), b"new\xff.jpg"), "wb") as f:
+            f.write(b"z")
+        make_file(incoming, "fine.jpg", b"fine")
+        wait_for((config.parent / "outbox/fine.jpg").exists, "fine.jpg delivered")
+        daemon.engine._sources["field"].rescan_requested.set()
+        time.sleep(1.0)  # a rescan and many housekeeping ticks
+    said = [r for r in caplog.records if "not valid UTF-8" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# --- 3. a FIFO where a file was ----------------------------------------------------------------
+
+
+def test_a_fifo_is_refused_at_once_instead_of_hanging(tmp_path: Path) -> None:
+    fifo = tmp_path / "was-a-file.jpg"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | None] = []
+
+    def read() -> None:
+        try:
+            with SourceReader(fifo):
+                pass
+        except BaseException as exc:
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(5)
+    if reader.is_alive():  # unblock it before failing
+        with open(fifo, "wb"):
+            pass
+        pytest.fail("opening a FIFO blocked")
+    assert isinstance(outcome[0], SourceUnreadableError)
+    assert "not a regular file" in str(outcome[0])
+
+
+def test_a_file_replaced_by_a_fifo_after_the_scan_does_not_hang_the_run(
+    tmp_path: Path, write_config: WriteConfig
+) -> None:
+    config = write_config(
+        """
+        state_dir: state
+        plugins: [plugins]
+        retry: {max_attempts: 2, initial: 0.05, max: 0.1}
+        pipelines:
+          - name: field
+            source: {path: incoming, settle: 0}
+            processes: [swap]
+            sinks:
+              - url: outbox
+        """
+    )
+    (config.parent / "plugins").mkdir()
+    (config.parent / "plugins" / "swap.py").write_text(
+        "import os\n"
+        "from skyframe import process\n"
+        "@process\n"
+        "def process_swap(job):\n"
+        "    if job.path.name == 'swapped.jpg' and not job.path.is_fifo():\n"
+        "        os.unlink(job.path)\n"
+        "        os.mkfifo(job.path)\n",
+        encoding="utf-8",
+    )
+    make_file(config.parent / "incoming", "swapped.jpg", b"soon a fifo")
+    make_file(config.parent / "incoming", "normal.jpg", b"normal")
+    began = time.monotonic()
+    code, out, _err = run_once(config)
+    assert time.monotonic() - began < 60
+    assert code == 1
+    assert "failed field:swapped.jpg" in out
+    assert "not a regular file" in out
+    assert tree_files(config.parent / "outbox") == {"normal.jpg": b"normal"}
+
+
+# --- 4. long names ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [232, 240, 254, 255])
+def test_temporary_names_stay_within_the_name_limit(length: int) -> None:
+    name = ("é" * length)[: length // 2] + "x" * (length % 2)  # two bytes a character
+    assert len(name.encode()) == length
+    tmp = temporary_path(f"root/flight/{name}", "pipeline")
+    assert len(tmp.rsplit("/", 1)[1].encode()) <= NAME_MAX
+    assert tmp.startswith("root/flight/.")
+    assert tmp.rsplit("/", 1)[1].encode().decode()  # whole characters
+
+
+def test_temporary_names_differ_between_pipelines() -> None:
+    assert temporary_path("r/a.jpg", "one") != temporary_path("r/a.jpg", "two")
+
+
+def test_names_up_to_255_bytes_are_delivered_locally(
+    tmp_path: Path, write_config: WriteConfig
+) -> None:
+    config = local_config(write_config)
+    names = ["L" * 232 + ".jpg", "M" * 251 + ".jpg", "ü" * 125 + "1.jpg"]
+    for name in names:
+        assert len(name.encode()) >= 236
+        make_file(config.parent / "incoming", name, name[:5])
+    code, _out, err = run_once(config)
+    assert code == 0, err
+    assert tree_files(config.parent / "outbox") == {n: n[:5].encode() for n in names}
+
+
+def test_names_up_to_255_bytes_are_delivered_over_sftp(
+    tmp_path: Path, write_config: WriteConfig, sftp_server: servers.SFTPServer
+) -> None:
+    sink = sftp_sink(sftp_server)
+    config = write_config(one_sink_config(sink, pipeline="p", retry="{max_attempts: 1}"))
+    names = ["S" * 251 + ".jpg", "big-" + "B" * 247 + ".bin"]
+    make_file(config.parent / "incoming", names[0], b"small")
+    make_file(config.parent / "incoming", names[1], os.urandom(5 * 1024 * 1024))  # journaled
+    code, _out, err = run_once(config)
+    assert code == 0, err
+    root = Path(sink["url"].split(str(sftp_server.port), 1)[1])
+    assert sorted(p.name for p in root.iterdir()) == sorted(names)
+
+
+# --- 2. hung servers --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["s3", "sftp"])
+def test_a_hung_server_is_reported_and_the_run_ends(
+    kind: str,
+    tmp_path: Path,
+    write_config: WriteConfig,
+    s3_server: servers.S3Server,
+    sftp_server: servers.SFTPServer,
+) -> None:
+    server: servers.Server
+    if kind == "s3":
+        server, sink = s3_server, s3_sink(s3_server, timeout="2s")
+    else:
+        server, sink = sftp_server, sftp_sink(sftp_server, timeout="2s")
+    retry = "{max_attempts: 1, initial: 0.05, max: 0.1}"
+    config = write_config(one_sink_config(sink, pipeline="p", retry=retry, settle="0"))
+    make_file(config.parent / "incoming", "photo.jpg", os.urandom(2000))
+    make_file(config.parent / "incoming", "video.mov", os.urandom(6 * 1024 * 1024))
+    server.pause()
+    try:
+        began = time.monotonic()
+        check = skyframe(tmp_path, "check", str(config))
+        checked = time.monotonic() - began
+        began = time.monotonic()
+        run = skyframe(tmp_path, "run", str(config), "--once")
+        ran = time.monotonic() - began
+    finally:
+        server.resume()
+    assert check.returncode == 1
+    assert checked < 20, checked
+    assert "FAIL" in check.stdout
+    assert "Traceback" not in check.stderr
+    assert "no answer" in check.stdout or "cannot reach" in check.stdout, check.stdout
+    assert run.returncode == 1, run.stdout
+    assert ran < 90, ran
+    assert "2 failed" in run.stdout
+
+
+# --- 5. the state folder removed under a running daemon ---------------------------------------
+
+
+def test_removing_the_state_folder_stops_the_daemon_with_one_line(
+    tmp_path: Path, write_config: WriteConfig
+) -> None:
+    import shutil
+
+    config = local_config(write_config)
+    log_path = tmp_path / "daemon.log"
+    with log_path.open("wb") as log:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "skyframe", "run", str(config)],
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        make_file(config.parent / "incoming", "first.jpg", b"1")
+        wait_for((config.parent / "outbox/first.jpg").exists, "first delivery", 30)
+        shutil.rmtree(config.parent / "state")
+        code = daemon.wait(30)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    text = log_path.read_text()
+    assert code == 1, text
+    assert "state directory" in text
+    assert "was removed or replaced" in text
+    assert "Traceback" not in text
+    assert text.count("was removed or replaced") <= 2  # the log line and the final error
+
+
+# --- 6. two pipelines, one sink folder ----------------------------------------------------------
+
+
+def test_a_pipeline_never_replaces_a_file_another_delivered_to_the_same_folder(
+    tmp_path: Path, write_config: WriteConfig
+) -> None:
+    config = write_config(
+        """
+        state_dir: state
+        retry: {max_attempts: 3, initial: 0.05, max: 0.1}
+        pipelines:
+          - name: north
+            source: {path: north, settle: 0}
+            sinks: [{url: out}]
+          - name: south
+            source: {path: south, settle: 0}
+            sinks: [{url: ./out/}]
+        """
+    )
+    make_file(config.parent / "north", "IMG_0001.JPG", b"north")
+    make_file(config.parent / "north", "only-north.jpg", b"n")
+    (config.parent / "south").mkdir()
+    code, _out, err = run_once(config)
+    assert code == 0, err
+    make_file(config.parent / "south", "IMG_0001.JPG", b"south")
+    make_file(config.parent / "south", "only-south.jpg", b"s")
+    code, out, err = run_once(config)
+    assert code == 1
+    assert tree_files(config.parent / "out") == {
+        "IMG_0001.JPG": b"north",
+        "only-north.jpg": b"n",
+        "only-south.jpg": b"s",
+    }
+    line = next(x for x in out.splitlines() if "failed south:IMG_0001.JPG" in x)
+    assert "pipeline 'north'" in line
+    assert "pipeline 'south'" in line
+    assert "Traceback" not in err
+    listing = skyframe(tmp_path, "queue", "list", "-c", str(config))
+    assert "IMG_0001.JPG" in listing.stdout
+
+
+# --- 8. symbolic links --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("follow", "expected"),
+    [
+        ("", {"real.jpg", "inside-link.jpg"}),
+        ("inside", {"real.jpg", "inside-link.jpg"}),
+        ("all", {"real.jpg", "inside-link.jpg", "outside-link.jpg"}),
+        ("none", {"real.jpg"}),
+    ],
+)
+def test_symbolic_links_follow_the_policy(
+    tmp_path: Path, write_config: WriteConfig, follow: str, expected: set[str]
+) -> None:
+    config = local_config(write_config, follow)
+    incoming = config.parent / "incoming"
+    secret = make_file(tmp_path / "elsewhere", "shadow", b"root:secret")
+    make_file(tmp_path / "elsewhere", "folder/deep.jpg", b"deep")
+    make_file(incoming, "real.jpg", b"real")
+    (incoming / "inside-link.jpg").symlink_to(incoming / "real.jpg")
+    (incoming / "outside-link.jpg").symlink_to(secret)
+    (incoming / "folder-link").symlink_to(tmp_path / "elsewhere" / "folder")
+    (incoming / "dangling.jpg").symlink_to(tmp_path / "nowhere")
+    code, _out, err = run_once(config)
+    assert code == 0, err
+    delivered = tree_files(config.parent / "outbox")
+    assert set(delivered) == expected
+    if "outside-link.jpg" not in expected:
+        assert b"root:secret" not in b"".join(delivered.values())
+        assert "outside-link.jpg" in err
+
+
+# --- 10. secrets ------------------------------------------------------------------------------
+
+
+SECRET = "s3cr3t-Pa55word"
+
+
+def test_a_password_in_the_endpoint_is_never_shown_or_stored(
+    tmp_path: Path, write_config: WriteConfig
+) -> None:
+    port = servers.free_port()  # nothing listens there
+    sink = {
+        "url": "s3://bucket/prefix",
+        "options": {
+            "endpoint_url": f"http://admin:{SECRET}@127.0.0.1:{port}",
+            "key": "AKIAEXAMPLE",
+            "secret": "${THE_SECRET}",
+            "timeout": "2s",
+        },
+    }
+    retry = "{max_attempts: 1, initial: 0.05, max: 0.1}"
+    config = write_config(one_sink_config(sink, pipeline="p", retry=retry, settle="0"))
+    make_file(config.parent / "incoming", "a.jpg", b"a")
+    env = {"THE_SECRET": "another-" + SECRET}
+    outputs = []
+    for args in (["validate"], ["check"], ["run", "--once"], ["queue", "list", "-c"]):
+        done = skyframe(tmp_path, *args, str(config), env=env)
+        outputs.append(done.stdout + done.stderr)
+    history = skyframe(tmp_path, "history", "-c", str(config), env=env)
+    outputs.append(history.stdout + history.stderr)
+    for text in outputs:
+        assert SECRET not in text, text
+    assert "admin:***@" in outputs[1] or "cannot reach" in outputs[1]
+    for path in (config.parent / "state").rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_redact_and_escape() -> None:
+    assert redact("see http://u:p4ss@h:9/x and s3://k:v@b/y") == (
+        "see http://u:***@h:9/x and s3://k:***@b/y"
+    )
+    assert redact("http://user@host/x") == "http://user@host/x"
+    assert escape("a\nb\x1b[31mc\udcff") == "a\\nb\\x1b[31mc\\xff"
+    assert shown("x\ny http://a:b@c") == "x\\ny http://a:***@c"
+
+
+# --- 11. control characters in names -------------------------------------------------------------
+
+
+def test_control_characters_in_names_reach_no_terminal_raw(
+    tmp_path: Path, write_config: WriteConfig
+) -> None:
+    config = local_config(write_config)
+    make_file(config.parent / "incoming", "forged\nskyframe: error: fake\x1b[31m.jpg", b"x")
+    make_file(config.parent / "incoming", "plain.jpg", b"p")
+    code, out, err = run_once(config)
+    assert code == 1  # the name cannot be written remotely: a dead letter, named
+    assert "\x1b" not in out + err
+    assert not any(line.startswith("skyframe: error: fake") for line in err.splitlines())
+    assert "forged\\nskyframe: error: fake\\x1b[31m.jpg" in out
+    assert tree_files(config.parent / "outbox") == {"plain.jpg": b"p"}
+
+
+# --- 12. a repeated error is said once -----------------------------------------------------------
+
+
+def test_a_repeated_error_is_logged_once_with_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("skyframe.test-repeated")
+    repeated = RepeatedLog(logger, every=0.3)
+    caplog.set_level(logging.DEBUG, logger=logger.name)
+    for _ in range(200):
+        repeated.error("error while settling files", OSError(28, "No space left on device"))
+    time.sleep(0.35)
+    repeated.error("error while settling files", OSError(28, "No space left on device"))
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2, errors
+    assert "No space left on device" in errors[0]
+    assert "199 time(s) more" in errors[1]
+    assert sum(1 for r in caplog.records if r.exc_info) == 1  # the traceback once, at debug
+
+
+def test_a_failing_step_of_the_daemon_does_not_flood_the_log(
+    tmp_path: Path, write_config: WriteConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = local_config(write_config)
+    project = load_project(config)
+    engine = Engine(project.config, project.pm, project.pipelines)
+    caplog.set_level(logging.INFO, logger="skyframe")
+
+    def full_disk() -> None:
+        raise OSError(28, "No space left on device")
+
+    for source in engine._sources.values():
+        source.settler.tick = full_disk  # type: ignore[method-assign]
+    thread = threading.Thread(target=engine.run_daemon, daemon=True)
+    thread.start()
+    try:
+        assert engine.ready.wait(30)
+        time.sleep(1.5)  # some 30 housekeeping ticks
+    finally:
+        engine.stop()
+        thread.join(30)
+        engine.close()
+    said = [r for r in caplog.records if "No space left" in r.getMessage()]
+    assert len(said) == 1, len(said)
+    assert not [r for r in said if r.exc_info]
