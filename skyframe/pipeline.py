@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from dataclasses import dataclass
@@ -179,8 +180,10 @@ def _options_error(exc: ValidationError, config: Config, where: YamlPath) -> Con
     loc = tuple(str(p) for p in first["loc"] if isinstance(p, str | int))
     path = (*where, *loc)
     if first["type"] == "extra_forbidden":
-        fields = ", ".join(_model_fields(exc.title))
-        message = f"unknown option {loc[-1]!r} (expected one of: {fields})"
+        fields = _model_fields(exc.title)
+        close = difflib.get_close_matches(loc[-1], fields, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        message = f"unknown option {loc[-1]!r} ({hint}expected one of: {', '.join(fields)})"
     else:
         message = str(first["msg"]).removeprefix("Value error, ")
     key = path if first["type"] != "missing" else where

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import hashlib
 import http.client
 import inspect
@@ -70,12 +71,58 @@ class S3Options(BackendOptions):
         8 * MIB, ge=5 * MIB, le=5 * 1024 * MIB, description="multipart part size"
     )
     part_concurrency: int = Field(3, ge=1, le=32, description="parts of one file sent at once")
+    profile: str | None = Field(
+        None, description="profile of the AWS shared credentials and config files"
+    )
+    requester_pays: bool = Field(False, description="the bucket owner bills the requester")
+    client_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="botocore client arguments, as s3fs's client_kwargs (region_name, verify...)",
+    )
+    config_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="botocore Config options, as s3fs's config_kwargs (over skyframe's own)",
+    )
+    s3_additional_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "parameters of every upload, as s3fs's: ServerSideEncryption, SSEKMSKeyId, "
+            "StorageClass, ACL..."
+        ),
+    )
 
     @model_validator(mode="after")
     def _pairs(self) -> S3Options:
         if (self.key is None) != (self.secret is None):
             raise ValueError("give both key and secret, or neither (to use the environment)")
+        if self.profile is not None and self.key is not None:
+            raise ValueError("give key and secret, or a profile, not both")
         return self
+
+    @model_validator(mode="after")
+    def _one_place_each(self) -> S3Options:
+        # s3fs users write the region and endpoint in client_kwargs: take them from there,
+        # so that skyframe's own requests (the check, small files) use them too.
+        for option, name in (("region", "region_name"), ("endpoint_url", "endpoint_url")):
+            if name not in self.client_kwargs:
+                continue
+            given = self.client_kwargs[name]
+            if getattr(self, option) not in (None, given):
+                raise ValueError(f"{option} and client_kwargs.{name} differ: give one")
+            object.__setattr__(self, option, given)
+        unknown = sorted(set(self.s3_additional_kwargs) - UPLOAD_PARAMETERS)
+        if unknown:
+            raise ValueError(f"s3_additional_kwargs: {_unknown_parameter(unknown[0])}")
+        return self
+
+    @property
+    def plain(self) -> bool:
+        """True when no option changes what a PUT sends or how it is sent beyond what the
+        light client does (signed PUT, HEAD and DELETE with the credentials)."""
+        extra = set(self.client_kwargs) - {"region_name", "endpoint_url"}
+        return not (extra or self.config_kwargs or self.s3_additional_kwargs) and not (
+            self.requester_pays
+        )
 
     def part_size_for(self, size: int) -> int:
         """The part size for a file: the configured one, raised to stay within 10,000 parts."""
@@ -83,6 +130,46 @@ class S3Options(BackendOptions):
         while size > part * MAX_PARTS:
             part *= 2
         return part
+
+
+#: what s3_additional_kwargs may hold: parameters of PutObject and CreateMultipartUpload that
+#: shape the stored object (a misspelt one would be dropped by s3fs without a word)
+UPLOAD_PARAMETERS = frozenset(
+    {
+        "ACL",
+        "BucketKeyEnabled",
+        "CacheControl",
+        "ChecksumAlgorithm",
+        "ContentDisposition",
+        "ContentEncoding",
+        "ContentLanguage",
+        "ContentType",
+        "ExpectedBucketOwner",
+        "Expires",
+        "GrantFullControl",
+        "GrantRead",
+        "GrantReadACP",
+        "GrantWriteACP",
+        "ObjectLockLegalHoldStatus",
+        "ObjectLockMode",
+        "ObjectLockRetainUntilDate",
+        "SSECustomerAlgorithm",
+        "SSECustomerKey",
+        "SSEKMSEncryptionContext",
+        "SSEKMSKeyId",
+        "ServerSideEncryption",
+        "StorageClass",
+        "Tagging",
+        "WebsiteRedirectLocation",
+    }
+)
+
+
+def _unknown_parameter(name: str) -> str:
+    close = difflib.get_close_matches(name, UPLOAD_PARAMETERS, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    known = ", ".join(sorted(UPLOAD_PARAMETERS))
+    return f"unknown upload parameter {name!r} ({hint}expected one of: {known})"
 
 
 def _without_expect_continue(request: Any, **kwargs: Any) -> None:
@@ -98,11 +185,11 @@ def _without_expect_continue(request: Any, **kwargs: Any) -> None:
         del request.headers["Expect"]
 
 
-def _session() -> Any:
+def _session(profile: str | None = None) -> Any:
     """The aiobotocore session s3fs builds its clients from, with the handler above."""
     from aiobotocore.session import AioSession
 
-    session = AioSession()
+    session = AioSession(profile=profile)
     session.register("before-send.s3", _without_expect_continue)
     return session
 
@@ -122,7 +209,8 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
     def connect() -> Any:
         import s3fs
 
-        client_kwargs: dict[str, Any] = {}
+        client_kwargs: dict[str, Any] = dict(settings.client_kwargs)
+        client_kwargs.pop("endpoint_url", None)  # given to s3fs on its own below
         region = settings.region or ("us-east-1" if settings.endpoint_url else None)
         if region:
             client_kwargs["region_name"] = region
@@ -135,15 +223,18 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
             # botocore adds a CRC32 of every part by default; over plain HTTP each signed
             # request already carries its payload's sha256, which the server checks.
             config["request_checksum_calculation"] = "when_required"
+        config.update(settings.config_kwargs)
         fs = s3fs.S3FileSystem(
-            session=_session(),
+            session=_session(settings.profile),
             endpoint_url=settings.endpoint_url,
             key=settings.key,
             secret=settings.secret,
             token=settings.token,
             anon=settings.anon,
+            requester_pays=settings.requester_pays,
             client_kwargs=client_kwargs,
             config_kwargs=config,
+            s3_additional_kwargs=dict(settings.s3_additional_kwargs),
             skip_instance_cache=True,
         )
         fs.retries = 3  # s3fs's own retry loop (a class attribute, not an argument)
@@ -462,8 +553,9 @@ class DirectS3:
 
 def direct_client(settings: S3Options) -> DirectS3 | None:
     """The light client for a sink's options, or None where only the regular path applies
-    (AWS itself, or unsigned requests)."""
-    if settings.endpoint_url is None or settings.anon:
+    (AWS itself, unsigned requests, or options that shape the request: encryption, storage
+    class, requester pays, client or Config options of botocore's)."""
+    if settings.endpoint_url is None or settings.anon or not settings.plain:
         return None
     credentials = None
     if settings.key is not None and settings.secret is not None:

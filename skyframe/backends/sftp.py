@@ -45,6 +45,9 @@ class SFTPOptions(BackendOptions):
     key_file: str | list[str] | None = Field(
         None, description="private key file(s); default: ~/.ssh keys and the ssh agent"
     )
+    client_keys: list[str] | None = Field(
+        None, description="private key file(s), as sshfs and asyncssh name them (or key_file)"
+    )
     known_hosts: str = Field(DEFAULT_KNOWN_HOSTS, description="trusted host keys")
     host_key_check: bool = Field(True, description="verify the server's host key")
     password: str | None = Field(None, description="password login (from ${VAR} only)")
@@ -86,7 +89,7 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
     keys = settings.key_file
     client_keys = [
         resolve(k, "key_file") for k in ([keys] if isinstance(keys, str) else keys or [])
-    ]
+    ] + [resolve(k, "client_keys") for k in settings.client_keys or []]
     warnings = []
     known_hosts: str | None = None
     if settings.host_key_check:
