@@ -9,13 +9,13 @@ has not moved for the given age, so an upload still under way is never cancelled
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from skyframe.journal import JournalKey, UploadJournal, stale_uploads
+from skyframe.protocols import Protocol, Protocols
 from skyframe.storage import Sink, TransferRequest
 
 log = logging.getLogger(__name__)
@@ -44,39 +44,20 @@ def span(seconds: float) -> str:
     return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
-def describe(record: dict[str, Any]) -> str:
-    """What the server holds for an upload, as far as the journal knows."""
-    protocol = record.get("protocol")
-    if protocol == "s3":
-        return f"S3 multipart upload, {len(record.get('parts') or {})} part(s) sent"
-    if protocol == "gcs":
-        return f"GCS resumable session, {record.get('offset', 0)} byte(s) confirmed"
-    if protocol == "sftp":
-        return f"SFTP temporary file, {record.get('offset', 0)} byte(s) written"
-    return f"{protocol} upload"
+def describe(record: dict[str, Any], spec: Protocol | None) -> str:
+    """What the server holds for an upload, as far as the journal knows (as its protocol
+    says)."""
+    if spec is not None and spec.describe_upload is not None:
+        return spec.describe_upload(record)
+    return f"{record.get('protocol')} upload"
 
 
 def cancel(sink: Sink, record: dict[str, Any]) -> None:
-    """Cancel one upload on its sink (one already gone is fine)."""
-    protocol = record.get("protocol")
-    fs = sink.fs
-    if protocol == "s3":
-        from skyframe.builtin.transfer_s3 import abort_unrecorded, abort_upload
-
-        bucket, key = record["bucket"], record["key"]
-        if record.get("upload_id"):
-            abort_upload(fs, bucket, key, record["upload_id"])
-        else:  # died between creating the upload and noting its id
-            abort_unrecorded(fs, bucket, key, record["started_at"])
-    elif protocol == "gcs":
-        from skyframe.builtin.transfer_gcs import cancel_session
-
-        cancel_session(fs, record["session"])
-    elif protocol == "sftp":
-        with contextlib.suppress(FileNotFoundError):
-            fs.rm(record["temporary"])
-    else:
-        raise ValueError(f"unknown upload protocol {protocol!r}")
+    """Cancel one upload on its sink (one already gone is fine), as its protocol does."""
+    spec = sink.spec
+    if spec is None or spec.cancel_upload is None:
+        raise ValueError(f"{sink.display}: no way to cancel a {record.get('protocol')} upload")
+    spec.cancel_upload(sink.fs, record)
 
 
 def cleanup(
@@ -85,6 +66,7 @@ def cleanup(
     older_than: float,
     *,
     dry_run: bool = False,
+    protocols: Protocols | None = None,
 ) -> list[Cleaned]:
     """Cancel every journaled upload idle for ``older_than`` seconds on a configured sink."""
     now = time.time()
@@ -93,7 +75,10 @@ def cleanup(
         protocol = str(record.get("protocol"))
         idle = now - float(record["updated_at"])
         sink = sinks.get(key.sink)
-        what = describe(record)
+        spec = sink.spec if sink is not None else None
+        if spec is None and protocols is not None:  # a sink no longer in the config
+            spec = protocols.named(protocol)
+        what = describe(record, spec)
         if sink is None:
             out.append(Cleaned(key, protocol, idle, f"{what}; sink not in the config", False))
             continue

@@ -309,7 +309,9 @@ def cleanup(config_file: Path, older_than: float, dry_run: bool) -> None:
     sinks = {s.key: s for p in project.pipelines for s in p.sinks}
     journal = UploadJournal(folder)
     try:
-        cleaned = cancel_stale(journal, sinks, older_than, dry_run=dry_run)
+        cleaned = cancel_stale(
+            journal, sinks, older_than, dry_run=dry_run, protocols=project.registry.protocols
+        )
         left = len(journal.entries())
     finally:
         journal.close()
@@ -482,12 +484,14 @@ def history(  # noqa: PLR0917 (click passes every option)
 )
 @click.pass_obj
 def plugins(obj: dict[str, Console], config_file: Path | None) -> None:
-    """List every rule and process with its options, summary and origin.
+    """List every rule and process with its options, summary and origin, and every storage
+    protocol with its URL schemes.
 
     With CONFIG (or ./skyframe.yaml when present), its plugins and project files are included.
     """
     from skyframe.config import load_config
     from skyframe.plugin_manager import get_plugin_manager
+    from skyframe.protocols import ANY_FSSPEC
     from skyframe.registry import Registry
 
     if config_file is None and Path(DEFAULT_CONFIG_NAME).is_file():
@@ -520,6 +524,12 @@ def plugins(obj: dict[str, Console], config_file: Path | None) -> None:
             click.echo(f"    {spec.summary}")
             for option in spec.describe_options():
                 click.echo(f"    - {option}")
+    protocols: dict[str, list[str]] = {}
+    for scheme, protocol in sorted(registry.protocols.by_scheme.items()):
+        protocols.setdefault(f"{protocol.name}  [{protocol.origin}]", []).append(scheme)
+    for described, schemes in protocols.items():
+        listed = ", ".join("any fsspec URL" if s == ANY_FSSPEC else f"{s}://" for s in schemes)
+        out.print(f"protocol {described}: {listed}", highlight=False, markup=False)
     for broken in getattr(pm, "broken", []):
         out.print(
             f"broken plugin {broken.name} ({broken.value}): {broken.error}",

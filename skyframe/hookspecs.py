@@ -10,6 +10,7 @@ from skyframe.markers import hookspec
 if TYPE_CHECKING:
     from skyframe.config import Config
     from skyframe.events import LifecycleEvent
+    from skyframe.protocols import Protocol
     from skyframe.storage import BatchTransfer, Sink, TransferRequest, TransferResult
 
 RegisterFn = Callable[..., None]
@@ -23,6 +24,11 @@ def skyframe_register_rules(register: RegisterFn) -> None:
 @hookspec
 def skyframe_register_processes(register: RegisterFn) -> None:
     """Call ``register(func)`` (or ``register(func, name=...)``) for each process it adds."""
+
+
+@hookspec
+def skyframe_register_protocols(register: Callable[[Protocol], None]) -> None:
+    """Call ``register(Protocol(...))`` for each storage protocol this plugin adds."""
 
 
 @hookspec

@@ -95,9 +95,13 @@ def _build_pipeline(
     for k, sink_config in enumerate(spec.sinks):
         where = (*base, "sinks", k, "url")
         try:
-            sink = open_sink(sink_config, config.base_dir, config.retry_for(spec))
+            protocol = registry.protocols.for_url(sink_config.url)
+            sink = open_sink(
+                sink_config, config.base_dir, config.retry_for(spec), registry.protocols
+            )
         except ValidationError as exc:
-            raise _options_error(exc, config, (*base, "sinks", k, "options")) from None
+            fields = list(protocol.options.model_fields) if protocol.options else []
+            raise _options_error(exc, config, (*base, "sinks", k, "options"), fields) from None
         except (ValueError, ImportError, OSError) as exc:
             raise ConfigError(str(exc), config.locate(where), format_key(where)) from None
         for warning in sink.endpoint.warnings:
@@ -174,13 +178,15 @@ def evaluate_rules(rules: list[BoundStep], event: FileEvent) -> tuple[str, str] 
     return None
 
 
-def _options_error(exc: ValidationError, config: Config, where: YamlPath) -> ConfigError:
-    """A sink's backend options failed their model: point at the first bad key."""
+def _options_error(
+    exc: ValidationError, config: Config, where: YamlPath, fields: list[str]
+) -> ConfigError:
+    """A sink's backend options failed their model (whose keys are ``fields``): point at the
+    first bad key."""
     first = exc.errors(include_url=False, include_input=False)[0]
     loc = tuple(str(p) for p in first["loc"] if isinstance(p, str | int))
     path = (*where, *loc)
     if first["type"] == "extra_forbidden":
-        fields = _model_fields(exc.title)
         close = difflib.get_close_matches(loc[-1], fields, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         message = f"unknown option {loc[-1]!r} ({hint}expected one of: {', '.join(fields)})"
@@ -188,13 +194,3 @@ def _options_error(exc: ValidationError, config: Config, where: YamlPath) -> Con
         message = str(first["msg"]).removeprefix("Value error, ")
     key = path if first["type"] != "missing" else where
     return ConfigError(message, config.locate(path), format_key(key))
-
-
-def _model_fields(title: str) -> list[str]:
-    from skyframe.backends.gcs import GCSOptions
-    from skyframe.backends.s3 import S3Options
-    from skyframe.backends.sftp import SFTPOptions
-
-    models = {m.__name__: m for m in (S3Options, GCSOptions, SFTPOptions)}
-    model = models.get(title)
-    return list(model.model_fields) if model else []

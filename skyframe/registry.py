@@ -25,6 +25,7 @@ from pydantic import (
 from skyframe.config import Config, StepConfig, YamlPath, format_key
 from skyframe.errors import ConfigError, PluginError
 from skyframe.markers import StepKind
+from skyframe.protocols import Protocols
 from skyframe.units import Label
 
 
@@ -174,15 +175,18 @@ def _options_model(kind: StepKind, name: str, func: Callable[..., Any]) -> type[
 class Registry:
     """Every rule and process, by YAML name. Read-only mappings."""
 
-    def __init__(self) -> None:
+    def __init__(self, protocols: Protocols | None = None) -> None:
         self._steps: dict[StepKind, dict[str, StepSpec]] = {"rule": {}, "process": {}}
         self.rules: Mapping[str, StepSpec] = MappingProxyType(self._steps["rule"])
         self.processes: Mapping[str, StepSpec] = MappingProxyType(self._steps["process"])
+        #: the storage protocols, by URL scheme
+        self.protocols = protocols if protocols is not None else Protocols()
 
     @classmethod
     def from_plugin_manager(cls, pm: pluggy.PluginManager) -> Registry:
-        """Collect through ``skyframe_register_rules`` and ``skyframe_register_processes``."""
-        registry = cls()
+        """Collect through ``skyframe_register_rules``, ``skyframe_register_processes`` and
+        ``skyframe_register_protocols``."""
+        registry = cls(Protocols.from_plugin_manager(pm))
         pm.hook.skyframe_register_rules(register=registry._registrar("rule"))
         pm.hook.skyframe_register_processes(register=registry._registrar("process"))
         return registry

@@ -23,7 +23,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import fsspec
 from fsspec.spec import AbstractFileSystem
 
 from skyframe.backends import Endpoint
@@ -39,6 +38,7 @@ from skyframe.errors import (
 )
 from skyframe.events import open_regular
 from skyframe.journal import JournalKey, UploadJournal
+from skyframe.protocols import Protocol, Protocols, builtin_protocols
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +165,11 @@ class Sink:
         on_delete: str = "keep",
         health: SinkHealth | None = None,
         limiter: Limiter | None = None,
+        spec: Protocol | None = None,
     ) -> None:
-        self.key = key  #: the name deliveries are recorded under in the manifest
+        self.key = key
+        #: the registered protocol it takes (how its interrupted uploads are cancelled)
+        self.spec = spec  #: the name deliveries are recorded under in the manifest
         self.url = url  #: as configured (may hold credentials: show :attr:`display` instead)
         self.endpoint = endpoint
         self.protocol = endpoint.protocol
@@ -319,21 +322,21 @@ class Sink:
         self._folders = set()
 
 
-def _is_url(value: str) -> bool:
-    return "://" in value or value.startswith(("s3:", "gs:", "gcs:"))
-
-
-def open_sink(config: SinkConfig, base_dir: Path, retry: RetryConfig | None = None) -> Sink:
-    """Check a sink's URL and options, without connecting.
+def open_sink(
+    config: SinkConfig,
+    base_dir: Path,
+    retry: RetryConfig | None = None,
+    protocols: Protocols | None = None,
+) -> Sink:
+    """Check a sink's URL and options, without connecting, with the protocol its URL takes
+    among ``protocols`` (the built-in ones when None).
 
     Raises ValueError, ImportError or pydantic's ValidationError with a clear message.
     """
-    from skyframe.backends import load_backend
-
+    protocol = (protocols or builtin_protocols()).for_url(config.url)
     options: dict[str, Any] = dict(config.options)
-    protocol = fsspec.core.split_protocol(config.url)[0] if _is_url(config.url) else "file"
     try:
-        endpoint = load_backend(protocol or "file")(config.url, options, base_dir)
+        endpoint = protocol.endpoint(config.url, options, base_dir)
     except ImportError as exc:
         raise ImportError(
             f"the backend for {redact_url(config.url)} is not installed: {exc}"
@@ -347,6 +350,7 @@ def open_sink(config: SinkConfig, base_dir: Path, retry: RetryConfig | None = No
         on_delete=config.on_delete,
         health=health,
         limiter=Limiter([TokenBucket(config.bwlimit)]) if config.bwlimit else None,
+        spec=protocol,
     )
 
 

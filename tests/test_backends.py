@@ -49,7 +49,7 @@ BAD = [
     ),
     ("sftp://u:hunter2@127.0.0.1/data", "{host_key_check: false}", r"no password in the URL"),
     ("sftp://127.0.0.1:port/data", "{host_key_check: false}", r"the port is not a number"),
-    ("nosuchproto://x/y", "{}", r"unknown protocol 'nosuchproto'"),
+    ("nosuchproto://x/y", "{}", r"no protocol for nosuchproto://: install a skyframe protocol"),
 ]
 
 

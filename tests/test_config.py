@@ -139,7 +139,7 @@ BAD_CONFIGS = [
     pytest.param(
         GOOD.replace("url: outbox", "url: nosuchproto://bucket/x"),
         (11, 9),
-        r"sinks\[0\]\.url: unknown protocol 'nosuchproto'",
+        r"sinks\[0\]\.url: no protocol for nosuchproto://: install a skyframe protocol plugin",
         id="unknown-protocol",
     ),
     pytest.param(

@@ -1,7 +1,8 @@
 """Storage backends: how a sink URL becomes a connected fsspec filesystem, and what its errors mean.
 
 One module per protocol (``s3``, ``gcs``, ``sftp``, ``local``) plus ``generic`` for any other
-fsspec protocol. Each module's ``endpoint(url, options, base_dir)`` checks the sink's options
+fsspec protocol, registered as protocols (:mod:`skyframe.protocols`) by the built-in transfer
+plugins. Each module's ``endpoint(url, options, base_dir)`` checks the sink's options
 (raising :class:`pydantic.ValidationError` or ``ValueError``) without connecting, and returns
 an :class:`Endpoint`: the connection is opened lazily, on first use, so a daemon started while
 the link is down still starts, queues, and connects once the server is back.
@@ -14,7 +15,6 @@ import errno
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -144,26 +144,3 @@ def close_quietly(fs: Any, closer: Callable[[], Any]) -> None:
         return
     with contextlib.suppress(Exception):
         sync(loop, closer, timeout=CLOSE_TIMEOUT)
-
-
-def load_backend(protocol: str) -> Callable[[str, dict[str, Any], Path], Endpoint]:
-    """The ``endpoint`` function for a URL's protocol (the generic one for unknown protocols)."""
-    if protocol in ("s3", "s3a"):
-        from skyframe.backends import s3
-
-        return s3.endpoint
-    if protocol in ("gcs", "gs"):
-        from skyframe.backends import gcs
-
-        return gcs.endpoint
-    if protocol in ("sftp", "ssh"):
-        from skyframe.backends import sftp
-
-        return sftp.endpoint
-    if protocol in ("", "file", "local"):
-        from skyframe.backends import local
-
-        return local.endpoint
-    from skyframe.backends import generic
-
-    return generic.endpoint

@@ -23,10 +23,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fsspec.asyn import sync
 
+from skyframe.backends import gcs
 from skyframe.backends.gcs import GCSOptions
 from skyframe.builtin.batch import read_whole, send_batch
 from skyframe.deps import internal
@@ -38,6 +40,7 @@ from skyframe.errors import (
 )
 from skyframe.journal import same_file
 from skyframe.markers import hookimpl
+from skyframe.protocols import Protocol
 from skyframe.storage import (
     BatchTransfer,
     Sink,
@@ -49,6 +52,24 @@ from skyframe.storage import (
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/octet-stream"
+
+
+@hookimpl
+def skyframe_register_protocols(register: Callable[[Protocol], None]) -> None:
+    """Google Cloud Storage and its emulators."""
+    register(
+        Protocol(
+            "gcs",
+            ("gcs", "gs"),
+            gcs.endpoint,
+            GCSOptions,
+            origin=__name__,
+            cancel_upload=lambda fs, record: cancel_session(fs, record["session"]),
+            describe_upload=lambda record: (
+                f"GCS resumable session, {record.get('offset', 0)} byte(s) confirmed"
+            ),
+        )
+    )
 
 
 @hookimpl

@@ -8,10 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import posixpath
+from collections.abc import Callable
 
+from skyframe.backends import generic, local
 from skyframe.errors import DeliveryError
 from skyframe.markers import hookimpl
+from skyframe.protocols import ANY_FSSPEC, Protocol
 from skyframe.storage import SourceReader, TransferRequest, TransferResult
+
+
+@hookimpl
+def skyframe_register_protocols(register: Callable[[Protocol], None]) -> None:
+    """Local folders, and any other protocol fsspec knows (through its own package)."""
+    register(Protocol("file", ("file", "local"), local.endpoint, origin=__name__))
+    register(Protocol("fsspec", (ANY_FSSPEC,), generic.endpoint, origin=__name__))
 
 
 @hookimpl(trylast=True)

@@ -25,6 +25,7 @@ import hashlib
 import logging
 import re
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -36,6 +37,7 @@ from skyframe.builtin.batch import Put, read_whole, send_batch
 from skyframe.errors import DeliveryError, SourceChangedError, SourceUnreadableError
 from skyframe.journal import JournalKey, UploadJournal, same_file
 from skyframe.markers import hookimpl
+from skyframe.protocols import Protocol
 from skyframe.storage import (
     BatchTransfer,
     Sink,
@@ -48,6 +50,34 @@ log = logging.getLogger(__name__)
 
 CLOCK_SLACK = 60.0  #: seconds the server's clock may differ from ours
 _PLAIN_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')
+
+
+@hookimpl
+def skyframe_register_protocols(register: Callable[[Protocol], None]) -> None:
+    """S3 and S3-compatible stores."""
+    register(
+        Protocol(
+            "s3",
+            ("s3", "s3a"),
+            s3.endpoint,
+            S3Options,
+            origin=__name__,
+            cancel_upload=cancel_upload,
+            describe_upload=lambda record: (
+                f"S3 multipart upload, {len(record.get('parts') or {})} part(s) sent"
+            ),
+        )
+    )
+
+
+def cancel_upload(fs: Any, record: dict[str, Any]) -> None:
+    """Abort a journaled multipart upload (by its id, or by key and time when the process
+    died before noting the id)."""
+    bucket, key = record["bucket"], record["key"]
+    if record.get("upload_id"):
+        abort_upload(fs, bucket, key, record["upload_id"])
+    else:
+        abort_unrecorded(fs, bucket, key, record["started_at"])
 
 
 @hookimpl
