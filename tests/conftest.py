@@ -115,6 +115,12 @@ def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.GCS
         yield server
 
 
+@pytest.fixture(scope="session")
+def azurite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.AzuriteServer]:
+    with servers.AzuriteServer(tmp_path_factory.mktemp("azurite")) as server:
+        yield server
+
+
 def one_sink_config(sink: dict[str, Any], *, pipeline: str, retry: str, settle: str = "0.2") -> str:
     """A config with one pipeline from incoming/ to ``sink`` (a url/options mapping)."""
     return f"""
@@ -155,6 +161,15 @@ def gcs_sink(server: servers.GCSServer, **extra: Any) -> dict[str, Any]:
     server.make_bucket(bucket)
     options = {"endpoint_url": server.endpoint_url, "token": "anon"}
     return {"url": f"gcs://{bucket}/drop", "options": {**options, **extra}}
+
+
+def azure_sink(server: servers.AzuriteServer, **extra: Any) -> dict[str, Any]:
+    """A sink entry for a fresh container on the test Azurite server (the skyframe-azure
+    protocol plugin, found through its entry point)."""
+    container = unique_name("c")
+    server.make_container(container)
+    options = {"connection_string": server.connection_string}
+    return {"url": f"az://{container}/drop", "options": {**options, **extra}}
 
 
 # --- an in-process daemon --------------------------------------------------------------------

@@ -281,6 +281,9 @@ def close_filesystem(fs: Any) -> None:
         session = fs.session
         if session is not None and not session.closed:
             closer = session.close
+    elif name == "AzureBlobFileSystem":
+        closer = getattr(fs, "service_client", None)
+        closer = closer.close if closer is not None else None
     if closer is not None:
         with contextlib.suppress(Exception):
             sync(loop, closer)
@@ -932,3 +935,74 @@ class ForwardProxy(Server):
             if len(fields) >= 7:
                 found.append((fields[5], fields[6]))
         return found
+
+
+# --------------------------------------------------------------------------------------------
+# Azure Blob Storage: Azurite (npm `azurite`, installed by .ci/setup into .ci/npm)
+
+#: Azurite's account and key: the public, documented development credentials
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+
+
+def _azurite_binary() -> Path:
+    found = Path(__file__).resolve().parent.parent / ".ci" / "npm" / "node_modules" / ".bin"
+    binary = found / "azurite-blob"
+    if not binary.exists():
+        raise RuntimeError(f"Azurite is not installed ({binary}): run bash .ci/setup")
+    return binary
+
+
+class AzuriteServer(Server):
+    """Azurite's Blob service, its data on disk (it survives kill + restart)."""
+
+    kind = "azurite"
+
+    def __init__(self, base_dir: str | os.PathLike[str], *, timeout: float = START_TIMEOUT):
+        super().__init__(base_dir, timeout=timeout)
+        self.port = free_port()
+        self.endpoint_url = f"http://{LOOPBACK}:{self.port}/{AZURITE_ACCOUNT}"
+        self.data_dir = self.dir / "data"
+        self.connection_string = (
+            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
+            f"AccountKey={AZURITE_KEY};BlobEndpoint={self.endpoint_url};"
+        )
+
+    def _prepare(self) -> None:
+        self.data_dir.mkdir(exist_ok=True)
+
+    def _command(self) -> list[str]:
+        return [
+            str(_azurite_binary()),
+            "--blobHost",
+            LOOPBACK,
+            "--blobPort",
+            str(self.port),
+            "--location",
+            str(self.data_dir),
+            "--silent",
+            "--skipApiVersionCheck",
+        ]
+
+    def _probe(self) -> None:
+        _http_get(f"{self.endpoint_url}?comp=list", timeout=1.0)  # any answer: it listens
+
+    def service(self) -> Any:
+        """A blocking azure-storage-blob client of the account; close it when done."""
+        from azure.storage.blob import BlobServiceClient
+
+        return BlobServiceClient.from_connection_string(self.connection_string)
+
+    def make_container(self, name: str) -> None:
+        with self.service() as service:
+            service.create_container(name)
+
+    def filesystem(self) -> Any:
+        """An adlfs filesystem of the account; close it with `close_filesystem`."""
+        import adlfs  # type: ignore[import-untyped, unused-ignore]
+
+        return adlfs.AzureBlobFileSystem(
+            connection_string=self.connection_string, skip_instance_cache=True
+        )

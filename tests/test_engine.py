@@ -277,13 +277,13 @@ def test_vanished_file_is_skipped_not_failed(
         """
         from skyframe import hookimpl
 
-        @hookimpl
-        def skyframe_event(event):
-            if event.kind == "queued" and event.relpath == "gone.jpg":
-                import pathlib
-                # simulates a camera tool deleting the file right after it was seen
-                for p in pathlib.Path(".").glob("**/incoming/gone.jpg"):
-                    p.unlink()
+        @hookimpl(tryfirst=True)
+        def skyframe_transfer(request):
+            # simulates a camera tool deleting the file after it was seen, before it is read
+            # (a lifecycle hook would race the delivery: notifiers run on threads of their own)
+            if request.local_path.name == "gone.jpg":
+                request.local_path.unlink(missing_ok=True)
+            return None
     """,
     )
     make_file(tmp_path / "incoming", "gone.jpg", b"G")

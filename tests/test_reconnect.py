@@ -17,6 +17,7 @@ import servers
 from conftest import (
     Running,
     WriteConfig,
+    azure_sink,
     gcs_sink,
     make_file,
     one_sink_config,
@@ -55,12 +56,16 @@ def start_server(kind: str, base: Path) -> tuple[Any, dict[str, Any], str]:
         sftp = servers.SFTPServer(base).start()
         sink = sftp_sink(sftp, timeout="3s", keepalive="1s")
         return sftp, sink, sink["url"].split(str(sftp.port), 1)[1]
+    if kind == "azure":
+        azurite = servers.AzuriteServer(base).start()
+        sink = azure_sink(azurite, timeout="3s")
+        return azurite, sink, sink["url"].removeprefix("az://")
     gcs = servers.GCSServer(base).start()
     sink = gcs_sink(gcs, timeout="3s")
     return gcs, sink, sink["url"].removeprefix("gcs://")
 
 
-@pytest.mark.parametrize("kind", ["s3", "sftp", "gcs"])
+@pytest.mark.parametrize("kind", ["s3", "sftp", "gcs", "azure"])
 def test_daemon_delivers_everything_across_a_server_outage(
     kind: str,
     tmp_path: Path,
@@ -88,6 +93,8 @@ def test_daemon_delivers_everything_across_a_server_outage(
             # (connections refused, open ones dead).
             if kind == "gcs":
                 server.pause()
+            elif kind == "azure":
+                server.stop()  # Azurite keeps what it holds across a clean stop only
             else:
                 server.kill()
             began = time.monotonic()

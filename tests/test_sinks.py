@@ -22,6 +22,7 @@ import servers
 from conftest import (
     Running,
     WriteConfig,
+    azure_sink,
     gcs_sink,
     make_file,
     one_sink_config,
@@ -36,7 +37,7 @@ from skyframe.markers import hookimpl
 from skyframe.pipeline import load_project
 from skyframe.storage import TEMP_MARKER, TransferRequest
 
-KINDS = ["local", "memory", "s3", "sftp", "gcs"]
+KINDS = ["local", "memory", "s3", "sftp", "gcs", "azure"]
 
 
 @dataclass
@@ -92,6 +93,11 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
         sink = sftp_sink(server)
         fs = server.filesystem()
         root = sink["url"].split(str(server.port), 1)[1]
+    elif kind == "azure":
+        server = request.getfixturevalue("azurite_server")
+        sink = azure_sink(server)
+        fs = server.filesystem()
+        root = sink["url"].removeprefix("az://")
     else:
         server = request.getfixturevalue("gcs_server")
         sink = gcs_sink(server)
