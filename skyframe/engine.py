@@ -328,7 +328,10 @@ class Engine:
         for sinks with ``on_delete: delete``). Recently modified files go through the settler."""
         source = self._sources[pipeline.name]
         settle = source.settler.settle
+        mirrors_deletes = any(s.on_delete == "delete" for s in pipeline.sinks)
+        # One entry per file found: kept only where it serves, to find the deleted ones.
         seen: set[str] = set()
+        found = 0
         errors = [0]
         began = time.time()
 
@@ -350,7 +353,9 @@ class Engine:
             if self._stop.is_set():
                 self._scan_cut = True
                 return
-            seen.add(event.relpath)
+            found += 1
+            if mirrors_deletes:
+                seen.add(event.relpath)
             if settle > 0 and time.time() - event.mtime_ns / 1e9 < settle:
                 source.settler.touch(event.path)
             else:
@@ -360,14 +365,13 @@ class Engine:
                     batch = []
         if batch:
             self.offer_many(pipeline, batch)
-        complete = not errors[0] and bool(seen) and pipeline.source_root.is_dir()
+        complete = not errors[0] and bool(found) and pipeline.source_root.is_dir()
         if complete and not source.caught_up:
             # Only files that went while skyframe was down can leave such entries behind (a
-            # deletion seen by the watcher drops its job), so the first scan is enough: later
-            # rescans need not read the whole queue.
-            self._forget_dead_letters_of_gone_files(pipeline, seen)
+            # deletion seen by the watcher drops its job), so the first scan is enough.
+            self._forget_dead_letters_of_gone_files(pipeline)
             source.caught_up = True
-        if not any(s.on_delete == "delete" for s in pipeline.sinks):
+        if not mirrors_deletes:
             return
         # Files delivered after this scan began may sit in folders it had already listed.
         missing = self._delivered_relpaths(pipeline, before=began) - seen
@@ -386,11 +390,11 @@ class Engine:
         for relpath in missing:
             self._queue_delete(pipeline, relpath)
 
-    def _forget_dead_letters_of_gone_files(self, pipeline: Pipeline, seen: set[str]) -> None:
+    def _forget_dead_letters_of_gone_files(self, pipeline: Pipeline) -> None:
         """A dead-lettered upload whose file no longer exists has nothing left to deliver."""
         for record in self.queue.records("dead"):
             relpath = record["relpath"]
-            if record["pipeline"] != pipeline.name or relpath in seen:
+            if record["pipeline"] != pipeline.name:
                 continue
             if record["payload"].get("action") != "upload":
                 continue

@@ -7,6 +7,10 @@ died with the process) return to the queue and waiting jobs get their timers bac
 States: ``pending`` (in its pipeline's ready list) -> ``leased`` (a worker has it) -> deleted
 when done; ``waiting`` (backoff until ``not_before``) -> ``pending``; ``dead`` (visible,
 re-queueable).
+
+A dead record also carries the tag ``dead`` (diskcache's tag column, under an index of its
+own), so that the dead letters are found without reading every record: SQLite reads the
+database through a memory map, and a read of every record of a large backlog maps it all.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ def _lane(pipeline: str) -> str:
 
 
 _MAX_ERRORS_KEPT = 5
+_DEAD = "dead"  #: the tag of a dead record
 
 
 def _new_record(
@@ -88,12 +93,27 @@ class JobQueue:
         self._volatile_ids = itertools.count()
         self._volatile_prefix = uuid.uuid4().hex[:12]
         self._old_list_empty = False
+        self._index_dead()
         if recover:
             self._recover()
 
     @staticmethod
     def _key(pipeline: str, relpath: str) -> str:
         return f"{_JOB}{pipeline}\x00{relpath}"
+
+    def _index_dead(self) -> None:
+        """Create the index of tagged records, and tag the dead records of a queue written by an
+        earlier version (once: this reads every record)."""
+        exists = "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'Cache_tagged'"
+        if self._cache._sql(exists).fetchone():
+            return
+        with self._lock, self._cache.transact(retry=True):
+            if self._cache._sql(exists).fetchone():
+                return  # another process was quicker
+            for record in self._select(_DEAD):
+                key = self._key(record["pipeline"], record["relpath"])
+                self._cache.set(key, record, tag=_DEAD)
+            self._cache._sql("CREATE INDEX Cache_tagged ON Cache(tag) WHERE tag IS NOT NULL")
 
     def _recover(self) -> None:
         with self._lock, self._cache.transact(retry=True):
@@ -357,7 +377,8 @@ class JobQueue:
                 died_at=time.time(),
                 errors=[*record["errors"], error][-_MAX_ERRORS_KEPT:],
             )
-            self._cache.set(claim.key, record)
+            # Tagged: see the module's docstring. Any later write of the record drops the tag.
+            self._cache.set(claim.key, record, tag=_DEAD)
 
     def discard(self, pipeline: str, relpath: str) -> bool:
         """Drop a job that no worker holds (its file was deleted or moved); True if dropped."""
@@ -382,11 +403,20 @@ class JobQueue:
 
     def records(self, state: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         """Job records (optionally of one state, at most ``limit``), oldest first; selected and
-        sorted inside SQLite, so a short list stays quick with 100,000 jobs queued."""
+        sorted inside SQLite, so a short list stays quick with 100,000 jobs queued. The dead
+        ones are found through their tag, without reading the others."""
+        return self._select(state, limit, tagged=state == _DEAD)
+
+    def _select(
+        self, state: str | None, limit: int | None = None, *, tagged: bool = False
+    ) -> list[dict[str, Any]]:
         value = "CAST(value AS TEXT)"
         sql = f"SELECT key, {value} FROM Cache WHERE key >= ? AND key < ?"
         args: list[Any] = [_JOB, _JOB_END]
-        if state is not None:
+        if tagged:
+            sql += " AND tag = ?"
+            args.append(state)
+        elif state is not None:
             # A record too large for a row has no value here (it lives in a file): keep it.
             sql += f" AND (value IS NULL OR json_extract({value}, '$.state') = ?)"
             args.append(state)

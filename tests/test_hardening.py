@@ -36,6 +36,7 @@ from skyframe.storage import NAME_MAX, SourceReader, temporary_path
 
 LOCAL = """
     state_dir: state
+    api: {enabled: false}
     retry: {max_attempts: 2, initial: 0.05, max: 0.1}
     pipelines:
       - name: field
