@@ -61,9 +61,15 @@ class _Pending:
 class Settler:
     """Holds paths until they are ready, then hands them to ``on_ready``."""
 
-    def __init__(self, settle: float, on_ready: Callable[[Path], None]) -> None:
+    def __init__(
+        self,
+        settle: float,
+        on_ready: Callable[[Path], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settle = settle
         self._on_ready = on_ready
+        self._clock = clock  #: seconds, monotonic (tests give a fake one)
         self._pending: dict[Path, _Pending] = {}
         self._handing_over = 0  #: paths taken out of _pending whose on_ready has not returned
         self._lock = threading.Lock()
@@ -94,7 +100,7 @@ class Settler:
                 self._handing_over += 1
             self._hand_over(path, entry)
             return
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             entry = self._pending.get(path)
             if entry is not None:
@@ -114,7 +120,7 @@ class Settler:
 
     def tick(self) -> None:
         """Hand over every path stable for ``settle`` seconds; drop vanished ones."""
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             candidates = [
                 (p, e) for p, e in self._pending.items() if now - e.stable_since >= self.settle
