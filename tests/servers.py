@@ -984,6 +984,9 @@ class AzuriteServer(Server):
             str(self.data_dir),
             "--silent",
             "--skipApiVersionCheck",
+            # No telemetry: it would try to reach Azure Monitor, and spool to the system's
+            # temporary folder meanwhile.
+            "--disableTelemetry",
         ]
 
     def _probe(self) -> None:
