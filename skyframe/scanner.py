@@ -36,12 +36,15 @@ def _log_skip(path: Path, reason: str) -> None:
     log.warning("not sent: %s: %s", shown(path), reason)
 
 
-def refusal(path: Path, real_root: Path, follow: FollowSymlinks) -> str | None:
+def refusal(
+    path: Path, real_root: Path, follow: FollowSymlinks, *, is_link: bool | None = None
+) -> str | None:
     """Why the file at ``path`` (under the source whose resolved path is ``real_root``) may
-    not be taken, or None. Only the name and, for a link, its target are looked at."""
+    not be taken, or None. Only the name and, for a link, its target are looked at;
+    ``is_link`` saves the lookup when the caller knows (a directory entry)."""
     if not is_utf8(path.name):
         return "its name is not valid UTF-8 (rename it to have it sent)"
-    if follow == "all" or not path.is_symlink():
+    if follow == "all" or not (path.is_symlink() if is_link is None else is_link):
         return None
     if follow == "none":
         return "a symbolic link (follow_symlinks: none)"
@@ -88,7 +91,7 @@ def scan_source(
                     continue
                 if not entry.is_file(follow_symlinks=True):
                     continue
-                reason = refusal(path, real_root, follow_symlinks)
+                reason = refusal(path, real_root, follow_symlinks, is_link=entry.is_symlink())
                 if reason is not None:
                     on_skip(path, reason)
                     continue
