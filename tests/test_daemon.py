@@ -294,6 +294,9 @@ def test_delete_is_mirrored_when_opted_in(tmp_path: Path, start: Callable[..., D
     daemon = start(settle="0", on_delete="delete")
     path = make_file(tmp_path / "incoming", "a.jpg", b"A")
     wait_for(lambda: "a.jpg" in outbox_files(tmp_path))
+    # The file is renamed into place a moment before its delivery is recorded: delete it
+    # once it is (a delete in between finds nothing delivered to mirror).
+    wait_for(lambda: daemon.recorder.count("delivered", "a.jpg") == 1, what="delivered event")
     path.unlink()
     wait_for(lambda: outbox_files(tmp_path) == {}, what="remote delete")
     # The event follows the removal (and the manifest update): wait for it, do not race it.
