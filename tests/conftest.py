@@ -163,6 +163,23 @@ def gcs_sink(server: servers.GCSServer, **extra: Any) -> dict[str, Any]:
     return {"url": f"gcs://{bucket}/drop", "options": {**options, **extra}}
 
 
+def aws_profile(
+    monkeypatch: pytest.MonkeyPatch, folder: Path, server: servers.S3Server, name: str
+) -> None:
+    """The server's credentials as profile ``name`` of a shared credentials file, and none in
+    the environment (the profile is not selected: set AWS_PROFILE or the sink's option)."""
+    credentials = folder / "aws-credentials"
+    credentials.write_text(
+        f"[{name}]\naws_access_key_id = {server.key}\naws_secret_access_key = {server.secret}\n",
+        encoding="utf-8",
+    )
+    for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(folder / "no-config"))
+
+
 def azure_sink(server: servers.AzuriteServer, **extra: Any) -> dict[str, Any]:
     """A sink entry for a fresh container on the test Azurite server (the skyframe-azure
     protocol plugin, found through its entry point)."""

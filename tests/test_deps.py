@@ -19,7 +19,15 @@ from typing import Any
 
 import pytest
 import servers
-from conftest import WriteConfig, gcs_sink, make_file, one_sink_config, s3_sink, sftp_sink
+from conftest import (
+    WriteConfig,
+    aws_profile,
+    gcs_sink,
+    make_file,
+    one_sink_config,
+    s3_sink,
+    sftp_sink,
+)
 
 from skyframe import deps
 from skyframe.config import SinkConfig
@@ -334,16 +342,7 @@ def test_s3_light_client_takes_credentials_from_a_profile(
     from skyframe.builtin.transfer_s3 import skyframe_transfer_batch
     from skyframe.storage import TransferRequest, TransferResult
 
-    credentials = tmp_path / "aws-credentials"
-    credentials.write_text(
-        f"[field]\naws_access_key_id = {s3_server.key}\n"
-        f"aws_secret_access_key = {s3_server.secret}\n",
-        encoding="utf-8",
-    )
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    aws_profile(monkeypatch, tmp_path, s3_server, "field")
     monkeypatch.setenv("AWS_PROFILE", "field")
     entry = s3_sink(s3_server)
     entry["options"] = {"endpoint_url": s3_server.endpoint_url}

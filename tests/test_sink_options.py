@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import servers
-from conftest import WriteConfig, make_file, one_sink_config, s3_sink, sftp_sink
+from conftest import WriteConfig, aws_profile, make_file, one_sink_config, s3_sink, sftp_sink
 from test_cli import skyframe
 
 from skyframe.config import SinkConfig
@@ -26,6 +26,19 @@ def deliver(
     for args in (["check"], ["run", "--once"]):
         done = skyframe(tmp_path, *args, str(config))
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+def assert_s3_holds(
+    server: servers.S3Server, sink: dict[str, Any], files: dict[str, bytes]
+) -> None:
+    """Every file is on the server under the sink's root, byte for byte."""
+    check = server.filesystem()
+    try:
+        root = sink["url"].removeprefix("s3://")
+        for name, data in files.items():
+            assert check.cat_file(f"{root}/{name}") == data
+    finally:
+        servers.close_filesystem(check)
 
 
 def test_s3_encryption_and_storage_class_reach_every_object(
@@ -57,27 +70,12 @@ def test_s3_profile_gives_the_credentials(
     s3_server: servers.S3Server,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    credentials = tmp_path / "credentials"
-    credentials.write_text(
-        f"[survey]\naws_access_key_id = {s3_server.key}\n"
-        f"aws_secret_access_key = {s3_server.secret}\n",
-        encoding="utf-8",
-    )
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    aws_profile(monkeypatch, tmp_path, s3_server, "survey")
     sink = s3_sink(s3_server)
     sink["options"] = {"endpoint_url": s3_server.endpoint_url, "profile": "survey"}
     files = {f"p{i}.jpg": os.urandom(500) for i in range(3)}
     deliver(tmp_path, write_config, sink, files)
-    check = s3_server.filesystem()
-    try:
-        root = sink["url"].removeprefix("s3://")
-        for name, data in files.items():
-            assert check.cat_file(f"{root}/{name}") == data
-    finally:
-        servers.close_filesystem(check)
+    assert_s3_holds(s3_server, sink, files)
     # Without the profile the same sink has no credentials at all.
     sink["options"] = {"endpoint_url": s3_server.endpoint_url}
     config = write_config(one_sink_config(sink, pipeline="p", retry="{max_attempts: 1}"))
@@ -99,13 +97,7 @@ def test_s3_client_kwargs_as_s3fs_users_write_them(
     }
     files = {"a.jpg": os.urandom(700), "b/c.jpg": os.urandom(900)}
     deliver(tmp_path, write_config, sink, files)
-    check = s3_server.filesystem()
-    try:
-        root = sink["url"].removeprefix("s3://")
-        for name, data in files.items():
-            assert check.cat_file(f"{root}/{name}") == data
-    finally:
-        servers.close_filesystem(check)
+    assert_s3_holds(s3_server, sink, files)
     opened = open_sink(SinkConfig.model_validate(sink), tmp_path)
     assert opened.settings.endpoint_url == s3_server.endpoint_url
     assert opened.endpoint.direct is None  # a botocore Config option: s3fs does it all
