@@ -147,12 +147,15 @@ def bench_throughput(base: Path, files: int) -> float:
 
 
 def bench_queue(base: Path, jobs: int) -> float:
+    from skyframe.events import FileEvent
+    from skyframe.jobs import Upload
     from skyframe.queue import JobQueue
 
     queue = JobQueue(base / "queue-bench")
     began = time.perf_counter()
     for i in range(jobs):
-        queue.put("bench", f"f{i}.jpg", {"action": "upload", "event": {"n": i}})
+        event = FileEvent("bench", base / f"f{i}.jpg", f"f{i}.jpg", i, i)
+        queue.put("bench", Upload(event=event, accepted=True), f"{i}")
     for _ in range(jobs):
         claim = queue.claim()
         assert claim is not None

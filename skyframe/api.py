@@ -18,10 +18,10 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -33,7 +33,7 @@ from skyframe.state import API_FILE, write_json_atomic
 from skyframe.units import parse_since
 
 if TYPE_CHECKING:
-    from skyframe.engine import Engine
+    from skyframe.queue import JobRecord
 
 log = logging.getLogger(__name__)
 
@@ -192,10 +192,40 @@ def _limit(request: web.Request, default: int = 200) -> int:
     return number
 
 
-class ApiServer:
-    """Serves the API for one engine; ``start()`` binds, ``stop()`` closes."""
+class DaemonControl(Protocol):
+    """What the API may ask of a running daemon (:class:`skyframe.engine.Engine` answers)."""
 
-    def __init__(self, engine: Engine, config: ApiConfig, state_dir: Path) -> None:
+    def status(self) -> dict[str, Any]:
+        """The status document of ``GET /api/status``."""
+
+    def alive(self) -> bool:
+        """True while the daemon runs and has not been asked to stop."""
+
+    def readiness(self) -> tuple[bool, list[dict[str, Any]]]:
+        """Whether every sink answers, and each sink's health."""
+
+    def pipeline_names(self) -> Collection[str]:
+        """The configured pipelines."""
+
+    def jobs(self, state: str | None, limit: int | None) -> tuple[list[JobRecord], int]:
+        """Queued jobs (of one state, at most ``limit``, oldest first) and how many there are."""
+
+    def history_query(self, **criteria: Any) -> list[dict[str, Any]]:
+        """Recorded events, newest first."""
+
+    def set_paused(
+        self, paused: bool, pipeline: str | None = None, *, reason: str = ""
+    ) -> dict[str, Any]:
+        """Pause or resume everything or one pipeline; the pause state after the change."""
+
+    def retry_dead(self, pipeline: str | None = None, relpath: str | None = None) -> int:
+        """Move dead-lettered jobs back into the queue; how many."""
+
+
+class ApiServer:
+    """Serves the API for one daemon; ``start()`` binds, ``stop()`` closes."""
+
+    def __init__(self, engine: DaemonControl, config: ApiConfig, state_dir: Path) -> None:
         self.engine = engine
         self.config = config
         self.api_file = state_dir / API_FILE
@@ -489,19 +519,17 @@ class ApiServer:
                 400, f"state must be pending, leased, waiting or dead, not {_shown(state)}"
             )
         limit = _limit(request)
-        records = await self._run(lambda: self.engine.queue.records(state, limit))
-        counts = await self._run(self.engine.queue.counts)
-        total = counts[state] if state is not None else sum(counts.values())
+        records, total = await self._run(lambda: self.engine.jobs(state, limit))
         jobs = [
             {
-                "pipeline": r["pipeline"],
-                "relpath": r["relpath"],
-                "state": r["state"],
-                "action": r["payload"].get("action", "upload"),
-                "attempts": r["attempts"],
-                "queued_at": r["queued_at"],
-                "not_before": r.get("not_before"),
-                "errors": r["errors"],
+                "pipeline": r.pipeline,
+                "relpath": r.relpath,
+                "state": r.state,
+                "action": r.kind,
+                "attempts": r.attempts,
+                "queued_at": r.queued_at,
+                "not_before": r.not_before,
+                "errors": list(r.errors),
             }
             for r in records
         ]
@@ -558,7 +586,7 @@ class ApiServer:
             return _error(400, 'name a dead-lettered job ({"pipeline", "path"}) or {"all": true}')
         if pipeline is not None and not isinstance(pipeline, str):
             return _error(400, "pipeline must be a string")
-        if pipeline is not None and pipeline not in self.engine.pipelines:
+        if pipeline is not None and pipeline not in self.engine.pipeline_names():
             return _error(404, f"no pipeline named {_shown(pipeline)}")
         if body.get("all") is True:
             path = None

@@ -576,15 +576,12 @@ def queue_list(obj: dict[str, Console], config_file: Path, state: str | None) ->
     counts: dict[str, int] = {}
     rows = []
     for r in records:
-        counts[r["state"]] = counts.get(r["state"], 0) + 1
-        action = r["payload"].get("action", "upload")
+        counts[r.state] = counts.get(r.state, 0) + 1
         when = ""
-        if r["state"] == "waiting":
-            when = f"in {max(r['not_before'] - _time.time(), 0):.0f}s"
-        error = r["errors"][-1] if r["errors"] else ""
-        rows.append(
-            (r["state"], r["pipeline"], r["relpath"], action, str(r["attempts"]), when, error)
-        )
+        if r.not_before is not None:
+            when = f"in {max(r.not_before - _time.time(), 0):.0f}s"
+        error = r.errors[-1] if r.errors else ""
+        rows.append((r.state, r.pipeline, r.relpath, r.kind or "?", str(r.attempts), when, error))
     if out.is_terminal:
         table = Table()
         for column in ("state", "pipeline", "path", "action", "attempts", "next try", "last error"):

@@ -453,7 +453,7 @@ def _relation(folder: Path, other: Path, other_is_file: bool) -> str | None:
 def local_sink_folder(url: str, base_dir: Path) -> Path | None:
     """The folder a sink writes into when it is local (a path or a ``file://`` URL), else None.
 
-    The same reading as :mod:`skyframe.storage` and :mod:`skyframe.backends.local` make.
+    The same reading as :mod:`skyframe.storage` and :mod:`skyframe.protocols.generic.local` make.
     """
     if "://" in url or url.startswith(("s3:", "gs:", "gcs:")):
         head, sep, _ = url.partition("://")

@@ -15,9 +15,9 @@ from rich.progress import (
 )
 
 from skyframe.display import shown
-from skyframe.engine import RunSummary
 from skyframe.events import LifecycleEvent
 from skyframe.markers import hookimpl
+from skyframe.summary import RunSummary
 from skyframe.units import format_size
 
 #: Files at least this large get a bar of their own, in bytes, while they are sent.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import shutil
 import threading
 import time
@@ -20,11 +19,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import pluggy
 
-from skyframe.config import RetryConfig
+from skyframe import backoff
 from skyframe.control import Control
 from skyframe.display import redact
 from skyframe.errors import (
@@ -36,6 +35,7 @@ from skyframe.errors import (
     UnsafePathError,
 )
 from skyframe.events import FileEvent, Job, LifecycleEvent, LifecycleKind
+from skyframe.jobs import Delete, Move, QueuedJob, Upload
 from skyframe.journal import UploadJournal
 from skyframe.pipeline import Pipeline, evaluate_rules
 from skyframe.queue import Claim, JobQueue
@@ -61,12 +61,6 @@ BATCH_THREADS = 2  #: batches under way at once (one reads while another is sent
 
 class TransferCancelled(Exception):
     """Raised inside a transfer when the daemon shuts down; the job goes back to the queue."""
-
-
-def backoff_delay(retry: RetryConfig, attempts: int) -> float:
-    """Exponential backoff with jitter: between half and all of initial * 2**(attempts-1)."""
-    ceiling: float = min(retry.max, retry.initial * 2 ** max(attempts - 1, 0))
-    return ceiling * random.uniform(0.5, 1.0)
 
 
 @dataclass
@@ -185,7 +179,7 @@ class JobRunner:
         batches (see :meth:`_run_batch`), the others one by one (:meth:`submit`)."""
         batches: dict[str, list[Claim]] = {}
         for claim in claims:
-            if self.batchable(claim.pipeline, claim.payload):
+            if self.batchable(claim.pipeline, claim.job):
                 batch = batches.setdefault(claim.pipeline, [])
                 batch.append(claim)
                 if len(batch) == BATCH_SIZE:
@@ -195,14 +189,14 @@ class JobRunner:
         for batch in batches.values():
             self._batches.submit(self._run_batch, batch)
 
-    def batchable(self, pipeline: str, payload: dict[str, Any]) -> bool:
-        """Whether a job with this payload goes in a batch (when its file is new everywhere)."""
+    def batchable(self, pipeline: str, job: QueuedJob) -> bool:
+        """Whether this job goes in a batch (when its file is new everywhere): a plain upload
+        the rules accepted when it was queued, of a small file."""
         return (
             pipeline in self._batch_senders
-            and payload.get("action") == "upload"
-            and bool(payload.get("accepted"))
-            and not payload.get("moved_from")
-            and payload["event"]["size"] <= BATCH_FILE_LIMIT
+            and type(job) is Upload
+            and job.accepted
+            and job.event.size <= BATCH_FILE_LIMIT
         )
 
     def shutdown(self) -> None:
@@ -235,7 +229,7 @@ class JobRunner:
             self._on_finished()
             return
         try:
-            if claim.payload.get("action") == "delete":
+            if isinstance(claim.job, Delete):
                 self._delete_remote(run)
                 sinks: list[tuple[Sink, ManifestEntry | None]] = []
             else:
@@ -260,7 +254,9 @@ class JobRunner:
     def _prepare(self, run: _Run) -> list[tuple[Sink, ManifestEntry | None]]:
         """Run rules again on the file as it is now, then the processes; return the sinks that
         still need this version of the file, with what each one has now."""
-        queued = FileEvent.from_json(run.claim.payload["event"])
+        queued_job = run.claim.job
+        assert isinstance(queued_job, Upload)
+        queued = queued_job.event
         try:
             st = os.stat(queued.path)
         except FileNotFoundError:
@@ -272,7 +268,7 @@ class JobRunner:
             queued.mtime_ns,
             queued.inode,
         )
-        if unchanged and run.claim.payload.get("accepted"):
+        if unchanged and queued_job.accepted:
             rejection = None  # the rules accepted this very version when it was queued
         else:
             rejection = evaluate_rules(run.pipeline.rules, event)
@@ -348,7 +344,8 @@ class JobRunner:
         )
         if (
             isinstance(first, SourceUnreadableError)
-            and not Path(claim.payload["event"]["path"]).exists()
+            and isinstance(claim.job, Upload)
+            and not claim.job.event.path.exists()
         ):
             self.queue.complete(claim)
             self.emit(
@@ -365,13 +362,14 @@ class JobRunner:
             # The sink is away (link down, server restarting): not this file's fault. Wait
             # for the sink's next try, however long it takes.
             waits = [s.health.wait() for s in run.pipeline.sinks if s.health.state == "offline"]
-            delay = max(waits, default=0.0) + random.uniform(0.0, 0.5)
+            delay = max(waits, default=0.0) + backoff.spread(0.5)
             self.queue.retry(claim, reason, delay, count=False)
             return
         retryable = all(not isinstance(e, DeliveryError) or e.retryable for e in errors)
         attempts = claim.attempts + 1
         if retryable and attempts < run.pipeline.retry.max_attempts:
-            delay = backoff_delay(run.pipeline.retry, attempts)
+            retry = run.pipeline.retry
+            delay = backoff.delay(retry.initial, retry.max, attempts)
             self.queue.retry(claim, reason, delay)
             log.warning(
                 "%s: %s: attempt %d failed, retrying in %.1fs: %s",
@@ -563,7 +561,8 @@ class JobRunner:
     def _plain_new_file(self, pipeline: Pipeline, claim: Claim) -> tuple[FileEvent, str] | None:
         """The file's event and remote name when it is as it was queued and no sink has any
         version of it; None otherwise."""
-        queued = FileEvent.from_json(claim.payload["event"])
+        assert isinstance(claim.job, Upload)
+        queued = claim.job.event
         try:
             st = os.stat(queued.path)
             remote = safe_relative_path(queued.relpath)
@@ -596,8 +595,8 @@ class JobRunner:
             self._record(job, sink, entry.sha256, entry.derived)
             self.emit(LifecycleEvent("unchanged", pipeline, event.relpath, sink=sink.key))
             return
-        moved_from = run.claim.payload.get("moved_from")
-        if moved_from and self._move_remote(job, sink, moved_from):
+        queued = run.claim.job
+        if isinstance(queued, Move) and self._move_remote(job, sink, queued.moved_from):
             return
         self.emit(
             LifecycleEvent(

@@ -32,10 +32,10 @@ ENTRY_POINT_GROUP = "skyframe"
 BUILTIN_PLUGINS = (
     "skyframe.builtin.rules",
     "skyframe.builtin.processes",
-    "skyframe.builtin.transfer_generic",
-    "skyframe.builtin.transfer_sftp",
-    "skyframe.builtin.transfer_s3",
-    "skyframe.builtin.transfer_gcs",
+    "skyframe.protocols.generic.plugin",
+    "skyframe.protocols.sftp.plugin",
+    "skyframe.protocols.s3.plugin",
+    "skyframe.protocols.gcs.plugin",
 )
 PROJECT_FILES = ("rules.py", "processes.py")
 _PRIVATE_PACKAGE = "_skyframe_user"

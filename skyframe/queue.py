@@ -25,8 +25,9 @@ import uuid
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from skyframe.jobs import JobKind, QueuedJob, job_from_json, kind_of
 from skyframe.state import GroupCommit, open_cache
 
 _JOB = "job\x00"
@@ -46,19 +47,51 @@ _MAX_ERRORS_KEPT = 5
 _DEAD = "dead"  #: the tag of a dead record
 
 
-def _new_record(
-    pipeline: str, relpath: str, payload: dict[str, Any], version: str | None
-) -> dict[str, Any]:
-    """A job's record before its first state (pending, or leased for a volatile job)."""
+def _new_record(pipeline: str, job: QueuedJob, version: str | None) -> dict[str, Any]:
+    """A job's record before its first state (pending, or leased for a volatile job). The
+    job is stored as its JSON (``payload``)."""
     return {
         "pipeline": pipeline,
-        "relpath": relpath,
-        "payload": payload,
+        "relpath": job.relpath,
+        "payload": job.to_json(),
         "version": version,
         "attempts": 0,
         "errors": [],
         "queued_at": time.time(),
     }
+
+
+JobState = Literal["pending", "leased", "waiting", "dead"]
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A queued job as a listing shows it (``skyframe queue``, the API's ``/jobs``)."""
+
+    pipeline: str
+    relpath: str
+    state: JobState
+    kind: JobKind | None  #: None for a record this version cannot read
+    attempts: int  #: failed attempts counted so far
+    queued_at: float  #: epoch seconds
+    errors: tuple[str, ...]  #: the last few errors, oldest first
+    not_before: float | None = None  #: when a waiting job is tried again (epoch seconds)
+    died_at: float | None = None  #: when a dead job was given up (epoch seconds)
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> JobRecord:
+        """The listing of one stored record."""
+        return cls(
+            pipeline=record["pipeline"],
+            relpath=record["relpath"],
+            state=record["state"],
+            kind=kind_of(record["payload"]),
+            attempts=record["attempts"],
+            queued_at=record["queued_at"],
+            errors=tuple(record["errors"]),
+            not_before=record.get("not_before") if record["state"] == "waiting" else None,
+            died_at=record.get("died_at") if record["state"] == "dead" else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -68,7 +101,7 @@ class Claim:
     key: str
     pipeline: str
     relpath: str
-    payload: dict[str, Any]
+    job: QueuedJob
     attempts: int  #: attempts made before this one
     token: str
     #: Not on disk (see :meth:`JobQueue.volatile`): the version, for the record it gets
@@ -149,9 +182,7 @@ class JobQueue:
             if name not in self._lanes:
                 self._lanes.append(name)
 
-    def put(
-        self, pipeline: str, relpath: str, payload: dict[str, Any], version: str | None = None
-    ) -> bool:
+    def put(self, pipeline: str, job: QueuedJob, version: str | None = None) -> bool:
         """Queue the latest state of a path; returns False when that version was queued already.
 
         ``version`` identifies the state of the file (e.g. size and mtime). Offering the same
@@ -159,11 +190,12 @@ class JobQueue:
         attempt count, and a dead-lettered one stays dead until the file changes or someone
         retries it. A new version replaces the queued one and starts afresh.
         """
-        key = self._key(pipeline, relpath)
+        key = self._key(pipeline, job.relpath)
+        payload = job.to_json()
         with self._lock, self._cache.transact(retry=True):
             record = self._adopt(key) if key in self._volatile else self._cache.get(key)
             if record is None:
-                self._make_pending(key, _new_record(pipeline, relpath, payload, version))
+                self._make_pending(key, _new_record(pipeline, job, version))
                 return True
             state = record["state"]
             known = {record.get("version")}
@@ -202,16 +234,16 @@ class JobQueue:
                     if record["pipeline"] in skip:  # never hand out a held pipeline's job
                         self._cache.push(key, prefix=_lane(record["pipeline"]))
                         continue
+                    try:
+                        job = job_from_json(record["payload"])
+                    except ValueError as exc:  # written by hand, or by a newer version
+                        self._bury(key, record, f"cannot read the queued job: {exc}")
+                        continue
                     token = uuid.uuid4().hex
                     record.update(state="leased", lease=token, claimed_at=time.time())
                     self._cache.set(key, record)
                 return Claim(
-                    key,
-                    record["pipeline"],
-                    record["relpath"],
-                    record["payload"],
-                    record["attempts"],
-                    token,
+                    key, record["pipeline"], record["relpath"], job, record["attempts"], token
                 )
 
     def _pull(self, skip: Collection[str]) -> str | None:
@@ -246,9 +278,7 @@ class JobQueue:
                 if record and record["state"] == "waiting" and record["not_before"] == not_before:
                     self._make_pending(key, record)
 
-    def volatile(
-        self, pipeline: str, relpath: str, payload: dict[str, Any], version: str | None
-    ) -> Claim | None:
+    def volatile(self, pipeline: str, job: QueuedJob, version: str | None) -> Claim | None:
         """A claim for a job that is not written to disk, or None when the path has a record
         already (then :meth:`put` it).
 
@@ -258,12 +288,12 @@ class JobQueue:
         (a retry, a dead letter, a release, or a new version offered meanwhile) gets it then,
         as a leased job with this claim's token, and goes on like any other.
         """
-        key = self._key(pipeline, relpath)
+        key = self._key(pipeline, job.relpath)
         with self._lock:
             if key in self._volatile or self._cache.get(key) is not None:
                 return None
             token = f"v{self._volatile_prefix}{next(self._volatile_ids)}"
-            claim = Claim(key, pipeline, relpath, payload, 0, token, volatile=True, version=version)
+            claim = Claim(key, pipeline, job.relpath, job, 0, token, volatile=True, version=version)
             self._volatile[key] = claim
             return claim
 
@@ -273,7 +303,7 @@ class JobQueue:
         claim = self._volatile.pop(key, None)
         if claim is None:
             return None
-        record = _new_record(claim.pipeline, claim.relpath, claim.payload, claim.version)
+        record = _new_record(claim.pipeline, claim.job, claim.version)
         record.update(
             state="leased",
             lease=claim.token,
@@ -370,15 +400,19 @@ class JobQueue:
             if record.get("next_payload") is not None:
                 self._make_pending(claim.key, record, record["next_payload"])
                 return
-            record.update(
-                state="dead",
-                lease=None,
-                attempts=claim.attempts + 1,
-                died_at=time.time(),
-                errors=[*record["errors"], error][-_MAX_ERRORS_KEPT:],
-            )
-            # Tagged: see the module's docstring. Any later write of the record drops the tag.
-            self._cache.set(claim.key, record, tag=_DEAD)
+            record["attempts"] = claim.attempts + 1
+            self._bury(claim.key, record, error)
+
+    def _bury(self, key: str, record: dict[str, Any], error: str) -> None:
+        """Write ``record`` as a dead letter (within the caller's transaction)."""
+        record.update(
+            state="dead",
+            lease=None,
+            died_at=time.time(),
+            errors=[*record["errors"], error][-_MAX_ERRORS_KEPT:],
+        )
+        # Tagged: see the module's docstring. Any later write of the record drops the tag.
+        self._cache.set(key, record, tag=_DEAD)
 
     def discard(self, pipeline: str, relpath: str) -> bool:
         """Drop a job that no worker holds (its file was deleted or moved); True if dropped."""
@@ -401,11 +435,11 @@ class JobQueue:
         with self._lock:
             return self._waiting[0][0] if self._waiting else None
 
-    def records(self, state: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
-        """Job records (optionally of one state, at most ``limit``), oldest first; selected and
+    def records(self, state: str | None = None, limit: int | None = None) -> list[JobRecord]:
+        """Jobs (optionally of one state, at most ``limit``), oldest first; selected and
         sorted inside SQLite, so a short list stays quick with 100,000 jobs queued. The dead
         ones are found through their tag, without reading the others."""
-        return self._select(state, limit, tagged=state == _DEAD)
+        return [JobRecord.of(r) for r in self._select(state, limit, tagged=state == _DEAD)]
 
     def _select(
         self, state: str | None, limit: int | None = None, *, tagged: bool = False
@@ -474,7 +508,7 @@ class JobQueue:
         """Move dead-lettered jobs back to pending with fresh attempts; returns how many."""
         moved = 0
         with self._lock, self._cache.transact(retry=True):
-            for record in self.records("dead"):
+            for record in self._select(_DEAD, tagged=True):
                 if pipeline is not None and record["pipeline"] != pipeline:
                     continue
                 if relpath is not None and record["relpath"] != relpath:
@@ -487,7 +521,7 @@ class JobQueue:
     def purge_dead(self) -> int:
         """Forget every dead-lettered job; returns how many."""
         with self._lock, self._cache.transact(retry=True):
-            dead = self.records("dead")
+            dead = self._select(_DEAD, tagged=True)
             for record in dead:
                 self._cache.delete(self._key(record["pipeline"], record["relpath"]))
         return len(dead)

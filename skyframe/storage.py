@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import posixpath
-import random
 import re
 import threading
 import time
@@ -25,7 +24,7 @@ from typing import Any
 
 from fsspec.spec import AbstractFileSystem
 
-from skyframe.backends import Endpoint
+from skyframe import backoff
 from skyframe.bandwidth import Limiter, TokenBucket
 from skyframe.config import RetryConfig, SinkConfig, url_without_password
 from skyframe.display import shown
@@ -39,6 +38,7 @@ from skyframe.errors import (
 from skyframe.events import open_regular
 from skyframe.journal import JournalKey, UploadJournal
 from skyframe.protocols import Protocol, Protocols, builtin_protocols
+from skyframe.protocols.endpoint import Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +147,8 @@ class SinkHealth:
                 # Transfers that were already under way when the link dropped fail together:
                 # they are one failure, not one each (the wait would jump to its maximum).
                 self.failures += 1
-                ceiling = min(self.maximum, self.initial * 2 ** (self.failures - 1))
-                self._retry_at = time.monotonic() + ceiling * random.uniform(0.5, 1.0)
+                wait = backoff.delay(self.initial, self.maximum, self.failures)
+                self._retry_at = time.monotonic() + wait
             return changed
 
 

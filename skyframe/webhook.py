@@ -26,8 +26,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
+from skyframe import backoff
 from skyframe.config import WebhookConfig, url_without_password
-from skyframe.delivery import backoff_delay
 from skyframe.events import LifecycleEvent, LifecycleKind
 from skyframe.markers import hookimpl
 
@@ -339,7 +339,8 @@ class WebhookNotifier:
 
     def _failed(self, error: str, count: int) -> None:
         self._failures += 1
-        delay = backoff_delay(self.config.retry, self._failures)
+        retry = self.config.retry
+        delay = backoff.delay(retry.initial, retry.max, self._failures)
         self._retry_at = time.monotonic() + delay
         if self._failures == 1:
             with self._lock:

@@ -1,14 +1,11 @@
-"""Shared fixtures: a temporary project folder and helpers to write configs and files."""
+"""Shared fixtures: a temporary project, the real servers, a daemon with its API, a server
+behind a counting proxy. Plain helpers are in ``helpers.py``, fakes in ``fakes/``."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import textwrap
-import threading
-import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,11 +13,20 @@ from typing import Any
 import fsspec
 import pytest
 import servers
+from fakes.proxy import CountingProxy
+from helpers import (
+    API_CONFIG,
+    API_TOKEN,
+    REPO,
+    Daemon,
+    Remote,
+    WriteConfig,
+    sftp_through,
+    unique_name,
+)
 
 # gcsfs reads this when it is imported: its zonal-bucket probe stalls against the emulator.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -35,9 +41,6 @@ def example_project(tmp_path: Path) -> Path:
     )
     shutil.copytree(REPO / "incoming", target / "incoming")
     return target
-
-
-WriteConfig = Callable[[str], Path]
 
 
 @pytest.fixture
@@ -64,32 +67,6 @@ def memory_fs() -> Iterator[fsspec.AbstractFileSystem]:
     fs.store.clear()
     fs.pseudo_dirs.clear()
     fs.pseudo_dirs.append("")
-
-
-def tree_files(root: Path) -> dict[str, bytes]:
-    """Every file under root (relative POSIX path -> bytes); {} when root does not exist."""
-    files = {}
-    for path in sorted(root.rglob("*")):
-        try:
-            if path.is_file():
-                files[path.relative_to(root).as_posix()] = path.read_bytes()
-        except FileNotFoundError:  # a temporary file renamed into place meanwhile
-            continue
-    return files
-
-
-def make_file(
-    root: Path, relpath: str, data: bytes | str = b"data", mtime: float | None = None
-) -> Path:
-    """Create a file (and its folders) under root."""
-    path = root / relpath
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data.encode() if isinstance(data, str) else data)
-    if mtime is not None:
-        import os
-
-        os.utime(path, (mtime, mtime))
-    return path
 
 
 # --- real servers ----------------------------------------------------------------------------
@@ -121,107 +98,82 @@ def azurite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers
         yield server
 
 
-def one_sink_config(sink: dict[str, Any], *, pipeline: str, retry: str, settle: str = "0.2") -> str:
-    """A config with one pipeline from incoming/ to ``sink`` (a url/options mapping)."""
-    return f"""
-        state_dir: state
-        retry: {retry}
-        pipelines:
-          - name: {pipeline}
-            source: {{path: incoming, settle: {settle}}}
-            sinks:
-              - {json.dumps(sink)}
-        """
+# --- uploads killed and resumed: a server behind a counting proxy ---------------------------
 
 
-def unique_name(prefix: str) -> str:
-    """A bucket or folder name no other test uses (lowercase, as buckets need)."""
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+@pytest.fixture(scope="module")
+def gcs_behind_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any]]:
+    """fake-gcs-server whose session URIs point at a proxy (so chunks are counted)."""
+    server = servers.GCSServer(tmp_path_factory.mktemp("gcs-proxied"))
+    proxy = CountingProxy(servers.LOOPBACK, server.port)
+    proxy.start()
+    server.external_url = f"http://{proxy.address}"
+    try:
+        with server:
+            yield server, proxy
+    finally:
+        proxy.close()
 
 
-def s3_sink(server: servers.S3Server, **extra: Any) -> dict[str, Any]:
-    """A sink entry for a fresh bucket on the test S3 server."""
-    bucket = unique_name("b")
-    server.make_bucket(bucket)
-    options = {"endpoint_url": server.endpoint_url, "key": server.key, "secret": server.secret}
-    return {"url": f"s3://{bucket}/drop", "options": {**options, **extra}}
+@pytest.fixture(params=["s3", "sftp", "gcs", "azure"])
+def remote(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Remote]:
+    """One protocol's server behind a CountingProxy, with a fresh bucket or folder on it."""
+    kind = request.param
+    if kind == "gcs":
+        server, proxy = request.getfixturevalue("gcs_behind_proxy")
+        bucket = unique_name("b")
+        server.make_bucket(bucket)
+        sink = {
+            "url": f"gcs://{bucket}/drop",
+            # fake-gcs-server publishes the object on a status query: trust the journal.
+            "options": {"endpoint_url": f"http://{proxy.address}", "status_query": False},
+        }
+        proxy.reset_counts()
+        yield Remote(kind, proxy, sink, server)
+        return
+    if kind == "azure":
+        server = request.getfixturevalue("azurite_server")
+        proxy = CountingProxy(servers.LOOPBACK, server.port)
+        container = unique_name("c")
+        server.make_container(container)
+        through_proxy = server.connection_string.replace(f":{server.port}/", f":{proxy.port}/")
+        sink = {"url": f"az://{container}/drop", "options": {"connection_string": through_proxy}}
+    elif kind == "s3":
+        server = request.getfixturevalue("s3_server")
+        proxy = CountingProxy(servers.LOOPBACK, server.port)
+        bucket = unique_name("b")
+        server.make_bucket(bucket)
+        options = {"endpoint_url": f"http://{proxy.address}", "key": server.key}
+        sink = {"url": f"s3://{bucket}/drop", "options": {**options, "secret": server.secret}}
+    else:
+        server = request.getfixturevalue("sftp_server")
+        proxy = CountingProxy(servers.LOOPBACK, server.port)
+        sink = sftp_through(proxy, server, tmp_path)
+    proxy.start()
+    try:
+        yield Remote(kind, proxy, sink, server)
+    finally:
+        proxy.close()
 
 
-def sftp_sink(server: servers.SFTPServer, **extra: Any) -> dict[str, Any]:
-    """A sink entry for a fresh folder on the test SFTP server."""
-    folder = server.root / unique_name("f")
-    options = {"key_file": str(server.client_key), "known_hosts": str(server.known_hosts)}
-    url = f"sftp://{server.username}@127.0.0.1:{server.port}{folder}"
-    return {"url": url, "options": {**options, **extra}}
+# --- an in-process daemon with its API ---------------------------------------------------------
 
 
-def gcs_sink(server: servers.GCSServer, **extra: Any) -> dict[str, Any]:
-    """A sink entry for a fresh bucket on the test GCS server."""
-    bucket = unique_name("b")
-    server.make_bucket(bucket)
-    options = {"endpoint_url": server.endpoint_url, "token": "anon"}
-    return {"url": f"gcs://{bucket}/drop", "options": {**options, **extra}}
+@pytest.fixture
+def daemon(tmp_path: Path, write_config: WriteConfig) -> Iterator[Callable[..., Daemon]]:
+    """start(token=False, bwlimit=None): an in-process daemon on API_CONFIG, its API on a free
+    port (with API_TOKEN if ``token``); each is stopped at the end of the test."""
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    started: list[Daemon] = []
 
+    def start(*, token: bool = False, bwlimit: str | None = None) -> Daemon:
+        text = API_CONFIG.replace("TOKEN", f", token: {API_TOKEN}" if token else "")
+        text = text.replace("BWLIMIT", f"bwlimit: {bwlimit}" if bwlimit else "")
+        d = Daemon(write_config(text))
+        started.append(d)
+        d.__enter__()
+        return d
 
-def aws_profile(
-    monkeypatch: pytest.MonkeyPatch, folder: Path, server: servers.S3Server, name: str
-) -> None:
-    """The server's credentials as profile ``name`` of a shared credentials file, and none in
-    the environment (the profile is not selected: set AWS_PROFILE or the sink's option)."""
-    credentials = folder / "aws-credentials"
-    credentials.write_text(
-        f"[{name}]\naws_access_key_id = {server.key}\naws_secret_access_key = {server.secret}\n",
-        encoding="utf-8",
-    )
-    for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(variable, raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(folder / "no-config"))
-
-
-def azure_sink(server: servers.AzuriteServer, **extra: Any) -> dict[str, Any]:
-    """A sink entry for a fresh container on the test Azurite server (the skyframe-azure
-    protocol plugin, found through its entry point)."""
-    container = unique_name("c")
-    server.make_container(container)
-    options = {"connection_string": server.connection_string}
-    return {"url": f"az://{container}/drop", "options": {**options, **extra}}
-
-
-# --- an in-process daemon --------------------------------------------------------------------
-
-
-class Running:
-    """``Engine.run_daemon`` in a thread, for ``with``: started, caught up, then stopped."""
-
-    def __init__(self, config: Path, *plugins: object) -> None:
-        from skyframe.engine import Engine
-        from skyframe.pipeline import load_project
-
-        project = load_project(config)
-        for plugin in plugins:
-            project.pm.register(plugin)
-        self.engine = Engine(project.config, project.pm, project.pipelines)
-        self.thread = threading.Thread(target=self.engine.run_daemon, daemon=True)
-
-    def __enter__(self) -> Running:
-        self.thread.start()
-        assert self.engine.ready.wait(30), "the daemon did not finish its catch-up scan"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.engine.stop()
-        self.thread.join(60)
-        assert not self.thread.is_alive(), "the daemon did not stop"
-        self.engine.close()
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    """Poll ``condition`` until it holds; fail with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    yield start
+    for d in started:
+        d.stop()

@@ -10,85 +10,16 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import WriteConfig, make_file
+from helpers import API_CONFIG, API_TOKEN, Daemon, WriteConfig, make_file, request, url_of, wait_for
 from prometheus_client.parser import text_string_to_metric_families
-from test_daemon import Daemon, wait_for
 
 from skyframe.cli import cli
 from skyframe.queue import JobQueue
-
-TOKEN = "s3cr3t-token-for-tests"
-
-CONFIG = """\
-state_dir: .state
-retry: {max_attempts: 1, initial: 50ms, max: 100ms}
-shutdown_grace: 1s
-api: {listen: "127.0.0.1:0"TOKEN}
-pipelines:
-  - name: survey
-    source: {path: incoming, settle: 0, rescan: 1h}
-    sinks:
-      - url: outbox
-        BWLIMIT
-  - name: logs
-    source: {path: logs, settle: 0, rescan: 1h}
-    sinks:
-      - url: logbox
-"""
-
-
-def request(
-    url: str,
-    method: str = "GET",
-    body: Any = None,
-    headers: dict[str, str] | None = None,
-) -> tuple[int, Any, dict[str, str]]:
-    """(status, decoded JSON or text, headers) of one request; never raises on HTTP errors."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    for key, value in (headers or {}).items():
-        req.add_header(key, value)
-    try:
-        with urllib.request.urlopen(req, timeout=10) as response:
-            raw, status, head = response.read(), response.status, dict(response.headers)
-    except urllib.error.HTTPError as exc:
-        with exc:
-            raw, status, head = exc.read(), exc.code, dict(exc.headers)
-    try:
-        return status, json.loads(raw), head
-    except ValueError:
-        return status, raw.decode(), head
-
-
-@pytest.fixture
-def daemon(tmp_path: Path, write_config: WriteConfig) -> Iterator[Callable[..., Daemon]]:
-    (tmp_path / "logs").mkdir(exist_ok=True)
-    started: list[Daemon] = []
-
-    def start(*, token: bool = False, bwlimit: str | None = None) -> Daemon:
-        text = CONFIG.replace("TOKEN", f", token: {TOKEN}" if token else "")
-        text = text.replace("BWLIMIT", f"bwlimit: {bwlimit}" if bwlimit else "")
-        d = Daemon(write_config(text))
-        started.append(d)
-        d.__enter__()
-        return d
-
-    yield start
-    for d in started:
-        d.stop()
-
-
-def url_of(d: Daemon) -> str:
-    assert d.engine.api is not None, "the API did not start"
-    return d.engine.api.url
 
 
 def test_api_file_points_at_the_daemon_and_goes_away(
@@ -143,20 +74,20 @@ def test_token_is_required_except_for_healthz_and_the_page(
     assert request(url + "/api/status", headers={"Authorization": "Bearer wrong"})[0] == 401
     assert request(url + "/healthz")[0] == 200
     assert request(url + "/")[0] == 200  # the page itself holds no data: it shows a sign-in
-    good = {"Authorization": f"Bearer {TOKEN}"}
+    good = {"Authorization": f"Bearer {API_TOKEN}"}
     assert request(url + "/api/status", headers=good)[0] == 200
     # The dashboard's sign-in: a wrong token is refused, the right one sets an HttpOnly cookie.
     assert request(url + "/api/login", "POST", {"token": "nope"})[0] == 401
-    status, _, headers = request(url + "/api/login", "POST", {"token": TOKEN})
+    status, _, headers = request(url + "/api/login", "POST", {"token": API_TOKEN})
     cookie = headers["Set-Cookie"]
     assert status == 200
     assert "HttpOnly" in cookie
     assert "SameSite=Strict" in cookie
     value = cookie.split(";", 1)[0]
     assert value.startswith(f"skyframe_session_{url.rsplit(':', 1)[-1]}=")
-    assert TOKEN not in value
+    assert API_TOKEN not in value
     assert request(url + "/api/status", headers={"Cookie": value})[0] == 200
-    forged = value.split("=", 1)[0] + "=" + TOKEN
+    forged = value.split("=", 1)[0] + "=" + API_TOKEN
     assert request(url + "/api/status", headers={"Cookie": forged})[0] == 401
 
 
@@ -181,7 +112,7 @@ def test_requests_from_other_sites_are_refused(daemon: Callable[..., Daemon]) ->
 
 
 def test_non_loopback_address_needs_a_token(tmp_path: Path, write_config: WriteConfig) -> None:
-    text = CONFIG.replace("127.0.0.1:0", "0.0.0.0:0").replace("TOKEN", "")
+    text = API_CONFIG.replace("127.0.0.1:0", "0.0.0.0:0").replace("TOKEN", "")
     path = write_config(text.replace("BWLIMIT", ""))
     result = CliRunner().invoke(cli, ["validate", str(path)])
     assert result.exit_code == 2
@@ -197,7 +128,7 @@ def test_port_in_use_logs_one_line_and_the_daemon_still_delivers(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        text = CONFIG.replace("127.0.0.1:0", f"127.0.0.1:{port}").replace("TOKEN", "")
+        text = API_CONFIG.replace("127.0.0.1:0", f"127.0.0.1:{port}").replace("TOKEN", "")
         with Daemon(write_config(text.replace("BWLIMIT", ""))) as d:
             assert d.engine.api is None
             make_file(tmp_path / "incoming", "a.jpg", b"abc")
@@ -401,7 +332,7 @@ def test_cli_status_pause_resume_against_the_daemon(
     assert lines[0].endswith(": running")
     assert "logs (paused): " in result.output
     assert "-> outbox: ok, 0 in flight, 1 delivered (3 B), 0 failed" in result.output
-    assert TOKEN not in result.output
+    assert API_TOKEN not in result.output
     result = runner.invoke(cli, ["status", config, "--json"])
     assert json.loads(result.output)["pipelines"][1]["paused"] is True
     result = runner.invoke(cli, ["resume", config])
@@ -415,7 +346,7 @@ def test_cli_status_with_a_wrong_token_says_so(
 ) -> None:
     daemon(token=True)
     config = tmp_path / "skyframe.yaml"
-    config.write_text(config.read_text().replace(TOKEN, "wrong"))
+    config.write_text(config.read_text().replace(API_TOKEN, "wrong"))
     result = CliRunner().invoke(cli, ["status", str(config)])
     assert result.exit_code == 1
     assert "answered 401" in result.output
@@ -425,7 +356,7 @@ def test_cli_status_with_a_wrong_token_says_so(
 
 def test_cli_without_a_daemon(tmp_path: Path, write_config: WriteConfig) -> None:
     (tmp_path / "logs").mkdir()
-    config = str(write_config(CONFIG.replace("TOKEN", "").replace("BWLIMIT", "")))
+    config = str(write_config(API_CONFIG.replace("TOKEN", "").replace("BWLIMIT", "")))
     runner = CliRunner()
     result = runner.invoke(cli, ["status", config])
     assert result.exit_code == 1
@@ -466,7 +397,7 @@ def test_a_paused_daemon_stops_at_once_and_its_transfer_goes_back_to_the_queue(
     tmp_path: Path, write_config: WriteConfig
 ) -> None:
     (tmp_path / "logs").mkdir()
-    text = CONFIG.replace("shutdown_grace: 1s", "shutdown_grace: 30s").replace("TOKEN", "")
+    text = API_CONFIG.replace("shutdown_grace: 1s", "shutdown_grace: 30s").replace("TOKEN", "")
     d = Daemon(write_config(text.replace("BWLIMIT", "bwlimit: 4MB/s")))
     with d:
         make_file(tmp_path / "incoming", "video.mp4", os.urandom(16 * 1024 * 1024))
@@ -478,7 +409,7 @@ def test_a_paused_daemon_stops_at_once_and_its_transfer_goes_back_to_the_queue(
     assert d.engine.abandoned == 0
     queue = JobQueue(tmp_path / ".state" / "queue")
     try:
-        assert [r["state"] for r in queue.records()] == ["pending"]
+        assert [r.state for r in queue.records()] == ["pending"]
     finally:
         queue.close()
     assert not (tmp_path / "outbox" / "video.mp4").exists()
@@ -504,7 +435,7 @@ def test_cli_pause_with_a_daemon_that_runs_without_its_api(
     tmp_path: Path, write_config: WriteConfig
 ) -> None:
     (tmp_path / "logs").mkdir()
-    text = CONFIG.replace('api: {listen: "127.0.0.1:0"TOKEN}', "api: {enabled: false}")
+    text = API_CONFIG.replace('api: {listen: "127.0.0.1:0"TOKEN}', "api: {enabled: false}")
     config = write_config(text.replace("BWLIMIT", ""))
     with Daemon(config) as d:
         assert d.engine.api is None

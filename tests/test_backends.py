@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import WriteConfig
+from helpers import WriteConfig
 
 from skyframe.errors import ConfigError
 from skyframe.pipeline import load_project

@@ -5,6 +5,7 @@ import time
 
 import pydantic
 import pytest
+from fakes.clock import FakeCancel, FakeClock
 
 from skyframe.bandwidth import MIN_BURST, Limiter, TokenBucket, pace
 from skyframe.units import Rate, format_rate, parse_rate
@@ -12,24 +13,9 @@ from skyframe.units import Rate, format_rate, parse_rate
 KiB = 1024
 
 
-class FakeTime:
-    """A clock whose ``sleep`` advances it exactly, recording every sleep."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-
-
-def fake_bucket(rate: float, burst: float | None = None) -> tuple[TokenBucket, FakeTime]:
-    fake = FakeTime()
-    return TokenBucket(rate, burst, clock=fake.clock, sleep=fake.sleep), fake
+def fake_bucket(rate: float, burst: float | None = None) -> tuple[TokenBucket, FakeClock]:
+    fake = FakeClock()
+    return TokenBucket(rate, burst, clock=fake, sleep=fake.sleep), fake
 
 
 # --- TokenBucket with a fake clock ------------------------------------------------------------
@@ -98,7 +84,7 @@ def test_invalid_bucket(rate: float, burst: float | None) -> None:
 
 def test_sleeps_outside_the_lock_and_queues_behind_debt() -> None:
     """While one taker sleeps, another can take: it waits behind the first one's debt."""
-    fake = FakeTime()
+    fake = FakeClock()
     gate = threading.Event()
     first_sleeping = threading.Event()
 
@@ -110,7 +96,7 @@ def test_sleeps_outside_the_lock_and_queues_behind_debt() -> None:
         else:
             fake.now += seconds
 
-    bucket = TokenBucket(1000, burst=500, clock=fake.clock, sleep=sleep)
+    bucket = TokenBucket(1000, burst=500, clock=fake, sleep=sleep)
     first = threading.Thread(target=bucket.take, args=(2000,), name="first")
     first.start()
     try:
@@ -130,24 +116,6 @@ def test_sleeps_outside_the_lock_and_queues_behind_debt() -> None:
     finally:
         gate.set()
         first.join(5)
-
-
-class FakeCancel(threading.Event):
-    """An event that is set after ``after`` seconds of (fake) waiting."""
-
-    def __init__(self, fake: FakeTime, after: float) -> None:
-        super().__init__()
-        self.fake = fake
-        self.after = after
-
-    def wait(self, timeout: float | None = None) -> bool:
-        assert timeout is not None
-        if timeout < self.after:
-            self.fake.now += timeout
-            return False
-        self.fake.now += self.after
-        self.set()
-        return True
 
 
 def test_cancelled_take_returns_early_and_gives_the_bytes_back() -> None:
@@ -181,9 +149,9 @@ def test_uncancelled_event_waits_the_full_time() -> None:
 
 @pytest.mark.parametrize("slow_first", [True, False])
 def test_limiter_obeys_the_slower_bucket(slow_first: bool) -> None:
-    fake = FakeTime()
-    fast = TokenBucket(1000, clock=fake.clock, sleep=fake.sleep)
-    slow = TokenBucket(250, clock=fake.clock, sleep=fake.sleep)
+    fake = FakeClock()
+    fast = TokenBucket(1000, clock=fake, sleep=fake.sleep)
+    slow = TokenBucket(250, clock=fake, sleep=fake.sleep)
     limiter = Limiter([slow, fast] if slow_first else [fast, slow])
     start = fake.now
     for _ in range(10):
@@ -194,9 +162,9 @@ def test_limiter_obeys_the_slower_bucket(slow_first: bool) -> None:
 
 
 def test_limiter_returns_total_wait() -> None:
-    fake = FakeTime()
-    a = TokenBucket(1000, clock=fake.clock, sleep=fake.sleep)
-    b = TokenBucket(500, clock=fake.clock, sleep=fake.sleep)
+    fake = FakeClock()
+    a = TokenBucket(1000, clock=fake, sleep=fake.sleep)
+    b = TokenBucket(500, clock=fake, sleep=fake.sleep)
     # a: 0.5 s; b has filled 250 bytes meanwhile, then waits 0.5 s for the other 250
     assert Limiter([a, b]).take(500) == pytest.approx(1.0)
 

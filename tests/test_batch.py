@@ -16,10 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import WriteConfig, make_file
-from test_engine import plugin_module, run_once, write_plugin
+from helpers import WriteConfig, make_file, plugin_module, run_once, write_plugin
 
 from skyframe.engine import Engine, RunSummary
+from skyframe.jobs import QueuedJob
 from skyframe.pipeline import load_project
 from skyframe.queue import JobQueue
 from skyframe.state import Manifest
@@ -88,7 +88,7 @@ BATCHES = """
 
 @pytest.fixture
 def project(tmp_path: Path, write_config: WriteConfig) -> Callable[[str], Path]:
-    write_plugin(tmp_path, "batches.py", BATCHES)
+    write_plugin(tmp_path / "plugins", "batches.py", BATCHES)
     return write_config
 
 
@@ -218,7 +218,7 @@ def test_a_batch_cut_by_shutdown_goes_back_to_the_queue(
     assert summary.delivered == 0
     queue = JobQueue(tmp_path / ".state" / "queue")
     assert queue.counts()["pending"] == 2
-    assert all(record["attempts"] == 0 for record in queue.records())
+    assert all(record.attempts == 0 for record in queue.records())
     queue.close()
     monkeypatch.delenv("BATCH_TEST_HOLD")
     assert run_once(config).delivered == 2
@@ -294,9 +294,9 @@ def counted_puts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     put: list[str] = []
     original = JobQueue.put
 
-    def counting(self: JobQueue, pipeline: str, relpath: str, *args: object) -> bool:
-        put.append(relpath)
-        return original(self, pipeline, relpath, *args)  # type: ignore[arg-type]
+    def counting(self: JobQueue, pipeline: str, job: QueuedJob, *args: object) -> bool:
+        put.append(job.relpath)
+        return original(self, pipeline, job, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(JobQueue, "put", counting)
     return put
@@ -328,9 +328,9 @@ def test_a_batched_file_that_keeps_failing_ends_in_the_dead_letters(
         (record,) = queue.records("dead")
     finally:
         queue.close()
-    assert record["relpath"] == "bad.jpg"
-    assert record["attempts"] == 2  # max_attempts: each attempt alone counted
-    assert all("refused alone too" in error for error in record["errors"])
+    assert record.relpath == "bad.jpg"
+    assert record.attempts == 2  # max_attempts: each attempt alone counted
+    assert all("refused alone too" in error for error in record.errors)
     # The next run leaves it with the dead letters, as for any job.
     monkeypatch.delenv("ALONE_TEST_FAIL")
     again = run_once(project(CONFIG))
@@ -350,8 +350,8 @@ def test_a_pause_before_the_first_batch_leaves_the_scanned_files_queued(
         pending = queue.records("pending")
     finally:
         queue.close()
-    assert sorted(r["relpath"] for r in pending) == names
-    assert {r["attempts"] for r in pending} == {0}
+    assert sorted(r.relpath for r in pending) == names
+    assert {r.attempts for r in pending} == {0}
     # Resumed, the next run delivers them from the queue.
     loaded = load_project(project(CONFIG))
     engine = Engine(loaded.config, loaded.pm, loaded.pipelines)
@@ -367,16 +367,17 @@ def test_beyond_the_backlog_the_scan_writes_queue_records(
 ) -> None:
     # Memory stays bounded on a first run over a huge folder: the files the scan finds while
     # VOLATILE_BACKLOG of them wait to be handed out are queued on disk as usual.
-    import skyframe.engine
+    import skyframe.dispatch
+    import skyframe.intake
 
-    monkeypatch.setattr(skyframe.engine, "VOLATILE_BACKLOG", 8)
-    monkeypatch.setattr(skyframe.engine, "SCAN_BATCH", 4)
+    monkeypatch.setattr(skyframe.dispatch, "VOLATILE_BACKLOG", 8)
+    monkeypatch.setattr(skyframe.intake, "SCAN_BATCH", 4)
     put = counted_puts(monkeypatch)
     names = [f"img{i:02d}.jpg" for i in range(40)]
     incoming(tmp_path, *names)
     backlog: list[int] = []
     summary = run_after_the_scan(
-        project(CONFIG), lambda engine: backlog.append(len(engine._volatile_claims))
+        project(CONFIG), lambda engine: backlog.append(engine.dispatcher.volatile_waiting)
     )
     assert summary.delivered == 40
     assert backlog == [8]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_file
+from helpers import make_file
 from pydantic import ValidationError
 
 from skyframe.errors import ProcessError, UnsafePathError

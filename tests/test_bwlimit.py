@@ -7,12 +7,19 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import servers
-from conftest import unique_name
-from proxy import CountingProxy
-from test_resume import finish, skyframe, write_config, write_random
+from fakes.proxy import CountingProxy
+from helpers import (
+    finish,
+    sftp_through,
+    start_skyframe,
+    unique_name,
+    write_random,
+    write_sink_config,
+)
 
 MB = 1_000_000
 MIB = 1024 * 1024
@@ -71,9 +78,9 @@ def test_sink_bwlimit_holds_the_rate_on_the_wire(
     size = 5 * 5 * MIB  # five whole parts: every step of the count is one part
     write_random(tmp_path / "incoming" / "clip.mp4", size, seed=7)
     with CountingProxy(servers.LOOPBACK, s3_server.port) as proxy:
-        config = write_config(tmp_path, s3_through(proxy, s3_server, bwlimit="4MB/s"))
+        config = write_sink_config(tmp_path, s3_through(proxy, s3_server, bwlimit="4MB/s"))
         with Sampler(proxy) as sampler:
-            finish(skyframe(config, "-q", "run", "--once"))
+            finish(start_skyframe(config, "-q", "run", "--once"))
     rate = sampler.rate(size)
     assert rate == pytest.approx(LIMIT, rel=0.15), f"{rate / MB:.2f} MB/s"
 
@@ -84,18 +91,11 @@ def test_global_bwlimit_is_shared_by_concurrent_transfers(
     for index in range(4):  # two whole 4 MiB SFTP writes each, all four files at once
         write_random(tmp_path / "incoming" / f"clip{index}.mp4", 8 * MIB, seed=10 + index)
     with CountingProxy(servers.LOOPBACK, sftp_server.port) as proxy:
-        known_hosts = tmp_path / "known_hosts"
-        known_hosts.write_text(
-            f"[{servers.LOOPBACK}]:{proxy.port} {sftp_server.host_public_key}\n", encoding="utf-8"
-        )
-        folder = sftp_server.root / unique_name("f")
-        sink = {
-            "url": f"sftp://{sftp_server.username}@{servers.LOOPBACK}:{proxy.port}{folder}",
-            "options": {"key_file": str(sftp_server.client_key), "known_hosts": str(known_hosts)},
-        }
-        config = write_config(tmp_path, sink, bwlimit="8MB/s")
+        sink = sftp_through(proxy, sftp_server, tmp_path)
+        folder = Path(urlsplit(sink["url"]).path)
+        config = write_sink_config(tmp_path, sink, bwlimit="8MB/s")
         with Sampler(proxy) as sampler:
-            finish(skyframe(config, "-q", "run", "--once"))
+            finish(start_skyframe(config, "-q", "run", "--once"))
     assert len(list(folder.iterdir())) == 4
     rate = sampler.rate(4 * 8 * MIB)
     assert rate == pytest.approx(2 * LIMIT, rel=0.15), f"{rate / MB:.2f} MB/s"

@@ -4,28 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import skyframe, write_plugin
 
 pytestmark = pytest.mark.slow
-
-
-def skyframe(
-    cwd: Path, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "skyframe", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
 
 
 def test_example_project_end_to_end(example_project: Path) -> None:
@@ -118,9 +103,11 @@ def test_secret_values_are_never_printed(example_project: Path) -> None:
 
 
 def test_failed_delivery_exits_1(example_project: Path) -> None:
-    (example_project / "plugins" / "down.py").write_text(
+    write_plugin(
+        example_project / "plugins",
+        "down.py",
         "from skyframe import hookimpl\n\n"
-        "@hookimpl\ndef skyframe_transfer(request):\n    raise ConnectionError('uplink down')\n"
+        "@hookimpl\ndef skyframe_transfer(request):\n    raise ConnectionError('uplink down')\n",
     )
     config = example_project / "skyframe.yaml"
     config.write_text(config.read_text() + "retry: {max_attempts: 2, initial: 10ms, max: 10ms}\n")
@@ -207,7 +194,9 @@ def test_malloc_tuning_keeps_heaps_from_shrinking_around_every_packet() -> None:
 def test_garbage_collector_is_paused_while_the_command_starts(example_project: Path) -> None:
     # A plugin notes the collector's state when the project loads it (start-up), at the first
     # delivery (resumed, with start-up's objects frozen) and when the run ends.
-    (example_project / "plugins" / "gcstate.py").write_text(
+    write_plugin(
+        example_project / "plugins",
+        "gcstate.py",
         "import gc, json, pathlib\n"
         "from skyframe import hookimpl\n"
         "LOG = pathlib.Path(__file__).with_name('gc.jsonl')\n"
@@ -218,7 +207,7 @@ def test_garbage_collector_is_paused_while_the_command_starts(example_project: P
         "note('loaded')\n"
         "@hookimpl\ndef skyframe_event(event):\n"
         "    if event.kind == 'delivered':\n        note('delivered')\n"
-        "@hookimpl\ndef skyframe_shutdown(config):\n    note('shutdown')\n"
+        "@hookimpl\ndef skyframe_shutdown(config):\n    note('shutdown')\n",
     )
     result = skyframe(example_project, "run", "--once")
     assert result.returncode == 0, result.stderr

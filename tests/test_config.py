@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import WriteConfig
+from helpers import WriteConfig
 
 from skyframe.config import interpolate, load_config
 from skyframe.errors import ConfigError

@@ -12,15 +12,13 @@ import hashlib
 import os
 import random
 import signal
-import subprocess
-import sys
 import textwrap
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import tree_files
+from helpers import outbox_files, spawn_daemon
 
 from skyframe.state import Manifest
 from skyframe.storage import TEMP_MARKER
@@ -37,17 +35,6 @@ pipelines:
     sinks:
       - url: outbox
 """
-
-
-def start_daemon(root: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "skyframe", "run", "skyframe.yaml"],
-            cwd=root,
-            stdout=out,
-            stderr=out,
-            stdin=subprocess.DEVNULL,
-        )
 
 
 def write_files(
@@ -85,10 +72,6 @@ def write_files(
         done.set()
 
 
-def sink_files(root: Path) -> dict[str, bytes]:
-    return tree_files(root / "outbox")
-
-
 @pytest.mark.parametrize("seed", [11, 22, 33])
 def test_kill_9_while_files_arrive_loses_nothing(tmp_path: Path, seed: int) -> None:
     rng = random.Random(seed)
@@ -101,7 +84,7 @@ def test_kill_9_while_files_arrive_loses_nothing(tmp_path: Path, seed: int) -> N
     writer = threading.Thread(target=write_files, args=(tmp_path, rng, expected, done))
 
     log = logs / "run-0.log"
-    daemon = start_daemon(tmp_path, log)
+    daemon = spawn_daemon(tmp_path, log)
     kills = 0
     try:
         writer.start()
@@ -111,7 +94,7 @@ def test_kill_9_while_files_arrive_loses_nothing(tmp_path: Path, seed: int) -> N
             daemon.wait(10)
             kills += 1
             log = logs / f"run-{kills}.log"
-            daemon = start_daemon(tmp_path, log)
+            daemon = spawn_daemon(tmp_path, log)
         writer.join()
         # Some runs were killed before they even started; wait until the last one is up.
         started = time.monotonic()
@@ -121,7 +104,7 @@ def test_kill_9_while_files_arrive_loses_nothing(tmp_path: Path, seed: int) -> N
             time.sleep(0.05)
 
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and sink_files(tmp_path) != expected:
+        while time.monotonic() < deadline and outbox_files(tmp_path) != expected:
             time.sleep(0.2)
         daemon.send_signal(signal.SIGTERM)
         code = daemon.wait(15)
@@ -138,7 +121,7 @@ def test_kill_9_while_files_arrive_loses_nothing(tmp_path: Path, seed: int) -> N
 
 def assert_sink_matches(root: Path, expected: dict[str, bytes]) -> None:
     """Every accepted file delivered, byte for byte; nothing else; a manifest that agrees."""
-    delivered = sink_files(root)
+    delivered = outbox_files(root)
     assert not [name for name in delivered if TEMP_MARKER in name], "temporary files left"
     assert sorted(delivered) == sorted(expected), "unexpected files in the sink"
     for relpath, data in expected.items():

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import os
-import textwrap
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import WriteConfig, make_file, tree_files
+from helpers import (
+    Daemon,
+    WriteConfig,
+    make_file,
+    outbox_files,
+    plugin_module,
+    wait_for,
+    write_plugin,
+)
 
-from skyframe.engine import Engine, RunSummary
-from skyframe.events import LifecycleEvent
-from skyframe.markers import hookimpl
-from skyframe.pipeline import load_project
 from skyframe.queue import JobQueue
 from skyframe.storage import TEMP_MARKER
 
@@ -35,64 +37,6 @@ pipelines:
         on_delete: ON_DELETE
         concurrency: CONCURRENCY
 """
-
-
-class Recorder:
-    """Collects lifecycle events."""
-
-    def __init__(self) -> None:
-        self.events: list[LifecycleEvent] = []
-        self.lock = threading.Lock()
-
-    @hookimpl
-    def skyframe_event(self, event: LifecycleEvent) -> None:
-        with self.lock:
-            self.events.append(event)
-
-    def kinds(self, relpath: str) -> list[str]:
-        with self.lock:
-            return [e.kind for e in self.events if e.relpath == relpath]
-
-    def count(self, kind: str, relpath: str | None = None) -> int:
-        with self.lock:
-            return sum(1 for e in self.events if e.kind == kind and relpath in (None, e.relpath))
-
-
-class Daemon:
-    def __init__(self, config: Path) -> None:
-        project = load_project(config)
-        self.recorder = Recorder()
-        project.pm.register(self.recorder, name="test-recorder")
-        self.engine = Engine(project.config, project.pm, project.pipelines)
-        self.summary: RunSummary | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        self.summary = self.engine.run_daemon()
-
-    def __enter__(self) -> Daemon:
-        self.thread.start()
-        assert self.engine.ready.wait(10), "the daemon did not finish its catch-up scan"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        if self.thread.is_alive():
-            self.engine.stop()
-            self.thread.join(20)
-            assert not self.thread.is_alive(), "the daemon did not stop"
-            self.engine.close()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -126,10 +70,6 @@ def start(tmp_path: Path, write_config: WriteConfig) -> Iterator[Callable[..., D
         daemon.stop()
 
 
-def outbox_files(tmp_path: Path) -> dict[str, bytes]:
-    return tree_files(tmp_path / "outbox")
-
-
 GATE = """
     import threading
     from skyframe import hookimpl
@@ -145,7 +85,7 @@ GATE = """
 
 
 def gate_plugin(tmp_path: Path) -> None:
-    (tmp_path / "plugins" / "gate.py").write_text(textwrap.dedent(GATE))
+    write_plugin(tmp_path / "plugins", "gate.py", GATE)
 
 
 def open_gate() -> None:
@@ -159,7 +99,7 @@ def open_gate() -> None:
 SLOW_TRANSFER = """
     import time
     from skyframe import hookimpl
-    from skyframe.builtin import transfer_generic
+    from skyframe.protocols.generic import plugin as generic_plugin
 
     @hookimpl(tryfirst=True)
     def skyframe_transfer(request):
@@ -170,14 +110,13 @@ SLOW_TRANSFER = """
             original(done)
 
         request.progress = slowed
-        return transfer_generic.skyframe_transfer(request)
+        return generic_plugin.skyframe_transfer(request)
 """
 
 
 def slow_transfer_plugin(tmp_path: Path, delay: float) -> None:
     """A transfer plugin that sleeps `delay` seconds per 1 MiB chunk, then delivers."""
-    text = textwrap.dedent(SLOW_TRANSFER).replace("DELAY", str(delay))
-    (tmp_path / "plugins" / "slow.py").write_text(text)
+    write_plugin(tmp_path / "plugins", "slow.py", SLOW_TRANSFER.replace("DELAY", str(delay)))
 
 
 def test_new_file_is_delivered(tmp_path: Path, start: Callable[..., Daemon]) -> None:
@@ -377,8 +316,10 @@ def test_rapid_events_on_many_paths_coalesce(tmp_path: Path, start: Callable[...
 def test_failing_sink_dead_letters_then_cli_retry(
     tmp_path: Path, start: Callable[..., Daemon]
 ) -> None:
-    (tmp_path / "plugins" / "flaky.py").write_text(
-        textwrap.dedent("""
+    write_plugin(
+        tmp_path / "plugins",
+        "flaky.py",
+        """
         from skyframe import hookimpl
 
         FAIL = [True]
@@ -388,7 +329,7 @@ def test_failing_sink_dead_letters_then_cli_retry(
             if FAIL[0]:
                 raise ConnectionResetError("peer reset")
             return None
-    """)
+        """,
     )
     daemon = start(settle="0")
     make_file(tmp_path / "incoming", "a.jpg", b"A")
@@ -404,11 +345,7 @@ def test_failing_sink_dead_letters_then_cli_retry(
     assert listing.exit_code == 0, listing.output
     assert "dead\tsurvey\ta.jpg\tupload\t2\t\tConnectionResetError: peer reset" in listing.output
 
-    import sys
-
-    from skyframe.plugin_manager import private_module_name
-
-    sys.modules[private_module_name(tmp_path / "plugins" / "flaky.py")].FAIL[0] = False
+    plugin_module(tmp_path, "flaky.py").FAIL[0] = False
     retried = CliRunner().invoke(cli, ["queue", "retry", "--config", config, "a.jpg"])
     assert retried.exit_code == 0, retried.output
     assert "1 job(s) back in the queue" in retried.output
@@ -444,13 +381,13 @@ def test_stop_cuts_long_transfers_and_leaves_no_partial_files(
     assert "big.mp4" not in outbox_files(tmp_path)
     queue = JobQueue(tmp_path / ".state" / "queue")
     (record,) = queue.records()
-    assert (record["state"], record["attempts"]) == ("pending", 0)  # back in line, not failed
+    assert (record.state, record.attempts) == ("pending", 0)  # back in line, not failed
     queue.close()
 
 
 def test_polling_mode_for_network_mounts(tmp_path: Path, start: Callable[..., Daemon]) -> None:
     polled = start(settle="0.2s", source_extra=", polling: true, poll_interval: 200ms")
-    source = next(iter(polled.engine._sources.values()))
+    source = next(iter(polled.engine.intake.sources.values()))
     assert source.watcher is not None
     assert source.watcher.mode == "polling"
     make_file(tmp_path / "incoming", "nfs/DJI_1.JPG", b"polled")
@@ -464,13 +401,13 @@ def test_lost_events_trigger_a_rescan(
 
     daemon = start(settle="0")
     scans: list[str] = []
-    original = daemon.engine.scan
+    original = daemon.engine.intake.scan
 
     def counting_scan(pipeline: Any, **kwargs: Any) -> None:
         scans.append(pipeline.name)
         original(pipeline, **kwargs)
 
-    daemon.engine.scan = counting_scan  # type: ignore[method-assign]
+    daemon.engine.intake.scan = counting_scan  # type: ignore[method-assign]
     # What watchdog logs when the kernel's inotify queue overflows and events are lost.
     logging.getLogger("watchdog.observers.inotify_c").warning(
         "Inotify queue overflowed; filesystem events were lost"
@@ -483,7 +420,7 @@ def test_a_dead_observer_is_restarted(
     tmp_path: Path, start: Callable[..., Daemon], caplog: pytest.LogCaptureFixture
 ) -> None:
     daemon = start(settle="0")
-    watcher = next(iter(daemon.engine._sources.values())).watcher
+    watcher = next(iter(daemon.engine.intake.sources.values())).watcher
     assert watcher is not None
     dead = watcher._observer
     assert dead is not None
@@ -497,8 +434,10 @@ def test_a_dead_observer_is_restarted(
 def test_cpu_heavy_processes_do_not_stall_uploads(
     tmp_path: Path, start: Callable[..., Daemon]
 ) -> None:
-    (tmp_path / "processes.py").write_text(
-        textwrap.dedent("""
+    write_plugin(
+        tmp_path,
+        "processes.py",
+        """
         import time
         from skyframe import process
 
@@ -508,7 +447,7 @@ def test_cpu_heavy_processes_do_not_stall_uploads(
                 end = time.monotonic() + 3
                 while time.monotonic() < end:  # pure-Python work, holding the GIL in turns
                     sum(i * i for i in range(1000))
-    """)
+        """,
     )
     busy = start(settle="0", extra="workers: 2\n", processes="[crunch]")
     make_file(tmp_path / "incoming", "heavy.jpg", b"H")
@@ -536,7 +475,7 @@ def test_watch_limit_falls_back_to_polling(
 
     monkeypatch.setattr(InotifyObserver, "schedule", no_more_watches)
     daemon = start(settle="0.2s", source_extra=", poll_interval: 200ms")
-    source = next(iter(daemon.engine._sources.values()))
+    source = next(iter(daemon.engine.intake.sources.values()))
     assert source.watcher is not None
     assert source.watcher.mode == "polling"
     assert "raise fs.inotify.max_user_watches" in caplog.text

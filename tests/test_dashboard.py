@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 import urllib.error
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, wait_for
+from helpers import REPO, spawn_daemon, wait_for
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 pytestmark = pytest.mark.slow
@@ -114,14 +113,7 @@ def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
         (tmp_path / "skyframe.yaml").write_text(textwrap.dedent(config).lstrip())
         (tmp_path / "incoming").mkdir(exist_ok=True)
         log = tmp_path / "daemon.log"
-        with log.open("ab") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "skyframe", "run", "skyframe.yaml"],
-                cwd=tmp_path,
-                stdout=out,
-                stderr=out,
-                stdin=subprocess.DEVNULL,
-            )
+        process = spawn_daemon(tmp_path, log)
         processes.append(process)
         api_file = tmp_path / "state" / "api.json"
         deadline = time.monotonic() + START_TIMEOUT
@@ -147,6 +139,7 @@ def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
         wait_for(
             lambda: f"dashboard and API: {info['url']}/" in log.read_text(errors="replace"),
             what="the dashboard line",
+            timeout=20,
         )
         return Daemon(tmp_path, process, info["url"], log)
 
@@ -220,7 +213,7 @@ def test_progress_bar_of_a_running_upload_advances(
         value = row.locator("progress").evaluate("bar => bar.value")
         return done, float(value)
 
-    wait_for(lambda: reading()[0] > 0, "the first progress of flight.mp4", timeout=10)
+    wait_for(lambda: reading()[0] > 0, what="the first progress of flight.mp4", timeout=10)
     first, first_value = reading()
     time.sleep(2.5)
     second, second_value = reading()
@@ -295,7 +288,7 @@ def test_file_names_with_html_are_shown_as_text(
     (incoming / BOLD_NAME).write_text("bold")
     (tmp_path / "outbox").write_text("not a folder")
     daemon = start_daemon(BROKEN_PIPELINE)
-    wait_for(lambda: len(daemon.dead()) == 2, "two dead letters")
+    wait_for(lambda: len(daemon.dead()) == 2, what="two dead letters", timeout=20)
     open_dashboard(page, daemon)
     dead = page.locator("#dead-list li.dead")
     dead.nth(1).wait_for()
@@ -333,7 +326,7 @@ def test_retry_button_puts_a_dead_letter_back_in_the_queue(
     (incoming / "flight-01" / "DJI_0001.JPG").write_bytes(b"jpeg" * 1000)
     (tmp_path / "outbox").write_text("not a folder")
     daemon = start_daemon(BROKEN_PIPELINE)
-    wait_for(lambda: len(daemon.dead()) == 1, "a dead letter")
+    wait_for(lambda: len(daemon.dead()) == 1, what="a dead letter", timeout=20)
     open_dashboard(page, daemon)
     row = page.locator('#dead-list li.dead[data-relpath="flight-01/DJI_0001.JPG"]')
     row.wait_for()
@@ -341,9 +334,13 @@ def test_retry_button_puts_a_dead_letter_back_in_the_queue(
 
     (tmp_path / "outbox").unlink()  # the cause is fixed: the sink folder can be made
     row.locator("button.retry").click()
-    wait_for(lambda: not daemon.dead(), "the dead-letter list to empty through the API")
+    wait_for(
+        lambda: not daemon.dead(),
+        what="the dead-letter list to empty through the API",
+        timeout=20,
+    )
     delivered = tmp_path / "outbox" / "flight-01" / "DJI_0001.JPG"
-    wait_for(delivered.is_file, "the retried file to be delivered")
+    wait_for(delivered.is_file, what="the retried file to be delivered", timeout=20)
     assert delivered.read_bytes() == b"jpeg" * 1000
     page.locator("#dead-empty").wait_for()
     assert page.locator("#dead-list li").count() == 0

@@ -19,20 +19,20 @@ from typing import Any
 
 import pytest
 import servers
-from conftest import (
+from helpers import (
     WriteConfig,
+    assert_s3_holds,
     aws_profile,
     gcs_sink,
     make_file,
     one_sink_config,
+    run_once,
     s3_sink,
     sftp_sink,
 )
 
 from skyframe import deps
 from skyframe.config import SinkConfig
-from skyframe.engine import Engine
-from skyframe.pipeline import load_project
 from skyframe.storage import open_sink
 
 MIB = 1024 * 1024
@@ -132,7 +132,7 @@ def test_sshfs_file_wraps_asyncssh_file_with_offset_writes(
 
 
 def test_asyncssh_takes_a_tunnel_that_opens_the_connection() -> None:
-    from skyframe.backends.ssh_wire import gathering_supported
+    from skyframe.protocols.sftp.ssh_wire import gathering_supported
 
     assert gathering_supported(), gone("asyncssh", "connection._TunnelConnectorProtocol")
     options = deps.import_asyncssh().SSHClientConnectionOptions(
@@ -176,12 +176,7 @@ def deliver(write_config: WriteConfig, sink: dict[str, Any], files: dict[str, by
     config = write_config(one_sink_config(sink, pipeline="p", retry="{max_attempts: 1}"))
     for name, data in files.items():
         make_file(config.parent / "incoming", name, data)
-    project = load_project(config)
-    engine = Engine(project.config, project.pm, project.pipelines)
-    try:
-        summary = engine.run_once()
-    finally:
-        engine.close()
+    summary = run_once(config)
     assert summary.delivered == len(files), summary
 
 
@@ -204,13 +199,7 @@ def test_s3_without_internals(
     sink["options"] = {k: v for k, v in sink["options"].items() if k not in ("key", "secret")}
     files = {"small.jpg": os.urandom(2000), "big.mov": os.urandom(11 * MIB)}
     deliver(write_config, sink, files)
-    check = s3_server.filesystem()
-    try:
-        root = sink["url"].removeprefix("s3://")
-        for name, data in files.items():
-            assert check.cat_file(f"{root}/{name}") == data
-    finally:
-        servers.close_filesystem(check)
+    assert_s3_holds(s3_server, sink, files)
     assert "S3FileSystem._call_s3 not used" in fallbacks_logged(caplog)
 
 
@@ -338,8 +327,8 @@ def test_s3_requests_skip_the_proxy_for_hosts_in_no_proxy(
 def test_s3_light_client_takes_credentials_from_a_profile(
     tmp_path: Path, s3_server: servers.S3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from skyframe.backends.s3 import DirectS3
-    from skyframe.builtin.transfer_s3 import skyframe_transfer_batch
+    from skyframe.protocols.s3.direct import DirectS3
+    from skyframe.protocols.s3.plugin import skyframe_transfer_batch
     from skyframe.storage import TransferRequest, TransferResult
 
     aws_profile(monkeypatch, tmp_path, s3_server, "field")

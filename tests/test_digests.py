@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import WriteConfig, make_file
-from test_engine import plugin_module, write_plugin
+from helpers import WriteConfig, make_file, plugin_module, write_plugin
 
 import skyframe.storage
 from skyframe.engine import Engine
@@ -68,7 +67,7 @@ def counted_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Path]]:
 
 
 def engine_for(tmp_path: Path, write_config: WriteConfig, hashes_from: int) -> Engine:
-    write_plugin(tmp_path, "digest_first.py", DIGEST_FIRST)
+    write_plugin(tmp_path / "plugins", "digest_first.py", DIGEST_FIRST)
     project = load_project(write_config(CONFIG))
     engine = Engine(project.config, project.pm, project.pipelines)
     for pipeline in engine.pipelines.values():

@@ -106,9 +106,9 @@ def test_readme_opens_with_setup_test_and_main_job() -> None:
 
 
 def _backend_options() -> list[tuple[str, str]]:
-    from skyframe.backends.gcs import GCSOptions
-    from skyframe.backends.s3 import S3Options
-    from skyframe.backends.sftp import SFTPOptions
+    from skyframe.protocols.gcs.backend import GCSOptions
+    from skyframe.protocols.s3.backend import S3Options
+    from skyframe.protocols.sftp.backend import SFTPOptions
 
     models = {"s3": S3Options, "gcs": GCSOptions, "sftp": SFTPOptions}
     return [(name, option) for name, model in models.items() for option in model.model_fields]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
-import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,10 +10,12 @@ from typing import Any
 
 import fsspec
 import pytest
-from conftest import WriteConfig, make_file, tree_files
+from helpers import WriteConfig, make_file, plugin_module, run_once, tree_files, write_plugin
 
-from skyframe.engine import Engine, RunSummary
+from skyframe.engine import Engine
 from skyframe.errors import StateError
+from skyframe.events import FileEvent
+from skyframe.jobs import Upload
 from skyframe.pipeline import load_project
 from skyframe.queue import JobQueue
 from skyframe.state import Manifest
@@ -35,28 +35,6 @@ pipelines:
     sinks:
       - url: outbox
 """
-
-
-def run_once(config: Path) -> RunSummary:
-    project = load_project(config)
-    engine = Engine(project.config, project.pm, project.pipelines)
-    try:
-        return engine.run_once()
-    finally:
-        engine.close()
-
-
-def plugin_module(tmp_path: Path, name: str) -> Any:
-    """The module most recently loaded from plugins/NAME of this test's project."""
-    from skyframe.plugin_manager import private_module_name
-
-    return sys.modules[private_module_name(tmp_path / "plugins" / name)]
-
-
-def write_plugin(tmp_path: Path, name: str, body: str) -> None:
-    folder = tmp_path / "plugins"
-    folder.mkdir(exist_ok=True)
-    (folder / name).write_text(textwrap.dedent(body).lstrip())
 
 
 @pytest.fixture
@@ -167,7 +145,7 @@ FAILING_TRANSFER = """
 def test_failing_sink_retries_then_dead_letters_without_repeating_the_other(
     tmp_path: Path, project: Callable[[str], Path]
 ) -> None:
-    write_plugin(tmp_path, "flaky.py", FAILING_TRANSFER)
+    write_plugin(tmp_path / "plugins", "flaky.py", FAILING_TRANSFER)
     make_file(tmp_path / "incoming", "a.jpg", b"A")
     config = project(
         CONFIG.replace(
@@ -183,8 +161,8 @@ def test_failing_sink_retries_then_dead_letters_without_repeating_the_other(
 
     queue = JobQueue(tmp_path / ".state" / "queue")
     (record,) = queue.records("dead")
-    assert record["attempts"] == 3
-    assert record["errors"] == ["ConnectionError: link down"] * 3
+    assert record.attempts == 3
+    assert record.errors == ("ConnectionError: link down",) * 3
     assert queue.requeue_dead() == 1
     queue.close()
 
@@ -198,14 +176,16 @@ def test_failing_sink_retries_then_dead_letters_without_repeating_the_other(
 
 
 def test_process_errors_retry_and_report(tmp_path: Path, project: Callable[[str], Path]) -> None:
-    (tmp_path / "processes.py").write_text(
-        textwrap.dedent("""
+    write_plugin(
+        tmp_path,
+        "processes.py",
+        """
         from skyframe import process
 
         @process
         def process_explode(job):
             raise RuntimeError("disk full")
-    """)
+        """,
     )
     make_file(tmp_path / "incoming", "a.jpg", b"A")
     summary = run_once(project(CONFIG.replace("processes: []", "processes: [explode]")))
@@ -216,14 +196,16 @@ def test_process_errors_retry_and_report(tmp_path: Path, project: Callable[[str]
 def test_crashing_rule_dead_letters_the_file(
     tmp_path: Path, project: Callable[[str], Path]
 ) -> None:
-    (tmp_path / "rules.py").write_text(
-        textwrap.dedent("""
+    write_plugin(
+        tmp_path,
+        "rules.py",
+        """
         from skyframe import rule
 
         @rule
         def rule_forgetful(event):
             pass  # returns None: a bug
-    """)
+        """,
     )
     make_file(tmp_path / "incoming", "a.jpg", b"A")
     summary = run_once(
@@ -233,7 +215,7 @@ def test_crashing_rule_dead_letters_the_file(
     assert "rule 'forgetful' returned None" in reason
     queue = JobQueue(tmp_path / ".state" / "queue")
     (record,) = queue.records("dead")
-    assert record["attempts"] == 1  # not retried: a rule bug does not heal by waiting
+    assert record.attempts == 1  # not retried: a rule bug does not heal by waiting
     queue.close()
 
 
@@ -241,7 +223,7 @@ def test_notifier_errors_never_affect_delivery(
     tmp_path: Path, project: Callable[[str], Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     write_plugin(
-        tmp_path,
+        tmp_path / "plugins",
         "noisy.py",
         """
         from skyframe import hookimpl
@@ -272,7 +254,7 @@ def test_vanished_file_is_skipped_not_failed(
     tmp_path: Path, project: Callable[[str], Path]
 ) -> None:
     write_plugin(
-        tmp_path,
+        tmp_path / "plugins",
         "vanish.py",
         """
         from skyframe import hookimpl
@@ -315,7 +297,7 @@ def test_jobs_left_by_a_crashed_run_are_delivered(
         "mtime_ns": st.st_mtime_ns,
         "kind": "scanned",
     }
-    queue.put("survey", "a.jpg", {"event": event})
+    queue.put("survey", Upload(event=FileEvent.from_json(event)))
     assert queue.claim() is not None
     queue.close()
     (tmp_path / "outbox").mkdir()
@@ -338,7 +320,7 @@ def test_state_dir_is_single_instance(tmp_path: Path, project: Callable[[str], P
 
 
 def test_dead_letters_stay_dead_across_runs(tmp_path: Path, project: Callable[[str], Path]) -> None:
-    write_plugin(tmp_path, "flaky.py", FAILING_TRANSFER)
+    write_plugin(tmp_path / "plugins", "flaky.py", FAILING_TRANSFER)
     make_file(tmp_path / "incoming", "a.jpg", b"A")
     config = project(CONFIG.replace("url: outbox", "url: outbox\n        name: broken"))
     first = run_once(config)
@@ -356,7 +338,7 @@ def test_startup_hook_failure_is_one_clear_error(
     tmp_path: Path, project: Callable[[str], Path]
 ) -> None:
     write_plugin(
-        tmp_path,
+        tmp_path / "plugins",
         "boot.py",
         """
         from skyframe import hookimpl
@@ -381,7 +363,7 @@ def test_notifier_without_arguments_is_called(
     tmp_path: Path, project: Callable[[str], Path]
 ) -> None:
     write_plugin(
-        tmp_path,
+        tmp_path / "plugins",
         "tick.py",
         """
         from skyframe import hookimpl
@@ -411,7 +393,7 @@ def test_a_failure_while_handing_over_a_settled_file_is_retried(
     make_file(tmp_path / "incoming", "fresh.jpg", b"F")  # modified just now: it must settle
     project_ = load_project(project(CONFIG.replace("settle: 0", "settle: 0.3s")))
     engine = Engine(project_.config, project_.pm, project_.pipelines)
-    original = engine.offer
+    original = engine.intake.offer
     failures = [1]
 
     def flaky_offer(*args: Any, **kwargs: Any) -> None:
@@ -420,7 +402,7 @@ def test_a_failure_while_handing_over_a_settled_file_is_retried(
             raise OSError("database is locked")
         original(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "offer", flaky_offer)
+    monkeypatch.setattr(engine.intake, "offer", flaky_offer)
     try:
         summary = engine.run_once()
     finally:
@@ -434,7 +416,7 @@ def test_a_transfer_that_sends_the_wrong_size_fails(
     tmp_path: Path, project: Callable[[str], Path]
 ) -> None:
     write_plugin(
-        tmp_path,
+        tmp_path / "plugins",
         "short.py",
         """
         from skyframe import TransferResult, hookimpl
@@ -456,7 +438,7 @@ def test_a_transfer_that_sends_the_wrong_size_fails(
 def test_dead_letters_of_files_gone_meanwhile_are_dropped(
     tmp_path: Path, project: Callable[[str], Path]
 ) -> None:
-    write_plugin(tmp_path, "flaky.py", FAILING_TRANSFER)
+    write_plugin(tmp_path / "plugins", "flaky.py", FAILING_TRANSFER)
     path = make_file(tmp_path / "incoming", "a.jpg", b"A")
     make_file(tmp_path / "incoming", "keep.jpg", b"K")
     config = project(CONFIG.replace("url: outbox", "url: outbox\n        name: broken"))
@@ -465,7 +447,7 @@ def test_dead_letters_of_files_gone_meanwhile_are_dropped(
     second = run_once(config)
     assert second.dead_letters == 1  # keep.jpg still waits for a retry; a.jpg is gone
     queue = JobQueue(tmp_path / ".state" / "queue")
-    assert [r["relpath"] for r in queue.records("dead")] == ["keep.jpg"]
+    assert [r.relpath for r in queue.records("dead")] == ["keep.jpg"]
     queue.close()
 
 
@@ -475,7 +457,7 @@ def test_once_delivers_while_the_scan_goes_on(
     # A slow rule makes the scan take a while: the first files it queued are delivered before
     # it has queued the last ones.
     write_plugin(
-        tmp_path,
+        tmp_path / "plugins",
         "order.py",
         """
         import time
@@ -509,11 +491,12 @@ def test_once_raises_what_failed_in_the_scan(
     tmp_path: Path, project: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from skyframe.errors import StateError
+    from skyframe.intake import Intake
 
-    def broken(self: Engine, pipeline: Any) -> None:
+    def broken(self: Intake, pipeline: Any) -> None:
         raise StateError("the queue database is damaged")
 
-    monkeypatch.setattr(Engine, "scan", broken)
+    monkeypatch.setattr(Intake, "scan", broken)
     make_file(tmp_path / "incoming", "a.jpg", b"A")
     with pytest.raises(StateError, match="the queue database is damaged"):
         run_once(project(CONFIG))

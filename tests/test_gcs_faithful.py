@@ -21,8 +21,8 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 import aiohttp
 import gcsfs.core
 import pytest
+from fakes.gcs_faithful import CHUNK_QUANTUM, FaithfulGCS
 from fsspec.asyn import sync
-from gcs_faithful import CHUNK_QUANTUM, FaithfulGCS
 from gcsfs.retry import HttpError
 from servers import close_filesystem
 

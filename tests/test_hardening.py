@@ -8,25 +8,24 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import servers
-from conftest import (
-    Running,
+from helpers import (
+    Daemon,
     WriteConfig,
     make_file,
     one_sink_config,
     s3_sink,
     sftp_sink,
+    skyframe,
+    spawn_daemon,
     tree_files,
     wait_for,
 )
-from test_cli import skyframe
 
 from skyframe.display import RepeatedLog, escape, redact, shown
 from skyframe.engine import Engine
@@ -96,12 +95,12 @@ def test_a_bad_name_created_while_watching_is_said_once(
     config = local_config(write_config)
     incoming = config.parent / "incoming"
     caplog.set_level(logging.WARNING)
-    with Running(config) as daemon:
+    with Daemon(config) as daemon:
         with open(os.path.join(os.fsencode(incoming), b"new\xff.jpg"), "wb") as f:
             f.write(b"z")
         make_file(incoming, "fine.jpg", b"fine")
-        wait_for((config.parent / "outbox/fine.jpg").exists, "fine.jpg delivered")
-        daemon.engine._sources["field"].rescan_requested.set()
+        wait_for((config.parent / "outbox/fine.jpg").exists, what="fine.jpg delivered", timeout=20)
+        daemon.engine.intake.sources["field"].rescan_requested.set()
         time.sleep(1.0)  # a rescan and many housekeeping ticks
     said = [r for r in caplog.records if "not valid UTF-8" in r.getMessage()]
     assert len(said) == 1, [r.getMessage() for r in said]
@@ -268,17 +267,10 @@ def test_removing_the_state_folder_stops_the_daemon_with_one_line(
 
     config = local_config(write_config)
     log_path = tmp_path / "daemon.log"
-    with log_path.open("wb") as log:
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "skyframe", "run", str(config)],
-            cwd=tmp_path,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+    daemon = spawn_daemon(tmp_path, log_path, str(config))
     try:
         make_file(config.parent / "incoming", "first.jpg", b"1")
-        wait_for((config.parent / "outbox/first.jpg").exists, "first delivery", 30)
+        wait_for((config.parent / "outbox/first.jpg").exists, what="first delivery", timeout=30)
         shutil.rmtree(config.parent / "state")
         code = daemon.wait(30)
     finally:
@@ -459,7 +451,7 @@ def test_a_failing_step_of_the_daemon_does_not_flood_the_log(
     def full_disk() -> None:
         raise OSError(28, "No space left on device")
 
-    for source in engine._sources.values():
+    for source in engine.intake.sources.values():
         source.settler.tick = full_disk  # type: ignore[method-assign]
     thread = threading.Thread(target=engine.run_daemon, daemon=True)
     thread.start()

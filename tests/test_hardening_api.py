@@ -11,50 +11,32 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import test_api
 from click.testing import CliRunner
-from conftest import WriteConfig
-from test_api import CONFIG, TOKEN, request, url_of
-from test_daemon import Daemon
+from fakes.clock import FakeClock
+from helpers import (
+    API_CONFIG,
+    API_TOKEN,
+    Daemon,
+    WriteConfig,
+    request,
+    send,
+    spawn_daemon,
+    url_of,
+)
 
 from skyframe import api, client
 from skyframe.api import TokenThrottle
 from skyframe.cli import cli
 from skyframe.state import StateLock
 
-daemon = test_api.daemon  # the fixture: an in-process daemon (token=True for a token)
-
-GOOD = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def send(
-    url: str, body: bytes, headers: dict[str, str] | None = None, method: str = "POST"
-) -> tuple[int, Any, dict[str, str]]:
-    """(status, decoded JSON or text, headers) of a request with a raw body."""
-    req = urllib.request.Request(url, data=body, method=method)
-    req.add_header("Content-Type", "application/json")
-    for key, value in (headers or {}).items():
-        req.add_header(key, value)
-    try:
-        with urllib.request.urlopen(req, timeout=10) as response:
-            raw, status, head = response.read(), response.status, dict(response.headers)
-    except urllib.error.HTTPError as exc:
-        with exc:
-            raw, status, head = exc.read(), exc.code, dict(exc.headers)
-    try:
-        return status, json.loads(raw), head
-    except ValueError:
-        return status, raw.decode(errors="replace"), head
+GOOD = {"Authorization": f"Bearer {API_TOKEN}"}
 
 
 def raw_http(url: str, data: bytes) -> bytes:
@@ -94,7 +76,7 @@ def test_repeated_wrong_sign_ins_get_429_and_a_growing_wait(
     daemon: Callable[..., Daemon],
 ) -> None:
     url = url_of(daemon(token=True))
-    _, _, headers = request(url + "/api/login", "POST", {"token": TOKEN})
+    _, _, headers = request(url + "/api/login", "POST", {"token": API_TOKEN})
     cookie = headers["Set-Cookie"].split(";", 1)[0]
     for _ in range(api.FREE_FAILURES):
         assert request(url + "/api/login", "POST", {"token": "guess"})[0] == 401
@@ -103,20 +85,20 @@ def test_repeated_wrong_sign_ins_get_429_and_a_growing_wait(
     assert "try again in 1 s" in message
     assert headers["Retry-After"] == "1"
     # While the address waits, even the right token is refused: a guess tells nothing then.
-    assert request(url + "/api/login", "POST", {"token": TOKEN})[0] == 429
+    assert request(url + "/api/login", "POST", {"token": API_TOKEN})[0] == 429
     assert request(url + "/api/status", headers=GOOD)[0] == 429
     # A signed-in dashboard goes on: its cookie is not something anyone guesses.
     assert request(url + "/api/status", headers={"Cookie": cookie})[0] == 200
     time.sleep(1.1)
-    assert request(url + "/api/login", "POST", {"token": TOKEN})[0] == 200
+    assert request(url + "/api/login", "POST", {"token": API_TOKEN})[0] == 200
     # Each further wrong token doubles the wait.
     assert request(url + "/api/login", "POST", {"token": "guess"})[0] == 401
     status, _, headers = request(url + "/api/login", "POST", {"token": "guess"})
     assert (status, headers["Retry-After"]) == (429, "2")
     time.sleep(1.1)
-    assert request(url + "/api/login", "POST", {"token": TOKEN})[0] == 429
+    assert request(url + "/api/login", "POST", {"token": API_TOKEN})[0] == 429
     time.sleep(1.0)
-    assert request(url + "/api/login", "POST", {"token": TOKEN})[0] == 200
+    assert request(url + "/api/login", "POST", {"token": API_TOKEN})[0] == 200
 
 
 def test_wrong_bearer_tokens_are_slowed_down_and_the_cli_says_so(
@@ -164,8 +146,8 @@ def test_wrong_tokens_are_logged_once_with_a_count(
 
 
 def test_throttle_forgets_an_address_and_caps_its_wait() -> None:
-    now = [1000.0]
-    throttle = TokenThrottle(clock=lambda: now[0])
+    clock = FakeClock()
+    throttle = TokenThrottle(clock=clock)
     for _ in range(api.FREE_FAILURES - 1):
         throttle.failed("10.0.0.1", "test")
     assert throttle.wait("10.0.0.1") == 0
@@ -175,7 +157,7 @@ def test_throttle_forgets_an_address_and_caps_its_wait() -> None:
     for _ in range(40):
         throttle.failed("10.0.0.1", "test")
     assert throttle.wait("10.0.0.1") == api.LONGEST_WAIT
-    now[0] += api.FORGET_AFTER + 1
+    clock.advance(api.FORGET_AFTER + 1)
     throttle.failed("10.0.0.1", "test")  # long after the last one: a fresh start
     assert throttle.wait("10.0.0.1") == 0
 
@@ -184,10 +166,10 @@ def test_throttle_remembers_a_bounded_number_of_addresses(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(api, "TRACKED", 50)
-    now = [0.0]
-    throttle = TokenThrottle(clock=lambda: now[0])
+    clock = FakeClock(0.0)
+    throttle = TokenThrottle(clock=clock)
     for i in range(200):
-        now[0] += 0.01
+        clock.advance(0.01)
         for _ in range(api.FREE_FAILURES):
             throttle.failed(f"10.0.{i // 256}.{i % 256}", "test")
     assert len(throttle._by_address) <= 50
@@ -239,7 +221,7 @@ def test_a_large_body_is_refused_before_it_is_read(
     host = url.removeprefix("http://")
     answer = raw_http(
         url,
-        f"POST /api/pause HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"POST /api/pause HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {API_TOKEN}\r\n"
         "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
         + chunked,
     )
@@ -248,7 +230,7 @@ def test_a_large_body_is_refused_before_it_is_read(
     began = time.monotonic()
     answer = raw_http(
         url,
-        f"POST /api/pause HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"POST /api/pause HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {API_TOKEN}\r\n"
         "Content-Type: application/json\r\nContent-Length: 99999999999\r\n\r\n{".encode(),
     )
     assert answer.startswith(b"HTTP/1.1 413 ")
@@ -383,21 +365,13 @@ def spawn(
 ) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
     """Start ``skyframe run`` in a process of its own; each is killed and reaped at the end."""
     (tmp_path / "logs").mkdir(exist_ok=True)
-    write_config(CONFIG.replace("TOKEN", "").replace("BWLIMIT", ""))
+    write_config(API_CONFIG.replace("TOKEN", "").replace("BWLIMIT", ""))
     processes: list[subprocess.Popen[bytes]] = []
 
     def start() -> subprocess.Popen[bytes]:
         api_file = tmp_path / ".state" / "api.json"
         api_file.unlink(missing_ok=True)
-        log = (tmp_path / "daemon.log").open("ab")
-        with log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "skyframe", "run", "skyframe.yaml"],
-                cwd=tmp_path,
-                stdout=log,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-            )
+        process = spawn_daemon(tmp_path, tmp_path / "daemon.log")
         processes.append(process)
         deadline = time.monotonic() + 30
         while not api_file.exists():
@@ -448,7 +422,7 @@ def test_stale_api_file_whose_pid_was_taken_by_another_process(
     tmp_path: Path, write_config: WriteConfig
 ) -> None:
     (tmp_path / "logs").mkdir()
-    config = str(write_config(CONFIG.replace("TOKEN", "").replace("BWLIMIT", "")))
+    config = str(write_config(API_CONFIG.replace("TOKEN", "").replace("BWLIMIT", "")))
     with socket.socket() as closed:  # an address nothing listens on any more
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
@@ -504,7 +478,7 @@ def test_a_locked_state_dir_whose_api_refuses_is_not_switched(
     tmp_path: Path, write_config: WriteConfig
 ) -> None:
     (tmp_path / "logs").mkdir()
-    config = str(write_config(CONFIG.replace("TOKEN", "").replace("BWLIMIT", "")))
+    config = str(write_config(API_CONFIG.replace("TOKEN", "").replace("BWLIMIT", "")))
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
@@ -524,7 +498,7 @@ def test_status_of_a_daemon_without_its_api_says_so(
     tmp_path: Path, write_config: WriteConfig
 ) -> None:
     (tmp_path / "logs").mkdir()
-    text = CONFIG.replace('api: {listen: "127.0.0.1:0"TOKEN}', "api: {enabled: false}")
+    text = API_CONFIG.replace('api: {listen: "127.0.0.1:0"TOKEN}', "api: {enabled: false}")
     config = write_config(text.replace("BWLIMIT", ""))
     with Daemon(config):
         result = CliRunner().invoke(cli, ["status", str(config)])
@@ -538,7 +512,7 @@ def test_another_program_at_the_daemons_address_is_one_line(
     tmp_path: Path, write_config: WriteConfig
 ) -> None:
     (tmp_path / "logs").mkdir()
-    config = str(write_config(CONFIG.replace("TOKEN", "").replace("BWLIMIT", "")))
+    config = str(write_config(API_CONFIG.replace("TOKEN", "").replace("BWLIMIT", "")))
 
     class Page(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import WriteConfig
+from helpers import WriteConfig
 
 from skyframe import config as config_module
 from skyframe.cli import cli

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from click.testing import CliRunner
-from conftest import WriteConfig, make_file
+from helpers import WriteConfig, make_file
 
 from skyframe.cli import cli
 from skyframe.events import LifecycleEvent

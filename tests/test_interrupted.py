@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,26 +17,19 @@ from typing import Any
 
 import pytest
 import servers
-import test_resume
-from proxy import CountingProxy
-from test_resume import (
+from fakes.proxy import CountingProxy
+from helpers import (
     Remote,
     finish,
     journal_entries,
     kill_midway,
     skyframe,
-    write_config,
+    start_skyframe,
     write_random,
+    write_sink_config,
 )
 
 from skyframe.journal import JournalKey, UploadJournal
-
-# test_resume's fixtures, made visible to pytest here: `remote` (parametrized s3/sftp/gcs, a
-# fresh bucket or folder behind a CountingProxy) and the proxied GCS server it needs.
-# Assigned rather than imported, so that ruff does not take the tests' `remote` arguments for
-# redefinitions (F811).
-remote = test_resume.remote
-gcs_behind_proxy = test_resume.gcs_behind_proxy
 
 MB = 1_000_000
 SIZE = 100 * MB  #: big enough for several S3 parts, GCS chunks and SFTP chunks in flight
@@ -50,7 +42,7 @@ def staged(tmp_path: Path, remote: Remote, seed: int) -> tuple[Path, Path, str]:
     config, the file and its sha256."""
     path = tmp_path / "incoming" / NAME
     digest = write_random(path, SIZE, seed=seed)
-    return write_config(tmp_path, remote.sink), path, digest
+    return write_sink_config(tmp_path, remote.sink), path, digest
 
 
 def sink_key(remote: Remote) -> str:
@@ -65,15 +57,7 @@ def remote_path(remote: Remote) -> str:
 
 
 def cleanup(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "skyframe", "cleanup", str(config), *args],
-        cwd=config.parent,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=120,
-    )
+    return skyframe(config.parent, "cleanup", str(config), *args)
 
 
 # --- 1. a link dropped mid-part ----------------------------------------------------------
@@ -84,7 +68,7 @@ def test_link_drop_midway_resends_only_what_was_in_flight(remote: Remote, tmp_pa
     remote.proxy.reset_counts()
     remote.proxy.cut_after(HALF)  # every connection is reset once half the file went up
 
-    out = finish(skyframe(config, "-v", "run", "--once"))
+    out = finish(start_skyframe(config, "-v", "run", "--once"))
     sent = remote.proxy.bytes_up
 
     assert remote.proxy.cut_done.is_set(), f"the link was never cut ({sent} bytes up)\n{out}"
@@ -107,7 +91,7 @@ def run_through_outage(config: Path, proxy: CountingProxy, at: int) -> tuple[int
     """Run ``skyframe -v run --once``; once ``at`` bytes went up, cut the link and refuse
     new connections until skyframe gives the attempt up (the client library's own retries
     are spent by then), then let it through. Returns the exit code and the output."""
-    process = skyframe(config, "-v", "run", "--once")
+    process = start_skyframe(config, "-v", "run", "--once")
     lines: list[str] = []
     gave_up = threading.Event()
 
@@ -175,7 +159,7 @@ def test_s3_link_down_longer_than_client_retries_resumes_from_the_journal(
 
 def test_file_changed_after_a_kill_is_uploaded_afresh(remote: Remote, tmp_path: Path) -> None:
     config, path, _ = staged(tmp_path, remote, seed=21)
-    kill_midway(skyframe(config, "-q", "run", "--once"), remote.proxy, HALF)
+    kill_midway(start_skyframe(config, "-q", "run", "--once"), remote.proxy, HALF)
     assert journal_entries(tmp_path), "nothing was journaled before the kill"
     if remote.kind != "gcs":  # fake-gcs-server's sessions cannot be listed
         assert remote.leftovers() != [], "the killed upload left nothing to resume"
@@ -188,7 +172,7 @@ def test_file_changed_after_a_kill_is_uploaded_afresh(remote: Remote, tmp_path: 
     assert path.stat().st_size == before.st_size
 
     remote.proxy.reset_counts()
-    out = finish(skyframe(config, "-q", "run", "--once"))
+    out = finish(start_skyframe(config, "-q", "run", "--once"))
     sent = remote.proxy.bytes_up
 
     assert remote.sha256(NAME) == new_digest, out
@@ -203,14 +187,14 @@ def test_file_changed_after_a_kill_is_uploaded_afresh(remote: Remote, tmp_path: 
 
 def test_file_shrunk_after_a_kill_cancels_the_stale_upload(remote: Remote, tmp_path: Path) -> None:
     config, path, _ = staged(tmp_path, remote, seed=23)
-    kill_midway(skyframe(config, "-q", "run", "--once"), remote.proxy, HALF)
+    kill_midway(start_skyframe(config, "-q", "run", "--once"), remote.proxy, HALF)
     assert journal_entries(tmp_path), "nothing was journaled before the kill"
 
     # Now small enough for one request: the journaled upload can never be resumed.
     later = path.stat().st_mtime + 10
     new_digest = write_random(path, 1 * MB, seed=24)
     os.utime(path, (later, later))
-    out = finish(skyframe(config, "-q", "run", "--once"))
+    out = finish(start_skyframe(config, "-q", "run", "--once"))
 
     assert remote.sha256(NAME) == new_digest, out
     assert journal_entries(tmp_path) == []
@@ -223,7 +207,7 @@ def test_file_shrunk_after_a_kill_cancels_the_stale_upload(remote: Remote, tmp_p
 @pytest.mark.parametrize("remote", ["s3", "sftp"], indirect=True)
 def test_cleanup_cancels_only_what_is_idle_long_enough(remote: Remote, tmp_path: Path) -> None:
     config, _, _ = staged(tmp_path, remote, seed=31)
-    kill_midway(skyframe(config, "-q", "run", "--once"), remote.proxy, HALF)
+    kill_midway(start_skyframe(config, "-q", "run", "--once"), remote.proxy, HALF)
     ((key, record),) = journal_entries(tmp_path)
     assert key == JournalKey(sink_key(remote), remote_path(remote))
     assert record["protocol"] == remote.kind
@@ -264,7 +248,7 @@ def test_cleanup_cancels_only_what_is_idle_long_enough(remote: Remote, tmp_path:
 
 def test_cleanup_reports_an_upload_of_a_sink_no_longer_configured(tmp_path: Path) -> None:
     sink: dict[str, Any] = {"url": str(tmp_path / "out")}
-    config = write_config(tmp_path, sink)
+    config = write_sink_config(tmp_path, sink)
     (tmp_path / "incoming").mkdir()
     record = {
         "protocol": "s3",
@@ -299,7 +283,7 @@ def test_cleanup_keeps_what_it_could_not_cancel(tmp_path: Path) -> None:
         "url": "gcs://bkt/drop",
         "options": {"endpoint_url": f"http://127.0.0.1:{closed}", "token": "anon"},
     }
-    config = write_config(tmp_path, sink)
+    config = write_sink_config(tmp_path, sink)
     (tmp_path / "incoming").mkdir()
     session = (
         f"http://127.0.0.1:{closed}/upload/storage/v1/b/bkt/o?uploadType=resumable&upload_id=u"

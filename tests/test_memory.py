@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import WriteConfig, make_file
+from helpers import WriteConfig, make_file
 
-import skyframe.engine
+import skyframe.intake
 from skyframe.engine import Engine
 from skyframe.events import FileEvent
+from skyframe.jobs import Delete
 from skyframe.pipeline import load_project
 from skyframe.queue import JobQueue
 from skyframe.state import ManifestEntry
@@ -42,7 +43,7 @@ def sqlite_steps(queue: JobQueue, call: Callable[[], object]) -> int:
 
 
 def dead_letter(queue: JobQueue, relpath: str) -> None:
-    queue.put("p", relpath, {"v": 1}, "1")
+    queue.put("p", Delete(relpath=relpath), "1")
     claim = queue.claim()
     assert claim is not None
     assert claim.relpath == relpath
@@ -67,10 +68,10 @@ def test_dead_letters_are_found_without_reading_every_record(tmp_path: Path) -> 
     for start in range(0, 3000, 500):
         with queue.batch():
             for i in range(start, start + 500):
-                queue.put("p", f"f{i:05}.jpg", {"v": i}, "1")
+                queue.put("p", Delete(relpath=f"f{i:05}.jpg"), "1")
     many = sqlite_steps(queue, lambda: queue.records("dead"))
     every = sqlite_steps(queue, lambda: queue.records("pending"))
-    assert [r["relpath"] for r in queue.records("dead")] == ["dead.jpg"]
+    assert [r.relpath for r in queue.records("dead")] == ["dead.jpg"]
     assert many < few + 100  # the same work with 3,000 pending jobs more
     assert every > 10 * many  # (the count does see a read of every record)
     queue.close()
@@ -81,7 +82,7 @@ def test_a_dead_letter_loses_its_tag_when_it_leaves_the_list(tmp_path: Path) -> 
     dead_letter(queue, "a.jpg")
     dead_letter(queue, "b.jpg")
     assert tagged_rows(tmp_path / "queue") == 2
-    assert queue.put("p", "a.jpg", {"v": 2}, "2")  # a new version starts afresh
+    assert queue.put("p", Delete(relpath="a.jpg"), "2")  # a new version starts afresh
     assert queue.requeue_dead(relpath="b.jpg") == 1
     assert tagged_rows(tmp_path / "queue") == 0
     assert queue.records("dead") == []
@@ -98,7 +99,7 @@ def test_dead_letters_of_an_earlier_version_are_tagged_at_open(tmp_path: Path) -
         db.execute("DROP INDEX Cache_tagged")
     db.close()
     reader = JobQueue(tmp_path / "queue", recover=False)  # `skyframe queue` as well
-    assert [r["relpath"] for r in reader.records("dead")] == ["a.jpg"]
+    assert [r.relpath for r in reader.records("dead")] == ["a.jpg"]
     assert tagged_rows(tmp_path / "queue") == 1
     reader.close()
 
@@ -116,7 +117,7 @@ def test_a_scan_holds_no_entry_per_file_unless_deletes_are_mirrored(
               - url: outbox
         """
     )
-    files = 4 * skyframe.engine.SCAN_BATCH  # no partial batch left when the listing ends
+    files = 4 * skyframe.intake.SCAN_BATCH  # no partial batch left when the listing ends
     for i in range(files):
         make_file(tmp_path / "incoming", f"d{i // 100}/f{i:04}.jpg", b"x")
     project = load_project(config)
@@ -136,7 +137,7 @@ def test_a_scan_holds_no_entry_per_file_unless_deletes_are_mirrored(
         pass
 
     alive_at_the_end: list[int] = []
-    listed = skyframe.engine.scan_source
+    listed = skyframe.intake.scan_source
 
     def scan_source(*args: Any, **kwargs: Any) -> Iterator[FileEvent]:
         held: list[weakref.ref[Relpath]] = []
@@ -148,9 +149,9 @@ def test_a_scan_holds_no_entry_per_file_unless_deletes_are_mirrored(
         gc.collect()
         alive_at_the_end.append(sum(ref() is not None for ref in held))
 
-    monkeypatch.setattr(skyframe.engine, "scan_source", scan_source)
+    monkeypatch.setattr(skyframe.intake, "scan_source", scan_source)
     try:
-        engine.scan(pipeline)
+        engine.intake.scan(pipeline)
     finally:
         engine.close()
     assert engine.summary.unchanged == files

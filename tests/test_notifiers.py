@@ -14,14 +14,12 @@ from typing import Any
 import pluggy
 import pytest
 from aiohttp import web
-from conftest import WriteConfig, make_file
+from helpers import WriteConfig, make_file, run_once
 
-from skyframe.engine import Engine
 from skyframe.events import LifecycleEvent
 from skyframe.hookspecs import skyframe_event
 from skyframe.markers import hookimpl
 from skyframe.notifiers import Notifiers
-from skyframe.pipeline import load_project
 
 
 class Slow:
@@ -152,13 +150,7 @@ def test_every_event_reaches_the_notifiers_before_the_shutdown_hooks(
             self.at_shutdown = len(self.seen)
 
     plugin = AtShutdown()
-    project = load_project(config)
-    project.pm.register(plugin, name="at-shutdown")
-    engine = Engine(project.config, project.pm, project.pipelines)
-    try:
-        summary = engine.run_once()
-    finally:
-        engine.close()
+    summary = run_once(config, plugin)
     assert summary.delivered == 50
     assert plugin.seen.count("delivered") == 50
     assert plugin.at_shutdown == len(plugin.seen)
@@ -233,12 +225,7 @@ def test_a_configured_webhook_receives_the_run(
     for i in range(3):
         make_file(tmp_path / "incoming", f"f{i}.jpg", b"x")
     caplog.set_level(logging.DEBUG)
-    project = load_project(config)
-    engine = Engine(project.config, project.pm, project.pipelines)
-    try:
-        engine.run_once()
-    finally:
-        engine.close()
+    run_once(config)
     events = [e for body in bodies for e in body["events"]]
     assert sorted(e["relpath"] for e in events) == ["f0.jpg", "f1.jpg", "f2.jpg"]
     assert {e["kind"] for e in events} == {"delivered"}

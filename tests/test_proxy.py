@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
-from proxy import CountingProxy
+from fakes.proxy import CountingProxy
 
 MB = 1024 * 1024
 TIMEOUT = 5.0  # seconds any single wait in these tests may take before failing

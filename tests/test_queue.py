@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from skyframe.events import FileEvent
+from skyframe.jobs import Delete, Move, Upload, job_from_json
 from skyframe.queue import JobQueue
+
+
+def job(relpath: str, version: object = 0, *, path: str = "") -> Upload:
+    """An upload of ``relpath``; ``version`` tells two states of the file apart."""
+    return Upload(event=FileEvent("p", Path(path or f"/src/{version}/{relpath}"), relpath, 0, 0))
 
 
 @pytest.fixture
@@ -21,47 +28,47 @@ def queue(tmp_path: Path) -> JobQueue:
 
 def test_put_then_claim_in_order(queue: JobQueue) -> None:
     for name in ("a", "b", "c"):
-        assert queue.put("p", name, {"v": name}) is True
+        assert queue.put("p", job(name, name)) is True
     claims = [queue.claim() for _ in range(3)]
     assert [c.relpath for c in claims if c] == ["a", "b", "c"]
     assert queue.claim() is None
 
 
 def test_latest_state_wins_while_pending(queue: JobQueue) -> None:
-    queue.put("p", "a", {"v": 1})
-    queue.put("p", "b", {"v": 1})
-    assert queue.put("p", "a", {"v": 2}) is True  # no version given: the latest always wins
+    queue.put("p", job("a", 1))
+    queue.put("p", job("b", 1))
+    assert queue.put("p", job("a", 2)) is True  # no version given: the latest always wins
     first = queue.claim()
     assert first is not None
-    assert (first.relpath, first.payload) == ("a", {"v": 2})
+    assert (first.relpath, first.job) == ("a", job("a", 2))
     assert queue.claim().relpath == "b"  # type: ignore[union-attr]
     assert queue.claim() is None
 
 
 def test_same_path_in_two_pipelines_is_two_jobs(queue: JobQueue) -> None:
-    queue.put("p1", "a", {})
-    queue.put("p2", "a", {})
+    queue.put("p1", job("a"))
+    queue.put("p2", job("a"))
     assert {queue.claim().pipeline, queue.claim().pipeline} == {"p1", "p2"}  # type: ignore[union-attr]
 
 
 def test_update_while_leased_runs_after(queue: JobQueue) -> None:
-    queue.put("p", "a", {"v": 1})
+    queue.put("p", job("a", 1))
     claim = queue.claim()
     assert claim is not None
-    queue.put("p", "a", {"v": 2})
+    queue.put("p", job("a", 2))
     assert queue.claim() is None  # never two versions of one path at once
     queue.complete(claim)
     again = queue.claim()
     assert again is not None
-    assert again.payload == {"v": 2}
+    assert again.job == job("a", 2)
     queue.complete(again)
     assert queue.counts() == {"pending": 0, "leased": 0, "waiting": 0, "dead": 0}
 
 
 def test_leases_return_after_a_crash(tmp_path: Path) -> None:
     q = JobQueue(tmp_path / "queue")
-    q.put("p", "a", {"v": 1})
-    q.put("p", "b", {"v": 1})
+    q.put("p", job("a", 1))
+    q.put("p", job("b", 1))
     assert q.claim() is not None  # leased, then the process "dies" without completing
     q.close()
     reopened = JobQueue(tmp_path / "queue")
@@ -72,7 +79,7 @@ def test_leases_return_after_a_crash(tmp_path: Path) -> None:
 
 
 def test_retry_waits_then_comes_back(queue: JobQueue) -> None:
-    queue.put("p", "a", {})
+    queue.put("p", job("a"))
     claim = queue.claim()
     assert claim is not None
     queue.retry(claim, "connection reset", delay=0.2)
@@ -88,7 +95,7 @@ def test_retry_waits_then_comes_back(queue: JobQueue) -> None:
 
 def test_waiting_jobs_survive_restart(tmp_path: Path) -> None:
     q = JobQueue(tmp_path / "queue")
-    q.put("p", "a", {})
+    q.put("p", job("a"))
     claim = q.claim()
     assert claim is not None
     q.retry(claim, "boom", delay=0.1)
@@ -103,13 +110,13 @@ def test_waiting_jobs_survive_restart(tmp_path: Path) -> None:
 
 
 def test_dead_letters_visible_and_requeueable(queue: JobQueue) -> None:
-    queue.put("p", "a", {"v": 1})
+    queue.put("p", job("a", 1))
     claim = queue.claim()
     assert claim is not None
     queue.dead(claim, "permission denied")
     (record,) = queue.records("dead")
-    assert record["relpath"] == "a"
-    assert record["errors"] == ["permission denied"]
+    assert record.relpath == "a"
+    assert record.errors == ("permission denied",)
     assert queue.claim() is None
     assert queue.requeue_dead() == 1
     again = queue.claim()
@@ -121,19 +128,19 @@ def test_dead_letters_visible_and_requeueable(queue: JobQueue) -> None:
 
 
 def test_new_version_revives_a_dead_job(queue: JobQueue) -> None:
-    queue.put("p", "a", {"v": 1})
+    queue.put("p", job("a", 1))
     claim = queue.claim()
     assert claim is not None
     queue.dead(claim, "bad")
-    queue.put("p", "a", {"v": 2})
+    queue.put("p", job("a", 2))
     again = queue.claim()
     assert again is not None
-    assert again.payload == {"v": 2}
+    assert again.job == job("a", 2)
 
 
 def test_stored_as_json_not_pickle(tmp_path: Path) -> None:
     q = JobQueue(tmp_path / "queue")
-    q.put("p", "a", {"v": "ü"})
+    q.put("p", job("a", "ü"))
     q.close()
     db = sqlite3.connect(tmp_path / "queue" / "cache.db")
     rows = db.execute("SELECT key, raw, value FROM Cache").fetchall()
@@ -146,57 +153,57 @@ def test_stored_as_json_not_pickle(tmp_path: Path) -> None:
 
 
 def test_same_version_keeps_backoff_and_dead_letters(queue: JobQueue) -> None:
-    queue.put("p", "a", {"v": 1}, version="10:1")
+    queue.put("p", job("a", 1), version="10:1")
     claim = queue.claim()
     assert claim is not None
     queue.retry(claim, "link down", delay=60)
     # A rescan offers the same version: the job keeps waiting, with its attempt counted.
-    assert queue.put("p", "a", {"v": 1}, version="10:1") is False
+    assert queue.put("p", job("a", 1), version="10:1") is False
     assert queue.claim() is None
     (record,) = queue.records("waiting")
-    assert record["attempts"] == 1
+    assert record.attempts == 1
     # A new version of the file starts afresh at once.
-    queue.put("p", "a", {"v": 2}, version="12:2")
+    queue.put("p", job("a", 2), version="12:2")
     again = queue.claim()
     assert again is not None
-    assert (again.payload, again.attempts) == ({"v": 2}, 0)
+    assert (again.job, again.attempts) == (job(again.relpath, 2), 0)
     queue.dead(again, "bad")
-    queue.put("p", "a", {"v": 2}, version="12:2")
+    queue.put("p", job("a", 2), version="12:2")
     assert queue.claim() is None
-    assert [r["state"] for r in queue.records()] == ["dead"]
+    assert [r.state for r in queue.records()] == ["dead"]
 
 
 def test_same_version_while_leased_does_not_run_twice(queue: JobQueue) -> None:
-    queue.put("p", "a", {"v": 1}, version="1")
+    queue.put("p", job("a", 1), version="1")
     claim = queue.claim()
     assert claim is not None
-    queue.put("p", "a", {"v": 1}, version="1")
+    queue.put("p", job("a", 1), version="1")
     queue.complete(claim)
     assert queue.claim() is None
-    queue.put("p", "a", {"v": 2}, version="2")
+    queue.put("p", job("a", 2), version="2")
     follow = queue.claim()
     assert follow is not None
-    queue.put("p", "a", {"v": 3}, version="3")
+    queue.put("p", job("a", 3), version="3")
     queue.complete(follow)
     last = queue.claim()
     assert last is not None
-    assert last.payload == {"v": 3}
+    assert last.job == job("a", 3)
     queue.complete(last)
-    queue.put("p", "a", {"v": 3}, version="3")  # the delivered version, offered again
+    queue.put("p", job("a", 3), version="3")  # the delivered version, offered again
     assert queue.claim() is not None  # the queue does not know deliveries; the manifest does
 
 
 def test_claims_skip_held_pipelines_and_take_turns(tmp_path: Path) -> None:
     q = JobQueue(tmp_path / "q")
     for i in range(3):
-        q.put("busy", f"b{i}", {"n": i})
-    q.put("quiet", "q0", {"n": 0})
+        q.put("busy", job(f"b{i}", i))
+    q.put("quiet", job("q0", 0))
     assert [c.relpath for c in q.claim_many(10, skip={"busy"})] == ["q0"]
     assert q.claim_many(10, skip={"busy"}) == []
     assert [c.relpath for c in q.claim_many(10)] == ["b0", "b1", "b2"]
     for i in range(2):
-        q.put("busy", f"b{i + 3}", {})
-        q.put("quiet", f"q{i + 1}", {})
+        q.put("busy", job(f"b{i + 3}"))
+        q.put("quiet", job(f"q{i + 1}"))
     # one of each in turn, in each pipeline's own order
     assert [c.relpath for c in q.claim_many(4)] in (
         ["b3", "q1", "b4", "q2"],
@@ -208,8 +215,8 @@ def test_claims_skip_held_pipelines_and_take_turns(tmp_path: Path) -> None:
 def test_counts_by_pipeline(tmp_path: Path) -> None:
     q = JobQueue(tmp_path / "q")
     for i in range(4):
-        q.put("a", f"f{i}", {"n": i})
-    q.put("b", "g", {"big": "x" * 100_000})  # stored in a file of its own by diskcache
+        q.put("a", job(f"f{i}", i))
+    q.put("b", job("g", path="/" + "x" * 100_000))  # stored in a file of its own by diskcache
     claim = q.claim(skip={"b"})
     assert claim is not None
     q.dead(claim, "boom")
@@ -226,8 +233,8 @@ def test_jobs_in_the_shared_ready_list_of_earlier_versions_are_still_claimed(
     tmp_path: Path,
 ) -> None:
     q = JobQueue(tmp_path / "q")
-    q.put("a", "f0", {})
-    q.put("b", "g0", {})
+    q.put("a", job("f0"))
+    q.put("b", job("g0"))
     # Move both references to the single ready list older versions used.
     cache = q._cache
     for lane in ("lane\x00a\x00", "lane\x00b\x00"):
@@ -243,9 +250,9 @@ def test_jobs_in_the_shared_ready_list_of_earlier_versions_are_still_claimed(
 
 def test_a_held_pipeline_named_like_another_plus_a_suffix_stays_held(tmp_path: Path) -> None:
     q = JobQueue(tmp_path / "q")
-    q.put("cam", "a", {})
-    q.put("cam-2", "b", {})
-    q.put("cam-2", "c", {})
+    q.put("cam", job("a"))
+    q.put("cam-2", job("b"))
+    q.put("cam-2", job("c"))
     assert [c.relpath for c in q.claim_many(10, skip={"cam-2"})] == ["a"]
     assert [c.relpath for c in q.claim_many(10, skip={"cam"})] == ["b", "c"]
     q.close()
@@ -254,16 +261,16 @@ def test_a_held_pipeline_named_like_another_plus_a_suffix_stays_held(tmp_path: P
 def test_records_of_one_state_oldest_first_with_a_limit(tmp_path: Path) -> None:
     q = JobQueue(tmp_path / "q")
     for name in ("a", "b", "c", "d"):
-        q.put("p", name, {})
+        q.put("p", job(name))
         time.sleep(0.002)
     for _ in range(3):
         claim = q.claim()
         assert claim is not None
         q.dead(claim, "boom")
-    assert [r["relpath"] for r in q.records("dead")] == ["a", "b", "c"]
-    assert [r["relpath"] for r in q.records("dead", limit=2)] == ["a", "b"]
-    assert [r["relpath"] for r in q.records("pending")] == ["d"]
-    assert [r["relpath"] for r in q.records(limit=3)] == ["a", "b", "c"]
+    assert [r.relpath for r in q.records("dead")] == ["a", "b", "c"]
+    assert [r.relpath for r in q.records("dead", limit=2)] == ["a", "b"]
+    assert [r.relpath for r in q.records("pending")] == ["d"]
+    assert [r.relpath for r in q.records(limit=3)] == ["a", "b", "c"]
     q.close()
 
 
@@ -287,12 +294,12 @@ NO_JOBS = {"pending": 0, "leased": 0, "waiting": 0, "dead": 0}
 
 def test_a_volatile_job_done_leaves_no_record(tmp_path: Path) -> None:
     queue = JobQueue(tmp_path / "queue")
-    claim = queue.volatile("p", "a.jpg", {"v": 1}, "1:1")
+    claim = queue.volatile("p", job("a.jpg", 1), "1:1")
     assert claim is not None
     assert (claim.volatile, claim.attempts, claim.version) == (True, 0, "1:1")
     assert queue.counts() == {**NO_JOBS, "leased": 1}  # handed out, in this process
     assert queue.claim() is None  # it is in no ready list
-    assert queue.volatile("p", "a.jpg", {"v": 1}, "1:1") is None  # one job per path
+    assert queue.volatile("p", job("a.jpg", 1), "1:1") is None  # one job per path
     queue.complete_many([claim])
     assert queue.counts() == NO_JOBS
     queue.close()
@@ -301,60 +308,113 @@ def test_a_volatile_job_done_leaves_no_record(tmp_path: Path) -> None:
 
 
 def test_a_path_with_a_record_gets_no_volatile_job(queue: JobQueue) -> None:
-    queue.put("p", "a.jpg", {"v": 1}, "1")
-    assert queue.volatile("p", "a.jpg", {"v": 2}, "2") is None
-    assert queue.volatile("other", "a.jpg", {"v": 2}, "2") is not None  # another pipeline's
+    queue.put("p", job("a.jpg", 1), "1")
+    assert queue.volatile("p", job("a.jpg", 2), "2") is None
+    assert queue.volatile("other", job("a.jpg", 2), "2") is not None  # another pipeline's
 
 
 def test_a_volatile_job_that_fails_gets_its_record_then(queue: JobQueue) -> None:
-    claim = queue.volatile("p", "a.jpg", {"v": 1}, "1")
+    claim = queue.volatile("p", job("a.jpg", 1), "1")
     assert claim is not None
     queue.retry(claim, "link down", delay=0.0)
     time.sleep(0.01)
     again = queue.claim()
     assert again is not None
-    assert (again.relpath, again.payload, again.attempts, again.volatile) == (
+    assert (again.relpath, again.job, again.attempts, again.volatile) == (
         "a.jpg",
-        {"v": 1},
+        job("a.jpg", 1),
         1,
         False,
     )
-    assert queue.put("p", "a.jpg", {"v": 1}, "1") is False  # its version was kept
+    assert queue.put("p", job("a.jpg", 1), "1") is False  # its version was kept
     queue.dead(again, "refused")
     (record,) = queue.records("dead")
-    assert (record["attempts"], record["errors"]) == (2, ["link down", "refused"])
+    assert (record.attempts, record.errors) == (2, ("link down", "refused"))
 
 
 def test_a_volatile_job_released_waits_in_the_queue(tmp_path: Path) -> None:
     queue = JobQueue(tmp_path / "queue")
-    claim = queue.volatile("p", "a.jpg", {"v": 1}, "1")
+    claim = queue.volatile("p", job("a.jpg", 1), "1")
     assert claim is not None
     queue.release(claim)
     queue.close()
     reopened = JobQueue(tmp_path / "queue")  # a later run finds it pending, no attempt counted
     again = reopened.claim()
     assert again is not None
-    assert (again.relpath, again.payload, again.attempts) == ("a.jpg", {"v": 1}, 0)
+    assert (again.relpath, again.job, again.attempts) == ("a.jpg", job("a.jpg", 1), 0)
     reopened.close()
 
 
 def test_a_new_version_of_a_volatile_job_runs_after_it(queue: JobQueue) -> None:
-    claim = queue.volatile("p", "a.jpg", {"v": 1}, "1")
+    claim = queue.volatile("p", job("a.jpg", 1), "1")
     assert claim is not None
-    assert queue.put("p", "a.jpg", {"v": 2}, "2") is True
+    assert queue.put("p", job("a.jpg", 2), "2") is True
     assert queue.claim() is None  # never two versions of one path at once
     assert queue.discard("p", "b.jpg") is False
     queue.complete(claim)
     again = queue.claim()
     assert again is not None
-    assert (again.payload, again.attempts) == ({"v": 2}, 0)
+    assert (again.job, again.attempts) == (job(again.relpath, 2), 0)
     queue.complete(again)
     assert queue.counts() == NO_JOBS
 
 
 def test_a_volatile_job_is_not_discarded_under_its_worker(queue: JobQueue) -> None:
-    claim = queue.volatile("p", "a.jpg", {"v": 1}, "1")
+    claim = queue.volatile("p", job("a.jpg", 1), "1")
     assert claim is not None
     assert queue.discard("p", "a.jpg") is False
     queue.complete(claim)
     assert queue.counts() == NO_JOBS
+
+
+def test_each_kind_of_job_comes_back_as_it_went_in(queue: JobQueue) -> None:
+    event = FileEvent("p", Path("/src/b/DJI_0001.JPG"), "b/DJI_0001.JPG", 7, 42, "created", 9)
+    sent = [
+        Upload(event=event, accepted=True),
+        Move(event=FileEvent("p", Path("/src/c.jpg"), "c.jpg", 1, 2), moved_from="old/c.jpg"),
+        Delete(relpath="gone.jpg"),
+    ]
+    for one in sent:
+        assert queue.put("p", one, one.version)
+        assert queue.put("p", one, one.version) is False  # the same version: nothing new
+    claims = queue.claim_many(3)
+    assert [c.job for c in claims] == sent
+    assert [c.job.kind for c in claims] == ["upload", "move", "delete"]
+    for claim in claims:
+        queue.dead(claim, "no")
+    assert [r.kind for r in queue.records("dead")] == ["upload", "move", "delete"]
+
+
+def test_jobs_queued_by_earlier_versions_are_read() -> None:
+    event = {"pipeline": "p", "path": "/s/a.jpg", "relpath": "a.jpg", "size": 1, "mtime_ns": 2}
+    event |= {"kind": "scanned", "inode": 3}
+    # An earlier version wrote a move as an upload with "moved_from".
+    old_move = {"action": "upload", "event": event, "accepted": True, "moved_from": "b.jpg"}
+    assert job_from_json(old_move) == Move(
+        event=FileEvent.from_json(event), accepted=True, moved_from="b.jpg"
+    )
+    assert job_from_json({"event": event}) == Upload(event=FileEvent.from_json(event))
+    assert job_from_json({"action": "delete", "relpath": "a.jpg"}) == Delete(relpath="a.jpg")
+    for one in (Upload(event=FileEvent.from_json(event)), job_from_json(old_move)):
+        assert job_from_json(json.loads(json.dumps(one.to_json()))) == one
+    with pytest.raises(ValueError, match="unknown queued job 'copy'"):
+        job_from_json({"action": "copy"})
+    with pytest.raises(ValueError, match="lacks 'relpath'"):
+        job_from_json({"action": "delete"})
+
+
+def test_a_record_no_job_can_be_read_from_is_dead_lettered(tmp_path: Path) -> None:
+    q = JobQueue(tmp_path / "queue")
+    q.put("p", job("a"))
+    q.put("p", job("b"))
+    key = JobQueue._key("p", "a")
+    with q.batch():  # as a newer version (or a hand) might have written it
+        record = q._cache.get(key)
+        q._cache.set(key, {**record, "payload": {"action": "teleport"}})
+    claim = q.claim()
+    assert claim is not None
+    assert claim.relpath == "b"  # the other jobs go on
+    (dead,) = q.records("dead")
+    assert (dead.relpath, dead.kind) == ("a", None)
+    assert dead.errors == ("cannot read the queued job: unknown queued job 'teleport'",)
+    q.close()

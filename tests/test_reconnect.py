@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 import servers
-from conftest import (
-    Running,
+from helpers import (
+    Daemon,
     WriteConfig,
     azure_sink,
     gcs_sink,
@@ -84,10 +84,10 @@ def test_daemon_delivers_everything_across_a_server_outage(
     caplog.set_level(logging.WARNING, logger="skyframe")
     check = server.filesystem()
     try:
-        with Running(config) as running:
+        with Daemon(config) as running:
             for n in range(5):
                 add(f"before/{n}.jpg")
-            wait_for(lambda: remote_files(check, root) == expected, "first files")
+            wait_for(lambda: remote_files(check, root) == expected, what="first files", timeout=20)
             servers.close_filesystem(check)
             # GCS: frozen (connections hang until the request timeout); others: gone
             # (connections refused, open ones dead).
@@ -110,7 +110,7 @@ def test_daemon_delivers_everything_across_a_server_outage(
             check = server.filesystem()
             wait_for(
                 lambda: remote_files(check, root) == expected,
-                "every file after the outage",
+                what="every file after the outage",
                 timeout=90,
             )
             assert running.engine.queue.counts()["dead"] == 0

@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import write_plugin
 
 from skyframe import FileEvent, Job, process, rule
 from skyframe.errors import PluginError
@@ -41,13 +42,6 @@ def test_builtins_are_registered_like_plugins() -> None:
     assert registry.rules["size"].origin == "skyframe.builtin.rules"
     with pytest.raises(TypeError):
         registry.rules["x"] = registry.rules["size"]  # type: ignore[index]
-
-
-def write_plugin(folder: Path, name: str, body: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text(textwrap.dedent(body).lstrip(), encoding="utf-8")
-    return path
 
 
 def test_project_files_load_under_private_names(tmp_path: Path) -> None:

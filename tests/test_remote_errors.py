@@ -15,8 +15,15 @@ from typing import Any
 
 import pytest
 import servers
-from conftest import WriteConfig, gcs_sink, make_file, one_sink_config, s3_sink, sftp_sink
-from test_cli import skyframe
+from helpers import (
+    WriteConfig,
+    gcs_sink,
+    make_file,
+    one_sink_config,
+    s3_sink,
+    sftp_sink,
+    skyframe,
+)
 
 
 def write_project(write_config: WriteConfig, sink: dict[str, Any]) -> Path:

@@ -6,29 +6,17 @@ import os
 from pathlib import Path
 
 import pytest
+from fakes.clock import FakeClock
 
 from skyframe.watcher import Settler
 
 
-class Clock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock()
 
 
-def settler(clock: Clock, settle: float = 2.0) -> tuple[Settler, list[Path]]:
+def settler(clock: FakeClock, settle: float = 2.0) -> tuple[Settler, list[Path]]:
     ready: list[Path] = []
     return Settler(settle, ready.append, clock=clock), ready
 
@@ -39,7 +27,7 @@ def grow(path: Path, data: bytes, mtime: float) -> None:
     os.utime(path, (mtime, mtime))
 
 
-def test_a_file_unchanged_for_settle_seconds_is_ready(tmp_path: Path, clock: Clock) -> None:
+def test_a_file_unchanged_for_settle_seconds_is_ready(tmp_path: Path, clock: FakeClock) -> None:
     s, ready = settler(clock)
     path = tmp_path / "a.jpg"
     path.write_bytes(b"x")
@@ -53,7 +41,7 @@ def test_a_file_unchanged_for_settle_seconds_is_ready(tmp_path: Path, clock: Clo
     assert len(s) == 0
 
 
-def test_a_file_still_growing_waits_until_it_stops(tmp_path: Path, clock: Clock) -> None:
+def test_a_file_still_growing_waits_until_it_stops(tmp_path: Path, clock: FakeClock) -> None:
     s, ready = settler(clock)
     path = tmp_path / "video.mov"
     path.write_bytes(b"")
@@ -68,7 +56,7 @@ def test_a_file_still_growing_waits_until_it_stops(tmp_path: Path, clock: Clock)
     assert ready == [path]
 
 
-def test_every_event_restarts_the_wait(tmp_path: Path, clock: Clock) -> None:
+def test_every_event_restarts_the_wait(tmp_path: Path, clock: FakeClock) -> None:
     s, ready = settler(clock)
     path = tmp_path / "a.jpg"
     path.write_bytes(b"x")
@@ -83,7 +71,7 @@ def test_every_event_restarts_the_wait(tmp_path: Path, clock: Clock) -> None:
     assert ready == [path]
 
 
-def test_closed_after_writing_is_ready_at_once(tmp_path: Path, clock: Clock) -> None:
+def test_closed_after_writing_is_ready_at_once(tmp_path: Path, clock: FakeClock) -> None:
     s, ready = settler(clock)
     path = tmp_path / "a.jpg"
     path.write_bytes(b"x")
@@ -95,7 +83,7 @@ def test_closed_after_writing_is_ready_at_once(tmp_path: Path, clock: Clock) -> 
     assert ready == [path]  # handed over once
 
 
-def test_a_vanished_or_forgotten_file_is_dropped(tmp_path: Path, clock: Clock) -> None:
+def test_a_vanished_or_forgotten_file_is_dropped(tmp_path: Path, clock: FakeClock) -> None:
     s, ready = settler(clock)
     gone, moved = tmp_path / "gone.jpg", tmp_path / "moved.jpg"
     gone.write_bytes(b"g")
@@ -111,7 +99,7 @@ def test_a_vanished_or_forgotten_file_is_dropped(tmp_path: Path, clock: Clock) -
 
 
 def test_a_failed_hand_over_is_kept_and_tried_at_the_next_tick(
-    tmp_path: Path, clock: Clock
+    tmp_path: Path, clock: FakeClock
 ) -> None:
     calls: list[Path] = []
 
@@ -133,7 +121,7 @@ def test_a_failed_hand_over_is_kept_and_tried_at_the_next_tick(
     assert len(s) == 0
 
 
-def test_settle_zero_hands_over_at_the_first_tick(tmp_path: Path, clock: Clock) -> None:
+def test_settle_zero_hands_over_at_the_first_tick(tmp_path: Path, clock: FakeClock) -> None:
     s, ready = settler(clock, settle=0.0)
     path = tmp_path / "a.jpg"
     path.write_bytes(b"x")

@@ -12,7 +12,7 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from skyframe.backends.sigv4 import SigV4Signer, host_of
+from skyframe.protocols.s3.sigv4 import SigV4Signer, host_of
 
 BODY = b"survey frame 0042\n" * 100
 SHA256 = hashlib.sha256(BODY).hexdigest()

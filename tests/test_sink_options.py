@@ -8,8 +8,16 @@ from typing import Any
 
 import pytest
 import servers
-from conftest import WriteConfig, aws_profile, make_file, one_sink_config, s3_sink, sftp_sink
-from test_cli import skyframe
+from helpers import (
+    WriteConfig,
+    assert_s3_holds,
+    aws_profile,
+    make_file,
+    one_sink_config,
+    s3_sink,
+    sftp_sink,
+    skyframe,
+)
 
 from skyframe.config import SinkConfig
 from skyframe.storage import open_sink
@@ -26,19 +34,6 @@ def deliver(
     for args in (["check"], ["run", "--once"]):
         done = skyframe(tmp_path, *args, str(config))
         assert done.returncode == 0, done.stdout + done.stderr
-
-
-def assert_s3_holds(
-    server: servers.S3Server, sink: dict[str, Any], files: dict[str, bytes]
-) -> None:
-    """Every file is on the server under the sink's root, byte for byte."""
-    check = server.filesystem()
-    try:
-        root = sink["url"].removeprefix("s3://")
-        for name, data in files.items():
-            assert check.cat_file(f"{root}/{name}") == data
-    finally:
-        servers.close_filesystem(check)
 
 
 def test_s3_encryption_and_storage_class_reach_every_object(

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import servers
 
-from skyframe.backends import sftp as sftp_backend
-from skyframe.backends.ssh_wire import GatheringConnector, GatheringTransport, routed
 from skyframe.deps import import_sshfs
+from skyframe.protocols.sftp import backend as sftp_backend
+from skyframe.protocols.sftp.ssh_wire import GatheringConnector, GatheringTransport, routed
 
 
 class RecordingTransport(asyncio.Transport):

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from conftest import make_file
+from helpers import make_file
 
-from skyframe.builtin.transfer_generic import skyframe_transfer
 from skyframe.config import SinkConfig
 from skyframe.errors import SourceChangedError, SourceUnreadableError, UnsafePathError
+from skyframe.protocols.generic.plugin import skyframe_transfer
 from skyframe.storage import (
     TEMP_MARKER,
     TransferRequest,
@@ -179,8 +179,8 @@ def test_fsspec_memory_is_reset(memory_fs: fsspec.AbstractFileSystem) -> None:
 def test_threads_waiting_on_a_failing_connect_fail_at_once() -> None:
     # A server that hangs until the connect timeout: the first thread waits it out; the others,
     # queued behind it, must not each wait the whole timeout again.
-    from skyframe.backends import Endpoint
     from skyframe.errors import SinkUnavailableError
+    from skyframe.protocols.endpoint import Endpoint
     from skyframe.storage import Sink, SinkHealth
 
     attempts: list[float] = []

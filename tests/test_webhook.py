@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import pytest
 import servers
 from aiohttp import web
+from helpers import wait_for
 
 from skyframe.config import RetryConfig, WebhookConfig
 from skyframe.events import LifecycleEvent
@@ -130,10 +131,8 @@ class Receiver:
 
 
 def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
+    """``wait_for`` at this file's pace: WAIT seconds at most, polled every 5 ms."""
+    wait_for(predicate, what=what, timeout=WAIT, interval=0.005)
 
 
 def event(i: int, kind: str = "delivered") -> LifecycleEvent:

@@ -1,1 +1,1 @@
-"""skyframe's own rules, processes and transfers, registered like any third-party plugin."""
+"""skyframe's own rules and processes, registered like any third-party plugin."""

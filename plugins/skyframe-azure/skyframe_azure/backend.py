@@ -14,15 +14,9 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, model_validator
 
-from skyframe.backends import (
-    BackendOptions,
-    Endpoint,
-    close_quietly,
-    exception_chain,
-    one_line,
-    unreachable,
-)
 from skyframe.errors import SinkRefusedError, SinkUnavailableError
+from skyframe.protocols.classify import exception_chain, one_line, unreachable
+from skyframe.protocols.endpoint import BackendOptions, Endpoint, close_quietly
 from skyframe.units import Duration, Size
 
 MIB = 1024 * 1024

@@ -23,14 +23,10 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from skyframe.backends import sftp
-from skyframe.backends.sftp import SFTPOptions
 from skyframe.cleanup import drop_stale
 from skyframe.deps import internal
 from skyframe.errors import SourceChangedError, SourceUnreadableError
 from skyframe.journal import UploadJournal, same_file
-from skyframe.markers import hookimpl
-from skyframe.protocols import Protocol
 from skyframe.storage import SourceReader, TransferRequest, TransferResult
 
 log = logging.getLogger(__name__)
@@ -116,36 +112,20 @@ def _resume_offset(
     return max(0, min(int(record.get("offset", 0)), remote_size, request.size))
 
 
-@hookimpl
-def skyframe_register_protocols(register: Callable[[Protocol], None]) -> None:
-    """SFTP servers (OpenSSH and others), host keys verified."""
-    register(
-        Protocol(
-            "sftp",
-            ("sftp", "ssh"),
-            sftp.endpoint,
-            SFTPOptions,
-            origin=__name__,
-            cancel_upload=_remove_temporary,
-            describe_upload=lambda record: (
-                f"SFTP temporary file, {record.get('offset', 0)} byte(s) written"
-            ),
-        )
-    )
-
-
-def _remove_temporary(fs: Any, record: dict[str, Any]) -> None:
+def cancel_upload(fs: Any, record: dict[str, Any]) -> None:
     """Remove the temporary file of an interrupted upload."""
     with contextlib.suppress(FileNotFoundError):
         fs.rm(record["temporary"])
 
 
-@hookimpl
-def skyframe_transfer(request: TransferRequest) -> TransferResult | None:
-    """Upload to an ``sftp://`` sink."""
+def describe_upload(record: dict[str, Any]) -> str:
+    """What the server holds for a journaled upload."""
+    return f"SFTP temporary file, {record.get('offset', 0)} byte(s) written"
+
+
+def upload(request: TransferRequest) -> TransferResult:
+    """Upload one file to an ``sftp://`` sink."""
     sink = request.sink
-    if sink.protocol != "sftp":
-        return None
     fs = sink.fs
     # A file of one chunk is sent again whole: a journal would cost more than it saves.
     journal = request.journal if request.size > CHUNK else None

@@ -25,19 +25,17 @@ import hashlib
 import logging
 import re
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
 from fsspec.asyn import get_loop, sync
 
-from skyframe.backends import s3
-from skyframe.backends.s3 import DirectS3, S3Options
-from skyframe.builtin.batch import Put, read_whole, send_batch
 from skyframe.errors import DeliveryError, SourceChangedError, SourceUnreadableError
 from skyframe.journal import JournalKey, UploadJournal, same_file
-from skyframe.markers import hookimpl
-from skyframe.protocols import Protocol
+from skyframe.protocols.batching import Put, read_whole, send_batch
+from skyframe.protocols.s3 import backend
+from skyframe.protocols.s3.backend import S3Options
+from skyframe.protocols.s3.direct import DirectS3
 from skyframe.storage import (
     BatchTransfer,
     Sink,
@@ -52,24 +50,6 @@ CLOCK_SLACK = 60.0  #: seconds the server's clock may differ from ours
 _PLAIN_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')
 
 
-@hookimpl
-def skyframe_register_protocols(register: Callable[[Protocol], None]) -> None:
-    """S3 and S3-compatible stores."""
-    register(
-        Protocol(
-            "s3",
-            ("s3", "s3a"),
-            s3.endpoint,
-            S3Options,
-            origin=__name__,
-            cancel_upload=cancel_upload,
-            describe_upload=lambda record: (
-                f"S3 multipart upload, {len(record.get('parts') or {})} part(s) sent"
-            ),
-        )
-    )
-
-
 def cancel_upload(fs: Any, record: dict[str, Any]) -> None:
     """Abort a journaled multipart upload (by its id, or by key and time when the process
     died before noting the id)."""
@@ -80,12 +60,14 @@ def cancel_upload(fs: Any, record: dict[str, Any]) -> None:
         abort_unrecorded(fs, bucket, key, record["started_at"])
 
 
-@hookimpl
-def skyframe_transfer(request: TransferRequest) -> TransferResult | None:
-    """Upload to an ``s3://`` sink."""
+def describe_upload(record: dict[str, Any]) -> str:
+    """What the server holds for a journaled multipart upload."""
+    return f"S3 multipart upload, {len(record.get('parts') or {})} part(s) sent"
+
+
+def upload(request: TransferRequest) -> TransferResult:
+    """Upload one file to an ``s3://`` sink."""
     sink = request.sink
-    if sink.protocol != "s3":
-        return None
     settings = sink.settings
     assert isinstance(settings, S3Options)
     part_size = settings.part_size_for(request.size)
@@ -99,11 +81,8 @@ def skyframe_transfer(request: TransferRequest) -> TransferResult | None:
     return TransferResult(len(data), sha256)
 
 
-@hookimpl
-def skyframe_transfer_batch(sink: Sink) -> BatchTransfer | None:
+def batch(sink: Sink) -> BatchTransfer:
     """Small files to an ``s3://`` sink: concurrent PUTs on fsspec's event loop (s3fs's)."""
-    if sink.protocol != "s3":
-        return None
     return lambda requests: send_batch(sink, requests, _putter(sink))
 
 
@@ -129,7 +108,7 @@ def _putter(sink: Sink) -> Put:
             return
         # Connecting may load s3fs or wait for another thread's connection: not on the loop.
         fs = await asyncio.to_thread(lambda: sink.fs)
-        await s3.call(fs, "put_object", Bucket=bucket, Key=key, Body=data, Metadata=metadata)
+        await backend.call(fs, "put_object", Bucket=bucket, Key=key, Body=data, Metadata=metadata)
 
     return put
 
@@ -344,7 +323,7 @@ class MultipartUpload:
                         continue
                     self.held.pop(number, None)
                     request.pace(len(chunk))
-                    call = s3.call(
+                    call = backend.call(
                         self.fs,
                         "upload_part",
                         Bucket=self.bucket,

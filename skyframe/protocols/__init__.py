@@ -2,11 +2,12 @@
 
 A protocol plugin implements ``skyframe_register_protocols(register)`` and calls
 ``register(Protocol(...))``: its URL schemes, the ``endpoint`` function that checks a sink's
-options and returns an :class:`~skyframe.backends.Endpoint` (connection, error
+options and returns an :class:`~skyframe.protocols.endpoint.Endpoint` (connection, error
 classification, close), and its options model. Its uploads go through the
 ``skyframe_transfer`` hooks, like every protocol's. The built-in protocols register the same
-way (S3, GCS and SFTP in their transfer modules; local folders and any other fsspec protocol
-in the generic transfer's).
+way, each from the ``plugin`` module of its own package here: ``s3``, ``gcs``, ``sftp``, and
+``generic`` (local folders and any other fsspec protocol). What they share is in
+``endpoint``, ``classify`` and ``batching``. This module imports none of them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from skyframe.errors import PluginError
 if TYPE_CHECKING:
     import pluggy
 
-    from skyframe.backends import Endpoint
+    from skyframe.protocols.endpoint import Endpoint
 
 #: The scheme of a protocol that takes any URL fsspec knows and no other protocol claims.
 ANY_FSSPEC = "*"

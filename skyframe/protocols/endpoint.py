@@ -1,19 +1,18 @@
-"""Storage backends: how a sink URL becomes a connected fsspec filesystem, and what its errors mean.
+"""What a protocol gives a sink: the :class:`Endpoint`, and what protocols share to build one.
 
-One module per protocol (``s3``, ``gcs``, ``sftp``, ``local``) plus ``generic`` for any other
-fsspec protocol, registered as protocols (:mod:`skyframe.protocols`) by the built-in transfer
-plugins. Each module's ``endpoint(url, options, base_dir)`` checks the sink's options
-(raising :class:`pydantic.ValidationError` or ``ValueError``) without connecting, and returns
-an :class:`Endpoint`: the connection is opened lazily, on first use, so a daemon started while
-the link is down still starts, queues, and connects once the server is back.
+A protocol's ``endpoint(url, options, base_dir)`` (registered through
+:class:`skyframe.protocols.Protocol`) checks the sink's options (raising
+:class:`pydantic.ValidationError` or ``ValueError``) without connecting, and returns an
+:class:`Endpoint`: the connection is opened lazily, on first use, so a daemon started while the
+link is down still starts, queues, and connects once the server is back. Here too: the base of
+every protocol's options model, the bucket of an object store's URL, and closing a connection
+quietly. Reading a protocol's errors is :mod:`skyframe.protocols.classify`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -22,19 +21,6 @@ from fsspec.spec import AbstractFileSystem
 from pydantic import BaseModel, ConfigDict
 
 from skyframe.errors import SinkRefusedError, SinkUnavailableError
-
-#: errno values that mean "the other end cannot be reached now".
-_UNREACHABLE_ERRNOS = {
-    errno.ECONNREFUSED,
-    errno.ECONNRESET,
-    errno.ECONNABORTED,
-    errno.ENETUNREACH,
-    errno.ENETDOWN,
-    errno.EHOSTUNREACH,
-    errno.EHOSTDOWN,
-    errno.ETIMEDOUT,
-    errno.EPIPE,
-}
 
 
 class BackendOptions(BaseModel):
@@ -88,34 +74,6 @@ class Endpoint:
     #: the backend's light client, if it has one; the protocol's transfer plugin knows its type
     direct: DirectClient | None = None
     warnings: list[str] = field(default_factory=list)  #: to log once when the sink is used
-
-
-def exception_chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and the exceptions it was raised from or during, outermost first."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
-def one_line(exc: BaseException) -> str:
-    """The exception's message on one line (servers put newlines in theirs)."""
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
-
-
-def unreachable(exc: BaseException, extra: tuple[type[BaseException], ...] = ()) -> bool:
-    """True when ``exc`` (or what caused it) means the server cannot be reached right now."""
-    for item in exception_chain(exc):
-        if isinstance(item, ConnectionError | TimeoutError | socket.gaierror):
-            return True
-        if isinstance(item, OSError) and item.errno in _UNREACHABLE_ERRNOS:
-            return True
-        if extra and isinstance(item, extra):
-            return True
-    return False
 
 
 def bucket_and_root(url: str, hint: str) -> tuple[str, str]:

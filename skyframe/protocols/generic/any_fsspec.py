@@ -8,8 +8,9 @@ from typing import Any
 import fsspec
 from fsspec.spec import AbstractFileSystem
 
-from skyframe.backends import Endpoint, one_line, unreachable
 from skyframe.errors import SinkRefusedError, SinkUnavailableError
+from skyframe.protocols.classify import one_line, unreachable
+from skyframe.protocols.endpoint import Endpoint
 
 
 def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:

@@ -23,14 +23,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from fsspec.asyn import sync
 
-from skyframe.backends import gcs
-from skyframe.backends.gcs import GCSOptions
-from skyframe.builtin.batch import read_whole, send_batch
 from skyframe.deps import internal
 from skyframe.errors import (
     DeliveryError,
@@ -39,8 +35,8 @@ from skyframe.errors import (
     SourceUnreadableError,
 )
 from skyframe.journal import same_file
-from skyframe.markers import hookimpl
-from skyframe.protocols import Protocol
+from skyframe.protocols.batching import read_whole, send_batch
+from skyframe.protocols.gcs.backend import GCSOptions
 from skyframe.storage import (
     BatchTransfer,
     Sink,
@@ -54,30 +50,19 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = "application/octet-stream"
 
 
-@hookimpl
-def skyframe_register_protocols(register: Callable[[Protocol], None]) -> None:
-    """Google Cloud Storage and its emulators."""
-    register(
-        Protocol(
-            "gcs",
-            ("gcs", "gs"),
-            gcs.endpoint,
-            GCSOptions,
-            origin=__name__,
-            cancel_upload=lambda fs, record: cancel_session(fs, record["session"]),
-            describe_upload=lambda record: (
-                f"GCS resumable session, {record.get('offset', 0)} byte(s) confirmed"
-            ),
-        )
-    )
+def cancel_upload(fs: Any, record: dict[str, Any]) -> None:
+    """Cancel the resumable session of an interrupted upload."""
+    cancel_session(fs, record["session"])
 
 
-@hookimpl
-def skyframe_transfer(request: TransferRequest) -> TransferResult | None:
-    """Upload to a ``gcs://`` sink."""
+def describe_upload(record: dict[str, Any]) -> str:
+    """What the server holds for a journaled resumable session."""
+    return f"GCS resumable session, {record.get('offset', 0)} byte(s) confirmed"
+
+
+def upload(request: TransferRequest) -> TransferResult:
+    """Upload one file to a ``gcs://`` sink."""
     sink = request.sink
-    if sink.protocol != "gcs":
-        return None
     settings = sink.settings
     assert isinstance(settings, GCSOptions)
     fs = sink.fs
@@ -116,11 +101,8 @@ async def _simple(fs: Any, request: TransferRequest, data: bytes, sha256: str) -
     )
 
 
-@hookimpl
-def skyframe_transfer_batch(sink: Sink) -> BatchTransfer | None:
+def batch(sink: Sink) -> BatchTransfer:
     """Small files to a ``gcs://`` sink: concurrent single-request uploads on the event loop."""
-    if sink.protocol != "gcs":
-        return None
     return lambda requests: send_batch(sink, requests, functools.partial(_simple, sink.fs))
 
 

@@ -1,4 +1,4 @@
-"""AWS Signature Version 4 for the direct S3 requests (``skyframe.backends.s3.DirectS3``).
+"""AWS Signature Version 4 for the direct S3 requests (``skyframe.protocols.s3.direct.DirectS3``).
 
 botocore's signer costs about 0.2 ms of interpreter time per request: it parses the URL and
 the host again, walks an ``email.message`` header object, hashes the body that was just hashed

@@ -1,4 +1,5 @@
-"""Google Cloud Storage (and its emulators) through gcsfs.
+"""Google Cloud Storage (and its emulators) through gcsfs: the sink's options, the
+connection, and what GCS's errors mean.
 
 Objects are atomic on GCS: a simple upload, or a resumable session that is finalized by its
 last chunk, publishes the whole object at once under its final name.
@@ -14,16 +15,9 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from skyframe.backends import (
-    BackendOptions,
-    Endpoint,
-    bucket_and_root,
-    close_quietly,
-    exception_chain,
-    one_line,
-    unreachable,
-)
 from skyframe.errors import SinkRefusedError, SinkUnavailableError
+from skyframe.protocols.classify import exception_chain, one_line, unreachable
+from skyframe.protocols.endpoint import BackendOptions, Endpoint, bucket_and_root, close_quietly
 from skyframe.units import Duration, Size
 
 CHUNK_QUANTUM = 256 * 1024  #: resumable chunks must be multiples of this

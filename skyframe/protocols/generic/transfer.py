@@ -1,6 +1,6 @@
 """The generic transfer: any fsspec filesystem, streamed into a temporary name, then renamed.
 
-It runs last (``trylast``), so protocol-specific plugins (S3 and GCS straight to the final
+Its hook runs last (``trylast``), so protocol-specific plugins (S3 and GCS straight to the final
 object, SFTP with a hidden temporary file) take precedence where they apply.
 """
 
@@ -8,24 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import posixpath
-from collections.abc import Callable
 
-from skyframe.backends import generic, local
 from skyframe.errors import DeliveryError
-from skyframe.markers import hookimpl
-from skyframe.protocols import ANY_FSSPEC, Protocol
 from skyframe.storage import SourceReader, TransferRequest, TransferResult
 
 
-@hookimpl
-def skyframe_register_protocols(register: Callable[[Protocol], None]) -> None:
-    """Local folders, and any other protocol fsspec knows (through its own package)."""
-    register(Protocol("file", ("file", "local"), local.endpoint, origin=__name__))
-    register(Protocol("fsspec", (ANY_FSSPEC,), generic.endpoint, origin=__name__))
-
-
-@hookimpl(trylast=True)
-def skyframe_transfer(request: TransferRequest) -> TransferResult:
+def upload(request: TransferRequest) -> TransferResult:
     """Stream the file to a hidden temporary name, verify its size, then rename it into place."""
     sink = request.sink
     fs = sink.fs

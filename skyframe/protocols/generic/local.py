@@ -8,7 +8,7 @@ from urllib.parse import unquote, urlsplit
 
 import fsspec
 
-from skyframe.backends import Endpoint
+from skyframe.protocols.endpoint import Endpoint
 
 
 def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:

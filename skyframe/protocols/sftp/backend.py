@@ -1,4 +1,5 @@
-"""SFTP servers through sshfs (asyncssh), with host keys verified by default.
+"""SFTP servers through sshfs (asyncssh), with host keys verified by default: the sink's
+options, the connection, and what SSH and SFTP errors mean.
 
 SFTP has no atomic object put: uploads go to a hidden temporary name beside the target and
 are renamed into place with ``posix-rename@openssh.com`` (atomic on OpenSSH).
@@ -13,17 +14,11 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import Field
 
-from skyframe.backends import (
-    BackendOptions,
-    Endpoint,
-    close_quietly,
-    exception_chain,
-    one_line,
-    unreachable,
-)
-from skyframe.backends.ssh_wire import GatheringConnector, gathering_supported, routed
 from skyframe.deps import import_asyncssh, import_sshfs
 from skyframe.errors import SinkRefusedError, SinkUnavailableError
+from skyframe.protocols.classify import exception_chain, one_line, unreachable
+from skyframe.protocols.endpoint import BackendOptions, Endpoint, close_quietly
+from skyframe.protocols.sftp.ssh_wire import GatheringConnector, gathering_supported, routed
 from skyframe.units import Duration
 
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"

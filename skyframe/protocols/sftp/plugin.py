@@ -1,0 +1,35 @@
+"""The SFTP protocol's plugin: it registers ``sftp://`` (and ``ssh://``) and delivers to
+such sinks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from skyframe.markers import hookimpl
+from skyframe.protocols import Protocol
+from skyframe.protocols.sftp import backend, transfer
+from skyframe.storage import TransferRequest, TransferResult
+
+
+@hookimpl
+def skyframe_register_protocols(register: Callable[[Protocol], None]) -> None:
+    """SFTP servers (OpenSSH and others), host keys verified."""
+    register(
+        Protocol(
+            "sftp",
+            ("sftp", "ssh"),
+            backend.endpoint,
+            backend.SFTPOptions,
+            origin=__name__,
+            cancel_upload=transfer.cancel_upload,
+            describe_upload=transfer.describe_upload,
+        )
+    )
+
+
+@hookimpl
+def skyframe_transfer(request: TransferRequest) -> TransferResult | None:
+    """Upload to an ``sftp://`` sink."""
+    if request.sink.protocol != "sftp":
+        return None
+    return transfer.upload(request)
