@@ -1,10 +1,15 @@
-"""Running one claimed job: processes, then every sink on its own pool, then the verdict.
+"""Running claimed jobs: processes, then every sink on its own pool, then the verdict.
 
-A job's processes run on the processing pool; each sink that still needs the file gets a task
-on that sink's pool (``concurrency`` at a time), so a slow sink never holds up another's
-uploads. When every sink has answered, the job is completed, retried with backoff, or
-dead-lettered. The manifest makes retries cheap: a sink that already has this version of the
-file is skipped.
+One road for every job: begin (rules if the file changed, processes, which sinks still need
+this version), serve each sink, settle. A job's processes run on the processing pool; each
+sink that still needs the file gets a task on that sink's pool (``concurrency`` at a time),
+so a slow sink never holds up another's uploads. When every sink has answered, the job is
+completed, retried with backoff, or dead-lettered. The manifest makes retries cheap: a sink
+that already has this version of the file is skipped.
+
+Batching is a transfer detail on that road: small new files of a pipeline whose sinks all
+have a batch sender (``skyframe_transfer_batch``) are begun together and each sink takes them
+in one call; what a batch did not deliver to a sink is served alone on the same road.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import pluggy
 
@@ -32,7 +36,6 @@ from skyframe.errors import (
     SinkUnavailableError,
     SourceChangedError,
     SourceUnreadableError,
-    UnsafePathError,
 )
 from skyframe.events import FileEvent, Job, LifecycleEvent, LifecycleKind
 from skyframe.jobs import Delete, Move, QueuedJob, Upload
@@ -71,7 +74,9 @@ class _Run:
     pipeline: Pipeline
     scratch: Path
     job: Job | None = None
-    remaining: int = 0
+    #: the sinks that still need the file, with what each has of it now
+    todo: list[tuple[Sink, ManifestEntry | None]] = field(default_factory=list)
+    remaining: int = 0  #: sinks not yet served
     errors: list[BaseException] = field(default_factory=list)
     #: id of an error -> the sink it came from, for the failure events
     error_sinks: dict[int, str] = field(default_factory=dict)
@@ -86,17 +91,24 @@ class _Run:
                 self._sha256 = file_sha256(self.job.path)
             return self._sha256
 
+    def failed(self, sink: Sink, error: BaseException) -> None:
+        """Serving ``sink`` failed with ``error``."""
+        with self.lock:
+            self.errors.append(error)
+            self.error_sinks[id(error)] = sink.key
 
-@dataclass
-class _BatchJob:
-    """One file in a batch: a plain new file (see ``JobRunner._plain_new_file``)."""
+    def served(self, count: int = 1) -> bool:
+        """``count`` more sinks are served (well or not); True for the caller that served the
+        last one, which settles the run."""
+        with self.lock:
+            self.remaining -= count
+            return count > 0 and self.remaining == 0
 
-    claim: Claim
-    event: FileEvent
-    remote: str
-    #: None while all goes well; "failed": to send again alone; "cancelled": the run stops;
-    #: "unrecorded": the state database failed
-    outcome: Literal["failed", "cancelled", "unrecorded"] | None = None
+    @property
+    def stopped(self) -> bool:
+        """A transfer was cut by a stop: the job goes back to the queue, nothing more is sent."""
+        with self.lock:
+            return any(isinstance(e, TransferCancelled) for e in self.errors)
 
 
 class JobRunner:
@@ -209,44 +221,56 @@ class JobRunner:
     # --- stages ------------------------------------------------------------------------------
 
     def _start(self, claim: Claim, inline: Sink | None = None) -> None:
+        run = self._begin(claim)
+        if run is not None:
+            self._serve(run, inline)
+
+    def _begin(self, claim: Claim) -> _Run | None:
+        """Everything before the sinks: the pipeline, a pause, sinks that are away, a remote
+        delete, the rules and processes. Returns the run with the sinks still to serve, or
+        None when the job is settled already."""
         pipeline = self.pipelines.get(claim.pipeline)
         if pipeline is None:
             self._dead(
                 claim, f"pipeline {claim.pipeline!r} is no longer configured", error="ConfigError"
             )
             self._on_finished()
-            return
+            return None
         if self.control is not None and self.control.is_held(pipeline.name):
             # Paused after it was claimed: back to the queue before anything runs.
             self.queue.release(claim)
             self._on_finished()
-            return
+            return None
         run = _Run(claim, pipeline, self.state_dir / "scratch" / claim.token)
         offline = [s.health.wait() for s in pipeline.sinks]
         if self.patient and offline and min(offline) > 0:
             # Every sink is away: wait for the next try without running the processes.
             self.queue.retry(claim, pipeline.sinks[0].health.last_error, max(offline), count=False)
             self._on_finished()
-            return
+            return None
         try:
             if isinstance(claim.job, Delete):
                 self._delete_remote(run)
-                sinks: list[tuple[Sink, ManifestEntry | None]] = []
             else:
-                sinks = self._prepare(run)
+                run.todo = self._prepare(run)
         except BaseException as exc:
             run.errors.append(exc)
-            sinks = []
-        if not sinks:
+            run.todo = []
+        if not run.todo:
             self._finish(run)
-            return
-        run.remaining = len(sinks)
+            return None
+        run.remaining = len(run.todo)
+        return run
+
+    def _serve(self, run: _Run, inline: Sink | None = None) -> None:
+        """Serve every sink the run still needs, each on its own pool (``inline`` in this
+        thread)."""
         here = None
-        for sink, entry in sinks:
+        for sink, entry in run.todo:
             if sink is inline:
                 here = (sink, entry)
             else:
-                pool = self._sink_pools[(pipeline.name, sink.key)]
+                pool = self._sink_pools[(run.pipeline.name, sink.key)]
                 pool.submit(self._serve_sink, run, sink, entry)
         if here is not None:
             self._serve_sink(run, *here)
@@ -307,30 +331,33 @@ class JobRunner:
             with sink.guard():
                 self._deliver(run, run.job, sink, entry)
         except BaseException as exc:
-            with run.lock:
-                run.errors.append(exc)
-                run.error_sinks[id(exc)] = sink.key
-        with run.lock:
-            run.remaining -= 1
-            last = run.remaining == 0
-        if last:
+            run.failed(sink, exc)
+        if run.served():
             self._finish(run)
 
     def _finish(self, run: _Run) -> None:
-        claim = run.claim
+        self._finish_many([run])
+
+    def _finish_many(self, runs: list[_Run]) -> None:
+        """Settle runs whose sinks have all answered: the ones that went well are completed
+        in one transaction, the others retried or dead-lettered."""
+        done = [run for run in runs if not run.errors]
         try:
-            if not run.errors:
-                self.queue.complete(claim)
-            else:
-                self._settle_failure(run)
-        except Exception:
-            log.exception("could not record the outcome of %s", claim.relpath)
-        finally:
-            if run.scratch.exists():
-                shutil.rmtree(run.scratch, ignore_errors=True)
-            if self.job_ended is not None:
-                self.job_ended(claim.pipeline, claim.relpath)
-            self._on_finished()
+            self.queue.complete_many([run.claim for run in done])
+        except Exception:  # the state database: the leases return at the next start
+            log.exception("could not record the outcome of %d job(s)", len(done))
+        for run in runs:
+            try:
+                if run.errors:
+                    self._settle_failure(run)
+            except Exception:
+                log.exception("could not record the outcome of %s", run.claim.relpath)
+            finally:
+                if run.scratch.exists():
+                    shutil.rmtree(run.scratch, ignore_errors=True)
+                if self.job_ended is not None:
+                    self.job_ended(run.claim.pipeline, run.claim.relpath)
+                self._on_finished()
 
     def _settle_failure(self, run: _Run) -> None:
         claim = run.claim
@@ -410,233 +437,181 @@ class JobRunner:
             )
         )
 
-    # --- batches of small files --------------------------------------------------------------
+    # --- several small files to a sink at once -----------------------------------------------
 
     def _run_batch(self, claims: list[Claim]) -> None:
-        """Deliver small files of one pipeline together: each sink's batch sender sends them
-        at once, then the manifest and the queue record the whole batch in one transaction
-        each. Only the plain case goes this way: a file first seen (no manifest entry on any
-        sink) and unchanged since it was queued. Any other file, and any file that fails in
-        the batch, takes the one-by-one path, which has the full logic (touched files, moves,
-        error classification, retries, dead letters)."""
+        """Jobs of one pipeline started together, on the same road as one job: each is begun
+        as usual; those that are plain new files (small, no derived files, not a move, no
+        sink has any version of them) are sent together, each sink's batch sender taking them
+        at once, and recorded in one transaction; anything else, and a file the batch did not
+        deliver to a sink, is served alone (the full logic: touched files, moves, error
+        classification)."""
         pipeline = self.pipelines[claims[0].pipeline]
         if (self.control is not None and self.control.is_held(pipeline.name)) or any(
             sink.health.wait() > 0 for sink in pipeline.sinks
         ):
-            for claim in claims:  # paused, or a sink is away: the one-by-one path knows what
-                self.submit(claim)  # to do (release, or wait for the sink)
+            for claim in claims:  # paused, or a sink is away: _begin knows what to do
+                self.submit(claim)  # (release, or wait for the sink)
             return
-        jobs: list[_BatchJob] = []
+        together: list[_Run] = []
         for claim in claims:
-            plain = self._plain_new_file(pipeline, claim)
-            if plain is None:
-                self.submit(claim)
-            else:
-                jobs.append(_BatchJob(claim, *plain))
-        try:
-            for sink, send in zip(pipeline.sinks, self._batch_senders[pipeline.name], strict=True):
-                todo = [job for job in jobs if job.outcome is None]
-                if todo:
-                    self._send_batch(pipeline.name, sink, send, todo)
-            self.queue.complete_many([job.claim for job in jobs if job.outcome is None])
-        except Exception:  # the state database: as in _finish, the leases return at next start
-            log.exception("could not record the outcome of a batch of %d file(s)", len(jobs))
-            for job in jobs:
-                job.outcome = job.outcome or "unrecorded"
-        self._settle_batch(jobs)
-
-    def _settle_batch(self, jobs: list[_BatchJob]) -> None:
-        for job in jobs:
-            if job.outcome == "failed":
-                self.submit(job.claim)  # again, alone: the manifest skips the sinks it reached
+            run = self._begin(claim)
+            if run is None:
                 continue
-            try:
-                if job.outcome == "cancelled":
-                    self.queue.release(job.claim)  # stopping: it starts again at the next run
-            except Exception:
-                log.exception("could not record the outcome of %s", job.claim.relpath)
-            finally:
-                if self.job_ended is not None:
-                    self.job_ended(job.claim.pipeline, job.claim.relpath)
-                self._on_finished()
-
-    def _claim_remotes(self, sink: Sink, jobs: list[_BatchJob]) -> list[_BatchJob]:
-        """The jobs whose remote path is theirs to write (see RemoteOwners); the others are
-        marked failed, to go alone, where the conflict is reported."""
-        if self.owners is None or not self.owners.active:
-            return jobs
-        mine = []
-        for job in jobs:
-            try:
-                self.owners.claim(sink, sink.remote_path(job.remote))
-            except RemoteConflictError:
-                job.outcome = "failed"
+            if self._goes_together(run):
+                together.append(run)
             else:
-                mine.append(job)
+                self._serve(run)
+        if not together:
+            return
+        served = dict.fromkeys(map(id, together), 0)  #: sinks each run was served by here
+        alone: list[tuple[_Run, Sink]] = []
+        for sink, send in zip(pipeline.sinks, self._batch_senders[pipeline.name], strict=True):
+            for run, sent in self._send_together(sink, send, together):
+                if sent:
+                    served[id(run)] += 1
+                else:
+                    alone.append((run, sink))
+        for run, sink in alone:  # on the sink's pool; whoever serves a run's last sink settles it
+            self._sink_pools[(pipeline.name, sink.key)].submit(self._serve_sink, run, sink, None)
+        self._finish_many([run for run in together if run.served(served[id(run)])])
+
+    def _goes_together(self, run: _Run) -> bool:
+        """Whether a begun run is a plain new file, to send with others."""
+        job = run.job
+        return (
+            job is not None
+            and type(run.claim.job) is Upload
+            and not job.derived
+            and job.event.size <= BATCH_FILE_LIMIT
+            and len(run.todo) == len(run.pipeline.sinks)
+            and all(entry is None for _sink, entry in run.todo)
+        )
+
+    def _claim_remotes(self, sink: Sink, runs: list[_Run]) -> list[_Run]:
+        """The runs whose remote path is theirs to write (see RemoteOwners); the others go
+        alone, where the conflict is reported."""
+        if self.owners is None or not self.owners.active:
+            return runs
+        mine = []
+        for run in runs:
+            assert run.job is not None
+            try:
+                self.owners.claim(sink, sink.remote_path(run.job.remote_name))
+            except RemoteConflictError:
+                continue
+            mine.append(run)
         return mine
 
-    def _send_batch(
-        self, pipeline: str, sink: Sink, send: BatchTransfer, jobs: list[_BatchJob]
-    ) -> None:
-        """Send a batch to one sink; record and announce what arrived, mark the rest."""
-
-        def announce(kind: LifecycleKind, job: _BatchJob, size: int) -> None:
-            self.emit(
-                LifecycleEvent(
-                    kind,
-                    pipeline,
-                    job.event.relpath,
-                    sink=sink.key,
-                    remote=job.remote,
-                    size=size,
-                    attempt=job.claim.attempts + 1,
-                )
-            )
-
-        jobs = self._claim_remotes(sink, jobs)
-        if not jobs:
-            return
-        for job in jobs:
-            announce("started", job, job.event.size)
-        pace = self._pace(sink, pipeline)
-        requests = [
-            TransferRequest(
-                sink=sink,
-                local_path=job.event.path,
-                remote_path=sink.remote_path(job.remote),
-                size=job.event.size,
-                mtime_ns=job.event.mtime_ns,
-                progress=self._progress(None, None, sink, job.event.size),
-                state_dir=self.state_dir,
-                journal=self.journal,
-                pace=pace,
-            )
-            for job in jobs
-        ]
-        outcomes: list[TransferResult | Exception] | None = None
-        try:
-            # The sink's health follows the batch as it follows a single transfer: a file that
-            # arrived means the sink answers (after an outage: "reachable again").
-            with sink.guard():
-                outcomes = send(requests)
-                if not any(isinstance(outcome, TransferResult) for outcome in outcomes):
-                    # Nothing arrived: the guard judges whether that was the sink's doing.
-                    raise next(
-                        (o for o in outcomes if isinstance(o, Exception)),
-                        DeliveryError(f"{sink.display}: nothing delivered"),
-                    )
-        except Exception as exc:
-            if outcomes is None:  # not about one file (say, the connection): each goes alone
-                log.debug("%s: a batch to %s failed: %s", pipeline, sink.display, exc)
-                outcomes = [exc] * len(jobs)
-        delivered: list[tuple[_BatchJob, TransferResult]] = []
-        for job, outcome in zip(jobs, outcomes, strict=True):
-            if isinstance(outcome, TransferCancelled):
-                job.outcome = "cancelled"
-            elif isinstance(outcome, TransferResult) and outcome.size == job.event.size:
-                delivered.append((job, outcome))
-            else:
-                log.debug("%s: %s: %s (in a batch)", pipeline, job.event.relpath, outcome)
-                job.outcome = "failed"
-        self.manifest.record_many(
-            [
-                (
-                    pipeline,
-                    sink.key,
-                    job.event.relpath,
-                    ManifestEntry.now(
-                        job.event.size,
-                        job.event.mtime_ns,
-                        result.sha256,
-                        job.remote,
-                        inode=job.event.inode,
-                    ),
-                )
-                for job, result in delivered
-            ]
-        )
-        for job, result in delivered:
-            announce("delivered", job, result.size)
-
-    def _plain_new_file(self, pipeline: Pipeline, claim: Claim) -> tuple[FileEvent, str] | None:
-        """The file's event and remote name when it is as it was queued and no sink has any
-        version of it; None otherwise."""
-        assert isinstance(claim.job, Upload)
-        queued = claim.job.event
-        try:
-            st = os.stat(queued.path)
-            remote = safe_relative_path(queued.relpath)
-        except (OSError, UnsafePathError):
-            return None
-        if (st.st_size, st.st_mtime_ns, st.st_ino) != (queued.size, queued.mtime_ns, queued.inode):
-            return None
-        try:
-            known = any(
-                self.manifest.get(pipeline.name, s.key, queued.relpath) for s in pipeline.sinks
-            )
-        except Exception:  # the state database: the one-by-one path reports it
-            return None
-        return None if known else (queued, remote)
+    def _send_together(
+        self, sink: Sink, send: BatchTransfer, runs: list[_Run]
+    ) -> list[tuple[_Run, bool]]:
+        """Send the runs' files to one sink in one batch; record and announce what arrived.
+        Returns each run with whether this sink is served (delivered, or the transfer was
+        cut by a stop, recorded as the run's error); False: to send alone."""
+        # A run cut by a stop goes back to the queue: nothing more is sent for it.
+        outcome = {id(run): True for run in runs if run.stopped}
+        mine = self._claim_remotes(sink, [run for run in runs if id(run) not in outcome])
+        if mine:
+            for run in mine:
+                self._announce("started", run, sink)
+            requests = [self._request(run, sink, progress=False) for run in mine]
+            results: list[TransferResult | Exception] | None = None
+            try:
+                # The sink's health follows the batch as it follows a single transfer: a file
+                # that arrived means the sink answers (after an outage: "reachable again").
+                with sink.guard():
+                    results = send(requests)
+                    if not any(isinstance(result, TransferResult) for result in results):
+                        # Nothing arrived: the guard judges whether that was the sink's doing.
+                        raise next(
+                            (r for r in results if isinstance(r, Exception)),
+                            DeliveryError(f"{sink.display}: nothing delivered"),
+                        )
+            except Exception as exc:
+                if results is None:  # not about one file (say, the connection): each alone
+                    log.debug("%s: a batch to %s failed: %s", sink.owner, sink.display, exc)
+                    results = [exc] * len(mine)
+            delivered: list[tuple[_Run, TransferResult]] = []
+            for run, result in zip(mine, results, strict=True):
+                assert run.job is not None
+                if isinstance(result, TransferCancelled):
+                    run.failed(sink, result)
+                    outcome[id(run)] = True
+                elif isinstance(result, TransferResult) and result.size == run.job.event.size:
+                    delivered.append((run, result))
+                    outcome[id(run)] = True
+                else:
+                    log.debug("%s: %s: %s (in a batch)", sink.owner, run.claim.relpath, result)
+            try:
+                self._record([(run, sink, result.sha256, ()) for run, result in delivered])
+            except Exception as exc:  # the state database: each run is retried
+                log.error("%s: cannot record %d file(s) sent: %s", sink.owner, len(delivered), exc)
+                for run, _result in delivered:
+                    run.failed(sink, exc)
+                delivered = []
+            for run, result in delivered:
+                self._announce("delivered", run, sink, result.size)
+        return [(run, outcome.get(id(run), False)) for run in runs]
 
     # --- one sink ----------------------------------------------------------------------------
 
     def _deliver(self, run: _Run, job: Job, sink: Sink, entry: ManifestEntry | None) -> None:
         event = job.event
-        pipeline = event.pipeline
-        attempt = run.claim.attempts + 1
-        remote = job.remote_name
         if (
             entry is not None
             and entry.size == event.size
-            and entry.remote == remote
+            and entry.remote == job.remote_name
             and run.sha256() == entry.sha256
         ):
             # Touched, not changed: record the new mtime and send nothing.
-            self._record(job, sink, entry.sha256, entry.derived)
-            self.emit(LifecycleEvent("unchanged", pipeline, event.relpath, sink=sink.key))
+            self._record([(run, sink, entry.sha256, entry.derived)])
+            self.emit(LifecycleEvent("unchanged", event.pipeline, event.relpath, sink=sink.key))
             return
         queued = run.claim.job
-        if isinstance(queued, Move) and self._move_remote(job, sink, queued.moved_from):
+        if isinstance(queued, Move) and self._move_remote(run, job, sink, queued.moved_from):
             return
+        self._announce("started", run, sink)
+        result = self._transfer(self._request(run, sink, progress=True))
+        self._record([(run, sink, result.sha256, self._send_derived(job, sink))])
+        self._announce("delivered", run, sink, result.size)
+
+    def _announce(self, kind: LifecycleKind, run: _Run, sink: Sink, size: int = -1) -> None:
+        """``started`` or ``delivered`` (``size``: what arrived) of a run's file to a sink."""
+        assert run.job is not None
+        event = run.job.event
         self.emit(
             LifecycleEvent(
-                "started",
-                pipeline,
+                kind,
+                event.pipeline,
                 event.relpath,
                 sink=sink.key,
-                remote=remote,
-                size=event.size,
-                attempt=attempt,
-            )
-        )
-        result = self._transfer(
-            TransferRequest(
-                sink=sink,
-                local_path=event.path,
-                remote_path=sink.remote_path(remote),
-                size=event.size,
-                mtime_ns=event.mtime_ns,
-                progress=self._progress(pipeline, event.relpath, sink, event.size),
-                state_dir=self.state_dir,
-                journal=self.journal,
-                pace=self._pace(sink, pipeline),
-                digests=self.digests,
-            )
-        )
-        self._record(job, sink, result.sha256, self._send_derived(job, sink))
-        self.emit(
-            LifecycleEvent(
-                "delivered",
-                pipeline,
-                event.relpath,
-                sink=sink.key,
-                remote=remote,
-                size=result.size,
-                attempt=attempt,
+                remote=run.job.remote_name,
+                size=event.size if size < 0 else size,
+                attempt=run.claim.attempts + 1,
             )
         )
 
-    def _move_remote(self, job: Job, sink: Sink, moved_from: str) -> bool:
+    def _request(self, run: _Run, sink: Sink, *, progress: bool) -> TransferRequest:
+        """The transfer of a run's file to a sink (``progress``: with progress events)."""
+        assert run.job is not None
+        event = run.job.event
+        return TransferRequest(
+            sink=sink,
+            local_path=event.path,
+            remote_path=sink.remote_path(run.job.remote_name),
+            size=event.size,
+            mtime_ns=event.mtime_ns,
+            progress=self._progress(
+                event.pipeline if progress else None, event.relpath, sink, event.size
+            ),
+            state_dir=self.state_dir,
+            journal=self.journal,
+            pace=self._pace(sink, event.pipeline),
+            digests=self.digests,
+        )
+
+    def _move_remote(self, run: _Run, job: Job, sink: Sink, moved_from: str) -> bool:
         """Rename a delivered file remotely instead of sending it again; False to upload."""
         event = job.event
         old = self.manifest.get(event.pipeline, sink.key, moved_from)
@@ -661,7 +636,7 @@ class JobRunner:
                 return False
         derived = self._send_derived(job, sink)
         self._remove_remote(sink, [name for name in old.derived if name not in derived])
-        self._record(job, sink, old.sha256, derived)
+        self._record([(run, sink, old.sha256, derived)])
         self.manifest.forget(event.pipeline, sink.key, moved_from)
         self.emit(
             LifecycleEvent(
@@ -697,14 +672,19 @@ class JobRunner:
             )
 
     def _record(
-        self, job: Job, sink: Sink, sha256: str, derived: tuple[str, ...] | list[str]
+        self, deliveries: list[tuple[_Run, Sink, str, tuple[str, ...] | list[str]]]
     ) -> None:
-        """The manifest now holds this version of the job's file at its remote name."""
-        event = job.event
-        entry = ManifestEntry.now(
-            event.size, event.mtime_ns, sha256, job.remote_name, derived=derived, inode=event.inode
-        )
-        self.manifest.record_many([(event.pipeline, sink.key, event.relpath, entry)])
+        """The manifest now holds these versions of the runs' files at their remote names,
+        given as (run, sink, sha256, derived names), in one transaction."""
+        entries = []
+        for run, sink, sha256, derived in deliveries:
+            assert run.job is not None
+            event, remote = run.job.event, run.job.remote_name
+            entry = ManifestEntry.now(
+                event.size, event.mtime_ns, sha256, remote, derived=derived, inode=event.inode
+            )
+            entries.append((event.pipeline, sink.key, event.relpath, entry))
+        self.manifest.record_many(entries)
 
     def _send_derived(self, job: Job, sink: Sink) -> list[str]:
         """Deliver the job's derived files (sidecars, thumbnails); return their remote names."""

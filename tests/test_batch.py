@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import WriteConfig, make_file, plugin_module, run_once, write_plugin
@@ -222,6 +223,32 @@ def test_a_batch_cut_by_shutdown_goes_back_to_the_queue(
     queue.close()
     monkeypatch.delenv("BATCH_TEST_HOLD")
     assert run_once(config).delivered == 2
+
+
+def test_a_batch_the_manifest_cannot_record_is_retried_not_lost(
+    tmp_path: Path, project: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    incoming(tmp_path, "a.jpg", "b.jpg")
+    calls: list[int] = []
+    original = Manifest.record_many
+
+    def flaky(self: Manifest, entries: list[Any]) -> None:
+        calls.append(len(entries))
+        if len(calls) == 1:
+            raise OSError("database is locked")
+        original(self, entries)
+
+    monkeypatch.setattr(Manifest, "record_many", flaky)
+    summary = run_once(project(CONFIG))
+    assert summary.ok  # the second attempt went through: nothing is left waiting or lost
+    assert summary.delivered == 2
+    assert calls[0] == 2  # the two files of the batch, recorded together
+    recorder = plugin_module(tmp_path, "batches.py")
+    sent = sorted(path.rpartition("/")[2] for _, paths in recorder.BATCHES for path in paths)
+    assert sent == ["a.jpg", "a.jpg", "b.jpg", "b.jpg"]  # sent again: the first never recorded
+    manifest = Manifest(tmp_path / ".state" / "manifest")
+    assert sorted(relpath for _, _, relpath, _ in manifest.entries()) == ["a.jpg", "b.jpg"]
+    manifest.close()
 
 
 @pytest.mark.parametrize("where", ["sink", "global"])
