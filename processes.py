@@ -18,8 +18,18 @@ _STAMP_IN_NAME = re.compile(r"(20\d{2})(\d{2})(\d{2})[_-]?(\d{2})(\d{2})(\d{2})"
 
 
 def capture_time(job: Job, utc_offset_hours: float) -> datetime:
-    """The capture time from the file name when it holds one, else the file's mtime."""
+    """The capture time the photo records (``geotag``, listed before, reads its EXIF), else the
+    one in the file name, else the file's mtime. A time without an offset is taken to be
+    ``utc_offset_hours`` from UTC, as the camera's clock was."""
     tz = timezone(timedelta(hours=utc_offset_hours)) if utc_offset_hours else UTC
+    captured = job.meta.get("photo", {}).get("captured")
+    if captured:
+        try:
+            when = datetime.fromisoformat(captured)
+        except ValueError:
+            pass  # not a time after all: the file name or the mtime will do
+        else:
+            return when if when.tzinfo else when.replace(tzinfo=tz)
     match = _STAMP_IN_NAME.search(PurePosixPath(job.relpath).name)
     if match:
         year, month, day, hour, minute, second = map(int, match.groups())

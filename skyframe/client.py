@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from skyframe.config import Config
+from skyframe.drone import photo_summary
 from skyframe.errors import SkyframeError
 from skyframe.state import API_FILE, StateLock, read_api_file
 from skyframe.units import format_rate, format_size
@@ -248,4 +249,7 @@ def history_line(event: dict[str, Any]) -> str:
         parts.append(f"attempt {event['attempt']}")
     if event.get("reason"):
         parts.append(f"- {event['reason']}")
+    photo = (event.get("meta") or {}).get("photo")
+    if isinstance(photo, dict):
+        parts.append(f"[{photo_summary(photo)}]")
     return " ".join(parts)

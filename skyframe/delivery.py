@@ -15,6 +15,7 @@ in one call; what a batch did not deliver to a sink is served alone on the same 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pluggy
 
@@ -82,6 +84,8 @@ class _Run:
     error_sinks: dict[int, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     _sha256: str | None = None
+    _meta: dict[str, Any] | None = None
+    _meta_done: bool = False
 
     def sha256(self) -> str:
         """The file's sha256, read at most once per job however many sinks ask."""
@@ -90,6 +94,16 @@ class _Run:
                 assert self.job is not None
                 self._sha256 = file_sha256(self.job.path)
             return self._sha256
+
+    def meta(self) -> dict[str, Any] | None:
+        """The job's ``meta`` as JSON (what is not JSON becomes its text), None when empty;
+        converted once however many sinks record it."""
+        with self.lock:
+            if not self._meta_done:
+                self._meta_done = True
+                if self.job is not None and self.job.meta:
+                    self._meta = json.loads(json.dumps(self.job.meta, default=str))
+            return self._meta
 
     def failed(self, sink: Sink, error: BaseException) -> None:
         """Serving ``sink`` failed with ``error``."""
@@ -589,6 +603,7 @@ class JobRunner:
                 remote=run.job.remote_name,
                 size=event.size if size < 0 else size,
                 attempt=run.claim.attempts + 1,
+                meta=run.meta() if kind == "delivered" else None,
             )
         )
 
@@ -681,7 +696,13 @@ class JobRunner:
             assert run.job is not None
             event, remote = run.job.event, run.job.remote_name
             entry = ManifestEntry.now(
-                event.size, event.mtime_ns, sha256, remote, derived=derived, inode=event.inode
+                event.size,
+                event.mtime_ns,
+                sha256,
+                remote,
+                derived=derived,
+                inode=event.inode,
+                meta=run.meta(),
             )
             entries.append((event.pipeline, sink.key, event.relpath, entry))
         self.manifest.record_many(entries)

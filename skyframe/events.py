@@ -173,6 +173,8 @@ class LifecycleEvent:
     rule: str | None = None
     reason: str | None = None
     error: str | None = None  #: the error's type name, for failed and dead-lettered events
+    #: what the processes found out about the file (``job.meta`` as JSON), on ``delivered``
+    meta: dict[str, Any] | None = None
     time: float = field(default_factory=time.time)
 
     def to_json(self) -> dict[str, Any]:

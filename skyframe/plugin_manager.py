@@ -32,6 +32,7 @@ ENTRY_POINT_GROUP = "skyframe"
 BUILTIN_PLUGINS = (
     "skyframe.builtin.rules",
     "skyframe.builtin.processes",
+    "skyframe.builtin.drone",
     "skyframe.protocols.generic.plugin",
     "skyframe.protocols.sftp.plugin",
     "skyframe.protocols.s3.plugin",

@@ -214,6 +214,8 @@ class ManifestEntry:
     delivered_at: float
     derived: tuple[str, ...] = ()  #: remote names of files delivered with it (sidecars...)
     inode: int = 0  #: the local file's inode, to recognise it after a rename
+    #: what the processes found out about the file (``job.meta``, as JSON), if anything
+    meta: dict[str, Any] | None = None
 
     @classmethod
     def now(
@@ -225,9 +227,10 @@ class ManifestEntry:
         *,
         derived: tuple[str, ...] | list[str] = (),
         inode: int = 0,
+        meta: dict[str, Any] | None = None,
     ) -> ManifestEntry:
         """An entry for a delivery that just ended."""
-        return cls(size, mtime_ns, sha256, remote, time.time(), tuple(derived), inode)
+        return cls(size, mtime_ns, sha256, remote, time.time(), tuple(derived), inode, meta)
 
     def matches(self, size: int, mtime_ns: int) -> bool:
         """True when the local file still has the size and mtime that were delivered."""

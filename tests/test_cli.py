@@ -46,6 +46,11 @@ def test_example_project_end_to_end(example_project: Path) -> None:
     )
     assert sidecar["meta"]["flight"] == "flight-01"
     assert len(sidecar["meta"]["sha256"]) == 64
+    # geotag read the photo's own EXIF and DJI XMP; organise_by_flight took its capture time
+    photo = sidecar["meta"]["photo"]
+    assert (round(photo["lat"], 6), round(photo["lon"], 6)) == (47.643687, 16.475927)
+    assert (photo["dialect"], photo["relative_altitude"]) == ("dji", 75.1)
+    assert sidecar["meta"]["capture_time"] == "2024-05-17T10:15:02+00:00"
     # the example plugin logged every delivery
     log_lines = (example_project / ".skyframe/deliveries.jsonl").read_text().splitlines()
     assert len(log_lines) == 4

@@ -37,8 +37,8 @@ def test_decorators_enforce_prefix(decorator: object, name: str) -> None:
 
 def test_builtins_are_registered_like_plugins() -> None:
     registry = Registry.from_plugin_manager(get_plugin_manager(load_entry_points=False))
-    assert set(registry.rules) == {"ignore", "include", "type", "size", "age"}
-    assert set(registry.processes) == {"checksum", "rename", "sidecar"}
+    assert set(registry.rules) == {"ignore", "include", "type", "size", "age", "inside"}
+    assert set(registry.processes) == {"checksum", "rename", "sidecar", "geotag"}
     assert registry.rules["size"].origin == "skyframe.builtin.rules"
     with pytest.raises(TypeError):
         registry.rules["x"] = registry.rules["size"]  # type: ignore[index]

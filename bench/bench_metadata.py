@@ -1,0 +1,188 @@
+"""Benchmark of reading drone photos' metadata (``geotag``), and what it costs a delivery.
+
+Two figures:
+
+1. **Extraction rate**: ``skyframe.drone.metadata.read_photo`` over the real photos of
+   ``tests/data/drone`` (a senseFly eBee's 12 MP photos with EXIF GPS and senseFly XMP, and a
+   Nikon camera's), copied ``--copies`` times into a temporary folder, read in a loop; each
+   read opens the file and parses its header only. Reported: photos per second (median of
+   ``--runs`` passes, with min and max) and the bytes read per photo compared with its size.
+2. **Delivery with and without geotag**: ``skyframe -q run --once`` (the real command line) of
+   a flight of ``--flight`` eBee photos to a local sink, with ``processes: [geotag]`` and with
+   no process, alternately, ``--runs`` times each, every run with a fresh state directory and
+   sink; reported: the medians and the ratio (geotag / without; the target is at most 1.10).
+
+Run from the repository root:
+
+    .venv/bin/python bench/bench_metadata.py [--copies 100] [--flight 60] [--runs 5]
+
+Everything lives in a temporary folder that is removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "tests" / "data" / "drone"
+BIN = Path(sys.executable).parent
+
+
+def photos() -> list[Path]:
+    found = sorted(p for p in DATA.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+    if not found:
+        raise SystemExit(f"bench_metadata: no photos under {DATA}")
+    return found
+
+
+def extraction(base: Path, copies: int, runs: int) -> None:
+    from skyframe.drone.metadata import read_photo
+
+    folder = base / "photos"
+    folder.mkdir()
+    files = []
+    for i in range(copies):
+        for source in photos():
+            target = folder / f"{i:04d}-{source.name}"
+            shutil.copyfile(source, target)
+            files.append(target)
+    read_photo(files[0])  # imports and plugin registration, once
+    rates = []
+    for _ in range(runs):
+        began = time.perf_counter()
+        for path in files:
+            read_photo(path)
+        rates.append(len(files) / (time.perf_counter() - began))
+    read_bytes = bytes_read_per_photo(files[0])
+    size = files[0].stat().st_size
+    print(
+        f"metadata extraction: {len(files)} photos per pass, {runs} passes: "
+        f"median {statistics.median(rates):,.0f} photos/s "
+        f"(min {min(rates):,.0f}, max {max(rates):,.0f}); target >= 200 photos/s"
+    )
+    print(
+        f"  bytes read for {files[0].name}: {read_bytes:,} of {size:,} "
+        f"({100 * read_bytes / size:.1f}% of the file)"
+    )
+
+
+def bytes_read_per_photo(path: Path) -> int:
+    """The bytes ``read_photo`` reads from one file, counted by wrapping ``open``."""
+    import builtins
+
+    from skyframe.drone import metadata
+
+    counted = [0]
+    real_open = builtins.open
+
+    class Counting:
+        def __init__(self, f: object) -> None:
+            self._f = f
+
+        def read(self, *args: object) -> bytes:
+            data: bytes = self._f.read(*args)  # type: ignore[attr-defined]
+            counted[0] += len(data)
+            return data
+
+        def readinto(self, buffer: bytearray) -> int:
+            n: int = self._f.readinto(buffer)  # type: ignore[attr-defined]
+            counted[0] += n
+            return n
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._f, name)
+
+        def __enter__(self) -> Counting:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._f.close()  # type: ignore[attr-defined]
+
+    def counting_open(file: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+        return Counting(real_open(file, mode, *args, **kwargs))  # type: ignore[call-overload]
+
+    metadata.open = counting_open  # type: ignore[attr-defined]
+    try:
+        metadata.read_photo(path)
+    finally:
+        del metadata.open  # type: ignore[attr-defined]
+    return counted[0]
+
+
+CONFIG = """\
+state_dir: state
+pipelines:
+  - name: survey
+    source: {{path: flight, settle: 0}}
+    processes: [{processes}]
+    sinks:
+      - url: sink
+"""
+
+
+def delivery(base: Path, flight: int, runs: int) -> None:
+    source = base / "flight"
+    source.mkdir()
+    ebee = sorted((DATA / "ebee-snowpeak").glob("*.JPG"))
+    for i in range(flight):
+        shutil.copyfile(ebee[i % len(ebee)], source / f"IMG_{i:04d}.JPG")
+    times: dict[str, list[float]] = {"without": [], "geotag": []}
+    for _ in range(runs):
+        for case in ("without", "geotag"):
+            for name in ("state", "sink"):
+                shutil.rmtree(base / name, ignore_errors=True)
+            config = base / "skyframe.yaml"
+            processes = "geotag" if case == "geotag" else ""
+            config.write_text(textwrap.dedent(CONFIG.format(processes=processes)))
+            os.sync()
+            time.sleep(1)
+            began = time.perf_counter()
+            done = subprocess.run(
+                [str(BIN / "skyframe"), "-q", "run", "--once", str(config)],
+                cwd=base,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            elapsed = time.perf_counter() - began
+            if done.returncode != 0 or len(list((base / "sink").iterdir())) != flight:
+                raise SystemExit(f"bench_metadata: the {case} run failed: {done.stderr.strip()}")
+            times[case].append(elapsed)
+    size = sum(p.stat().st_size for p in source.iterdir())
+    medians = {case: statistics.median(values) for case, values in times.items()}
+    for case, values in times.items():
+        print(
+            f"delivery of {flight} photos ({size / 1e6:.0f} MB), {case:>7}: median "
+            f"{medians[case]:.2f} s ({', '.join(f'{v:.2f}' for v in values)})"
+        )
+    print(
+        f"  ratio geotag / without: {medians['geotag'] / medians['without']:.3f} (target <= 1.10)"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--copies", type=int, default=100, help="copies of each test photo")
+    parser.add_argument("--flight", type=int, default=60, help="photos in the delivered flight")
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="skyframe-bench-metadata-"))
+    try:
+        extraction(base, args.copies, args.runs)
+        delivery(base, args.flight, args.runs)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

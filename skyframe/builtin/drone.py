@@ -1,0 +1,158 @@
+"""Stock steps for drone photos: ``geotag`` (a photo's own metadata into ``job.meta``) and the
+rule ``inside`` (only photos taken inside an area)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BeforeValidator
+
+from skyframe.drone import is_photo
+from skyframe.events import FileEvent, Job
+from skyframe.markers import process, rule
+from skyframe.units import Label
+
+log = logging.getLogger(__name__)
+
+#: One ring of a polygon: (lon, lat) pairs, GeoJSON's order.
+Ring = list[tuple[float, float]]
+
+
+@process
+def process_geotag(job: Job) -> None:
+    """Read a photo's position, altitude, capture time, camera and orientation from its EXIF
+    and XMP (header only) into job.meta["photo"]; never fails a file."""
+    if not is_photo(job.path):
+        return
+    from skyframe.drone.metadata import PhotoMeta, read_photo  # the imaging library, if used
+
+    try:
+        meta = read_photo(job.path)
+    except OSError as exc:  # gone or unreadable: delivery meets it and reports it
+        meta = PhotoMeta(error=f"cannot read: {exc.strerror or exc}")
+    if meta.error:
+        log.info("%s: %s: %s", job.pipeline, job.relpath, meta.error)
+    job.meta["photo"] = meta.to_json()
+
+
+def _check_box(box: list[float]) -> list[float]:
+    if len(box) != 4:
+        raise ValueError("box takes four numbers: [west, south, east, north]")
+    west, south, east, north = box
+    if not (-180 <= west <= 180 and -180 <= east <= 180 and -90 <= south <= north <= 90):
+        raise ValueError(
+            "box is [west, south, east, north] in degrees: longitudes within -180..180, "
+            "latitudes within -90..90, south <= north"
+        )
+    return box
+
+
+def _polygons(geojson: dict[str, Any]) -> list[list[Ring]]:
+    """The polygons (each a list of rings: the outline, then holes) of a GeoJSON Polygon,
+    MultiPolygon, Feature or FeatureCollection; ValueError for anything else."""
+    kind = geojson.get("type")
+    if kind == "FeatureCollection":
+        return [p for feature in geojson.get("features") or [] for p in _polygons(feature)]
+    if kind == "Feature":
+        return _polygons(geojson.get("geometry") or {})
+    coordinates = geojson.get("coordinates")
+    if kind == "Polygon":
+        return [_rings(coordinates)]
+    if kind == "MultiPolygon" and isinstance(coordinates, list):
+        return [_rings(polygon) for polygon in coordinates]
+    raise ValueError(
+        f"area must be a GeoJSON Polygon, MultiPolygon, Feature or FeatureCollection, not {kind!r}"
+    )
+
+
+def _rings(coordinates: Any) -> list[Ring]:
+    try:
+        rings = [[(float(p[0]), float(p[1])) for p in ring] for ring in coordinates]
+    except (TypeError, ValueError, IndexError):
+        raise ValueError("a polygon's coordinates are rings of [longitude, latitude]") from None
+    if not rings or any(len(ring) < 4 for ring in rings):
+        raise ValueError("a polygon ring needs at least four positions (the first repeated last)")
+    return rings
+
+
+def _area(value: Any) -> Any:
+    """A GeoJSON area as its polygons (checked when the config is loaded)."""
+    if not isinstance(value, dict):
+        raise ValueError("area must be a GeoJSON object (a Polygon, or a Feature holding one)")
+    polygons = _polygons(value)
+    if not polygons:
+        raise ValueError("area holds no polygon")
+    return polygons
+
+
+Box = Annotated[list[float], AfterValidator(_check_box), Label("[west, south, east, north]")]
+#: A GeoJSON Polygon, MultiPolygon, Feature or FeatureCollection, read as its polygons.
+Area = Annotated[list[list[Ring]], BeforeValidator(_area), Label("GeoJSON polygon")]
+
+
+def _in_ring(lon: float, lat: float, ring: Sequence[tuple[float, float]]) -> bool:
+    """Even-odd test of a point against one ring (a point on an edge may fall either way)."""
+    inside = False
+    x1, y1 = ring[-1]
+    for x2, y2 in ring:
+        if (y1 > lat) != (y2 > lat) and lon < x1 + (lat - y1) * (x2 - x1) / (y2 - y1):
+            inside = not inside
+        x1, y1 = x2, y2
+    return inside
+
+
+def in_polygons(lon: float, lat: float, polygons: list[list[Ring]]) -> bool:
+    """Whether (lon, lat) is inside one of the polygons (inside its outline, in none of its
+    holes)."""
+    return any(
+        _in_ring(lon, lat, rings[0]) and not any(_in_ring(lon, lat, hole) for hole in rings[1:])
+        for rings in polygons
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _position(path: Path, size: int, mtime_ns: int) -> tuple[float, float] | str:
+    """A photo's (lon, lat), or why there is none; cached per version of the file."""
+    from skyframe.drone.metadata import read_photo
+
+    try:
+        meta = read_photo(path)
+    except OSError as exc:
+        return f"cannot read it: {exc.strerror or exc}"
+    if meta.lat is None or meta.lon is None:
+        return meta.error or "it records no position"
+    return meta.lon, meta.lat
+
+
+@rule
+def rule_inside(
+    event: FileEvent,
+    area: Area | None = None,
+    box: Box | None = None,
+    missing: Literal["reject", "accept"] = "reject",
+) -> bool | str:
+    """Accept only photos taken inside an area (a GeoJSON polygon) or a box [west, south, east,
+    north], by the position they record; files without one follow missing (reject)."""
+    if area is None and box is None:
+        return "rule 'inside' needs an area or a box"
+    where = (
+        _position(event.path, event.size, event.mtime_ns)
+        if is_photo(event.path)
+        else "it is not a photo"
+    )
+    if isinstance(where, str):
+        return True if missing == "accept" else f"no position: {where}"
+    lon, lat = where
+    if box is not None:
+        west, south, east, north = box
+        across = west > east  # a box across the antimeridian
+        in_lon = (lon >= west or lon <= east) if across else west <= lon <= east
+        if in_lon and south <= lat <= north:
+            return True
+    if area is not None and in_polygons(lon, lat, area):
+        return True
+    return f"taken at {lat:.6f}, {lon:.6f}, outside the area"

@@ -1,0 +1,345 @@
+"""Drone photos: metadata read from the files themselves (``geotag``), recorded with each
+delivery, and the rule ``inside``.
+
+The real photos under ``tests/data/drone`` (see its README) come with their own truth: the
+senseFly eBee's position table, and the published position of a Nikon photo. The DJI, Parrot
+and Pix4D/MicaSense layouts are built here with Pillow, which writes EXIF and XMP, in the
+public layouts of those makers; no such camera's file is in the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import WriteConfig, run_once, skyframe
+from PIL import Image
+
+from skyframe.drone import photo_summary
+from skyframe.drone.metadata import PhotoMeta, read_photo
+from skyframe.events import LifecycleEvent
+from skyframe.markers import hookimpl
+from skyframe.state import Manifest
+
+DATA = Path(__file__).parent / "data" / "drone"
+EBEE = DATA / "ebee-snowpeak"
+NIKON = DATA / "gps-camera"
+
+
+def position_table() -> dict[str, dict[str, float]]:
+    """The eBee's own table: file name -> latitude, longitude, altitude_wgs84, heading..."""
+    lines = (EBEE / "geoinfo.txt").read_text().splitlines()
+    header = lines[1].split("\t")
+    table = {}
+    for line in lines[2:]:
+        values = line.rstrip("\t").split("\t")
+        table[values[0]] = {k: float(v) for k, v in zip(header[1:], values[1:], strict=True)}
+    return table
+
+
+@pytest.mark.parametrize("name", ["IMG_2168.JPG", "IMG_2171.JPG", "IMG_2186.JPG"])
+def test_ebee_positions_equal_the_drones_own_table(name: str) -> None:
+    truth = position_table()[name]
+    meta = read_photo(EBEE / name)
+    assert meta.error is None
+    assert meta.lat == pytest.approx(truth["latitude"], abs=1e-6)
+    assert meta.lon == pytest.approx(truth["longitude"], abs=1e-6)
+    assert meta.altitude == pytest.approx(truth["altitude_wgs84"], abs=1e-3)
+    # senseFly's XMP: the camera's orientation as the drone logged it.
+    assert meta.yaw == pytest.approx(truth["heading"], abs=1e-6)
+    assert meta.pitch == pytest.approx(truth["pitch"], abs=1e-6)
+    assert meta.roll == pytest.approx(truth["roll"], abs=1e-6)
+    assert (meta.dialect, meta.make, meta.model) == ("sensefly", "Canon", "Canon IXUS 125 HS")
+    assert meta.captured is not None
+    assert meta.captured.startswith("2014-07-12T")
+    assert meta.xy_accuracy is not None
+    assert 0 < meta.xy_accuracy < 20
+    assert (meta.width, meta.height) == (4608, 3456)
+
+
+def test_a_camera_photo_with_gps_and_one_without_exif() -> None:
+    meta = read_photo(NIKON / "DSCN0010.jpg")
+    assert meta.lat == pytest.approx(43.4674483, abs=1e-6)
+    assert meta.lon == pytest.approx(11.8851267, abs=1e-6)
+    assert meta.captured == "2008-10-22T16:28:39"  # camera local time: no offset recorded
+    assert meta.altitude is None  # the camera wrote none
+    bare = read_photo(NIKON / "no_exif.jpg")
+    assert not bare.has_position
+    assert bare.error is None  # a photo without GPS is not broken
+    assert photo_summary(bare.to_json()) == "no position"
+
+
+def jpeg(path: Path, *, exif: Image.Exif | None = None, xmp: str | None = None) -> Path:
+    """A small real JPEG written by Pillow, with the given EXIF and XMP."""
+    image = Image.new("RGB", (64, 48), (40, 120, 200))
+    options: dict[str, Any] = {}
+    if exif is not None:
+        options["exif"] = exif
+    if xmp is not None:
+        options["xmp"] = xmp.encode()
+    image.save(path, "JPEG", **options)
+    return path
+
+
+def xmp_packet(namespace: str, prefix: str, values: dict[str, str], *, as_elements: bool) -> str:
+    """An XMP packet with one rdf:Description, values as attributes or as elements (both
+    are valid XMP; makers write either)."""
+    if as_elements:
+        body = "".join(f"<{prefix}:{k}>{v}</{prefix}:{k}>" for k, v in values.items())
+        attributes = ""
+    else:
+        body = ""
+        attributes = " ".join(f'{prefix}:{k}="{v}"' for k, v in values.items())
+    return (
+        '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/">'
+        '<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        f'<rdf:Description rdf:about="" xmlns:{prefix}="{namespace}" {attributes}>{body}'
+        "</rdf:Description></rdf:RDF></x:xmpmeta>"
+        '<?xpacket end="w"?>'
+    )
+
+
+def test_dji_xmp_gives_position_altitudes_gimbal_and_rtk_accuracy(tmp_path: Path) -> None:
+    # The layout of DJI's drone-dji XMP (attributes), as a Phantom 4 RTK writes it; no EXIF
+    # GPS here, so the position comes from the XMP.
+    values = {
+        "GpsLatitude": "47.6436873208",
+        "GpsLongtitude": "16.4759271684",  # sic: DJI's spelling on several models
+        "AbsoluteAltitude": "+512.998",
+        "RelativeAltitude": "+75.120",
+        "GimbalYawDegree": "-12.30",
+        "GimbalPitchDegree": "-90.00",
+        "GimbalRollDegree": "+0.00",
+        "RtkStdLon": "0.013698",
+        "RtkStdLat": "0.014391",
+        "RtkStdHgt": "0.029694",
+    }
+    path = jpeg(
+        tmp_path / "DJI_0001.JPG",
+        xmp=xmp_packet("http://www.dji.com/drone-dji/1.0/", "drone-dji", values, as_elements=False),
+    )
+    meta = read_photo(path)
+    assert meta.dialect == "dji"
+    assert (meta.lat, meta.lon) == (47.6436873208, 16.4759271684)
+    assert (meta.altitude, meta.relative_altitude) == (512.998, 75.12)
+    assert (meta.yaw, meta.pitch, meta.roll) == (-12.3, -90.0, 0.0)
+    assert meta.xy_accuracy == pytest.approx((0.013698**2 + 0.014391**2) ** 0.5)
+    assert meta.z_accuracy == 0.029694
+
+
+@pytest.mark.parametrize(
+    ("namespace", "prefix", "names", "dialect"),
+    [
+        (
+            "http://www.parrot.com/drone-parrot/1.0/",
+            "drone-parrot",
+            ("CameraYawDegree", "CameraPitchDegree", "CameraRollDegree"),
+            "parrot",
+        ),
+        ("http://pix4d.com/camera/1.0/", "Camera", ("Yaw", "Pitch", "Roll"), "pix4d"),
+        ("http://ns.sensefly.com/Camera/1.0/", "Camera", ("Yaw", "Pitch", "Roll"), "sensefly"),
+    ],
+)
+def test_the_orientation_of_other_makers(
+    tmp_path: Path, namespace: str, prefix: str, names: tuple[str, str, str], dialect: str
+) -> None:
+    values = dict(zip(names, ("271.5", "-89.9", "1.25"), strict=True))
+    path = jpeg(tmp_path / "a.jpg", xmp=xmp_packet(namespace, prefix, values, as_elements=True))
+    meta = read_photo(path)
+    assert (meta.dialect, meta.yaw, meta.pitch, meta.roll) == (dialect, 271.5, -89.9, 1.25)
+
+
+def gps_exif(
+    lat: tuple[tuple[float, float, float], str],
+    lon: tuple[tuple[float, float, float], str],
+    altitude: float,
+) -> Image.Exif:
+    """EXIF with a GPS position (degrees, minutes, seconds; and N/S, E/W) and an altitude
+    (negative: below sea level), a maker, and a capture time with its UTC offset."""
+    exif = Image.Exif()
+    gps = exif.get_ifd(0x8825)
+    gps.update({1: lat[1], 2: lat[0], 3: lon[1], 4: lon[0]})
+    gps.update({5: b"\x01" if altitude < 0 else b"\x00", 6: abs(altitude)})
+    exif[0x010F] = "TestMaker"
+    details = exif.get_ifd(0x8769)
+    details[0x9003] = "2026:05:04 10:11:12"  # DateTimeOriginal
+    details[0x9011] = "-03:00"  # OffsetTimeOriginal
+    return exif
+
+
+def test_south_west_below_sea_level_and_a_recorded_offset(tmp_path: Path) -> None:
+    exif = gps_exif(((33.0, 51.0, 54.0), "S"), ((151.0, 12.0, 36.0), "W"), -12.5)
+    meta = read_photo(jpeg(tmp_path / "a.jpg", exif=exif))
+    assert meta.lat == pytest.approx(-(33 + 51 / 60 + 54 / 3600))
+    assert meta.lon == pytest.approx(-(151 + 12 / 60 + 36 / 3600))
+    assert meta.altitude == -12.5
+    assert meta.captured == "2026-05-04T10:11:12-03:00"
+    assert meta.make == "TestMaker"
+
+
+def test_broken_files_are_reported_in_their_metadata(tmp_path: Path) -> None:
+    whole = (NIKON / "DSCN0010.jpg").read_bytes()
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(whole[: len(whole) // 2])  # a copy that stopped half way
+    meta = read_photo(cut)
+    assert meta.error == "truncated: the JPEG has no end-of-image marker"
+    assert meta.lat == pytest.approx(43.4674483, abs=1e-6)  # the header was whole
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a photo at all")
+    assert read_photo(text).error == "not an image format this version reads"
+    bad_xmp = jpeg(tmp_path / "x.jpg", xmp="<x:xmpmeta><unclosed>")
+    meta = read_photo(bad_xmp)
+    assert meta.error is not None
+    assert meta.error.startswith("unreadable XMP: ")
+    assert (meta.width, meta.height) == (64, 48)
+    with pytest.raises(FileNotFoundError):
+        read_photo(tmp_path / "gone.jpg")
+
+
+def test_metadata_round_trips_through_json() -> None:
+    meta = read_photo(EBEE / "IMG_2168.JPG")
+    again = PhotoMeta.from_json(json.loads(json.dumps(meta.to_json())))
+    assert again == meta
+    summary = photo_summary(meta.to_json())
+    assert summary == "at 37.544230,139.040772 259.8 m, taken 2014-07-12T08:25:33"
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[LifecycleEvent] = []
+
+    @hookimpl
+    def skyframe_event(self, event: LifecycleEvent) -> None:
+        self.events.append(event)
+
+
+def test_geotag_records_each_photos_metadata_with_its_delivery(
+    tmp_path: Path, write_config: WriteConfig
+) -> None:
+    flight = tmp_path / "incoming" / "flight-07"
+    flight.mkdir(parents=True)
+    for name in ("IMG_2168.JPG", "IMG_2171.JPG"):
+        shutil.copy(EBEE / name, flight / name)
+    shutil.copy(NIKON / "no_exif.jpg", flight / "no_exif.jpg")
+    (flight / "flight.log").write_text("not a photo")
+    (flight / "broken.jpg").write_bytes(b"\xff\xd8 a cut-off copy")
+    config = write_config(
+        """
+        state_dir: .state
+        pipelines:
+          - name: survey
+            source: {path: incoming, settle: 0}
+            processes: [geotag]
+            sinks:
+              - url: outbox
+        """
+    )
+    recorder = Recorder()
+    summary = run_once(config, recorder)
+    assert summary.ok
+    assert summary.delivered == 5  # geotag never fails a file
+    metas = {e.relpath: e.meta for e in recorder.events if e.kind == "delivered"}
+    table = position_table()
+    photo = metas["flight-07/IMG_2168.JPG"]["photo"]  # type: ignore[index]
+    assert photo["lat"] == pytest.approx(table["IMG_2168.JPG"]["latitude"], abs=1e-6)
+    assert metas["flight-07/no_exif.jpg"] == {"photo": {"width": 322, "height": 466}}
+    assert metas["flight-07/flight.log"] is None  # not a photo: nothing to say
+    broken = metas["flight-07/broken.jpg"]["photo"]  # type: ignore[index]
+    assert broken["error"].startswith("not a")
+    manifest = Manifest(tmp_path / ".state" / "manifest")
+    entries = {relpath: entry for _, _, relpath, entry in manifest.entries()}
+    manifest.close()
+    recorded = entries["flight-07/IMG_2171.JPG"].meta
+    assert recorded is not None
+    assert recorded["photo"]["lon"] == pytest.approx(table["IMG_2171.JPG"]["longitude"], abs=1e-6)
+    history = skyframe(tmp_path, "history")
+    assert history.returncode == 0, history.stderr
+    delivered = [x for x in history.stdout.splitlines() if " delivered " in x]
+    line = next(x for x in delivered if "IMG_2168.JPG" in x)
+    assert line.endswith("[at 37.544230,139.040772 259.8 m, taken 2014-07-12T08:25:33]")
+    assert next(x for x in delivered if "no_exif" in x).endswith("[no position]")
+
+
+SITES = """
+state_dir: .state
+pipelines:
+  - name: japan
+    source: {path: incoming, settle: 0}
+    rules:
+      - inside: {box: [139.0, 37.5, 139.1, 37.6]}
+    sinks:
+      - url: site-japan
+  - name: italy
+    source: {path: incoming, settle: 0}
+    rules:
+      - inside:
+          area:
+            type: Feature
+            geometry:
+              type: Polygon
+              coordinates:
+                - [[11.8, 43.4], [12.0, 43.4], [12.0, 43.5], [11.8, 43.5], [11.8, 43.4]]
+                # a hole around one of the photos (DSCN0012: 43.46716 N, 11.88539 E)
+                - [[11.8852, 43.4670], [11.8856, 43.4670], [11.8856, 43.4673],
+                   [11.8852, 43.4673], [11.8852, 43.4670]]
+    sinks:
+      - url: site-italy
+"""
+
+
+def test_inside_routes_photos_by_where_they_were_taken(
+    tmp_path: Path, write_config: WriteConfig
+) -> None:
+    incoming = tmp_path / "incoming"
+    shutil.copy(EBEE / "IMG_2168.JPG", incoming)
+    for name in ("DSCN0010.jpg", "DSCN0012.jpg", "no_exif.jpg"):
+        shutil.copy(NIKON / name, incoming)
+    summary = run_once(write_config(SITES))
+    assert sorted(p.name for p in (tmp_path / "site-japan").iterdir()) == ["IMG_2168.JPG"]
+    assert sorted(p.name for p in (tmp_path / "site-italy").iterdir()) == ["DSCN0010.jpg"]
+    # Each site rejects the other site's photos and no_exif.jpg; Italy also the one in its hole.
+    assert summary.rejected["inside"] == 6
+    accepting = SITES.replace(
+        "- inside: {box: [139.0, 37.5, 139.1, 37.6]}",
+        "- inside: {box: [139.0, 37.5, 139.1, 37.6], missing: accept}",
+    )
+    shutil.rmtree(tmp_path / ".state")
+    run_once(write_config(accepting))
+    assert sorted(p.name for p in (tmp_path / "site-japan").iterdir()) == [
+        "IMG_2168.JPG",
+        "no_exif.jpg",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("{box: [1, 2, 3]}", "box takes four numbers: [west, south, east, north]"),
+        ("{box: [10, 50, 20, 40]}", "south <= north"),
+        ("{area: {type: Point, coordinates: [1, 2]}}", "not 'Point'"),
+        ("{area: {type: Polygon, coordinates: [[[0, 0], [1, 1]]]}}", "at least four positions"),
+    ],
+)
+def test_bad_areas_are_config_errors(
+    tmp_path: Path, write_config: WriteConfig, options: str, message: str
+) -> None:
+    write_config(
+        f"""
+        pipelines:
+          - name: survey
+            source: {{path: incoming}}
+            rules:
+              - inside: {options}
+            sinks:
+              - url: outbox
+        """
+    )
+    done = skyframe(tmp_path, "run", "--once", "skyframe.yaml")
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
