@@ -249,7 +249,13 @@ def history_line(event: dict[str, Any]) -> str:
         parts.append(f"attempt {event['attempt']}")
     if event.get("reason"):
         parts.append(f"- {event['reason']}")
-    photo = (event.get("meta") or {}).get("photo")
+    meta = event.get("meta") or {}
+    photo = meta.get("photo")
     if isinstance(photo, dict):
         parts.append(f"[{photo_summary(photo)}]")
+    if str(event["kind"]).endswith("-complete") and "files" in meta:
+        parts.append(
+            f"({meta['files']} file(s), {meta.get('with_position', 0)} with a position"
+            f"{', reported again' if meta.get('reports', 1) > 1 else ''})"
+        )
     return " ".join(parts)

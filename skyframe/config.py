@@ -179,6 +179,41 @@ class StepConfig(_Model):
         return value
 
 
+class GroupConfig(_Model):
+    """Files that belong together (a flight): which ones, and when the group is complete."""
+
+    name: str = Field(
+        pattern=r"^[a-z][a-z0-9_-]*$",
+        description="the group's name (flight); its completion is the event NAME-complete",
+    )
+    by: Literal["folder", "time_gap"] = Field(
+        "folder",
+        description="folder: the files of one folder; time_gap: files captured (or modified) "
+        "less than gap apart",
+    )
+    quiet: PositiveDuration = Field(
+        600.0, description="complete when no file of the group has arrived for this long"
+    )
+    gap: PositiveDuration = Field(300.0, description="by: time_gap: a longer pause starts a group")
+    report: bool = Field(True, description="deliver the built-in report with the group")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_yaml(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"name": value}
+        if isinstance(value, Mapping) and "name" not in value:
+            if len(value) != 1:
+                raise ValueError("expected a name, or a one-key mapping of name to its options")
+            ((name, options),) = value.items()
+            if options is None:
+                options = {}
+            if not isinstance(options, Mapping):
+                raise ValueError(f"the options of {name!r} must be a mapping of option: value")
+            return {"name": name, **options}
+        return value
+
+
 class PipelineConfig(_Model):
     """A source, its rules and processes, and the sinks it delivers to."""
 
@@ -188,6 +223,18 @@ class PipelineConfig(_Model):
     processes: list[StepConfig] = Field(default_factory=list, description="run in order")
     sinks: list[SinkConfig] = Field(min_length=1, description="destinations")
     retry: RetryConfig | None = Field(None, description="overrides the top-level retry")
+    groups: list[GroupConfig] = Field(
+        default_factory=list, description="files that belong together, such as flights"
+    )
+
+    @field_validator("groups")
+    @classmethod
+    def _unique_groups(cls, groups: list[GroupConfig]) -> list[GroupConfig]:
+        names = [g.name for g in groups]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"two groups named {name!r}")
+        return groups
 
 
 def is_loopback(host: str) -> bool:

@@ -118,6 +118,8 @@ def print_summary(console: Console, summary: RunSummary) -> None:
         line(f"  rejected by {shown(rule_name)}: {count}")
     if summary.moved or summary.deleted:
         line(f"  moved remotely: {summary.moved}, deleted remotely: {summary.deleted}")
+    for group_name, count in sorted(summary.completed.items()):
+        line(f"  complete: {count} {shown(group_name)}(s)")
     if summary.skipped:
         line(f"  skipped (vanished before delivery): {summary.skipped}")
     if summary.refused:

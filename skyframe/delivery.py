@@ -153,6 +153,10 @@ class JobRunner:
         self.stopping = stopping or threading.Event()
         #: Called once a job is settled either way (its transfers are over).
         self.job_ended: Callable[[str, str], None] | None = None
+        #: Told the files whose jobs are done, by pipeline: (relpath, mtime_ns, job meta),
+        #: before the queue completes them (the groups: see skyframe.groups).
+        self.arrived: Callable[[str, list[tuple[str, int, dict[str, Any] | None]]], None] | None
+        self.arrived = None
         self.queue = queue
         self.manifest = manifest
         self.pipelines = pipelines
@@ -357,6 +361,16 @@ class JobRunner:
         in one transaction, the others retried or dead-lettered."""
         done = [run for run in runs if not run.errors]
         try:
+            if self.arrived is not None:
+                # Before the queue forgets them: a crash in between runs them again.
+                arrived: dict[str, list[tuple[str, int, dict[str, Any] | None]]] = {}
+                for run in done:
+                    if run.job is not None:
+                        event = run.job.event
+                        entry = (event.relpath, event.mtime_ns, run.meta())
+                        arrived.setdefault(event.pipeline, []).append(entry)
+                for pipeline, files in arrived.items():
+                    self.arrived(pipeline, files)
             self.queue.complete_many([run.claim for run in done])
         except Exception:  # the state database: the leases return at the next start
             log.exception("could not record the outcome of %d job(s)", len(done))

@@ -29,6 +29,7 @@ from skyframe.dispatch import Dispatcher
 from skyframe.display import RepeatedLog
 from skyframe.errors import PluginError, SkyframeError, StateError
 from skyframe.events import LifecycleEvent, LifecycleKind
+from skyframe.groups import CHECK_INTERVAL, Groups, GroupStore
 from skyframe.history import History
 from skyframe.intake import Intake
 from skyframe.journal import UploadJournal
@@ -134,6 +135,19 @@ class Engine:
             stopping=self._stop,
         )
         self.runner.job_ended = self.tracker.job_ended
+        #: the groups (flights) of the pipelines that have some
+        self.groups: Groups | None = None
+        if self._group_store is not None:
+            self.groups = Groups(
+                self._group_store,
+                self.pipelines,
+                manifest=self.manifest,
+                pm=pm,
+                emit=self.emit,
+                state_dir=self.state_dir,
+                journal=self.journal,
+            )
+            self.runner.arrived = self.groups.arrived
 
     def _open_state(self) -> None:
         """Lock the state directory and open its databases (all, or none and unlocked)."""
@@ -152,6 +166,10 @@ class Engine:
                 max_events=self.config.history.max_events,
             )
             opened.append(self.history)
+            self._group_store: GroupStore | None = None
+            if any(p.groups for p in self.pipelines.values()):
+                self._group_store = GroupStore(self.state_dir)
+                opened.append(self._group_store)
             self.control = Control(self.state_dir, self.pipelines)
         except BaseException:
             for each in reversed(opened):
@@ -181,6 +199,8 @@ class Engine:
         self.manifest.close()
         self.journal.close()
         self.history.close()
+        if self._group_store is not None:
+            self._group_store.close()
         self._lock.release()
 
     # --- events ------------------------------------------------------------------------------
@@ -310,6 +330,17 @@ class Engine:
             self.ready.set()
             self._stop.wait(RESCAN_POLL_INTERVAL)
 
+    def _complete_groups(self) -> None:
+        """Watch mode: complete the groups that became quiet (see skyframe.groups)."""
+        groups = self.groups
+        assert groups is not None
+
+        def complete() -> None:
+            groups.complete_due()
+
+        while not self._stop.wait(CHECK_INTERVAL):
+            self._guarded(complete, "completing groups")
+
     def _safe_scan(self, pipeline: Pipeline) -> None:
         try:
             self.intake.scan(pipeline)
@@ -368,6 +399,16 @@ class Engine:
             per_pipeline = self.queue.counts_by_pipeline()
             counts = self.queue.totals(per_pipeline)
             held = self.control.held()
+            if self.groups is not None and not self._stop.is_set():
+                # The end of a one-shot run completes the groups of every pipeline that
+                # delivered all it could (nothing left waiting, not paused).
+                settled = [
+                    name
+                    for name in self.pipelines
+                    if name not in held
+                    and not any(per_pipeline.get(name, {}).get(s) for s in ("pending", "waiting"))
+                ]
+                self.groups.complete_due(final=True, only=settled)
             self.summary.held = sum(
                 c["pending"] + c["waiting"] for name, c in per_pipeline.items() if name in held
             )
@@ -407,6 +448,10 @@ class Engine:
             threading.Thread(target=self._housekeeping, name="skyframe-housekeeping", daemon=True),
             threading.Thread(target=self._rescanner, name="skyframe-rescan", daemon=True),
         ]
+        if self.groups is not None:
+            threads.append(
+                threading.Thread(target=self._complete_groups, name="skyframe-groups", daemon=True)
+            )
         self.runner.patient = True  # an unreachable sink keeps files waiting, uncounted
         try:
             self._start_notifiers()

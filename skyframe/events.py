@@ -162,7 +162,8 @@ class LifecycleEvent:
     ``to_json()`` is the stable, documented shape (docs/hooks.md).
     """
 
-    kind: LifecycleKind
+    #: one of LifecycleKind, or NAME-complete for a completed group (flight-complete)
+    kind: LifecycleKind | str
     pipeline: str
     relpath: str
     sink: str | None = None

@@ -10,6 +10,7 @@ from skyframe.markers import hookspec
 if TYPE_CHECKING:
     from skyframe.config import Config
     from skyframe.events import LifecycleEvent
+    from skyframe.groups import Group
     from skyframe.protocols import Protocol
     from skyframe.storage import BatchTransfer, Sink, TransferRequest, TransferResult
 
@@ -44,6 +45,19 @@ def skyframe_shutdown(config: Config) -> None:
 @hookspec
 def skyframe_event(event: LifecycleEvent) -> None:
     """Receive every lifecycle event; errors are logged and never affect a transfer."""
+
+
+@hookspec
+def skyframe_group_complete(group: Group) -> None:
+    """A group of files (a flight) is complete: every file arrived and none for ``quiet``.
+
+    ``group.files`` holds each file with its metadata and where it landed on each sink;
+    ``group.add_file(name, data)`` delivers a file into the group's folder on every sink (the
+    built-in flight report does). Called once per completion; again, with the new files, when
+    a file arriving later reopened the group. After a crash between its files' delivery and
+    the record of the completion it may be called twice for the same group: act idempotently.
+    An exception leaves the group open, to be completed again 30 s later.
+    """
 
 
 @hookspec(firstresult=True)

@@ -212,7 +212,10 @@ class Intake:
             # In a one-shot run, the files a batch takes need no record on disk (see
             # JobQueue.volatile): the next run's scan finds again whatever this one leaves.
             held = pipeline.name in self.control.held()
-            room = 0 if held else self.dispatcher.volatile_room()
+            # A file of a group must pass through the queue: its arrival is recorded before
+            # the queue forgets it (skyframe.groups), which a volatile job never reaches
+            # after a crash.
+            room = 0 if held or pipeline.groups else self.dispatcher.volatile_room()
             claims: list[Claim] = []
             queued: list[FileEvent] = []
             with self.queue.batch():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pluggy
@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from skyframe.config import (
     Config,
+    GroupConfig,
     PipelineConfig,
     RetryConfig,
     SourceConfig,
@@ -42,6 +43,7 @@ class Pipeline:
     sinks: list[Sink]
     retry: RetryConfig
     source: SourceConfig
+    groups: list[GroupConfig] = field(default_factory=list)  #: files that belong together
 
 
 def build_pipelines(config: Config, registry: Registry) -> list[Pipeline]:
@@ -136,6 +138,7 @@ def _build_pipeline(
         sinks,
         config.retry_for(spec),
         spec.source,
+        list(spec.groups),
     )
 
 

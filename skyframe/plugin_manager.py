@@ -33,6 +33,7 @@ BUILTIN_PLUGINS = (
     "skyframe.builtin.rules",
     "skyframe.builtin.processes",
     "skyframe.builtin.drone",
+    "skyframe.builtin.flights",
     "skyframe.protocols.generic.plugin",
     "skyframe.protocols.sftp.plugin",
     "skyframe.protocols.s3.plugin",

@@ -27,6 +27,8 @@ class RunSummary:
     dead_letters: int = 0  #: jobs in the dead-letter list when a --once run ended
     interrupted: bool = False  #: a --once run was stopped before the queue was empty
     held: int = 0  #: jobs a --once run left in the queue because their pipeline is paused
+    #: groups completed, by group name (flight: 2)
+    completed: Counter[str] = field(default_factory=Counter)
 
     @property
     def ok(self) -> bool:
@@ -53,3 +55,5 @@ class RunSummary:
             self.deleted += 1
         elif kind == "dead-lettered":
             self.failed[f"{event.pipeline}:{event.relpath}"] = event.reason or "failed"
+        elif kind.endswith("-complete"):
+            self.completed[kind.removesuffix("-complete")] += 1

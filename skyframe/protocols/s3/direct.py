@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import hashlib
 import http.client
+import io
 import logging
 import os
 import time
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
     from skyframe.protocols.s3.backend import S3Options
 
 log = logging.getLogger(__name__)
+
+#: Bodies larger than this go to aiohttp as a stream, not as bytes.
+LARGE_BODY = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -182,9 +186,12 @@ class DirectS3:
             headers={f"x-amz-meta-{name}": value for name, value in metadata.items()},
         )
         url = URL(f"{self._endpoint.scheme}://{self._endpoint.netloc}{path}", encoded=True)
+        # aiohttp sends bytes in one write and warns above 1 MiB (it may hold the event loop):
+        # a larger body goes as a stream.
+        data: bytes | io.BytesIO = body if len(body) <= LARGE_BODY else io.BytesIO(body)
         try:
             session = self._open()
-            async with session.put(url, data=body, headers=headers, proxy=self._proxy) as response:
+            async with session.put(url, data=data, headers=headers, proxy=self._proxy) as response:
                 await response.read()
                 status = response.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
