@@ -168,14 +168,29 @@ class GroupStore:
         if spec.by == "folder":
             return posixpath.dirname(relpath) or "."
         row = db.execute(
-            "SELECT key FROM groups WHERE pipeline = ? AND name = ? AND first_time - ? <= ?"
-            " AND last_time + ? >= ? ORDER BY first_time LIMIT 1",
+            "SELECT key, first_time, reports FROM groups WHERE pipeline = ? AND name = ?"
+            " AND first_time - ? <= ? AND last_time + ? >= ? ORDER BY first_time LIMIT 1",
             (pipeline, spec.name, spec.gap, when, spec.gap, when),
         ).fetchone()
-        if row is not None:
-            return str(row[0])
         stamp = datetime.fromtimestamp(when, tz=UTC).strftime("%Y%m%d-%H%M%S")
-        return f"{spec.name}-{stamp}"
+        new_key = f"{spec.name}-{stamp}"
+        if row is None:
+            return new_key
+        key, first_time, reports = str(row[0]), float(row[1]), int(row[2])
+        taken = db.execute(
+            "SELECT 1 FROM groups WHERE pipeline = ? AND name = ? AND key = ?",
+            (pipeline, spec.name, new_key),
+        ).fetchone()
+        if when < first_time and not reports and taken is None:
+            # Files arrive in any order: a group is named after its earliest capture, as long
+            # as it was never reported under its first name.
+            for table in ("groups", "members"):
+                db.execute(
+                    f"UPDATE {table} SET key = ? WHERE pipeline = ? AND name = ? AND key = ?",
+                    (new_key, pipeline, spec.name, key),
+                )
+            return new_key
+        return key
 
     def due(self, pipeline: str, spec: GroupConfig, now: float, *, final: bool) -> list[str]:
         """The keys of this pipeline's open groups named ``spec.name`` that are complete: quiet

@@ -30,6 +30,7 @@ def test_example_project_end_to_end(example_project: Path) -> None:
             "2024-05-17/flight-01/DJI_20240517101502_0001.JPG",
             "2024-05-17/flight-01/DJI_20240517101502_0001.JPG.json",
             "2024-05-17/flight-01/DJI_20240517101502_0003.SRT",
+            "2024-05-17/flight-01/DJI_20240517101502_0003.SRT.geojson",  # geotag's track
             "2024-05-17/flight-01/DJI_20240517101502_0003.SRT.json",
             "2024-05-17/flight-01/DJI_20240517101510_0002.JPG",
             "2024-05-17/flight-01/DJI_20240517101510_0002.JPG.json",

@@ -343,3 +343,96 @@ def test_bad_areas_are_config_errors(
     assert message in done.stderr
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+# DJI's subtitle layouts, as their drones write them (recent models, then older ones); no DJI
+# video is in the repository.
+SRT_RECENT = """\
+1
+00:00:00,000 --> 00:00:00,033
+<font size="28">FrameCnt: 1, DiffTime: 33ms
+2024-05-17 10:15:02.123
+[iso: 100] [shutter: 1/1000.0] [fnum: 2.8] [ev: 0] [latitude: 47.643687] \
+[longtitude: 16.475927] [rel_alt: 75.100 abs_alt: 512.500] </font>
+
+2
+00:00:00,033 --> 00:00:00,066
+<font size="28">FrameCnt: 2, DiffTime: 33ms
+2024-05-17 10:15:02.156
+[iso: 100] [latitude: 0.000000] [longitude: 0.000000] [rel_alt: 75.100 abs_alt: 512.500] </font>
+
+3
+00:00:01,000 --> 00:00:01,033
+<font size="28">FrameCnt: 30, DiffTime: 33ms
+2024-05-17 10:15:03.123
+[iso: 100] [latitude: 47.643648] [longitude: 16.475895] [rel_alt: 75.200 abs_alt: 512.600] </font>
+"""
+
+SRT_OLDER = """\
+1
+00:00:01,000 --> 00:00:02,000
+HOME(16.4759,47.6437) 2018.05.17 10:15:02
+GPS(16.475927,47.643687,19) ISO:100 Shutter:60 EV: Fnum:F2.2 BAROMETER:75.1
+
+2
+00:00:02,000 --> 00:00:03,000
+HOME(16.4759,47.6437) 2018.05.17 10:15:03
+GPS(16.475895,47.643648,19) ISO:100 Shutter:60 EV: Fnum:F2.2 BAROMETER:75.3
+"""
+
+
+def test_dji_subtitles_become_a_track() -> None:
+    from skyframe.drone.telemetry import read_srt, track_geojson
+
+    recent = read_srt(SRT_RECENT)
+    assert [(p.seconds, p.lat, p.lon, p.rel_alt, p.abs_alt) for p in recent] == [
+        (0.0, 47.643687, 16.475927, 75.1, 512.5),
+        (1.0, 47.643648, 16.475895, 75.2, 512.6),
+    ]  # the frame without a fix (0, 0) is left out
+    assert recent[0].time == "2024-05-17 10:15:02.123"
+    older = read_srt(SRT_OLDER)
+    assert [(p.seconds, p.lat, p.lon, p.rel_alt) for p in older] == [
+        (1.0, 47.643687, 16.475927, 75.1),
+        (2.0, 47.643648, 16.475895, 75.3),
+    ]
+    (feature,) = track_geojson(recent, name="DJI_0003.SRT")["features"]
+    assert feature["geometry"] == {
+        "type": "LineString",
+        "coordinates": [[16.475927, 47.643687, 512.5], [16.475895, 47.643648, 512.6]],
+    }
+    assert feature["properties"]["start"] == "2024-05-17 10:15:02.123"
+    assert read_srt("not a subtitle file") == []
+
+
+def test_geotag_turns_a_videos_subtitles_into_a_track_beside_it(
+    tmp_path: Path, write_config: WriteConfig
+) -> None:
+    (tmp_path / "incoming" / "DJI_0003.SRT").write_text(SRT_RECENT)
+    (tmp_path / "incoming" / "empty.srt").write_text("1\n00:00:00,000 --> 00:00:01,000\nhi\n")
+    config = write_config(
+        """
+        state_dir: .state
+        pipelines:
+          - name: survey
+            source: {path: incoming, settle: 0}
+            processes: [geotag]
+            sinks:
+              - url: outbox
+        """
+    )
+    recorder = Recorder()
+    assert run_once(config, recorder).delivered == 2
+    track = json.loads((tmp_path / "outbox" / "DJI_0003.SRT.geojson").read_text())
+    assert track["features"][0]["properties"]["points"] == 2
+    metas = {e.relpath: e.meta for e in recorder.events if e.kind == "delivered"}
+    assert metas["DJI_0003.SRT"] == {
+        "track": {
+            "points": 2,
+            "start_seconds": 0.0,
+            "end_seconds": 1.0,
+            "start": "2024-05-17 10:15:02.123",
+            "end": "2024-05-17 10:15:03.123",
+        }
+    }
+    assert metas["empty.srt"] == {"track": {"points": 0}}
+    assert not (tmp_path / "outbox" / "empty.srt.geojson").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import signal
 import time
@@ -321,3 +322,58 @@ def test_bad_groups_are_config_errors(
     assert done.returncode != 0
     assert message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_an_rtk_event_file_places_the_flights_photos(
+    tmp_path: Path, write_config: WriteConfig
+) -> None:
+    # The real .MRK of a Phantom 4 RTK flight; its photos are not in the repository, so the
+    # flight's 176 photos are stand-ins made here (JPEGs without EXIF), named as DJI does.
+    from skyframe.drone.telemetry import read_mrk
+
+    mrk = DATA / "dji-rtk" / "101FTASK_Timestamp.mrk"
+    points = read_mrk(mrk.read_text())
+    assert len(points) == 176
+    assert (points[0].index, points[0].lat, points[0].lon) == (2, 47.6436873208, 16.4759271684)
+    assert (points[0].height, points[0].std_vertical, points[0].quality) == (512.998, 0.029694, 50)
+    flight = tmp_path / "incoming" / "101FTASK"
+    flight.mkdir()
+    shutil.copy(mrk, flight / mrk.name)
+    for i in range(len(points)):
+        Image.new("RGB", (8, 8)).save(flight / f"DJI_{i + 2:04d}.JPG", "JPEG")
+    assert run_once(write_config(CONFIG)).completed == {"flight": 1}
+    geo = (tmp_path / "outbox" / "101FTASK" / "geo.txt").read_text().splitlines()
+    assert len(geo) == 1 + len(points)
+    for line, point in zip(geo[1:], points, strict=True):
+        name, lon, lat, height, _yaw, _pitch, _roll, horizontal, vertical = line.split()
+        assert name == f"DJI_{point.index:04d}.JPG"
+        assert (float(lat), float(lon), float(height)) == (point.lat, point.lon, point.height)
+        assert point.std_north is not None
+        assert point.std_east is not None
+        assert float(horizontal) == pytest.approx(math.hypot(point.std_north, point.std_east))
+        assert float(vertical) == point.std_vertical
+    collection = json.loads((tmp_path / "outbox" / "101FTASK" / "flight.geojson").read_text())
+    first = collection["features"][0]
+    assert first["properties"]["position_source"] == "mrk"
+    assert first["geometry"]["coordinates"] == [16.4759271684, 47.6436873208, 512.998]
+
+
+def test_a_time_gap_group_is_named_after_its_earliest_capture(tmp_path: Path) -> None:
+    from skyframe.config import GroupConfig
+    from skyframe.groups import GroupStore
+
+    spec = GroupConfig.model_validate({"flight": {"by": "time_gap", "gap": "5m"}})
+    store = GroupStore(tmp_path)
+    t0 = 1_715_940_902.0  # 2024-05-17 10:15:02 UTC
+    store.arrived("p", [spec], [("b.jpg", t0 + 118)])
+    store.arrived("p", [spec], [("a.jpg", t0)])  # earlier, arriving later
+    store.arrived("p", [spec], [("z.jpg", t0 + 7200)])  # two hours on: another group
+    keys = [g["key"] for g in store.summary()]
+    assert sorted(keys) == ["flight-20240517-101502", "flight-20240517-121502"]
+    assert store.members("p", "flight", "flight-20240517-101502") == ["a.jpg", "b.jpg"]
+    (key,) = store.due("p", spec, time.time() + 1, final=True)[:1]
+    assert store.mark_reported("p", "flight", key, time.time())
+    store.arrived("p", [spec], [("early.jpg", t0 - 60)])  # reported: the name stays
+    members = store.members("p", "flight", "flight-20240517-101502")
+    assert members == ["a.jpg", "b.jpg", "early.jpg"]
+    store.close()

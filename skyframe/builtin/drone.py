@@ -4,6 +4,7 @@ rule ``inside`` (only photos taken inside an area)."""
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,10 @@ Ring = list[tuple[float, float]]
 def process_geotag(job: Job) -> None:
     """Read a photo's position, altitude, capture time, camera and orientation from its EXIF
     and XMP (header only) into job.meta["photo"]; never fails a file."""
+    suffix = job.event.suffix
+    if suffix in (".srt", ".mrk"):
+        _telemetry(job, suffix)
+        return
     if not is_photo(job.path):
         return
     from skyframe.drone.metadata import PhotoMeta, read_photo  # the imaging library, if used
@@ -37,6 +42,33 @@ def process_geotag(job: Job) -> None:
     if meta.error:
         log.info("%s: %s: %s", job.pipeline, job.relpath, meta.error)
     job.meta["photo"] = meta.to_json()
+
+
+def _telemetry(job: Job, suffix: str) -> None:
+    """A DJI video's subtitles become a GeoJSON track beside it (``.SRT.geojson``) and a
+    summary in job.meta["track"]; an RTK event file's points go to job.meta["mrk"], for the
+    flight report to place the flight's photos by."""
+    from skyframe.drone import telemetry
+
+    try:
+        with job.open() as f:
+            text = f.read().decode("utf-8", "replace")
+    except OSError as exc:  # delivery meets it and reports it
+        log.info("%s: %s: cannot read: %s", job.pipeline, job.relpath, exc.strerror or exc)
+        return
+    if suffix == ".mrk":
+        points = telemetry.read_mrk(text)
+        job.meta["mrk"] = {"points": [p.to_json() for p in points]}
+        return
+    track = telemetry.read_srt(text)
+    summary: dict[str, Any] = {"points": len(track)}
+    if track:
+        summary.update(start_seconds=track[0].seconds, end_seconds=track[-1].seconds)
+        if track[0].time:
+            summary.update(start=track[0].time, end=track[-1].time)
+        collection = telemetry.track_geojson(track, name=job.event.name)
+        job.add_file(".geojson", (json.dumps(collection, indent=1) + "\n").encode(), beside=True)
+    job.meta["track"] = summary
 
 
 def _check_box(box: list[float]) -> list[float]:

@@ -14,10 +14,13 @@ Names are relative to the report's folder (the folder the flight's files share r
 from __future__ import annotations
 
 import json
+import math
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from skyframe.drone import is_photo
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,25 @@ def convex_hull(points: Sequence[tuple[float, float]]) -> list[tuple[float, floa
     return lower[:-1] + upper[:-1]
 
 
+def apply_mrk(files: Sequence[ReportFile], points: Sequence[dict[str, Any]]) -> list[ReportFile]:
+    """The files with the flight's photos placed by an RTK ``.MRK`` file: its N-th point is
+    the N-th photo by name (position, ellipsoidal height, accuracies); other files unchanged.
+    Photos beyond the file's points keep what they record."""
+    photos = sorted((f for f in files if is_photo(f.name)), key=lambda f: f.name)
+    placed = {}
+    for file, point in zip(photos, points, strict=False):
+        photo = dict(file.photo or {})
+        photo.update(lat=point["lat"], lon=point["lon"], altitude=point["height"])
+        north, east = point.get("std_north"), point.get("std_east")
+        if north is not None and east is not None:
+            photo["xy_accuracy"] = math.hypot(north, east)
+        if point.get("std_vertical") is not None:
+            photo["z_accuracy"] = point["std_vertical"]
+        photo["position_source"] = "mrk"
+        placed[file.name] = ReportFile(file.name, file.sha256, photo)
+    return [placed.get(f.name, f) for f in files]
+
+
 def feature_collection(files: Sequence[ReportFile], *, flight: str) -> dict[str, Any]:
     """The flight as GeoJSON: a Point per photo with a position, and the footprint."""
     features: list[dict[str, Any]] = []
@@ -77,7 +99,7 @@ def feature_collection(files: Sequence[ReportFile], *, flight: str) -> dict[str,
         if file.photo.get("altitude") is not None:
             coordinates.append(float(file.photo["altitude"]))
         properties = {"name": posixpath.basename(file.name), "path": file.name}
-        for key in ("captured", "relative_altitude", "yaw", "pitch", "roll"):
+        for key in ("captured", "relative_altitude", "yaw", "pitch", "roll", "position_source"):
             if file.photo.get(key) is not None:
                 properties[key] = file.photo[key]
         features.append(
