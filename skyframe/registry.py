@@ -214,7 +214,8 @@ class Registry:
         if name in table:
             first = table[name]
             raise PluginError(
-                f"two {kind}s are named {name!r}: {first.qualname} and "
+                f"two {'processes' if kind == 'process' else f'{kind}s'} are named {name!r}: "
+                f"{first.qualname} and "
                 f"{_origin_of(func)}:{getattr(func, '__name__', func)}"
             )
         spec = StepSpec(kind, name, func, _origin_of(func), _options_model(kind, name, func))

@@ -436,3 +436,54 @@ def test_geotag_turns_a_videos_subtitles_into_a_track_beside_it(
     }
     assert metas["empty.srt"] == {"track": {"points": 0}}
     assert not (tmp_path / "outbox" / "empty.srt.geojson").exists()
+
+
+def test_thumbnails_are_delivered_beside_photos(tmp_path: Path, write_config: WriteConfig) -> None:
+    incoming = tmp_path / "incoming"
+    shutil.copy(EBEE / "IMG_2168.JPG", incoming)
+    whole = (NIKON / "DSCN0010.jpg").read_bytes()
+    (incoming / "cut.jpg").write_bytes(whole[: len(whole) // 2])  # cannot be decoded
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned; shown rotated 90 degrees
+    Image.new("RGB", (400, 200), (200, 30, 30)).save(incoming / "turned.jpg", exif=exif)
+    (incoming / "notes.txt").write_text("not a photo")
+    config = write_config(
+        """
+        state_dir: .state
+        pipelines:
+          - name: survey
+            source: {path: incoming, settle: 0}
+            processes:
+              - thumbnail: {max_px: 256}
+            sinks:
+              - url: outbox
+        """
+    )
+    assert run_once(config).delivered == 4  # the cut photo is delivered, without a thumbnail
+    outbox = tmp_path / "outbox"
+    with Image.open(outbox / "IMG_2168.JPG.thumb.jpg") as thumb:
+        assert (thumb.format, thumb.size) == ("JPEG", (256, 192))
+    with Image.open(outbox / "turned.jpg.thumb.jpg") as thumb:
+        assert thumb.size == (128, 256)  # upright: taller than wide
+    assert sorted(p.name for p in outbox.iterdir()) == [
+        "IMG_2168.JPG",
+        "IMG_2168.JPG.thumb.jpg",
+        "cut.jpg",
+        "notes.txt",
+        "turned.jpg",
+        "turned.jpg.thumb.jpg",
+    ]
+    write_config(
+        """
+        pipelines:
+          - name: survey
+            source: {path: incoming}
+            processes:
+              - thumbnail: {max_px: 8}
+            sinks:
+              - url: outbox
+        """
+    )
+    done = skyframe(tmp_path, "validate", "skyframe.yaml")
+    assert done.returncode != 0
+    assert "max_px" in done.stderr

@@ -38,7 +38,7 @@ def test_decorators_enforce_prefix(decorator: object, name: str) -> None:
 def test_builtins_are_registered_like_plugins() -> None:
     registry = Registry.from_plugin_manager(get_plugin_manager(load_entry_points=False))
     assert set(registry.rules) == {"ignore", "include", "type", "size", "age", "inside"}
-    assert set(registry.processes) == {"checksum", "rename", "sidecar", "geotag"}
+    assert set(registry.processes) == {"checksum", "rename", "sidecar", "geotag", "thumbnail"}
     assert registry.rules["size"].origin == "skyframe.builtin.rules"
     with pytest.raises(TypeError):
         registry.rules["x"] = registry.rules["size"]  # type: ignore[index]
@@ -126,11 +126,11 @@ def test_hand_written_registration_hook(tmp_path: Path) -> None:
 
         @hookimpl
         def skyframe_register_processes(register):
-            register(resize, name="thumbnail")
+            register(resize, name="preview")
     """,
     )
     registry = Registry.from_plugin_manager(get_plugin_manager([tmp_path / "plugins"]))
-    assert registry.processes["thumbnail"].describe_options() == ["width: int = 100"]
+    assert registry.processes["preview"].describe_options() == ["width: int = 100"]
 
 
 def test_unprefixed_registration_without_name_fails() -> None:
@@ -276,3 +276,13 @@ def test_a_default_that_does_not_fit_its_type_is_a_plugin_error(tmp_path: Path) 
         PluginError, match=r"the default of option 'count' \(None\) does not fit its type int"
     ):
         Registry.from_plugin_manager(get_plugin_manager([tmp_path / "plugins"]))
+
+
+def test_a_process_name_taken_twice_is_named_in_plain_words() -> None:
+    registry = Registry()
+
+    def process_tidy(job: Job) -> None: ...
+
+    registry.add("process", process_tidy)
+    with pytest.raises(PluginError, match="two processes are named 'tidy'"):
+        registry.add("process", process_tidy)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BeforeValidator
+from pydantic import AfterValidator, BeforeValidator, Field
 
 from skyframe.drone import is_photo
 from skyframe.events import FileEvent, Job
@@ -42,6 +42,31 @@ def process_geotag(job: Job) -> None:
     if meta.error:
         log.info("%s: %s: %s", job.pipeline, job.relpath, meta.error)
     job.meta["photo"] = meta.to_json()
+
+
+#: A thumbnail's longer side, in pixels.
+Pixels = Annotated[int, Field(ge=16, le=4096), Label("pixels (16 to 4096)")]
+#: JPEG quality, as Pillow takes it.
+JpegQuality = Annotated[int, Field(ge=1, le=95), Label("1 to 95")]
+
+
+@process
+def process_thumbnail(job: Job, max_px: Pixels = 512, quality: JpegQuality = 80) -> None:
+    """Deliver a JPEG preview of a photo beside it (NAME.thumb.jpg), at most max_px on its
+    longer side, upright as the camera meant it; a photo that cannot be decoded gets none."""
+    if not is_photo(job.path):
+        return
+    from skyframe.drone.metadata import make_thumbnail
+
+    target = job.scratch_dir / f"thumb-{len(job.derived)}.jpg"
+    job.scratch_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with job.open() as f:
+            make_thumbnail(f, target, max_px=max_px, quality=quality)
+    except OSError as exc:  # not decodable (truncated, not an image): the photo still goes
+        log.info("%s: %s: no thumbnail: %s", job.pipeline, job.relpath, exc)
+        return
+    job.add_file(".thumb.jpg", target, beside=True)
 
 
 def _telemetry(job: Job, suffix: str) -> None:

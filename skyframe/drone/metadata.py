@@ -24,7 +24,7 @@ import warnings
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from defusedxml import ElementTree
 from PIL import ExifTags, Image, UnidentifiedImageError
@@ -260,3 +260,22 @@ def _from_maker(dialect: str, values: dict[str, str]) -> dict[str, Any]:
         out["xy_accuracy"] = _number(values.get("GPSXYAccuracy"))
         out["z_accuracy"] = _number(values.get("GPSZAccuracy"))
     return {k: v for k, v in out.items() if v is not None}
+
+
+def make_thumbnail(source: BinaryIO, target: Path, *, max_px: int, quality: int) -> None:
+    """Write a JPEG of the image in ``source``, at most ``max_px`` on its longer side and
+    turned upright by its EXIF orientation. A JPEG is decoded at a reduced scale (its DCT
+    allows 1/2, 1/4 and 1/8), so a 20 MP photo is never decoded whole. Raises OSError when
+    the image cannot be decoded (truncated, not an image)."""
+    from PIL import ImageOps
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                image.draft("RGB", (max_px, max_px))
+                upright = ImageOps.exif_transpose(image)
+                upright.thumbnail((max_px, max_px))
+                upright.convert("RGB").save(target, "JPEG", quality=quality, optimize=True)
+    except (SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise OSError(f"cannot decode the image: {_one_line(exc)}") from exc
