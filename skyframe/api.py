@@ -207,6 +207,9 @@ class DaemonControl(Protocol):
     def pipeline_names(self) -> Collection[str]:
         """The configured pipelines."""
 
+    def groups_overview(self) -> list[dict[str, Any]]:
+        """The latest groups (flights): counts, bytes and photo positions."""
+
     def jobs(self, state: str | None, limit: int | None) -> tuple[list[JobRecord], int]:
         """Queued jobs (of one state, at most ``limit``, oldest first) and how many there are."""
 
@@ -288,6 +291,7 @@ class ApiServer:
         app.router.add_get("/api/events", self._events)
         app.router.add_get("/api/jobs", self._jobs)
         app.router.add_get("/api/history", self._history)
+        app.router.add_get("/api/groups", self._groups)
         app.router.add_post("/api/pause", self._pause)
         app.router.add_post("/api/resume", self._resume)
         app.router.add_post("/api/retry", self._retry)
@@ -534,6 +538,9 @@ class ApiServer:
             for r in records
         ]
         return web.json_response({"jobs": jobs, "total": total})
+
+    async def _groups(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"groups": await self._run(self.engine.groups_overview)})
 
     async def _history(self, request: web.Request) -> web.StreamResponse:
         query = request.query

@@ -148,6 +148,7 @@ class Engine:
                 journal=self.journal,
             )
             self.runner.arrived = self.groups.arrived
+            self.intake.on_queued = self.groups.seen
 
     def _open_state(self) -> None:
         """Lock the state directory and open its databases (all, or none and unlocked)."""
@@ -241,6 +242,10 @@ class Engine:
             self.emit(LifecycleEvent(kind, name, "", reason=reason or None))
         self.dispatcher.notify()
         return self.control.state()
+
+    def groups_overview(self) -> list[dict[str, Any]]:
+        """The latest groups (flights), for ``GET /api/groups``; empty without groups."""
+        return self.groups.overview() if self.groups is not None else []
 
     def pipeline_names(self) -> Collection[str]:
         """The configured pipelines."""

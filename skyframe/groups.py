@@ -64,7 +64,16 @@ CREATE TABLE IF NOT EXISTS members (
     pipeline TEXT NOT NULL, name TEXT NOT NULL, key TEXT NOT NULL, relpath TEXT NOT NULL,
     PRIMARY KEY (pipeline, name, key, relpath)
 );
+-- by: folder: the files queued for a group, delivered or not (the dashboard's "of N")
+CREATE TABLE IF NOT EXISTS seen (
+    pipeline TEXT NOT NULL, name TEXT NOT NULL, key TEXT NOT NULL, relpath TEXT NOT NULL,
+    PRIMARY KEY (pipeline, name, key, relpath)
+);
 """
+#: Positions of one group that the overview gives the dashboard, at most.
+MAX_POSITIONS = 500
+#: Groups the overview lists, the latest first, at most.
+MAX_GROUPS = 50
 
 
 @dataclass(frozen=True)
@@ -161,6 +170,18 @@ class GroupStore:
                         (pipeline, spec.name, key, relpath),
                     )
 
+    def seen(self, pipeline: str, groups: list[GroupConfig], relpaths: list[str]) -> None:
+        """Files queued for delivery: counted as seen by their ``by: folder`` groups."""
+        rows = [
+            (pipeline, spec.name, posixpath.dirname(relpath) or ".", relpath)
+            for spec in groups
+            if spec.by == "folder"
+            for relpath in relpaths
+        ]
+        if rows:
+            with self._transaction() as db:
+                db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?)", rows)
+
     @staticmethod
     def _key_for(
         db: sqlite3.Connection, pipeline: str, spec: GroupConfig, relpath: str, when: float
@@ -242,15 +263,21 @@ class GroupStore:
             ).fetchone()
         return float(row[0]) if row else 0.0
 
-    def summary(self) -> list[dict[str, Any]]:
-        """Every group: pipeline, name, key, state, files, reports, last arrival."""
+    def summary(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Groups, the latest arrival first (at most ``limit``): pipeline, name, key, state,
+        files (arrived), seen (queued, ``by: folder``), reports, last arrival."""
+        sql = (
+            "SELECT g.pipeline, g.name, g.key, g.state, g.reports, g.last_arrival,"
+            " (SELECT count(*) FROM members m WHERE m.pipeline = g.pipeline"
+            " AND m.name = g.name AND m.key = g.key),"
+            " (SELECT count(*) FROM seen s WHERE s.pipeline = g.pipeline"
+            " AND s.name = g.name AND s.key = g.key)"
+            " FROM groups g ORDER BY g.last_arrival DESC"
+        )
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
         with self._lock:
-            rows = self._db.execute(
-                "SELECT g.pipeline, g.name, g.key, g.state, g.reports, g.last_arrival,"
-                " (SELECT count(*) FROM members m WHERE m.pipeline = g.pipeline"
-                " AND m.name = g.name AND m.key = g.key)"
-                " FROM groups g ORDER BY g.last_arrival"
-            ).fetchall()
+            rows = self._db.execute(sql).fetchall()
         return [
             {
                 "pipeline": p,
@@ -260,8 +287,9 @@ class GroupStore:
                 "reports": r,
                 "last_arrival": a,
                 "files": c,
+                "seen": max(seen, c),
             }
-            for p, n, k, s, r, a, c in rows
+            for p, n, k, s, r, a, c, seen in rows
         ]
 
     def close(self) -> None:
@@ -304,6 +332,33 @@ class Groups:
             when = _parse_time(photo.get("captured"))
             arrivals.append((relpath, when if when is not None else mtime_ns / 1e9))
         self.store.arrived(pipeline, spec.groups, arrivals)
+
+    def seen(self, pipeline: str, relpaths: list[str]) -> None:
+        """Files of ``pipeline`` were queued (see :meth:`GroupStore.seen`)."""
+        spec = self.pipelines.get(pipeline)
+        if spec is not None and relpaths:
+            self.store.seen(pipeline, spec.groups, relpaths)
+
+    def overview(self) -> list[dict[str, Any]]:
+        """The latest groups for the dashboard: their counts, bytes and photo positions."""
+        out = []
+        for group in self.store.summary(limit=MAX_GROUPS):
+            pipeline = self.pipelines.get(group["pipeline"])
+            if pipeline is None or not pipeline.sinks:
+                continue
+            sink = pipeline.sinks[0]
+            size = 0
+            positions: list[list[float]] = []
+            for relpath in self.store.members(group["pipeline"], group["name"], group["key"]):
+                entry = self.manifest.get(pipeline.name, sink.key, relpath)
+                if entry is None:
+                    continue
+                size += entry.size
+                photo = (entry.meta or {}).get("photo") or {}
+                if photo.get("lat") is not None and len(positions) < MAX_POSITIONS:
+                    positions.append([photo["lon"], photo["lat"]])
+            out.append({**group, "bytes": size, "positions": positions})
+        return out
 
     def complete_due(
         self, *, final: bool = False, now: float | None = None, only: Collection[str] | None = None

@@ -101,6 +101,8 @@ class Intake:
         self.hashing_ahead = False
         self._vanished: dict[tuple[str, int], _Vanished] = {}
         self._vanished_lock = threading.Lock()
+        #: told the relative paths a pipeline queued (the groups count them as seen)
+        self.on_queued: Callable[[str, list[str]], None] | None = None
 
     def settling(self) -> int:
         """Files waiting to settle, in every source."""
@@ -232,6 +234,8 @@ class Intake:
             events += [
                 LifecycleEvent("queued", pipeline.name, e.relpath, size=e.size) for e in queued
             ]
+            if self.on_queued is not None and queued:
+                self.on_queued(pipeline.name, [e.relpath for e in queued])
             if self.hashing_ahead:
                 self._hash_ahead(pipeline, queued)
         for lifecycle in events:

@@ -374,3 +374,41 @@ def test_sign_in_form_when_the_daemon_has_a_token(start_daemon: StartDaemon, pag
     # Signed in, the buttons work too.
     page.locator("#daemon-toggle").click()
     page.locator('#daemon-state[data-paused="true"]').wait_for()
+
+
+def test_flights_show_their_files_and_photo_positions(
+    tmp_path: Path, start_daemon: StartDaemon, page: Page
+) -> None:
+    daemon = start_daemon(
+        """
+        state_dir: state
+        shutdown_grace: 1s
+        api: {listen: "127.0.0.1:0"}
+        pipelines:
+          - name: survey
+            source: {path: incoming, recursive: true, settle: 0}
+            processes: [geotag]
+            groups:
+              - flight: {quiet: 1s}
+            sinks:
+              - url: outbox
+        """
+    )
+    open_dashboard(page, daemon)
+    flight = tmp_path / "incoming" / "flight-07"
+    flight.mkdir()
+    ebee = REPO / "tests" / "data" / "drone" / "ebee-snowpeak"
+    for photo in sorted(ebee.glob("*.JPG")):
+        (flight / photo.name).write_bytes(photo.read_bytes())
+    card = page.locator('#flights li.flight[data-key="flight-07"]')
+    expect(card.locator(".badge")).to_have_text("complete")
+    expect(card.locator(".flight-counts")).to_contain_text("3 of 3 files delivered")
+    expect(card.locator("svg circle.photo")).to_have_count(3)
+    expect(card.locator("svg polygon.footprint")).to_have_count(1)
+    (api_group,) = daemon.get("/api/groups")["groups"]
+    assert (api_group["key"], api_group["files"], api_group["state"]) == (
+        "flight-07",
+        3,
+        "reported",
+    )
+    assert len(api_group["positions"]) == 3

@@ -8,6 +8,8 @@
   const STATUS_INTERVAL = 2000; // polling period without EventSource
   const STALE_AFTER = 7000; // no message for this long: the stream is considered down
   const DEAD_INTERVAL = 5000; // the dead-letter list is re-read this often
+  const GROUPS_INTERVAL = 5000; // the flights are re-read this often
+  const SVG = "http://www.w3.org/2000/svg";
   const FEED_SIZE = 30;
   const TRANSFER_END = new Set(["delivered", "failed", "dead-lettered", "skipped"]);
 
@@ -16,6 +18,7 @@
     transfers: new Map(), // key -> transfer, from the last snapshot plus progress events
     feed: [],
     dead: [],
+    groups: [],
     deadTotal: 0,
     deadLoaded: false,
     signedOut: false,
@@ -330,6 +333,7 @@
       }
     }
     if (ev.kind === "dead-lettered") refreshDeadSoon();
+    if (ev.kind === "delivered" || ev.kind.endsWith("-complete")) refreshGroupsSoon();
     if (ev.kind === "paused" || ev.kind === "resumed") refreshStatusSoon();
     if (ev.kind !== "progress") {
       state.feed.unshift(ev);
@@ -367,6 +371,25 @@
       state.deadTotal = typeof data.total === "number" ? data.total : state.dead.length;
       state.deadLoaded = true;
       renderDead();
+    } catch (err) {
+      /* shown by the connection indicator; tried again shortly */
+    }
+  }
+
+  let groupsSoon = null;
+
+  function refreshGroupsSoon() {
+    if (groupsSoon === null) groupsSoon = setTimeout(refreshGroups, 1000);
+  }
+
+  async function refreshGroups() {
+    clearTimeout(groupsSoon);
+    groupsSoon = null;
+    if (state.signedOut) return;
+    try {
+      const data = await api("GET", "api/groups");
+      state.groups = Array.isArray(data && data.groups) ? data.groups : [];
+      renderGroups();
     } catch (err) {
       /* shown by the connection indicator; tried again shortly */
     }
@@ -713,6 +736,100 @@
     $("retry-all").disabled = state.dead.length === 0 || state.busy.has("retry-all");
   }
 
+  // --- flights (groups) ---------------------------------------------------------------------
+
+  const groupKey = (g) => g.pipeline + "\u0000" + g.name + "\u0000" + g.key;
+
+  function svg(tag, attrs) {
+    const node = document.createElementNS(SVG, tag);
+    for (const [name, value] of Object.entries(attrs || {})) node.setAttribute(name, String(value));
+    return node;
+  }
+
+  /** The convex hull of [x, y] points (monotone chain), for the footprint. */
+  function hull(points) {
+    const p = points.slice().sort((a, b) => a[0] - b[0] || a[1] - b[1]);
+    if (p.length < 3) return p;
+    const cross = (o, a, b) => (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0]);
+    const lower = [];
+    for (const q of p) {
+      while (lower.length >= 2 && cross(lower[lower.length - 2], lower[lower.length - 1], q) <= 0) lower.pop();
+      lower.push(q);
+    }
+    const upper = [];
+    for (const q of p.reverse()) {
+      while (upper.length >= 2 && cross(upper[upper.length - 2], upper[upper.length - 1], q) <= 0) upper.pop();
+      upper.push(q);
+    }
+    return lower.slice(0, -1).concat(upper.slice(0, -1));
+  }
+
+  /** The photos' positions drawn in a small box (no map tiles): dots and the footprint. */
+  function drawPositions(box, positions) {
+    box.replaceChildren();
+    const points = positions.filter((p) => Array.isArray(p) && isFinite(p[0]) && isFinite(p[1]));
+    if (!points.length) return;
+    const W = 160, H = 100, PAD = 6;
+    const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
+    const minX = Math.min(...xs), maxX = Math.max(...xs), minY = Math.min(...ys), maxY = Math.max(...ys);
+    // Longitude degrees shrink with latitude: keep the drawing's proportions true.
+    const kx = Math.cos(((minY + maxY) / 2) * Math.PI / 180);
+    const span = Math.max((maxX - minX) * kx, maxY - minY) || 1e-9;
+    const scale = Math.min((W - 2 * PAD) / span, (H - 2 * PAD) / span);
+    const at = (p) => [
+      PAD + ((p[0] - minX) * kx) * scale + (W - 2 * PAD - (maxX - minX) * kx * scale) / 2,
+      H - PAD - (p[1] - minY) * scale - (H - 2 * PAD - (maxY - minY) * scale) / 2,
+    ];
+    const outline = hull(points);
+    if (outline.length >= 3) {
+      box.append(svg("polygon", { class: "footprint", points: outline.map((p) => at(p).join(",")).join(" ") }));
+    }
+    for (const p of points) {
+      const [x, y] = at(p);
+      box.append(svg("circle", { class: "photo", cx: x.toFixed(1), cy: y.toFixed(1), r: 2 }));
+    }
+  }
+
+  function createGroup() {
+    const title = el("span", { class: "flight-key" });
+    const badge = el("span", { class: "badge" });
+    const counts = el("span", { class: "flight-counts" });
+    const where = el("span", { class: "muted" });
+    const plot = svg("svg", { class: "flight-plot", viewBox: "0 0 160 100", role: "img" });
+    const node = el(
+      "li",
+      { class: "card flight" },
+      el("div", { class: "flight-head" }, title, badge),
+      el("div", { class: "flight-info" }, counts, where),
+      plot,
+    );
+    node.sf = { title, badge, counts, where, plot };
+    return node;
+  }
+
+  function updateGroup(node, g) {
+    const r = node.sf;
+    node.dataset.key = g.key;
+    setText(r.title, g.key);
+    const complete = g.state === "reported";
+    setText(r.badge, complete ? (g.reports > 1 ? "complete (" + g.reports + " reports)" : "complete") : "open");
+    r.badge.dataset.state = complete ? "complete" : "open";
+    setText(r.counts, g.files + " of " + g.seen + " files delivered · " + humanBytes(g.bytes || 0));
+    setText(r.where, g.pipeline + " · " + g.name + " · " + (g.positions || []).length + " with a position");
+    r.plot.setAttribute("aria-label", "positions of the photos of " + g.key);
+    const drawn = JSON.stringify(g.positions || []);
+    if (r.plot.dataset.drawn !== drawn) {
+      r.plot.dataset.drawn = drawn;
+      drawPositions(r.plot, g.positions || []);
+    }
+  }
+
+  function renderGroups() {
+    reconcile($("flights"), state.groups, groupKey, createGroup, updateGroup);
+    $("flights-section").hidden = state.groups.length === 0;
+    setText($("flights-count"), state.groups.length ? String(state.groups.length) : "");
+  }
+
   // --- start --------------------------------------------------------------------------------
 
   function start() {
@@ -722,6 +839,8 @@
     connect();
     refreshDead();
     setInterval(refreshDead, DEAD_INTERVAL);
+    refreshGroups();
+    setInterval(refreshGroups, GROUPS_INTERVAL);
     setInterval(watchdog, 1000);
     document.addEventListener("visibilitychange", () => {
       // Back on a phone's screen after a while: catch up at once.
