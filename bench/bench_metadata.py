@@ -1,20 +1,24 @@
 """Benchmark of reading drone photos' metadata (``geotag``), and what it costs a delivery.
 
-Two figures:
+Three figures:
 
 1. **Extraction rate**: ``skyframe.drone.metadata.read_photo`` over the real photos of
    ``tests/data/drone`` (a senseFly eBee's 12 MP photos with EXIF GPS and senseFly XMP, and a
    Nikon camera's), copied ``--copies`` times into a temporary folder, read in a loop; each
    read opens the file and parses its header only. Reported: photos per second (median of
    ``--runs`` passes, with min and max) and the bytes read per photo compared with its size.
-2. **Delivery with and without geotag**: ``skyframe -q run --once`` (the real command line) of
+2. **Thumbnails**: ``make_thumbnail`` (the ``thumbnail`` process) of a 20 MP JPEG,
+   ``--thumbnails`` per pass: photos per second on one core (median, min and max of
+   ``--runs`` passes).
+3. **Delivery with and without geotag**: ``skyframe -q run --once`` (the real command line) of
    a flight of ``--flight`` eBee photos to a local sink, with ``processes: [geotag]`` and with
    no process, alternately, ``--runs`` times each, every run with a fresh state directory and
    sink; reported: the medians and the ratio (geotag / without; the target is at most 1.10).
 
 Run from the repository root:
 
-    .venv/bin/python bench/bench_metadata.py [--copies 100] [--flight 60] [--runs 5]
+    .venv/bin/python bench/bench_metadata.py [--copies 100] [--thumbnails 20] [--flight 60]
+        [--runs 5]
 
 Everything lives in a temporary folder that is removed at the end.
 """
@@ -118,6 +122,30 @@ def bytes_read_per_photo(path: Path) -> int:
     return counted[0]
 
 
+def thumbnails(base: Path, count: int, runs: int) -> None:
+    """Previews of a 20 MP photo (5472 x 3648, a DJI Phantom 4's size), made by Pillow from
+    noise (so it compresses like a photo, about 10 MB), ``count`` per pass."""
+    from PIL import Image
+
+    from skyframe.drone.metadata import make_thumbnail
+
+    photo = base / "twenty-mp.jpg"
+    Image.effect_noise((5472, 3648), 64).convert("RGB").save(photo, "JPEG", quality=90)
+    target = base / "thumb.jpg"
+    rates = []
+    for _ in range(runs):
+        began = time.perf_counter()
+        for _ in range(count):
+            with open(photo, "rb") as f:
+                make_thumbnail(f, target, max_px=512, quality=80)
+        rates.append(count / (time.perf_counter() - began))
+    print(
+        f"thumbnails of a 20 MP photo ({photo.stat().st_size / 1e6:.1f} MB), max_px 512: median "
+        f"{statistics.median(rates):.1f} photos/s (min {min(rates):.1f}, max {max(rates):.1f}), "
+        "one core"
+    )
+
+
 CONFIG = """\
 state_dir: state
 pipelines:
@@ -173,11 +201,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--copies", type=int, default=100, help="copies of each test photo")
     parser.add_argument("--flight", type=int, default=60, help="photos in the delivered flight")
+    parser.add_argument("--thumbnails", type=int, default=20, help="previews per pass")
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="skyframe-bench-metadata-"))
     try:
         extraction(base, args.copies, args.runs)
+        thumbnails(base, args.thumbnails, args.runs)
         delivery(base, args.flight, args.runs)
     finally:
         shutil.rmtree(base, ignore_errors=True)

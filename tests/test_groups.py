@@ -252,35 +252,61 @@ pipelines:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_sigkill_while_a_flight_is_open_loses_neither_flight_nor_report(
-    tmp_path: Path, write_config: WriteConfig
+    tmp_path: Path, write_config: WriteConfig, request: pytest.FixtureRequest, where: str
 ) -> None:
-    write_config(DAEMON_CONFIG)
+    if where == "s3":
+        sink = s3_sink(request.getfixturevalue("s3_server"))
+        fs = fsspec.filesystem("s3", **sink["options"])
+        root = sink["url"].removeprefix("s3://") + "/flight-07"
+
+        def read(name: str) -> bytes:
+            return bytes(fs.cat_file(f"{root}/{name}"))
+
+        def delivered() -> list[str]:
+            fs.invalidate_cache()
+            return [p.rsplit("/", 1)[1] for p in fs.find(root)] if fs.exists(root) else []
+
+        config = DAEMON_CONFIG.replace(
+            "      - url: outbox\n", "      - " + json.dumps(sink) + "\n"
+        )
+    else:
+        folder = tmp_path / "outbox" / "flight-07"
+
+        def read(name: str) -> bytes:
+            return (folder / name).read_bytes()
+
+        def delivered() -> list[str]:
+            return [p.name for p in folder.iterdir()] if folder.is_dir() else []
+
+        config = DAEMON_CONFIG
+    write_config(config)
     log = tmp_path / "daemon.log"
     daemon = spawn_daemon(tmp_path, log)
     try:
         two_flights(tmp_path / "incoming")
         shutil.rmtree(tmp_path / "incoming" / "flight-08")
-        outbox = tmp_path / "outbox" / "flight-07"
         wait_for(
-            lambda: outbox.is_dir() and len(list(outbox.glob("IMG_*.JPG"))) == 3,
+            lambda: sum(n.startswith("IMG_") for n in delivered()) == 3,
             what="the photos delivered",
             timeout=60,
         )
-        assert not (outbox / "flight.geojson").exists()  # still quiet for 4 s: open
+        assert "geo.txt" not in delivered()  # still quiet for 4 s: the flight is open
         daemon.send_signal(signal.SIGKILL)
         daemon.wait(10)
         daemon = spawn_daemon(tmp_path, log)
-        report = outbox / "geo.txt"
-        wait_for(report.exists, what="the report after the restart", timeout=60)
-        time.sleep(2 * 1.0)  # a second completion would have come by now
+        wait_for(lambda: "geo.txt" in delivered(), what="the report after a restart", timeout=60)
+        time.sleep(2.0)  # a second completion would have come by now
     finally:
         daemon.terminate()
         daemon.wait(30)
-    check_flight_07(lambda name: (outbox / name).read_bytes())
+    check_flight_07(read)
     history = skyframe(tmp_path, "history")
     assert history.returncode == 0, history.stderr
-    assert sum("flight-complete" in line for line in history.stdout.splitlines()) == 1
+    assert sum("flight-complete" in line for line in history.stdout.splitlines()) == 1, (
+        log.read_text(errors="replace")[-3000:]
+    )
 
 
 def test_flights_reported_on_s3(
