@@ -481,7 +481,29 @@ class JobRunner:
             for claim in claims:  # paused, or a sink is away: _begin knows what to do
                 self.submit(claim)  # (release, or wait for the sink)
             return
-        together: list[_Run] = []
+        together = self._begin_together(claims)
+        if not together:
+            return
+        served = dict.fromkeys(map(id, together), 0)  #: sinks each run was served by here
+        alone: list[tuple[_Run, Sink]] = []
+        for sink, send in zip(pipeline.sinks, self._batch_senders[pipeline.name], strict=True):
+            try:
+                outcomes = self._send_together(sink, send, together)
+            except Exception:  # before anything was sent (the state database): each alone
+                log.exception("%s: a batch to %s could not start", pipeline.name, sink.display)
+                outcomes = [(run, False) for run in together]
+            for run, sent in outcomes:
+                if sent:
+                    served[id(run)] += 1
+                else:
+                    alone.append((run, sink))
+        for run, sink in alone:  # on the sink's pool; whoever serves a run's last sink settles it
+            self._sink_pools[(pipeline.name, sink.key)].submit(self._serve_sink, run, sink, None)
+        self._finish_many([run for run in together if run.served(served[id(run)])])
+
+    def _begin_together(self, claims: list[Claim]) -> list[_Run]:
+        """Begin each job; serve at once those that do not go in the batch, return the rest."""
+        together = []
         for claim in claims:
             run = self._begin(claim)
             if run is None:
@@ -490,19 +512,7 @@ class JobRunner:
                 together.append(run)
             else:
                 self._serve(run)
-        if not together:
-            return
-        served = dict.fromkeys(map(id, together), 0)  #: sinks each run was served by here
-        alone: list[tuple[_Run, Sink]] = []
-        for sink, send in zip(pipeline.sinks, self._batch_senders[pipeline.name], strict=True):
-            for run, sent in self._send_together(sink, send, together):
-                if sent:
-                    served[id(run)] += 1
-                else:
-                    alone.append((run, sink))
-        for run, sink in alone:  # on the sink's pool; whoever serves a run's last sink settles it
-            self._sink_pools[(pipeline.name, sink.key)].submit(self._serve_sink, run, sink, None)
-        self._finish_many([run for run in together if run.served(served[id(run)])])
+        return together
 
     def _goes_together(self, run: _Run) -> bool:
         """Whether a begun run is a plain new file, to send with others."""

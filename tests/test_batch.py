@@ -410,3 +410,25 @@ def test_beyond_the_backlog_the_scan_writes_queue_records(
     assert backlog == [8]
     assert len(put) == 32
     assert sorted(os.listdir(tmp_path / "outbox")) == names
+
+
+def test_a_batch_that_cannot_start_sends_each_file_alone(
+    tmp_path: Path, project: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from skyframe.delivery import JobRunner
+
+    incoming(tmp_path, "a.jpg", "b.jpg")
+    original = JobRunner._claim_remotes
+    calls: list[int] = []
+
+    def broken_once(self: JobRunner, sink: Any, runs: list[Any]) -> list[Any]:
+        calls.append(len(runs))
+        if len(calls) == 1:
+            raise OSError("database is locked")
+        return original(self, sink, runs)
+
+    monkeypatch.setattr(JobRunner, "_claim_remotes", broken_once)
+    summary = run_once(project(CONFIG))
+    assert summary.ok  # nothing hangs or is lost: both went alone
+    assert summary.delivered == 2
+    assert alone_names(tmp_path) == ["a.jpg", "b.jpg"]
