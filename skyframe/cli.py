@@ -22,7 +22,7 @@ from rich.text import Text
 from skyframe import __version__
 from skyframe.config import DEFAULT_CONFIG_NAME
 from skyframe.display import SafeLogFilter
-from skyframe.errors import SkyframeError
+from skyframe.errors import ConfigError, SkyframeError
 from skyframe.state import STATE_DB_ERRORS
 
 if TYPE_CHECKING:
@@ -59,7 +59,9 @@ class SkyframeGroup(click.Group):
         except SkyframeError as exc:
             if ctx.meta.get("skyframe.traceback"):
                 raise
-            click.echo(f"skyframe: error: {exc}", err=True)
+            lines = exc.lines() if isinstance(exc, ConfigError) else [str(exc)]
+            for line in lines:
+                click.echo(f"skyframe: error: {line}", err=True)
             ctx.exit(exc.exit_code)
         except STATE_DB_ERRORS as exc:
             if ctx.meta.get("skyframe.traceback"):

@@ -6,6 +6,7 @@ line, without a URL password or a value taken from the environment.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -443,9 +444,10 @@ class Config(_Model):
     def redact(self, error: ConfigError) -> ConfigError:
         """The same error, with its message passed through :meth:`redact_text`."""
         message = self.redact_text(error.message)
-        if message == error.message:
+        more = [self.redact(e) for e in error.more]
+        if message == error.message and all(a is b for a, b in zip(more, error.more, strict=True)):
             return error
-        return ConfigError(message, error.location, error.key)
+        return ConfigError(message, error.location, error.key, more)
 
     def check_sink_folder(self, folder: Path, where: YamlPath) -> None:
         """Refuse a local sink folder that could overwrite the config, its project files
@@ -776,13 +778,24 @@ def _unwrap(annotation: Any) -> Any:
     return annotation
 
 
+def _suggestion(loc: YamlPath) -> str | None:
+    """The known key closest to an unknown one at ``loc``, if one is close."""
+    model = _model_at(loc[:-1])
+    if model is None:
+        return None
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def _describe(error: Mapping[str, Any]) -> str:
     loc = tuple(error["loc"])
     kind = error["type"]
     if kind == "extra_forbidden":
         model = _model_at(loc[:-1])
         allowed = f" (expected one of: {', '.join(model.model_fields)})" if model else ""
-        return f"unknown key {loc[-1]!r}{allowed}"
+        guess = _suggestion(loc)
+        hint = f": did you mean {guess!r}?" if guess else ""
+        return f"unknown key {loc[-1]!r}{hint}{allowed}"
     if kind == "missing":
         return f"missing required key {loc[-1]!r}"
     message = str(error["msg"])
@@ -796,16 +809,46 @@ def _clean_loc(loc: tuple[Any, ...]) -> YamlPath:
     )
 
 
+#: Problems of one check reported, at most (the rest are counted).
+MAX_ERRORS_SHOWN = 20
+
+
 def validation_error(exc: ValidationError, config: Config, prefix: YamlPath = ()) -> ConfigError:
-    """Turn pydantic's errors into one ConfigError that points at the first one."""
-    errors = exc.errors(include_url=False, include_input=False)
-    first = errors[0]
-    path = (*prefix, *_clean_loc(tuple(first["loc"])))
-    message = _describe({**first, "loc": path})
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
-    key_path = path[:-1] if first["type"] == "missing" else path
-    return ConfigError(message, config.locate(path), format_key(key_path))
+    """Turn pydantic's errors into a ConfigError per problem, each at its own place, in the
+    order of the file; an unknown key comes before the missing key it probably causes (a
+    typo: ``sorce`` for ``source``). The first is raised, the others are its ``more``."""
+    found = []
+    for error in exc.errors(include_url=False, include_input=False):
+        path = (*prefix, *_clean_loc(tuple(error["loc"])))
+        key_path = path[:-1] if error["type"] == "missing" else path
+        location = config.locate(path)
+        found.append((error["type"], path, location, ConfigError(
+            _describe({**error, "loc": path}), location, format_key(key_path)
+        )))  # fmt: skip
+    # A missing key that an unknown key beside it looks like is reported right after it.
+    typo_of: dict[tuple[YamlPath, str | int], Location] = {
+        (path[:-1], guess): location
+        for kind, path, location, _ in found
+        if kind == "extra_forbidden" and (guess := _suggestion(path))
+    }
+
+    def order(item: tuple[str, YamlPath, Location, ConfigError]) -> tuple[int, int, int]:
+        kind, path, location, _ = item
+        typo = typo_of.get((path[:-1], path[-1])) if kind == "missing" and path else None
+        where = typo or location
+        return (where.line, where.column, 1 if kind == "missing" else 0)
+
+    errors = [error for *_, error in sorted(found, key=order)]
+    shown = errors[:MAX_ERRORS_SHOWN]
+    if len(errors) > len(shown):
+        last = shown[-1]
+        extra = len(errors) - len(shown)
+        shown[-1] = ConfigError(
+            f"{last.message} (and {extra} more error{'s' if extra > 1 else ''})",
+            last.location,
+            last.key,
+        )
+    return ConfigError(shown[0].message, shown[0].location, shown[0].key, shown[1:])
 
 
 # --- entry point -----------------------------------------------------------------------------

@@ -57,13 +57,25 @@ class ConfigError(SkyframeError):
 
     exit_code = 2
 
-    def __init__(self, message: str, location: Location | None = None, key: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        location: Location | None = None,
+        key: str = "",
+        more: list[ConfigError] | None = None,
+    ) -> None:
         self.message = message
         self.location = location
         self.key = key
+        #: further problems found in the same check, in the order to report them
+        self.more = list(more or [])
         prefix = f"{location}: " if location else ""
         where = f"{key}: " if key else ""
         super().__init__(f"{prefix}{where}{message}")
+
+    def lines(self) -> list[str]:
+        """Every problem, one line each: this one first."""
+        return [str(self), *(str(e) for e in self.more)]
 
 
 class PluginError(SkyframeError):

@@ -239,3 +239,16 @@ def test_main_leaves_the_garbage_collector_running(monkeypatch: pytest.MonkeyPat
         assert gc.get_freeze_count() > 0  # frozen on the way out: the process ends next
     finally:
         gc.unfreeze()
+
+
+def test_every_config_problem_gets_a_line_of_its_own(tmp_path: Path) -> None:
+    (tmp_path / "skyframe.yaml").write_text(
+        "pipelines:\n  - name: survey\n    sorce: {path: incoming}\n    sinks: [{url: out}]\n"
+    )
+    done = skyframe(tmp_path, "validate", "skyframe.yaml")
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "skyframe: error: skyframe.yaml:3:5: pipelines[0].sorce: unknown key 'sorce': did you "
+        "mean 'source'? (expected one of: name, source, rules, processes, sinks, retry, groups)",
+        "skyframe: error: skyframe.yaml:2:5: pipelines[0]: missing required key 'source'",
+    ]

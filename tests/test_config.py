@@ -51,7 +51,8 @@ BAD_CONFIGS = [
     pytest.param(
         GOOD.replace("state_dir: .state", "state_dri: .state"),
         (1, 1),
-        r"state_dri: unknown key 'state_dri' \(expected one of: state_dir, plugins",
+        r"state_dri: unknown key 'state_dri': did you mean 'state_dir'\? "
+        r"\(expected one of: state_dir, plugins",
         id="unknown-top-key",
     ),
     pytest.param(
@@ -253,3 +254,43 @@ def test_yaml_tags_are_not_executed(write_config: WriteConfig) -> None:
     path = write_config("state_dir: !!python/object/apply:os.system ['true']\n" + GOOD[17:])
     with pytest.raises(ConfigError, match=r"invalid YAML: .*could not determine a constructor"):
         load_config(path)
+
+
+def test_every_problem_is_reported_in_order_typos_first(tmp_path: Path) -> None:
+    path = tmp_path / "skyframe.yaml"
+    path.write_text(
+        "pipelines:\n"
+        "  - name: survey\n"
+        "    sorce: {path: incoming}\n"
+        "    sinks:\n"
+        "      - url: outbox\n"
+        "        optons: {}\n"
+        "  - name: b\n"
+        "    source: {path: incoming, setle: 3s}\n"
+        "    sinks: []\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_project(path)
+    lines = [line.removeprefix(f"{path}:") for line in info.value.lines()]
+    assert [line.split(": ", 2)[:2] for line in lines] == [
+        ["3:5", "pipelines[0].sorce"],
+        ["2:5", "pipelines[0]"],  # the missing key the typo caused, right after it
+        ["6:9", "pipelines[0].sinks[0].optons"],
+        ["8:30", "pipelines[1].source.setle"],
+        ["9:5", "pipelines[1].sinks"],
+    ]
+    assert "unknown key 'sorce': did you mean 'source'?" in lines[0]
+    assert lines[1].endswith("missing required key 'source'")
+    assert "did you mean 'options'?" in lines[2]
+    assert "did you mean 'settle'?" in lines[3]
+
+
+def test_past_twenty_problems_the_rest_are_counted(tmp_path: Path) -> None:
+    path = tmp_path / "skyframe.yaml"
+    keys = "".join(f"    extra{i}: 1\n" for i in range(25))
+    path.write_text(f"pipelines:\n  - name: survey\n    source: {{path: incoming}}\n{keys}")
+    with pytest.raises(ConfigError) as info:
+        load_project(path)
+    lines = info.value.lines()
+    assert len(lines) == 20
+    assert lines[-1].endswith("(and 6 more errors)")  # 25 unknown keys and the missing sinks
