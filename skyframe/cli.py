@@ -21,7 +21,7 @@ from rich.text import Text
 
 from skyframe import __version__
 from skyframe.config import DEFAULT_CONFIG_NAME
-from skyframe.display import SafeLogFilter
+from skyframe.display import SafeLogFilter, escape
 from skyframe.errors import ConfigError, SkyframeError
 from skyframe.state import STATE_DB_ERRORS
 
@@ -136,20 +136,33 @@ def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
 @config_argument
 @click.option("--once", is_flag=True, help="Scan, deliver everything, and exit.")
 @click.option("--workers", type=click.IntRange(1, 64), help="Files processed at once.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Say what a run would do with each file (rules, remote name, delivered or not); "
+    "queue, record and send nothing.",
+)
 @click.pass_obj
-def run(obj: dict[str, Console], config_file: Path, once: bool, workers: int | None) -> None:
+def run(
+    obj: dict[str, Console], config_file: Path, once: bool, workers: int | None, dry_run: bool
+) -> None:
     """Run the pipelines in CONFIG (default ./skyframe.yaml).
 
     Without --once: watch the sources and deliver new and changed files until SIGINT or
     SIGTERM (exit 0). With --once: scan every source, deliver what is new or changed, print a
     summary and exit 0 when everything accepted was delivered, 1 when a file failed or waits in
     the dead-letter list or the run was stopped with work left. Config errors exit 2.
+    With --dry-run: one line per file, what a run would do with it; exit 1 when a rule or
+    process fails on a file, else 0.
     """
     from skyframe.console import ProgressReporter, print_summary
     from skyframe.engine import Engine
     from skyframe.pipeline import load_project
 
     project = load_project(config_file)
+    if dry_run:
+        _dry_run(project)
+        return
     if workers is not None:
         project.config.workers = workers
     preflight = _start_preflight(project.pipelines)
@@ -187,6 +200,31 @@ def run(obj: dict[str, Console], config_file: Path, once: bool, workers: int | N
         os._exit(1)
     if once and not summary.ok:
         sys.exit(1)
+
+
+def _dry_run(project: Any) -> None:
+    """``run --dry-run``: a line per file on standard output, the counts on standard error."""
+    from skyframe.dryrun import Decision, dry_run
+
+    def line(d: Decision) -> None:
+        if d.verdict in ("reject", "error"):
+            detail = d.reason
+        else:
+            detail = f"-> {d.remote}"
+            if d.derived:
+                detail += " (with " + ", ".join(d.derived) + ")"
+        sinks = ", ".join(f"{key}: {state}" for key, state in d.sinks.items())
+        click.echo("\t".join(escape(x) for x in (d.verdict, d.pipeline, d.relpath, detail, sinks)))
+
+    result = dry_run(project.pipelines, project.config.state_path, on_decision=line)
+    counts = result.counts
+    click.echo(
+        f"dry run: {counts['send']} to send, {counts['delivered']} delivered already, "
+        f"{counts['reject']} rejected, {counts['error']} failing; nothing was changed",
+        err=True,
+    )
+    if counts["error"]:
+        raise SystemExit(1)
 
 
 def _start_preflight(pipelines: list[Pipeline]) -> Callable[[], None]:

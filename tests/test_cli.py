@@ -252,3 +252,42 @@ def test_every_config_problem_gets_a_line_of_its_own(tmp_path: Path) -> None:
         "mean 'source'? (expected one of: name, source, rules, processes, sinks, retry, groups)",
         "skyframe: error: skyframe.yaml:2:5: pipelines[0]: missing required key 'source'",
     ]
+
+
+def test_dry_run_says_what_a_run_would_do_and_changes_nothing(example_project: Path) -> None:
+    done = skyframe(example_project, "run", "--dry-run", "skyframe.yaml")
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("\t") for line in done.stdout.splitlines()]
+    by_path = {row[2]: row for row in rows}
+    photo = by_path["flight-01/DJI_20240517101502_0001.JPG"]
+    assert photo[:2] == ["send", "survey"]
+    assert photo[3] == (
+        "-> 2024-05-17/flight-01/DJI_20240517101502_0001.JPG "
+        "(with 2024-05-17/flight-01/DJI_20240517101502_0001.JPG.json)"
+    )
+    assert photo[4] == "outbox: new"
+    assert by_path["flight-02/notes.txt"][:4] == [
+        "reject",
+        "survey",
+        "flight-02/notes.txt",
+        "drone_media: .txt is not drone media",
+    ]
+    assert done.stderr.strip() == (
+        "dry run: 4 to send, 0 delivered already, 3 rejected, 0 failing; nothing was changed"
+    )
+    assert not (example_project / ".skyframe").exists()
+    assert not (example_project / "outbox").exists()
+    assert skyframe(example_project, "run", "--once").returncode == 0
+    again = skyframe(example_project, "run", "--dry-run")
+    assert "dry run: 0 to send, 4 delivered already" in again.stderr
+    (example_project / "processes.py").write_text(
+        (example_project / "processes.py").read_text()
+        + "\n\n@process\ndef process_broken(job: Job) -> None:\n    raise ValueError('no')\n"
+    )
+    config = (example_project / "skyframe.yaml").read_text()
+    (example_project / "skyframe.yaml").write_text(
+        config.replace("      - sidecar: {suffix: .json}", "      - broken")
+    )
+    failing = skyframe(example_project, "run", "--dry-run")
+    assert failing.returncode == 1
+    assert "error\tsurvey\tflight-02/flight.csv\tValueError: no" in failing.stdout
