@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -275,6 +276,45 @@ def validate(obj: dict[str, Console], config_file: Path) -> None:
             highlight=False,
             markup=False,
         )
+
+
+@cli.command()
+@config_argument
+@click.option("--deep", is_flag=True, help="Read every object back and compare its sha256.")
+@click.option(
+    "--repair", is_flag=True, help="Queue again the files whose copy is missing or different."
+)
+def verify(config_file: Path, deep: bool, repair: bool) -> None:
+    """Check that what the manifest says was delivered is on the sinks.
+
+    Each recorded object must exist with its size and, where the store keeps it (S3, GCS),
+    its sha256; --deep reads every object back. Objects nothing accounts for are listed as
+    extra. One line per problem; exit 1 when there is any, 0 when all is in place.
+    """
+    from skyframe.pipeline import load_project
+    from skyframe.verify import Finding
+    from skyframe.verify import verify as run_verify
+
+    project = load_project(config_file)
+
+    def line(f: Finding) -> None:
+        columns = (f.kind, f.pipeline, f.sink, f.relpath, f.remote, f.detail, f.repaired)
+        click.echo("\t".join(escape(c) for c in columns).rstrip("\t"))
+
+    result = run_verify(
+        project.pipelines, project.config.state_path, deep=deep, repair=repair, on_finding=line
+    )
+    kinds = Counter(f.kind for f in result.findings)
+    counts = ", ".join(
+        f"{kinds[k]} {k}" for k in ("missing", "different", "extra", "unreadable") if kinds[k]
+    )
+    click.echo(
+        f"verify: {result.checked} recorded object(s) checked, {result.hashed} by sha256: "
+        f"{counts or 'all in place'}",
+        err=True,
+    )
+    if result.findings:
+        raise SystemExit(1)
 
 
 @cli.command()

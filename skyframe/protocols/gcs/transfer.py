@@ -307,3 +307,10 @@ def _cancel_quietly(fs: Any, session: str) -> None:
         cancel_session(fs, session)
     except Exception as exc:
         log.debug("could not cancel resumable session: %s", exc)
+
+
+def remote_sha256(fs: Any, path: str) -> str:
+    """The sha256 an object carries in its custom metadata (every upload of this transfer
+    sets it), from the object's description; "" when it has none."""
+    value = (fs.info(path).get("metadata") or {}).get("sha256")
+    return str(value) if value else ""

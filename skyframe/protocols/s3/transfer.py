@@ -358,3 +358,10 @@ class MultipartUpload:
         except Exception as exc:  # cleanup aborts it later; the original error matters more
             log.debug("could not abort upload of %s: %s", self.key, exc)
         self._forget()
+
+
+def remote_sha256(fs: Any, path: str) -> str:
+    """The sha256 an object carries as metadata (``x-amz-meta-sha256``: every upload of this
+    transfer sets it), from a HEAD request; "" when it has none."""
+    value = (fs.metadata(path) or {}).get("sha256")
+    return str(value) if value else ""
