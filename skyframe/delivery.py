@@ -372,14 +372,18 @@ class JobRunner:
                 for pipeline, files in arrived.items():
                     self.arrived(pipeline, files)
             self.queue.complete_many([run.claim for run in done])
-        except Exception:  # the state database: the leases return at the next start
-            log.exception("could not record the outcome of %d job(s)", len(done))
+        except Exception as exc:  # the state database: the leases return at the next start
+            # One line (the stack trace at debug level): a removed state directory, for one,
+            # fails every job in flight at once, and the engine says why it stops.
+            log.error("could not record the outcome of %d job(s): %s", len(done), exc)
+            log.debug("the state database failed", exc_info=True)
         for run in runs:
             try:
                 if run.errors:
                     self._settle_failure(run)
-            except Exception:
-                log.exception("could not record the outcome of %s", run.claim.relpath)
+            except Exception as exc:
+                log.error("could not record the outcome of %s: %s", run.claim.relpath, exc)
+                log.debug("the state database failed", exc_info=True)
             finally:
                 if run.scratch.exists():
                     shutil.rmtree(run.scratch, ignore_errors=True)
@@ -489,8 +493,9 @@ class JobRunner:
         for sink, send in zip(pipeline.sinks, self._batch_senders[pipeline.name], strict=True):
             try:
                 outcomes = self._send_together(sink, send, together)
-            except Exception:  # before anything was sent (the state database): each alone
-                log.exception("%s: a batch to %s could not start", pipeline.name, sink.display)
+            except Exception as exc:  # before anything was sent (the state database): alone
+                log.error("%s: a batch to %s could not start: %s", pipeline.name, sink.display, exc)
+                log.debug("the batch could not start", exc_info=True)
                 outcomes = [(run, False) for run in together]
             for run, sent in outcomes:
                 if sent:
