@@ -139,7 +139,7 @@ class JobRunner:
         journal: UploadJournal | None,
         workers: int,
         emit: Callable[[LifecycleEvent], None],
-        on_finished: Callable[[], None],
+        on_finished: Callable[[int], None],
         cancelled: threading.Event,
         control: Control | None = None,
         stopping: threading.Event | None = None,
@@ -252,19 +252,19 @@ class JobRunner:
             self._dead(
                 claim, f"pipeline {claim.pipeline!r} is no longer configured", error="ConfigError"
             )
-            self._on_finished()
+            self._on_finished(1)
             return None
         if self.control is not None and self.control.is_held(pipeline.name):
             # Paused after it was claimed: back to the queue before anything runs.
             self.queue.release(claim)
-            self._on_finished()
+            self._on_finished(1)
             return None
         run = _Run(claim, pipeline, self.state_dir / "scratch" / claim.token)
         offline = [s.health.wait() for s in pipeline.sinks]
         if self.patient and offline and min(offline) > 0:
             # Every sink is away: wait for the next try without running the processes.
             self.queue.retry(claim, pipeline.sinks[0].health.last_error, max(offline), count=False)
-            self._on_finished()
+            self._on_finished(1)
             return None
         try:
             if isinstance(claim.job, Delete):
@@ -377,19 +377,25 @@ class JobRunner:
             # fails every job in flight at once, and the engine says why it stops.
             log.error("could not record the outcome of %d job(s): %s", len(done), exc)
             log.debug("the state database failed", exc_info=True)
-        for run in runs:
-            try:
-                if run.errors:
-                    self._settle_failure(run)
-            except Exception as exc:
-                log.error("could not record the outcome of %s: %s", run.claim.relpath, exc)
-                log.debug("the state database failed", exc_info=True)
-            finally:
-                if run.scratch.exists():
+        try:
+            for run in runs:
+                try:
+                    if run.errors:
+                        self._settle_failure(run)
+                except Exception as exc:
+                    log.error("could not record the outcome of %s: %s", run.claim.relpath, exc)
+                    log.debug("the state database failed", exc_info=True)
+                # Only processes write to a job's scratch folder.
+                if run.pipeline.processes and run.scratch.exists():
                     shutil.rmtree(run.scratch, ignore_errors=True)
+        finally:
+            # Told together, without a system call between them: the dispatcher then refills
+            # the room of a whole batch at once (woken in between, it handed out jobs one by
+            # one, and the next batches held one or two files each).
+            for run in runs:
                 if self.job_ended is not None:
                     self.job_ended(run.claim.pipeline, run.claim.relpath)
-                self._on_finished()
+            self._on_finished(len(runs))
 
     def _settle_failure(self, run: _Run) -> None:
         claim = run.claim

@@ -59,10 +59,10 @@ class Dispatcher:
         with self._wake:
             self._wake.notify_all()
 
-    def job_finished(self) -> None:
-        """A job handed to the runner is settled either way."""
+    def job_finished(self, count: int = 1) -> None:
+        """Jobs handed to the runner are settled either way (``count`` of them at once)."""
         with self._wake:
-            self._in_flight -= 1
+            self._in_flight -= count
             self._wake.notify_all()
 
     @property
