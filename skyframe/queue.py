@@ -47,13 +47,15 @@ _MAX_ERRORS_KEPT = 5
 _DEAD = "dead"  #: the tag of a dead record
 
 
-def _new_record(pipeline: str, job: QueuedJob, version: str | None) -> dict[str, Any]:
+def _new_record(
+    pipeline: str, job: QueuedJob, version: str | None, payload: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """A job's record before its first state (pending, or leased for a volatile job). The
-    job is stored as its JSON (``payload``)."""
+    job is stored as its JSON (``payload``, when the caller made it already)."""
     return {
         "pipeline": pipeline,
         "relpath": job.relpath,
-        "payload": job.to_json(),
+        "payload": job.to_json() if payload is None else payload,
         "version": version,
         "attempts": 0,
         "errors": [],
@@ -195,7 +197,7 @@ class JobQueue:
         with self._lock, self._cache.transact(retry=True):
             record = self._adopt(key) if key in self._volatile else self._cache.get(key)
             if record is None:
-                self._make_pending(key, _new_record(pipeline, job, version))
+                self._make_pending(key, _new_record(pipeline, job, version, payload))
                 return True
             state = record["state"]
             known = {record.get("version")}

@@ -543,3 +543,20 @@ def journal_entries(folder: Path) -> list[Any]:
         return journal.entries()
     finally:
         journal.close()
+
+
+# --- drone photos ----------------------------------------------------------------------------
+
+DRONE_DATA = REPO / "tests" / "data" / "drone"  #: real photos and their truth (see its README)
+EBEE = DRONE_DATA / "ebee-snowpeak"
+NIKON = DRONE_DATA / "gps-camera"
+
+
+def ebee_positions() -> dict[str, dict[str, float]]:
+    """The eBee's own table: file name -> latitude, longitude, altitude_wgs84, heading..."""
+    lines = (EBEE / "geoinfo.txt").read_text().splitlines()
+    header = lines[1].split("\t")
+    return {
+        values[0]: {k: float(v) for k, v in zip(header[1:], values[1:], strict=True)}
+        for values in (line.rstrip("\t").split("\t") for line in lines[2:])
+    }

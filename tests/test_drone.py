@@ -15,34 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import WriteConfig, run_once, skyframe
+from fakes.recorder import Recorder
+from helpers import EBEE, NIKON, WriteConfig, ebee_positions, run_once, skyframe
 from PIL import Image
 
 from skyframe.drone import photo_summary
 from skyframe.drone.metadata import PhotoMeta, read_photo
-from skyframe.events import LifecycleEvent
-from skyframe.markers import hookimpl
 from skyframe.state import Manifest
-
-DATA = Path(__file__).parent / "data" / "drone"
-EBEE = DATA / "ebee-snowpeak"
-NIKON = DATA / "gps-camera"
-
-
-def position_table() -> dict[str, dict[str, float]]:
-    """The eBee's own table: file name -> latitude, longitude, altitude_wgs84, heading..."""
-    lines = (EBEE / "geoinfo.txt").read_text().splitlines()
-    header = lines[1].split("\t")
-    table = {}
-    for line in lines[2:]:
-        values = line.rstrip("\t").split("\t")
-        table[values[0]] = {k: float(v) for k, v in zip(header[1:], values[1:], strict=True)}
-    return table
 
 
 @pytest.mark.parametrize("name", ["IMG_2168.JPG", "IMG_2171.JPG", "IMG_2186.JPG"])
 def test_ebee_positions_equal_the_drones_own_table(name: str) -> None:
-    truth = position_table()[name]
+    truth = ebee_positions()[name]
     meta = read_photo(EBEE / name)
     assert meta.error is None
     assert meta.lat == pytest.approx(truth["latitude"], abs=1e-6)
@@ -208,15 +192,6 @@ def test_metadata_round_trips_through_json() -> None:
     assert summary == "at 37.544230,139.040772 259.8 m, taken 2014-07-12T08:25:33"
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[LifecycleEvent] = []
-
-    @hookimpl
-    def skyframe_event(self, event: LifecycleEvent) -> None:
-        self.events.append(event)
-
-
 def test_geotag_records_each_photos_metadata_with_its_delivery(
     tmp_path: Path, write_config: WriteConfig
 ) -> None:
@@ -243,7 +218,7 @@ def test_geotag_records_each_photos_metadata_with_its_delivery(
     assert summary.ok
     assert summary.delivered == 5  # geotag never fails a file
     metas = {e.relpath: e.meta for e in recorder.events if e.kind == "delivered"}
-    table = position_table()
+    table = ebee_positions()
     photo = metas["flight-07/IMG_2168.JPG"]["photo"]  # type: ignore[index]
     assert photo["lat"] == pytest.approx(table["IMG_2168.JPG"]["latitude"], abs=1e-6)
     assert metas["flight-07/no_exif.jpg"] == {"photo": {"width": 322, "height": 466}}

@@ -18,26 +18,26 @@ from typing import Any
 import fsspec
 import pytest
 import servers
-from helpers import Daemon, WriteConfig, run_once, s3_sink, skyframe, spawn_daemon, wait_for
+from fakes.recorder import Recorder
+from helpers import (
+    DRONE_DATA,
+    EBEE,
+    NIKON,
+    Daemon,
+    WriteConfig,
+    ebee_positions,
+    run_once,
+    s3_sink,
+    skyframe,
+    spawn_daemon,
+    wait_for,
+)
 from PIL import Image
 
 from skyframe.drone.report import ReportFile, convex_hull, feature_collection, geo_txt
 from skyframe.events import LifecycleEvent
 from skyframe.groups import Group
 from skyframe.markers import hookimpl
-
-DATA = Path(__file__).parent / "data" / "drone"
-EBEE = DATA / "ebee-snowpeak"
-NIKON = DATA / "gps-camera"
-
-
-def position_table() -> dict[str, dict[str, float]]:
-    lines = (EBEE / "geoinfo.txt").read_text().splitlines()
-    header = lines[1].split("\t")
-    return {
-        values[0]: {k: float(v) for k, v in zip(header[1:], values[1:], strict=True)}
-        for values in (line.rstrip("\t").split("\t") for line in lines[2:])
-    }
 
 
 def two_flights(incoming: Path) -> None:
@@ -63,16 +63,8 @@ pipelines:
 """
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[LifecycleEvent] = []
-
-    @hookimpl
-    def skyframe_event(self, event: LifecycleEvent) -> None:
-        self.events.append(event)
-
-    def completed(self) -> list[LifecycleEvent]:
-        return [e for e in self.events if e.kind == "flight-complete"]
+def flights_completed(recorder: Recorder) -> list[LifecycleEvent]:
+    return [e for e in recorder.events if e.kind == "flight-complete"]
 
 
 def sha256(path: Path) -> str:
@@ -81,7 +73,7 @@ def sha256(path: Path) -> str:
 
 def check_flight_07(read: Any) -> None:
     """The eBee flight's report, read through ``read(name) -> bytes``, against the truth."""
-    table = position_table()
+    table = ebee_positions()
     collection = json.loads(read("flight.geojson"))
     points = [f for f in collection["features"] if f["geometry"]["type"] == "Point"]
     assert sorted(f["properties"]["name"] for f in points) == sorted(table)
@@ -145,7 +137,7 @@ def test_two_flights_are_reported_then_a_late_photo_reopens_one(
         "DSCN0021.jpg",
     ]  # no_exif.jpg has no position: in the sha256 list only
     assert "no_exif.jpg" in (outbox / "flight-08" / "manifest.sha256").read_text()
-    events = {e.relpath: e for e in recorder.completed()}
+    events = {e.relpath: e for e in flights_completed(recorder)}
     assert set(events) == {"flight-07", "flight-08"}
     assert events["flight-08"].meta == {
         "files": 4,
@@ -161,7 +153,7 @@ def test_two_flights_are_reported_then_a_late_photo_reopens_one(
     shutil.copy(NIKON / "DSCN0010.jpg", tmp_path / "incoming" / "flight-07" / "late.jpg")
     late = Recorder()
     assert run_once(config, late).completed == {"flight": 1}
-    (event,) = late.completed()
+    (event,) = flights_completed(late)
     assert (event.relpath, event.meta["files"], event.meta["reports"]) == ("flight-07", 4, 2)  # type: ignore[index]
     sums = (outbox / "flight-07" / "manifest.sha256").read_text().splitlines()
     assert len(sums) == 4  # the report was replaced
@@ -187,7 +179,7 @@ def test_flights_by_time_gap(tmp_path: Path, write_config: WriteConfig) -> None:
     config = write_config(CONFIG.replace("by: folder", "by: time_gap, gap: 5m"))
     recorder = Recorder()
     assert run_once(config, recorder).completed == {"flight": 3}
-    keys = sorted(e.relpath for e in recorder.completed())
+    keys = sorted(e.relpath for e in flights_completed(recorder))
     assert keys[:2] == ["flight-20240517-101502", "flight-20240517-123000"]
     sums = (tmp_path / "outbox" / "flight-20240517-101502-manifest.sha256").read_text()
     assert [line.split()[1] for line in sums.splitlines()] == ["a.jpg", "b.jpg"]
@@ -231,7 +223,7 @@ def test_a_group_plugin_adds_files_and_a_failure_leaves_the_group_open(
     task = json.loads((tmp_path / "outbox" / "flight-07" / "odm-task.json").read_text())
     assert task == {
         "flight": "flight-07",
-        "images": [f"flight-07/{n}" for n in sorted(position_table())],
+        "images": [f"flight-07/{n}" for n in sorted(ebee_positions())],
     }
     assert not (tmp_path / "outbox" / "flight-07" / "geo.txt").exists()  # report: false
 
@@ -357,7 +349,7 @@ def test_an_rtk_event_file_places_the_flights_photos(
     # flight's 176 photos are stand-ins made here (JPEGs without EXIF), named as DJI does.
     from skyframe.drone.telemetry import read_mrk
 
-    mrk = DATA / "dji-rtk" / "101FTASK_Timestamp.mrk"
+    mrk = DRONE_DATA / "dji-rtk" / "101FTASK_Timestamp.mrk"
     points = read_mrk(mrk.read_text())
     assert len(points) == 176
     assert (points[0].index, points[0].lat, points[0].lon) == (2, 47.6436873208, 16.4759271684)
