@@ -738,9 +738,8 @@ def tune_malloc() -> bool:
     """Fix glibc's mmap and trim thresholds (unless the user set either in the environment);
     True when done.
 
-    Measured with 1 GB uploads: peak RSS to S3 about 135 MB instead of 142 to 153 MB, at the
-    same speed, and SFTP as fast as with glibc's own rules (docs/benchmarks.md). Elsewhere
-    (musl, macOS) nothing changes.
+    glibc otherwise keeps freed upload parts in the threads' heaps, and the peak memory of a
+    large upload wanders (figures in CHANGELOG.md). Elsewhere (musl, macOS) nothing changes.
     """
     if any(name in os.environ for name in _MALLOC_VARIABLES):
         return False
@@ -790,7 +789,7 @@ def main() -> None:
     The cyclic garbage collector is paused while the command starts: importing the storage
     libraries and building their clients makes tens of thousands of objects that live as long
     as the process, and the collector's repeated passes over them, with the last one at exit,
-    took about 0.2 s of every run (docs/benchmarks.md).
+    took a noticeable share of a short run (measured in CHANGELOG.md).
     ``run`` resumes it once the sinks have answered the pre-flight check (with ``--once`` the
     engine is built and the scan under way by then); other commands when they end.
     """
