@@ -11,14 +11,16 @@ Three figures:
    ``--thumbnails`` per pass: photos per second on one core (median, min and max of
    ``--runs`` passes).
 3. **Delivery with and without geotag**: ``skyframe -q run --once`` (the real command line) of
-   a flight of ``--flight`` eBee photos to a local sink, with ``processes: [geotag]`` and with
-   no process, alternately, ``--runs`` times each, every run with a fresh state directory and
-   sink; reported: the medians and the ratio (geotag / without; the target is at most 1.10).
+   a flight of ``--flight`` eBee photos with ``processes: [geotag]`` and with no process,
+   alternately, ``--runs`` times each, every run with a fresh state directory and sink; to a
+   local folder and to S3 (the SeaweedFS server the tests use, on loopback; ``--sinks``
+   chooses). Each run waits for a quiet machine first (``machine.py``). Reported per sink:
+   the medians, min and max, and the ratio (geotag / without; the target is at most 1.10).
 
 Run from the repository root:
 
     .venv/bin/python bench/bench_metadata.py [--copies 100] [--thumbnails 20] [--flight 60]
-        [--runs 5]
+        [--runs 5] [--sinks local,s3]
 
 Everything lives in a temporary folder that is removed at the end.
 """
@@ -32,11 +34,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
+import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+import machine  # noqa: E402 (beside this file)
+import servers  # noqa: E402 (the servers the tests start, from tests/)
+
 DATA = REPO / "tests" / "data" / "drone"
 BIN = Path(sys.executable).parent
 
@@ -153,26 +160,73 @@ pipelines:
     source: {{path: flight, settle: 0}}
     processes: [{processes}]
     sinks:
-      - url: sink
+      - {sink}
 """
 
 
-def delivery(base: Path, flight: int, runs: int) -> None:
+class LocalSink:
+    """A folder beside the source: a copy on the same disk."""
+
+    name = "local folder"
+
+    def __init__(self, base: Path) -> None:
+        self.folder = base / "sink"
+
+    def fresh(self) -> str:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return "url: sink"
+
+    def count(self) -> int:
+        return len(list(self.folder.iterdir()))
+
+    def env(self) -> dict[str, str]:
+        return {}
+
+
+class S3Sink:
+    """A new bucket on the SeaweedFS S3 server the tests use, on loopback."""
+
+    name = "S3 (SeaweedFS, loopback)"
+
+    def __init__(self, server: servers.S3Server) -> None:
+        self.server = server
+        self.bucket = ""
+
+    def fresh(self) -> str:
+        self.bucket = f"flight-{uuid.uuid4().hex[:8]}"
+        self.server.make_bucket(self.bucket)
+        return (
+            f"{{url: 's3://{self.bucket}/drop', options: {{endpoint_url: "
+            f"'{self.server.endpoint_url}', key: '${{BENCH_S3_KEY}}', "
+            "secret: '${BENCH_S3_SECRET}'}}"
+        )
+
+    def count(self) -> int:
+        fs = self.server.filesystem()
+        try:
+            return len(fs.ls(f"{self.bucket}/drop", refresh=True))
+        finally:
+            servers.close_filesystem(fs)
+
+    def env(self) -> dict[str, str]:
+        return {"BENCH_S3_KEY": self.server.key, "BENCH_S3_SECRET": self.server.secret}
+
+
+def delivery(base: Path, flight: int, runs: int, sink: LocalSink | S3Sink) -> None:
     source = base / "flight"
-    source.mkdir()
-    ebee = sorted((DATA / "ebee-snowpeak").glob("*.JPG"))
-    for i in range(flight):
-        shutil.copyfile(ebee[i % len(ebee)], source / f"IMG_{i:04d}.JPG")
+    if not source.is_dir():
+        source.mkdir()
+        ebee = sorted((DATA / "ebee-snowpeak").glob("*.JPG"))
+        for i in range(flight):
+            shutil.copyfile(ebee[i % len(ebee)], source / f"IMG_{i:04d}.JPG")
     times: dict[str, list[float]] = {"without": [], "geotag": []}
     for _ in range(runs):
         for case in ("without", "geotag"):
-            for name in ("state", "sink"):
-                shutil.rmtree(base / name, ignore_errors=True)
+            shutil.rmtree(base / "state", ignore_errors=True)
             config = base / "skyframe.yaml"
             processes = "geotag" if case == "geotag" else ""
-            config.write_text(textwrap.dedent(CONFIG.format(processes=processes)))
-            os.sync()
-            time.sleep(1)
+            config.write_text(CONFIG.format(processes=processes, sink=sink.fresh()))
+            machine.wait_until_quiet()
             began = time.perf_counter()
             done = subprocess.run(
                 [str(BIN / "skyframe"), "-q", "run", "--once", str(config)],
@@ -180,17 +234,19 @@ def delivery(base: Path, flight: int, runs: int) -> None:
                 capture_output=True,
                 text=True,
                 check=False,
+                env={**os.environ, **sink.env()},
             )
             elapsed = time.perf_counter() - began
-            if done.returncode != 0 or len(list((base / "sink").iterdir())) != flight:
+            if done.returncode != 0 or sink.count() != flight:
                 raise SystemExit(f"bench_metadata: the {case} run failed: {done.stderr.strip()}")
             times[case].append(elapsed)
     size = sum(p.stat().st_size for p in source.iterdir())
     medians = {case: statistics.median(values) for case, values in times.items()}
+    print(f"delivery of {flight} photos ({size / 1e6:.0f} MB) to {sink.name}:")
     for case, values in times.items():
         print(
-            f"delivery of {flight} photos ({size / 1e6:.0f} MB), {case:>7}: median "
-            f"{medians[case]:.2f} s ({', '.join(f'{v:.2f}' for v in values)})"
+            f"  {case:>7}: median {medians[case]:.2f} s "
+            f"(min {min(values):.2f}, max {max(values):.2f})"
         )
     print(
         f"  ratio geotag / without: {medians['geotag'] / medians['without']:.3f} (target <= 1.10)"
@@ -203,12 +259,24 @@ def main() -> int:
     parser.add_argument("--flight", type=int, default=60, help="photos in the delivered flight")
     parser.add_argument("--thumbnails", type=int, default=20, help="previews per pass")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--sinks",
+        default="local,s3",
+        help="where the flight is delivered: local, s3 or both (comma-separated)",
+    )
     args = parser.parse_args()
+    sinks = [name.strip() for name in args.sinks.split(",") if name.strip()]
+    if not sinks or set(sinks) - {"local", "s3"}:
+        parser.error(f"--sinks: expected local and/or s3, got {args.sinks!r}")
     base = Path(tempfile.mkdtemp(prefix="skyframe-bench-metadata-"))
     try:
         extraction(base, args.copies, args.runs)
         thumbnails(base, args.thumbnails, args.runs)
-        delivery(base, args.flight, args.runs)
+        if "local" in sinks:
+            delivery(base, args.flight, args.runs, LocalSink(base))
+        if "s3" in sinks:
+            with servers.S3Server(base / "servers") as server:
+                delivery(base, args.flight, args.runs, S3Sink(server))
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return 0

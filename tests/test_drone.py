@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 from fakes.recorder import Recorder
-from helpers import EBEE, NIKON, WriteConfig, ebee_positions, run_once, skyframe
+from helpers import DRONE_DATA, EBEE, NIKON, WriteConfig, ebee_positions, run_once, skyframe
 from PIL import Image
 
-from skyframe.drone import photo_summary
+from skyframe.drone import metadata, photo_summary
 from skyframe.drone.metadata import PhotoMeta, read_photo
 from skyframe.state import Manifest
 
@@ -163,6 +163,61 @@ def test_south_west_below_sea_level_and_a_recorded_offset(tmp_path: Path) -> Non
     assert meta.altitude == -12.5
     assert meta.captured == "2026-05-04T10:11:12-03:00"
     assert meta.make == "TestMaker"
+
+
+def all_photos() -> list[Path]:
+    return sorted(p for p in DRONE_DATA.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+
+
+def test_a_jpegs_directories_read_on_demand_give_what_pillows_full_reading_gives(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A JPEG's GPS and Exif directories are decoded tag by tag when asked for; without that
+    # path (a block the directory class cannot start on), Pillow's getexif() decodes all.
+    made = jpeg(
+        tmp_path / "a.jpg",
+        exif=gps_exif(((33.0, 51.0, 54.0), "S"), ((151.0, 12.0, 36.0), "W"), -12.5),
+    )
+    photos = [*all_photos(), made]
+    on_demand = [read_photo(p) for p in photos]
+    calls = []
+
+    def refuse(*args: object) -> None:
+        calls.append(args)
+        raise ValueError("not a TIFF header")
+
+    monkeypatch.setattr(metadata, "_lazy_directories", refuse)
+    whole = [read_photo(p) for p in photos]
+    assert len(calls) == len(photos)  # each has an EXIF block (no_exif.jpg: without GPS)
+    assert on_demand == whole
+    assert sum(m.has_position for m in whole) == len(photos) - 1  # all but no_exif.jpg
+
+
+def test_a_tiff_is_read_through_pillows_reading(tmp_path: Path) -> None:
+    # A TIFF's tags are its own directory (no EXIF block): the getexif() path.
+    exif = Image.Exif()
+    exif[0x010F] = "TestMaker"
+    exif[0x0110] = "Scanner 9"
+    path = tmp_path / "scan.tif"
+    Image.new("RGB", (32, 24), (10, 20, 30)).save(path, "TIFF", exif=exif)
+    meta = read_photo(path)
+    assert (meta.make, meta.model) == ("TestMaker", "Scanner 9")
+    assert (meta.width, meta.height, meta.error) == (32, 24, None)
+
+
+def test_a_damaged_exif_value_is_reported_not_raised(tmp_path: Path) -> None:
+    photo = jpeg(
+        tmp_path / "a.jpg",
+        exif=gps_exif(((33.0, 51.0, 54.0), "S"), ((151.0, 12.0, 36.0), "W"), -12.5),
+    )
+    data = bytearray(photo.read_bytes())
+    exif_at = data.index(b"Exif\x00\x00")
+    del data[exif_at + 60 :]  # the EXIF block stops in the middle of its directories
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(bytes(data))
+    meta = read_photo(cut)
+    assert meta.error is not None
+    assert not meta.has_position
 
 
 def test_broken_files_are_reported_in_their_metadata(tmp_path: Path) -> None:

@@ -63,12 +63,15 @@ def test_verify_finds_what_changed_behind_skyframes_back_and_repairs_it(
     fs.pipe_file(sink.remote_path("c/d.jpg"), b"x" * size)  # same size, other bytes
     fs.pipe_file(sink.remote_path("stray.txt"), b"not ours")
 
-    # Without --deep: S3 and GCS tell by the sha256 they keep; a folder and SFTP by size only.
-    quick = {(f.kind, f.relpath or f.remote) for f in verify(project.pipelines, state).findings}
+    # Without --deep: S3 and GCS tell by the sha256 they keep, SFTP by the server's
+    # sha256sum; a folder by size only.
+    quick = verify(project.pipelines, state)
     expected = {("missing", "a.jpg"), ("extra", "stray.txt")}
-    if kind in ("s3", "gcs"):
+    if kind != "local":
         expected.add(("different", "c/d.jpg"))
-    assert quick == expected
+    assert {(f.kind, f.relpath or f.remote) for f in quick.findings} == expected
+    # Hashed: b.jpg, and on SFTP c/d.jpg (on S3 and GCS the replaced object has no sha256).
+    assert quick.hashed == {"local": 0, "s3": 1, "gcs": 1, "sftp": 2}[kind]
     deep = verify(project.pipelines, state, deep=True)
     assert {(f.kind, f.relpath or f.remote) for f in deep.findings} == {
         ("missing", "a.jpg"),
@@ -99,3 +102,48 @@ def test_verify_with_nothing_delivered_yet_says_so(
     assert done.returncode == 0
     assert done.stderr.strip() == "verify: 0 recorded object(s) checked, 0 by sha256: all in place"
     assert not (tmp_path / ".state").exists()
+
+
+class FakeDone:
+    def __init__(self, exit_status: int, stdout: str) -> None:
+        self.exit_status, self.stdout = exit_status, stdout
+
+
+class FakeSSH:
+    """An sshfs-like filesystem whose server answers ``execute`` as told."""
+
+    def __init__(self, answer: FakeDone | BaseException) -> None:
+        self.answer = answer
+        self.commands: list[str] = []
+
+    def execute(self, command: str, **kwargs: Any) -> FakeDone:
+        self.commands.append(command)
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer
+
+
+def test_sftp_hashes_on_the_server_and_copes_with_one_that_cannot() -> None:
+    import asyncssh
+
+    from skyframe.protocols.sftp.transfer import remote_sha256
+
+    digest = "ab" * 32
+    fs = FakeSSH(FakeDone(0, f"\\{digest}  /drop/it\\nis.jpg\n"))
+    assert remote_sha256(fs, "/drop/it\nis.jpg") == digest
+    assert fs.commands == ["sha256sum -- '/drop/it\nis.jpg'"]  # quoted for the shell
+    with pytest.raises(FileNotFoundError):
+        remote_sha256(FakeSSH(FakeDone(1, "")), "/drop/gone.jpg")
+    # An SFTP-only account (the session is refused) or no sha256sum there: sizes only, and
+    # that server is not asked again.
+    for answer in (
+        asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "no shells"),
+        FakeDone(127, ""),
+        FakeDone(0, "This service allows sftp connections only.\n"),
+    ):
+        fs = FakeSSH(answer)
+        assert remote_sha256(fs, "/drop/a.jpg") is None
+        assert remote_sha256(fs, "/drop/b.jpg") is None
+        assert len(fs.commands) == 1
+    with pytest.raises(OSError, match="the SSH connection failed"):
+        remote_sha256(FakeSSH(asyncssh.ConnectionLost("reset")), "/drop/a.jpg")

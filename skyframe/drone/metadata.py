@@ -18,16 +18,19 @@ one gives a :class:`PhotoMeta` whose ``error`` says what is wrong, with whatever
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import struct
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from defusedxml import ElementTree
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import ExifTags, Image, TiffImagePlugin, UnidentifiedImageError
 
 #: How far from the end a JPEG's end-of-image marker is looked for (some cameras pad files).
 _TAIL = 64 * 1024
@@ -103,19 +106,23 @@ def read_photo(path: Path | str) -> PhotoMeta:
                 image = Image.open(f)
             with image:
                 width, height = image.size
-                exif = image.getexif()
-                gps = dict(exif.get_ifd(ExifTags.IFD.GPSInfo))
-                details = dict(exif.get_ifd(ExifTags.IFD.Exif))
+                base, gps, details = _wanted(*_directories(image))
                 xmp = image.info.get("xmp")
                 kind = image.format
         except UnidentifiedImageError:
             return PhotoMeta(error="not an image format this version reads")
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        except (
+            OSError,
+            SyntaxError,
+            ValueError,
+            struct.error,
+            Image.DecompressionBombError,
+        ) as exc:
             return PhotoMeta(error=f"not a readable image: {_one_line(exc)}")
         error = _jpeg_end_missing(f) if kind == "JPEG" else None
     found: dict[str, Any] = {"width": width, "height": height, "error": error}
-    found["make"] = _text(exif.get(ExifTags.Base.Make))
-    found["model"] = _text(exif.get(ExifTags.Base.Model))
+    found["make"] = _text(base.get(ExifTags.Base.Make))
+    found["model"] = _text(base.get(ExifTags.Base.Model))
     found["captured"] = _captured(details)
     found.update(_gps(gps))
     try:
@@ -129,6 +136,79 @@ def read_photo(path: Path | str) -> PhotoMeta:
             {k: v for k, v in _from_maker(dialect, values).items() if found.get(k) is None}
         )
     return PhotoMeta(**found)
+
+
+#: The tags read, per directory: the main one (IFD0), GPS and Exif's own.
+_BASE_TAGS = (ExifTags.Base.Make, ExifTags.Base.Model)
+_GPS_TAGS = (
+    ExifTags.GPS.GPSLatitude,
+    ExifTags.GPS.GPSLatitudeRef,
+    ExifTags.GPS.GPSLongitude,
+    ExifTags.GPS.GPSLongitudeRef,
+    ExifTags.GPS.GPSAltitude,
+    ExifTags.GPS.GPSAltitudeRef,
+)
+_DETAIL_TAGS = (ExifTags.Base.DateTimeOriginal, ExifTags.Base.OffsetTimeOriginal)
+
+Directory = Mapping[int, Any]
+
+
+def _directories(image: Image.Image) -> tuple[Directory, Directory, Directory]:
+    """The EXIF directories a reading needs: the main one, GPS and Exif's own.
+
+    A JPEG's EXIF block is read with Pillow's TIFF directory class, whose values are decoded
+    when asked for: the dozens of tags a camera writes (a maker note among them) stay
+    undecoded. Other formats, and a block that class cannot start on, go through
+    :meth:`PIL.Image.Image.getexif`, which decodes every tag.
+    """
+    exif = image.getexif()  # the main directory; Pillow reads it as it opens a JPEG
+    raw = image.info.get("exif")
+    if isinstance(raw, bytes) and raw:
+        try:
+            return exif, *_lazy_directories(exif, raw)
+        except (OSError, SyntaxError, ValueError, struct.error):
+            pass  # Pillow's own reading says what it makes of the block
+    return exif, exif.get_ifd(ExifTags.IFD.GPSInfo), exif.get_ifd(ExifTags.IFD.Exif)
+
+
+def _lazy_directories(base: Directory, raw: bytes) -> tuple[Directory, Directory]:
+    """The GPS and Exif directories of a JPEG's EXIF block, their values decoded when asked."""
+    while raw.startswith(b"Exif\x00\x00"):
+        raw = raw[6:]
+    fp = io.BytesIO(raw)
+    head = fp.read(8)
+    found: list[Directory] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a damaged tag is left out, as getexif() does
+        for pointer in (ExifTags.IFD.GPSInfo, ExifTags.IFD.Exif):
+            offset = base.get(pointer)
+            directory = TiffImagePlugin.ImageFileDirectory_v2(head, group=pointer)
+            if isinstance(offset, int) and 0 < offset < len(raw):
+                fp.seek(offset)
+                directory.load(fp)
+            found.append(directory)
+    return found[0], found[1]
+
+
+def _wanted(
+    base: Directory, gps: Directory, details: Directory
+) -> tuple[dict[int, Any], dict[int, Any], dict[int, Any]]:
+    """The tags read (see ``_BASE_TAGS``...), decoded now (a damaged value fails the reading
+    here, inside its error handling, not later), a value of one item as that item, as
+    :meth:`PIL.Image.Exif.get_ifd` gives it."""
+
+    def pick(directory: Directory, tags: tuple[int, ...]) -> dict[int, Any]:
+        out = {}
+        for tag in tags:
+            if tag in directory:
+                value = directory[tag]
+                one = isinstance(value, tuple) and len(value) == 1
+                out[tag] = value[0] if one else value
+        return out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pick(base, _BASE_TAGS), pick(gps, _GPS_TAGS), pick(details, _DETAIL_TAGS)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -185,7 +265,7 @@ def _degrees(value: Any, ref: Any, negative: str) -> float | None:
     return -total if _text(ref) == negative else total
 
 
-def _gps(gps: dict[int, Any]) -> dict[str, Any]:
+def _gps(gps: Directory) -> dict[str, Any]:
     tags = ExifTags.GPS
     lat = _degrees(gps.get(tags.GPSLatitude), gps.get(tags.GPSLatitudeRef), "S")
     lon = _degrees(gps.get(tags.GPSLongitude), gps.get(tags.GPSLongitudeRef), "W")
@@ -200,7 +280,7 @@ def _gps(gps: dict[int, Any]) -> dict[str, Any]:
     return out
 
 
-def _captured(details: dict[int, Any]) -> str | None:
+def _captured(details: Directory) -> str | None:
     """DateTimeOriginal as ISO 8601, with OffsetTimeOriginal when the camera wrote one."""
     text = _text(details.get(ExifTags.Base.DateTimeOriginal))
     if text is None:

@@ -52,8 +52,10 @@ class Protocol:
     cancel_upload: Callable[[Any, dict[str, Any]], None] | None = None
     #: ``describe_upload(record)``: what the server holds for a journaled upload, briefly
     describe_upload: Callable[[dict[str, Any]], str] | None = None
-    #: ``remote_sha256(fs, path)``: the sha256 the store keeps for an object its transfer
-    #: wrote, read without downloading it (``skyframe verify``); "" when the object has none
+    #: ``remote_sha256(fs, path)``: an object's sha256 as the store tells it without a
+    #: download (``skyframe verify``): kept by the store for what its transfer wrote (S3,
+    #: GCS; "" when the object has none) or computed by the server (SFTP); None when the
+    #: store cannot tell
     remote_sha256: Callable[[Any, str], str | None] | None = None
 
 

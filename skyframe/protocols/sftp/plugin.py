@@ -23,6 +23,7 @@ def skyframe_register_protocols(register: Callable[[Protocol], None]) -> None:
             origin=__name__,
             cancel_upload=transfer.cancel_upload,
             describe_upload=transfer.describe_upload,
+            remote_sha256=transfer.remote_sha256,
         )
     )
 

@@ -18,13 +18,16 @@ import asyncio
 import contextlib
 import logging
 import posixpath
+import re
+import shlex
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
 from skyframe.cleanup import drop_stale
-from skyframe.deps import internal
+from skyframe.deps import import_asyncssh, internal
 from skyframe.errors import SourceChangedError, SourceUnreadableError
 from skyframe.journal import UploadJournal, same_file
 from skyframe.storage import SourceReader, TransferRequest, TransferResult
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 4 * 1024 * 1024  #: bytes per write call (asyncssh splits it into parallel requests)
 IN_FLIGHT = 2  #: write calls outstanding at once (memory: IN_FLIGHT x CHUNK)
+_HEX64 = re.compile("[0-9a-f]{64}")
 
 
 def _write_pipelined(
@@ -185,3 +189,41 @@ def _open(sink: Any, temporary: str, mode: str) -> Any:
         sink.forget_folders()
         sink.ensure_folder(posixpath.dirname(temporary))
         return sink.fs.open(temporary, mode)
+
+
+#: How long the server may take to hash one object (``skyframe verify``).
+HASH_TIMEOUT = 600.0
+#: Connections whose server runs no commands (an SFTP-only account): not asked again.
+_NO_COMMANDS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def remote_sha256(fs: Any, path: str) -> str | None:
+    """The sha256 of a file as the server computes it (``sha256sum`` over the SSH connection,
+    nothing downloaded); None when the server cannot tell: an account that runs no commands
+    (``ForceCommand internal-sftp``, a restricted shell) or a system without ``sha256sum``.
+    Such a server is not asked again on this connection."""
+    execute = getattr(fs, "execute", None)
+    if execute is None or fs in _NO_COMMANDS:
+        return None
+    asyncssh = import_asyncssh()
+    try:
+        done = execute(f"sha256sum -- {shlex.quote(path)}", check=False, timeout=HASH_TIMEOUT)
+    except asyncssh.ChannelOpenError as exc:  # the server refuses command sessions
+        log.info("%s: the server runs no commands (%s): sizes only", path, exc.reason)
+        _NO_COMMANDS.add(fs)
+        return None
+    except asyncssh.TimeoutError:
+        log.info("%s: the server took over %.0f s to hash it: size only", path, HASH_TIMEOUT)
+        return None
+    except asyncssh.Error as exc:  # the connection: what verify reports as unreadable
+        raise OSError(f"the SSH connection failed: {exc.reason}") from exc
+    out = done.stdout if isinstance(done.stdout, str) else bytes(done.stdout or b"").decode()
+    # sha256sum writes "HASH  NAME", with a backslash first when it escaped the name.
+    digest = out.lstrip("\\").split(" ", 1)[0].strip().lower()
+    if done.exit_status == 0 and _HEX64.fullmatch(digest):
+        return digest
+    if done.exit_status == 1:  # sha256sum ran and could not read it: gone, or no permission
+        raise FileNotFoundError(path)
+    log.info("%s: the server cannot hash files (exit %s): sizes only", path, done.exit_status)
+    _NO_COMMANDS.add(fs)
+    return None
