@@ -278,6 +278,98 @@ def validate(obj: dict[str, Console], config_file: Path) -> None:
         )
 
 
+def _prompt(question: str, default: str, check: Callable[[str], str]) -> str:
+    """A question on the terminal, asked again while ``check`` refuses the answer."""
+
+    def convert(text: str) -> str:
+        try:
+            return check(text)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    return str(
+        click.prompt(question, default=default, show_default=bool(default), value_proc=convert)
+    )
+
+
+@cli.command()
+@config_argument
+@click.option("--kind", metavar="KIND", help="photos, video, logs or any (default: photos).")
+@click.option("--source", metavar="PATH", help="Where the files land (default: incoming).")
+@click.option("--sink", metavar="URL", help="A folder or a URL: s3://, gcs://, sftp://...")
+@click.option("--name", metavar="NAME", help="The pipeline's name (default: the kind).")
+@click.option("--endpoint", metavar="URL", help="S3 or GCS: the server (default: AWS, Google).")
+@click.option("--key-var", metavar="VAR", help="S3: the variable of the key id, - for none.")
+@click.option("--secret-var", metavar="VAR", help="S3: the variable of the secret key.")
+@click.option("--key-file", metavar="PATH", help="SFTP: the private key to log in with.")
+@click.option("--password-var", metavar="VAR", help="SFTP: the variable of the password.")
+@click.option("--known-hosts", metavar="PATH", help="SFTP: trusted host keys.")
+@click.option("--token-var", metavar="VAR", help="GCS: the variable of the JSON key file.")
+@click.option("--stubs/--no-stubs", default=None, help="Also write rules.py and processes.py.")
+@click.option("--check/--no-check", default=True, help="Check the sink (default: yes).")
+@click.option("--strict", is_flag=True, help="A failed sink check is an error, not a warning.")
+@click.option(
+    "--timeout",
+    metavar="SECONDS",
+    type=click.FloatRange(min=0.1),
+    default=20.0,
+    show_default=True,
+    help="Seconds to wait for the sink.",
+)
+@click.option("-y", "--yes", is_flag=True, help="Ask nothing: the flags, else the defaults.")
+@click.option("--force", is_flag=True, help="Replace CONFIG, rules.py and processes.py.")
+def init(  # noqa: PLR0917 (click passes every option)
+    config_file: Path,
+    stubs: bool | None,
+    check: bool,
+    strict: bool,
+    timeout: float,
+    yes: bool,
+    force: bool,
+    **answers: str | None,
+) -> None:
+    """Write a commented CONFIG (default ./skyframe.yaml) for a new pipeline.
+
+    On a terminal it asks for the kind of data, the source folder, the sink and the names of
+    the environment variables that hold its secrets, and checks the sink as `skyframe check`
+    does; flags answer questions beforehand. Without a terminal (or with --yes) it asks nothing.
+    It never replaces a file without --force. Exit 0 when written; 1 when a file exists or the
+    check failed with --strict; 2 for a wrong flag.
+    """
+    from skyframe.scaffold import Interview, Prompter, next_steps, shown, write_project
+
+    interactive = not yes and sys.stdin is not None and sys.stdin.isatty()
+    prompter = Prompter(
+        say=click.echo,
+        warn=lambda line: click.echo(f"skyframe: warning: {line}", err=True),
+        ask=_prompt if interactive else None,
+        confirm=click.confirm if interactive else None,
+    )
+    if interactive:
+        click.echo(
+            f"A pipeline for {config_file}: Enter takes the [default]; Ctrl-C stops, "
+            "and nothing is written before the last answer."
+        )
+    interview = Interview(
+        config_file,
+        prompter,
+        answers,
+        stubs=stubs,
+        check=check,
+        strict=strict,
+        timeout=timeout,
+        force=force,
+    )
+    chosen = interview.run()
+    written = write_project(chosen, force=force)
+    for folder in written.created:
+        click.echo(f"created {shown(folder)}{os.sep}")
+    click.echo("wrote " + ", ".join(shown(path) for path in written.files))
+    click.echo("next:")
+    for line in next_steps(chosen, written):
+        click.echo(f"  {line}")
+
+
 @cli.command()
 @config_argument
 @click.option("--deep", is_flag=True, help="Read every object back and compare its sha256.")
@@ -349,6 +441,60 @@ def check(config_file: Path, timeout: float) -> None:
             if not isinstance(outcome, SkyframeError):
                 message = f"{type(outcome).__name__}: {' '.join(message.split())}"
             click.echo(f"FAIL  {where}: {message}")
+    if failed:
+        sys.exit(1)
+
+
+@cli.command("test")
+@config_argument
+@click.option(
+    "-t",
+    "--tests",
+    "test_paths",
+    multiple=True,
+    metavar="PATH",
+    type=click.Path(path_type=Path),
+    help="A test file, or a folder of them; repeatable "
+    "(default: skyframe.tests.yaml beside skyframe.yaml).",
+)
+@click.option(
+    "-k",
+    "--filter",
+    "filters",
+    multiple=True,
+    metavar="TEXT",
+    help="Only the cases whose name contains TEXT (any case); repeatable.",
+)
+def pipeline_tests(
+    config_file: Path, test_paths: tuple[Path, ...], filters: tuple[str, ...]
+) -> None:
+    """Run the pipeline tests written for CONFIG: each puts a file in a temporary source folder
+    and checks what the rules and processes make of it; nothing is sent. One line per case,
+    what differed under each failure; exit 1 when any fails, 2 for a config or test file error."""
+    from skyframe.pipeline import load_project
+    from skyframe.pipetest import CaseResult, find_test_files, load_tests, report, run_tests, select
+
+    project = load_project(config_file)
+    files = find_test_files(config_file, test_paths)
+    cases = [case for file in files for case in load_tests(file, project.pipelines)]
+    chosen = select(cases, filters)
+    where = ", ".join(escape(str(f)) for f in files)
+    if not chosen:
+        click.echo(
+            f"test: no case of {len(cases)} matches {' or '.join(filters)!r} ({where})", err=True
+        )
+        sys.exit(1)
+
+    def show(result: CaseResult) -> None:
+        for line in report(result):
+            click.echo(line)
+
+    results = run_tests(chosen, project.pipelines, on_result=show)
+    failed = sum(not r.passed for r in results)
+    deselected = f", {len(cases) - len(chosen)} deselected" if len(chosen) < len(cases) else ""
+    click.echo(
+        f"test: {len(results) - failed} passed, {failed} failed{deselected} ({where})", err=True
+    )
     if failed:
         sys.exit(1)
 

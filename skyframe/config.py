@@ -668,7 +668,10 @@ def _count(size: int) -> str:
     return f"more than {MAX_VALUES:,}" if size > MAX_VALUES else f"{size:,}"
 
 
-def _load_yaml(text: str, file: str) -> tuple[Any, dict[YamlPath, tuple[int, int]]]:
+def load_yaml(text: str, file: str) -> tuple[Any, dict[YamlPath, tuple[int, int]]]:
+    """Parse YAML text the way a config is parsed (safe, duplicate keys refused, the expansion
+    bounded): the data, and the (line, column) of every key and item by its path. Errors are
+    :class:`ConfigError` naming ``file`` and the position."""
     loader = _Loader(text)
     try:
         try:
@@ -870,7 +873,7 @@ def load_config(file: str | os.PathLike[str], environ: Mapping[str, str] | None 
     holder = Config.model_construct(pipelines=[])
     holder._file = path
     try:
-        data, holder._marks = _load_yaml(text, shown)
+        data, holder._marks = load_yaml(text, shown)
     except ConfigError as exc:
         raise holder.redact(exc) from None
     if data is None:

@@ -5,6 +5,8 @@ goes through the pipeline's rules and, when accepted, its processes (in a scratc
 is removed: derived files are named, not sent), then the manifest says whether each sink has
 this version already. Nothing is queued, recorded or sent; the state directory is only read,
 and not created when it does not exist. A running daemon is left alone.
+
+:func:`run_steps` (rules, then processes, on one file) is what ``skyframe test`` runs too.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from skyframe.errors import RuleError, SkyframeError
 from skyframe.events import FileEvent, Job
@@ -86,28 +89,15 @@ def _decide(
     pipeline: Pipeline, event: FileEvent, manifest: Manifest | None, scratch: Path
 ) -> Decision:
     decision = Decision(pipeline.name, event.relpath, event.size, "send")
-    try:
-        rejection = evaluate_rules(pipeline.rules, event)
-    except RuleError as exc:
-        decision.verdict, decision.reason = "error", str(exc)
+    outcome = run_steps(pipeline, event, scratch / "job")
+    if outcome.error:
+        decision.verdict, decision.reason = "error", outcome.error
         return decision
-    if rejection is not None:
-        decision.verdict, decision.reason = "reject", f"{rejection[0]}: {rejection[1]}"
+    if outcome.rejection is not None:
+        rule, reason = outcome.rejection
+        decision.verdict, decision.reason = "reject", f"{rule}: {reason}"
         return decision
-    job = Job(event, scratch_dir=scratch / "job")
-    try:
-        for step in pipeline.processes:
-            step(job)
-        decision.remote = safe_relative_path(job.remote_name)
-        decision.derived = [safe_relative_path(d.resolve(decision.remote)) for d in job.derived]
-    except SkyframeError as exc:
-        decision.verdict, decision.reason = "error", str(exc)
-        return decision
-    except Exception as exc:  # a process of the user's: as a run would dead-letter it
-        decision.verdict, decision.reason = "error", f"{type(exc).__name__}: {exc}"
-        return decision
-    finally:
-        shutil.rmtree(job.scratch_dir, ignore_errors=True)
+    decision.remote, decision.derived = outcome.remote, outcome.derived
     for sink in pipeline.sinks:
         entry = manifest.get(pipeline.name, sink.key, event.relpath) if manifest else None
         if entry is None:
@@ -119,3 +109,38 @@ def _decide(
     if decision.sinks and all(state == "delivered" for state in decision.sinks.values()):
         decision.verdict = "delivered"
     return decision
+
+
+@dataclass
+class StepsOutcome:
+    """What a pipeline's rules and processes made of one file."""
+
+    rejection: tuple[str, str] | None = None  #: the rule that refused the file, and its reason
+    error: str = ""  #: a rule or process failed: the reason a run would dead-letter it with
+    remote: str = ""  #: the remote name, for accepted files
+    derived: list[str] = field(default_factory=list)  #: remote names of derived files
+    meta: dict[str, Any] = field(default_factory=dict)  #: ``job.meta`` once every process ran
+
+
+def run_steps(pipeline: Pipeline, event: FileEvent, scratch_dir: Path) -> StepsOutcome:
+    """Run the pipeline's rules on a file and, when they accept it, its processes, as a run
+    does; ``scratch_dir`` is the job's own folder for derived files, removed afterwards."""
+    try:
+        rejection = evaluate_rules(pipeline.rules, event)
+    except RuleError as exc:
+        return StepsOutcome(error=str(exc))
+    if rejection is not None:
+        return StepsOutcome(rejection=rejection)
+    job = Job(event, scratch_dir=scratch_dir)
+    try:
+        for step in pipeline.processes:
+            step(job)
+        remote = safe_relative_path(job.remote_name)
+        derived = [safe_relative_path(d.resolve(remote)) for d in job.derived]
+    except SkyframeError as exc:
+        return StepsOutcome(error=str(exc))
+    except Exception as exc:  # a process of the user's: as a run would dead-letter it
+        return StepsOutcome(error=f"{type(exc).__name__}: {exc}")
+    finally:
+        shutil.rmtree(job.scratch_dir, ignore_errors=True)
+    return StepsOutcome(remote=remote, derived=derived, meta=job.meta)
