@@ -98,6 +98,23 @@ def test_s3_client_kwargs_as_s3fs_users_write_them(
     assert opened.endpoint.direct is None  # a botocore Config option: s3fs does it all
 
 
+def test_s3_options_left_empty_by_their_variable_are_unset(tmp_path: Path) -> None:
+    # The README's `endpoint_url: ${S3_ENDPOINT:-}`, the variable unset: AWS, not a server "".
+    sink = {
+        "url": "s3://bucket/prefix",
+        "options": {"endpoint_url": "", "region": " ", "profile": "", "token": ""},
+    }
+    opened = open_sink(SinkConfig.model_validate(sink), tmp_path)
+    settings = opened.settings
+    assert (settings.endpoint_url, settings.region, settings.profile, settings.token) == (
+        None,
+        None,
+        None,
+        None,
+    )
+    opened.close()
+
+
 @pytest.mark.parametrize(
     ("options", "expected"),
     [

@@ -16,7 +16,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, cast
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from skyframe.deps import internal
 from skyframe.errors import SinkRefusedError, SinkUnavailableError
@@ -73,6 +73,12 @@ class S3Options(BackendOptions):
             "StorageClass, ACL..."
         ),
     )
+
+    @field_validator("endpoint_url", "region", "token", "profile", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # `endpoint_url: ${S3_ENDPOINT:-}` with the variable unset means AWS, not a server at "".
+        return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
     def _pairs(self) -> S3Options:
