@@ -27,6 +27,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from skyframe.config import ApiConfig, is_loopback
+from skyframe.errors import SkyframeError
 from skyframe.events import LifecycleEvent
 from skyframe.metrics import Metrics
 from skyframe.state import API_FILE, write_json_atomic
@@ -34,6 +35,7 @@ from skyframe.units import parse_since
 
 if TYPE_CHECKING:
     from skyframe.queue import JobRecord
+    from skyframe.reload import ReloadPlan
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +226,9 @@ class DaemonControl(Protocol):
     def retry_dead(self, pipeline: str | None = None, relpath: str | None = None) -> int:
         """Move dead-lettered jobs back into the queue; how many."""
 
+    def reload(self, trigger: str = "reload") -> ReloadPlan:
+        """Load the config file again and run it; SkyframeError when it is refused."""
+
 
 class ApiServer:
     """Serves the API for one daemon; ``start()`` binds, ``stop()`` closes."""
@@ -295,6 +300,7 @@ class ApiServer:
         app.router.add_post("/api/pause", self._pause)
         app.router.add_post("/api/resume", self._resume)
         app.router.add_post("/api/retry", self._retry)
+        app.router.add_post("/api/reload", self._reload)
         app.router.add_post("/api/login", self._login)
         self._runner = web.AppRunner(
             app,
@@ -601,6 +607,15 @@ class ApiServer:
         if path is not None and not retried:
             return _error(404, f"no dead-lettered job for {_shown(path)}")
         return web.json_response({"retried": retried})
+
+    async def _reload(self, request: web.Request) -> web.StreamResponse:
+        await self._json_body(request)  # {}: a JSON body, like every POST (the CSRF check)
+        try:
+            plan = await self._run(lambda: self.engine.reload("through the API"))
+        except SkyframeError as exc:
+            # The running config goes on; the answer says why the new one was refused.
+            return _error(422, f"config not reloaded: {exc}")
+        return web.json_response({"reloaded": True, "summary": plan.describe(), **plan.to_json()})
 
     async def _login(self, request: web.Request) -> web.StreamResponse:
         token = self.config.token

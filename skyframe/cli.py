@@ -110,8 +110,11 @@ def cli(ctx: click.Context, traceback: bool, verbose: int, quiet: bool) -> None:
 
 
 @contextmanager
-def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
-    """The first SIGINT/SIGTERM stops cleanly; a second one exits at once."""
+def _stop_on_signals(
+    stop: Callable[[], None], reload: Callable[[str], None] | None = None
+) -> Iterator[None]:
+    """The first SIGINT/SIGTERM stops cleanly; a second one exits at once. With ``reload``,
+    SIGHUP asks for a reload of the config (where there is a SIGHUP: not on Windows)."""
     received: list[int] = []
 
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -125,7 +128,14 @@ def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
         )
         stop()
 
+    def hangup(signum: int, frame: FrameType | None) -> None:
+        assert reload is not None
+        reload("SIGHUP")  # only sets a flag: the reload runs in its own thread
+
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    sighup = getattr(signal, "SIGHUP", None)
+    if reload is not None and sighup is not None:
+        previous[sighup] = signal.signal(sighup, hangup)
     try:
         yield
     finally:
@@ -143,14 +153,28 @@ def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
     help="Say what a run would do with each file (rules, remote name, delivered or not); "
     "queue, record and send nothing.",
 )
+@click.option(
+    "--watch-config/--no-watch-config",
+    default=True,
+    show_default=True,
+    help="Without --once: reload when CONFIG, rules.py, processes.py or a plugin file changes.",
+)
 @click.pass_obj
-def run(
-    obj: dict[str, Console], config_file: Path, once: bool, workers: int | None, dry_run: bool
+def run(  # noqa: PLR0917 (click passes every option)
+    obj: dict[str, Console],
+    config_file: Path,
+    once: bool,
+    workers: int | None,
+    dry_run: bool,
+    watch_config: bool,
 ) -> None:
     """Run the pipelines in CONFIG (default ./skyframe.yaml).
 
     Without --once: watch the sources and deliver new and changed files until SIGINT or
-    SIGTERM (exit 0). With --once: scan every source, deliver what is new or changed, print a
+    SIGTERM (exit 0); SIGHUP, `POST /api/reload`, the dashboard's button or (unless
+    --no-watch-config) a change of the config's files reloads the config, and an invalid one
+    is refused while the running one goes on. With --once: scan every source, deliver what is
+    new or changed, print a
     summary and exit 0 when everything accepted was delivered, 1 when a file failed or waits in
     the dead-letter list or the run was stopped with work left. Config errors exit 2.
     With --dry-run: one line per file, what a run would do with it; exit 1 when a rule or
@@ -169,7 +193,9 @@ def run(
     preflight = _start_preflight(project.pipelines)
     if not once:
         preflight()  # before "watching": a refused sink ends the daemon before it starts
-    engine = Engine(project.config, project.pm, project.pipelines)
+    engine = Engine(
+        project.config, project.pm, project.pipelines, watch_config=watch_config and not once
+    )
     stdout, stderr = obj["stdout"], obj["stderr"]
     if once:
         # The sinks' answers are awaited only when the first job would be handed out: the
@@ -177,7 +203,7 @@ def run(
         engine.gate = preflight
     work = engine.run_once if once else engine.run_daemon
     try:
-        with _stop_on_signals(engine.stop):
+        with _stop_on_signals(engine.stop, None if once else engine.request_reload):
             if not once:
                 folders = ", ".join(str(p.source_root) for p in project.pipelines)
                 click.echo(f"skyframe {__version__}: watching {folders} (Ctrl-C to stop)", err=True)

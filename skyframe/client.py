@@ -205,6 +205,13 @@ def status_lines(status: dict[str, Any]) -> list[str]:
             if sink["last_error"]:
                 line += f"; last error: {sink['last_error']}"
             lines.append(line)
+    for removed in status.get("removed") or []:  # a daemon older than reloads has none
+        queue = removed["queue"]
+        waiting = queue["pending"] + queue["leased"] + queue["waiting"]
+        lines.append(
+            f"{removed['name']} (not in the config): {waiting} job(s) wait in the queue "
+            "until the pipeline is configured again"
+        )
     transfers = status["transfers"]
     if transfers:
         lines.append(f"in flight ({len(transfers)}):")

@@ -62,6 +62,13 @@ class Control:
         except OSError as exc:
             raise StateError(f"cannot save the pause state in {self._file}: {exc}") from exc
 
+    def set_pipelines(self, pipelines: Iterable[str]) -> None:
+        """The configured pipelines changed (a reload); the switch of a removed one is kept,
+        for when it comes back."""
+        with self._cond:
+            self._pipelines = list(pipelines)
+            self._cond.notify_all()
+
     def state(self) -> dict[str, Any]:
         """``{"paused": bool, "pipelines": {name: bool}}`` for every configured pipeline."""
         with self._cond:

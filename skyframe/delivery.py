@@ -21,7 +21,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,7 +134,7 @@ class JobRunner:
         pm: pluggy.PluginManager,
         queue: JobQueue,
         manifest: Manifest,
-        pipelines: dict[str, Pipeline],
+        pipelines: Mapping[str, Pipeline],
         state_dir: Path,
         journal: UploadJournal | None,
         workers: int,
@@ -159,6 +159,7 @@ class JobRunner:
         self.arrived = None
         self.queue = queue
         self.manifest = manifest
+        #: the engine's shared mapping; a reload changes it through :meth:`switch`
         self.pipelines = pipelines
         self.state_dir = state_dir
         self.journal = journal
@@ -170,26 +171,104 @@ class JobRunner:
         self.patient = False
         #: digests computed ahead of large transfers (``run --once`` fills it during its gate)
         self.digests = Digests()
-        #: Per pipeline: each sink's batch sender, where every sink of the pipeline has one, the
-        #: pipeline has no processes (they may rename files or add derived ones) and no sink a
-        #: bandwidth limit (a batch would take its budget file by file, then send in a burst).
-        self._batch_senders: dict[str, list[BatchTransfer]] = {}
-        for p in pipelines.values():
-            senders = [pm.hook.skyframe_transfer_batch(sink=s) for s in p.sinks]
-            limited = any(s.limiter for s in p.sinks)
-            if p.sinks and not p.processes and not limited and all(senders):
-                self._batch_senders[p.name] = senders
-        #: How many jobs may be in flight at once: enough to keep every pool busy, no more.
-        self.capacity = workers + sum(s.concurrency for p in pipelines.values() for s in p.sinks)
-        if self._batch_senders:
-            self.capacity += BATCH_SIZE * BATCH_THREADS
+        self._workers = workers
+        #: Guards the pipelines' pools, batch senders and users across a reload.
+        self._lock = threading.Lock()
+        #: Every pipeline object in use, by id: the configured ones, and those a reload replaced
+        #: while jobs still ran on them (they finish on the pipeline they began with).
+        self._known: dict[int, Pipeline] = {}
+        #: Runs (and batches) under way on each pipeline object, by id.
+        self._users: dict[int, int] = {}
+        #: Per pipeline object: each sink's batch sender, where every sink of the pipeline has
+        #: one, the pipeline has no processes (they may rename files or add derived ones) and no
+        #: sink a bandwidth limit (a batch would take its budget file by file, then send in a
+        #: burst).
+        self._batch_senders: dict[int, list[BatchTransfer]] = {}
+        #: One pool per sink object (``concurrency`` threads): a sink a reload kept keeps it.
+        self._sink_pools: dict[Sink, ThreadPoolExecutor] = {}
         self._processing = ThreadPoolExecutor(workers, thread_name_prefix="skyframe-process")
         self._batches = ThreadPoolExecutor(BATCH_THREADS, thread_name_prefix="skyframe-batch")
-        self._sink_pools: dict[tuple[str, str], ThreadPoolExecutor] = {
-            (p.name, s.key): ThreadPoolExecutor(s.concurrency, thread_name_prefix="skyframe-sink")
-            for p in pipelines.values()
-            for s in p.sinks
-        }
+        #: How many jobs may be in flight at once: enough to keep every pool busy, no more.
+        self.capacity = workers
+        with self._lock:
+            self._install(pipelines.values())
+
+    # --- the pipelines in use ----------------------------------------------------------------
+
+    def _install(self, pipelines: Iterable[Pipeline]) -> None:
+        """Give new pipeline objects their pools and batch senders; recount the capacity
+        (under ``_lock``)."""
+        for p in pipelines:
+            if id(p) in self._known:
+                continue
+            self._known[id(p)] = p
+            for sink in p.sinks:
+                if sink not in self._sink_pools:
+                    self._sink_pools[sink] = ThreadPoolExecutor(
+                        sink.concurrency, thread_name_prefix="skyframe-sink"
+                    )
+            senders = [self.pm.hook.skyframe_transfer_batch(sink=s) for s in p.sinks]
+            limited = any(s.limiter for s in p.sinks)
+            if p.sinks and not p.processes and not limited and all(senders):
+                self._batch_senders[id(p)] = senders
+        current = list(self.pipelines.values())
+        self.capacity = self._workers + sum(s.concurrency for p in current for s in p.sinks)
+        if any(id(p) in self._batch_senders for p in current):
+            self.capacity += BATCH_SIZE * BATCH_THREADS
+
+    def switch(self, replace: Callable[[], None]) -> None:
+        """Reload: ``replace`` swaps the shared pipelines; the new ones get their pools first,
+        and the old ones without jobs left are let go (their other pipelines' sinks closed)."""
+        with self._lock:
+            replace()
+            self._install(self.pipelines.values())
+            for p in list(self._known.values()):
+                if not self._users.get(id(p)):
+                    self._forget_if_retired(p)
+
+    def _lease(self, name: str, pipeline: Pipeline | None = None) -> Pipeline | None:
+        """The pipeline a run goes on (``pipeline``, else the configured one named ``name``),
+        counted as in use until :meth:`_unlease`; None when it is not configured."""
+        with self._lock:
+            if pipeline is None:
+                pipeline = self.pipelines.get(name)
+            if pipeline is None or id(pipeline) not in self._known:
+                return None
+            self._users[id(pipeline)] = self._users.get(id(pipeline), 0) + 1
+            return pipeline
+
+    def _unlease(self, pipeline: Pipeline) -> None:
+        with self._lock:
+            left = self._users[id(pipeline)] - 1
+            if left:
+                self._users[id(pipeline)] = left
+                return
+            del self._users[id(pipeline)]
+            self._forget_if_retired(pipeline)
+
+    def _forget_if_retired(self, pipeline: Pipeline) -> None:
+        """A pipeline a reload replaced, with no run left on it: close the sinks no other
+        pipeline in use has, and stop their pools (under ``_lock``)."""
+        if self.pipelines.get(pipeline.name) is pipeline:
+            return
+        self._known.pop(id(pipeline), None)
+        self._batch_senders.pop(id(pipeline), None)
+        kept = {s for p in self._known.values() for s in p.sinks}
+        for sink in pipeline.sinks:
+            if sink in kept:
+                continue
+            pool = self._sink_pools.pop(sink, None)
+            if pool is not None:
+                pool.shutdown(wait=False)  # a task it holds still runs
+            try:
+                sink.close()
+            except Exception as exc:  # a connection that would not close: nothing to keep
+                log.debug("%s: closing the replaced sink failed: %s", sink.display, exc)
+
+    def sinks(self) -> list[Sink]:
+        """Every sink in use: the configured ones and those jobs still finish on."""
+        with self._lock:
+            return list(self._sink_pools)
 
     def submit(self, claim: Claim) -> None:
         """Start a claimed job; ``on_finished`` is called once it is settled either way.
@@ -197,12 +276,13 @@ class JobRunner:
         A pipeline without processes has no heavy work before the upload: its jobs start on
         their first sink's pool and serve that sink in the same thread (one hand-over less).
         """
-        pipeline = self.pipelines.get(claim.pipeline)
-        if pipeline is not None and not pipeline.processes and pipeline.sinks:
-            first = pipeline.sinks[0]
-            self._sink_pools[(pipeline.name, first.key)].submit(self._start, claim, first)
-        else:
-            self._processing.submit(self._start, claim)
+        with self._lock:  # a reload does not stop this pool meanwhile
+            pipeline = self.pipelines.get(claim.pipeline)
+            if pipeline is not None and not pipeline.processes and pipeline.sinks:
+                first = pipeline.sinks[0]
+                self._sink_pools[first].submit(self._start, claim, first)
+                return
+        self._processing.submit(self._start, claim)
 
     def submit_many(self, claims: list[Claim]) -> None:
         """Start claimed jobs: small new files of a pipeline whose sinks all take batches go in
@@ -222,8 +302,10 @@ class JobRunner:
     def batchable(self, pipeline: str, job: QueuedJob) -> bool:
         """Whether this job goes in a batch (when its file is new everywhere): a plain upload
         the rules accepted when it was queued, of a small file."""
+        configured = self.pipelines.get(pipeline)
         return (
-            pipeline in self._batch_senders
+            configured is not None
+            and id(configured) in self._batch_senders
             and type(job) is Upload
             and job.accepted
             and job.event.size <= BATCH_FILE_LIMIT
@@ -243,29 +325,35 @@ class JobRunner:
         if run is not None:
             self._serve(run, inline)
 
-    def _begin(self, claim: Claim) -> _Run | None:
+    def _begin(self, claim: Claim, pipeline: Pipeline | None = None) -> _Run | None:
         """Everything before the sinks: the pipeline, a pause, sinks that are away, a remote
         delete, the rules and processes. Returns the run with the sinks still to serve, or
-        None when the job is settled already."""
-        pipeline = self.pipelines.get(claim.pipeline)
-        if pipeline is None:
-            self._dead(
-                claim, f"pipeline {claim.pipeline!r} is no longer configured", error="ConfigError"
-            )
-            self._on_finished(1)
-            return None
-        if self.control is not None and self.control.is_held(pipeline.name):
-            # Paused after it was claimed: back to the queue before anything runs.
+        None when the job is settled already.
+
+        The run keeps the pipeline it begins with (``pipeline``, else the configured one) to
+        its end, whatever a reload changes meanwhile.
+        """
+        leased = self._lease(claim.pipeline, pipeline)
+        if leased is None:
+            # Removed by a reload after it was claimed: it waits in the queue for its pipeline.
             self.queue.release(claim)
             self._on_finished(1)
             return None
-        run = _Run(claim, pipeline, self.state_dir / "scratch" / claim.token)
+        pipeline = leased
+        if self.control is not None and self.control.is_held(pipeline.name):
+            # Paused after it was claimed: back to the queue before anything runs.
+            self._unlease(pipeline)
+            self.queue.release(claim)
+            self._on_finished(1)
+            return None
         offline = [s.health.wait() for s in pipeline.sinks]
         if self.patient and offline and min(offline) > 0:
             # Every sink is away: wait for the next try without running the processes.
+            self._unlease(pipeline)
             self.queue.retry(claim, pipeline.sinks[0].health.last_error, max(offline), count=False)
             self._on_finished(1)
             return None
+        run = _Run(claim, pipeline, self.state_dir / "scratch" / claim.token)
         try:
             if isinstance(claim.job, Delete):
                 self._delete_remote(run)
@@ -288,7 +376,7 @@ class JobRunner:
             if sink is inline:
                 here = (sink, entry)
             else:
-                pool = self._sink_pools[(run.pipeline.name, sink.key)]
+                pool = self._sink_pools[sink]
                 pool.submit(self._serve_sink, run, sink, entry)
         if here is not None:
             self._serve_sink(run, *here)
@@ -310,8 +398,8 @@ class JobRunner:
             queued.mtime_ns,
             queued.inode,
         )
-        if unchanged and queued_job.accepted:
-            rejection = None  # the rules accepted this very version when it was queued
+        if unchanged and queued_job.accepted and run.claim.queued_at >= run.pipeline.accepted_since:
+            rejection = None  # these rules accepted this very version when it was queued
         else:
             rejection = evaluate_rules(run.pipeline.rules, event)
         if rejection is not None:
@@ -395,6 +483,7 @@ class JobRunner:
             for run in runs:
                 if self.job_ended is not None:
                     self.job_ended(run.claim.pipeline, run.claim.relpath)
+                self._unlease(run.pipeline)
             self._on_finished(len(runs))
 
     def _settle_failure(self, run: _Run) -> None:
@@ -484,19 +573,30 @@ class JobRunner:
         at once, and recorded in one transaction; anything else, and a file the batch did not
         deliver to a sink, is served alone (the full logic: touched files, moves, error
         classification)."""
-        pipeline = self.pipelines[claims[0].pipeline]
+        pipeline = self._lease(claims[0].pipeline)
+        if pipeline is None or id(pipeline) not in self._batch_senders:
+            for claim in claims:  # removed or changed by a reload since: one by one
+                self.submit(claim)
+        else:
+            try:
+                self._send_batch(pipeline, claims)
+            finally:
+                self._unlease(pipeline)
+
+    def _send_batch(self, pipeline: Pipeline, claims: list[Claim]) -> None:
+        """:meth:`_run_batch` on the pipeline it leased."""
         if (self.control is not None and self.control.is_held(pipeline.name)) or any(
             sink.health.wait() > 0 for sink in pipeline.sinks
         ):
             for claim in claims:  # paused, or a sink is away: _begin knows what to do
                 self.submit(claim)  # (release, or wait for the sink)
             return
-        together = self._begin_together(claims)
+        together = self._begin_together(pipeline, claims)
         if not together:
             return
         served = dict.fromkeys(map(id, together), 0)  #: sinks each run was served by here
         alone: list[tuple[_Run, Sink]] = []
-        for sink, send in zip(pipeline.sinks, self._batch_senders[pipeline.name], strict=True):
+        for sink, send in zip(pipeline.sinks, self._batch_senders[id(pipeline)], strict=True):
             try:
                 outcomes = self._send_together(sink, send, together)
             except Exception as exc:  # before anything was sent (the state database): alone
@@ -509,14 +609,15 @@ class JobRunner:
                 else:
                     alone.append((run, sink))
         for run, sink in alone:  # on the sink's pool; whoever serves a run's last sink settles it
-            self._sink_pools[(pipeline.name, sink.key)].submit(self._serve_sink, run, sink, None)
+            self._sink_pools[sink].submit(self._serve_sink, run, sink, None)
         self._finish_many([run for run in together if run.served(served[id(run)])])
 
-    def _begin_together(self, claims: list[Claim]) -> list[_Run]:
-        """Begin each job; serve at once those that do not go in the batch, return the rest."""
+    def _begin_together(self, pipeline: Pipeline, claims: list[Claim]) -> list[_Run]:
+        """Begin each job on ``pipeline``; serve at once those that do not go in the batch,
+        return the rest."""
         together = []
         for claim in claims:
-            run = self._begin(claim)
+            run = self._begin(claim, pipeline)
             if run is None:
                 continue
             if self._goes_together(run):

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Container
 
 from skyframe.control import Control
 from skyframe.delivery import JobRunner
@@ -39,9 +39,13 @@ class Dispatcher:
         stopping: threading.Event,
         cancel: threading.Event,
         busy: Callable[[], bool],
+        configured: Container[str] | None = None,
     ) -> None:
         self.queue = queue
         self.control = control
+        #: The configured pipelines (None: all): jobs of others, say a pipeline a reload
+        #: removed, wait in the queue like a paused pipeline's, until it is back.
+        self.configured = configured
         self._stopping = stopping
         self._cancel = cancel
         #: True while jobs may still appear without the queue's knowledge (a scan, settling)
@@ -125,6 +129,14 @@ class Dispatcher:
             and not self._busy()
         )
 
+    def _held(self) -> set[str]:
+        """The pipelines whose jobs are not handed out now: paused, or not configured."""
+        held = self.control.held()
+        if self.configured is not None:
+            configured = self.configured
+            held.update(name for name in self.queue.lanes() if name not in configured)
+        return held
+
     def run(self, *, until_idle: bool) -> None:
         """Claim jobs and hand them to the runner until stopped (or idle, with until_idle)."""
         runner = self.runner
@@ -134,7 +146,7 @@ class Dispatcher:
                     self._wake.wait(0.5)
                     continue
                 room = runner.capacity - self._in_flight
-            held = self.control.held()
+            held = self._held()
             claims = self._take_volatile(min(room, CLAIM_BATCH), held)
             if not claims:
                 claims = self.queue.claim_many(min(room, CLAIM_BATCH), held)

@@ -27,18 +27,20 @@ from skyframe.control import Control
 from skyframe.delivery import JobRunner
 from skyframe.dispatch import Dispatcher
 from skyframe.display import RepeatedLog
-from skyframe.errors import PluginError, SkyframeError, StateError
+from skyframe.errors import ConfigError, PluginError, SkyframeError, StateError
 from skyframe.events import LifecycleEvent, LifecycleKind
 from skyframe.groups import CHECK_INTERVAL, Groups, GroupStore
 from skyframe.history import History
-from skyframe.intake import Intake
+from skyframe.intake import Intake, Source
 from skyframe.journal import UploadJournal
 from skyframe.notifiers import Notifiers
-from skyframe.pipeline import Pipeline
+from skyframe.pipeline import Pipeline, PipelineSet, load_project
 from skyframe.queue import JobQueue, JobRecord
+from skyframe.reload import ConfigWatch, ReloadPlan, plan_reload, project_files, stamp
 from skyframe.sharing import RemoteOwners
 from skyframe.state import Manifest, StateLock
 from skyframe.status import StatusTracker
+from skyframe.storage import Sink
 from skyframe.summary import RunSummary
 from skyframe.watcher import SourceWatcher
 
@@ -58,17 +60,37 @@ RESCAN_POLL_INTERVAL = 0.2  #: seconds between checks for due or requested resca
 class Engine:
     """Runs pipelines against the queue and manifest of a locked state directory."""
 
-    def __init__(self, config: Config, pm: pluggy.PluginManager, pipelines: list[Pipeline]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        pm: pluggy.PluginManager,
+        pipelines: list[Pipeline],
+        *,
+        watch_config: bool = False,
+    ) -> None:
         self.config = config
         self.pm = pm
-        self.pipelines = {p.name: p for p in pipelines}
+        #: The configured pipelines, one mapping every part shares; a reload swaps its content.
+        self.pipelines = PipelineSet({p.name: p for p in pipelines})
+        #: run_daemon reloads when the config's files change (see skyframe.reload)
+        self.watch_config = watch_config
+        self._reload_lock = threading.Lock()
+        self._reload_requested = threading.Event()
+        self._reload_trigger = ""
+        self._config_watch: ConfigWatch | None = None
+        #: run_daemon watches the sources: a reload watches the new ones too
+        self._watching = False
+        #: threads a reload started (the groups' of a first pipeline with groups)
+        self._late_threads: list[threading.Thread] = []
         self.state_dir = config.state_path
         self.summary = RunSummary()
         self._summary_lock = threading.Lock()
         self._lock = StateLock(self.state_dir)
         self._open_state()
         self.queue.add_lanes(list(self.pipelines))
-        self.tracker = StatusTracker(pipelines, self.queue.counts_by_pipeline, self.control.state)
+        self.tracker = StatusTracker(
+            self.pipelines, self.queue.counts_by_pipeline, self.control.state
+        )
         self.notifiers = Notifiers(pm)
         #: Called straight from emit(): they never block, and keep their own buffer.
         self.webhooks: list[WebhookNotifier] = []
@@ -95,16 +117,15 @@ class Engine:
         self._errors = RepeatedLog(log)  #: errors of steps retried every tick, said once
         #: Set once the watchers run and the first catch-up scan of every source is done.
         self.ready = threading.Event()
-        if config.bwlimit:  # one budget for every sink, on top of each sink's own
-            shared = TokenBucket(config.bwlimit)
-            for sink in (s for p in pipelines for s in p.sinks):
-                sink.limiter = Limiter([shared, *sink.limiter.buckets])
+        self._shared_budget: TokenBucket | None = None
+        self._share_budget(config, [s for p in pipelines for s in p.sinks])
         self.dispatcher = Dispatcher(
             self.queue,
             self.control,
             stopping=self._stop,
             cancel=self._cancel,
             busy=lambda: self._scanning or bool(self.intake.settling()),
+            configured=self.pipelines,
         )
         self.runner = JobRunner(
             pm=pm,
@@ -138,17 +159,32 @@ class Engine:
         #: the groups (flights) of the pipelines that have some
         self.groups: Groups | None = None
         if self._group_store is not None:
-            self.groups = Groups(
-                self._group_store,
-                self.pipelines,
-                manifest=self.manifest,
-                pm=pm,
-                emit=self.emit,
-                state_dir=self.state_dir,
-                journal=self.journal,
-            )
-            self.runner.arrived = self.groups.arrived
-            self.intake.on_queued = self.groups.seen
+            self._start_groups(self._group_store)
+
+    def _start_groups(self, store: GroupStore) -> Groups:
+        groups = Groups(
+            store,
+            self.pipelines,
+            manifest=self.manifest,
+            pm=self.pm,
+            emit=self.emit,
+            state_dir=self.state_dir,
+            journal=self.journal,
+        )
+        self.groups = groups
+        self.runner.arrived = groups.arrived
+        self.intake.on_queued = groups.seen
+        return groups
+
+    def _share_budget(self, config: Config, sinks: list[Sink]) -> None:
+        """Put ``bwlimit``, one budget for every sink, on top of each sink's own."""
+        if not config.bwlimit:
+            self._shared_budget = None
+            return
+        if self._shared_budget is None or self._shared_budget.rate != config.bwlimit:
+            self._shared_budget = TokenBucket(config.bwlimit)
+        for sink in sinks:
+            sink.limiter = Limiter([self._shared_budget, *sink.limiter.buckets])
 
     def _open_state(self) -> None:
         """Lock the state directory and open its databases (all, or none and unlocked)."""
@@ -192,10 +228,10 @@ class Engine:
         """
         if self.abandoned:
             return
+        sinks = self.runner.sinks()  # with those of pipelines a reload replaced
         self.runner.shutdown()
-        for pipeline in self.pipelines.values():
-            for sink in pipeline.sinks:
-                sink.close()
+        for sink in sinks:
+            sink.close()
         self.queue.close()
         self.manifest.close()
         self.journal.close()
@@ -287,6 +323,132 @@ class Engine:
         ]
         ready = self.ready.is_set() and all(s["health"] in ("ok", "unknown") for s in sinks)
         return ready, sinks
+
+    # --- reload (docs/cli.md, "Reloading the config") -----------------------------------------
+
+    def request_reload(self, trigger: str) -> None:
+        """Reload soon, in the daemon's reload thread (all a signal handler may do)."""
+        self._reload_trigger = trigger
+        self._reload_requested.set()
+
+    def reload(self, trigger: str = "reload") -> ReloadPlan:
+        """Load the config file again, as a start does, and run its pipelines from now on.
+
+        Refused (the error raised and logged in one line, a ``reload-refused`` event sent)
+        when the new config does not load, or changes the state directory: the running one
+        goes on untouched. ``trigger`` says who asked, for the log.
+        """
+        with self._reload_lock:
+            seen = stamp(project_files(self.config))
+            try:
+                try:
+                    if self._stop.is_set():
+                        raise StateError("skyframe is stopping")
+                    project = load_project(self.config.file)
+                    plan = plan_reload(self.config, self.pipelines, project)
+                except SkyframeError:
+                    raise
+                except Exception as exc:  # a plugin's own error: said, never a traceback
+                    raise PluginError(f"{type(exc).__name__}: {exc}") from exc
+            except SkyframeError as exc:
+                more = len(exc.more) if isinstance(exc, ConfigError) else 0
+                also = f" (and {more} more problem(s))" if more else ""
+                log.error(
+                    "config not reloaded (%s): %s%s; the running config stays", trigger, exc, also
+                )
+                self.emit(LifecycleEvent("reload-refused", "", "", reason=f"{exc}{also}"))
+                raise
+            finally:
+                if self._config_watch is not None:
+                    self._config_watch.loaded(seen)
+            self._apply(project.config, plan)
+        waiting = self._waiting_for(plan.removed)
+        log.info("config reloaded (%s): %s%s", trigger, plan.describe(), waiting)
+        if plan.restart_needed:
+            log.warning(
+                "changed in the config, in force at the next start only: %s",
+                ", ".join(plan.restart_needed),
+            )
+        self.emit(LifecycleEvent("reloaded", "", "", reason=plan.describe() + waiting))
+        return plan
+
+    def _apply(self, config: Config, plan: ReloadPlan) -> None:
+        """Run the plan's pipelines: every part sees them at once; in-flight jobs end on the
+        pipelines they began with."""
+        self._share_budget(config, [s for p in plan.pipelines.values() for s in p.sinks])
+        with self.intake.switching():  # no file is being judged meanwhile
+            now = time.time()
+            for pipeline in plan.new_rules:
+                pipeline.accepted_since = now
+            self.runner.switch(lambda: self.pipelines.replace(plan.pipelines))
+            self.control.set_pipelines(plan.pipelines)
+            self.queue.add_lanes(list(plan.pipelines))
+            gone, fresh = self.intake.renew_sources()
+        self.config = config
+        self.runner.owners = RemoteOwners(
+            (s for p in plan.pipelines.values() for s in p.sinks), self.manifest
+        )
+        if self.groups is None and any(p.groups for p in plan.pipelines.values()):
+            self._group_store = GroupStore(self.state_dir)
+            self._start_groups(self._group_store)
+            if self._watching:
+                thread = threading.Thread(
+                    target=self._complete_groups, name="skyframe-groups", daemon=True
+                )
+                self._late_threads.append(thread)
+                thread.start()
+        for source in gone:
+            if source.watcher is not None:
+                source.watcher.stop()
+        if self._watching:
+            for source in fresh:
+                self._watch(source)
+        self.dispatcher.notify()
+
+    def _waiting_for(self, removed: list[str]) -> str:
+        """What the removed pipelines left in the queue, for the log line."""
+        if not removed:
+            return ""
+        counts = self.queue.counts_by_pipeline()
+        left = []
+        for name in removed:
+            c = counts.get(name, {})
+            jobs = c.get("pending", 0) + c.get("leased", 0) + c.get("waiting", 0)
+            if jobs:
+                left.append(f"{name}: {jobs} job(s)")
+        if not left:
+            return ""
+        return f" ({', '.join(left)} wait in the queue until configured again)"
+
+    def _reloader(self) -> None:
+        """Watch mode: carry out the reloads asked for (SIGHUP, the config watch)."""
+        while not self._stop.is_set():
+            if not self._reload_requested.wait(0.5):
+                continue
+            self._reload_requested.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.reload(self._reload_trigger)
+            except SkyframeError:
+                pass  # said by reload(); the running config goes on
+            except Exception as exc:
+                log.error("the reload failed: %s: %s", type(exc).__name__, exc)
+                log.debug("the reload failed", exc_info=True)
+
+    def _watch(self, source: Source) -> None:
+        """Start watching a source; its catch-up scan follows at once (after the watch, so
+        nothing written meanwhile is missed)."""
+        spec = source.pipeline.source
+        source.watcher = SourceWatcher(
+            source.pipeline.source_root,
+            self.intake.callbacks(source),
+            recursive=source.pipeline.recursive,
+            polling=spec.polling,
+            poll_interval=spec.poll_interval,
+        )
+        source.watcher.start()
+        source.next_rescan = 0.0
 
     # --- background steps -------------------------------------------------------------------
 
@@ -457,31 +619,36 @@ class Engine:
             threads.append(
                 threading.Thread(target=self._complete_groups, name="skyframe-groups", daemon=True)
             )
+        threads.append(threading.Thread(target=self._reloader, name="skyframe-reload", daemon=True))
         self.runner.patient = True  # an unreachable sink keeps files waiting, uncounted
         try:
             self._start_notifiers()
             self._startup_hooks()
             self._start_api()
             self._warn_held()
-            for source in self.intake.sources.values():
-                spec = source.pipeline.source
-                source.watcher = SourceWatcher(
-                    source.pipeline.source_root,
-                    self.intake.callbacks(source),
-                    recursive=source.pipeline.recursive,
-                    polling=spec.polling,
-                    poll_interval=spec.poll_interval,
-                )
-                source.watcher.start()
-                source.next_rescan = 0.0  # the catch-up scan runs at once, after the watch
+            self._warn_unconfigured()
+            with self._reload_lock:  # a reload now watches its new sources itself
+                self._watching = True
+                for source in self.intake.sources.values():
+                    self._watch(source)
             for thread in threads:
                 thread.start()
+            if self.watch_config:
+                self._config_watch = ConfigWatch(
+                    lambda: project_files(self.config),
+                    lambda: self.request_reload("the config changed"),
+                )
+                self._config_watch.start()
             log.info("watching %d source folder(s)", len(self.intake.sources))
             self.dispatcher.run(until_idle=False)
             self.dispatcher.drain(self.config.shutdown_grace)
         finally:
             self._stop.set()
-            for thread in threads:
+            if self._config_watch is not None:
+                self._config_watch.stop()
+            with self._reload_lock:  # no reload is half done
+                self._watching = False
+            for thread in [*threads, *self._late_threads]:
                 if thread.is_alive():
                     thread.join()
             for source in self.intake.sources.values():
@@ -517,6 +684,14 @@ class Engine:
         self.api = server
         if self.on_api is not None:
             self.on_api(server.url)
+
+    def _warn_unconfigured(self) -> None:
+        """Say which jobs wait for a pipeline the config no longer has."""
+        waiting = self._waiting_for(
+            [name for name in self.queue.counts_by_pipeline() if name not in self.pipelines]
+        )
+        if waiting:
+            log.warning("pipelines not in the config%s", waiting)
 
     def _warn_held(self) -> None:
         held = self.control.held()

@@ -152,6 +152,8 @@ LifecycleKind = Literal[
     "deleted",
     "paused",
     "resumed",
+    "reloaded",
+    "reload-refused",
 ]
 
 

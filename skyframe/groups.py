@@ -27,7 +27,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -303,7 +303,7 @@ class Groups:
     def __init__(
         self,
         store: GroupStore,
-        pipelines: dict[str, Pipeline],
+        pipelines: Mapping[str, Pipeline],
         *,
         manifest: Manifest,
         pm: pluggy.PluginManager,
@@ -312,7 +312,7 @@ class Groups:
         journal: UploadJournal | None,
     ) -> None:
         self.store = store
-        self.pipelines = {name: p for name, p in pipelines.items() if p.groups}
+        self._all = pipelines  #: the engine's shared mapping (a reload changes it)
         self.manifest = manifest
         self.pm = pm
         self.emit = emit
@@ -320,6 +320,11 @@ class Groups:
         self.journal = journal
         #: (pipeline, name, key) -> when to try again a group whose completion failed
         self._retry_at: dict[tuple[str, str, str], float] = {}
+
+    @property
+    def pipelines(self) -> dict[str, Pipeline]:
+        """The configured pipelines that have groups."""
+        return {name: p for name, p in self._all.items() if p.groups}
 
     def arrived(self, pipeline: str, files: list[tuple[str, int, dict[str, Any] | None]]) -> None:
         """Files of ``pipeline`` whose jobs are done: (relative path, mtime_ns, job meta)."""

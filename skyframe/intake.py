@@ -14,7 +14,8 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,8 @@ class Source:
         self.caught_up = False  #: a complete scan ran since the start
         self.real_root = pipeline.source_root.resolve()
         self.refused: set[str] = set()  #: files whose refusal was said (see Intake._refused)
+        #: A reload replaced or removed its pipeline: its scan stops, its offers are dropped.
+        self.retired = False
 
 
 class Intake:
@@ -72,7 +75,7 @@ class Intake:
 
     def __init__(
         self,
-        pipelines: dict[str, Pipeline],
+        pipelines: Mapping[str, Pipeline],
         *,
         queue: JobQueue,
         manifest: Manifest,
@@ -84,7 +87,7 @@ class Intake:
         summary_lock: threading.Lock,
         stopping: threading.Event,
     ) -> None:
-        self.pipelines = pipelines
+        self.pipelines = pipelines  #: the engine's shared mapping (a reload changes it)
         self.queue = queue
         self.manifest = manifest
         self.control = control
@@ -103,6 +106,37 @@ class Intake:
         self._vanished_lock = threading.Lock()
         #: told the relative paths a pipeline queued (the groups count them as seen)
         self.on_queued: Callable[[str, list[str]], None] | None = None
+        #: Held while files are decided and queued, and while a reload swaps the pipelines: a
+        #: file is judged by one set of rules, and queued before or after the swap.
+        self._switch_lock = threading.Lock()
+
+    @contextmanager
+    def switching(self) -> Iterator[None]:
+        """Hold every offer while a reload swaps the pipelines."""
+        with self._switch_lock:
+            yield
+
+    def renew_sources(self) -> tuple[list[Source], list[Source]]:
+        """After a reload changed the pipelines (under :meth:`switching`): each new or changed
+        pipeline gets a fresh source, an unchanged one keeps its own. Returns the sources let
+        go (to stop watching) and the fresh ones (to watch and scan)."""
+        old = self.sources
+        new: dict[str, Source] = {}
+        for name, pipeline in self.pipelines.items():
+            source = old.get(name)
+            kept = source is not None and source.pipeline is pipeline
+            new[name] = source if source is not None and kept else Source(self, pipeline)
+        gone = [source for name, source in old.items() if new.get(name) is not source]
+        for source in gone:
+            source.retired = True
+        self.sources = new  # replaced, never changed: the engine's threads iterate it
+        fresh = [source for name, source in new.items() if old.get(name) is not source]
+        return gone, fresh
+
+    def _current(self, pipeline: Pipeline) -> Source | None:
+        """The pipeline's source, unless a reload replaced or removed the pipeline."""
+        source = self.sources.get(pipeline.name)
+        return source if source is not None and source.pipeline is pipeline else None
 
     def settling(self) -> int:
         """Files waiting to settle, in every source."""
@@ -111,7 +145,9 @@ class Intake:
     def scan(self, pipeline: Pipeline) -> None:
         """Compare the source with the manifest: queue what is new or changed (and deleted,
         for sinks with ``on_delete: delete``). Recently modified files go through the settler."""
-        source = self.sources[pipeline.name]
+        source = self._current(pipeline)
+        if source is None:
+            return  # a reload replaced it: its new source scans
         settle = source.settler.settle
         mirrors_deletes = any(s.on_delete == "delete" for s in pipeline.sinks)
         # One entry per file found: kept only where it serves, to find the deleted ones.
@@ -135,8 +171,8 @@ class Intake:
             on_error=on_error,
             on_skip=lambda path, reason: self._refused(pipeline, path, reason),
         ):
-            if self.stopping.is_set():
-                self.scan_cut = True
+            if self.stopping.is_set() or source.retired:  # retired: its new source scans
+                self.scan_cut |= self.stopping.is_set()
                 return
             found += 1
             if mirrors_deletes:
@@ -202,6 +238,19 @@ class Intake:
         self, pipeline: Pipeline, offers: Sequence[tuple[FileEvent, str | None]]
     ) -> None:
         """Offer files; those to deliver are queued in one transaction, then events go out."""
+        with self._switch_lock:
+            if self.pipelines.get(pipeline.name) is not pipeline:
+                return  # replaced or removed by a reload: a new source's scan takes its files
+            events, to_queue = self._queue_offers(pipeline, offers)
+        for lifecycle in events:
+            self.emit(lifecycle)
+        if to_queue:
+            self.dispatcher.notify()
+
+    def _queue_offers(
+        self, pipeline: Pipeline, offers: Sequence[tuple[FileEvent, str | None]]
+    ) -> tuple[list[LifecycleEvent], list[Upload]]:
+        """Decide and queue: the events to send, and the jobs that were to be queued."""
         events: list[LifecycleEvent] = []
         to_queue: list[Upload] = []
         for event, moved_from in offers:
@@ -238,10 +287,7 @@ class Intake:
                 self.on_queued(pipeline.name, [e.relpath for e in queued])
             if self.hashing_ahead:
                 self._hash_ahead(pipeline, queued)
-        for lifecycle in events:
-            self.emit(lifecycle)
-        if to_queue:
-            self.dispatcher.notify()
+        return events, to_queue
 
     def _hash_ahead(self, pipeline: Pipeline, events: list[FileEvent]) -> None:
         """Have the files a sink hashes before sending (``Endpoint.hashes_from``) hashed now,
@@ -292,7 +338,10 @@ class Intake:
 
     def _refused(self, pipeline: Pipeline, path: Path, reason: str) -> None:
         """A file the source holds but that is not taken: said once per file and run."""
-        said = self.sources[pipeline.name].refused
+        source = self.sources.get(pipeline.name)
+        if source is None:
+            return
+        said = source.refused
         key = shown(path)
         with self.summary_lock:
             if key in said:
@@ -307,7 +356,9 @@ class Intake:
         self, pipeline: Pipeline, path: Path, kind: EventKind, moved_from: str | None = None
     ) -> None:
         """A watched file settled (or was renamed into place): stat it and offer it."""
-        source = self.sources[pipeline.name]
+        source = self._current(pipeline)
+        if source is None:
+            return  # a reload replaced or removed the pipeline: a new scan takes the file
         reason = refusal(path, source.real_root, pipeline.source.follow_symlinks)
         if reason is not None:
             self._refused(pipeline, path, reason)
@@ -344,7 +395,10 @@ class Intake:
         return rel.as_posix()
 
     def _on_deleted(self, pipeline: Pipeline, path: Path) -> None:
-        self.sources[pipeline.name].settler.forget(path)
+        source = self._current(pipeline)
+        if source is None:
+            return  # a reload replaced or removed the pipeline: its new scan decides
+        source.settler.forget(path)
         relpath = self._relpath(pipeline, path)
         if relpath is None:
             return
@@ -383,7 +437,9 @@ class Intake:
             for key, _ in expired:
                 del self._vanished[key]
         for (name, _inode), gone in expired:
-            self._queue_delete(self.pipelines[name], gone.relpath)
+            pipeline = self.pipelines.get(name)
+            if pipeline is not None:  # else removed by a reload: its deletes wait for it
+                self._queue_delete(pipeline, gone.relpath)
 
     def _queue_delete(self, pipeline: Pipeline, relpath: str) -> None:
         if (pipeline.source_root / relpath).exists():
@@ -398,7 +454,9 @@ class Intake:
             self.dispatcher.notify()
 
     def _on_moved(self, pipeline: Pipeline, src: Path, dest: Path) -> None:
-        source = self.sources[pipeline.name]
+        source = self._current(pipeline)
+        if source is None:
+            return  # a reload replaced or removed the pipeline: its new scan decides
         source.settler.forget(src)
         src_rel = self._relpath(pipeline, src)
         if src_rel is None:  # moved in from outside the source: complete by construction

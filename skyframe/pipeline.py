@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+from collections.abc import ItemsView, Iterator, KeysView, Mapping, ValuesView
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,49 @@ class Pipeline:
     retry: RetryConfig
     source: SourceConfig
     groups: list[GroupConfig] = field(default_factory=list)  #: files that belong together
+    #: Jobs queued before this time (epoch seconds) were accepted by rules a reload replaced:
+    #: delivery runs the rules again for them (0: the rules are those of the start).
+    accepted_since: float = 0.0
+
+
+class PipelineSet(Mapping[str, Pipeline]):
+    """The configured pipelines by name, shared by every part of the engine.
+
+    A reload swaps the whole snapshot at once (:meth:`replace`); a snapshot is never changed,
+    so iterating ``values()`` or ``items()`` is safe while another thread reloads.
+    """
+
+    def __init__(self, pipelines: Mapping[str, Pipeline] | None = None) -> None:
+        self._current: dict[str, Pipeline] = dict(pipelines or {})
+
+    def replace(self, pipelines: Mapping[str, Pipeline]) -> None:
+        """Make ``pipelines`` the configured set."""
+        self._current = dict(pipelines)
+
+    def snapshot(self) -> dict[str, Pipeline]:
+        """The configured pipelines now (a copy)."""
+        return dict(self._current)
+
+    def __getitem__(self, name: str) -> Pipeline:
+        return self._current[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._current)
+
+    def __len__(self) -> int:
+        return len(self._current)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._current
+
+    def keys(self) -> KeysView[str]:
+        return self._current.keys()
+
+    def values(self) -> ValuesView[Pipeline]:
+        return self._current.values()
+
+    def items(self) -> ItemsView[str, Pipeline]:
+        return self._current.items()
 
 
 def build_pipelines(config: Config, registry: Registry) -> list[Pipeline]:

@@ -110,6 +110,8 @@ class Claim:
     #: if it needs one.
     volatile: bool = False
     version: str | None = None
+    #: when the job was first queued (epoch seconds; 0 for a volatile one)
+    queued_at: float = 0.0
 
 
 class JobQueue:
@@ -184,6 +186,10 @@ class JobQueue:
             if name not in self._lanes:
                 self._lanes.append(name)
 
+    def lanes(self) -> list[str]:
+        """The pipelines :meth:`claim` looks at (configured or not, e.g. removed by a reload)."""
+        return list(self._lanes)
+
     def put(self, pipeline: str, job: QueuedJob, version: str | None = None) -> bool:
         """Queue the latest state of a path; returns False when that version was queued already.
 
@@ -245,7 +251,13 @@ class JobQueue:
                     record.update(state="leased", lease=token, claimed_at=time.time())
                     self._cache.set(key, record)
                 return Claim(
-                    key, record["pipeline"], record["relpath"], job, record["attempts"], token
+                    key,
+                    record["pipeline"],
+                    record["relpath"],
+                    job,
+                    record["attempts"],
+                    token,
+                    queued_at=record.get("queued_at", 0.0),
                 )
 
     def _pull(self, skip: Collection[str]) -> str | None:

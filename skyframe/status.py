@@ -10,7 +10,7 @@ import collections
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,11 +57,14 @@ class StatusTracker:
 
     def __init__(
         self,
-        pipelines: Iterable[Pipeline],
+        pipelines: Mapping[str, Pipeline] | Iterable[Pipeline],
         queue_counts: Callable[[], dict[str, dict[str, int]]],
         pause_state: Callable[[], dict[str, Any]],
     ) -> None:
-        self._pipelines = list(pipelines)
+        #: the engine's shared mapping: a reload's pipelines show at once
+        self._pipelines: Mapping[str, Pipeline] = (
+            pipelines if isinstance(pipelines, Mapping) else {p.name: p for p in pipelines}
+        )
         self._queue_counts = queue_counts
         self._pause_state = pause_state
         self.started_at = time.time()
@@ -155,7 +158,7 @@ class StatusTracker:
             window = min(THROUGHPUT_WINDOW, max(now - self.started_at, 1.0))
             in_flight = collections.Counter((t.pipeline, t.sink) for t in self._transfers.values())
             pipelines = []
-            for pipeline in self._pipelines:
+            for pipeline in self._pipelines.values():
                 sinks = []
                 for sink in pipeline.sinks:
                     counts = self._sinks.get((pipeline.name, sink.key), _SinkCounts())
@@ -189,6 +192,13 @@ class StatusTracker:
                 "started_at": self.started_at,
                 "paused": pause["paused"],
                 "pipelines": pipelines,
+                # Jobs of pipelines a reload removed: they wait until it is configured again.
+                "removed": [
+                    {"name": name, "queue": counts}
+                    for name, counts in sorted(queue.items())
+                    if name not in self._pipelines
+                    and any(counts.get(state) for state in ("pending", "leased", "waiting"))
+                ],
                 "transfers": [t.to_json(now) for t in self._transfers.values()],
                 "throughput": {
                     "bytes_per_s": sent / window,

@@ -412,3 +412,28 @@ def test_flights_show_their_files_and_photo_positions(
         "reported",
     )
     assert len(api_group["positions"]) == 3
+
+
+def test_reload_button_reloads_the_config_and_shows_a_refusal(
+    tmp_path: Path, start_daemon: StartDaemon, page: Page
+) -> None:
+    daemon = start_daemon(one_pipeline())
+    open_dashboard(page, daemon)
+    button = page.locator("#reload-config")
+    notice = page.locator("#notice")
+    # A second pipeline, added by the button.
+    (tmp_path / "logs").mkdir()
+    config = tmp_path / "skyframe.yaml"
+    added = config.read_text() + (
+        "  - name: logs\n    source: {path: logs, settle: 0}\n    sinks:\n      - url: logbox\n"
+    )
+    config.write_text(added)
+    button.click()
+    expect(notice).to_have_text("Config reloaded: added logs.")
+    page.locator('article.pipeline[data-pipeline="logs"]').wait_for()
+    # A broken config: refused with its error, the running one goes on.
+    config.write_text(added.replace("settle: 0}", "setle: 0}"))
+    button.click()
+    expect(notice).to_contain_text("config not reloaded: ")
+    expect(notice).to_contain_text("unknown key 'setle'")
+    assert [p["name"] for p in daemon.get("/api/status")["pipelines"]] == ["survey", "logs"]

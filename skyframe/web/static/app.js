@@ -458,6 +458,13 @@
     });
   }
 
+  function reloadConfig(button) {
+    return action("reload", button, async () => {
+      const answer = await api("POST", "api/reload", {});
+      if (answer && typeof answer.summary === "string") notice("Config reloaded: " + answer.summary + ".");
+    });
+  }
+
   function findPipeline(name) {
     const pipelines = (state.status && state.status.pipelines) || [];
     return pipelines.find((p) => p.name === name) || null;
@@ -835,6 +842,7 @@
   function start() {
     $("daemon-toggle").addEventListener("click", (event) => togglePause(undefined, event.currentTarget));
     $("retry-all").addEventListener("click", (event) => retryAll(event.currentTarget));
+    $("reload-config").addEventListener("click", (event) => reloadConfig(event.currentTarget));
     $("login-form").addEventListener("submit", login);
     connect();
     refreshDead();
