@@ -955,6 +955,11 @@ class _StartupGC:
             gc.enable()
 
 
+from skyframe.hub.cli import hub_group  # noqa: E402 (the hub's commands, in its package)
+
+cli.add_command(hub_group)
+
+
 def main() -> None:
     """Console-script entry point.
 

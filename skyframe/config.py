@@ -315,6 +315,50 @@ class HistoryConfig(_Model):
     )
 
 
+STATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class HubLinkConfig(_Model):
+    """The hub this station reports to (docs/hub.md)."""
+
+    url: str = Field(description="the hub's address, https:// (http:// on loopback only)")
+    token: str = Field(description="this station's token, from the environment: ${VAR}")
+    station: str = Field(description="this station's name, as the token was made for")
+    interval: PositiveDuration = Field(10.0, description="seconds between two heartbeats")
+    batch_size: Count = Field(500, ge=1, le=1000, description="the most events in one request")
+    outbox: Count = Field(
+        1_000_000, ge=1000, description="events kept while the hub is away (the oldest go first)"
+    )
+    timeout: PositiveDuration = Field(30.0, description="seconds one request may take")
+
+    @field_validator("url")
+    @classmethod
+    def _secure_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"expected an http(s) URL such as https://hub.example.org, not {url!r}"
+            )
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ValueError("give the hub's address only: the token goes in hub.token")
+        if parts.scheme == "http" and not is_loopback(parts.hostname):
+            raise ValueError(
+                f"use https:// for {parts.hostname}: over http:// the token would cross the "
+                "network in clear"
+            )
+        return url
+
+    @field_validator("station")
+    @classmethod
+    def _station_name(cls, station: str) -> str:
+        if not STATION_NAME.fullmatch(station):
+            raise ValueError(
+                "a station name is 1 to 64 letters, digits, '.', '_' or '-', starting with a "
+                f"letter or digit, not {station!r}"
+            )
+        return station
+
+
 class WebhookConfig(_Model):
     """A notifier that POSTs lifecycle events, in batches, to a URL."""
 
@@ -378,6 +422,7 @@ class Config(_Model):
     notify: list[NotifyConfig] = Field(
         default_factory=list, description="notifiers that receive every lifecycle event"
     )
+    hub: HubLinkConfig | None = Field(None, description="the hub this station reports to")
     pipelines: list[PipelineConfig] = Field(min_length=1)
 
     _file: Path = PrivateAttr(default=Path(DEFAULT_CONFIG_NAME))
@@ -894,6 +939,12 @@ def load_config(file: str | os.PathLike[str], environ: Mapping[str, str] | None 
         _check_local_sinks(config)
     except ConfigError as exc:
         raise config.redact(exc) from None
+    if config.hub is not None and config.hub.token not in config._from_env:
+        raise ConfigError(
+            "hub.token: take it from the environment (token: ${SKYFRAME_HUB_TOKEN}): "
+            "a token written in the file is readable by whoever can read the file",
+            config.locate(("hub", "token")),
+        )
     return config
 
 

