@@ -112,6 +112,7 @@ class SinkHealth:
         self.failures = 0  #: consecutive failures to reach the sink
         self.last_error = ""
         self._retry_at = 0.0
+        self._told = False  #: the current outage or refusal was logged
         self._lock = threading.Lock()
 
     def admit(self) -> None:
@@ -136,12 +137,24 @@ class SinkHealth:
             self.last_error = ""
             return back
 
+    def announce(self) -> bool:
+        """True once per spell offline or refused: whoever gets it logs that the sink is gone
+        (a failure recorded without a log line, by a probe or a connection attempt, is told by
+        the next transfer that meets it)."""
+        with self._lock:
+            if self.state in ("offline", "refused") and not self._told:
+                self._told = True
+                return True
+            return False
+
     def failed(self, error: SinkUnavailableError | SinkRefusedError) -> bool:
         """Record a failure; True when it changes the state (worth one log line)."""
         with self._lock:
             state = "refused" if isinstance(error, SinkRefusedError) else "offline"
             changed = state != self.state
             self.state = state
+            if changed:
+                self._told = False
             self.last_error = str(error)
             if state == "offline" and (changed or time.monotonic() >= self._retry_at):
                 # Transfers that were already under way when the link dropped fail together:
@@ -273,7 +286,8 @@ class Sink:
             if isinstance(error, SinkUnavailableError | SinkRefusedError):
                 if isinstance(error, SinkUnavailableError):
                     self.reset(generation)
-                if self.health.failed(error) and report:
+                self.health.failed(error)
+                if report and self.health.announce():
                     if isinstance(error, SinkRefusedError):
                         log.error("%s", error)
                     else:

@@ -3,13 +3,21 @@ place with ``posix-rename@openssh.com``, which replaces the target atomically.
 
 Round trips per file: open, write(s), close, rename; folders are created once per connection.
 A large upload is journaled as it goes (the offset up to which every write was acknowledged):
-after a crash or a dropped link the next attempt reopens the temporary file without
-truncating it and goes on from the lower of that offset and the file's size, re-reading
-the local prefix only to finish the hash.
+after a crash or a dropped link the next try reopens the temporary file without truncating it
+and goes on from the lower of that offset and the file's size, re-reading the local prefix
+only to finish the hash.
 
-The SFTP server acknowledges every write, so the size is not asked again. Large files are
-written in chunks at explicit offsets, two chunks in flight, each split by asyncssh into many
-parallel requests: reading and hashing the next chunk overlaps with sending this one.
+Large files are written in pieces of :data:`PIECE` bytes at explicit offsets, up to
+:data:`WINDOW` bytes of them awaiting the server's acknowledgement, so that reading and hashing
+overlap with sending and the acknowledged offset trails what was sent by little more than what
+is on the wire: a cut costs the bytes in flight, not a whole chunk.
+
+A connection lost during an upload is not the file's failure: the upload reconnects (the
+sink's connection is dropped and rebuilt once for all the transfers that shared it) and goes
+on from the acknowledged offset: at once after a try on which the server answered, after a
+growing wait when it did not. Only :data:`RECONNECTS` tries in a row without an answer (or
+:data:`TRIES` that got no byte further) give the error to the caller: the sink is then away
+(see :class:`skyframe.storage.SinkHealth`).
 """
 
 from __future__ import annotations
@@ -20,23 +28,41 @@ import logging
 import posixpath
 import re
 import shlex
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from skyframe import backoff
 from skyframe.cleanup import drop_stale
 from skyframe.deps import import_asyncssh, internal
-from skyframe.errors import SourceChangedError, SourceUnreadableError
+from skyframe.errors import SinkUnavailableError, SourceChangedError, SourceUnreadableError
 from skyframe.journal import UploadJournal, same_file
+from skyframe.protocols.classify import one_line
 from skyframe.storage import SourceReader, TransferRequest, TransferResult
 
 log = logging.getLogger(__name__)
 
-CHUNK = 4 * 1024 * 1024  #: bytes per write call (asyncssh splits it into parallel requests)
-IN_FLIGHT = 2  #: write calls outstanding at once (memory: IN_FLIGHT x CHUNK)
+CHUNK = 4 * 1024 * 1024  #: files up to this size are sent whole again after a cut (no journal)
+PIECE = 256 * 1024  #: bytes per write call (asyncssh splits it into the server's requests)
+WINDOW = 8 * 1024 * 1024  #: bytes written and not yet acknowledged, at most (memory bound)
+JOURNAL_EVERY = 0.5  #: seconds between journal updates of an upload's acknowledged offset
+RECONNECTS = 6  #: tries in a row the server did not answer before a lost connection fails
+TRIES = 20  #: tries in a row that got no byte further, before a lost connection fails
+RECONNECT_WAIT = 0.25  #: seconds before the second try without progress; doubles each time
+RECONNECT_WAIT_MAX = 4.0  #: the longest wait between two tries
 _HEX64 = re.compile("[0-9a-f]{64}")
+
+
+class _Progress:
+    """How far one try of an upload got: whether it had a connection (the server answered),
+    the end of what the server acknowledged."""
+
+    def __init__(self) -> None:
+        self.answered = False
+        self.acknowledged = -1
 
 
 def _write_pipelined(
@@ -46,33 +72,43 @@ def _write_pipelined(
     offset: int,
     confirmed: Callable[[int], None],
 ) -> None:
-    """Write the rest of the file from ``offset``, keeping IN_FLIGHT chunks on the wire;
-    ``confirmed(end)`` is called as the server acknowledges each chunk, in file order."""
+    """Write the rest of the file from ``offset``, keeping up to WINDOW bytes unacknowledged;
+    ``confirmed(end)`` is called as the server acknowledges each piece, in file order."""
     # sshfs's file wraps asyncssh's, whose writes take explicit offsets: several can be in
-    # flight while the next chunk is read and hashed.
-    handle = internal(out, "_file", "sshfs", "writing one chunk at a time")
+    # flight while the next piece is read and hashed.
+    handle = internal(out, "_file", "sshfs", "writing one piece at a time")
     if handle is None:
         _write_in_turn(out, reader, request, offset, confirmed)
         return
-    pending: deque[tuple[Future[Any], int]] = deque()
+    pending: deque[tuple[Future[Any], int, int]] = deque()  #: (write, its end, its size)
+    waiting = 0  #: bytes written and not yet acknowledged
     try:
-        for chunk in reader.chunks():
-            request.pace(len(chunk))
-            write = handle.write(chunk, offset)
-            offset += len(chunk)
-            pending.append((asyncio.run_coroutine_threadsafe(write, out.loop), offset))
-            while len(pending) >= IN_FLIGHT:
-                future, done = pending.popleft()
-                future.result()
-                confirmed(done)
+        for piece in reader.chunks():
+            request.pace(len(piece))
+            write = handle.write(piece, offset)
+            offset += len(piece)
+            waiting += len(piece)
+            future = asyncio.run_coroutine_threadsafe(write, out.loop)
+            pending.append((future, offset, len(piece)))
+            while waiting >= WINDOW:
+                waiting -= _acknowledged(pending, confirmed)
         while pending:
-            future, done = pending.popleft()
-            future.result()
-            confirmed(done)
+            _acknowledged(pending, confirmed)
     except BaseException:
-        for future, _ in pending:
+        for future, _, _ in pending:
             future.cancel()
         raise
+
+
+def _acknowledged(
+    pending: deque[tuple[Future[Any], int, int]], confirmed: Callable[[int], None]
+) -> int:
+    """Wait for the oldest write to be acknowledged, and confirm it; returns its size."""
+    future, end, size = pending[0]
+    future.result()
+    pending.popleft()
+    confirmed(end)
+    return size
 
 
 def _write_in_turn(
@@ -82,12 +118,12 @@ def _write_in_turn(
     offset: int,
     confirmed: Callable[[int], None],
 ) -> None:
-    """:func:`_write_pipelined` through sshfs's public file API: one chunk at a time."""
+    """:func:`_write_pipelined` through sshfs's public file API: one piece at a time."""
     out.seek(offset)
-    for chunk in reader.chunks():
-        request.pace(len(chunk))
-        out.write(chunk)
-        offset += len(chunk)
+    for piece in reader.chunks():
+        request.pace(len(piece))
+        out.write(piece)
+        offset += len(piece)
         confirmed(offset)
 
 
@@ -128,16 +164,69 @@ def describe_upload(record: dict[str, Any]) -> str:
 
 
 def upload(request: TransferRequest) -> TransferResult:
-    """Upload one file to an ``sftp://`` sink."""
+    """Upload one file to an ``sftp://`` sink, reconnecting when the connection drops (see the
+    module's docstring)."""
+    sink = request.sink
+    best = -1  #: the furthest any try got acknowledged
+    stalls = 0  #: tries in a row whose connection did not answer
+    tries = 0  #: tries in a row that got nothing more acknowledged
+    while True:
+        generation = sink.generation
+        progress = _Progress()
+        try:
+            return _upload_once(request, progress)
+        except (SourceChangedError, SourceUnreadableError):
+            raise
+        except Exception as exc:
+            error = sink.translate(exc)
+            if not isinstance(error, SinkUnavailableError):
+                raise
+            tries = 0 if progress.acknowledged > best else tries + 1
+            best = max(best, progress.acknowledged)
+            stalls = 0 if progress.answered or not tries else stalls + 1
+            if stalls >= RECONNECTS or tries >= TRIES:
+                raise
+            if stalls and sink.health.announce():  # no connection: the sink is away for now
+                log.warning("%s; files wait until it is back", error)
+            # The connection is dead for every transfer on it: the first to notice drops it,
+            # and the next use of the sink connects anew (once, for all of them).
+            sink.reset(generation)
+            wait = backoff.delay(RECONNECT_WAIT, RECONNECT_WAIT_MAX, stalls) if stalls else 0.0
+            wait = max(wait, sink.health.wait()) + backoff.spread(0.1)
+            log.info(
+                "%s: %s: the connection dropped (%s); going on from byte %d in %.1f s",
+                sink.display,
+                request.remote_path,
+                one_line(exc),
+                max(progress.acknowledged, 0),
+                wait,
+            )
+            _pause(request, wait)
+
+
+def _pause(request: TransferRequest, seconds: float) -> None:
+    """Wait ``seconds`` before the next try; a pause or a stop of the daemon acts at once."""
+    deadline = time.monotonic() + seconds
+    while True:
+        request.pace(0)  # waits while paused, raises when the daemon stops
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, 0.1))
+
+
+def _upload_once(request: TransferRequest, progress: _Progress) -> TransferResult:
+    """One try of :func:`upload` on the sink's current connection."""
     sink = request.sink
     fs = sink.fs
+    progress.answered = True  # connected (now, or by another transfer)
     # A file of one chunk is sent again whole: a journal would cost more than it saves.
     journal = request.journal if request.size > CHUNK else None
     key = request.journal_key
     temporary = sink.temporary_path(request.remote_path)
     if journal is None:
         drop_stale(request)  # the file shrank since a journaled upload of it began
-    with SourceReader(request.local_path, chunk_size=CHUNK) as reader:
+    with SourceReader(request.local_path, chunk_size=PIECE) as reader:
         sink.ensure_folder(posixpath.dirname(request.remote_path))
         start = _resume_offset(fs, journal, request, temporary)
         if start:
@@ -155,24 +244,38 @@ def upload(request: TransferRequest) -> TransferResult:
                     "offset": 0,
                 },
             )
+        progress.acknowledged = start
+        noted = [time.monotonic()]
 
         def confirmed(done: int) -> None:
-            if journal is not None:
+            progress.acknowledged = done
+            now = time.monotonic()
+            if journal is not None and now - noted[0] >= JOURNAL_EVERY:
+                noted[0] = now
                 journal.update(key, offset=done)
             request.progress(done)
 
-        out = _open(sink, temporary, "r+b" if start else "wb")
         try:
+            out = _open(sink, temporary, "r+b" if start else "wb")
             with out:
                 _write_pipelined(out, reader, request, start, confirmed)
             reader.check_unchanged(request.size, request.mtime_ns)
             fs.mv(temporary, request.remote_path)
         except BaseException as exc:
-            if journal is None or isinstance(exc, SourceChangedError | SourceUnreadableError):
+            if isinstance(exc, SourceChangedError | SourceUnreadableError):
                 with contextlib.suppress(Exception):
                     fs.rm(temporary)
                 if journal is not None:
                     journal.forget(key)
+            elif journal is not None and progress.acknowledged > start:
+                # What the server acknowledged since the last note: the next try starts there.
+                with contextlib.suppress(Exception):
+                    journal.update(key, offset=progress.acknowledged)
+            elif journal is None and not isinstance(sink.translate(exc), SinkUnavailableError):
+                # The connection still works: no temporary file stays behind. (Over a lost
+                # one, the next try writes the same temporary name again from its start.)
+                with contextlib.suppress(Exception):
+                    fs.rm(temporary)
             raise
     if journal is not None:
         journal.forget(key)
