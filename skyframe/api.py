@@ -26,9 +26,21 @@ from typing import TYPE_CHECKING, Any, Protocol
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from skyframe.config import ApiConfig, is_loopback
+from skyframe.config import ApiConfig
 from skyframe.errors import SkyframeError
 from skyframe.events import LifecycleEvent
+from skyframe.httpguard import (
+    Refused,
+    address,
+    bearer,
+    cross_site,
+    error,
+    foreign_host,
+    json_object,
+    same_secret,
+    shown,
+    too_many,
+)
 from skyframe.metrics import Metrics
 from skyframe.state import API_FILE, write_json_atomic
 from skyframe.units import parse_since
@@ -46,7 +58,6 @@ STREAM_BUFFER = 1000  #: events waiting for one slow event-stream client before 
 MAX_LIMIT = 5000
 START_TIMEOUT = 10.0
 MAX_BODY = 64 * 1024  #: bytes a request body may have: the API's bodies are a few dozen
-BODY_TIMEOUT = 10.0  #: seconds a client has to send its body
 
 # Wrong tokens, counted per client address (docs/api.md#authentication).
 FREE_FAILURES = 5  #: wrong tokens an address may send before it has to wait
@@ -59,31 +70,6 @@ TRACKED = 10_000  #: addresses remembered at most
 _WHOLE_NUMBER = re.compile(r"0*([0-9]{1,9})")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
-
-
-class _Refused(Exception):
-    """Raised by a helper: the guard answers ``{"error": message}`` with this status."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def _shown(value: object, width: int = 60) -> str:
-    """A value a client sent, quoted for a message and cut short."""
-    text = repr(value)
-    return text if len(text) <= width else f"{text[: width - 3]}..."
-
-
-def _digest(secret: str) -> bytes:
-    """A token as bytes of fixed length: compared in constant time, whatever its length, and
-    whatever a client sent (lone surrogates included)."""
-    return hmac.new(b"skyframe token", secret.encode("utf-8", "surrogatepass"), "sha256").digest()
 
 
 @dataclass
@@ -153,8 +139,8 @@ class TokenThrottle:
 
     def _forget_old(self, now: float) -> None:
         by_address = self._by_address
-        for address in [a for a, f in by_address.items() if now - f.last > FORGET_AFTER]:
-            del by_address[address]
+        for old in [a for a, f in by_address.items() if now - f.last > FORGET_AFTER]:
+            del by_address[old]
         while len(by_address) >= TRACKED:  # many addresses at once: the oldest go first
             del by_address[min(by_address, key=lambda a: by_address[a].last)]
 
@@ -175,21 +161,14 @@ _http_log = logging.getLogger(f"{__name__}.http")  #: aiohttp's own messages
 _http_log.addFilter(_MalformedRequests())
 
 
-def _host_name(host_header: str) -> str:
-    """The host of a ``Host`` header, without its port (IPv6 in brackets kept whole)."""
-    if host_header.startswith("["):
-        return host_header[: host_header.find("]") + 1]
-    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
-
-
 def _limit(request: web.Request, default: int = 200) -> int:
     value = request.query.get("limit", str(default))
     # Not int(value): it reads other scripts' digits, and raises on "²" and on 5,000 digits.
     match = _WHOLE_NUMBER.fullmatch(value)
     number = int(match[1]) if match else 0
     if not 1 <= number <= MAX_LIMIT:
-        raise _Refused(
-            400, f"limit must be a whole number from 1 to {MAX_LIMIT}, not {_shown(value)}"
+        raise Refused(
+            400, f"limit must be a whole number from 1 to {MAX_LIMIT}, not {shown(value)}"
         )
     return number
 
@@ -383,50 +362,46 @@ class ApiServer:
         """The handler's answer, or the refusal of the request; never an exception."""
         path = request.path
         token = self.config.token
-        if not token and not is_loopback(_host_name(request.host)):
+        if not token and foreign_host(request):
             # A page of another site that resolved its own name to 127.0.0.1 (DNS rebinding).
-            return _error(403, f"unexpected Host {_shown(request.host)}: use http://127.0.0.1")
+            return error(403, f"unexpected Host {shown(request.host)}: use http://127.0.0.1")
         public = path in ("/", "/healthz", "/api/login") or path.startswith("/static/")
         if token and not public:
             refusal = self._check_token(request, token)
             if refusal is not None:
                 return refusal
-        if request.method == "POST":
-            if request.content_type != "application/json":
-                return _error(415, "send a JSON body (Content-Type: application/json)")
-            origin = request.headers.get("Origin")
-            if origin and origin.split("://", 1)[-1] != request.host:
-                return _error(403, f"cross-site request from {_shown(origin)} refused")
+        if request.method == "POST" and (refusal := cross_site(request)) is not None:
+            return refusal
         try:
             return await handler(request)
-        except _Refused as exc:
-            return _error(exc.status, exc.message)
+        except Refused as exc:
+            return error(exc.status, exc.message)
         except web.HTTPException as exc:  # aiohttp's own 404, 405...: JSON like ours
             if exc.content_type == "application/json":
                 raise
-            return _error(exc.status, exc.reason)
+            return error(exc.status, exc.reason)
         except Exception as exc:
             log.exception("API request %s %s failed", request.method, path)
-            return _error(500, f"{type(exc).__name__}: {exc}")
+            return error(500, f"{type(exc).__name__}: {exc}")
 
     def _check_token(self, request: web.Request, token: str) -> web.Response | None:
         """None when the request carries the token or the dashboard's cookie; else the answer.
 
         Only a token counts as a guess: the cookie is an HMAC of it, which nobody guesses.
         """
-        header = request.headers.get("Authorization", "")
-        if header.startswith("Bearer "):
-            wait = self._throttle.wait(_address(request))
+        given = bearer(request)
+        if given is not None:
+            wait = self._throttle.wait(address(request))
             if wait:
-                return _too_many(wait)
-            if _same(header[7:], token):
+                return too_many(wait)
+            if same_secret(given, token):
                 return None
-            self._throttle.failed(_address(request), f"{request.method} {request.path}")
-            return _error(401, "wrong API token")
+            self._throttle.failed(address(request), f"{request.method} {request.path}")
+            return error(401, "wrong API token")
         cookie = request.cookies.get(self._cookie_name())
-        if cookie is not None and _same(cookie, self._session(token)):
+        if cookie is not None and same_secret(cookie, self._session(token)):
             return None
-        return _error(401, "this daemon needs its API token (Authorization: Bearer ...)")
+        return error(401, "this daemon needs its API token (Authorization: Bearer ...)")
 
     def _cookie_name(self) -> str:
         return COOKIE.format(port=self.url.rsplit(":", 1)[-1])
@@ -437,30 +412,8 @@ class ApiServer:
         return hmac.new(token.encode(), b"skyframe dashboard session", "sha256").hexdigest()
 
     async def _json_body(self, request: web.Request) -> dict[str, Any]:
-        """The body as a JSON object; raises _Refused for anything else (never a 500)."""
-        size = request.content_length
-        if size is not None and size > MAX_BODY:  # refused before it is sent
-            raise _Refused(413, f"the body is larger than {MAX_BODY // 1024} KiB")
-        try:
-            raw = await asyncio.wait_for(request.read(), BODY_TIMEOUT)
-        except web.HTTPRequestEntityTooLarge:  # sent without a Content-Length
-            raise _Refused(413, f"the body is larger than {MAX_BODY // 1024} KiB") from None
-        except TimeoutError:
-            raise _Refused(408, f"the body did not come within {BODY_TIMEOUT:.0f} s") from None
-        except ConnectionError as exc:  # the client went away in the middle of its body
-            log.debug("API request %s %s: the client left: %s", request.method, request.path, exc)
-            raise _Refused(400, "the body was cut off") from None
-        try:
-            # JSON is UTF-8 (RFC 8259): a charset in the Content-Type is not looked at.
-            body = json.loads(raw)
-        except RecursionError:
-            raise _Refused(400, "the body is not valid JSON: nested too deep") from None
-        except ValueError as exc:  # UnicodeDecodeError included
-            detail = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
-            raise _Refused(400, f"the body is not valid JSON: {detail}") from None
-        if not isinstance(body, dict):
-            raise _Refused(400, "the body must be a JSON object")
-        return body
+        """The body as a JSON object; raises Refused for anything else (never a 500)."""
+        return await json_object(request, MAX_BODY)
 
     async def _run(self, func: Callable[[], Any]) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, func)
@@ -525,9 +478,7 @@ class ApiServer:
     async def _jobs(self, request: web.Request) -> web.StreamResponse:
         state = request.query.get("state")
         if state not in (None, "pending", "leased", "waiting", "dead"):
-            return _error(
-                400, f"state must be pending, leased, waiting or dead, not {_shown(state)}"
-            )
+            return error(400, f"state must be pending, leased, waiting or dead, not {shown(state)}")
         limit = _limit(request)
         records, total = await self._run(lambda: self.engine.jobs(state, limit))
         jobs = [
@@ -555,10 +506,10 @@ class ApiServer:
             try:
                 since = parse_since(query["since"])
             except ValueError:
-                return _error(
+                return error(
                     400,
                     "since must be a duration (90m, 2h, 7d) or a date (2026-11-29 08:00), "
-                    f"not {_shown(query['since'])}",
+                    f"not {shown(query['since'])}",
                 )
         limit = _limit(request)
         failed = query.get("failed", "") in ("1", "true", "yes")
@@ -583,29 +534,29 @@ class ApiServer:
         body = await self._json_body(request)
         pipeline = body.get("pipeline")
         if pipeline is not None and not isinstance(pipeline, str):
-            return _error(400, "pipeline must be a string")
+            return error(400, "pipeline must be a string")
         try:
             state = await self._run(
                 lambda: self.engine.set_paused(paused, pipeline, reason="through the API")
             )
         except KeyError:
-            return _error(404, f"no pipeline named {_shown(pipeline)}")
+            return error(404, f"no pipeline named {shown(pipeline)}")
         return web.json_response(state)
 
     async def _retry(self, request: web.Request) -> web.StreamResponse:
         body = await self._json_body(request)
         pipeline, path = body.get("pipeline"), body.get("path")
         if body.get("all") is not True and not isinstance(path, str):
-            return _error(400, 'name a dead-lettered job ({"pipeline", "path"}) or {"all": true}')
+            return error(400, 'name a dead-lettered job ({"pipeline", "path"}) or {"all": true}')
         if pipeline is not None and not isinstance(pipeline, str):
-            return _error(400, "pipeline must be a string")
+            return error(400, "pipeline must be a string")
         if pipeline is not None and pipeline not in self.engine.pipeline_names():
-            return _error(404, f"no pipeline named {_shown(pipeline)}")
+            return error(404, f"no pipeline named {shown(pipeline)}")
         if body.get("all") is True:
             path = None
         retried = await self._run(lambda: self.engine.retry_dead(pipeline, path))
         if path is not None and not retried:
-            return _error(404, f"no dead-lettered job for {_shown(path)}")
+            return error(404, f"no dead-lettered job for {shown(path)}")
         return web.json_response({"retried": retried})
 
     async def _reload(self, request: web.Request) -> web.StreamResponse:
@@ -614,44 +565,26 @@ class ApiServer:
             plan = await self._run(lambda: self.engine.reload("through the API"))
         except SkyframeError as exc:
             # The running config goes on; the answer says why the new one was refused.
-            return _error(422, f"config not reloaded: {exc}")
+            return error(422, f"config not reloaded: {exc}")
         return web.json_response({"reloaded": True, "summary": plan.describe(), **plan.to_json()})
 
     async def _login(self, request: web.Request) -> web.StreamResponse:
         token = self.config.token
         if not token:
             return web.json_response({"ok": True})
-        wait = self._throttle.wait(_address(request))
+        wait = self._throttle.wait(address(request))
         if wait:  # before the body is read: a guess now tells nothing
-            return _too_many(wait)
+            return too_many(wait)
         body = await self._json_body(request)
         given = body.get("token")
-        if not isinstance(given, str) or not _same(given, token):
-            self._throttle.failed(_address(request), "dashboard sign-in")
-            return _error(401, "wrong token")
+        if not isinstance(given, str) or not same_secret(given, token):
+            self._throttle.failed(address(request), "dashboard sign-in")
+            return error(401, "wrong token")
         response = web.json_response({"ok": True})
         response.set_cookie(
             self._cookie_name(), self._session(token), httponly=True, samesite="Strict", path="/"
         )
         return response
-
-
-def _address(request: web.Request) -> str:
-    return request.remote or "unknown"
-
-
-def _same(given: str, secret: str) -> bool:
-    """Whether a client's value is the secret, in constant time whatever their lengths."""
-    return hmac.compare_digest(_digest(given), _digest(secret))
-
-
-def _too_many(wait: float) -> web.Response:
-    seconds = math.ceil(wait)
-    return _error(
-        429,
-        f"too many wrong tokens from this address: try again in {seconds} s",
-        headers={"Retry-After": str(seconds)},
-    )
 
 
 def _sse(kind: str, data: dict[str, Any]) -> bytes:

@@ -31,7 +31,7 @@ from helpers import (
     url_of,
 )
 
-from skyframe import api, client
+from skyframe import api, client, httpguard
 from skyframe.api import TokenThrottle
 from skyframe.cli import cli
 from skyframe.state import StateLock
@@ -241,7 +241,7 @@ def test_a_large_body_is_refused_before_it_is_read(
 def test_a_body_that_never_comes_gets_a_408(
     daemon: Callable[..., Daemon], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(api, "BODY_TIMEOUT", 0.5)
+    monkeypatch.setattr(httpguard, "BODY_TIMEOUT", 0.5)
     url = url_of(daemon())
     host = url.removeprefix("http://")
     began = time.monotonic()

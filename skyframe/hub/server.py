@@ -20,11 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from skyframe.api import TokenThrottle
-from skyframe.hub import alerts, commands, queries
-from skyframe.hub.config import LoadedHubConfig
-from skyframe.hub.db import describe
-from skyframe.hub.guard import (
-    SESSION_COOKIE,
+from skyframe.httpguard import (
     Refused,
     address,
     bearer,
@@ -33,10 +29,13 @@ from skyframe.hub.guard import (
     foreign_host,
     json_object,
     same_secret,
-    session_value,
     shown,
     too_many,
 )
+from skyframe.hub import alerts, commands, queries
+from skyframe.hub.config import LoadedHubConfig
+from skyframe.hub.db import describe
+from skyframe.hub.guard import SESSION_COOKIE, session_value
 from skyframe.hub.ingest import MAX_BODY, IngestResult, InvalidBatch, parse_batch, store_batch
 from skyframe.hub.tokens import station_of_token
 from skyframe.units import parse_since
