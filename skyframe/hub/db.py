@@ -27,6 +27,9 @@ MIGRATIONS = "skyframe.hub:migrations"
 #: pg_advisory_xact_lock key of the migrations: "skyf" "hub1" as two 32-bit halves
 MIGRATION_LOCK = 0x736B7966_68756231
 SQLITE_BUSY_TIMEOUT = 30.0  #: seconds a SQLite writer waits for another one
+#: Threads that talk to the database, and PostgreSQL connections kept: a request mostly
+#: waits for the database's answers, so several overlap on one core.
+DATABASE_THREADS = 16
 
 
 class DatabaseError(SkyframeError):
@@ -44,7 +47,10 @@ def create_db_engine(url: str) -> Engine:
         if parsed.drivername in ("postgresql", "postgres"):
             parsed = parsed.set(drivername="postgresql+psycopg")
         try:
-            return sa.create_engine(parsed, pool_pre_ping=True)
+            # No ping before each use (a round trip per request): a connection that broke
+            # (PostgreSQL restarted) fails one request, which the station sends again, and
+            # SQLAlchemy then drops every connection of the pool.
+            return sa.create_engine(parsed, pool_size=DATABASE_THREADS, max_overflow=4)
         except (NoSuchModuleError, ModuleNotFoundError):
             raise ConfigError(
                 "database: PostgreSQL needs psycopg 3: pip install 'skyframe[postgres]'"

@@ -11,6 +11,7 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,16 +35,18 @@ from skyframe.httpguard import (
 )
 from skyframe.hub import alerts, commands, queries
 from skyframe.hub.config import LoadedHubConfig
-from skyframe.hub.db import describe
+from skyframe.hub.db import DATABASE_THREADS, describe
 from skyframe.hub.guard import SESSION_COOKIE, session_value
 from skyframe.hub.ingest import MAX_BODY, IngestResult, InvalidBatch, parse_batch, store_batch
-from skyframe.hub.tokens import station_of_token
+from skyframe.hub.tokens import station_of_token, token_hash
 from skyframe.units import parse_since
 
 log = logging.getLogger(__name__)
 
 WEB_ROOT = Path(__file__).resolve().parent / "web"
 OPERATOR_BODY = 64 * 1024  #: bytes of an operator's request body at most
+KNOWN_FOR = 30.0  #: seconds a token found is trusted before its body is read
+KNOWN_MAX = 10_000  #: tokens remembered at most
 MAX_LIMIT = 5000
 _WHOLE_NUMBER = re.compile(r"0*([0-9]{1,18})")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
@@ -83,6 +86,11 @@ class HubServer:
         self.url = ""
         self._runner: web.AppRunner | None = None
         self._throttle = TokenThrottle()
+        self._database_threads = ThreadPoolExecutor(DATABASE_THREADS, "skyframe-hub-db")
+        #: stations whose token was found lately, by the token's hash: (id, name, until). It
+        #: only spares the check before a body is read; each batch is stored after the token
+        #: is checked again in its own transaction, so a revoked token is refused at once.
+        self._known: dict[str, tuple[int, str, float]] = {}
         self._notifier: alerts.AlertNotifier | None = None
         self._alerts_task: asyncio.Task[None] | None = None
 
@@ -149,9 +157,12 @@ class HubServer:
             await self._notifier.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        self._database_threads.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self, func: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(None, func)
+        """``func`` on a database thread (requests mostly wait for the database there: enough
+        threads that those waits overlap, as many as the engine's pool has connections)."""
+        return await asyncio.get_running_loop().run_in_executor(self._database_threads, func)
 
     async def _watch(self) -> None:
         """The alerts loop: every ``check_every`` seconds, whatever happens meanwhile."""
@@ -233,7 +244,12 @@ class HubServer:
         wait = self._throttle.wait(address(request))
         if wait:
             return too_many(wait)
-        station = await self._run(lambda: self._station_of(token))
+        station = self._known.get(token_hash(token))
+        if station is None or station[2] < time.monotonic():
+            found = await self._run(lambda: self._station_of(token))
+            station = None if found is None else (*found, time.monotonic() + KNOWN_FOR)
+            if station is not None:
+                self._remember(token_hash(token), station)
         if station is None:
             self._throttle.failed(address(request), "ingest")
             return error(401, "unknown or revoked station token")
@@ -242,13 +258,13 @@ class HubServer:
             batch = parse_batch(body)
         except InvalidBatch as exc:
             return error(422, str(exc))
-        station_id, name = station
+        station_id, name, _ = station
         if batch.station != name:
             return error(403, f"this token belongs to another station, not {shown(batch.station)}")
 
         def store() -> IngestResult | None:
             with self.engine.begin() as connection:
-                if station_of_token(connection, token) != station:
+                if station_of_token(connection, token) != (station_id, name):
                     return None  # revoked meanwhile
                 return store_batch(connection, station_id, batch)
 
@@ -256,6 +272,11 @@ class HubServer:
         if result is None:
             return error(401, "unknown or revoked station token")
         return web.json_response(result.to_json())
+
+    def _remember(self, key: str, station: tuple[int, str, float]) -> None:
+        if len(self._known) >= KNOWN_MAX:
+            self._known.clear()  # many stations, or a flood of tokens: start afresh
+        self._known[key] = station
 
     def _station_of(self, token: str) -> tuple[int, str] | None:
         with self.engine.connect() as connection:
