@@ -10,6 +10,15 @@ more when a connection opens), and, in the flaky case, every open connection res
   link that never fails;
 - "flaky": `--flaky-photos` photos plus a video of `--flaky-video-size`, with the cuts.
 
+A third case, "photos-first" (only when named in `--cases`), is about latency, not speed: the
+daemon (in this process) watches a folder; a video of `--pf-video-size` lands, and while it
+uploads `--pf-photos` photos of `--pf-photo-size` land, one every `--pf-every` seconds. Each
+photo's latency (landing, by a rename into the folder, to its "delivered" event) is reported
+against its own transfer time, measured first on the idle link (median of two photos sent
+alone). Three variants per target: "arrival order" (`priority: {small_first: null}`), "photos
+first" (the default config) and "photos first + bwlimit" (the sink's `bwlimit` at 95% of the
+link). skyframe only; rclone has no watch mode.
+
 For every case and target the tools run alternately (skyframe, rclone, skyframe, ...), `--runs`
 times each, exactly as in `bench_remote.py` (and with its helpers): `skyframe -q run --once`
 with one pipeline (`settle: 0`) and one sink, and `rclone copy` (over SFTP with
@@ -32,6 +41,7 @@ Run from the repository root:
         [--targets s3,sftp] [--tools skyframe,rclone] [--rate 40] [--rtt 80] [--down-rate 0]
         [--cut-every 6] [--photos 120] [--photo-size 600KB] [--video-size 30MB]
         [--flaky-photos 40] [--flaky-video-size 120MB] [--timeout 900]
+        [--pf-video-size 1GB] [--pf-photos 8] [--pf-photo-size 5MB] [--pf-every 5]
 
 Needs what `bench_remote.py` needs (rclone, sshd, the venv's test extras). Everything lives in
 a temporary folder that is removed at the end; the servers and links are stopped, also on
@@ -43,13 +53,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import os
 import random
 import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -58,8 +71,10 @@ import bench_remote
 import servers
 from bench_remote import Dataset, Destination, Launcher, Target, Tool, fmt, human, parse_size
 from fakes.link import LinkEmulator, mbit
+from helpers import Daemon
 
-CASES = ("steady", "flaky")
+CASES = ("steady", "flaky", "photos-first")
+DEFAULT_CASES = ["steady", "flaky"]
 TARGETS = ("s3", "sftp")
 TOOLS = ("skyframe", "rclone")
 MB = 1_000_000
@@ -317,6 +332,160 @@ def print_summary(results: list[Result]) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Photos first: latency of photos landing while a video uploads
+
+#: variant -> (pipeline keys, bwlimit as a share of the link's rate)
+PF_VARIANTS: dict[str, tuple[dict[str, Any], float | None]] = {
+    "arrival order": ({"priority": {"small_first": None}}, None),
+    "photos first": ({}, None),
+    "photos first + bwlimit": ({}, 0.95),
+}
+PF_VIDEO = "DJI_9999.MP4"
+
+
+@dataclasses.dataclass
+class PhotoTimes:
+    target: str
+    variant: str
+    alone: float  # seconds a photo takes on the idle link (median), landing to delivered
+    latencies: list[float]  # each photo landing during the video, landing to delivered
+    video: float  # seconds from the video's landing to its delivery
+    problem: str = ""
+
+
+def pf_run(
+    args: argparse.Namespace,
+    target: Target,
+    spec: Link,
+    work: Path,
+    variant: str,
+) -> PhotoTimes:
+    """One variant on one target: two photos alone, then the video with photos landing."""
+    keys, share = PF_VARIANTS[variant]
+    label = f"pf-{target.name}-{list(PF_VARIANTS).index(variant)}"
+    run_dir = work / label
+    incoming = run_dir / "incoming"
+    incoming.mkdir(parents=True)
+    photos = pf_data(args, run_dir / "staging", label)
+    dest = target.fresh(label)
+    bench_remote.quiesce()
+    try:
+        with spec.open(target.server) as link:
+            through(target, dest, link, run_dir)
+            sink = {**dest.sink, "name": "field"}
+            if share is not None:
+                sink["bwlimit"] = f"{spec.rate * share / 1e6:g}Mbit/s"
+            source = {"path": str(incoming), "settle": 1}
+            pipeline = {"name": "flight", "source": source, "sinks": [sink], **keys}
+            config = {
+                "state_dir": str(run_dir / "state"),
+                "api": {"enabled": False},
+                "shutdown_grace": 1,
+                "pipelines": [pipeline],
+            }
+            path = run_dir / "skyframe.yaml"
+            path.write_text(json.dumps(config, indent=2), encoding="utf-8")  # JSON is YAML
+            with Daemon(path) as daemon:
+                landed, during, times = pf_watch(args, daemon, run_dir, photos)
+        alone = statistics.median(times[n] - landed[n] for n in photos[:2])
+        latencies = [times[n] - landed[n] for n in during]
+        return PhotoTimes(
+            target.name, variant, alone, latencies, times[PF_VIDEO] - landed[PF_VIDEO]
+        )
+    except Exception as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+        print(f"\n!!!!! FAILED: photos-first {variant} -> {target.name}: {problem}", flush=True)
+        return PhotoTimes(target.name, variant, 0.0, [], 0.0, problem)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        try:
+            dest.cleanup()
+        except Exception as exc:
+            print(f"warning: could not remove {dest.listing_root}: {exc}", flush=True)
+
+
+def pf_data(args: argparse.Namespace, staging: Path, seed: str) -> list[str]:
+    """The photos (returned) and the video, written to staging, to land from there."""
+    staging.mkdir()
+    rng = random.Random(seed)
+    photos = [f"DJI_{n:04}.JPG" for n in range(1, args.pf_photos + 3)]
+    for name in photos:
+        (staging / name).write_bytes(rng.randbytes(args.pf_photo_size))
+    with (staging / PF_VIDEO).open("wb") as out:
+        left = args.pf_video_size
+        while left > 0:
+            out.write(rng.randbytes(min(left, CHUNK)))
+            left -= CHUNK
+    return photos
+
+
+def pf_watch(
+    args: argparse.Namespace, daemon: Daemon, run_dir: Path, photos: list[str]
+) -> tuple[dict[str, float], list[str], dict[str, float]]:
+    """Land two photos alone, then the video and photos during it; return when each landed,
+    the photos that landed during the video, and when each was delivered."""
+    recorder = daemon.recorder
+    staging, incoming = run_dir / "staging", run_dir / "incoming"
+    landed: dict[str, float] = {}
+
+    def delivered() -> dict[str, float]:
+        with recorder.lock:
+            return {e.relpath: e.time for e in recorder.events if e.kind == "delivered"}
+
+    def land(name: str) -> None:
+        landed[name] = time.time()
+        (staging / name).rename(incoming / name)
+
+    def wait(names: list[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not set(names) <= set(delivered()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not delivered in {timeout:g} s: {names}")
+            time.sleep(0.01)
+
+    for name in photos[:2]:  # alone on the idle link: their own transfer time
+        land(name)
+        wait([name], 120)
+    land(PF_VIDEO)
+    while recorder.count("started", PF_VIDEO) == 0:
+        time.sleep(0.01)
+    during = []
+    for name in photos[2:]:
+        time.sleep(args.pf_every)
+        if PF_VIDEO in delivered():
+            break
+        land(name)
+        during.append(name)
+    wait([*during, PF_VIDEO], args.timeout)
+    return landed, during, delivered()
+
+
+def print_photos_first(results: list[PhotoTimes], args: argparse.Namespace, spec: Link) -> None:
+    print(
+        f"\n=== photos-first: a video of {human(args.pf_video_size)}, photos of "
+        f"{human(args.pf_photo_size)} landing every {args.pf_every:g} s, link {spec.describe()} ==="
+    )
+    print(
+        f"{'target':<6} {'variant':<23} {'alone s':>8} {'photos':>6} {'median s':>9} "
+        f"{'max s':>7} {'max/alone':>9} {'video s':>8} {'video % link':>12}"
+    )
+    for r in results:
+        if r.problem:
+            print(f"{r.target:<6} {r.variant:<23} FAILED: {r.problem}")
+            continue
+        worst = max(r.latencies, default=0.0)
+        median = statistics.median(r.latencies) if r.latencies else 0.0
+        video_share = args.pf_video_size * 8 / (spec.rate * r.video) * 100 if r.video else 0.0
+        print(
+            f"{r.target:<6} {r.variant:<23} {r.alone:8.2f} {len(r.latencies):6} {median:9.2f} "
+            f"{worst:7.2f} {worst / r.alone if r.alone else 0.0:9.1f} {r.video:8.1f} "
+            f"{video_share:11.0f}%"
+        )
+        print(f"{'':<6} {'':<23} each: " + " ".join(f"{t:.2f}" for t in r.latencies))
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------------------------
 # Main
 
 
@@ -325,7 +494,9 @@ def bench(
     base: Path,
     stack: contextlib.ExitStack,
     launcher: Launcher,
+    latency: list[PhotoTimes],
 ) -> list[Result]:
+    """The cases' results (those of photos-first go to ``latency``)."""
     code = baseline.current()
     written = baseline.compile_bytecode(code)
     print(f"skyframe: {code.package} ({code.commit}), bytecode {'written' if written else 'NOT'}")
@@ -345,6 +516,16 @@ def bench(
     down = mbit(args.down_rate) if args.down_rate else None
     results = []
     for case in args.cases:
+        if case == "photos-first":
+            spec = Link(mbit(args.rate), down, args.rtt / 1000, None)
+            print(f"\ncase {case}; link {spec.describe()}", flush=True)
+            latency += [
+                pf_run(args, target, spec, work, variant)
+                for target in targets
+                for variant in PF_VARIANTS
+            ]
+            print_photos_first(latency, args, spec)
+            continue
         if case == "steady":
             data = make_flight(
                 base / "data" / case, case, args.photos, args.photo_size, args.video_size
@@ -387,7 +568,7 @@ def bench(
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="runs of each tool per case/target")
-    parser.add_argument("--cases", type=bench_remote.parse_list(CASES), default=list(CASES))
+    parser.add_argument("--cases", type=bench_remote.parse_list(CASES), default=DEFAULT_CASES)
     parser.add_argument("--targets", type=bench_remote.parse_list(TARGETS), default=list(TARGETS))
     parser.add_argument("--tools", type=bench_remote.parse_list(TOOLS), default=list(TOOLS))
     parser.add_argument("--rate", type=float, default=40.0, help="upstream Mbit/s")
@@ -404,8 +585,13 @@ def main() -> int:
     parser.add_argument(
         "--timeout", type=float, default=900.0, help="seconds before a run is killed"
     )
+    parser.add_argument("--pf-video-size", type=parse_size, default=parse_size("1GB"))
+    parser.add_argument("--pf-photos", type=int, default=8, help="photos landing during it")
+    parser.add_argument("--pf-photo-size", type=parse_size, default=parse_size("5MB"))
+    parser.add_argument("--pf-every", type=float, default=5.0, help="seconds between photos")
     args = parser.parse_args()
-    if shutil.which("rclone") is None:
+    comparing = set(args.cases) - {"photos-first"} and "rclone" in args.tools
+    if comparing and shutil.which("rclone") is None:
         parser.error("rclone not found: install Debian's rclone")
     if args.rate <= 0 or args.rtt < 0 or args.cut_every <= 0:
         parser.error("--rate and --cut-every must be > 0, --rtt >= 0")
@@ -414,19 +600,22 @@ def main() -> int:
     print(f"CPUs: {os.cpu_count()} (usable by this process: {len(os.sched_getaffinity(0))})")
     base = Path(tempfile.mkdtemp(prefix="skyframe-bench-link-"))
     results: list[Result] = []
+    latency: list[PhotoTimes] = []
     try:
         with bench_remote.sigterm_as_interrupt(), contextlib.ExitStack() as stack:
             launcher = Launcher()  # before this process grows: see bench_remote.LAUNCHER
             stack.callback(launcher.close)
-            results = bench(args, base, stack, launcher)
+            results = bench(args, base, stack, launcher, latency)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    print_summary(results)
+    if results:
+        print_summary(results)
     print(f"CPUs: {os.cpu_count()}")
-    if any(result.failed(tool) for result in results for tool in result.tools):
+    failed = any(r.problem for r in latency)
+    if failed or any(result.failed(tool) for result in results for tool in result.tools):
         print("\n!!!!! SOME RUNS FAILED: see the messages above", file=sys.stderr)
         return 1
     return 0

@@ -10,6 +10,13 @@ a :class:`Limiter` combines several, e.g. a global limit and a per-sink one. A t
         if cancelled.is_set():
             break
         send(chunk)
+
+An *urgent* piece (``take(n, urgent=True)``: a small file the pipeline's ``priority`` puts
+first) does not queue behind the debt of the others: it waits only for the urgent pieces
+before it, at up to ``1 - BULK_SHARE`` of the rate while others are sending (all of it when
+alone). Its bytes still count against everyone's limit, so the others slow down meanwhile
+and the long-run rate stays exact; they keep at least ``BULK_SHARE`` of it, so a big file
+makes steady progress however many small ones come.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from collections.abc import Callable, Sequence
 
 #: The smallest default burst: waking up for less than this costs more than it smooths.
 MIN_BURST = 64 * 1024
+#: The share of a limit that other transfers keep while urgent ones are sending.
+BULK_SHARE = 0.25
 
 
 class TokenBucket:
@@ -62,6 +71,9 @@ class TokenBucket:
         self._sleep = sleep
         self._lock = threading.Lock()
         self._balance = 0.0  # bytes that may go now; negative: debt still to be waited for
+        #: The same for urgent pieces alone, refilled at (1 - BULK_SHARE) of the rate.
+        self._urgent = 0.0
+        self._urgent_rate = self._rate * (1 - BULK_SHARE)
         self._stamp = clock()
 
     @property
@@ -77,13 +89,17 @@ class TokenBucket:
     def _refill(self, now: float) -> None:
         elapsed = max(0.0, now - self._stamp)
         self._balance = min(self._burst, self._balance + elapsed * self._rate)
+        self._urgent = min(self._burst, self._urgent + elapsed * self._urgent_rate)
         self._stamp = now
 
-    def take(self, n: int, cancelled: threading.Event | None = None) -> float:
+    def take(
+        self, n: int, cancelled: threading.Event | None = None, *, urgent: bool = False
+    ) -> float:
         """Wait until ``n`` more bytes are allowed; return the seconds waited.
 
         With ``cancelled``, the wait is on that event instead of ``sleep``: once it is set,
         ``take`` returns early and gives the ``n`` bytes back (the caller should not send them).
+        ``urgent``: see the module's docstring.
         """
         if n < 0:
             raise ValueError(f"cannot take a negative number of bytes ({n})")
@@ -94,6 +110,9 @@ class TokenBucket:
             self._refill(start)
             self._balance -= n
             wait = -self._balance / self._rate
+            if urgent:
+                self._urgent -= n
+                wait = min(wait, -self._urgent / self._urgent_rate)
         if wait <= 0:
             return 0.0
         if cancelled is None:
@@ -102,6 +121,8 @@ class TokenBucket:
             with self._lock:
                 self._refill(self._clock())
                 self._balance = min(self._burst, self._balance + n)
+                if urgent:
+                    self._urgent = min(self._burst, self._urgent + n)
         return max(0.0, self._clock() - start)
 
 
@@ -130,17 +151,26 @@ class Limiter:
     def __repr__(self) -> str:
         return f"Limiter(rates={[bucket.rate for bucket in self._buckets]})"
 
-    def take(self, n: int, cancelled: threading.Event | None = None) -> float:
-        """Take ``n`` bytes from every bucket; return the total seconds waited."""
+    def take(
+        self, n: int, cancelled: threading.Event | None = None, *, urgent: bool = False
+    ) -> float:
+        """Take ``n`` bytes from every bucket (``urgent``: see the module's docstring); return
+        the total seconds waited."""
         waited = 0.0
         for bucket in self._buckets:
             if cancelled is not None and cancelled.is_set():
                 break
-            waited += bucket.take(n, cancelled)
+            waited += bucket.take(n, cancelled, urgent=urgent)
         return waited
 
 
-def pace(limiter: Limiter | None, n: int, cancelled: threading.Event | None = None) -> None:
+def pace(
+    limiter: Limiter | None,
+    n: int,
+    cancelled: threading.Event | None = None,
+    *,
+    urgent: bool = False,
+) -> None:
     """Wait until ``n`` bytes may be sent under ``limiter``; no-op for ``None`` or no limit."""
     if limiter:
-        limiter.take(n, cancelled)
+        limiter.take(n, cancelled, urgent=urgent)

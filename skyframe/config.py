@@ -32,7 +32,7 @@ from pydantic import (
 
 from skyframe.errors import ConfigError, Location
 from skyframe.events import LifecycleKind
-from skyframe.units import Duration, Rate
+from skyframe.units import Duration, Rate, Size
 
 YamlPath = tuple[str | int, ...]
 
@@ -215,6 +215,25 @@ class GroupConfig(_Model):
         return value
 
 
+PriorityLevel = Literal["high", "normal", "low"]
+SMALL_FIRST = 16 * 1000**2  #: the default ``small_first``: photos, flight logs, sidecars
+
+
+class PriorityConfig(_Model):
+    """Which files go first: small ones by default, and any the globs name."""
+
+    small_first: Size | None = Field(
+        SMALL_FIRST,
+        ge=0,
+        description="files up to this size are high priority; null: all normal",
+    )
+    paths: dict[str, PriorityLevel] = Field(
+        default_factory=dict,
+        description="glob -> high, normal or low; the first glob matching a file decides "
+        "(before small_first)",
+    )
+
+
 class PipelineConfig(_Model):
     """A source, its rules and processes, and the sinks it delivers to."""
 
@@ -226,6 +245,9 @@ class PipelineConfig(_Model):
     retry: RetryConfig | None = Field(None, description="overrides the top-level retry")
     groups: list[GroupConfig] = Field(
         default_factory=list, description="files that belong together, such as flights"
+    )
+    priority: PriorityConfig = Field(
+        default_factory=PriorityConfig, description="which files are delivered first"
     )
 
     @field_validator("groups")

@@ -7,6 +7,11 @@ so a slow sink never holds up another's uploads. When every sink has answered, t
 completed, retried with backoff, or dead-lettered. The manifest makes retries cheap: a sink
 that already has this version of the file is skipped.
 
+Urgent jobs (of priority high: small files, by default) go first on every pool: each pool
+has an express thread that runs only them, so a photo is not stuck behind videos, and their
+pieces go ahead of the others' in the sinks' bandwidth limits (see skyframe.pools and
+skyframe.bandwidth).
+
 Batching is a transfer detail on that road: small new files of a pipeline whose sinks all
 have a batch sender (``skyframe_transfer_batch``) are begun together and each sink takes them
 in one call; what a batch did not deliver to a sink is served alone on the same road.
@@ -40,9 +45,10 @@ from skyframe.errors import (
     SourceUnreadableError,
 )
 from skyframe.events import FileEvent, Job, LifecycleEvent, LifecycleKind
-from skyframe.jobs import Delete, Move, QueuedJob, Upload
+from skyframe.jobs import NORMAL, Delete, Move, QueuedJob, Upload
 from skyframe.journal import UploadJournal
 from skyframe.pipeline import Pipeline, evaluate_rules
+from skyframe.pools import PriorityPool
 from skyframe.queue import Claim, JobQueue
 from skyframe.sharing import RemoteOwners
 from skyframe.state import Manifest, ManifestEntry
@@ -119,6 +125,11 @@ class _Run:
             return count > 0 and self.remaining == 0
 
     @property
+    def urgent(self) -> bool:
+        """Whether the job goes first (a high priority: a small file, by default)."""
+        return self.claim.priority > NORMAL
+
+    @property
     def stopped(self) -> bool:
         """A transfer was cut by a stop: the job goes back to the queue, nothing more is sent."""
         with self.lock:
@@ -184,12 +195,16 @@ class JobRunner:
         #: sink a bandwidth limit (a batch would take its budget file by file, then send in a
         #: burst).
         self._batch_senders: dict[int, list[BatchTransfer]] = {}
-        #: One pool per sink object (``concurrency`` threads): a sink a reload kept keeps it.
-        self._sink_pools: dict[Sink, ThreadPoolExecutor] = {}
-        self._processing = ThreadPoolExecutor(workers, thread_name_prefix="skyframe-process")
+        #: One pool per sink object (``concurrency`` threads and an express one): a sink a
+        #: reload kept keeps it.
+        self._sink_pools: dict[Sink, PriorityPool] = {}
+        self._processing = PriorityPool(workers, name="skyframe-process")
         self._batches = ThreadPoolExecutor(BATCH_THREADS, thread_name_prefix="skyframe-batch")
         #: How many jobs may be in flight at once: enough to keep every pool busy, no more.
         self.capacity = workers
+        #: How many urgent jobs more may be in flight when ``capacity`` is reached: one per
+        #: express thread, so that a photo is claimed even while videos fill the pools.
+        self.express_capacity = 1
         with self._lock:
             self._install(pipelines.values())
 
@@ -204,15 +219,14 @@ class JobRunner:
             self._known[id(p)] = p
             for sink in p.sinks:
                 if sink not in self._sink_pools:
-                    self._sink_pools[sink] = ThreadPoolExecutor(
-                        sink.concurrency, thread_name_prefix="skyframe-sink"
-                    )
+                    self._sink_pools[sink] = PriorityPool(sink.concurrency, name="skyframe-sink")
             senders = [self.pm.hook.skyframe_transfer_batch(sink=s) for s in p.sinks]
             limited = any(s.limiter for s in p.sinks)
             if p.sinks and not p.processes and not limited and all(senders):
                 self._batch_senders[id(p)] = senders
         current = list(self.pipelines.values())
         self.capacity = self._workers + sum(s.concurrency for p in current for s in p.sinks)
+        self.express_capacity = 1 + sum(len(p.sinks) for p in current)
         if any(id(p) in self._batch_senders for p in current):
             self.capacity += BATCH_SIZE * BATCH_THREADS
 
@@ -278,11 +292,12 @@ class JobRunner:
         """
         with self._lock:  # a reload does not stop this pool meanwhile
             pipeline = self.pipelines.get(claim.pipeline)
+            urgent = claim.priority > NORMAL
             if pipeline is not None and not pipeline.processes and pipeline.sinks:
                 first = pipeline.sinks[0]
-                self._sink_pools[first].submit(self._start, claim, first)
+                self._sink_pools[first].submit(self._start, claim, first, urgent=urgent)
                 return
-        self._processing.submit(self._start, claim)
+        self._processing.submit(self._start, claim, urgent=urgent)
 
     def submit_many(self, claims: list[Claim]) -> None:
         """Start claimed jobs: small new files of a pipeline whose sinks all take batches go in
@@ -377,7 +392,7 @@ class JobRunner:
                 here = (sink, entry)
             else:
                 pool = self._sink_pools[sink]
-                pool.submit(self._serve_sink, run, sink, entry)
+                pool.submit(self._serve_sink, run, sink, entry, urgent=run.urgent)
         if here is not None:
             self._serve_sink(run, *here)
 
@@ -609,7 +624,7 @@ class JobRunner:
                 else:
                     alone.append((run, sink))
         for run, sink in alone:  # on the sink's pool; whoever serves a run's last sink settles it
-            self._sink_pools[sink].submit(self._serve_sink, run, sink, None)
+            self._sink_pools[sink].submit(self._serve_sink, run, sink, None, urgent=run.urgent)
         self._finish_many([run for run in together if run.served(served[id(run)])])
 
     def _begin_together(self, pipeline: Pipeline, claims: list[Claim]) -> list[_Run]:
@@ -723,7 +738,8 @@ class JobRunner:
             return
         self._announce("started", run, sink)
         result = self._transfer(self._request(run, sink, progress=True))
-        self._record([(run, sink, result.sha256, self._send_derived(job, sink))])
+        derived = self._send_derived(job, sink, urgent=run.urgent)
+        self._record([(run, sink, result.sha256, derived)])
         self._announce("delivered", run, sink, result.size, result.sha256)
 
     def _announce(
@@ -762,7 +778,7 @@ class JobRunner:
             ),
             state_dir=self.state_dir,
             journal=self.journal,
-            pace=self._pace(sink, event.pipeline),
+            pace=self._pace(sink, event.pipeline, urgent=run.urgent),
             digests=self.digests,
         )
 
@@ -789,7 +805,7 @@ class JobRunner:
                     exc,
                 )
                 return False
-        derived = self._send_derived(job, sink)
+        derived = self._send_derived(job, sink, urgent=run.urgent)
         self._remove_remote(sink, [name for name in old.derived if name not in derived])
         self._record([(run, sink, old.sha256, derived)])
         self.manifest.forget(event.pipeline, sink.key, moved_from)
@@ -847,7 +863,7 @@ class JobRunner:
             entries.append((event.pipeline, sink.key, event.relpath, entry))
         self.manifest.record_many(entries)
 
-    def _send_derived(self, job: Job, sink: Sink) -> list[str]:
+    def _send_derived(self, job: Job, sink: Sink, *, urgent: bool = False) -> list[str]:
         """Deliver the job's derived files (sidecars, thumbnails); return their remote names."""
         names = []
         for derived in job.derived:
@@ -862,7 +878,7 @@ class JobRunner:
                     mtime_ns=st.st_mtime_ns,
                     state_dir=self.state_dir,
                     journal=self.journal,
-                    pace=self._pace(sink, job.pipeline),
+                    pace=self._pace(sink, job.pipeline, urgent=urgent),
                 )
             )
             names.append(name)
@@ -888,9 +904,9 @@ class JobRunner:
             )
         return result
 
-    def _pace(self, sink: Sink, pipeline: str) -> Callable[[int], None]:
+    def _pace(self, sink: Sink, pipeline: str, *, urgent: bool = False) -> Callable[[int], None]:
         """Before sending so many bytes: wait while the pipeline is paused, and as the sink's
-        rate limits require."""
+        rate limits require (``urgent`` pieces first)."""
         limiter = sink.limiter
         cancelled = self._cancelled
         control = self.control
@@ -904,7 +920,7 @@ class JobRunner:
         def pace(size: int) -> None:
             hold()
             if limiter:
-                limiter.take(size, cancelled)
+                limiter.take(size, cancelled, urgent=urgent)
                 hold()  # a pause that came while waiting for the budget
             if cancelled.is_set():
                 raise TransferCancelled

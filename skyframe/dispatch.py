@@ -1,7 +1,9 @@
 """Dispatch: lease queued jobs and hand them to the job runner, as many as it has room for.
 
 The dispatcher keeps count of the jobs in flight, wakes when work arrives (``notify``) or a
-job ends, and knows when a one-shot run is idle. It also holds the one-shot run's volatile
+job ends, and knows when a one-shot run is idle. When the runner's ``capacity`` is taken (say,
+by videos), it still claims urgent jobs (priority high: photos), up to ``express_capacity``
+more, for the pools' express threads. It also holds the one-shot run's volatile
 claims (see :meth:`JobQueue.volatile`): jobs the scan handed over without a queue record,
 written to the queue if the run ends before they are served.
 """
@@ -16,6 +18,7 @@ from collections.abc import Callable, Collection, Container
 
 from skyframe.control import Control
 from skyframe.delivery import JobRunner
+from skyframe.jobs import HIGH, LOW
 from skyframe.queue import Claim, JobQueue
 
 log = logging.getLogger(__name__)
@@ -142,14 +145,18 @@ class Dispatcher:
         runner = self.runner
         while not self._stopping.is_set():
             with self._wake:
-                if self._in_flight >= runner.capacity:
+                room = runner.capacity - self._in_flight
+                express = room + runner.express_capacity
+                if express <= 0:
                     self._wake.wait(0.5)
                     continue
-                room = runner.capacity - self._in_flight
             held = self._held()
-            claims = self._take_volatile(min(room, CLAIM_BATCH), held)
-            if not claims:
-                claims = self.queue.claim_many(min(room, CLAIM_BATCH), held)
+            if room > 0:
+                claims = self._take_volatile(min(room, CLAIM_BATCH), held)
+                if not claims:
+                    claims = self.queue.claim_many(min(room, CLAIM_BATCH), held, LOW)
+            else:  # the pools are full: only what their express threads take
+                claims = self.queue.claim_many(min(express, CLAIM_BATCH), held, HIGH)
             if not claims:
                 with self._wake:
                     if until_idle and self._idle():

@@ -332,9 +332,10 @@ class Intake:
             for sink in pipeline.sinks
         ):
             return LifecycleEvent("unchanged", pipeline.name, event.relpath, size=event.size)
+        priority = pipeline.priority_of(event)
         if moved_from is not None:
-            return Move(event=event, accepted=accepted, moved_from=moved_from)
-        return Upload(event=event, accepted=accepted)
+            return Move(event=event, accepted=accepted, priority=priority, moved_from=moved_from)
+        return Upload(event=event, accepted=accepted, priority=priority)
 
     def _refused(self, pipeline: Pipeline, path: Path, reason: str) -> None:
         """A file the source holds but that is not taken: said once per file and run."""

@@ -15,6 +15,17 @@ from skyframe.events import FileEvent
 
 JobKind = Literal["upload", "move", "delete"]
 
+#: Priority levels: the queue hands out ready jobs of a higher level first (see queue.py).
+HIGH, NORMAL, LOW = 1, 0, -1
+PRIORITIES = {"high": HIGH, "normal": NORMAL, "low": LOW}
+
+
+def priority_level(value: object) -> int:
+    """A stored priority as one of the levels (anything else, or none: normal)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return max(LOW, min(HIGH, value))
+    return NORMAL
+
 
 @dataclass(frozen=True, kw_only=True)
 class Upload:
@@ -25,6 +36,8 @@ class Upload:
     #: The rules accepted this very version when it was queued: delivery runs them again
     #: only if the file changed since.
     accepted: bool = False
+    #: HIGH, NORMAL or LOW: the pipeline's ``priority`` for this file, decided when queued
+    priority: int = NORMAL
 
     @property
     def relpath(self) -> str:
@@ -42,6 +55,8 @@ class Upload:
         out: dict[str, Any] = {"action": self.kind, "event": self.event.to_json()}
         if self.accepted:
             out["accepted"] = True
+        if self.priority != NORMAL:  # absent reads as normal, as in queues of earlier versions
+            out["priority"] = self.priority
         return out
 
 
@@ -68,6 +83,7 @@ class Delete:
     kind: ClassVar[JobKind] = "delete"
     relpath: str
     version: ClassVar[str] = "deleted"
+    priority: ClassVar[int] = NORMAL
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-safe dict, as stored in the queue."""
@@ -87,9 +103,13 @@ def job_from_json(data: dict[str, Any]) -> QueuedJob:
         if action in ("upload", "move"):
             event = FileEvent.from_json(data["event"])
             accepted = bool(data.get("accepted"))
+            priority = priority_level(data.get("priority"))
             if data.get("moved_from"):
-                return Move(event=event, accepted=accepted, moved_from=str(data["moved_from"]))
-            return Upload(event=event, accepted=accepted)
+                moved_from = str(data["moved_from"])
+                return Move(
+                    event=event, accepted=accepted, priority=priority, moved_from=moved_from
+                )
+            return Upload(event=event, accepted=accepted, priority=priority)
     except (KeyError, TypeError) as exc:
         raise ValueError(f"a queued {action!r} job lacks {exc}") from None
     raise ValueError(f"unknown queued job {action!r}")

@@ -12,10 +12,12 @@ from pathlib import Path
 import pluggy
 from pydantic import ValidationError
 
+from skyframe.builtin.rules import matching_pattern
 from skyframe.config import (
     Config,
     GroupConfig,
     PipelineConfig,
+    PriorityConfig,
     RetryConfig,
     SourceConfig,
     StepConfig,
@@ -25,6 +27,7 @@ from skyframe.config import (
 )
 from skyframe.errors import ConfigError, RuleError
 from skyframe.events import FileEvent
+from skyframe.jobs import HIGH, NORMAL, PRIORITIES
 from skyframe.plugin_manager import get_plugin_manager
 from skyframe.registry import BoundStep, Registry
 from skyframe.storage import Sink, open_sink
@@ -48,6 +51,17 @@ class Pipeline:
     #: Jobs queued before this time (epoch seconds) were accepted by rules a reload replaced:
     #: delivery runs the rules again for them (0: the rules are those of the start).
     accepted_since: float = 0.0
+    priority: PriorityConfig = field(default_factory=PriorityConfig)  #: which files go first
+
+    def priority_of(self, event: FileEvent) -> int:
+        """The priority level of a file: the first of ``priority.paths`` that matches it,
+        else high for a small file (``priority.small_first``), else normal."""
+        if self.priority.paths:
+            hit = matching_pattern(event.relpath, self.priority.paths, case_sensitive=False)
+            if hit is not None:
+                return PRIORITIES[self.priority.paths[hit]]
+        small = self.priority.small_first
+        return HIGH if small is not None and event.size <= small else NORMAL
 
 
 class PipelineSet(Mapping[str, Pipeline]):
@@ -183,6 +197,7 @@ def _build_pipeline(
         config.retry_for(spec),
         spec.source,
         list(spec.groups),
+        priority=spec.priority,
     )
 
 

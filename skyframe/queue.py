@@ -4,9 +4,14 @@ Records are JSON in a diskcache Cache (SQLite). Every state change is one transa
 crash at any moment leaves each job in exactly one state. At open, leased jobs (their worker
 died with the process) return to the queue and waiting jobs get their timers back.
 
-States: ``pending`` (in its pipeline's ready list) -> ``leased`` (a worker has it) -> deleted
+States: ``pending`` (in a ready list of its pipeline) -> ``leased`` (a worker has it) -> deleted
 when done; ``waiting`` (backoff until ``not_before``) -> ``pending``; ``dead`` (visible,
 re-queueable).
+
+Each pipeline has a ready list per priority level (the job's ``priority``: high, normal, low;
+a record of an earlier version has none and is normal). A claim takes the highest level that
+has a ready job, pipelines taking turns within it; but one claim in ``FAIR_SHARE`` looks at the
+lowest level first, so a steady stream of small files never starves a big one.
 
 A dead record also carries the tag ``dead`` (diskcache's tag column, under an index of its
 own), so that the dead letters are found without reading every record: SQLite reads the
@@ -27,7 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from skyframe.jobs import JobKind, QueuedJob, job_from_json, kind_of
+from skyframe.jobs import (
+    HIGH,
+    LOW,
+    NORMAL,
+    JobKind,
+    QueuedJob,
+    job_from_json,
+    kind_of,
+    priority_level,
+)
 from skyframe.state import GroupCommit, open_cache
 
 _JOB = "job\x00"
@@ -35,12 +49,22 @@ _JOB_END = "job\x01"  #: every job key sorts between _JOB and this
 #: The ready list of earlier versions, one for all pipelines: still drained, never filled.
 _READY = "ready"
 _LANE = "lane\x00"  #: + pipeline name + NUL: one ready list per pipeline, so one can be held
+LEVELS = (HIGH, NORMAL, LOW)  #: the priority levels, highest first
+FAIR_SHARE = 4  #: one claim in this many looks at the lowest priority level first
 
 
-def _lane(pipeline: str) -> str:
+def _lane(pipeline: str, level: int = NORMAL) -> str:
     # The NUL ends the name: diskcache's pull(prefix=...) takes every key between
-    # ``prefix-000...`` and ``prefix-999...``, which "cam" would share with "cam-2".
-    return f"{_LANE}{pipeline}\x00"
+    # ``prefix-000...`` and ``prefix-999...``, which "cam" would share with "cam-2". The
+    # normal level keeps the name of earlier versions; the others add "p+1" or "p-1", which
+    # sorts after every "-NNN" key of the normal list.
+    return f"{_LANE}{pipeline}\x00" if level == NORMAL else f"{_LANE}{pipeline}\x00p{level:+d}"
+
+
+def _level(record: dict[str, Any]) -> int:
+    """The priority level of a stored record (normal for one of an earlier version)."""
+    payload = record.get("payload")
+    return priority_level(payload.get("priority")) if isinstance(payload, dict) else NORMAL
 
 
 _MAX_ERRORS_KEPT = 5
@@ -112,6 +136,7 @@ class Claim:
     version: str | None = None
     #: when the job was first queued (epoch seconds; 0 for a volatile one)
     queued_at: float = 0.0
+    priority: int = NORMAL  #: the job's priority level (see skyframe.jobs)
 
 
 class JobQueue:
@@ -130,6 +155,7 @@ class JobQueue:
         self._volatile_ids = itertools.count()
         self._volatile_prefix = uuid.uuid4().hex[:12]
         self._old_list_empty = False
+        self._pulls = 0  #: claims looked for, for FAIR_SHARE
         self._index_dead()
         if recover:
             self._recover()
@@ -176,7 +202,7 @@ class JobQueue:
                 record["version"] = record.get("next_version")
         record.update(state="pending", lease=None, next_payload=None, next_version=None)
         self._cache.set(key, record)
-        self._cache.push(key, prefix=_lane(record["pipeline"]))
+        self._cache.push(key, prefix=_lane(record["pipeline"], _level(record)))
         self.add_lanes([record["pipeline"]])
 
     def add_lanes(self, pipelines: Collection[str]) -> None:
@@ -224,23 +250,25 @@ class JobQueue:
                 self._make_pending(key, record, payload)
             return True
 
-    def claim(self, skip: Collection[str] = ()) -> Claim | None:
-        """Lease the next ready job of a pipeline not in ``skip`` (held ones), or return None.
+    def claim(self, skip: Collection[str] = (), min_priority: int = LOW) -> Claim | None:
+        """Lease the next ready job of a pipeline not in ``skip`` (held ones), of priority
+        ``min_priority`` or higher, or return None.
 
-        Pipelines take turns, one job each, so a busy one cannot starve the others.
+        Higher priority levels first (see the module's docstring); within a level, pipelines
+        take turns, one job each, so a busy one cannot starve the others.
         """
         with self._lock:
             self._promote_due()
             while True:
                 with self._cache.transact(retry=True):
-                    key = self._pull(skip)
+                    key = self._pull(skip, min_priority)
                     if key is None:
                         return None
                     record = self._cache.get(key)
                     if record is None or record["state"] != "pending":
                         continue  # a stale reference: the job moved on since it was queued
                     if record["pipeline"] in skip:  # never hand out a held pipeline's job
-                        self._cache.push(key, prefix=_lane(record["pipeline"]))
+                        self._cache.push(key, prefix=_lane(record["pipeline"], _level(record)))
                         continue
                     try:
                         job = job_from_json(record["payload"])
@@ -258,29 +286,36 @@ class JobQueue:
                     record["attempts"],
                     token,
                     queued_at=record.get("queued_at", 0.0),
+                    priority=job.priority,
                 )
 
-    def _pull(self, skip: Collection[str]) -> str | None:
-        """The key of the next ready job outside ``skip``, taken off its ready list."""
-        while not self._old_list_empty:  # its jobs move to their pipeline's list
+    def _pull(self, skip: Collection[str], min_priority: int = LOW) -> str | None:
+        """The key of the next ready job outside ``skip`` (of ``min_priority`` or higher),
+        taken off its ready list."""
+        while not self._old_list_empty and min_priority <= NORMAL:  # to their pipeline's list
             _ready_key, key = self._cache.pull(prefix=_READY, retry=True)
             if key is None:
                 self._old_list_empty = True
                 break
             record = self._cache.get(key)
             if record is not None and record["pipeline"] in skip:
-                self._cache.push(key, prefix=_lane(record["pipeline"]))
+                self._cache.push(key, prefix=_lane(record["pipeline"], _level(record)))
                 self.add_lanes([record["pipeline"]])
                 continue
             return str(key)
-        for _ in range(len(self._lanes)):
-            name = self._lanes.pop(0)
-            self._lanes.append(name)  # the next claim starts with the next pipeline
-            if name in skip:
-                continue
-            _lane_key, key = self._cache.pull(prefix=_lane(name), retry=True)
-            if key is not None:
-                return str(key)
+        levels = [level for level in LEVELS if level >= min_priority]
+        self._pulls += 1
+        if self._pulls % FAIR_SHARE == 0:
+            levels.reverse()  # the lowest level's turn: a big file makes steady progress
+        for level in levels:
+            for i, name in enumerate(self._lanes):
+                if name in skip:
+                    continue
+                _lane_key, key = self._cache.pull(prefix=_lane(name, level), retry=True)
+                if key is not None:
+                    # The next claim starts with the next pipeline.
+                    self._lanes = self._lanes[i + 1 :] + self._lanes[: i + 1]
+                    return str(key)
         return None
 
     def _promote_due(self) -> None:
@@ -307,7 +342,17 @@ class JobQueue:
             if key in self._volatile or self._cache.get(key) is not None:
                 return None
             token = f"v{self._volatile_prefix}{next(self._volatile_ids)}"
-            claim = Claim(key, pipeline, job.relpath, job, 0, token, volatile=True, version=version)
+            claim = Claim(
+                key,
+                pipeline,
+                job.relpath,
+                job,
+                0,
+                token,
+                volatile=True,
+                version=version,
+                priority=job.priority,
+            )
             self._volatile[key] = claim
             return claim
 
@@ -367,12 +412,15 @@ class JobQueue:
         with self._lock, self._cache.transact(retry=True):
             yield
 
-    def claim_many(self, limit: int, skip: Collection[str] = ()) -> list[Claim]:
-        """Lease up to ``limit`` ready jobs (of pipelines not in ``skip``) in one transaction."""
+    def claim_many(
+        self, limit: int, skip: Collection[str] = (), min_priority: int = LOW
+    ) -> list[Claim]:
+        """Lease up to ``limit`` ready jobs (of pipelines not in ``skip``, of ``min_priority``
+        or higher) in one transaction."""
         claims: list[Claim] = []
         with self.batch():
             while len(claims) < limit:
-                claim = self.claim(skip)
+                claim = self.claim(skip, min_priority)
                 if claim is None:
                     break
                 claims.append(claim)

@@ -198,7 +198,8 @@ def _repair(
     except OSError:
         return _with(finding, "not repaired: the source file is gone")
     manifest.forget(pipeline.name, sink.key, finding.relpath)
-    job = Upload(event=FileEvent.from_stat(pipeline.name, source, finding.relpath, st, "scanned"))
+    event = FileEvent.from_stat(pipeline.name, source, finding.relpath, st, "scanned")
+    job = Upload(event=event, priority=pipeline.priority_of(event))
     queue.put(pipeline.name, job)
     return _with(finding, "queued again")
 

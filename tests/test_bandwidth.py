@@ -7,7 +7,7 @@ import pydantic
 import pytest
 from fakes.clock import FakeCancel, FakeClock
 
-from skyframe.bandwidth import MIN_BURST, Limiter, TokenBucket, pace
+from skyframe.bandwidth import BULK_SHARE, MIN_BURST, Limiter, TokenBucket, pace
 from skyframe.units import Rate, format_rate, parse_rate
 
 KiB = 1024
@@ -116,6 +116,43 @@ def test_sleeps_outside_the_lock_and_queues_behind_debt() -> None:
     finally:
         gate.set()
         first.join(5)
+
+
+def test_an_urgent_piece_does_not_queue_behind_the_others_debt() -> None:
+    bucket, fake = fake_bucket(1000, burst=100)
+    assert bucket.take(5000) == pytest.approx(5.0)  # a video's part: 5 s of debt
+    fake.now -= 5.0  # ... taken by another thread, which sleeps meanwhile
+    # A photo's piece waits only at the urgent share of the rate, not for the video's debt.
+    assert bucket.take(300, urgent=True) == pytest.approx(300 / (1000 * (1 - BULK_SHARE)))
+    # Its bytes count: the video's next piece waits for them too.
+    fake.now = 1005.0
+    assert bucket.take(1000) == pytest.approx(1.3)
+
+
+def test_urgent_pieces_alone_get_the_whole_rate() -> None:
+    bucket, fake = fake_bucket(1000, burst=100)
+    waits = [bucket.take(500, urgent=True) for _ in range(4)]
+    assert sum(waits) == pytest.approx(2.0)  # 2,000 bytes at 1,000 B/s
+    assert fake.now == pytest.approx(1002.0)
+
+
+def test_others_keep_their_share_while_urgent_pieces_flow() -> None:
+    bucket, fake = fake_bucket(1000, burst=100)
+    ready = [0.0, 0.0]  # when the urgent taker and the other one take their next piece
+    sent = [0, 0]
+    while min(ready) < 100:  # two threads, each taking its next piece once its wait is over
+        who = 0 if ready[0] <= ready[1] else 1
+        fake.now = 1000 + ready[who]
+        ready[who] += bucket.take(100, urgent=who == 0)
+        sent[who] += 100
+    assert sent[1] / 100 == pytest.approx(1000 * BULK_SHARE, rel=0.1)
+    assert sent[0] / 100 == pytest.approx(1000 * (1 - BULK_SHARE), rel=0.1)
+
+
+def test_a_cancelled_urgent_take_gives_both_budgets_back() -> None:
+    bucket, fake = fake_bucket(1000, burst=100)
+    bucket.take(10_000, FakeCancel(fake, after=0.1), urgent=True)
+    assert bucket.take(100, urgent=True) == 0.0  # not 9.9 s behind the bytes never sent
 
 
 def test_cancelled_take_returns_early_and_gives_the_bytes_back() -> None:

@@ -32,6 +32,7 @@ pipelines:
     source: {path: incoming, settle: SETTLE, rescan: 1hSOURCE_EXTRA}
     rules: [{ignore: {patterns: ["*.skip"]}}]
     processes: PROCESSES
+    priority: PRIORITY
     sinks:
       - url: outbox
         on_delete: ON_DELETE
@@ -52,11 +53,13 @@ def start(tmp_path: Path, write_config: WriteConfig) -> Iterator[Callable[..., D
         extra: str = "",
         processes: str = "[]",
         source_extra: str = "",
+        priority: str = "{}",
     ) -> Daemon:
         text = (
             CONFIG.replace("SETTLE", settle)
             .replace("SOURCE_EXTRA", source_extra)
             .replace("PROCESSES", processes)
+            .replace("PRIORITY", priority)
             .replace("ON_DELETE", on_delete)
             .replace("CONCURRENCY", str(concurrency))
             + extra
@@ -168,9 +171,10 @@ def test_growing_file_is_delivered_once_complete(
 
 @pytest.fixture
 def gated(tmp_path: Path, start: Callable[..., Daemon]) -> Iterator[Daemon]:
-    """A daemon with one worker and one sink slot, held by blocker.jpg until open_gate()."""
+    """A daemon with one worker and one sink slot, held by blocker.jpg until open_gate() (all
+    files of one priority: no express slot lets a small one past it)."""
     gate_plugin(tmp_path)
-    daemon = start(settle="0", concurrency=1, extra="workers: 1\n")
+    daemon = start(settle="0", concurrency=1, extra="workers: 1\n", priority="{small_first: null}")
     make_file(tmp_path / "incoming", "blocker.jpg", b"B")
     wait_for(lambda: daemon.recorder.count("started", "blocker.jpg") == 1, what="blocker")
     yield daemon
@@ -294,7 +298,7 @@ def test_file_moved_in_from_outside(tmp_path: Path, start: Callable[..., Daemon]
 
 def test_rapid_events_on_many_paths_coalesce(tmp_path: Path, start: Callable[..., Daemon]) -> None:
     gate_plugin(tmp_path)
-    daemon = start(settle="0", concurrency=1, extra="workers: 1\n")
+    daemon = start(settle="0", concurrency=1, extra="workers: 1\n", priority="{small_first: null}")
     make_file(tmp_path / "incoming", "blocker.jpg", b"B")
     wait_for(lambda: daemon.recorder.count("started", "blocker.jpg") == 1, what="blocker")
     final = {}

@@ -15,6 +15,7 @@ from skyframe.config import (
     Config,
     HistoryConfig,
     PipelineConfig,
+    PriorityConfig,
     RetryConfig,
     SinkConfig,
     SourceConfig,
@@ -79,6 +80,7 @@ def _keys(model: type[BaseModel]) -> list[str]:
             for m in (
                 Config,
                 PipelineConfig,
+                PriorityConfig,
                 SourceConfig,
                 SinkConfig,
                 RetryConfig,

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 
 from skyframe.events import FileEvent
-from skyframe.jobs import Delete, Move, Upload, job_from_json
-from skyframe.queue import JobQueue
+from skyframe.jobs import HIGH, LOW, NORMAL, Delete, Move, Upload, job_from_json
+from skyframe.queue import FAIR_SHARE, JobQueue
 
 
-def job(relpath: str, version: object = 0, *, path: str = "") -> Upload:
+def job(relpath: str, version: object = 0, *, path: str = "", priority: int = NORMAL) -> Upload:
     """An upload of ``relpath``; ``version`` tells two states of the file apart."""
-    return Upload(event=FileEvent("p", Path(path or f"/src/{version}/{relpath}"), relpath, 0, 0))
+    event = FileEvent("p", Path(path or f"/src/{version}/{relpath}"), relpath, 0, 0)
+    return Upload(event=event, priority=priority)
 
 
 @pytest.fixture
@@ -418,3 +419,110 @@ def test_a_record_no_job_can_be_read_from_is_dead_lettered(tmp_path: Path) -> No
     assert (dead.relpath, dead.kind) == ("a", None)
     assert dead.errors == ("cannot read the queued job: unknown queued job 'teleport'",)
     q.close()
+
+
+# --- priority ---------------------------------------------------------------------------------
+
+
+def test_higher_priority_jobs_are_claimed_first(queue: JobQueue) -> None:
+    queue.put("p", job("video1.mp4"))
+    queue.put("p", job("raw.dng", priority=LOW))
+    queue.put("p", job("video2.mp4"))
+    queue.put("p", job("photo1.jpg", priority=HIGH))
+    queue.put("p", job("photo2.jpg", priority=HIGH))
+    claims = [queue.claim() for _ in range(FAIR_SHARE - 1)]
+    assert [(c.relpath, c.priority) for c in claims if c] == [
+        ("photo1.jpg", HIGH),
+        ("photo2.jpg", HIGH),
+        ("video1.mp4", NORMAL),
+    ]
+    rest = queue.claim_many(5)
+    # The fourth claim is the lowest level's turn.
+    assert [c.relpath for c in rest] == ["raw.dng", "video2.mp4"]
+
+
+def test_a_stream_of_high_jobs_does_not_starve_the_others(queue: JobQueue) -> None:
+    queue.put("p", job("video.mp4"))
+    for n in range(3 * FAIR_SHARE):
+        queue.put("p", job(f"photo{n}.jpg", priority=HIGH))
+    claimed = [c.relpath for c in queue.claim_many(FAIR_SHARE)]
+    assert "video.mp4" in claimed  # within one round, however many photos wait
+    assert len(claimed) == FAIR_SHARE
+
+
+def test_min_priority_claims_only_urgent_jobs(queue: JobQueue) -> None:
+    queue.put("p", job("video.mp4"))
+    queue.put("q", job("photo.jpg", priority=HIGH))
+    queue.put("p", job("log.txt", priority=HIGH))
+    for _ in range(FAIR_SHARE):  # the fair share never applies to an urgent-only claim
+        urgent = queue.claim_many(10, min_priority=HIGH)
+        assert sorted(c.relpath for c in urgent) in ([], ["log.txt", "photo.jpg"])
+    assert queue.claim_many(10, min_priority=HIGH) == []
+    assert [c.relpath for c in queue.claim_many(10)] == ["video.mp4"]
+
+
+def test_held_pipelines_stay_held_at_every_level(queue: JobQueue) -> None:
+    queue.put("cam", job("a.jpg", priority=HIGH))
+    queue.put("cam-2", job("b.jpg", priority=HIGH))
+    queue.put("cam-2", job("c.mp4", priority=LOW))
+    assert [c.relpath for c in queue.claim_many(10, skip={"cam-2"})] == ["a.jpg"]
+    assert [c.relpath for c in queue.claim_many(10, skip={"cam"})] == ["b.jpg", "c.mp4"]
+
+
+def test_priority_is_kept_through_retries_releases_and_a_crash(tmp_path: Path) -> None:
+    q = JobQueue(tmp_path / "q")
+    q.put("p", job("video.mp4"))
+    q.put("p", job("photo.jpg", priority=HIGH))
+    claim = q.claim()
+    assert claim is not None
+    assert claim.relpath == "photo.jpg"
+    q.retry(claim, "link down", delay=0.0)
+    q.release(q.claim())  # type: ignore[arg-type]
+    again = q.claim()
+    assert again is not None
+    assert (again.relpath, again.priority) == ("photo.jpg", HIGH)
+    q.close()  # "killed" while the photo is leased
+    reopened = JobQueue(tmp_path / "q")
+    first = reopened.claim()
+    assert first is not None
+    assert (first.relpath, first.priority) == ("photo.jpg", HIGH)
+    reopened.close()
+
+
+def test_a_volatile_claim_carries_its_priority(queue: JobQueue) -> None:
+    claim = queue.volatile("p", job("photo.jpg", priority=HIGH), "v1")
+    assert claim is not None
+    assert claim.priority == HIGH
+    queue.release(claim)  # it gets its record, in the high list
+    queue.put("p", job("video.mp4"))
+    assert [c.relpath for c in queue.claim_many(2)] == ["photo.jpg", "video.mp4"]
+
+
+def test_a_queue_of_an_earlier_version_reads_as_normal_priority(tmp_path: Path) -> None:
+    q = JobQueue(tmp_path / "q")
+    q.put("p", job("old.jpg"))
+    key = JobQueue._key("p", "old.jpg")
+    record = q._cache.get(key)
+    assert "priority" not in record["payload"]  # normal is not written: the shape stays
+    assert "priority" not in record
+    q.close()
+    reopened = JobQueue(tmp_path / "q")
+    reopened.put("p", job("new.jpg", priority=HIGH))
+    claims = reopened.claim_many(5)
+    assert [(c.relpath, c.priority) for c in claims] == [("new.jpg", HIGH), ("old.jpg", NORMAL)]
+    reopened.close()
+
+
+def test_priority_in_job_json() -> None:
+    event = FileEvent("p", Path("/s/a.jpg"), "a.jpg", 1, 2)
+    high = Upload(event=event, priority=HIGH)
+    assert high.to_json()["priority"] == HIGH
+    assert job_from_json(high.to_json()) == high
+    move = Move(event=event, priority=LOW, moved_from="b.jpg")
+    assert job_from_json(json.loads(json.dumps(move.to_json()))) == move
+    plain = Upload(event=event).to_json()
+    assert "priority" not in plain
+    for odd in ("urgent", None, True, 1.5):  # written by hand, or by a newer version
+        assert job_from_json({**plain, "priority": odd}).priority == NORMAL
+    assert job_from_json({**plain, "priority": 7}).priority == HIGH  # clamped to the levels
+    assert Delete(relpath="a.jpg").priority == NORMAL
