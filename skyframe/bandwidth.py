@@ -108,6 +108,9 @@ class TokenBucket:
         with self._lock:
             start = self._clock()
             self._refill(start)
+            # The urgent budget is owed only for going ahead of the others' debt: never more
+            # than the bucket owes (urgent pieces alone, at the full rate, owe it nothing).
+            self._urgent = max(self._urgent, min(self._balance, 0.0))
             self._balance -= n
             wait = -self._balance / self._rate
             if urgent:

@@ -330,7 +330,9 @@ class JobRunner:
         """Stop the pools (callers wait for in-flight jobs first)."""
         self._batches.shutdown(wait=False, cancel_futures=True)
         self._processing.shutdown(wait=False, cancel_futures=True)
-        for pool in self._sink_pools.values():
+        with self._lock:  # a straggler's end may retire a pool meanwhile
+            pools = list(self._sink_pools.values())
+        for pool in pools:
             pool.shutdown(wait=False, cancel_futures=True)
 
     # --- stages ------------------------------------------------------------------------------
@@ -589,14 +591,18 @@ class JobRunner:
         deliver to a sink, is served alone (the full logic: touched files, moves, error
         classification)."""
         pipeline = self._lease(claims[0].pipeline)
-        if pipeline is None or id(pipeline) not in self._batch_senders:
-            for claim in claims:  # removed or changed by a reload since: one by one
+        if pipeline is None:
+            for claim in claims:  # removed by a reload since: one by one
                 self.submit(claim)
-        else:
-            try:
+            return
+        try:
+            if id(pipeline) in self._batch_senders:
                 self._send_batch(pipeline, claims)
-            finally:
-                self._unlease(pipeline)
+            else:
+                for claim in claims:  # changed by a reload since (no batches): one by one
+                    self.submit(claim)
+        finally:
+            self._unlease(pipeline)
 
     def _send_batch(self, pipeline: Pipeline, claims: list[Claim]) -> None:
         """:meth:`_run_batch` on the pipeline it leased."""

@@ -127,6 +127,8 @@ class Engine:
         #: Set once the watchers run and the first catch-up scan of every source is done.
         self.ready = threading.Event()
         self._shared_budget: TokenBucket | None = None
+        #: every shared budget made so far (a reload may replace it): told apart from a sink's own
+        self._shared_budgets: list[TokenBucket] = []
         self._share_budget(config, [s for p in pipelines for s in p.sinks])
         self.dispatcher = Dispatcher(
             self.queue,
@@ -186,14 +188,21 @@ class Engine:
         return groups
 
     def _share_budget(self, config: Config, sinks: list[Sink]) -> None:
-        """Put ``bwlimit``, one budget for every sink, on top of each sink's own."""
+        """Put ``bwlimit``, one budget for every sink, on top of each sink's own (again after a
+        reload: a sink it kept loses the budget it had, gets the current one once)."""
         if not config.bwlimit:
             self._shared_budget = None
-            return
-        if self._shared_budget is None or self._shared_budget.rate != config.bwlimit:
+        elif self._shared_budget is None or self._shared_budget.rate != config.bwlimit:
             self._shared_budget = TokenBucket(config.bwlimit)
+            self._shared_budgets.append(self._shared_budget)
         for sink in sinks:
-            sink.limiter = Limiter([self._shared_budget, *sink.limiter.buckets])
+            own = [
+                bucket
+                for bucket in sink.limiter.buckets
+                if not any(bucket is shared for shared in self._shared_budgets)
+            ]
+            shared = [self._shared_budget] if self._shared_budget is not None else []
+            sink.limiter = Limiter([*shared, *own])
 
     def _open_state(self) -> None:
         """Lock the state directory and open its databases (all, or none and unlocked)."""

@@ -1,10 +1,12 @@
 """A station's link to the hub: its lifecycle events and a heartbeat, through a durable outbox.
 
 Every event the hub needs (all but ``queued``, ``started``, ``progress`` and ``unchanged``) is
-written to ``<state_dir>/hub-outbox.db`` (SQLite) before ``skyframe_event`` returns: a file's
-``delivered`` event is on disk before its job leaves the queue, so a crash, a restart or a
-link that is down loses none. Writes from many threads are committed together
-(:class:`skyframe.state.GroupCommit`'s way: one transaction for whatever waits).
+committed to ``<state_dir>/hub-outbox.db`` (SQLite, WAL) before ``skyframe_event`` returns:
+a file's ``delivered`` event is written before its job leaves the queue, so a crash or kill
+of skyframe, a restart or a link that is down loses none (a power cut can lose the last
+moments, as it can the queue's: neither syncs the disk at every commit). Writes from many
+threads are committed together (:class:`skyframe.state.GroupCommit`'s way: one transaction
+for whatever waits).
 
 One thread of its own (an asyncio loop, one aiohttp session) sends the oldest events,
 ``batch_size`` at a time, with the station's status as a heartbeat, every ``interval`` or as
@@ -294,7 +296,10 @@ class HubLink:
                     next_heartbeat = now + self.config.interval
                     if self.pending >= self.config.batch_size:
                         continue  # more waits: send it at once
-                wait = max(min(next_heartbeat, max(self._retry_at, now)) - now, 0.05)
+                # Sleep until the next try after a failure, else until the next heartbeat; a
+                # full batch or a command's answer wakes the thread sooner.
+                until = self._retry_at if self._retry_at > now else next_heartbeat
+                wait = max(until - time.monotonic(), 0.05)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), wait)
 

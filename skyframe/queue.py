@@ -243,8 +243,12 @@ class JobQueue:
                 record["next_version"] = version
                 self._cache.set(key, record)
             elif state == "pending":
+                before = _level(record)
                 record.update(payload=payload, version=version, attempts=0, errors=[])
                 self._cache.set(key, record)
+                if _level(record) != before:  # the file grew past small_first, say
+                    # The old reference goes stale (claim skips a record found elsewhere).
+                    self._cache.push(key, prefix=_lane(pipeline, _level(record)))
             else:  # waiting or dead: a new version deserves a fresh start
                 record.update(errors=[], version=version)
                 self._make_pending(key, record, payload)
@@ -270,6 +274,8 @@ class JobQueue:
                     if record["pipeline"] in skip:  # never hand out a held pipeline's job
                         self._cache.push(key, prefix=_lane(record["pipeline"], _level(record)))
                         continue
+                    if _level(record) < min_priority:
+                        continue  # a stale reference: its level changed, its list has it
                     try:
                         job = job_from_json(record["payload"])
                     except ValueError as exc:  # written by hand, or by a newer version

@@ -149,6 +149,16 @@ def test_others_keep_their_share_while_urgent_pieces_flow() -> None:
     assert sent[0] / 100 == pytest.approx(1000 * (1 - BULK_SHARE), rel=0.1)
 
 
+def test_urgent_pieces_alone_for_long_keep_their_place_ahead() -> None:
+    bucket, fake = fake_bucket(1000, burst=100)
+    for _ in range(200):  # 100 s of photos alone, at the full rate
+        bucket.take(500, urgent=True)
+    assert bucket.take(2000) == pytest.approx(2.0)  # then a video's part: 2 s of debt
+    fake.now -= 2.0  # ... taken by another thread, which sleeps meanwhile
+    # The next photo still goes ahead at the urgent share, not behind the 2 s.
+    assert bucket.take(100, urgent=True) == pytest.approx(100 / (1000 * (1 - BULK_SHARE)))
+
+
 def test_a_cancelled_urgent_take_gives_both_budgets_back() -> None:
     bucket, fake = fake_bucket(1000, burst=100)
     bucket.take(10_000, FakeCancel(fake, after=0.1), urgent=True)

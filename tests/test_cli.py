@@ -249,7 +249,8 @@ def test_every_config_problem_gets_a_line_of_its_own(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
         "skyframe: error: skyframe.yaml:3:5: pipelines[0].sorce: unknown key 'sorce': did you "
-        "mean 'source'? (expected one of: name, source, rules, processes, sinks, retry, groups, priority)",
+        "mean 'source'? (expected one of: name, source, rules, processes, sinks, retry, groups, "
+        "priority)",
         "skyframe: error: skyframe.yaml:2:5: pipelines[0]: missing required key 'source'",
     ]
 

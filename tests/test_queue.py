@@ -526,3 +526,14 @@ def test_priority_in_job_json() -> None:
         assert job_from_json({**plain, "priority": odd}).priority == NORMAL
     assert job_from_json({**plain, "priority": 7}).priority == HIGH  # clamped to the levels
     assert Delete(relpath="a.jpg").priority == NORMAL
+
+
+def test_a_new_version_of_another_level_moves_to_its_list(queue: JobQueue) -> None:
+    queue.put("p", job("grows.jpg", 1, priority=HIGH), version="1")
+    queue.put("p", job("grows.jpg", 2, priority=NORMAL), version="2")  # now past small_first
+    assert queue.claim(min_priority=HIGH) is None  # not an urgent job any more
+    claim = queue.claim()
+    assert claim is not None
+    assert (claim.relpath, claim.priority) == ("grows.jpg", NORMAL)
+    queue.complete(claim)
+    assert queue.claim() is None

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -372,3 +373,34 @@ def test_a_change_of_the_config_file_reloads_it(
     )
     assert output(project).count("config not reloaded") == 1
     assert daemon.poll() is None
+
+
+def test_the_shared_bwlimit_is_on_each_sink_once_after_any_reload(
+    project: Path, daemons: list[Daemon]
+) -> None:
+    config = project / "skyframe.yaml"
+
+    def write(top: str) -> None:
+        config.write_text(top + textwrap.dedent(config_text(bwlimit="bwlimit: 4MB/s")).lstrip())
+
+    write("bwlimit: 1MB/s\n")
+    d = start(config, daemons)
+
+    def shared_rates() -> list[list[float]]:
+        # Per sink, the rates of its buckets: the shared budget first, then its own.
+        return [
+            [bucket.rate for bucket in sink.limiter.buckets]
+            for pipeline in d.engine.pipelines.values()
+            for sink in pipeline.sinks
+        ]
+
+    assert shared_rates() == [[1e6, 4e6], [1e6]]
+    d.engine.reload()  # nothing changed: the kept sinks keep one shared budget
+    d.engine.reload()
+    assert shared_rates() == [[1e6, 4e6], [1e6]]
+    write("bwlimit: 2MB/s\n")
+    d.engine.reload()
+    assert shared_rates() == [[2e6, 4e6], [2e6]]
+    write("")
+    d.engine.reload()
+    assert shared_rates() == [[4e6], []]

@@ -79,6 +79,9 @@ class InvalidBatch(ValueError):
 
 #: The most groups of one heartbeat taken (a station reports its latest 50).
 MAX_REPORTED_GROUPS = 200
+#: The longest group key or name taken from a heartbeat, and the largest count.
+MAX_GROUP_KEY = 500
+MAX_COUNT = 2**62
 
 
 def parse_batch(body: dict[str, Any]) -> IngestBatch:
@@ -235,7 +238,13 @@ def _group_of(event: EventBody) -> tuple[str, str] | None:
     group = (event.meta or {}).get("group")
     if isinstance(group, dict):
         name, key = group.get("name"), group.get("key")
-        if isinstance(name, str) and isinstance(key, str) and name and key:
+        # A key longer than MAX_GROUP_KEY makes no flight: the index could not hold it.
+        if (
+            isinstance(name, str)
+            and isinstance(key, str)
+            and name
+            and 0 < len(key) <= MAX_GROUP_KEY
+        ):
             return name[:100], key
     return None
 
@@ -389,9 +398,11 @@ def _record_reported_groups(
             continue
         pipeline, name, key = group.get("pipeline"), group.get("name"), group.get("key")
         files, seen = group.get("files"), group.get("seen")
-        if not all(isinstance(v, str) and v for v in (pipeline, name, key)):
-            continue
-        if not all(isinstance(v, int) and v >= 0 for v in (files, seen)):
+        texts = (pipeline, name, key)
+        if not all(isinstance(v, str) and 0 < len(v) <= MAX_GROUP_KEY for v in texts):
+            continue  # what the index cannot hold would fail the whole batch, again and again
+        counts = (files, seen)
+        if not all(type(v) is int and 0 <= v < MAX_COUNT for v in counts):
             continue
         at = group.get("last_arrival")
         flight_id = _upsert_flight(

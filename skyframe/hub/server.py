@@ -269,7 +269,9 @@ class HubServer:
                 return store_batch(connection, station_id, batch)
 
         result = await self._run(store)
-        if result is None:
+        if result is None:  # revoked since it was remembered: forget it, and count a guess
+            self._known.pop(token_hash(token), None)
+            self._throttle.failed(address(request), "ingest")
             return error(401, "unknown or revoked station token")
         return web.json_response(result.to_json())
 
