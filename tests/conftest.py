@@ -4,6 +4,7 @@ behind a counting proxy. Plain helpers are in ``helpers.py``, fakes in ``fakes/`
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import textwrap
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from helpers import (
     sftp_through,
     unique_name,
 )
+from playwright.sync_api import Browser, Page, sync_playwright
 
 # gcsfs reads this when it is imported: its zonal-bucket probe stalls against the emulator.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
@@ -196,3 +198,48 @@ def hub_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'hub.db'}"
     server: servers.PostgresServer = request.getfixturevalue("postgres_server")
     return server.create_database()
+
+
+# --- a real browser (the dashboard's and the hub's pages) --------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+ARTIFACTS = Path(os.environ.get("SKYFRAME_TEST_ARTIFACTS") or REPO / "test-artifacts")
+UI_TIMEOUT = 10_000  #: milliseconds for a page to show something
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    """Debian's Chromium, headless, through Playwright; the test fails if it is missing."""
+    if not CHROMIUM.is_file() or not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(
+            f"{CHROMIUM} is missing: the page tests need Debian's chromium package "
+            "(apt-get install chromium; .ci/setup installs it)",
+            pytrace=False,
+        )
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
+    """A fresh page; its last state is saved as a screenshot, and it must raise no error."""
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(UI_TIMEOUT)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        yield page
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
+        page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    finally:
+        context.close()
+    assert not errors, f"the page raised: {errors}"

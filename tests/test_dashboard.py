@@ -25,15 +25,11 @@ from typing import Any
 
 import pytest
 from helpers import REPO, spawn_daemon, wait_for
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
-ARTIFACTS = Path(os.environ.get("SKYFRAME_TEST_ARTIFACTS") or REPO / "test-artifacts")
 START_TIMEOUT = 30.0  # seconds for a daemon to write api.json
-UI_TIMEOUT = 10_000  # milliseconds for the page to show something
 
 # `relpath` names that are HTML. A slash cannot be part of a file name, so the second one is
 # a file `b>.txt` in a folder `<b>bold<`.
@@ -149,42 +145,6 @@ def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
 
 
 # --- the browser -----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.is_file() or not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(
-            f"{CHROMIUM} is missing: the dashboard tests need Debian's chromium package "
-            "(apt-get install chromium; .ci/setup installs it)",
-            pytrace=False,
-        )
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
-@pytest.fixture
-def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
-    """A fresh page; its last state is saved as a screenshot, and it must raise no error."""
-    context = browser.new_context(viewport={"width": 1100, "height": 800})
-    page = context.new_page()
-    page.set_default_timeout(UI_TIMEOUT)
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    try:
-        yield page
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
-        page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-    finally:
-        context.close()
-    assert not errors, f"the page raised: {errors}"
 
 
 def open_dashboard(page: Page, daemon: Daemon) -> None:

@@ -4,16 +4,11 @@ search, the pause button creating a command, the sign-in."""
 
 from __future__ import annotations
 
-import os
-import re
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Page
 from test_hub import (
     OPERATOR_TOKEN,
     SHA_A,
@@ -25,47 +20,6 @@ from test_hub import (
 )
 
 pytestmark = pytest.mark.slow
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
-ARTIFACTS = Path(os.environ.get("SKYFRAME_TEST_ARTIFACTS") or REPO / "test-artifacts")
-UI_TIMEOUT = 10_000
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.is_file() or not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(
-            f"{CHROMIUM} is missing: the hub's page tests need Debian's chromium package "
-            "(apt-get install chromium; .ci/setup installs it)",
-            pytrace=False,
-        )
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
-@pytest.fixture
-def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:
-    """A fresh page; its last state is saved as a screenshot, and it must raise no error."""
-    context = browser.new_context(viewport={"width": 1200, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(UI_TIMEOUT)
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    try:
-        yield page
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
-        page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-    finally:
-        context.close()
-    assert not errors, f"the page raised: {errors}"
 
 
 def fill(hub: Hub) -> None:
