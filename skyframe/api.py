@@ -36,6 +36,7 @@ from skyframe.httpguard import (
     cross_site,
     error,
     foreign_host,
+    harden,
     json_object,
     same_secret,
     shown,
@@ -351,12 +352,7 @@ class ApiServer:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        response = await self._answer(request, handler)
-        response.headers.setdefault("Cache-Control", "no-store")
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        return response
+        return harden(await self._answer(request, handler))
 
     async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """The handler's answer, or the refusal of the request; never an exception."""

@@ -35,6 +35,15 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> w
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
+def harden(response: web.StreamResponse) -> web.StreamResponse:
+    """The headers every answer carries: not cached, not sniffed, not framed, no referrer."""
+    response.headers.setdefault("Cache-Control", "no-store")
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    return response
+
+
 def shown(value: object, width: int = 60) -> str:
     """A value a client sent, quoted for a message and cut short."""
     text = repr(value)

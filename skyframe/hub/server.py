@@ -28,6 +28,7 @@ from skyframe.httpguard import (
     cross_site,
     error,
     foreign_host,
+    harden,
     json_object,
     same_secret,
     shown,
@@ -183,12 +184,7 @@ class HubServer:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        response = await self._answer(request, handler)
-        response.headers.setdefault("Cache-Control", "no-store")
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        return response
+        return harden(await self._answer(request, handler))
 
     async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
