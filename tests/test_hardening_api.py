@@ -541,3 +541,19 @@ def test_another_program_at_the_daemons_address_is_one_line(
     assert "is not the API of skyframe" in result.output
     assert "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_answers_and_refusals_carry_the_security_headers(daemon: Callable[..., Daemon]) -> None:
+    url = url_of(daemon())
+    host = url.removeprefix("http://")
+    for target, status in (("/api/status", b"200"), ("/api/nothing-here", b"404")):
+        answer = raw_http(url, f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        head = answer.split(b"\r\n\r\n", 1)[0].lower()
+        assert head.startswith(b"http/1.1 " + status)
+        for header in (
+            b"cache-control: no-store",
+            b"x-content-type-options: nosniff",
+            b"x-frame-options: deny",
+            b"referrer-policy: no-referrer",
+        ):
+            assert header in head, (target, header)

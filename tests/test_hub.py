@@ -811,3 +811,12 @@ def test_tls_serves_https(tmp_path: Path, start_hub: Any) -> None:
     )
     with opener.open(hub.url + "/healthz", timeout=10) as response:
         assert json.load(response) == {"status": "ok"}
+
+
+def test_the_hubs_answers_carry_the_security_headers(hub: Hub) -> None:
+    with OPENER.open(hub.url + "/api/stations", timeout=10) as response:
+        headers = response.headers
+    assert headers["Cache-Control"] == "no-store"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["X-Frame-Options"] == "DENY"
+    assert headers["Referrer-Policy"] == "no-referrer"
