@@ -208,9 +208,12 @@ ARTIFACTS = Path(os.environ.get("SKYFRAME_TEST_ARTIFACTS") or REPO / "test-artif
 UI_TIMEOUT = 10_000  #: milliseconds for a page to show something
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    """Debian's Chromium, headless, through Playwright; the test fails if it is missing."""
+    """Debian's Chromium, headless, through Playwright; the test fails if it is missing.
+
+    One per test module, not per session: Playwright's synchronous API keeps an event loop
+    running in the main thread while it is open, which ``asyncio.run`` elsewhere refuses."""
     if not CHROMIUM.is_file() or not os.access(CHROMIUM, os.X_OK):
         pytest.fail(
             f"{CHROMIUM} is missing: the page tests need Debian's chromium package "

@@ -212,8 +212,16 @@ def start_skyframe(config: Path, *args: str) -> subprocess.Popen[bytes]:
 
 
 def finish(process: subprocess.Popen[bytes], timeout: float = 180) -> str:
-    """The output of a ``start_skyframe`` process, which must end with exit code 0."""
-    out, _ = process.communicate(timeout=timeout)
+    """The output of a ``start_skyframe`` process, which must end with exit code 0 within
+    ``timeout`` seconds (else it is killed, and the test fails with what it wrote)."""
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, _ = process.communicate()
+        raise AssertionError(
+            f"skyframe did not end within {timeout:g} s:\n{out.decode(errors='replace')[-3000:]}"
+        ) from None
     text = out.decode(errors="replace")
     assert process.returncode == 0, text
     return text

@@ -257,8 +257,7 @@ def _upload_once(request: TransferRequest, progress: _Progress) -> TransferResul
 
         try:
             out = _open(sink, temporary, "r+b" if start else "wb")
-            with out:
-                _write_pipelined(out, reader, request, start, confirmed)
+            _write_and_close(out, reader, request, start, confirmed)
             reader.check_unchanged(request.size, request.mtime_ns)
             fs.mv(temporary, request.remote_path)
         except BaseException as exc:
@@ -280,6 +279,33 @@ def _upload_once(request: TransferRequest, progress: _Progress) -> TransferResul
     if journal is not None:
         journal.forget(key)
     return TransferResult(reader.bytes_read, reader.sha256)
+
+
+def _write_and_close(
+    out: Any,
+    reader: SourceReader,
+    request: TransferRequest,
+    start: int,
+    confirmed: Callable[[int], None],
+) -> None:
+    """:func:`_write_pipelined` from ``start``, then close the remote file (once, either way)."""
+    try:
+        _write_pipelined(out, reader, request, start, confirmed)
+        out.close()
+    finally:
+        _abandon(out)
+
+
+def _abandon(out: Any) -> None:
+    """Make sure a remote file is never closed again later: one whose close failed (its
+    connection was lost) would otherwise be closed by the garbage collector at the process's
+    exit, through fsspec's event loop, which no longer runs then: the process would hang."""
+    if out.closed:
+        return
+    with contextlib.suppress(Exception):
+        out.close()
+    if not out.closed and isinstance(internal(out, "_closed", "sshfs", "closed at exit"), bool):
+        out._closed = True  # sshfs's SSHFile.close() looks at it first
 
 
 def _open(sink: Any, temporary: str, mode: str) -> Any:
