@@ -32,7 +32,7 @@ from skyframe.events import LifecycleEvent
 from skyframe.httpguard import (
     Refused,
     address,
-    bearer,
+    check_token,
     cross_site,
     error,
     foreign_host,
@@ -381,23 +381,16 @@ class ApiServer:
             return error(500, f"{type(exc).__name__}: {exc}")
 
     def _check_token(self, request: web.Request, token: str) -> web.Response | None:
-        """None when the request carries the token or the dashboard's cookie; else the answer.
-
-        Only a token counts as a guess: the cookie is an HMAC of it, which nobody guesses.
-        """
-        given = bearer(request)
-        if given is not None:
-            wait = self._throttle.wait(address(request))
-            if wait:
-                return too_many(wait)
-            if same_secret(given, token):
-                return None
-            self._throttle.failed(address(request), f"{request.method} {request.path}")
-            return error(401, "wrong API token")
-        cookie = request.cookies.get(self._cookie_name())
-        if cookie is not None and same_secret(cookie, self._session(token)):
-            return None
-        return error(401, "this daemon needs its API token (Authorization: Bearer ...)")
+        """None when the request carries the token or the dashboard's cookie; else the answer."""
+        return check_token(
+            request,
+            token,
+            self._throttle,
+            cookie=self._cookie_name(),
+            session=self._session(token),
+            wrong="wrong API token",
+            missing="this daemon needs its API token (Authorization: Bearer ...)",
+        )
 
     def _cookie_name(self) -> str:
         return COOKIE.format(port=self.url.rsplit(":", 1)[-1])

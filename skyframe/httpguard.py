@@ -11,7 +11,7 @@ import asyncio
 import hmac
 import json
 import math
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -147,3 +147,40 @@ async def _read(request: web.Request, limit: int) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+class Throttle(Protocol):
+    """What :func:`check_token` asks of the counter of wrong tokens (``api.TokenThrottle``)."""
+
+    def wait(self, address: str) -> float: ...
+
+    def failed(self, address: str, what: str) -> None: ...
+
+
+def check_token(
+    request: web.Request,
+    token: str,
+    throttle: Throttle,
+    *,
+    cookie: str,
+    session: str,
+    wrong: str,
+    missing: str,
+) -> web.Response | None:
+    """None when the request carries ``token`` (``Authorization: Bearer``) or the page's
+    cookie (``cookie`` holding ``session``); else the refusal (``wrong``, ``missing``: its
+    words). Only a token counts as a guess: the cookie is an HMAC of it, which nobody guesses.
+    """
+    given = bearer(request)
+    if given is not None:
+        wait = throttle.wait(address(request))
+        if wait:
+            return too_many(wait)
+        if same_secret(given, token):
+            return None
+        throttle.failed(address(request), f"{request.method} {request.path}")
+        return error(401, wrong)
+    value = request.cookies.get(cookie)
+    if value is not None and same_secret(value, session):
+        return None
+    return error(401, missing)

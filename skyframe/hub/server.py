@@ -25,6 +25,7 @@ from skyframe.httpguard import (
     Refused,
     address,
     bearer,
+    check_token,
     cross_site,
     error,
     foreign_host,
@@ -217,19 +218,15 @@ class HubServer:
             return error(500, f"{type(exc).__name__}: {exc}")
 
     def _check_operator(self, request: web.Request, token: str) -> web.Response | None:
-        given = bearer(request)
-        if given is not None:
-            wait = self._throttle.wait(address(request))
-            if wait:
-                return too_many(wait)
-            if same_secret(given, token):
-                return None
-            self._throttle.failed(address(request), f"{request.method} {request.path}")
-            return error(401, "wrong operator token")
-        cookie = request.cookies.get(SESSION_COOKIE)
-        if cookie is not None and same_secret(cookie, session_value(token)):
-            return None
-        return error(401, "this hub needs the operators' token (Authorization: Bearer ...)")
+        return check_token(
+            request,
+            token,
+            self._throttle,
+            cookie=SESSION_COOKIE,
+            session=session_value(token),
+            wrong="wrong operator token",
+            missing="this hub needs the operators' token (Authorization: Bearer ...)",
+        )
 
     # --- stations ----------------------------------------------------------------------------
 
