@@ -655,21 +655,23 @@ def print_table(runs: list[Run], backends: list[str]) -> None:
         ("late sends", lambda r: r.late_sends, ".0f"),
     ]
     width = 24
-    print(f"{'':<{width}}" + "".join(f"{backend:>26}" for backend in backends))
+    print(f"{'':<{width}}" + "".join(f"{backend:>30}" for backend in backends))
     for label, value, spec in rows:
         line = f"{label:<{width}}"
         for backend in backends:
             mine = [r for r in runs if r.backend == backend]
-            shown = spread([value(r) for r in mine], spec) if mine else "-"
+            values = [value(r) for r in mine]
+            known = [v for v in values if not math.isnan(v)]
+            shown = spread(known, spec) if known else "-"
             if label.startswith("events/s") and mine:
-                shown += f" ({mine[0].offered:,.0f})"
-            line += f"{shown:>26}"
+                shown += f" of {mine[0].offered:,.0f}"
+            line += f"{shown:>30}"
         print(line)
     line = f"{'target met':<{width}}"
     for backend in backends:
         mine = [r for r in runs if r.backend == backend]
         verdict = f"{sum(r.met for r in mine)} of {len(mine)} runs" if mine else "-"
-        line += f"{verdict:>26}"
+        line += f"{verdict:>30}"
     print(line)
     print(
         f"target: p99 < {TARGET_P99 * 1000:.0f} ms, 0 lost, >= {TARGET_SHARE:.0%} of the "

@@ -37,11 +37,14 @@ from helpers import REPO, wait_for
 
 from skyframe.cli import cli
 from skyframe.hub import alerts
+from skyframe.hub.commands import create_command
 from skyframe.hub.config import load_hub_config
 from skyframe.hub.db import open_database
+from skyframe.hub.ingest import Arrival, parse_batch, store_batches
 from skyframe.hub.schema import events, files, metadata, stations
 from skyframe.hub.server import HubServer
-from skyframe.hub.tokens import add_station, token_hash
+from skyframe.hub.tokens import add_station, revoke_station, token_hash
+from skyframe.hub.writer import IngestWriter
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 OPERATOR_TOKEN = "operator-token-for-tests-0123456789"
@@ -406,10 +409,10 @@ def test_files_by_name_and_sha256(hub: Hub) -> None:
     found = hub.get("/api/files?name=dji_0001.jpg")["files"]
     assert [(f["station"], f["sink"]) for f in found] == [
         ("field-2", "s3"),
+        ("field-1", "gcs"),  # delivered at the same moment: by sink
         ("field-1", "s3"),
-        ("field-1", "gcs"),
     ]
-    assert found[1] == {
+    assert found[2] == {
         "station": "field-1",
         "pipeline": "survey",
         "relpath": "f1/DJI_0001.JPG",
@@ -583,6 +586,147 @@ def test_commands_round_trip(hub: Hub) -> None:
     ]
     assert hub.call("POST", "/api/stations/nobody/pause", {})[0] == 404
     assert hub.call("POST", "/api/stations/field-1/pause", {"pipeline": 3})[0] == 400
+
+
+# --- group commit: the batches waiting together, in one transaction -------------------------
+
+
+def test_batches_of_several_stations_stored_in_one_transaction(hub: Hub) -> None:
+    one, two, gone = (hub.add_station(name) for name in ("field-1", "field-2", "field-3"))
+    revoke_station(hub.engine, "field-3")
+    command = create_command(hub.engine, "field-2", "pause")
+    group = {"name": "flight", "key": "2025-11-29/f1"}
+    first = batch(
+        "field-1",
+        event(relpath="f1/A.JPG", meta={"group": group}),
+        event(relpath="f1/B.JPG", at=T0 + 1, meta={"group": group}),
+    )
+    # field-1 again before its first answer came: e-2 again (a duplicate) and a new e-3
+    again = batch("field-1")
+    again["events"] = [
+        first["events"][1],
+        {
+            "id": "e-3",
+            "seq": 3,
+            "event": event(relpath="f1/C.JPG", at=T0 + 2, meta={"group": group}),
+        },
+    ]
+    # the same ids at another station are other events; one batch may carry an id twice
+    other = batch("field-2", event(relpath="x/A.JPG"), status=status(dead=2))
+    other["events"].append(other["events"][0])
+    arrivals = [
+        Arrival(station_id(hub, "field-1"), token_hash(one), parse_batch(first)),
+        Arrival(station_id(hub, "field-2"), token_hash(two), parse_batch(other)),
+        Arrival(station_id(hub, "field-1"), token_hash(one), parse_batch(again)),
+        Arrival(
+            station_id(hub, "field-3"), token_hash(gone), parse_batch(batch("field-3", event()))
+        ),
+    ]
+    with hub.engine.begin() as connection:
+        results = store_batches(connection, arrivals, now=T0 + 10)
+    wanted = [{"id": command["id"], "action": "pause", "pipeline": None}]
+    assert [r.to_json() if r else None for r in results] == [
+        {"accepted": 2, "duplicates": 0, "commands": []},
+        {"accepted": 1, "duplicates": 1, "commands": wanted},
+        {"accepted": 1, "duplicates": 1, "commands": []},
+        None,  # its token was revoked: nothing of it is stored
+    ]
+    assert hub.count(events) == 4
+    assert hub.count(files) == 4
+    flight = hub.get(f"/api/flights?day={DAY}")["flights"]
+    assert [(f["station"], f["files_delivered"]) for f in flight] == [("field-1", 3)]
+    stations_now = {s["name"]: s for s in hub.get("/api/stations")["stations"]}
+    assert stations_now["field-2"]["queue"]["dead"] == 2
+    with hub.engine.connect() as connection:
+        seqs = dict(connection.execute(sa.select(stations.c.name, stations.c.last_seq)).all())
+    assert seqs == {"field-1": 3, "field-2": 1, "field-3": None}
+
+
+class Gate:
+    """Runs the writer's transactions on a thread; the first waits until it is opened."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+        self.calls = 0
+
+    async def run(self, func: Any) -> Any:
+        self.calls += 1
+        first = self.calls == 1
+
+        def gated() -> Any:
+            if first:
+                self.entered.set()
+                assert self.opened.wait(30)
+            return func()
+
+        return await asyncio.get_running_loop().run_in_executor(None, gated)
+
+
+def test_requests_arriving_during_a_transaction_share_the_next(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokens = [hub.add_station(f"field-{n}") for n in range(11)]
+    arrivals = [
+        Arrival(
+            station_id(hub, f"field-{n}"),
+            token_hash(token),
+            parse_batch(batch(f"field-{n}", event(relpath=f"f/{n}.JPG"))),
+        )
+        for n, token in enumerate(tokens)
+    ]
+    gate = Gate()
+    writer = IngestWriter(hub.engine, gate.run, writers=1)
+
+    async def scenario() -> list[Any]:
+        head = asyncio.ensure_future(writer.store(arrivals[0]))
+        while not gate.entered.is_set():
+            await asyncio.sleep(0.01)
+        rest = [asyncio.ensure_future(writer.store(a)) for a in arrivals[1:]]
+        await asyncio.sleep(0.05)
+        gate.opened.set()
+        return await asyncio.gather(head, *rest)
+
+    results = asyncio.run(scenario())
+    assert [r.accepted for r in results] == [1] * 11
+    assert (writer.groups, writer.batches) == (2, 11)  # the ten that waited: one transaction
+    assert hub.count(events) == 11
+
+    # A group the database refuses is stored batch by batch: only the guilty one fails.
+    def refuse_field_3(connection: sa.Connection, group: list[Arrival]) -> Any:
+        if any(a.batch.station == "field-3" for a in group):
+            raise sa.exc.OperationalError("INSERT", {}, Exception("refused for the test"))
+        return store_batches(connection, group)
+
+    monkeypatch.setattr("skyframe.hub.writer.store_batches", refuse_field_3)
+    later = []
+    for a in arrivals[:5]:
+        body = batch(a.batch.station, event(relpath="g.JPG"))
+        body["events"][0]["id"] = "g-1"
+        later.append(Arrival(a.station_id, a.token_hash, parse_batch(body)))
+    gate = Gate()
+    writer = IngestWriter(hub.engine, gate.run, writers=1)
+
+    async def second() -> list[Any]:
+        head = asyncio.ensure_future(writer.store(later[0]))
+        while not gate.entered.is_set():
+            await asyncio.sleep(0.01)
+        rest = [asyncio.ensure_future(writer.store(a)) for a in later[1:]]
+        await asyncio.sleep(0.05)
+        gate.opened.set()
+        return await asyncio.gather(head, *rest, return_exceptions=True)
+
+    outcomes = asyncio.run(second())
+    assert isinstance(outcomes[3], sa.exc.OperationalError)
+    assert [o.accepted for n, o in enumerate(outcomes) if n != 3] == [1, 1, 1, 1]
+    assert hub.count(events) == 15
+
+
+def station_id(hub: Hub, name: str) -> int:
+    with hub.engine.connect() as connection:
+        return int(
+            connection.execute(sa.select(stations.c.id).where(stations.c.name == name)).scalar_one()
+        )
 
 
 # --- alerts -----------------------------------------------------------------------------------

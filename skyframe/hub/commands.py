@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -69,11 +69,15 @@ def acknowledge(
     return confirmed
 
 
-def deliverable(connection: sa.Connection, station_id: int, now: float) -> list[dict[str, Any]]:
-    """The station's unconfirmed commands, oldest first, marked sent."""
+def deliverable(
+    connection: sa.Connection, station_ids: Collection[int], now: float
+) -> dict[int, list[dict[str, Any]]]:
+    """Each station's unconfirmed commands, oldest first, marked sent (one query for all)."""
+    if not station_ids:
+        return {}
     rows = connection.execute(
-        sa.select(commands.c.id, commands.c.action, commands.c.pipeline)
-        .where(commands.c.station_id == station_id, commands.c.confirmed_at.is_(None))
+        sa.select(commands.c.id, commands.c.station_id, commands.c.action, commands.c.pipeline)
+        .where(commands.c.station_id.in_(sorted(station_ids)), commands.c.confirmed_at.is_(None))
         .order_by(commands.c.created_at, commands.c.id)
     ).all()
     if rows:
@@ -82,7 +86,10 @@ def deliverable(connection: sa.Connection, station_id: int, now: float) -> list[
             .where(commands.c.id.in_([r.id for r in rows]), commands.c.sent_at.is_(None))
             .values(sent_at=now)
         )
-    return [{"id": r.id, "action": r.action, "pipeline": r.pipeline} for r in rows]
+    found: dict[int, list[dict[str, Any]]] = {station_id: [] for station_id in station_ids}
+    for r in rows:
+        found[r.station_id].append({"id": r.id, "action": r.action, "pipeline": r.pipeline})
+    return found
 
 
 def state_of(sent_at: float | None, confirmed_at: float | None) -> str:

@@ -1,4 +1,5 @@
-"""``POST /api/v1/ingest``: what a station sends (checked), and storing it in one transaction.
+"""``POST /api/v1/ingest``: what a station sends (checked), and storing it, with the
+batches that arrived with it, in one transaction.
 
 Idempotent: an event whose id the station sent before is counted as a duplicate and changes
 nothing (``INSERT ... ON CONFLICT DO NOTHING``); only the events that are new update the
@@ -7,8 +8,9 @@ files, the flights and the station. The contract is in docs/hub.md.
 
 from __future__ import annotations
 
+import hmac
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,19 +116,67 @@ class IngestResult:
         }
 
 
-def store_batch(
-    connection: sa.Connection, station_id: int, batch: IngestBatch, now: float | None = None
-) -> IngestResult:
-    """Store one batch (call inside a transaction): events, files, flights, status, acks."""
+@dataclass(frozen=True)
+class Arrival:
+    """One station's batch waiting to be stored, with the hash of the token it came with
+    (checked again in the transaction that stores it)."""
+
+    station_id: int
+    token_hash: str
+    batch: IngestBatch
+
+
+def store_batches(
+    connection: sa.Connection, arrivals: Sequence[Arrival], now: float | None = None
+) -> list[IngestResult | None]:
+    """Store batches of any stations in one transaction (call inside it): a statement per
+    table for them all, not per batch. One result per arrival, in order; None for a batch
+    whose token was revoked meanwhile (nothing of it is stored)."""
     now = time.time() if now is None else now
-    inserted = _insert_events(connection, station_id, batch.events, now)
-    new = [item for item in batch.events if item.id in inserted]
-    _record_files(connection, station_id, new)
-    _record_flights(connection, station_id, new)
-    _update_station(connection, station_id, batch, now)
-    acknowledge(connection, station_id, [(a.id, a.ok, a.detail) for a in batch.acks], now)
-    pending = deliverable(connection, station_id, now)
-    return IngestResult(len(inserted), len(batch.events) - len(inserted), pending)
+    current = _token_hashes(connection, {a.station_id for a in arrivals})
+    kept = [
+        a for a in arrivals if hmac.compare_digest(current.get(a.station_id) or "", a.token_hash)
+    ]
+    # An event that two batches of the group both carry (a station resending before its
+    # first answer came), or one batch twice, is stored once, for the first that carries it,
+    # and counted a duplicate wherever else it is.
+    first: dict[tuple[int, str], tuple[int, EventItem]] = {}
+    for index, arrival in enumerate(kept):
+        for item in arrival.batch.events:
+            first.setdefault((arrival.station_id, item.id), (index, item))
+    inserted = _insert_events(
+        connection, [(station_id, item) for (station_id, _), (_, item) in first.items()], now
+    )
+    new: list[list[EventItem]] = [[] for _ in kept]
+    for key, (index, item) in first.items():
+        if key in inserted:
+            new[index].append(item)
+    fresh = [(a.station_id, item) for a, items in zip(kept, new, strict=True) for item in items]
+    _record_files(connection, fresh)
+    _record_flights(connection, fresh)
+    _update_stations(connection, kept, now)
+    for arrival in kept:
+        if arrival.batch.acks:
+            acks = [(a.id, a.ok, a.detail) for a in arrival.batch.acks]
+            acknowledge(connection, arrival.station_id, acks, now)
+    pending = deliverable(connection, {a.station_id for a in kept}, now)
+    stored = {
+        id(arrival): IngestResult(
+            len(items), len(arrival.batch.events) - len(items), pending[arrival.station_id]
+        )
+        for arrival, items in zip(kept, new, strict=True)
+    }
+    return [stored.get(id(arrival)) for arrival in arrivals]
+
+
+def _token_hashes(connection: sa.Connection, station_ids: Collection[int]) -> dict[int, str]:
+    """The current token hash of each station that has one (a revoked token has none)."""
+    rows = connection.execute(
+        sa.select(stations.c.id, stations.c.token_hash).where(
+            stations.c.id.in_(sorted(station_ids)), stations.c.token_hash.is_not(None)
+        )
+    ).all()
+    return {row.id: row.token_hash for row in rows}
 
 
 def _sha256(event: EventBody) -> str | None:
@@ -139,8 +189,9 @@ def _sha256(event: EventBody) -> str | None:
 
 
 def _insert_events(
-    connection: sa.Connection, station_id: int, items: list[EventItem], now: float
-) -> set[str]:
+    connection: sa.Connection, items: list[tuple[int, EventItem]], now: float
+) -> set[tuple[int, str]]:
+    """Insert the events; (station id, event id) of those that were new."""
     if not items:
         return set()
     rows = [
@@ -161,7 +212,7 @@ def _insert_events(
             "reason": item.event.reason,
             "meta": item.event.meta,
         }
-        for item in items
+        for station_id, item in items
     ]
     statement = _cached(
         connection,
@@ -169,25 +220,25 @@ def _insert_events(
         lambda: (
             insert(connection, events)
             .on_conflict_do_nothing(index_elements=["station_id", "event_id"])
-            .returning(events.c.event_id)
+            .returning(events.c.station_id, events.c.event_id)
         ),
     )
-    # One statement per batch of rows (SQLAlchemy's "insertmanyvalues"): only new rows return.
-    return {row.event_id for row in connection.execute(statement, rows)}
+    # One statement per page of rows (SQLAlchemy's "insertmanyvalues"): only new rows return.
+    return {(row.station_id, row.event_id) for row in connection.execute(statement, rows)}
 
 
 def _name_lower(relpath: str) -> str:
     return relpath.rsplit("/", 1)[-1].lower()[:500]
 
 
-def _record_files(connection: sa.Connection, station_id: int, items: Iterable[EventItem]) -> None:
-    latest: dict[tuple[str, str, str], dict[str, Any]] = {}
-    gone: list[tuple[str, str, str]] = []
-    for item in sorted(items, key=lambda i: (i.event.time, i.seq)):
+def _record_files(connection: sa.Connection, items: Iterable[tuple[int, EventItem]]) -> None:
+    latest: dict[tuple[int, str, str, str], dict[str, Any]] = {}
+    gone: list[tuple[int, str, str, str]] = []
+    for station_id, item in sorted(items, key=lambda i: (i[1].event.time, i[1].seq)):
         event = item.event
         if event.sink is None:
             continue
-        key = (event.pipeline, event.sink, event.relpath)
+        key = (station_id, event.pipeline, event.sink, event.relpath)
         if event.kind == "delivered":
             latest[key] = {
                 "station_id": station_id,
@@ -203,7 +254,7 @@ def _record_files(connection: sa.Connection, station_id: int, items: Iterable[Ev
         elif event.kind == "deleted":  # the remote copy was deleted with the local file
             latest.pop(key, None)
             gone.append(key)
-    for pipeline, sink, relpath in gone:
+    for station_id, pipeline, sink, relpath in gone:
         connection.execute(
             sa.delete(files).where(
                 files.c.station_id == station_id,
@@ -230,7 +281,8 @@ def _record_files(connection: sa.Connection, station_id: int, items: Iterable[Ev
         )
 
     statement = _cached(connection, ("files",), build)
-    connection.execute(statement, list(latest.values()))
+    # In the order of the unique index, as every hub's transactions take its rows' locks.
+    connection.execute(statement, [latest[key] for key in sorted(latest)])
 
 
 def _group_of(event: EventBody) -> tuple[str, str] | None:
@@ -249,13 +301,13 @@ def _group_of(event: EventBody) -> tuple[str, str] | None:
     return None
 
 
-def _record_flights(connection: sa.Connection, station_id: int, items: Iterable[EventItem]) -> None:
+def _record_flights(connection: sa.Connection, items: Iterable[tuple[int, EventItem]]) -> None:
     # A flight's upsert keeps the earliest and latest times it is given, whatever the order:
-    # one upsert per flight of the batch does what one per event did, and the files go in one
-    # statement (a batch is mostly the files of one flight).
-    seen: dict[tuple[str, str, str], tuple[float, float]] = {}
-    delivered: list[tuple[tuple[str, str, str], EventBody]] = []
-    for item in items:
+    # one row per flight of the group does what one per event did; the flights go in one
+    # statement and their files in another (a batch is mostly the files of one flight).
+    seen: dict[tuple[int, str, str, str], tuple[float, float]] = {}
+    delivered: list[tuple[tuple[int, str, str, str], EventBody]] = []
+    for station_id, item in items:
         event = item.event
         if event.kind.endswith(COMPLETE_SUFFIX) and len(event.kind) > len(COMPLETE_SUFFIX):
             meta = event.meta or {}
@@ -277,16 +329,13 @@ def _record_flights(connection: sa.Connection, station_id: int, items: Iterable[
                 },
             )
         elif event.kind == "delivered" and (group := _group_of(event)) is not None:
-            flight = (event.pipeline, *group)
+            flight = (station_id, event.pipeline, *group)
             first, last = seen.get(flight, (event.time, event.time))
             seen[flight] = (min(first, event.time), max(last, event.time))
             delivered.append((flight, event))
     if not delivered:
         return
-    flight_ids = {
-        flight: _upsert_flight(connection, station_id, *flight, first, last_seen=last)
-        for flight, (first, last) in seen.items()
-    }
+    flight_ids = _upsert_flights(connection, seen)
     rows = [
         {
             "flight_id": flight_ids[flight],
@@ -304,6 +353,30 @@ def _record_flights(connection: sa.Connection, station_id: int, items: Iterable[
         ),
     )
     connection.execute(statement, rows)
+
+
+def _upsert_flights(
+    connection: sa.Connection, seen: dict[tuple[int, str, str, str], tuple[float, float]]
+) -> dict[tuple[int, str, str, str], int]:
+    """Each flight's id, made if new, its first and last seen widened (one statement)."""
+    rows = [
+        {
+            "station_id": station_id,
+            "pipeline": pipeline,
+            "name": name,
+            "key": key,
+            "first_seen": first,
+            "last_seen": last,
+        }
+        for (station_id, pipeline, name, key), (first, last) in sorted(seen.items())
+    ]
+    statement = _flight_upsert(connection, ())
+    found = connection.execute(statement, rows)
+    ids = {(r.station_id, r.pipeline, r.name, r.key): r.id for r in found}
+    missing = seen.keys() - ids.keys()
+    if missing:  # what the database gave back is not what was sent (it should never be)
+        raise LookupError(f"flights not found after their upsert: {sorted(missing)[:3]}")
+    return ids
 
 
 def _upsert_flight(  # noqa: PLR0917 (one flight's identity, in its column order)
@@ -328,7 +401,7 @@ def _upsert_flight(  # noqa: PLR0917 (one flight's identity, in its column order
         **(complete or {}),
     }
     statement = _flight_upsert(connection, tuple(complete or ()))
-    flight_id: int = connection.execute(statement, row).scalar_one()
+    flight_id: int = connection.execute(statement, row).one().id
     return flight_id
 
 
@@ -349,7 +422,9 @@ def _flight_upsert(connection: sa.Connection, complete: tuple[str, ...]) -> Any:
         changes.update({column: getattr(excluded, column) for column in complete})
         return statement.on_conflict_do_update(
             index_elements=["station_id", "pipeline", "name", "key"], set_=changes
-        ).returning(flights.c.id)
+        ).returning(
+            flights.c.id, flights.c.station_id, flights.c.pipeline, flights.c.name, flights.c.key
+        )
 
     return _cached(connection, ("flight", *complete), build)
 
@@ -367,32 +442,80 @@ def _cached(connection: sa.Connection, name: tuple[str, ...], build: Callable[[]
     return statement
 
 
-def _update_station(
-    connection: sa.Connection, station_id: int, batch: IngestBatch, now: float
-) -> None:
-    values: dict[str, Any] = {"last_seen": now, "last_sent_at": batch.sent_at}
-    if batch.events:
-        values["last_seq"] = max(item.seq for item in batch.events)
-    if batch.status is not None:
-        before = connection.execute(
-            sa.select(stations.c.sinks_down).where(stations.c.id == station_id)
-        ).scalar_one_or_none()
-        values["last_status"] = batch.status
-        values["status_at"] = now
-        values["sinks_down"] = sinks_down(batch.status, before or {}, now)
-        values["dead_letters"] = dead_letters(batch.status)
-        _record_reported_groups(connection, station_id, batch.status, now)
-    connection.execute(sa.update(stations).where(stations.c.id == station_id).values(**values))
+def _update_stations(connection: sa.Connection, arrivals: Sequence[Arrival], now: float) -> None:
+    """Each station's last seen, last sequence number and (when it sent one) its status, with
+    the flights its status reports: a statement for all the stations of each kind."""
+    merged: dict[int, dict[str, Any]] = {}
+    for arrival in arrivals:  # a station twice in the group: its latest batch wins
+        batch = arrival.batch
+        values = merged.setdefault(
+            arrival.station_id,
+            {"b_id": arrival.station_id, "b_now": now, "b_seq": None, "b_status": None},
+        )
+        values["b_sent_at"] = max(values.get("b_sent_at", batch.sent_at), batch.sent_at)
+        if batch.events:
+            top = max(item.seq for item in batch.events)
+            values["b_seq"] = top if values["b_seq"] is None else max(values["b_seq"], top)
+        if batch.status is not None:
+            values["b_status"] = batch.status
+    # In id order, as every hub's transactions take the stations' row locks.
+    rows = [merged[station_id] for station_id in sorted(merged)]
+    plain = [row for row in rows if row["b_status"] is None]
+    reporting = [row for row in rows if row["b_status"] is not None]
+    if plain:
+        connection.execute(_station_update(connection, status=False), plain)
+    if not reporting:
+        return
+    before = dict(
+        connection.execute(
+            sa.select(stations.c.id, stations.c.sinks_down).where(
+                stations.c.id.in_([row["b_id"] for row in reporting])
+            )
+        ).all()
+    )
+    reported: dict[tuple[int, str, str, str], dict[str, Any]] = {}
+    for row in reporting:
+        status = row["b_status"]
+        row["b_down"] = sinks_down(status, before.get(row["b_id"]) or {}, now)
+        row["b_dead"] = dead_letters(status)
+        reported.update(_reported_groups(row["b_id"], status, now))
+    connection.execute(_station_update(connection, status=True), reporting)
+    if reported:
+        statement = _flight_upsert(connection, ("reported_files", "reported_seen"))
+        connection.execute(statement, [reported[key] for key in sorted(reported)]).all()
 
 
-def _record_reported_groups(
-    connection: sa.Connection, station_id: int, status: dict[str, Any], now: float
-) -> None:
-    """The groups (flights) of the station's heartbeat: their progress as the station counts
-    it (files arrived of files seen), whether or not their files' events carry the group."""
+def _station_update(connection: sa.Connection, *, status: bool) -> Any:
+    def build() -> Any:
+        values: dict[str, Any] = {
+            "last_seen": sa.bindparam("b_now"),
+            "last_sent_at": sa.bindparam("b_sent_at"),
+            "last_seq": sa.func.coalesce(
+                sa.bindparam("b_seq", type_=sa.BigInteger), stations.c.last_seq
+            ),
+        }
+        if status:
+            values.update(
+                last_status=sa.bindparam("b_status", type_=stations.c.last_status.type),
+                status_at=sa.bindparam("b_now"),
+                sinks_down=sa.bindparam("b_down", type_=stations.c.sinks_down.type),
+                dead_letters=sa.bindparam("b_dead"),
+            )
+        return sa.update(stations).where(stations.c.id == sa.bindparam("b_id")).values(**values)
+
+    return _cached(connection, ("stations", "status" if status else "plain"), build)
+
+
+def _reported_groups(
+    station_id: int, status: dict[str, Any], now: float
+) -> dict[tuple[int, str, str, str], dict[str, Any]]:
+    """The groups (flights) of the station's heartbeat, as flight rows with their progress as
+    the station counts it (files arrived of files seen), whether or not their files' events
+    carry the group."""
     groups = status.get("groups")
     if not isinstance(groups, list):
-        return
+        return {}
+    found: dict[tuple[int, str, str, str], dict[str, Any]] = {}
     for group in groups[:MAX_REPORTED_GROUPS]:
         if not isinstance(group, dict):
             continue
@@ -405,19 +528,19 @@ def _record_reported_groups(
         if not all(type(v) is int and 0 <= v < MAX_COUNT for v in counts):
             continue
         at = group.get("last_arrival")
-        flight_id = _upsert_flight(
-            connection,
-            station_id,
-            str(pipeline)[:200],
-            str(name)[:100],
-            str(key),
-            float(at) if isinstance(at, int | float) else now,
-        )
-        connection.execute(
-            sa.update(flights)
-            .where(flights.c.id == flight_id)
-            .values(reported_files=files, reported_seen=seen)
-        )
+        at = float(at) if isinstance(at, int | float) else now
+        identity = (station_id, str(pipeline)[:200], str(name)[:100], str(key))
+        found[identity] = {  # the same group twice in one status: the later one counts
+            "station_id": station_id,
+            "pipeline": identity[1],
+            "name": identity[2],
+            "key": identity[3],
+            "first_seen": at,
+            "last_seen": at,
+            "reported_files": files,
+            "reported_seen": seen,
+        }
+    return found
 
 
 def _pipelines(status: dict[str, Any]) -> list[dict[str, Any]]:

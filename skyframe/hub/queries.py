@@ -99,7 +99,14 @@ def find_files(
             query = query.where(column.like(_like(folded), escape="\\"))
         else:
             query = query.where(column == folded)
-    query = query.order_by(files.c.delivered_at.desc()).limit(limit)
+    # Newest first; copies delivered at the same moment by station, pipeline, sink, path.
+    query = query.order_by(
+        files.c.delivered_at.desc(),
+        stations.c.name,
+        files.c.pipeline,
+        files.c.sink,
+        files.c.relpath,
+    ).limit(limit)
     with engine.connect() as connection:
         rows = connection.execute(query).all()
     return [

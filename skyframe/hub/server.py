@@ -39,8 +39,9 @@ from skyframe.hub import alerts, commands, queries
 from skyframe.hub.config import LoadedHubConfig
 from skyframe.hub.db import DATABASE_THREADS, describe
 from skyframe.hub.guard import SESSION_COOKIE, session_value
-from skyframe.hub.ingest import MAX_BODY, IngestResult, InvalidBatch, parse_batch, store_batch
+from skyframe.hub.ingest import MAX_BODY, Arrival, InvalidBatch, parse_batch
 from skyframe.hub.tokens import station_of_token, token_hash
+from skyframe.hub.writer import IngestWriter
 from skyframe.units import parse_since
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class HubServer:
         self._runner: web.AppRunner | None = None
         self._throttle = TokenThrottle()
         self._database_threads = ThreadPoolExecutor(DATABASE_THREADS, "skyframe-hub-db")
+        self._writer = IngestWriter(engine, self._run)
         #: stations whose token was found lately, by the token's hash: (id, name, until). It
         #: only spares the check before a body is read; each batch is stored after the token
         #: is checked again in its own transaction, so a revoked token is refused at once.
@@ -159,6 +161,13 @@ class HubServer:
             await self._notifier.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        await self._writer.close()
+        if self._writer.groups:
+            log.info(
+                "hub: %d batches stored in %d transactions",
+                self._writer.batches,
+                self._writer.groups,
+            )
         self._database_threads.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self, func: Callable[[], T]) -> T:
@@ -255,13 +264,9 @@ class HubServer:
         if batch.station != name:
             return error(403, f"this token belongs to another station, not {shown(batch.station)}")
 
-        def store() -> IngestResult | None:
-            with self.engine.begin() as connection:
-                if station_of_token(connection, token) != (station_id, name):
-                    return None  # revoked meanwhile
-                return store_batch(connection, station_id, batch)
-
-        result = await self._run(store)
+        # Stored with the batches of other requests waiting meanwhile (one transaction), after
+        # the token is checked again there.
+        result = await self._writer.store(Arrival(station_id, token_hash(token), batch))
         if result is None:  # revoked since it was remembered: forget it, and count a guess
             self._known.pop(token_hash(token), None)
             self._throttle.failed(address(request), "ingest")
