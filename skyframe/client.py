@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import http.client
 import json
 import os
@@ -13,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from skyframe import locks
 from skyframe.config import Config
 from skyframe.drone import photo_summary
 from skyframe.errors import SkyframeError
@@ -135,11 +135,13 @@ def state_dir_in_use(state_dir: Path) -> bool:
     except OSError:
         return True  # cannot tell: say that one may run
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
+        if not locks.try_lock(fd, shared=True):
+            return True
+        locks.unlock(fd)
+    except OSError:
+        return True  # cannot tell: say that one may run
     finally:
-        os.close(fd)  # the shared lock goes with it
+        os.close(fd)
     return False
 
 
@@ -153,6 +155,8 @@ def _lock_holder(state_dir: Path) -> str:
 
 
 def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill there would end the process: the state lock tells instead
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import json
 import os
 import sqlite3
@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeVar
 
 import diskcache
 
+from skyframe import locks
 from skyframe.errors import StateError
 
 T = TypeVar("T")
@@ -157,19 +158,21 @@ class StateLock:
         deadline = time.monotonic() + LOCK_PATIENCE
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() < deadline:
-                    time.sleep(0.02)
-                    continue
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                taken = locks.try_lock(fd)
+            except OSError as exc:
                 os.close(fd)
-                raise StateError(
-                    f"another skyframe process (pid {holder}) is using state dir {self.path.parent}"
-                ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                raise StateError(f"cannot lock state dir {self.path.parent}: {exc}") from None
+            if taken:
+                break
+            if time.monotonic() < deadline:
+                time.sleep(0.02)
+                continue
+            holder = locks.read_at_start(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StateError(
+                f"another skyframe process (pid {holder}) is using state dir {self.path.parent}"
+            ) from None
+        locks.replace_content(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
     def intact(self) -> bool:
@@ -187,6 +190,8 @@ class StateLock:
     def release(self) -> None:
         """Release the lock (also released by the OS when the process dies)."""
         if self._fd is not None:
+            with contextlib.suppress(OSError):  # closing releases it anyway
+                locks.unlock(self._fd)
             os.close(self._fd)
             self._fd = None
 
