@@ -955,6 +955,118 @@ class _StartupGC:
             gc.enable()
 
 
+# --- skyframe service ---------------------------------------------------------------------------
+
+
+@cli.group("service", cls=SkyframeGroup)
+def service_group() -> None:
+    """Run CONFIG's daemon as a service that starts with the machine: a systemd unit (Linux),
+    a launchd job (macOS), a scheduled task (Windows). See docs/service.md."""
+
+
+def _service_options(command: Callable[..., None]) -> Callable[..., None]:
+    command = click.option(
+        "--name", metavar="NAME", help="The service's name (default: the config's folder)."
+    )(command)
+    command = click.option(
+        "--system", is_flag=True, help="A system service (started at boot), not the user's."
+    )(command)
+    return config_argument(command)
+
+
+def _service_spec(config_file: Path, name: str | None, system: bool) -> Any:
+    import getpass
+
+    from skyframe.config import load_config
+    from skyframe.service import ENV_FILE, ServiceSpec, service_name
+
+    path = Path(config_file).expanduser().absolute()
+    # The service reads its secrets from skyframe.env (systemd) or its account's environment:
+    # the config is checked with both, so a missing variable shows now, not at the next boot.
+    environ = {**_env_file(path.parent / ENV_FILE), **os.environ}
+    config = load_config(config_file, environ=environ)
+    user = None
+    if system and sys.platform.startswith("linux"):
+        user = os.environ.get("SUDO_USER") or getpass.getuser()
+        user = None if user == "root" else user
+    return ServiceSpec(
+        name=service_name(config.file, name),
+        config=config.file,
+        python=Path(sys.executable).absolute(),
+        system=system,
+        stop_timeout=config.shutdown_grace + 30,
+        user=user,
+    ), config
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    """``KEY=value`` lines of an environment file (systemd's EnvironmentFile, simply read)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return {}
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.strip().removeprefix("export ").partition("=")
+        if sep and key and not key.startswith("#"):
+            found[key.strip()] = value.strip().strip("'\"")
+    return found
+
+
+@service_group.command("install")
+@_service_options
+@click.option("--no-start", is_flag=True, help="Register it only: it starts at the next boot.")
+@click.option("--print", "show", is_flag=True, help="Print the service's file; install nothing.")
+@click.option(
+    "--for",
+    "platform",
+    type=click.Choice(["linux", "macos", "windows"]),
+    help="With --print: the file for this platform (default: this machine's).",
+)
+def service_install(  # noqa: PLR0917 (click passes every option)
+    config_file: Path,
+    system: bool,
+    name: str | None,
+    no_start: bool,
+    show: bool,
+    platform: str | None,
+) -> None:
+    """Install CONFIG's daemon as a service, and start it."""
+    from skyframe.service import current_platform, manager_for
+
+    spec, config = _service_spec(config_file, name, system)
+    if platform is not None and not show:
+        raise click.UsageError("--for goes with --print: a service installs on this machine only")
+    manager = manager_for(platform or current_platform(), state_dir=config.state_path)
+    if show:
+        click.echo(manager.render(spec).decode("utf-16" if platform == "windows" else "utf-8"))
+        return
+    for line in manager.install(spec, start=not no_start):
+        click.echo(line)
+
+
+@service_group.command("uninstall")
+@_service_options
+def service_uninstall(config_file: Path, system: bool, name: str | None) -> None:
+    """Stop CONFIG's service and remove it (the config, state and logs stay)."""
+    from skyframe.service import current_platform, manager_for
+
+    spec, config = _service_spec(config_file, name, system)
+    for line in manager_for(current_platform(), state_dir=config.state_path).uninstall(spec):
+        click.echo(line)
+
+
+@service_group.command("status")
+@_service_options
+def service_status(config_file: Path, system: bool, name: str | None) -> None:
+    """Whether CONFIG's service is installed and running, as the service manager says."""
+    from skyframe.service import current_platform, manager_for
+
+    spec, config = _service_spec(config_file, name, system)
+    for line in manager_for(current_platform(), state_dir=config.state_path).status(spec):
+        click.echo(line)
+
+
 from skyframe.hub.cli import hub_group  # noqa: E402 (the hub's commands, in its package)
 
 cli.add_command(hub_group)
