@@ -132,3 +132,18 @@ def test_no_locking_at_all_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(locks, "_msvcrt", None)
     with pytest.raises(locks.LockingUnavailable, match="file locking is not available"):
         locks.try_lock(0)
+
+
+def test_the_ci_smoke_script_passes_here_as_on_windows() -> None:
+    """.ci/smoke.py is what GitHub Actions runs on Windows and macOS: here, it must pass in
+    the windowsish interpreter."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / ".ci" / "smoke.py")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **windowsish()},
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[-1].startswith("smoke: passed on linux")
