@@ -316,6 +316,8 @@ class Sink:
     def remote_path(self, name: str) -> str:
         """The full path on ``fs`` for a remote name, confined to the sink root."""
         relative = safe_relative_path(name)
+        if self.endpoint.check_name is not None:
+            self.endpoint.check_name(relative)
         return posixpath.join(self.root, relative) if self.root else relative
 
     def temporary_path(self, remote_path: str) -> str:

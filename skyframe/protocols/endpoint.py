@@ -74,6 +74,8 @@ class Endpoint:
     #: the backend's light client, if it has one; the protocol's transfer plugin knows its type
     direct: DirectClient | None = None
     warnings: list[str] = field(default_factory=list)  #: to log once when the sink is used
+    #: refuses remote names the target cannot hold (a folder on Windows): UnsafePathError
+    check_name: Callable[[str], None] | None = None
 
 
 def bucket_and_root(url: str, hint: str) -> tuple[str, str]:

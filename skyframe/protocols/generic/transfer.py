@@ -10,6 +10,7 @@ import contextlib
 import posixpath
 
 from skyframe.errors import DeliveryError
+from skyframe.names import check_no_case_twin
 from skyframe.storage import SourceReader, TransferRequest, TransferResult
 
 
@@ -17,6 +18,8 @@ def upload(request: TransferRequest) -> TransferResult:
     """Stream the file to a hidden temporary name, verify its size, then rename it into place."""
     sink = request.sink
     fs = sink.fs
+    if sink.endpoint.protocol == "file":  # a folder that ignores case must not merge two files
+        check_no_case_twin(request.remote_path)
     temporary = sink.temporary_path(request.remote_path)
     with SourceReader(request.local_path) as reader:
         sink.ensure_folder(posixpath.dirname(request.remote_path))
