@@ -955,6 +955,25 @@ class _StartupGC:
             gc.enable()
 
 
+@cli.command()
+@config_argument
+@click.option(
+    "--interval",
+    default="2s",
+    show_default=True,
+    metavar="DURATION",
+    callback=_duration,
+    help="How often to ask the daemon.",
+)
+def tray(config_file: Path, interval: float) -> None:
+    """Show the daemon of CONFIG in the desktop's notification area: its state, pause and
+    resume, the dashboard (needs the tray extra: pip install 'skyframe[tray]')."""
+    from skyframe.config import load_config
+    from skyframe.tray import TrayApp
+
+    TrayApp(load_config(config_file), interval).run()
+
+
 # --- skyframe service ---------------------------------------------------------------------------
 
 

@@ -1,0 +1,270 @@
+"""``skyframe tray``: the state it reads from the daemon's status, the icon it draws, its
+actions through the API, and the real icon in a notification area (Xvfb and trayer, Debian's
+packages), screenshotted to the test output folder."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ARTIFACTS
+from helpers import Daemon, spawn_daemon, wait_for
+from PIL import Image, ImageGrab
+
+from skyframe.config import load_config
+from skyframe.tray import COLOURS, RING, TrayModel, TrayState, icon_image, state_of
+
+STATUS: dict[str, Any] = {
+    "paused": False,
+    "pipelines": [
+        {
+            "name": "survey",
+            "paused": False,
+            "queue": {"pending": 0, "leased": 0, "waiting": 0, "dead": 0},
+            "sinks": [{"key": "s3", "display": "s3://b/x", "health": "ok"}],
+        }
+    ],
+    "transfers": [],
+    "throughput": {"bytes_per_s": 0.0},
+    "totals": {"delivered": 7},
+}
+
+
+def status(**changes: Any) -> dict[str, Any]:
+    import copy
+
+    made = copy.deepcopy(STATUS)
+    pipeline = made["pipelines"][0]
+    for key, value in changes.items():
+        if key in ("queue", "sinks"):
+            pipeline[key] = value
+        else:
+            made[key] = value
+    return made
+
+
+def test_the_state_from_the_status() -> None:
+    assert state_of(None, "no daemon") == TrayState("offline", "skyframe: not running: no daemon")
+    assert state_of(status(), url="http://x").kind == "idle"
+    assert state_of(status()).title == "skyframe: idle, 7 delivered"
+    sending = state_of(
+        status(
+            transfers=[
+                {"size": 1000, "bytes_done": 250},
+                {"size": 3000, "bytes_done": 750},
+            ],
+            throughput={"bytes_per_s": 2_000_000.0},
+            queue={"pending": 4, "leased": 2, "waiting": 1, "dead": 0},
+        )
+    )
+    assert (sending.kind, sending.progress) == ("sending", 0.25)
+    assert sending.title.startswith("skyframe: sending 2 files, 25% (")
+    assert sending.title.endswith("; 5 waiting")
+    paused = state_of(status(paused=True, queue={"pending": 3, "dead": 1}))
+    assert (paused.kind, paused.paused) == ("paused", True)
+    assert paused.title == "skyframe: paused; 1 dead-lettered; 3 waiting"
+    down = state_of(status(sinks=[{"key": "s3", "display": "s3://b/x", "health": "offline"}]))
+    assert (down.kind, down.title) == ("errors", "skyframe: s3://b/x offline")
+
+
+def ring_fraction(image: Image.Image) -> float:
+    """How much of the progress ring is drawn, read back from the icon's pixels."""
+    size = image.width
+    radius, centre, samples = size / 2 - size / 6, size / 2, 72
+    hits = 0
+    for n in range(samples):
+        angle = math.radians(-90 + 360 * (n + 0.5) / samples)
+        pixel = image.getpixel(
+            (round(centre + radius * math.cos(angle)), round(centre + radius * math.sin(angle)))
+        )
+        hits += isinstance(pixel, tuple) and pixel[:3] == RING
+    return hits / samples
+
+
+def test_the_icon_shows_state_progress_and_pause() -> None:
+    for kind, colour in COLOURS.items():
+        image = icon_image(TrayState(kind, ""))  # type: ignore[arg-type]
+        assert image.getpixel((32, 32))[:3] == colour  # type: ignore[index]
+        assert ring_fraction(image) == 0
+    assert ring_fraction(icon_image(TrayState("sending", "", 0.25))) == pytest.approx(
+        0.25, abs=0.03
+    )
+    assert ring_fraction(icon_image(TrayState("sending", "", 1.0))) == 1.0
+    paused = icon_image(TrayState("paused", "", paused=True))
+    assert paused.getpixel((32, 32))[:3] == COLOURS["paused"]  # type: ignore[index]
+    assert paused.getpixel((26, 32))[:3] == RING  # type: ignore[index]  # the left bar
+
+
+def test_the_model_reads_and_steers_the_daemon_through_its_api(daemon: Any) -> None:
+    running: Daemon = daemon(token=True)
+    model = TrayModel(running.engine.config)
+    state = model.refresh()
+    assert state.kind == "idle", state
+    assert state.dashboard is not None
+    assert state.dashboard.startswith("http://127.0.0.1:")
+    model.pause()
+    assert model.refresh().kind == "paused"
+    model.resume()
+    assert model.refresh().kind == "idle"
+    running.stop()
+    gone = model.refresh()
+    assert gone.kind == "offline"
+    assert gone.title.startswith("skyframe: not running: ")
+
+
+# --- the real icon, in a notification area ------------------------------------------------------
+
+
+class Desktop:
+    """Xvfb with trayer's notification area along its top edge."""
+
+    def __init__(self) -> None:
+        self.xvfb = subprocess.Popen(
+            ["Xvfb", "-displayfd", "1", "-screen", "0", "320x80x24", "-nolisten", "tcp"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
+        assert self.xvfb.stdout is not None
+        number = self.xvfb.stdout.readline().strip()
+        if not number:
+            self.xvfb.kill()
+            pytest.fail("Xvfb did not start (Debian's xvfb package)")
+        self.display = f":{number.decode()}"
+        self.trayer = subprocess.Popen(
+            [
+                "trayer",
+                "--edge",
+                "top",
+                "--align",
+                "left",
+                "--widthtype",
+                "pixel",
+                "--width",
+                "200",
+                "--heighttype",
+                "pixel",
+                "--height",
+                "40",
+                "--transparent",
+                "false",
+                "--tint",
+                "0xffffff",
+            ],
+            env={**os.environ, "DISPLAY": self.display},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def wait_ready(self) -> None:
+        """Until trayer owns the notification area (the selection icons dock to) and its panel
+        shows (its background along the top edge)."""
+
+        from Xlib import X
+        from Xlib.display import Display
+
+        display = Display(self.display)
+        tray = display.intern_atom("_NET_SYSTEM_TRAY_S0")
+
+        def panel() -> bool:
+            if self.trayer.poll() is not None:
+                pytest.fail(f"trayer ended with exit code {self.trayer.returncode}")
+            owned = display.get_selection_owner(tray) != X.NONE
+            return owned and self.grab().convert("RGB").getpixel((150, 20)) != (0, 0, 0)
+
+        try:
+            wait_for(panel, timeout=30, what="trayer's notification area")
+        finally:
+            display.close()
+
+    def grab(self) -> Image.Image:
+        return ImageGrab.grab(xdisplay=self.display)
+
+    def close(self) -> None:
+        for process in (self.trayer, self.xvfb):
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self.xvfb.stdout is not None:
+            self.xvfb.stdout.close()
+
+
+@pytest.fixture
+def desktop() -> Iterator[Desktop]:
+    for program in ("Xvfb", "trayer"):
+        if subprocess.run(["which", program], capture_output=True, check=False).returncode:
+            pytest.fail(f"{program} is missing: .ci/setup installs it (Debian's xvfb, trayer)")
+    made = Desktop()
+    try:
+        made.wait_ready()
+        yield made
+    finally:
+        made.close()
+
+
+def shows(desktop: Desktop, colour: tuple[int, int, int], name: str) -> bool:
+    """Whether the notification area holds a patch of ``colour`` (the icon); saved as NAME."""
+    if desktop.trayer.poll() is not None:
+        pytest.fail(f"trayer ended with exit code {desktop.trayer.returncode}")
+    shot = desktop.grab().convert("RGB")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot.save(ARTIFACTS / f"{name}.png")
+    area = shot.crop((0, 0, 200, 40))
+    found = sum(
+        area.getpixel((x, y)) == colour for x in range(area.width) for y in range(area.height)
+    )
+    return found >= 20
+
+
+def test_the_tray_icon_in_a_notification_area(tmp_path: Path, desktop: Desktop) -> None:
+    config = tmp_path / "skyframe.yaml"
+    config.write_text(
+        "state_dir: state\napi: {listen: 127.0.0.1:0}\npipelines:\n  - name: survey\n"
+        "    source: {path: incoming, settle: 0}\n    sinks:\n      - url: outbox\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "incoming").mkdir()
+    log = tmp_path / "tray.log"
+    with log.open("wb") as out:
+        tray = subprocess.Popen(
+            [sys.executable, "-m", "skyframe", "tray", "--interval", "0.3s", str(config)],
+            env={**os.environ, "DISPLAY": desktop.display},
+            stdout=out,
+            stderr=out,
+            stdin=subprocess.DEVNULL,
+        )
+    daemon = None
+    try:
+        wait_for(
+            lambda: shows(desktop, COLOURS["offline"], "tray-offline") or tray.poll() is not None,
+            timeout=30,
+            what="the grey icon (no daemon yet)",
+        )
+        assert tray.poll() is None, log.read_text(errors="replace")
+        daemon = spawn_daemon(tmp_path, tmp_path / "daemon.log", config.name)
+        wait_for(lambda: shows(desktop, COLOURS["idle"], "tray-idle"), timeout=60, what="green")
+        model = TrayModel(load_config(config))
+        model.pause()  # as the menu's Pause does
+        wait_for(lambda: shows(desktop, COLOURS["paused"], "tray-paused"), timeout=30, what="amber")
+        model.resume()
+        wait_for(lambda: shows(desktop, COLOURS["idle"], "tray-resumed"), timeout=30, what="green")
+    finally:
+        for process in (tray, daemon):
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
