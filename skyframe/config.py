@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from skyframe.bandwidth import Schedule, parse_schedule_entry
 from skyframe.errors import ConfigError, Location
 from skyframe.events import LifecycleKind
 from skyframe.units import Duration, Rate, Size
@@ -96,6 +97,57 @@ def _header_value(value: str) -> str:
     return value
 
 
+def _schedule_entry(value: Any) -> Any:
+    parse_schedule_entry(value)  # each entry's own error, at its own line
+    return value
+
+
+class BandwidthConfig(_Model):
+    """An upload rate limit that follows the local time of day (and weekday)."""
+
+    schedule: list[Annotated[str, BeforeValidator(_schedule_entry)]] = Field(
+        description="entries '[Ddd-]HH:MM RATE' (RATE: a rate, or off for no limit); the "
+        "latest at or before the local time is in force"
+    )
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _a_list(cls, entries: Any) -> Any:
+        if isinstance(entries, str):
+            raise ValueError(
+                f"expected a list of entries, such as [{entries!r}, '19:00 off'], not one string"
+            )
+        return entries
+
+    @field_validator("schedule")
+    @classmethod
+    def _whole_schedule(cls, entries: list[str]) -> list[str]:
+        Schedule.parse(entries)  # not empty, no two entries for one time
+        return entries
+
+    def timetable(self) -> Schedule:
+        """The schedule, parsed."""
+        return Schedule.parse(self.schedule)
+
+
+def _not_both_limits(
+    bandwidth: BandwidthConfig | None, info: ValidationInfo
+) -> BandwidthConfig | None:
+    # bwlimit is validated first (it comes first in the model): both at one level is a mistake.
+    if bandwidth is not None and info.data.get("bwlimit") is not None:
+        raise ValueError(
+            "set either bwlimit or bandwidth.schedule here, not both (a schedule of one "
+            "entry, such as ['00:00 2MB/s'], is a limit at all hours)"
+        )
+    return bandwidth
+
+
+def upload_limit(level: Config | SinkConfig) -> float | Schedule | None:
+    """The upload limit the top level or a sink sets: its ``bwlimit``, its
+    ``bandwidth.schedule``, or None."""
+    return level.bandwidth.timetable() if level.bandwidth is not None else level.bwlimit
+
+
 class SourceConfig(_Model):
     """Where files land."""
 
@@ -132,6 +184,16 @@ class SinkConfig(_Model):
     bwlimit: Rate | None = Field(
         None, description="upload rate limit for this sink (e.g. 2MB/s, 10Mbit/s)"
     )
+    bandwidth: BandwidthConfig | None = Field(
+        None, description="this sink's upload rate limit by the clock (instead of bwlimit)"
+    )
+
+    @field_validator("bandwidth")
+    @classmethod
+    def _one_limit(
+        cls, bandwidth: BandwidthConfig | None, info: ValidationInfo
+    ) -> BandwidthConfig | None:
+        return _not_both_limits(bandwidth, info)
 
     @field_validator("url")
     @classmethod
@@ -439,6 +501,10 @@ class Config(_Model):
     bwlimit: Rate | None = Field(
         None, description="upload rate limit of all sinks together (e.g. 2MB/s, 10Mbit/s)"
     )
+    bandwidth: BandwidthConfig | None = Field(
+        None,
+        description="upload rate limit of all sinks together by the clock (instead of bwlimit)",
+    )
     api: ApiConfig = Field(default_factory=ApiConfig)
     history: HistoryConfig = Field(default_factory=HistoryConfig)
     notify: list[NotifyConfig] = Field(
@@ -451,6 +517,13 @@ class Config(_Model):
     _marks: dict[YamlPath, tuple[int, int]] = PrivateAttr(default_factory=dict)
     #: values read from the environment, and the strings they were put into: never shown
     _from_env: set[str] = PrivateAttr(default_factory=set)
+
+    @field_validator("bandwidth")
+    @classmethod
+    def _one_limit(
+        cls, bandwidth: BandwidthConfig | None, info: ValidationInfo
+    ) -> BandwidthConfig | None:
+        return _not_both_limits(bandwidth, info)
 
     @model_validator(mode="after")
     def _unique_pipeline_names(self) -> Config:

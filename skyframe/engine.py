@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from skyframe.bandwidth import Limiter, TokenBucket
-from skyframe.config import Config
+from skyframe.bandwidth import Limiter, Schedule, TokenBucket
+from skyframe.config import Config, upload_limit
 from skyframe.control import Control
 from skyframe.delivery import JobRunner
 from skyframe.dispatch import Dispatcher
@@ -127,6 +127,8 @@ class Engine:
         #: Set once the watchers run and the first catch-up scan of every source is done.
         self.ready = threading.Event()
         self._shared_budget: TokenBucket | None = None
+        #: the limit it keeps (``bwlimit``, or the schedule of ``bandwidth``)
+        self._shared_limit: float | Schedule | None = None
         #: every shared budget made so far (a reload may replace it): told apart from a sink's own
         self._shared_budgets: list[TokenBucket] = []
         self._share_budget(config, [s for p in pipelines for s in p.sinks])
@@ -188,13 +190,16 @@ class Engine:
         return groups
 
     def _share_budget(self, config: Config, sinks: list[Sink]) -> None:
-        """Put ``bwlimit``, one budget for every sink, on top of each sink's own (again after a
-        reload: a sink it kept loses the budget it had, gets the current one once)."""
-        if not config.bwlimit:
+        """Put ``bwlimit`` (or ``bandwidth.schedule``), one budget for every sink, on top of each
+        sink's own (again after a reload: a sink it kept loses the budget it had, gets the
+        current one once; an unchanged limit keeps its budget)."""
+        limit = upload_limit(config)
+        if limit is None:
             self._shared_budget = None
-        elif self._shared_budget is None or self._shared_budget.rate != config.bwlimit:
-            self._shared_budget = TokenBucket(config.bwlimit)
+        elif self._shared_budget is None or self._shared_limit != limit:
+            self._shared_budget = TokenBucket(limit, name="all sinks")
             self._shared_budgets.append(self._shared_budget)
+        self._shared_limit = limit
         for sink in sinks:
             own = [
                 bucket

@@ -110,12 +110,18 @@ def _dump(value: object) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
+def _bandwidth(config: Config) -> object:
+    """The top-level ``bandwidth`` (its schedule, as written), compared like ``bwlimit``."""
+    return config.bandwidth.model_dump(mode="json") if config.bandwidth is not None else None
+
+
 def _pipeline_key(config: Config, spec: PipelineConfig, code: str) -> str:
     return _dump(
         {
             "pipeline": spec.model_dump(mode="json"),
             "retry": config.retry_for(spec).model_dump(mode="json"),
             "bwlimit": config.bwlimit,  # the budget all sinks share
+            "bandwidth": _bandwidth(config),
             "code": code,
         }
     )
@@ -131,6 +137,7 @@ def _sink_key(config: Config, spec: PipelineConfig, sink: SinkConfig) -> str:
             "sink": sink.model_dump(mode="json"),
             "retry": config.retry_for(spec).model_dump(mode="json"),
             "bwlimit": config.bwlimit,
+            "bandwidth": _bandwidth(config),
         }
     )
 

@@ -26,7 +26,7 @@ from fsspec.spec import AbstractFileSystem
 
 from skyframe import backoff
 from skyframe.bandwidth import Limiter, TokenBucket
-from skyframe.config import RetryConfig, SinkConfig, url_without_password
+from skyframe.config import RetryConfig, SinkConfig, upload_limit, url_without_password
 from skyframe.display import shown
 from skyframe.errors import (
     SinkRefusedError,
@@ -358,6 +358,7 @@ def open_sink(
             f"the backend for {redact_url(config.url)} is not installed: {exc}"
         ) from None
     health = SinkHealth(retry.initial, retry.max) if retry else SinkHealth()
+    limit = upload_limit(config)  # bwlimit, or the schedule of bandwidth
     return Sink(
         config.key,
         config.url,
@@ -365,7 +366,7 @@ def open_sink(
         concurrency=config.concurrency,
         on_delete=config.on_delete,
         health=health,
-        limiter=Limiter([TokenBucket(config.bwlimit)]) if config.bwlimit else None,
+        limiter=None if limit is None else Limiter([TokenBucket(limit, name=f"sink {config.key}")]),
         spec=protocol,
     )
 
