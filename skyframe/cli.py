@@ -183,6 +183,7 @@ def run(  # noqa: PLR0917 (click passes every option)
     from skyframe.console import ProgressReporter, print_summary
     from skyframe.engine import Engine
     from skyframe.pipeline import load_project
+    from skyframe.units import format_size
 
     project = load_project(config_file)
     if dry_run:
@@ -190,6 +191,14 @@ def run(  # noqa: PLR0917 (click passes every option)
         return
     if workers is not None:
         project.config.workers = workers
+    _log_to_file(project.config)
+    log.info(
+        "skyframe %s (pid %d): %s %s",
+        __version__,
+        os.getpid(),
+        "run --once of" if once else "watching with",
+        project.config.file,
+    )
     preflight = _start_preflight(project.pipelines)
     if not once:
         preflight()  # before "watching": a refused sink ends the daemon before it starts
@@ -217,6 +226,14 @@ def run(  # noqa: PLR0917 (click passes every option)
                 summary = work()
     finally:
         engine.close()
+    log.info(
+        "skyframe stopped: delivered %d file(s) (%s), %d unchanged, %d failed, %d dead-lettered",
+        summary.delivered,
+        format_size(summary.delivered_bytes),
+        summary.unchanged,
+        len(summary.failed),
+        summary.dead_letters,
+    )
     print_summary(stdout, summary)
     if engine.abandoned:
         log.error(
@@ -227,6 +244,29 @@ def run(  # noqa: PLR0917 (click passes every option)
         os._exit(1)
     if once and not summary.ok:
         sys.exit(1)
+
+
+def _log_to_file(config: Any) -> None:
+    """``log_file``: the log also goes to a file in the state directory that rotates."""
+    from logging.handlers import RotatingFileHandler
+
+    settings = config.log_file
+    if settings is None:
+        return
+    path = config.state_path / Path(settings.path).expanduser()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = RotatingFileHandler(
+            path, maxBytes=settings.max_size, backupCount=settings.count, encoding="utf-8"
+        )
+    except OSError as exc:
+        raise SkyframeError(f"log_file: cannot write {path}: {exc.strerror or exc}") from None
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.getLevelName(settings.level.upper()))
+    handler.addFilter(SafeLogFilter())  # file names escaped, URL passwords removed
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(min(root.level, handler.level))  # the terminal's handler keeps its own level
 
 
 def _dry_run(project: Any) -> None:

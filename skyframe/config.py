@@ -390,6 +390,30 @@ def _split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+class LogFileConfig(_Model):
+    """The daemon's log, also in a file that rotates (``log_file``)."""
+
+    path: str = Field(
+        "skyframe.log", min_length=1, description="the file; relative to the state directory"
+    )
+    max_size: Size = Field(
+        10 * 1024 * 1024, ge=10_000, description="the size at which it rotates"
+    )
+    count: Count = Field(5, ge=1, le=100, description="rotated files kept (NAME.1 to NAME.N)")
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="the least important lines it keeps"
+    )
+
+
+def _log_file(value: Any) -> Any:
+    """``log_file: true`` is the defaults; ``false`` none."""
+    if value is True:
+        return {}
+    if value is False:
+        return None
+    return value
+
+
 class HistoryConfig(_Model):
     """The durable record of what happened to each file (``skyframe history``)."""
 
@@ -507,6 +531,9 @@ class Config(_Model):
     )
     api: ApiConfig = Field(default_factory=ApiConfig)
     history: HistoryConfig = Field(default_factory=HistoryConfig)
+    log_file: Annotated[LogFileConfig | None, BeforeValidator(_log_file)] = Field(
+        None, description="also log to a file that rotates, in the state directory"
+    )
     notify: list[NotifyConfig] = Field(
         default_factory=list, description="notifiers that receive every lifecycle event"
     )
