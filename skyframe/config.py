@@ -103,11 +103,21 @@ def _schedule_entry(value: Any) -> Any:
 
 
 class BandwidthConfig(_Model):
-    """An upload rate limit that follows the local time of day (and weekday)."""
+    """An upload rate limit that follows the local time of day (and weekday), and what to do
+    on a metered link."""
 
-    schedule: list[Annotated[str, BeforeValidator(_schedule_entry)]] = Field(
+    schedule: list[Annotated[str, BeforeValidator(_schedule_entry)]] | None = Field(
+        None,
         description="entries '[Ddd-]HH:MM RATE' (RATE: a rate, or off for no limit); the "
-        "latest at or before the local time is in force"
+        "latest at or before the local time is in force",
+    )
+    metered: Literal["pause", "ignore"] = Field(
+        "ignore",
+        description="pause: hold uploads while the system says its link is metered "
+        "(top level only)",
+    )
+    check_every: PositiveDuration = Field(
+        60.0, description="how often to ask the system whether its link is metered"
     )
 
     @field_validator("schedule", mode="before")
@@ -121,20 +131,22 @@ class BandwidthConfig(_Model):
 
     @field_validator("schedule")
     @classmethod
-    def _whole_schedule(cls, entries: list[str]) -> list[str]:
-        Schedule.parse(entries)  # not empty, no two entries for one time
+    def _whole_schedule(cls, entries: list[str] | None) -> list[str] | None:
+        if entries is not None:
+            Schedule.parse(entries)  # not empty, no two entries for one time
         return entries
 
-    def timetable(self) -> Schedule:
-        """The schedule, parsed."""
-        return Schedule.parse(self.schedule)
+    def timetable(self) -> Schedule | None:
+        """The schedule, parsed; None without one."""
+        return None if self.schedule is None else Schedule.parse(self.schedule)
 
 
 def _not_both_limits(
     bandwidth: BandwidthConfig | None, info: ValidationInfo
 ) -> BandwidthConfig | None:
     # bwlimit is validated first (it comes first in the model): both at one level is a mistake.
-    if bandwidth is not None and info.data.get("bwlimit") is not None:
+    has_schedule = bandwidth is not None and bandwidth.schedule is not None
+    if has_schedule and info.data.get("bwlimit") is not None:
         raise ValueError(
             "set either bwlimit or bandwidth.schedule here, not both (a schedule of one "
             "entry, such as ['00:00 2MB/s'], is a limit at all hours)"
@@ -145,7 +157,8 @@ def _not_both_limits(
 def upload_limit(level: Config | SinkConfig) -> float | Schedule | None:
     """The upload limit the top level or a sink sets: its ``bwlimit``, its
     ``bandwidth.schedule``, or None."""
-    return level.bandwidth.timetable() if level.bandwidth is not None else level.bwlimit
+    schedule = level.bandwidth.timetable() if level.bandwidth is not None else None
+    return schedule if schedule is not None else level.bwlimit
 
 
 class SourceConfig(_Model):
@@ -193,6 +206,8 @@ class SinkConfig(_Model):
     def _one_limit(
         cls, bandwidth: BandwidthConfig | None, info: ValidationInfo
     ) -> BandwidthConfig | None:
+        if bandwidth is not None and "metered" in bandwidth.model_fields_set:
+            raise ValueError("metered is about the machine's link: set it at the top level")
         return _not_both_limits(bandwidth, info)
 
     @field_validator("url")
@@ -396,9 +411,7 @@ class LogFileConfig(_Model):
     path: str = Field(
         "skyframe.log", min_length=1, description="the file; relative to the state directory"
     )
-    max_size: Size = Field(
-        10 * 1024 * 1024, ge=10_000, description="the size at which it rotates"
-    )
+    max_size: Size = Field(10 * 1024 * 1024, ge=10_000, description="the size at which it rotates")
     count: Count = Field(5, ge=1, le=100, description="rotated files kept (NAME.1 to NAME.N)")
     level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="the least important lines it keeps"

@@ -33,6 +33,9 @@ class Control:
         self._cond = threading.Condition()
         self.paused = False
         self._held: set[str] = set()
+        #: held while the system says its link is metered (``bandwidth.metered: pause``); not
+        #: saved: the next start asks the system again
+        self.metered = False
         #: False when nothing at all is held: read without the lock on every piece sent
         self._any_held = False
         self._load()
@@ -82,12 +85,23 @@ class Control:
         if not self._any_held:
             return False
         with self._cond:
-            return self.paused or pipeline in self._held
+            return self.paused or self.metered or pipeline in self._held
 
     def held(self) -> set[str]:
         """The configured pipelines that are held now."""
         with self._cond:
-            return set(self._pipelines) if self.paused else set(self._held)
+            return set(self._pipelines) if self.paused or self.metered else set(self._held)
+
+    def set_metered(self, metered: bool) -> list[str]:
+        """Hold every pipeline while the link is metered, or let them go (not saved); the
+        pipelines whose held state changed."""
+        with self._cond:
+            before = self.held()
+            self.metered = metered
+            self._any_held = self.paused or metered or bool(self._held)
+            changed = sorted(before ^ self.held())
+            self._cond.notify_all()
+        return changed
 
     def set(self, paused: bool, pipeline: str | None = None) -> list[str]:
         """Pause or resume everything (``pipeline`` None) or one pipeline; saved at once.
@@ -109,7 +123,7 @@ class Control:
                 held.discard(pipeline)
             self._save(everything, held)  # nothing changes unless it is saved
             self.paused, self._held = everything, held
-            self._any_held = everything or bool(held)
+            self._any_held = everything or self.metered or bool(held)
             changed = sorted(before ^ self.held())
             self._cond.notify_all()
         return changed
@@ -122,7 +136,7 @@ class Control:
         if not self._any_held:
             return True
         with self._cond:
-            while self.paused or pipeline in self._held:
+            while self.paused or self.metered or pipeline in self._held:
                 if any(event.is_set() for event in stop):
                     return False
                 self._cond.wait(HOLD_POLL)

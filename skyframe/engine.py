@@ -90,7 +90,9 @@ class Engine:
         self._open_state()
         self.queue.add_lanes(list(self.pipelines))
         self.tracker = StatusTracker(
-            self.pipelines, self.queue.counts_by_pipeline, self.control.state
+            self.pipelines,
+            self.queue.counts_by_pipeline,
+            lambda: {**self.control.state(), "metered": self.control.metered},
         )
         self.notifiers = Notifiers(pm)
         #: Called straight from emit(): they never block, and keep their own buffer.
@@ -652,6 +654,35 @@ class Engine:
             self._scanning = False
             self.dispatcher.notify()
 
+    def _watch_metered(self) -> None:
+        """``bandwidth.metered: pause``: every upload held while the system says the link is
+        metered, let go when it says it is not (or the setting goes in a reload)."""
+        from skyframe.metered import MeteredProbe
+
+        probe = MeteredProbe()
+        said = ""
+        while not self._stop.is_set():
+            bandwidth = self.config.bandwidth
+            metered = False
+            if bandwidth is not None and bandwidth.metered == "pause":
+                found = probe()
+                if found is None and probe.problem != said:
+                    log.warning(
+                        "bandwidth.metered: cannot tell whether the link is metered (%s); "
+                        "uploads go on",
+                        probe.problem,
+                    )
+                said = probe.problem if found is None else ""
+                metered = bool(found)
+            if metered != self.control.metered:
+                kind: LifecycleKind = "paused" if metered else "resumed"
+                reason = "the link is metered" if metered else "the link is not metered"
+                for name in self.control.set_metered(metered):
+                    log.warning("%s: %s: %s", name, kind, reason)
+                    self.emit(LifecycleEvent(kind, name, "", reason=reason))
+                self.dispatcher.notify()
+            self._stop.wait(bandwidth.check_every if bandwidth is not None else 60.0)
+
     def run_daemon(self) -> RunSummary:
         """Watch, catch up, and deliver until ``stop()`` is called."""
         threads = [
@@ -663,6 +694,9 @@ class Engine:
                 threading.Thread(target=self._complete_groups, name="skyframe-groups", daemon=True)
             )
         threads.append(threading.Thread(target=self._reloader, name="skyframe-reload", daemon=True))
+        threads.append(
+            threading.Thread(target=self._watch_metered, name="skyframe-metered", daemon=True)
+        )
         self.runner.patient = True  # an unreachable sink keeps files waiting, uncounted
         try:
             self._start_notifiers()

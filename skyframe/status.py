@@ -191,6 +191,7 @@ class StatusTracker:
                 "pid": os.getpid(),
                 "started_at": self.started_at,
                 "paused": pause["paused"],
+                "metered": pause.get("metered", False),
                 "pipelines": pipelines,
                 # Jobs of pipelines a reload removed: they wait until it is configured again.
                 "removed": [

@@ -81,6 +81,9 @@ def state_of(status: dict[str, Any] | None, why: str = "", url: str | None = Non
         return TrayState(
             "paused", "skyframe: paused" + _also(problems, waiting), paused=True, dashboard=url
         )
+    if status.get("metered"):  # held by the daemon itself, not by a pause: no Resume
+        held = "skyframe: held, the link is metered"
+        return TrayState("paused", held + _also(problems, waiting), dashboard=url)
     if transfers:
         size = sum(max(int(t.get("size") or 0), 0) for t in transfers)
         done = sum(max(int(t.get("bytes_done") or 0), 0) for t in transfers)
