@@ -216,6 +216,17 @@ def status_lines(status: dict[str, Any]) -> list[str]:
             f"{removed['name']} (not in the config): {waiting} job(s) wait in the queue "
             "until the pipeline is configured again"
         )
+    if status.get("metered"):
+        lines.append("held: the link is metered (bandwidth.metered: pause)")
+    for executor in status.get("executors") or []:
+        state = "connected" if executor["connected"] else "not connected"
+        line = (
+            f"executor {executor['name']}: {executor['kind']} {executor['address']}, {state}, "
+            f"{executor['workers']} worker(s), {executor['in_flight']} call(s) in flight"
+        )
+        if executor.get("last_error"):
+            line += f"; last error: {executor['last_error']}"
+        lines.append(line)
     transfers = status["transfers"]
     if transfers:
         lines.append(f"in flight ({len(transfers)}):")

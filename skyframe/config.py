@@ -405,6 +405,25 @@ def _split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+class ExecutorConfig(_Model):
+    """Where processes marked ``executor: NAME`` run: a Dask cluster."""
+
+    dask: str = Field(
+        min_length=1,
+        description="the scheduler's address (tcp://host:8786), or local: a cluster of "
+        "worker processes on this machine",
+    )
+    workers: Count = Field(2, ge=1, le=64, description="dask: local: its worker processes")
+    timeout: PositiveDuration = Field(
+        600.0, description="how long one call may take before it is given up and retried"
+    )
+    ship: Literal["bytes", "path"] = Field(
+        "bytes",
+        description="bytes: the file's content goes with the call; path: its path (the "
+        "workers see the same storage)",
+    )
+
+
 class LogFileConfig(_Model):
     """The daemon's log, also in a file that rotates (``log_file``)."""
 
@@ -544,6 +563,9 @@ class Config(_Model):
     )
     api: ApiConfig = Field(default_factory=ApiConfig)
     history: HistoryConfig = Field(default_factory=HistoryConfig)
+    executors: dict[str, ExecutorConfig] = Field(
+        default_factory=dict, description="named Dask clusters that processes may run on"
+    )
     log_file: Annotated[LogFileConfig | None, BeforeValidator(_log_file)] = Field(
         None, description="also log to a file that rotates, in the state directory"
     )

@@ -177,6 +177,8 @@ class JobRunner:
         self.emit = emit
         self._on_finished = on_finished
         self._cancelled = cancelled
+        #: the ``executors:`` entries processes may run on, by name (the engine's)
+        self.executors: dict[str, Any] = {}
         #: True in the daemon: an unreachable sink keeps files waiting without counting
         #: attempts. False for ``--once``, whose run must end: attempts count as usual.
         self.patient = False
@@ -432,10 +434,13 @@ class JobRunner:
             )
             return []
         job = Job(event, scratch_dir=run.scratch)
-        for step in run.pipeline.processes:
+        for index, step in enumerate(run.pipeline.processes):
             if self._cancelled.is_set():
                 raise TransferCancelled
-            step(job)
+            if step.executor is None:
+                step(job)
+            else:  # on a cluster (skyframe.executors)
+                self.executors[step.executor].run(step, job, index)
         job.remote_name = safe_relative_path(job.remote_name)
         run.job = job
         entries = [

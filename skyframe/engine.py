@@ -29,6 +29,7 @@ from skyframe.dispatch import Dispatcher
 from skyframe.display import RepeatedLog
 from skyframe.errors import ConfigError, PluginError, SkyframeError, StateError
 from skyframe.events import LifecycleEvent, LifecycleKind
+from skyframe.executors import RESULTS_KEPT, DaskExecutor, forget_results
 from skyframe.groups import CHECK_INTERVAL, Groups, GroupStore
 from skyframe.history import History
 from skyframe.intake import Intake, Source
@@ -157,6 +158,12 @@ class Engine:
             stopping=self._stop,
             owners=RemoteOwners((s for p in pipelines for s in p.sinks), self.manifest),
         )
+        #: where processes marked ``executor: NAME`` run (connected on first use)
+        self.executors: dict[str, DaskExecutor] = {
+            name: DaskExecutor(name, settings, self.state_dir)
+            for name, settings in config.executors.items()
+        }
+        self.runner.executors = self.executors
         self.dispatcher.runner = self.runner
         self.intake = Intake(
             self.pipelines,
@@ -257,6 +264,8 @@ class Engine:
         self.runner.shutdown()
         for sink in sinks:
             sink.close()
+        for executor in self.executors.values():
+            executor.close()
         self.queue.close()
         self.manifest.close()
         self.journal.close()
@@ -292,7 +301,10 @@ class Engine:
 
     def status(self) -> dict[str, Any]:
         """The status document of ``GET /api/status`` (docs/api.md)."""
-        return self.tracker.snapshot()
+        document = self.tracker.snapshot()
+        if self.executors:
+            document["executors"] = [e.status() for e in self.executors.values()]
+        return document
 
     def set_paused(
         self, paused: bool, pipeline: str | None = None, *, reason: str = ""
@@ -509,9 +521,14 @@ class Engine:
             if time.monotonic() >= next_watch_check:
                 next_watch_check = time.monotonic() + WATCHER_CHECK_INTERVAL
                 self._check_state_dir()
+                if self.executors:
+                    self._guarded(self._forget_results, "forgetting old executor results")
                 for source in self.intake.sources.values():
                     if source.watcher is not None:
                         self._guarded(source.watcher.check, "checking the watcher")
+
+    def _forget_results(self) -> None:
+        forget_results(self.state_dir, RESULTS_KEPT)
 
     def _guarded(self, step: Callable[[], None], what: str) -> None:
         try:

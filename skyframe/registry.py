@@ -78,6 +78,8 @@ class BoundStep:
 
     spec: StepSpec
     options: Mapping[str, Any]
+    #: the ``executors:`` entry a process runs on (its ``executor`` option); None: here
+    executor: str | None = None
 
     @property
     def name(self) -> str:
@@ -239,11 +241,32 @@ class Registry:
             spec = self.get(kind, step.name)
         except KeyError as exc:
             raise ConfigError(str(exc.args[0]), config.locate(path), format_key(path)) from None
+        given = dict(step.options)
+        executor = _executor_of(kind, given.pop("executor", None), config, (*path, step.name))
         try:
-            options = spec.validate_options(step.options)
+            options = spec.validate_options(given)
         except ValidationError as exc:
             raise _option_error(exc, spec, config, (*path, step.name)) from None
-        return BoundStep(spec, MappingProxyType(options))
+        return BoundStep(spec, MappingProxyType(options), executor)
+
+
+def _executor_of(kind: StepKind, name: Any, config: Config, path: YamlPath) -> str | None:
+    """The ``executor`` option of a step: an ``executors:`` entry, for a process only."""
+    if name is None:
+        return None
+    where = (*path, "executor")
+    if kind != "process":
+        raise ConfigError(
+            "rules always run at the station: executor is for processes",
+            config.locate(where),
+            format_key(where),
+        )
+    if not isinstance(name, str) or name not in config.executors:
+        known = ", ".join(sorted(config.executors)) or "none: add them under executors:"
+        raise ConfigError(
+            f"no executor {name!r} (executors: {known})", config.locate(where), format_key(where)
+        )
+    return name
 
 
 def _option_error(

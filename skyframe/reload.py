@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 QUIET = 1.0  #: seconds the config's files must stay unchanged before a reload
 POLL_INTERVAL = 0.25  #: seconds between two looks at the config's files
 #: Top-level settings read once at the start: a change is applied by a restart.
-RESTART_ONLY = ("workers", "api", "history", "log_file", "notify", "hub")
+RESTART_ONLY = ("workers", "api", "history", "log_file", "notify", "hub", "executors")
 
 
 @dataclass
