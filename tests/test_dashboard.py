@@ -397,3 +397,24 @@ def test_reload_button_reloads_the_config_and_shows_a_refusal(
     expect(notice).to_contain_text("config not reloaded: ")
     expect(notice).to_contain_text("unknown key 'setle'")
     assert [p["name"] for p in daemon.get("/api/status")["pipelines"]] == ["survey", "logs"]
+
+
+def test_executors_are_shown_with_their_state(start_daemon: StartDaemon, page: Page) -> None:
+    config = one_pipeline().replace(
+        "        pipelines:",
+        '        executors:\n          cluster: {dask: "tcp://127.0.0.1:9", timeout: 5s}\n'
+        "        pipelines:",
+    )
+    daemon = start_daemon(config)
+    open_dashboard(page, daemon)
+    row = page.locator('#executors li[data-executor="cluster"]')
+    row.wait_for()
+    assert page.locator("#executors-section").is_visible()
+    assert row.inner_text() == (
+        "cluster: dask tcp://127.0.0.1:9, not connected, 0 worker(s), 0 call(s) in flight"
+    )
+
+
+def test_no_executors_no_section(start_daemon: StartDaemon, page: Page) -> None:
+    open_dashboard(page, start_daemon(one_pipeline()))
+    assert page.locator("#executors-section").is_hidden()

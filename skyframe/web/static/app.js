@@ -481,6 +481,7 @@
       renderHeader();
       renderOverview();
       renderPipelines();
+      renderExecutors();
       renderTransfers();
       renderErrors();
       renderDead();
@@ -495,8 +496,8 @@
     if (!s) return;
     const paused = Boolean(s.paused);
     badge.dataset.paused = String(paused);
-    badge.className = "badge " + (paused ? "paused" : "running");
-    setText(badge, paused ? "paused" : "running");
+    badge.className = "badge " + (paused || s.metered ? "paused" : "running");
+    setText(badge, paused ? "paused" : s.metered ? "held: metered link" : "running");
     setText(button, paused ? "Resume" : "Pause");
     button.dataset.action = paused ? "resume" : "pause";
     button.classList.toggle("primary", paused);
@@ -605,6 +606,24 @@
     const pipelines = (state.status && Array.isArray(state.status.pipelines) && state.status.pipelines) || [];
     reconcile($("pipelines"), pipelines, (p) => p.name, createPipeline, updatePipeline);
     $("pipelines-empty").hidden = pipelines.length > 0;
+  }
+
+  function renderExecutors() {
+    const list = (state.status && Array.isArray(state.status.executors) && state.status.executors) || [];
+    $("executors-section").hidden = list.length === 0;
+    const box = $("executors");
+    const signature = JSON.stringify(list);
+    if (box.sfSignature === signature) return;
+    box.sfSignature = signature;
+    box.replaceChildren(
+      ...list.map((x) => {
+        const link = x.connected ? "connected" : "not connected";
+        let text = `${x.name}: ${x.kind} ${x.address}, ${link}, ${num(x.workers)} worker(s), ` +
+          `${num(x.in_flight)} call(s) in flight`;
+        if (x.last_error) text += `; last error: ${x.last_error}`;
+        return el("li", { class: "row" + (x.last_error ? " is-error" : ""), "data-executor": x.name, text });
+      }),
+    );
   }
 
   function createTransfer() {
