@@ -49,6 +49,8 @@ CHUNK = 4 * 1024 * 1024  #: files up to this size are sent whole again after a c
 PIECE = 256 * 1024  #: bytes per write call (asyncssh splits it into the server's requests)
 WINDOW = 8 * 1024 * 1024  #: bytes written and not yet acknowledged, at most (memory bound)
 JOURNAL_EVERY = 0.5  #: seconds between journal updates of an upload's acknowledged offset
+#: ... or bytes, whichever comes first: on a fast link half a second is a lot to send again
+JOURNAL_BYTES = 16 * 1024 * 1024
 RECONNECTS = 6  #: tries in a row the server did not answer before a lost connection fails
 TRIES = 20  #: tries in a row that got no byte further, before a lost connection fails
 RECONNECT_WAIT = 0.25  #: seconds before the second try without progress; doubles each time
@@ -245,13 +247,14 @@ def _upload_once(request: TransferRequest, progress: _Progress) -> TransferResul
                 },
             )
         progress.acknowledged = start
-        noted = [time.monotonic()]
+        noted = [time.monotonic(), start]  # when and up to where the journal was updated
 
         def confirmed(done: int) -> None:
             progress.acknowledged = done
             now = time.monotonic()
-            if journal is not None and now - noted[0] >= JOURNAL_EVERY:
-                noted[0] = now
+            due = now - noted[0] >= JOURNAL_EVERY or done - noted[1] >= JOURNAL_BYTES
+            if journal is not None and due:
+                noted[:] = [now, done]
                 journal.update(key, offset=done)
             request.progress(done)
 
