@@ -422,6 +422,11 @@ class ExecutorConfig(_Model):
         description="bytes: the file's content goes with the call; path: its path (the "
         "workers see the same storage)",
     )
+    max_ship: Size = Field(
+        512 * 1024 * 1024,
+        ge=1,
+        description="ship: bytes: the largest file sent with a call (held in memory on the way)",
+    )
 
 
 class LogFileConfig(_Model):

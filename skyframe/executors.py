@@ -190,8 +190,13 @@ class DaskExecutor:
             job.add_file(name, local, beside=beside)
 
     def _call(self, step: BoundStep, job: Job) -> Outcome:
-        client = self._connect()
         event = job.event
+        if self.config.ship == "bytes" and event.size > self.config.max_ship:
+            raise ProcessError(
+                f"executor {self.name}: {step.name}: {event.relpath} is {event.size:,} bytes, "
+                f"more than max_ship ({self.config.max_ship:,}): use ship: path"
+            )
+        client = self._connect()
         payload = {
             "pipeline": event.pipeline,
             "relpath": event.relpath,

@@ -268,3 +268,19 @@ def test_a_result_is_not_computed_again_after_a_restart(tmp_path: Path, calls: P
     assert calls.read_text().splitlines() == [name]  # not called again
     assert (tmp_path / "outbox" / f"{name}.where.txt").exists()
     assert (tmp_path / "outbox" / f"{name}.thumb.jpg").exists()
+
+
+def test_a_file_too_large_to_ship_is_dead_lettered_with_the_reason(
+    tmp_path: Path, calls: Path
+) -> None:
+    config = project(tmp_path, "cluster", photos=1)
+    config.write_text(
+        config.read_text().replace("timeout: 60s}", "timeout: 60s, max_ship: 1kB}"),
+        encoding="utf-8",
+    )
+    summary = run_once(config)
+    assert (summary.delivered, summary.dead_letters) == (0, 1)
+    (reason,) = summary.failed.values()
+    assert reason.startswith(f"executor cluster: thumbnail: {PHOTOS[0].name} is ")
+    assert reason.endswith("more than max_ship (1,000): use ship: path")
+    assert calls.read_text() == ""
