@@ -275,6 +275,7 @@ class DaskExecutor:
 
     def _keep(self, key: str, outcome: Outcome) -> None:
         """Written whole into a new folder, then renamed in place."""
+        staging: Path | None = None
         try:
             self.results.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=".new-", dir=self.results))
@@ -290,7 +291,7 @@ class DaskExecutor:
             os.replace(staging, self.results / key)
         except (OSError, TypeError, ValueError) as exc:  # metadata JSON cannot hold: not kept
             log.warning("executor %s: a result is not kept (%s)", self.name, exc)
-            with contextlib.suppress(OSError, UnboundLocalError):
+            if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
 
 
