@@ -81,6 +81,11 @@ def calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "calls.txt"
     path.touch()
     monkeypatch.setenv("SKYFRAME_TEST_CALLS", str(path))
+    # The workers' temporary files (a killed one leaves its task's) and Dask's scratch space
+    # go under the test's folder, removed with it.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir(exist_ok=True)
+    monkeypatch.setenv("TMPDIR", str(scratch))
     return path
 
 
@@ -134,6 +139,7 @@ class Cluster:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        (folder / "tmp").mkdir(exist_ok=True)  # the processes' TMPDIR
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.scheduler: subprocess.Popen[bytes] | None = None
@@ -150,6 +156,7 @@ class Cluster:
                 stderr=out,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                env={**os.environ, "TMPDIR": str(self.folder / "tmp")},
             )
 
     def start_scheduler(self) -> None:
