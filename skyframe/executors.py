@@ -97,6 +97,7 @@ class DaskExecutor:
     def __init__(self, name: str, config: ExecutorConfig, state_dir: Path) -> None:
         self.name = name
         self.config = config
+        self.state_dir = state_dir
         self.results = state_dir / RESULTS
         self._lock = threading.Lock()
         self._client: Any = None
@@ -125,6 +126,8 @@ class DaskExecutor:
                         threads_per_worker=1,
                         processes=True,
                         dashboard_address=None,
+                        # the workers' scratch space in the state directory, not the system's
+                        local_directory=str(self.state_dir / "dask-workers"),
                     )
                     self._client = Client(self._cluster, timeout=CONNECT_TIMEOUT)
                 else:
