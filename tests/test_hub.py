@@ -663,6 +663,24 @@ class Gate:
         return await asyncio.get_running_loop().run_in_executor(None, gated)
 
 
+def while_the_first_is_stored(hub: Hub, arrivals: list[Arrival]) -> tuple[list[Any], IngestWriter]:
+    """The first arrival is stored by a writer of one transaction at a time, held open until
+    the others have come; each one's result (or error), and the writer."""
+    gate = Gate()
+    writer = IngestWriter(hub.engine, gate.run, writers=1)
+
+    async def scenario() -> list[Any]:
+        head = asyncio.ensure_future(writer.store(arrivals[0]))
+        while not gate.entered.is_set():
+            await asyncio.sleep(0.01)
+        rest = [asyncio.ensure_future(writer.store(a)) for a in arrivals[1:]]
+        await asyncio.sleep(0.05)
+        gate.opened.set()
+        return await asyncio.gather(head, *rest, return_exceptions=True)
+
+    return asyncio.run(scenario()), writer
+
+
 def test_requests_arriving_during_a_transaction_share_the_next(
     hub: Hub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -675,19 +693,7 @@ def test_requests_arriving_during_a_transaction_share_the_next(
         )
         for n, token in enumerate(tokens)
     ]
-    gate = Gate()
-    writer = IngestWriter(hub.engine, gate.run, writers=1)
-
-    async def scenario() -> list[Any]:
-        head = asyncio.ensure_future(writer.store(arrivals[0]))
-        while not gate.entered.is_set():
-            await asyncio.sleep(0.01)
-        rest = [asyncio.ensure_future(writer.store(a)) for a in arrivals[1:]]
-        await asyncio.sleep(0.05)
-        gate.opened.set()
-        return await asyncio.gather(head, *rest)
-
-    results = asyncio.run(scenario())
+    results, writer = while_the_first_is_stored(hub, arrivals)
     assert [r.accepted for r in results] == [1] * 11
     assert (writer.groups, writer.batches) == (2, 11)  # the ten that waited: one transaction
     assert hub.count(events) == 11
@@ -704,19 +710,7 @@ def test_requests_arriving_during_a_transaction_share_the_next(
         body = batch(a.batch.station, event(relpath="g.JPG"))
         body["events"][0]["id"] = "g-1"
         later.append(Arrival(a.station_id, a.token_hash, parse_batch(body)))
-    gate = Gate()
-    writer = IngestWriter(hub.engine, gate.run, writers=1)
-
-    async def second() -> list[Any]:
-        head = asyncio.ensure_future(writer.store(later[0]))
-        while not gate.entered.is_set():
-            await asyncio.sleep(0.01)
-        rest = [asyncio.ensure_future(writer.store(a)) for a in later[1:]]
-        await asyncio.sleep(0.05)
-        gate.opened.set()
-        return await asyncio.gather(head, *rest, return_exceptions=True)
-
-    outcomes = asyncio.run(second())
+    outcomes, _ = while_the_first_is_stored(hub, later)
     assert isinstance(outcomes[3], sa.exc.OperationalError)
     assert [o.accepted for n, o in enumerate(outcomes) if n != 3] == [1, 1, 1, 1]
     assert hub.count(events) == 15

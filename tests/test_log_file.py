@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,8 +50,8 @@ def test_a_run_logs_to_the_state_directory(tmp_path: Path) -> None:
     done = skyframe(tmp_path, "-q", "run", "--once", config.name)
     assert done.returncode == 0, done.stderr
     lines = (tmp_path / "state" / "skyframe.log").read_text(encoding="utf-8").splitlines()
-    assert lines[0].endswith(f"INFO skyframe: skyframe 0.1.0 (pid {lines[0].split('pid ')[1]}")
-    assert f"run --once of {config}" in lines[0]
+    started = rf" INFO skyframe: skyframe \S+ \(pid \d+\): run --once of {re.escape(str(config))}"
+    assert re.search(started + "$", lines[0]), lines[0]
     assert lines[-1].endswith(
         "INFO skyframe: skyframe stopped: delivered 1 file(s) (100 B), 0 unchanged, 0 failed, "
         "0 dead-lettered"
