@@ -546,6 +546,12 @@ class JobRunner:
         if retryable and attempts < run.pipeline.retry.max_attempts:
             retry = run.pipeline.retry
             delay = backoff.delay(retry.initial, retry.max, attempts)
+            if all(isinstance(e, SinkUnavailableError) for e in errors):
+                # Not before the sink's own next try: until then an attempt would be refused
+                # at once, spent without a byte sent (a one-shot run over a link that dropped
+                # while the sinks were checked).
+                waits = [s.health.wait() for s in run.pipeline.sinks]
+                delay = max(delay, max(waits, default=0.0) + backoff.spread(0.2))
             self.queue.retry(claim, reason, delay)
             log.warning(
                 "%s: %s: attempt %d failed, retrying in %.1fs: %s",

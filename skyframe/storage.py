@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1024 * 1024
 MAX_RETIRED = 8  #: dropped connections kept open for the transfers that may still use them
+SWEEP_TIMEOUT = 5.0  #: seconds a closing sink may spend removing what its checks left behind
 TEMP_MARKER = ".skyframe-"
 TEMP_SUFFIX = ".part"
 #: Glob that matches the temporary names of our own uploads (see :func:`temporary_path`).
@@ -201,6 +202,8 @@ class Sink:
         self._retired: list[AbstractFileSystem] = []  #: dropped after errors, closed at the end
         self._lock = threading.Lock()
         self._folders: set[str] = set()  #: remote folders known to exist on this connection
+        #: check files a probe could not remove (its connection dropped): removed at close
+        self.litter: set[str] = set()
 
     def __repr__(self) -> str:
         return f"Sink({self.key!r}, {self.display!r})"
@@ -259,7 +262,9 @@ class Sink:
             self.endpoint.close(fs)
 
     def close(self) -> None:
-        """Close every connection this sink opened (it reconnects if used again)."""
+        """Close every connection this sink opened (it reconnects if used again), after
+        removing what its checks left behind."""
+        self._sweep()
         with self._lock:
             connections = [*self._retired, *([self._fs] if self._fs is not None else [])]
             self._retired = []
@@ -270,6 +275,28 @@ class Sink:
             self.endpoint.close(fs)
         if self.endpoint.direct is not None:
             self.endpoint.direct.close()
+
+    def _sweep(self) -> None:
+        """Remove the check files in :attr:`litter`, on the open connection only, waiting at
+        most :data:`SWEEP_TIMEOUT` seconds (a stalled link must not hold up the exit)."""
+        fs = self._fs
+        if not self.litter or fs is None:
+            return
+        names = sorted(self.litter)
+
+        def sweep() -> None:
+            for name in names:
+                try:
+                    fs.rm(name)
+                except FileNotFoundError:
+                    pass
+                except Exception:  # the connection: the next close tries again
+                    continue
+                self.litter.discard(name)
+
+        worker = threading.Thread(target=sweep, name="skyframe-sweep", daemon=True)
+        worker.start()
+        worker.join(SWEEP_TIMEOUT)
 
     @contextlib.contextmanager
     def guard(self, *, report: bool = True) -> Iterator[None]:
@@ -330,7 +357,10 @@ class Sink:
         no folders (and creating one there could create a bucket)."""
         if not folder or folder in self._folders or self.endpoint.object_store:
             return
-        self.fs.makedirs(folder, exist_ok=True)
+        if self.endpoint.make_folder is not None:
+            self.endpoint.make_folder(self.fs, folder)
+        else:
+            self.fs.makedirs(folder, exist_ok=True)
         self._folders.add(folder)
 
     def forget_folders(self) -> None:
@@ -529,6 +559,7 @@ def probe_sink(sink: Sink) -> ProbeResult:
     fs = sink.fs
     connected = time.monotonic()
     sink.ensure_folder(sink.root)
+    sink.litter.add(name)  # until it is removed: the link may drop first
     try:
         fs.pipe_file(name, payload)
     except FileNotFoundError:
@@ -542,6 +573,7 @@ def probe_sink(sink: Sink) -> ProbeResult:
             raise OSError(f"wrote {len(payload)} bytes but the sink reports {size}")
     finally:
         fs.rm(name)
+        sink.litter.discard(name)
     return ProbeResult(connected - began, time.monotonic() - connected)
 
 

@@ -294,6 +294,28 @@ def test_a_batch_that_arrives_marks_the_sink_reachable_again(
     assert any("reachable again" in r.getMessage() for r in caplog.records)
 
 
+def test_a_one_shot_run_spends_no_attempt_before_an_away_sink_is_tried_again(
+    tmp_path: Path, project: Callable[[str], Path]
+) -> None:
+    # The sink went away (say, its check was cut by the link) and is tried again in 0.5 s:
+    # the files' retries (10 ms here, 2 attempts) wait for that instead of being refused at
+    # once until their attempts run out.
+    from skyframe.errors import SinkUnavailableError
+    from skyframe.storage import SinkHealth
+
+    incoming(tmp_path, "a.jpg", "b.jpg")
+    loaded = load_project(project(CONFIG))
+    engine = Engine(loaded.config, loaded.pm, loaded.pipelines)
+    (sink,) = engine.pipelines["survey"].sinks
+    sink.health = SinkHealth(initial=0.5, maximum=0.5)
+    sink.health.failed(SinkUnavailableError("outbox: link down"))
+    try:
+        summary = engine.run_once()
+    finally:
+        engine.close()
+    assert (summary.delivered, summary.failed) == (2, {}), summary
+
+
 # --- one-shot runs: batched files need no queue record (JobQueue.volatile) ------------------
 
 

@@ -113,24 +113,6 @@ def test_s3fs_has_its_call_coroutine() -> None:
     assert inspect.iscoroutinefunction(call), gone("s3fs", "S3FileSystem._call_s3")
 
 
-def test_sshfs_file_wraps_asyncssh_file_with_offset_writes(
-    sftp_server: servers.SFTPServer,
-) -> None:
-    asyncssh = deps.import_asyncssh()
-    fs = sftp_server.filesystem()
-    try:
-        out = fs.open(str(sftp_server.root / "internal-probe"), "wb")
-        with out:
-            handle = deps.internal(out, "_file", "sshfs", "")
-            assert handle is not None, gone("sshfs", "SSHFile._file")
-            assert isinstance(handle, asyncssh.SFTPClientFile), gone("sshfs", "SSHFile._file")
-        assert "offset" in inspect.signature(asyncssh.SFTPClientFile.write).parameters, gone(
-            "asyncssh", "SFTPClientFile.write(data, offset)"
-        )
-    finally:
-        servers.close_filesystem(fs)
-
-
 def test_asyncssh_takes_a_tunnel_that_opens_the_connection() -> None:
     from skyframe.protocols.sftp.ssh_wire import gathering_supported
 
@@ -216,7 +198,6 @@ def test_sftp_without_internals(
     for name, data in files.items():
         assert (Path(root) / name).read_bytes() == data
     logged = fallbacks_logged(caplog)
-    assert "SSHFile._file not used" in logged
     assert "_TunnelConnectorProtocol not used" in logged
 
 

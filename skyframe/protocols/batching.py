@@ -1,4 +1,4 @@
-"""What the object-store transfers share for small files: read one whole, and send a batch.
+"""What the transfers share for small files: read one whole, and send a batch.
 
 A small file goes in one request: it is read whole and hashed, checked unchanged, and paced
 (``read_whole``). A batch (``skyframe_transfer_batch``) reads each file that way in the calling
@@ -36,11 +36,17 @@ def read_whole(request: TransferRequest, *, stale: bool = True) -> tuple[bytes, 
 
 
 def send_batch(
-    sink: Sink, requests: list[TransferRequest], put: Put
+    sink: Sink,
+    requests: list[TransferRequest],
+    put: Put,
+    *,
+    loop: asyncio.AbstractEventLoop | None = None,
+    width: int | None = None,
 ) -> list[TransferResult | Exception]:
-    """Read every file here, then ``put`` them all on fsspec's event loop (the one s3fs and
-    gcsfs run on); one outcome per request, in order (a file that could not be read or sent
-    gets its exception)."""
+    """Read every file here, then ``put`` them all on ``loop`` (default: fsspec's, the one
+    s3fs, gcsfs and sshfs run on), ``width`` at a time (default: the sink's concurrency);
+    one outcome per request, in order (a file that could not be read or sent gets its
+    exception)."""
     outcomes: list[TransferResult | Exception] = []
     ready: list[tuple[int, TransferRequest, bytes, str]] = []
     journal = requests[0].journal if requests else None
@@ -66,8 +72,8 @@ def send_batch(
             return_exceptions=True,
         )
 
-    limit = asyncio.Semaphore(sink.concurrency)
-    for (index, *_), outcome in zip(ready, sync(get_loop(), send_all), strict=True):
+    limit = asyncio.Semaphore(width or sink.concurrency)
+    for (index, *_), outcome in zip(ready, sync(loop or get_loop(), send_all), strict=True):
         if not isinstance(outcome, TransferResult | Exception):
             raise outcome  # the loop is going away (cancelled): not this file's doing
         outcomes[index] = outcome

@@ -76,6 +76,9 @@ class Endpoint:
     warnings: list[str] = field(default_factory=list)  #: to log once when the sink is used
     #: refuses remote names the target cannot hold (a folder on Windows): UnsafePathError
     check_name: Callable[[str], None] | None = None
+    #: creates a folder and its parents on a connection in fewer round trips than the
+    #: filesystem's ``makedirs`` (SFTP); None: ``makedirs(folder, exist_ok=True)``
+    make_folder: Callable[[Any, str], None] | None = None
 
 
 def bucket_and_root(url: str, hint: str) -> tuple[str, str]:

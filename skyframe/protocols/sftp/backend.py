@@ -18,6 +18,7 @@ from skyframe.deps import import_asyncssh, import_sshfs
 from skyframe.errors import SinkRefusedError, SinkUnavailableError
 from skyframe.protocols.classify import exception_chain, one_line, unreachable
 from skyframe.protocols.endpoint import BackendOptions, Endpoint, close_quietly
+from skyframe.protocols.sftp import session
 from skyframe.protocols.sftp.ssh_wire import GatheringConnector, gathering_supported, routed
 from skyframe.units import Duration
 
@@ -138,6 +139,7 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
         default_concurrency=8,
         settings=settings,
         warnings=warnings,
+        make_folder=session.make_folder_now,
     )
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from skyframe.markers import hookimpl
 from skyframe.protocols import Protocol
 from skyframe.protocols.sftp import backend, transfer
-from skyframe.storage import TransferRequest, TransferResult
+from skyframe.storage import BatchTransfer, Sink, TransferRequest, TransferResult
 
 
 @hookimpl
@@ -34,3 +34,11 @@ def skyframe_transfer(request: TransferRequest) -> TransferResult | None:
     if request.sink.protocol != "sftp":
         return None
     return transfer.upload(request)
+
+
+@hookimpl
+def skyframe_transfer_batch(sink: Sink) -> BatchTransfer | None:
+    """Small files to an ``sftp://`` sink: pipelined on the connection's own SFTP session."""
+    if sink.protocol != "sftp":
+        return None
+    return transfer.batch(sink)

@@ -2,6 +2,10 @@
 place with ``posix-rename@openssh.com``, which replaces the target atomically.
 
 Round trips per file: open, write(s), close, rename; folders are created once per connection.
+The writes, the close and the rename go through skyframe's own SFTP sessions on the
+connection (``session``): large files on one, small files and batches on another. Small new
+files go in batches (:func:`batch`), whose files' requests are all in flight at once.
+
 A large upload is journaled as it goes (the offset up to which every write was acknowledged):
 after a crash or a dropped link the next try reopens the temporary file without truncating it
 and goes on from the lower of that offset and the file's size, re-reading the local prefix
@@ -37,16 +41,23 @@ from typing import Any
 
 from skyframe import backoff
 from skyframe.cleanup import drop_stale
-from skyframe.deps import import_asyncssh, internal
-from skyframe.errors import SinkUnavailableError, SourceChangedError, SourceUnreadableError
+from skyframe.deps import import_asyncssh
+from skyframe.errors import (
+    DeliveryError,
+    SinkUnavailableError,
+    SourceChangedError,
+    SourceUnreadableError,
+)
 from skyframe.journal import UploadJournal, same_file
+from skyframe.protocols.batching import send_batch
 from skyframe.protocols.classify import one_line
-from skyframe.storage import SourceReader, TransferRequest, TransferResult
+from skyframe.protocols.sftp import session
+from skyframe.storage import BatchTransfer, Sink, SourceReader, TransferRequest, TransferResult
 
 log = logging.getLogger(__name__)
 
 CHUNK = 4 * 1024 * 1024  #: files up to this size are sent whole again after a cut (no journal)
-PIECE = 256 * 1024  #: bytes per write call (asyncssh splits it into the server's requests)
+PIECE = session.PIECE  #: bytes per write request, at most (less if the server says so)
 WINDOW = 8 * 1024 * 1024  #: bytes written and not yet acknowledged, at most (memory bound)
 JOURNAL_EVERY = 0.5  #: seconds between journal updates of an upload's acknowledged offset
 #: ... or bytes, whichever comes first: on a fast link half a second is a lot to send again
@@ -68,20 +79,19 @@ class _Progress:
 
 
 def _write_pipelined(
-    out: Any,
+    fs: Any,
+    handle: Any,
     reader: SourceReader,
     request: TransferRequest,
+    *,
     offset: int,
     confirmed: Callable[[int], None],
 ) -> None:
     """Write the rest of the file from ``offset``, keeping up to WINDOW bytes unacknowledged;
-    ``confirmed(end)`` is called as the server acknowledges each piece, in file order."""
-    # sshfs's file wraps asyncssh's, whose writes take explicit offsets: several can be in
-    # flight while the next piece is read and hashed.
-    handle = internal(out, "_file", "sshfs", "writing one piece at a time")
-    if handle is None:
-        _write_in_turn(out, reader, request, offset, confirmed)
-        return
+    ``confirmed(end)`` is called as the server acknowledges each piece, in file order.
+
+    Each piece is a write at its own offset on the session's file (see ``session``): several
+    are in flight while the next piece is read and hashed."""
     pending: deque[tuple[Future[Any], int, int]] = deque()  #: (write, its end, its size)
     waiting = 0  #: bytes written and not yet acknowledged
     try:
@@ -90,7 +100,7 @@ def _write_pipelined(
             write = handle.write(piece, offset)
             offset += len(piece)
             waiting += len(piece)
-            future = asyncio.run_coroutine_threadsafe(write, out.loop)
+            future = asyncio.run_coroutine_threadsafe(write, fs.loop)
             pending.append((future, offset, len(piece)))
             while waiting >= WINDOW:
                 waiting -= _acknowledged(pending, confirmed)
@@ -113,32 +123,19 @@ def _acknowledged(
     return size
 
 
-def _write_in_turn(
-    out: Any,
-    reader: SourceReader,
-    request: TransferRequest,
-    offset: int,
-    confirmed: Callable[[int], None],
-) -> None:
-    """:func:`_write_pipelined` through sshfs's public file API: one piece at a time."""
-    out.seek(offset)
-    for piece in reader.chunks():
-        request.pace(len(piece))
-        out.write(piece)
-        offset += len(piece)
-        confirmed(offset)
-
-
 def _resume_offset(
     fs: Any, journal: UploadJournal | None, request: TransferRequest, temporary: str
-) -> int:
-    """Where a journaled upload of this file into ``temporary`` can go on from (0: anew).
+) -> tuple[int, bool]:
+    """Where a journaled upload of this file into ``temporary`` can go on from (0: anew), and
+    whether it has arrived already.
 
     The lower of the journaled offset (every byte before it was acknowledged) and the
-    temporary file's size (which a write still in flight may have pushed past a hole).
+    temporary file's size (which a write still in flight may have pushed past a hole). It has
+    arrived when the last try asked for the rename and the rename took effect although its
+    answer was lost: the temporary file is gone, and the target has the file's size.
     """
     if journal is None:
-        return 0
+        return 0, False
     record = journal.get(request.journal_key)
     if (
         record is None
@@ -146,12 +143,14 @@ def _resume_offset(
         or record.get("temporary") != temporary
         or not same_file(record, request.size, request.mtime_ns)
     ):
-        return 0
-    try:
-        remote_size = int(fs.info(temporary)["size"])
-    except FileNotFoundError:
-        return 0
-    return max(0, min(int(record.get("offset", 0)), remote_size, request.size))
+        return 0, False
+    remote_size = session.run(fs, session.size_of, fs, temporary, "large")
+    if remote_size is None:
+        if not record.get("renaming"):
+            return 0, False
+        arrived = session.run(fs, session.size_of, fs, request.remote_path, "large")
+        return 0, arrived == request.size
+    return max(0, min(int(record.get("offset", 0)), remote_size, request.size)), False
 
 
 def cancel_upload(fs: Any, record: dict[str, Any]) -> None:
@@ -229,23 +228,20 @@ def _upload_once(request: TransferRequest, progress: _Progress) -> TransferResul
     if journal is None:
         drop_stale(request)  # the file shrank since a journaled upload of it began
     with SourceReader(request.local_path, chunk_size=PIECE) as reader:
-        sink.ensure_folder(posixpath.dirname(request.remote_path))
-        start = _resume_offset(fs, journal, request, temporary)
+        # No folder is made first: opening the temporary file makes it if it is missing.
+        start, arrived = _resume_offset(fs, journal, request, temporary)
+        if arrived:  # the last try's rename took effect: nothing more to send
+            assert journal is not None
+            log.info("%s: %s arrived on the last try", sink.display, request.remote_path)
+            reader.start_at(request.size)  # hashes the file
+            reader.check_unchanged(request.size, request.mtime_ns)
+            journal.forget(key)
+            return TransferResult(reader.bytes_read, reader.sha256)
         if start:
             log.info("%s: resuming %s at byte %d", sink.display, request.remote_path, start)
             reader.start_at(start)  # hashes what is already there
         elif journal is not None:
-            journal.start(
-                key,
-                {
-                    "protocol": "sftp",
-                    "temporary": temporary,
-                    "local": str(request.local_path),
-                    "size": request.size,
-                    "mtime_ns": request.mtime_ns,
-                    "offset": 0,
-                },
-            )
+            journal.start(key, _record(request, temporary))
         progress.acknowledged = start
         noted = [time.monotonic(), start]  # when and up to where the journal was updated
 
@@ -259,68 +255,213 @@ def _upload_once(request: TransferRequest, progress: _Progress) -> TransferResul
             request.progress(done)
 
         try:
-            out = _open(sink, temporary, "r+b" if start else "wb")
-            _write_and_close(out, reader, request, start, confirmed)
+            lane: session.Lane = "large" if request.size > CHUNK else "small"
+            handle, reader.chunk_size = _open(sink, temporary, "r+b" if start else "wb", lane)
+            _write_and_close(fs, handle, reader, request, start=start, confirmed=confirmed)
             reader.check_unchanged(request.size, request.mtime_ns)
-            fs.mv(temporary, request.remote_path)
+            if journal is not None:  # a cut may lose the answer to a rename that took effect
+                journal.update(key, offset=request.size, renaming=True)
+            session.run(fs, session.rename, fs, temporary, request.remote_path)
         except BaseException as exc:
-            if isinstance(exc, SourceChangedError | SourceUnreadableError):
-                with contextlib.suppress(Exception):
-                    fs.rm(temporary)
-                if journal is not None:
-                    journal.forget(key)
-            elif journal is not None and progress.acknowledged > start:
-                # What the server acknowledged since the last note: the next try starts there.
-                with contextlib.suppress(Exception):
-                    journal.update(key, offset=progress.acknowledged)
-            elif journal is None and not isinstance(sink.translate(exc), SinkUnavailableError):
-                # The connection still works: no temporary file stays behind. (Over a lost
-                # one, the next try writes the same temporary name again from its start.)
-                with contextlib.suppress(Exception):
-                    fs.rm(temporary)
+            _after_failure(
+                exc, request, fs, temporary, start=start, acknowledged=progress.acknowledged
+            )
             raise
     if journal is not None:
         journal.forget(key)
     return TransferResult(reader.bytes_read, reader.sha256)
 
 
+def _record(request: TransferRequest, temporary: str) -> dict[str, Any]:
+    """The journal's record of a large upload beginning."""
+    return {
+        "protocol": "sftp",
+        "temporary": temporary,
+        "local": str(request.local_path),
+        "size": request.size,
+        "mtime_ns": request.mtime_ns,
+        "offset": 0,
+    }
+
+
+def _after_failure(
+    exc: BaseException,
+    request: TransferRequest,
+    fs: Any,
+    temporary: str,
+    *,
+    start: int,
+    acknowledged: int,
+) -> None:
+    """What a failed try of :func:`_upload_once` leaves: the journal's offset (where the next
+    try goes on from), or no temporary file."""
+    journal = request.journal if request.size > CHUNK else None
+    key = request.journal_key
+    if isinstance(exc, SourceChangedError | SourceUnreadableError):
+        with contextlib.suppress(Exception):
+            fs.rm(temporary)
+        if journal is not None:
+            journal.forget(key)
+    elif journal is not None and acknowledged > start:
+        # What the server acknowledged since the last note: the next try starts there.
+        with contextlib.suppress(Exception):
+            journal.update(key, offset=acknowledged)
+    elif journal is None and not isinstance(request.sink.translate(exc), SinkUnavailableError):
+        # The connection still works: no temporary file stays behind. (Over a lost one, the
+        # next try writes the same temporary name again from its start.)
+        with contextlib.suppress(Exception):
+            fs.rm(temporary)
+
+
 def _write_and_close(
-    out: Any,
+    fs: Any,
+    handle: Any,
     reader: SourceReader,
     request: TransferRequest,
+    *,
     start: int,
     confirmed: Callable[[int], None],
 ) -> None:
-    """:func:`_write_pipelined` from ``start``, then close the remote file (once, either way)."""
+    """:func:`_write_pipelined` from ``start``, then close the remote file (once, either way:
+    after a failure, quietly and without waiting long on a dead connection)."""
     try:
-        _write_pipelined(out, reader, request, start, confirmed)
-        out.close()
-    finally:
-        _abandon(out)
+        _write_pipelined(fs, handle, reader, request, offset=start, confirmed=confirmed)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            session.run(fs, session.close_file, handle)
+        raise
+    session.run(fs, session.close_file, handle)
 
 
-def _abandon(out: Any) -> None:
-    """Make sure a remote file is never closed again later: one whose close failed (its
-    connection was lost) would otherwise be closed by the garbage collector at the process's
-    exit, through fsspec's event loop, which no longer runs then: the process would hang."""
-    if out.closed:
-        return
-    with contextlib.suppress(Exception):
-        out.close()
-    if not out.closed and isinstance(internal(out, "_closed", "sshfs", "closed at exit"), bool):
-        out._closed = True  # sshfs's SSHFile.close() looks at it first
-
-
-def _open(sink: Any, temporary: str, mode: str) -> Any:
+def _open(sink: Any, temporary: str, mode: str, lane: session.Lane) -> tuple[Any, int]:
     """Open the temporary file, making its folder again if it was removed behind our back."""
+    fs = sink.fs
     try:
-        return sink.fs.open(temporary, mode)
-    except FileNotFoundError:
-        if mode != "wb":
+        return session.run(fs, session.open_file, fs, temporary, mode, lane)
+    except Exception as exc:
+        if mode != "wb" or not session.is_missing(exc):
             raise
-        sink.forget_folders()
-        sink.ensure_folder(posixpath.dirname(temporary))
-        return sink.fs.open(temporary, mode)
+    sink.forget_folders()
+    sink.ensure_folder(posixpath.dirname(temporary))
+    return session.run(fs, session.open_file, fs, temporary, mode, lane)
+
+
+#: Small files of one batch in flight at once, at least: their requests are pipelined on the
+#: connection's session, so a batch costs a few round trips in all, not a few per file.
+BATCH_IN_FLIGHT = 32
+#: ... and bytes of them in flight at once, at most (one file is always let through): what a
+#: cut of the link costs to send again. The files finish in turn rather than all together
+#: at the end of the batch, so that a cut loses little.
+BATCH_BYTES = 4 * 1024 * 1024
+
+
+class _Budget:
+    """Bytes in flight on the event loop, up to a limit; a piece larger than the limit goes
+    when nothing else is in flight."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def take(self, size: int) -> Any:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self.used or self.used + size <= self.limit)
+            self.used += size
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.used -= size
+                self._changed.notify_all()
+
+
+def batch(sink: Sink) -> BatchTransfer:
+    """Small new files to an ``sftp://`` sink, together on the connection's session: each is
+    read whole, written into its temporary name in one request, closed and renamed into
+    place, with the requests of many in flight at once.
+
+    A lost connection is no file's failure, as in :func:`upload`: the batch reconnects and
+    sends the files that had not arrived, at once while each round gets some through, after a
+    growing wait when none did; the files that never arrive are returned with their errors
+    (they are then sent alone)."""
+
+    def send(requests: list[TransferRequest]) -> list[TransferResult | Exception]:
+        outcomes: list[TransferResult | Exception | None] = [None] * len(requests)
+        todo = list(range(len(requests)))
+        stalls = 0  #: rounds in a row without a connection
+        tries = 0  #: rounds in a row that delivered nothing
+        while True:
+            generation = sink.generation
+            connected, results = _send_round(sink, [requests[i] for i in todo])
+            lost = []
+            for index, result in zip(todo, results, strict=True):
+                outcomes[index] = result
+                if isinstance(result, Exception) and isinstance(
+                    sink.translate(result), SinkUnavailableError
+                ):
+                    lost.append(index)
+            if not lost:
+                break
+            tries = 0 if len(lost) < len(todo) else tries + 1
+            stalls = 0 if connected else stalls + 1
+            if stalls >= RECONNECTS or tries >= TRIES:
+                break
+            error = outcomes[lost[0]]
+            assert isinstance(error, Exception)
+            if stalls and sink.health.announce():  # no connection: the sink is away for now
+                log.warning("%s; files wait until it is back", sink.translate(error))
+            sink.reset(generation)
+            wait = backoff.delay(RECONNECT_WAIT, RECONNECT_WAIT_MAX, stalls) if stalls else 0.0
+            wait = max(wait, sink.health.wait()) + backoff.spread(0.1)
+            log.info(
+                "%s: the connection dropped (%s); sending %d file(s) of a batch again in %.1f s",
+                sink.display,
+                one_line(error),
+                len(lost),
+                wait,
+            )
+            _pause(requests[lost[0]], wait)
+            todo = lost
+        return [outcome or DeliveryError("not sent") for outcome in outcomes]
+
+    return send
+
+
+def _send_round(
+    sink: Sink, requests: list[TransferRequest]
+) -> tuple[bool, list[TransferResult | Exception]]:
+    """One try of a batch on the sink's current connection: whether there was one (the server
+    answered), and each file's outcome."""
+    try:
+        fs = sink.fs  # connects here, in the calling thread, if needed
+    except Exception as exc:
+        return False, [exc] * len(requests)
+    try:
+        for folder in sorted({posixpath.dirname(r.remote_path) for r in requests}):
+            sink.ensure_folder(folder)
+    except Exception as exc:
+        return True, [exc] * len(requests)
+    budget = _Budget(BATCH_BYTES)
+
+    async def put(request: TransferRequest, data: bytes, sha256: str) -> None:
+        temporary = sink.temporary_path(request.remote_path)
+        async with budget.take(len(data)):
+            handle, piece = await session.open_file(fs, temporary, "wb")
+            try:
+                try:
+                    await session.write_all(handle, data, piece)
+                finally:
+                    await session.close_file(handle)
+                await session.rename(fs, temporary, request.remote_path)
+            except Exception as exc:
+                if not isinstance(sink.translate(exc), SinkUnavailableError):
+                    await session.remove_quietly(fs, temporary)
+                raise
+
+    width = max(sink.concurrency, BATCH_IN_FLIGHT)
+    return True, send_batch(sink, requests, put, loop=fs.loop, width=width)
 
 
 #: How long the server may take to hash one object (``skyframe verify``).

@@ -1,0 +1,282 @@
+"""SFTP's own sessions, batches, and answers lost to a cut, against the real SFTP server.
+
+The contract every sink kind meets is in ``test_sinks.py``; resuming large files is in
+``test_resume.py`` and dropped links in ``test_flaky_sftp.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import servers
+from helpers import WriteConfig, batch_requests, make_file, one_sink_config, run_once, sftp_sink
+
+from skyframe.config import SinkConfig
+from skyframe.deps import import_asyncssh
+from skyframe.errors import SourceUnreadableError
+from skyframe.storage import Sink, TransferResult, open_sink
+
+
+@pytest.fixture
+def sink(tmp_path: Path, sftp_server: servers.SFTPServer) -> Any:
+    opened = open_sink(SinkConfig.model_validate(sftp_sink(sftp_server)), tmp_path)
+    yield opened
+    opened.close()
+
+
+def remote_folder(sink: Sink) -> Path:
+    return Path(sink.root)
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Hidden temporary files left anywhere under ``folder``."""
+    return [str(p) for p in folder.rglob(".*") if p.is_file()]
+
+
+def test_sftp_batch_sends_small_files_and_reports_each(sink: Sink, tmp_path: Path) -> None:
+    from skyframe.protocols.sftp.plugin import skyframe_transfer_batch
+
+    send = skyframe_transfer_batch(sink)
+    assert send is not None
+    files = {f"flight 07/{i:02d} é.jpg": os.urandom(700 + i) for i in range(40)}
+    files |= {"日本/deep/er/one.jpg": os.urandom(3000), "empty.jpg": b"", "gone.jpg": b"x"}
+    requests = batch_requests(sink, tmp_path / "src", files)
+    (tmp_path / "src" / "gone.jpg").unlink()
+    outcomes = send(requests)
+    root = remote_folder(sink)
+    assert isinstance(outcomes[-1], SourceUnreadableError)
+    assert not (root / "gone.jpg").exists()
+    for request, outcome in zip(requests[:-1], outcomes[:-1], strict=True):
+        data = request.local_path.read_bytes()
+        assert outcome == TransferResult(len(data), hashlib.sha256(data).hexdigest())
+        assert Path(request.remote_path).read_bytes() == data
+    assert leftovers(root) == []
+
+
+def test_sftp_batch_keeps_its_files_in_flight_together(
+    sink: Sink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pipelined: every file of the batch is opened before the first open is answered.
+    from skyframe.protocols.sftp.plugin import skyframe_transfer_batch
+
+    asyncssh = import_asyncssh()
+    original = asyncssh.SFTPClient.open
+    in_flight = [0, 0]  # now, most
+
+    async def counting_open(self: Any, *args: Any, **kwargs: Any) -> Any:
+        in_flight[0] += 1
+        in_flight[1] = max(in_flight[1], in_flight[0])
+        try:
+            return await original(self, *args, **kwargs)
+        finally:
+            in_flight[0] -= 1
+
+    monkeypatch.setattr(asyncssh.SFTPClient, "open", counting_open)
+    send = skyframe_transfer_batch(sink)
+    assert send is not None
+    requests = batch_requests(sink, tmp_path / "src", {f"{i}.jpg": b"p" * i for i in range(40)})
+    outcomes = send(requests)
+    assert all(isinstance(outcome, TransferResult) for outcome in outcomes), outcomes
+    assert in_flight[1] == 32  # BATCH_IN_FLIGHT, more than the sink's concurrency (8)
+
+
+def test_a_file_the_server_refuses_gets_its_error_and_leaves_nothing(
+    sink: Sink, tmp_path: Path
+) -> None:
+    from skyframe.protocols.sftp.plugin import skyframe_transfer_batch
+
+    send = skyframe_transfer_batch(sink)
+    assert send is not None
+    root = remote_folder(sink)
+    (root / "taken.jpg").mkdir(parents=True)  # a folder where the file should go
+    requests = batch_requests(sink, tmp_path / "src", {"a.jpg": b"a", "taken.jpg": b"t"})
+    outcomes = send(requests)
+    assert isinstance(outcomes[0], TransferResult)
+    assert isinstance(outcomes[1], Exception)
+    assert sink.translate(outcomes[1]) is outcomes[1]  # the file's error, not the sink's
+    assert (root / "a.jpg").read_bytes() == b"a"
+    assert (root / "taken.jpg").is_dir()
+    assert leftovers(root) == []
+
+
+def test_without_posix_rename_files_are_moved_into_place_through_sshfs(
+    sink: Sink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server without the posix-rename extension: sshfs's move (a copy and a removal).
+    from skyframe.protocols.sftp import transfer
+    from skyframe.protocols.sftp.plugin import skyframe_transfer_batch
+
+    asyncssh = import_asyncssh()
+
+    async def unsupported(self: Any, old: Any, new: Any) -> None:
+        raise asyncssh.SFTPOpUnsupported("no posix-rename here")
+
+    monkeypatch.setattr(asyncssh.SFTPClient, "posix_rename", unsupported)
+    send = skyframe_transfer_batch(sink)
+    assert send is not None
+    small = {"one.jpg": b"1" * 10, "two.jpg": b"2" * 20}
+    outcomes = send(batch_requests(sink, tmp_path / "src", small))
+    assert all(isinstance(outcome, TransferResult) for outcome in outcomes), outcomes
+    big = make_file(tmp_path / "src", "big.mov", os.urandom(transfer.CHUNK + 5))
+    st = big.stat()
+    from skyframe.storage import TransferRequest
+
+    request = TransferRequest(sink, big, sink.remote_path("big.mov"), st.st_size, st.st_mtime_ns)
+    transfer.upload(request)
+    root = remote_folder(sink)
+    assert {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()} == {
+        **small,
+        "big.mov": big.read_bytes(),
+    }
+    assert leftovers(root) == []
+
+
+def test_one_session_per_connection_started_once(sink: Sink) -> None:
+    from skyframe.protocols.sftp import session
+
+    fs = sink.fs
+
+    async def twice() -> tuple[Any, Any]:
+        return await asyncio.gather(session.session(fs), session.session(fs))
+
+    first, second = session.run(fs, twice)
+    assert first is second
+    sink.reset()
+    assert session.run(sink.fs, session.session, sink.fs) is not first  # a new connection
+
+
+def test_small_files_to_sftp_go_in_batches_end_to_end(
+    sftp_server: servers.SFTPServer,
+    write_config: WriteConfig,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from skyframe.protocols.sftp import transfer
+
+    batched: list[int] = []
+    original = transfer.batch
+
+    def counting_batch(sink: Sink) -> Any:
+        send = original(sink)
+        return lambda requests: batched.append(len(requests)) or send(requests)
+
+    monkeypatch.setattr(transfer, "batch", counting_batch)
+    sink = sftp_sink(sftp_server)
+    config = write_config(one_sink_config(sink, pipeline="p", retry="{max_attempts: 2}"))
+    files = {f"f{i // 25}/{i:03d}.jpg": os.urandom(100 + i) for i in range(100)}
+    files["big.mov"] = os.urandom(2 * 1024 * 1024)  # over the batch limit: alone
+    for name, data in files.items():
+        make_file(config.parent / "incoming", name, data)
+    summary = run_once(config)
+    assert summary.delivered == len(files), summary
+    assert sum(batched) == 100
+    root = Path(sink["url"].split(str(sftp_server.port), 1)[1])
+    for name, data in files.items():
+        assert (root / name).read_bytes() == data
+    assert leftovers(root) == []
+
+
+def test_a_check_file_the_link_kept_from_removing_goes_when_the_sink_closes(
+    sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The link drops between the check's write and its removal: the file is remembered and
+    # removed when the sink closes (at the end of a run), over the connection it has then.
+    from skyframe.storage import probe_sink
+
+    fs = sink.fs
+    real_rm = fs.rm
+
+    def dropped(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionResetError("the link dropped")
+
+    monkeypatch.setattr(fs, "rm", dropped)
+    with pytest.raises(ConnectionResetError):
+        probe_sink(sink)
+    root = remote_folder(sink)
+    left = [p.name for p in root.iterdir()]
+    assert len(left) == 1
+    assert left[0].startswith(".skyframe-check-")
+    assert len(sink.litter) == 1
+    monkeypatch.setattr(fs, "rm", real_rm)
+    sink.close()
+    assert list(root.iterdir()) == []
+    assert sink.litter == set()
+
+
+def test_a_rename_whose_answer_was_lost_is_not_sent_again(
+    sink: Sink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The link drops after the server renamed a large upload into place, before its answer
+    # came back: the next try finds the file there and sends nothing again.
+    import logging
+
+    from skyframe.journal import UploadJournal
+    from skyframe.protocols.sftp import session, transfer
+    from skyframe.storage import TransferRequest
+
+    asyncssh = import_asyncssh()
+    real_rename = session.rename
+    opened: list[str] = []
+    real_open = session.open_file
+
+    async def rename_then_drop(fs: Any, old: str, new: str) -> None:
+        await real_rename(fs, old, new)
+        if "renamed" not in opened:  # the first try only
+            opened.append("renamed")
+            raise asyncssh.ConnectionLost("the link dropped")
+
+    async def counting_open(fs: Any, path: str, mode: str, lane: Any = "small") -> Any:
+        opened.append(mode)
+        return await real_open(fs, path, mode, lane)
+
+    sink.ensure_folder(sink.root)
+    monkeypatch.setattr(session, "rename", rename_then_drop)
+    monkeypatch.setattr(session, "open_file", counting_open)
+    big = make_file(tmp_path / "src", "big.mov", os.urandom(transfer.CHUNK + 12345))
+    st = big.stat()
+    journal = UploadJournal(tmp_path / "journal")
+    request = TransferRequest(
+        sink, big, sink.remote_path("big.mov"), st.st_size, st.st_mtime_ns, journal=journal
+    )
+    caplog.set_level(logging.INFO, logger="skyframe")
+    try:
+        result = transfer.upload(request)
+    finally:
+        journal.close()
+    data = big.read_bytes()
+    assert result == TransferResult(len(data), hashlib.sha256(data).hexdigest())
+    assert opened == ["wb", "renamed"]  # one upload; the second try opened nothing
+    assert (remote_folder(sink) / "big.mov").read_bytes() == data
+    assert leftovers(remote_folder(sink)) == []
+    assert any("arrived on the last try" in r.getMessage() for r in caplog.records)
+
+
+def test_folders_are_made_in_few_requests(sink: Sink, monkeypatch: pytest.MonkeyPatch) -> None:
+    # asyncssh's makedirs asks two requests for every part of the path; a deep sink root that
+    # exists costs one, after every reconnect.
+    asyncssh = import_asyncssh()
+    asked: list[str] = []
+    for name in ("isdir", "mkdir"):
+        original = getattr(asyncssh.SFTPClient, name)
+
+        async def counted(self: Any, path: Any, *a: Any, _o: Any = original, _n: str = name) -> Any:
+            asked.append(_n)
+            return await _o(self, path, *a)
+
+        monkeypatch.setattr(asyncssh.SFTPClient, name, counted)
+    root = remote_folder(sink)
+    sink.ensure_folder(f"{sink.root}/a/b")
+    assert (root / "a" / "b").is_dir()
+    # root, a and b missing; the root's parent exists
+    assert asked == ["isdir"] * 4 + ["mkdir"] * 3
+    sink.reset()
+    asked.clear()
+    sink.ensure_folder(f"{sink.root}/a/b")
+    assert asked == ["isdir"]
+    (root / "file").write_bytes(b"x")
+    with pytest.raises(asyncssh.SFTPError):
+        sink.ensure_folder(f"{sink.root}/file/c")
