@@ -797,6 +797,7 @@ class JobRunner:
             journal=self.journal,
             pace=self._pace(sink, event.pipeline, urgent=run.urgent),
             digests=self.digests,
+            urgent=run.urgent,
         )
 
     def _move_remote(self, run: _Run, job: Job, sink: Sink, moved_from: str) -> bool:
@@ -896,6 +897,7 @@ class JobRunner:
                     state_dir=self.state_dir,
                     journal=self.journal,
                     pace=self._pace(sink, job.pipeline, urgent=urgent),
+                    urgent=urgent,
                 )
             )
             names.append(name)

@@ -415,6 +415,9 @@ class TransferRequest:
     journal: UploadJournal | None = None  #: resume records; None: no resuming
     pace: Callable[[int], None] = lambda size: None  #: call before sending ``size`` bytes
     digests: Digests | None = None  #: digests computed ahead of the transfer, if any
+    #: the pipeline's ``priority`` puts this file first (a photo beside a video): a transfer
+    #: may keep it apart from bulk uploads on the same connection
+    urgent: bool = False
 
     def digest(self) -> str:
         """The file's sha256 before anything is sent (object stores name it when an upload

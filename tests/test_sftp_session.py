@@ -280,3 +280,39 @@ def test_folders_are_made_in_few_requests(sink: Sink, monkeypatch: pytest.Monkey
     (root / "file").write_bytes(b"x")
     with pytest.raises(asyncssh.SFTPError):
         sink.ensure_folder(f"{sink.root}/file/c")
+
+
+@pytest.mark.parametrize(
+    ("size", "urgent", "lane"),
+    [(100, False, "small"), (5_000_000, False, "large"), (5_000_000, True, "small")],
+)
+def test_large_files_have_their_own_session_unless_they_go_first(
+    sink: Sink,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    size: int,
+    *,
+    urgent: bool,
+    lane: str,
+) -> None:
+    # A video's pieces fill one session's window; a photo the pipeline puts first goes on the
+    # other, so it never queues behind them.
+    from skyframe.protocols.sftp import session, transfer
+    from skyframe.storage import TransferRequest
+
+    lanes: list[str] = []
+    real_open = session.open_file
+
+    async def recording_open(fs: Any, path: str, mode: str, lane: Any = "small") -> Any:
+        lanes.append(lane)
+        return await real_open(fs, path, mode, lane)
+
+    monkeypatch.setattr(session, "open_file", recording_open)
+    path = make_file(tmp_path / "src", "f.bin", os.urandom(size))
+    st = path.stat()
+    request = TransferRequest(
+        sink, path, sink.remote_path("f.bin"), st.st_size, st.st_mtime_ns, urgent=urgent
+    )
+    transfer.upload(request)
+    assert set(lanes) == {lane}
+    assert (remote_folder(sink) / "f.bin").read_bytes() == path.read_bytes()

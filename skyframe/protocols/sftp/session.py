@@ -34,9 +34,8 @@ T = TypeVar("T")
 CLOSE_TIMEOUT = 10.0
 #: Bytes per write request, at most (what ``SourceReader`` hands over at a time).
 PIECE = 256 * 1024
-#: ... on a server that does not say its limits: OpenSSH drops a connection on a message over
-#: 256 KiB, so a margin is left for the request's own fields (as sshfs does).
-UNREPORTED_PIECE = 240 * 1024
+#: ... where the session knows no limit at all (the size every SFTP server takes).
+SAFE_PIECE = 16 * 1024
 
 Lane = Literal["small", "large"]
 
@@ -65,12 +64,10 @@ def run(fs: Any, call: Callable[..., Awaitable[T]], *args: Any) -> T:
 
 
 def piece_size(sftp: Any) -> int:
-    """The most bytes one write request may carry on this session: the server's own limit
-    (``limits@openssh.com``) up to :data:`PIECE`, else :data:`UNREPORTED_PIECE`."""
-    limits = sftp.limits
-    if limits.max_packet_len and limits.max_write_len:
-        return int(min(PIECE, limits.max_write_len))
-    return UNREPORTED_PIECE
+    """The most bytes one write request may carry on this session: the server's limit, up to
+    :data:`PIECE` (asyncssh's ``limits``: what the server said with ``limits@openssh.com``,
+    else asyncssh's own safe size)."""
+    return int(min(PIECE, sftp.limits.max_write_len or SAFE_PIECE))
 
 
 async def open_file(fs: Any, path: str, mode: str, lane: Lane = "small") -> tuple[Any, int]:

@@ -255,7 +255,9 @@ def _upload_once(request: TransferRequest, progress: _Progress) -> TransferResul
             request.progress(done)
 
         try:
-            lane: session.Lane = "large" if request.size > CHUNK else "small"
+            # A photo the pipeline puts first never queues behind a video's pieces.
+            bulk = request.size > CHUNK and not request.urgent
+            lane: session.Lane = "large" if bulk else "small"
             handle, reader.chunk_size = _open(sink, temporary, "r+b" if start else "wb", lane)
             _write_and_close(fs, handle, reader, request, start=start, confirmed=confirmed)
             reader.check_unchanged(request.size, request.mtime_ns)
