@@ -316,3 +316,34 @@ def test_large_files_have_their_own_session_unless_they_go_first(
     transfer.upload(request)
     assert set(lanes) == {lane}
     assert (remote_folder(sink) / "f.bin").read_bytes() == path.read_bytes()
+
+
+def test_a_server_that_allows_one_channel_gets_one_session(
+    sink: Sink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server with a low MaxSessions refuses the large files' channel: they share the small
+    # files' session instead of failing as if the link were down.
+    from skyframe.protocols.sftp import transfer
+    from skyframe.storage import TransferRequest
+
+    asyncssh = import_asyncssh()
+    real_start = asyncssh.SSHClientConnection.start_sftp_client
+    started: list[int] = []
+
+    async def one_only(self: Any, *args: Any, **kwargs: Any) -> Any:
+        started.append(1)
+        if len(started) > 1:
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "no more sessions"
+            )
+        return await real_start(self, *args, **kwargs)
+
+    monkeypatch.setattr(asyncssh.SSHClientConnection, "start_sftp_client", one_only)
+    sink.ensure_folder(sink.root)  # the small files' session
+    for name, size in (("big.mov", transfer.CHUNK + 1), ("other.mov", transfer.CHUNK + 2)):
+        path = make_file(tmp_path / "src", name, os.urandom(size))
+        st = path.stat()
+        request = TransferRequest(sink, path, sink.remote_path(name), st.st_size, st.st_mtime_ns)
+        transfer.upload(request)
+        assert (remote_folder(sink) / name).read_bytes() == path.read_bytes()
+    assert len(started) == 2  # the second channel was asked for once

@@ -19,6 +19,7 @@ connection's ``max_sessions`` beside sshfs's own channels (it keeps two for comm
 from __future__ import annotations
 
 import asyncio
+import logging
 import posixpath
 import weakref
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,8 @@ from fsspec.asyn import sync
 from skyframe.deps import import_asyncssh
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 #: How long closing a remote file may take before it is given up (its connection is gone).
 CLOSE_TIMEOUT = 10.0
@@ -54,8 +57,21 @@ async def session(fs: Any, lane: Lane = "small") -> Any:
     if started is None or (started.done() and (started.cancelled() or started.exception())):
         started = asyncio.ensure_future(client.start_sftp_client())
         lanes[lane] = started
-    # A waiter that is cancelled (its transfer stopped) leaves the start to the others.
-    return await asyncio.shield(started)
+    try:
+        # A waiter that is cancelled (its transfer stopped) leaves the start to the others.
+        return await asyncio.shield(started)
+    except import_asyncssh().ChannelOpenError as exc:
+        if lane == "small":
+            raise
+        # A server that allows fewer channels (``MaxSessions``): one session for all.
+        if lanes.get(lane) is started:
+            log.info(
+                "the server opened no second SFTP channel (%s): large files go on the "
+                "small files' session",
+                exc.reason,
+            )
+            lanes[lane] = asyncio.ensure_future(session(fs, "small"))
+        return await asyncio.shield(lanes[lane])
 
 
 def run(fs: Any, call: Callable[..., Awaitable[T]], *args: Any) -> T:
