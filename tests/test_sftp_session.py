@@ -155,16 +155,16 @@ def test_small_files_to_sftp_go_in_batches_end_to_end(
     write_config: WriteConfig,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from skyframe.protocols.sftp import transfer
+    from skyframe.protocols.sftp import batches
 
     batched: list[int] = []
-    original = transfer.batch
+    original = batches.batch
 
     def counting_batch(sink: Sink) -> Any:
         send = original(sink)
         return lambda requests: batched.append(len(requests)) or send(requests)
 
-    monkeypatch.setattr(transfer, "batch", counting_batch)
+    monkeypatch.setattr(batches, "batch", counting_batch)
     sink = sftp_sink(sftp_server)
     config = write_config(one_sink_config(sink, pipeline="p", retry="{max_attempts: 2}"))
     files = {f"f{i // 25}/{i:03d}.jpg": os.urandom(100 + i) for i in range(100)}

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from skyframe.markers import hookimpl
 from skyframe.protocols import Protocol
-from skyframe.protocols.sftp import backend, transfer
+from skyframe.protocols.sftp import backend, batches, transfer
 from skyframe.storage import BatchTransfer, Sink, TransferRequest, TransferResult
 
 
@@ -41,4 +41,4 @@ def skyframe_transfer_batch(sink: Sink) -> BatchTransfer | None:
     """Small files to an ``sftp://`` sink: pipelined on the connection's own SFTP session."""
     if sink.protocol != "sftp":
         return None
-    return transfer.batch(sink)
+    return batches.batch(sink)

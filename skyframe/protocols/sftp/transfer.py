@@ -3,8 +3,8 @@ place with ``posix-rename@openssh.com``, which replaces the target atomically.
 
 Round trips per file: open, write(s), close, rename; folders are created once per connection.
 The writes, the close and the rename go through skyframe's own SFTP sessions on the
-connection (``session``): large files on one, small files and batches on another. Small new
-files go in batches (:func:`batch`), whose files' requests are all in flight at once.
+connection (``session``): large files on one, small files on another. Small new files go in
+batches (``batches``), whose files' requests are all in flight at once.
 
 A large upload is journaled as it goes (the offset up to which every write was acknowledged):
 after a crash or a dropped link the next try reopens the temporary file without truncating it
@@ -43,16 +43,14 @@ from skyframe import backoff
 from skyframe.cleanup import drop_stale
 from skyframe.deps import import_asyncssh
 from skyframe.errors import (
-    DeliveryError,
     SinkUnavailableError,
     SourceChangedError,
     SourceUnreadableError,
 )
 from skyframe.journal import UploadJournal, same_file
-from skyframe.protocols.batching import send_batch
 from skyframe.protocols.classify import one_line
 from skyframe.protocols.sftp import session
-from skyframe.storage import BatchTransfer, Sink, SourceReader, TransferRequest, TransferResult
+from skyframe.storage import SourceReader, TransferRequest, TransferResult
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +200,10 @@ def upload(request: TransferRequest) -> TransferResult:
                 max(progress.acknowledged, 0),
                 wait,
             )
-            _pause(request, wait)
+            pause(request, wait)
 
 
-def _pause(request: TransferRequest, seconds: float) -> None:
+def pause(request: TransferRequest, seconds: float) -> None:
     """Wait ``seconds`` before the next try; a pause or a stop of the daemon acts at once."""
     deadline = time.monotonic() + seconds
     while True:
@@ -346,124 +344,6 @@ def _open(sink: Any, temporary: str, mode: str, lane: session.Lane) -> tuple[Any
     sink.forget_folders()
     sink.ensure_folder(posixpath.dirname(temporary))
     return session.run(fs, session.open_file, fs, temporary, mode, lane)
-
-
-#: Small files of one batch in flight at once, at least: their requests are pipelined on the
-#: connection's session, so a batch costs a few round trips in all, not a few per file.
-BATCH_IN_FLIGHT = 32
-#: ... and bytes of them in flight at once, at most (one file is always let through): what a
-#: cut of the link costs to send again. The files finish in turn rather than all together
-#: at the end of the batch, so that a cut loses little.
-BATCH_BYTES = 4 * 1024 * 1024
-
-
-class _Budget:
-    """Bytes in flight on the event loop, up to a limit; a piece larger than the limit goes
-    when nothing else is in flight."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._changed = asyncio.Condition()
-
-    @contextlib.asynccontextmanager
-    async def take(self, size: int) -> Any:
-        async with self._changed:
-            await self._changed.wait_for(lambda: not self.used or self.used + size <= self.limit)
-            self.used += size
-        try:
-            yield
-        finally:
-            async with self._changed:
-                self.used -= size
-                self._changed.notify_all()
-
-
-def batch(sink: Sink) -> BatchTransfer:
-    """Small new files to an ``sftp://`` sink, together on the connection's session: each is
-    read whole, written into its temporary name in one request, closed and renamed into
-    place, with the requests of many in flight at once.
-
-    A lost connection is no file's failure, as in :func:`upload`: the batch reconnects and
-    sends the files that had not arrived, at once while each round gets some through, after a
-    growing wait when none did; the files that never arrive are returned with their errors
-    (they are then sent alone)."""
-
-    def send(requests: list[TransferRequest]) -> list[TransferResult | Exception]:
-        outcomes: list[TransferResult | Exception | None] = [None] * len(requests)
-        todo = list(range(len(requests)))
-        stalls = 0  #: rounds in a row without a connection
-        tries = 0  #: rounds in a row that delivered nothing
-        while True:
-            generation = sink.generation
-            connected, results = _send_round(sink, [requests[i] for i in todo])
-            lost = []
-            for index, result in zip(todo, results, strict=True):
-                outcomes[index] = result
-                if isinstance(result, Exception) and isinstance(
-                    sink.translate(result), SinkUnavailableError
-                ):
-                    lost.append(index)
-            if not lost:
-                break
-            tries = 0 if len(lost) < len(todo) else tries + 1
-            stalls = 0 if connected else stalls + 1
-            if stalls >= RECONNECTS or tries >= TRIES:
-                break
-            error = outcomes[lost[0]]
-            assert isinstance(error, Exception)
-            if stalls and sink.health.announce():  # no connection: the sink is away for now
-                log.warning("%s; files wait until it is back", sink.translate(error))
-            sink.reset(generation)
-            wait = backoff.delay(RECONNECT_WAIT, RECONNECT_WAIT_MAX, stalls) if stalls else 0.0
-            wait = max(wait, sink.health.wait()) + backoff.spread(0.1)
-            log.info(
-                "%s: the connection dropped (%s); sending %d file(s) of a batch again in %.1f s",
-                sink.display,
-                one_line(error),
-                len(lost),
-                wait,
-            )
-            _pause(requests[lost[0]], wait)
-            todo = lost
-        return [outcome or DeliveryError("not sent") for outcome in outcomes]
-
-    return send
-
-
-def _send_round(
-    sink: Sink, requests: list[TransferRequest]
-) -> tuple[bool, list[TransferResult | Exception]]:
-    """One try of a batch on the sink's current connection: whether there was one (the server
-    answered), and each file's outcome."""
-    try:
-        fs = sink.fs  # connects here, in the calling thread, if needed
-    except Exception as exc:
-        return False, [exc] * len(requests)
-    try:
-        for folder in sorted({posixpath.dirname(r.remote_path) for r in requests}):
-            sink.ensure_folder(folder)
-    except Exception as exc:
-        return True, [exc] * len(requests)
-    budget = _Budget(BATCH_BYTES)
-
-    async def put(request: TransferRequest, data: bytes, sha256: str) -> None:
-        temporary = sink.temporary_path(request.remote_path)
-        async with budget.take(len(data)):
-            handle, piece = await session.open_file(fs, temporary, "wb")
-            try:
-                try:
-                    await session.write_all(handle, data, piece)
-                finally:
-                    await session.close_file(handle)
-                await session.rename(fs, temporary, request.remote_path)
-            except Exception as exc:
-                if not isinstance(sink.translate(exc), SinkUnavailableError):
-                    await session.remove_quietly(fs, temporary)
-                raise
-
-    width = max(sink.concurrency, BATCH_IN_FLIGHT)
-    return True, send_batch(sink, requests, put, loop=fs.loop, width=width)
 
 
 #: How long the server may take to hash one object (``skyframe verify``).
