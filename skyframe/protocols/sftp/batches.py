@@ -14,18 +14,11 @@ import logging
 import posixpath
 from typing import Any
 
-from skyframe import backoff
 from skyframe.errors import DeliveryError, SinkUnavailableError
 from skyframe.protocols.batching import send_batch
 from skyframe.protocols.classify import one_line
 from skyframe.protocols.sftp import session
-from skyframe.protocols.sftp.transfer import (
-    RECONNECT_WAIT,
-    RECONNECT_WAIT_MAX,
-    RECONNECTS,
-    TRIES,
-    pause,
-)
+from skyframe.protocols.sftp.transfer import RECONNECTS, TRIES, pause, reconnecting
 from skyframe.storage import BatchTransfer, Sink, TransferRequest, TransferResult
 
 log = logging.getLogger(__name__)
@@ -94,11 +87,7 @@ def batch(sink: Sink) -> BatchTransfer:
                 break
             error = outcomes[lost[0]]
             assert isinstance(error, Exception)
-            if stalls and sink.health.announce():  # no connection: the sink is away for now
-                log.warning("%s; files wait until it is back", sink.translate(error))
-            sink.reset(generation)
-            wait = backoff.delay(RECONNECT_WAIT, RECONNECT_WAIT_MAX, stalls) if stalls else 0.0
-            wait = max(wait, sink.health.wait()) + backoff.spread(0.1)
+            wait = reconnecting(sink, generation, stalls, sink.translate(error))
             log.info(
                 "%s: the connection dropped (%s); sending %d file(s) of a batch again in %.1f s",
                 sink.display,

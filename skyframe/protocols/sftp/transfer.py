@@ -50,7 +50,7 @@ from skyframe.errors import (
 from skyframe.journal import UploadJournal, same_file
 from skyframe.protocols.classify import one_line
 from skyframe.protocols.sftp import session
-from skyframe.storage import SourceReader, TransferRequest, TransferResult
+from skyframe.storage import Sink, SourceReader, TransferRequest, TransferResult
 
 log = logging.getLogger(__name__)
 
@@ -185,13 +185,7 @@ def upload(request: TransferRequest) -> TransferResult:
             stalls = 0 if progress.answered or not tries else stalls + 1
             if stalls >= RECONNECTS or tries >= TRIES:
                 raise
-            if stalls and sink.health.announce():  # no connection: the sink is away for now
-                log.warning("%s; files wait until it is back", error)
-            # The connection is dead for every transfer on it: the first to notice drops it,
-            # and the next use of the sink connects anew (once, for all of them).
-            sink.reset(generation)
-            wait = backoff.delay(RECONNECT_WAIT, RECONNECT_WAIT_MAX, stalls) if stalls else 0.0
-            wait = max(wait, sink.health.wait()) + backoff.spread(0.1)
+            wait = reconnecting(sink, generation, stalls, error)
             log.info(
                 "%s: %s: the connection dropped (%s); going on from byte %d in %.1f s",
                 sink.display,
@@ -201,6 +195,18 @@ def upload(request: TransferRequest) -> TransferResult:
                 wait,
             )
             pause(request, wait)
+
+
+def reconnecting(sink: Sink, generation: int, stalls: int, error: BaseException) -> float:
+    """After a lost connection: say once that the sink is away (``stalls``: tries in a row
+    the server did not answer), drop the connection, and return the seconds to wait before
+    the next try. The connection is dead for every transfer on it: the first to notice drops
+    it, and the next use of the sink connects anew (once, for all of them)."""
+    if stalls and sink.health.announce():  # no connection: the sink is away for now
+        log.warning("%s; files wait until it is back", error)
+    sink.reset(generation)
+    wait = backoff.delay(RECONNECT_WAIT, RECONNECT_WAIT_MAX, stalls) if stalls else 0.0
+    return max(wait, sink.health.wait()) + backoff.spread(0.1)
 
 
 def pause(request: TransferRequest, seconds: float) -> None:
