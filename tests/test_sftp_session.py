@@ -83,6 +83,13 @@ def test_sftp_batch_keeps_its_files_in_flight_together(
     outcomes = send(requests)
     assert all(isinstance(outcome, TransferResult) for outcome in outcomes), outcomes
     assert in_flight[1] == 32  # BATCH_IN_FLIGHT, more than the sink's concurrency (8)
+    # Files of 1 MB: at most 4 MiB of their bytes go at once (BATCH_BYTES), but the opens,
+    # which carry none, do not wait for that.
+    in_flight[:] = [0, 0]
+    big = {f"big/{i}.jpg": os.urandom(1_000_000) for i in range(12)}
+    outcomes = send(batch_requests(sink, tmp_path / "src", big))
+    assert all(isinstance(outcome, TransferResult) for outcome in outcomes), outcomes
+    assert in_flight[1] == 12
 
 
 def test_a_file_the_server_refuses_gets_its_error_and_leaves_nothing(

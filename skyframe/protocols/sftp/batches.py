@@ -120,18 +120,20 @@ def _send_round(
 
     async def put(request: TransferRequest, data: bytes, sha256: str) -> None:
         temporary = sink.temporary_path(request.remote_path)
-        async with budget.take(len(data)):
-            handle, piece = await session.open_file(fs, temporary, "wb")
+        handle, piece = await session.open_file(fs, temporary, "wb")
+        try:
             try:
-                try:
+                # Only the bytes on their way count against the budget: the open, the close
+                # and the rename are round trips during which other files' bytes flow.
+                async with budget.take(len(data)):
                     await session.write_all(handle, data, piece)
-                finally:
-                    await session.close_file(handle)
-                await session.rename(fs, temporary, request.remote_path)
-            except Exception as exc:
-                if not isinstance(sink.translate(exc), SinkUnavailableError):
-                    await session.remove_quietly(fs, temporary)
-                raise
+            finally:
+                await session.close_file(handle)
+            await session.rename(fs, temporary, request.remote_path)
+        except Exception as exc:
+            if not isinstance(sink.translate(exc), SinkUnavailableError):
+                await session.remove_quietly(fs, temporary)
+            raise
 
     width = max(sink.concurrency, BATCH_IN_FLIGHT)
     return True, send_batch(sink, requests, put, loop=fs.loop, width=width)
