@@ -56,16 +56,16 @@ class _Budget:
 
 def batch(sink: Sink) -> BatchTransfer:
     """Small new files to an ``sftp://`` sink, together on the connection's session: each is
-    read whole, written into its temporary name in one request, closed and renamed into
-    place, with the requests of many in flight at once.
+    read whole, written into its temporary name (in requests of the server's largest write),
+    closed and renamed into place, with the requests of many in flight at once.
 
-    A lost connection is no file's failure, as in :func:`upload`: the batch reconnects and
+    A lost connection is no file's failure, as in ``transfer.upload``: the batch reconnects and
     sends the files that had not arrived, at once while each round gets some through, after a
     growing wait when none did; the files that never arrive are returned with their errors
     (they are then sent alone)."""
 
     def send(requests: list[TransferRequest]) -> list[TransferResult | Exception]:
-        outcomes: list[TransferResult | Exception | None] = [None] * len(requests)
+        outcomes: list[TransferResult | Exception] = [DeliveryError("not sent")] * len(requests)
         todo = list(range(len(requests)))
         stalls = 0  #: rounds in a row without a connection
         tries = 0  #: rounds in a row that delivered nothing
@@ -97,7 +97,7 @@ def batch(sink: Sink) -> BatchTransfer:
             )
             pause(requests[lost[0]], wait)
             todo = lost
-        return [outcome or DeliveryError("not sent") for outcome in outcomes]
+        return outcomes
 
     return send
 

@@ -137,9 +137,8 @@ async def remove_quietly(fs: Any, path: str) -> None:
 
 
 def is_missing(exc: BaseException) -> bool:
-    """Whether an error says the remote file or its folder does not exist."""
-    asyncssh = import_asyncssh()
-    return isinstance(exc, FileNotFoundError | asyncssh.SFTPNoSuchFile)
+    """Whether a session's error says the remote file or its folder does not exist."""
+    return isinstance(exc, import_asyncssh().SFTPNoSuchFile)
 
 
 async def make_folder(fs: Any, folder: str) -> None:

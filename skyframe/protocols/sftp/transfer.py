@@ -122,7 +122,11 @@ def _acknowledged(
 
 
 def _resume_offset(
-    fs: Any, journal: UploadJournal | None, request: TransferRequest, temporary: str
+    fs: Any,
+    journal: UploadJournal | None,
+    request: TransferRequest,
+    temporary: str,
+    lane: session.Lane,
 ) -> tuple[int, bool]:
     """Where a journaled upload of this file into ``temporary`` can go on from (0: anew), and
     whether it has arrived already.
@@ -142,11 +146,11 @@ def _resume_offset(
         or not same_file(record, request.size, request.mtime_ns)
     ):
         return 0, False
-    remote_size = session.run(fs, session.size_of, fs, temporary, "large")
+    remote_size = session.run(fs, session.size_of, fs, temporary, lane)
     if remote_size is None:
         if not record.get("renaming"):
             return 0, False
-        arrived = session.run(fs, session.size_of, fs, request.remote_path, "large")
+        arrived = session.run(fs, session.size_of, fs, request.remote_path, lane)
         return 0, arrived == request.size
     return max(0, min(int(record.get("offset", 0)), remote_size, request.size)), False
 
@@ -229,11 +233,13 @@ def _upload_once(request: TransferRequest, progress: _Progress) -> TransferResul
     journal = request.journal if request.size > CHUNK else None
     key = request.journal_key
     temporary = sink.temporary_path(request.remote_path)
+    # A photo the pipeline puts first never queues behind a video's pieces.
+    lane: session.Lane = "large" if request.size > CHUNK and not request.urgent else "small"
     if journal is None:
         drop_stale(request)  # the file shrank since a journaled upload of it began
     with SourceReader(request.local_path, chunk_size=PIECE) as reader:
         # No folder is made first: opening the temporary file makes it if it is missing.
-        start, arrived = _resume_offset(fs, journal, request, temporary)
+        start, arrived = _resume_offset(fs, journal, request, temporary, lane)
         if arrived:  # the last try's rename took effect: nothing more to send
             assert journal is not None
             log.info("%s: %s arrived on the last try", sink.display, request.remote_path)
@@ -259,10 +265,7 @@ def _upload_once(request: TransferRequest, progress: _Progress) -> TransferResul
             request.progress(done)
 
         try:
-            # A photo the pipeline puts first never queues behind a video's pieces.
-            bulk = request.size > CHUNK and not request.urgent
-            lane: session.Lane = "large" if bulk else "small"
-            handle, reader.chunk_size = _open(sink, temporary, "r+b" if start else "wb", lane)
+            handle, reader.chunk_size = _open(sink, fs, temporary, "r+b" if start else "wb", lane)
             _write_and_close(fs, handle, reader, request, start=start, confirmed=confirmed)
             reader.check_unchanged(request.size, request.mtime_ns)
             if journal is not None:  # a cut may lose the answer to a rename that took effect
@@ -270,7 +273,13 @@ def _upload_once(request: TransferRequest, progress: _Progress) -> TransferResul
             session.run(fs, session.rename, fs, temporary, request.remote_path)
         except BaseException as exc:
             _after_failure(
-                exc, request, fs, temporary, start=start, acknowledged=progress.acknowledged
+                exc,
+                request,
+                fs,
+                temporary,
+                journal=journal,
+                progressed=progress.acknowledged > start,
+                acknowledged=progress.acknowledged,
             )
             raise
     if journal is not None:
@@ -296,19 +305,19 @@ def _after_failure(
     fs: Any,
     temporary: str,
     *,
-    start: int,
+    journal: UploadJournal | None,
+    progressed: bool,
     acknowledged: int,
 ) -> None:
     """What a failed try of :func:`_upload_once` leaves: the journal's offset (where the next
     try goes on from), or no temporary file."""
-    journal = request.journal if request.size > CHUNK else None
     key = request.journal_key
     if isinstance(exc, SourceChangedError | SourceUnreadableError):
         with contextlib.suppress(Exception):
             fs.rm(temporary)
         if journal is not None:
             journal.forget(key)
-    elif journal is not None and acknowledged > start:
+    elif journal is not None and progressed:
         # What the server acknowledged since the last note: the next try starts there.
         with contextlib.suppress(Exception):
             journal.update(key, offset=acknowledged)
@@ -339,9 +348,9 @@ def _write_and_close(
     session.run(fs, session.close_file, handle)
 
 
-def _open(sink: Any, temporary: str, mode: str, lane: session.Lane) -> tuple[Any, int]:
-    """Open the temporary file, making its folder again if it was removed behind our back."""
-    fs = sink.fs
+def _open(sink: Sink, fs: Any, temporary: str, mode: str, lane: session.Lane) -> tuple[Any, int]:
+    """Open the temporary file on ``fs`` (the sink's connection), making its folder when it
+    is missing (a new folder, or one removed behind our back)."""
     try:
         return session.run(fs, session.open_file, fs, temporary, mode, lane)
     except Exception as exc:
