@@ -204,6 +204,9 @@ class Sink:
         self._folders: set[str] = set()  #: remote folders known to exist on this connection
         #: check files a probe could not remove (its connection dropped): removed at close
         self.litter: set[str] = set()
+        #: bytes per second the latest large upload to this sink achieved, or None before one
+        #: was measured (an upload sizes what it keeps in flight by it)
+        self.rate: float | None = None
 
     def __repr__(self) -> str:
         return f"Sink({self.key!r}, {self.display!r})"

@@ -227,6 +227,9 @@ def test_broken_files_are_reported_in_their_metadata(tmp_path: Path) -> None:
     meta = read_photo(cut)
     assert meta.error == "truncated: the JPEG has no end-of-image marker"
     assert meta.lat == pytest.approx(43.4674483, abs=1e-6)  # the header was whole
+    padded = tmp_path / "padded.jpg"
+    padded.write_bytes(whole + bytes(4096))  # some cameras pad their files after the marker
+    assert read_photo(padded).error is None
     text = tmp_path / "notes.jpg"
     text.write_text("not a photo at all")
     assert read_photo(text).error == "not an image format this version reads"

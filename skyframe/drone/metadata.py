@@ -216,8 +216,12 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _jpeg_end_missing(f: Any) -> str | None:
-    """An error when a JPEG lacks its end-of-image marker near its end (a cut-off copy)."""
+    """An error when a JPEG lacks its end-of-image marker near its end (a cut-off copy): its
+    last two bytes, else (a padded file) the last :data:`_TAIL` bytes."""
     size = os.fstat(f.fileno()).st_size
+    f.seek(max(size - 2, 0))
+    if f.read(2) == b"\xff\xd9":
+        return None
     f.seek(max(size - _TAIL, 0))
     if b"\xff\xd9" not in f.read(_TAIL):
         return "truncated: the JPEG has no end-of-image marker"

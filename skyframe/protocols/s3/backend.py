@@ -27,6 +27,10 @@ from skyframe.units import Duration, Size
 
 MIB = 1024 * 1024
 MAX_PARTS = 10_000
+MIN_PART = 5 * MIB  #: S3's smallest part (every part but the last)
+#: On a slow link a part is sized to about this many seconds of it (a cut loses the parts in
+#: flight), never below :data:`MIN_PART` nor above the configured ``part_size``.
+PART_SECONDS = 1.0
 
 _AUTH_CODES = {
     "InvalidAccessKeyId",
@@ -51,9 +55,14 @@ class S3Options(BackendOptions):
     anon: bool = Field(False, description="unsigned requests (public buckets)")
     timeout: Duration = Field(60.0, gt=0, description="seconds without an answer from the server")
     part_size: Size = Field(
-        8 * MIB, ge=5 * MIB, le=5 * 1024 * MIB, description="multipart part size"
+        8 * MIB,
+        ge=5 * MIB,
+        le=5 * 1024 * MIB,
+        description="multipart part size (the largest: smaller on a slow link)",
     )
-    part_concurrency: int = Field(3, ge=1, le=32, description="parts of one file sent at once")
+    part_concurrency: int = Field(
+        3, ge=1, le=32, description="parts of one file in flight (the most: fewer on a slow link)"
+    )
     profile: str | None = Field(
         None, description="profile of the AWS shared credentials and config files"
     )
@@ -113,9 +122,12 @@ class S3Options(BackendOptions):
             self.requester_pays
         )
 
-    def part_size_for(self, size: int) -> int:
-        """The part size for a file: the configured one, raised to stay within 10,000 parts."""
-        part = self.part_size
+    def part_size_for(self, size: int, rate: float | None = None) -> int:
+        """The part size for a file: about :data:`PART_SECONDS` of the link at ``rate``
+        (bytes/s; S3's 5 MiB while no rate is known), so that a cut loses little, within S3's
+        5 MiB and the configured ``part_size``; raised to stay within 10,000 parts."""
+        measured = MIN_PART if rate is None else -(-int(rate * PART_SECONDS) // MIB) * MIB
+        part = min(self.part_size, max(MIN_PART, measured))
         while size > part * MAX_PARTS:
             part *= 2
         return part
@@ -250,7 +262,7 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
         explain=explain,
         object_store=True,
         default_concurrency=16,
-        hashes_from=settings.part_size,  # a multipart upload names the digest when it begins
+        hashes_from=MIN_PART,  # a multipart upload (parts follow the link) names the digest
         settings=settings,
         direct=direct_client(settings),
     )

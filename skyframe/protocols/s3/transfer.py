@@ -9,7 +9,12 @@ dropped links:
 - every part the server confirms is journaled with its ETag;
 - a later attempt asks the server which parts it holds (``list_parts``, paged), checks each
   against the local bytes (size, and the ETag where it is the part's MD5) and sends only the
-  missing ones, ``part_concurrency`` at a time, reading one part ahead per slot;
+  missing ones, reading one part ahead per slot;
+- the parts in flight are lost when the connection drops, so on a slow link there are fewer
+  of them and smaller: as many as the link carries in :data:`IN_FLIGHT_SECONDS` (at least one,
+  at most ``part_concurrency``), by the rate this upload measures as its parts are confirmed
+  (at first the rate the sink's last large upload measured), and parts of about a second of
+  the link (``part_size`` at most, S3's 5 MiB at least; a resumed upload keeps its own);
 - the upload is completed only once the file is known unchanged. A file that changed since
   the journal, or while it was read, gets its stale upload aborted and starts anew.
 
@@ -24,6 +29,7 @@ import contextlib
 import hashlib
 import logging
 import re
+import time
 from collections import deque
 from concurrent.futures import Future
 from typing import Any
@@ -47,6 +53,11 @@ from skyframe.storage import (
 log = logging.getLogger(__name__)
 
 CLOCK_SLACK = 60.0  #: seconds the server's clock may differ from ours
+#: Seconds of the link the parts in flight may hold: a cut loses them (half sent, on average),
+#: so that a cut costs about a second of the link.
+IN_FLIGHT_SECONDS = 2.0
+#: Confirmed parts the rate is measured over (the latest ones: it follows a changing link).
+RATE_PARTS = 4
 _PLAIN_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')
 
 
@@ -70,8 +81,8 @@ def upload(request: TransferRequest) -> TransferResult:
     sink = request.sink
     settings = sink.settings
     assert isinstance(settings, S3Options)
-    part_size = settings.part_size_for(request.size)
-    if request.size >= part_size:
+    part_size = settings.part_size_for(request.size, sink.rate)
+    if request.size >= part_size or _journaled(request):
         bucket, _, key = request.remote_path.partition("/")
         upload = MultipartUpload(sink.fs, bucket, key, request, part_size)
         return upload.run(width=settings.part_concurrency)
@@ -79,6 +90,17 @@ def upload(request: TransferRequest) -> TransferResult:
     sync(get_loop(), _putter(sink), request, data, sha256)
     request.progress(len(data))
     return TransferResult(len(data), sha256)
+
+
+def _journaled(request: TransferRequest) -> bool:
+    """True when a multipart upload of this file was begun (with parts sized for a slower
+    link than the one measured now): it is resumed, not left behind."""
+    journal = request.journal
+    return (
+        journal is not None
+        and request.size >= backend.MIN_PART
+        and journal.get(request.journal_key) is not None
+    )
 
 
 def batch(sink: Sink) -> BatchTransfer:
@@ -233,10 +255,13 @@ class MultipartUpload:
         if record is None:
             return False
         request = self.request
+        part_size = record.get("part_size")
         resumable = (
             record.get("protocol") == "s3"
             and same_file(record, request.size, request.mtime_ns)
-            and record.get("part_size") == self.part_size
+            and isinstance(part_size, int)
+            and part_size >= backend.MIN_PART
+            and request.size <= part_size * backend.MAX_PARTS
             and bool(record.get("upload_id"))
         )
         held = (
@@ -256,6 +281,7 @@ class MultipartUpload:
             return False
         self.upload_id = record["upload_id"]
         self.sha256 = record["sha256"]
+        self.part_size = int(record["part_size"])  # its own parts, whatever the link is now
         self.held = held
         log.info(
             "%s: resuming %s: %d of %d part(s) on the server",
@@ -300,15 +326,18 @@ class MultipartUpload:
             self.journal.update(self.journal_key, upload_id=self.upload_id)
 
     def _send_parts(self, width: int) -> int:
-        """Upload the missing parts, ``width`` at a time; returns the bytes in the object."""
+        """Upload the missing parts, at most ``width`` at a time (see the module's docstring);
+        returns the bytes in the object."""
         request = self.request
         in_flight: deque[tuple[int, int, Future[Any]]] = deque()
         done = 0
+        pace = _Pace(self.part_size, width, request.sink)
 
         def settle_oldest() -> None:
             nonlocal done
             number, size, future = in_flight.popleft()
             etag = future.result()["ETag"]
+            pace.confirmed(size)
             self.held[number] = {"etag": etag, "size": size}
             if self.journal is not None:
                 self.journal.add_part(self.journal_key, number, etag, size)
@@ -323,6 +352,7 @@ class MultipartUpload:
                         continue
                     self.held.pop(number, None)
                     request.pace(len(chunk))
+                    pace.sending()
                     call = backend.call(
                         self.fs,
                         "upload_part",
@@ -334,7 +364,7 @@ class MultipartUpload:
                     )
                     future = asyncio.run_coroutine_threadsafe(call, self.fs.loop)
                     in_flight.append((number, len(chunk), future))
-                    while len(in_flight) >= width:
+                    while len(in_flight) >= pace.width:
                         settle_oldest()
                 while in_flight:
                     settle_oldest()
@@ -358,6 +388,45 @@ class MultipartUpload:
         except Exception as exc:  # cleanup aborts it later; the original error matters more
             log.debug("could not abort upload of %s: %s", self.key, exc)
         self._forget()
+
+
+class _Pace:
+    """How many parts of an upload may be in flight: as many as the link carries in
+    :data:`IN_FLIGHT_SECONDS`, by the rate measured over the latest confirmed parts (at first
+    the sink's, from its last large upload; one part while nothing is known). Under an upload
+    limit (``bwlimit``) two at least: a part waits for the limit's tokens before it goes, and
+    it waits while another one is sent, not after it."""
+
+    def __init__(self, part_size: int, most: int, sink: Sink) -> None:
+        self.part_size = part_size
+        self.most = most
+        self.least = min(most, 2 if sink.limiter else 1)
+        self.sink = sink
+        #: (when, bytes confirmed by then) of the latest confirmations, and of the first send
+        self.marks: deque[tuple[float, int]] = deque(maxlen=RATE_PARTS + 1)
+        self.confirmed_bytes = 0
+        self.width = self._width(sink.rate)
+
+    def _width(self, rate: float | None) -> int:
+        if rate is None:
+            return self.least
+        return max(self.least, min(self.most, int(rate * IN_FLIGHT_SECONDS) // self.part_size))
+
+    def sending(self) -> None:
+        """A part is about to go: the measure starts with the first one."""
+        if not self.marks:
+            self.marks.append((time.monotonic(), 0))
+
+    def confirmed(self, size: int) -> None:
+        """A part of ``size`` bytes was confirmed: measure the rate, set the width."""
+        self.confirmed_bytes += size
+        now = time.monotonic()
+        began, before = self.marks[0]
+        self.marks.append((now, self.confirmed_bytes))
+        if now > began:
+            rate = (self.confirmed_bytes - before) / (now - began)
+            self.sink.rate = rate
+            self.width = self._width(rate)
 
 
 def remote_sha256(fs: Any, path: str) -> str:

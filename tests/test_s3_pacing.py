@@ -1,0 +1,198 @@
+"""S3 multipart uploads follow the link: part size and parts in flight by the measured rate.
+
+A cut loses the parts in flight, so on a slow link there are fewer of them and smaller; on a
+fast one, up to ``part_concurrency`` of ``part_size``. Checked on the real SeaweedFS, through
+the link emulator (32 and 64 Mbit/s) and on loopback, by counting the parts in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import servers
+from fakes.link import LinkEmulator, mbit
+from helpers import s3_sink, write_random
+
+from skyframe.config import SinkConfig
+from skyframe.protocols.s3 import backend, transfer
+from skyframe.protocols.s3.backend import MIB, S3Options
+from skyframe.storage import Sink, TransferRequest, open_sink
+
+MB = 1_000_000
+
+
+# --- the sizes, worked out ------------------------------------------------------------------
+
+
+def test_part_size_follows_the_rate_within_s3s_limits_and_the_configured_size() -> None:
+    options = S3Options(part_size=8 * MIB)
+    assert options.part_size_for(100 * MB) == 5 * MIB  # nothing measured yet
+    assert options.part_size_for(100 * MB, rate=1 * MB) == 5 * MIB  # S3's smallest part
+    assert options.part_size_for(100 * MB, rate=6.5 * MB) == 7 * MIB  # about a second
+    assert options.part_size_for(100 * MB, rate=500 * MB) == 8 * MIB  # the configured size
+    # Still within 10,000 parts, whatever the link.
+    assert options.part_size_for(100_000 * MIB, rate=1 * MB) == 10 * MIB
+    assert S3Options(part_size=5 * MIB).part_size_for(100 * MB, rate=500 * MB) == 5 * MIB
+
+
+def pace(
+    rate: float | None, *, part: int = 5 * MIB, most: int = 3, limited: bool = False
+) -> transfer._Pace:
+    sink = SimpleNamespace(rate=rate, limiter=limited)
+    return transfer._Pace(part, most, sink)  # type: ignore[arg-type]
+
+
+def test_parts_in_flight_are_what_the_link_carries_in_two_seconds() -> None:
+    assert pace(None).width == 1  # nothing known: one part
+    assert pace(4 * MB).width == 1  # 8 MB in 2 s: less than two parts of 5 MiB
+    assert pace(6 * MB).width == 2
+    assert pace(100 * MB).width == 3  # part_concurrency at most
+    assert pace(100 * MB, most=1).width == 1
+    # Under a bwlimit, a part waits for its tokens while the one before is sent.
+    assert pace(None, limited=True).width == 2
+    assert pace(1 * MB, limited=True).width == 2
+    assert pace(1 * MB, most=1, limited=True).width == 1
+
+
+def test_the_rate_is_measured_as_parts_are_confirmed_and_sets_the_width() -> None:
+    sink = SimpleNamespace(rate=None, limiter=None)
+    p = transfer._Pace(5 * MIB, 3, sink)  # type: ignore[arg-type]
+    p.sending()
+    time.sleep(0.05)
+    p.confirmed(5 * MIB)  # 5 MiB in 50 ms: a fast link
+    assert sink.rate is not None
+    assert sink.rate > 20 * MB
+    assert p.width == 3
+    time.sleep(0.5)
+    p.confirmed(5 * MIB)  # 10 MiB in 0.55 s: slower, less in flight
+    assert p.width == 3  # 19 MB/s x 2 s is still over 3 parts
+    time.sleep(2.0)
+    p.confirmed(5 * MIB)  # 15 MiB in 2.55 s: about 6 MB/s
+    assert 5 * MB < sink.rate < 7 * MB
+    assert p.width == 2
+
+
+# --- on the real server ----------------------------------------------------------------------
+
+
+class Parts:
+    """Counts the UploadPart requests in flight (the most at once) and their sizes."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.most = 0
+        self.sizes: list[int] = []
+        self.lock = threading.Lock()
+
+    def wrap(self, real: Any) -> Any:
+        def call(fs: Any, method: str, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+            inner = real(fs, method, **kwargs)
+            if method != "upload_part":
+                return inner  # type: ignore[no-any-return]
+
+            async def counted() -> Any:
+                with self.lock:
+                    self.now += 1
+                    self.most = max(self.most, self.now)
+                    self.sizes.append(len(kwargs["Body"]))
+                try:
+                    return await inner
+                finally:
+                    with self.lock:
+                        self.now -= 1
+
+            return counted()
+
+        return call
+
+
+@pytest.fixture
+def parts(monkeypatch: pytest.MonkeyPatch) -> Parts:
+    counter = Parts()
+    monkeypatch.setattr(backend, "call", counter.wrap(backend.call))
+    return counter
+
+
+def upload(sink: Sink, local: Path) -> None:
+    st = local.stat()
+    request = TransferRequest(
+        sink=sink,
+        local_path=local,
+        remote_path=sink.remote_path(local.name),
+        size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+    )
+    result = transfer.upload(request)
+    assert result.size == st.st_size
+
+
+def open_s3(server: servers.S3Server, tmp_path: Path, endpoint: str, **extra: Any) -> Sink:
+    entry = s3_sink(server, **extra)
+    entry["options"]["endpoint_url"] = endpoint
+    return open_sink(SinkConfig(**entry), tmp_path)
+
+
+def test_a_slow_link_gets_parts_of_5_mib_one_at_a_time(
+    s3_server: servers.S3Server, tmp_path: Path, parts: Parts
+) -> None:
+    local = tmp_path / "flight.mp4"
+    digest = write_random(local, 12 * MB, seed=7)
+    with LinkEmulator(servers.LOOPBACK, s3_server.port, up_bps=mbit(24), rtt=0.04).start() as link:
+        sink = open_s3(s3_server, tmp_path, f"http://{link.address}")
+        try:
+            upload(sink, local)
+        finally:
+            sink.close()
+    # 3 MB/s carries less than two parts in two seconds: one at a time.
+    assert parts.sizes == [5 * MIB, 5 * MIB, 12 * MB - 10 * MIB], parts.sizes
+    assert parts.most == 1, parts.most
+    assert sink.rate is not None
+    assert 2.0 * MB < sink.rate < 3.1 * MB, sink.rate
+    assert stored_sha256(s3_server, sink.remote_path(local.name)) == digest
+
+
+def test_parts_grow_to_a_second_of_a_faster_link(
+    s3_server: servers.S3Server, tmp_path: Path, parts: Parts
+) -> None:
+    local = tmp_path / "flight.mp4"
+    write_random(local, 16 * MB, seed=9)
+    with LinkEmulator(servers.LOOPBACK, s3_server.port, up_bps=mbit(80), rtt=0.02).start() as link:
+        sink = open_s3(s3_server, tmp_path, f"http://{link.address}", part_size="6MiB")
+        try:
+            upload(sink, local)
+            assert parts.sizes[:3] == [5 * MIB] * 3, parts.sizes  # nothing known yet
+            assert sink.rate is not None
+            assert sink.rate > 6.3 * MB, sink.rate
+            parts.sizes.clear()
+            upload(sink, local)  # about 10 MB/s measured: the configured 6 MiB at most
+        finally:
+            sink.close()
+    assert parts.sizes[:2] == [6 * MIB] * 2, (parts.sizes, sink.rate)
+
+
+def stored_sha256(server: servers.S3Server, path: str) -> str:
+    fs = server.filesystem()
+    try:
+        return hashlib.sha256(fs.cat(path)).hexdigest()
+    finally:
+        servers.close_filesystem(fs)
+
+
+def test_on_a_fast_link_part_concurrency_parts_are_in_flight(
+    s3_server: servers.S3Server, tmp_path: Path, parts: Parts
+) -> None:
+    local = tmp_path / "flight.mp4"
+    write_random(local, 60 * MB, seed=8)
+    sink = open_s3(s3_server, tmp_path, s3_server.endpoint_url, part_size="5MiB")
+    try:
+        upload(sink, local)
+    finally:
+        sink.close()
+    assert parts.most == 3, parts.most  # part_concurrency, once the first part was measured
