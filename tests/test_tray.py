@@ -246,11 +246,19 @@ def test_the_tray_icon_in_a_notification_area(tmp_path: Path, desktop: Desktop) 
         )
     daemon = None
     try:
-        wait_for(
-            lambda: shows(desktop, COLOURS["offline"], "tray-offline") or tray.poll() is not None,
-            timeout=30,
-            what="the grey icon (no daemon yet)",
-        )
+        try:
+            wait_for(
+                lambda: (
+                    shows(desktop, COLOURS["offline"], "tray-offline") or tray.poll() is not None
+                ),
+                timeout=30,
+                what="the grey icon (no daemon yet)",
+            )
+        except AssertionError as exc:  # what the tray said, and the last screenshot's name
+            raise AssertionError(
+                f"{exc} (screenshot: {ARTIFACTS / 'tray-offline.png'}); the tray's output:\n"
+                + log.read_text(errors="replace")
+            ) from None
         assert tray.poll() is None, log.read_text(errors="replace")
         daemon = spawn_daemon(tmp_path, tmp_path / "daemon.log", config.name)
         wait_for(lambda: shows(desktop, COLOURS["idle"], "tray-idle"), timeout=60, what="green")
