@@ -422,6 +422,19 @@ def assert_s3_holds(
         servers.close_filesystem(check)
 
 
+def file_request(sink: Any, local: Path, journal: UploadJournal | None = None) -> TransferRequest:
+    """A request to send ``local`` to its own name at the sink's root."""
+    st = local.stat()
+    return TransferRequest(
+        sink=sink,
+        local_path=local,
+        remote_path=sink.remote_path(local.name),
+        size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+        journal=journal,
+    )
+
+
 def batch_requests(sink: Any, root: Path, files: dict[str, bytes]) -> list[TransferRequest]:
     """Files written under root, as requests to send them to the same names on the sink."""
     requests = []

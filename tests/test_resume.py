@@ -17,6 +17,7 @@ import servers
 from fakes.gcs_faithful import FaithfulGCS
 from helpers import (
     Remote,
+    file_request,
     finish,
     journal_entries,
     kill_midway,
@@ -118,16 +119,7 @@ def gcs_request(
         },
     )
     sink = open_sink(config, tmp_path)
-    st = local.stat()
-    request = TransferRequest(
-        sink=sink,
-        local_path=local,
-        remote_path=sink.remote_path(local.name),
-        size=st.st_size,
-        mtime_ns=st.st_mtime_ns,
-        journal=journal,
-    )
-    return sink, request
+    return sink, file_request(sink, local, journal)
 
 
 @pytest.mark.parametrize("status_query", [True, False])

@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 import servers
 from fakes.link import LinkEmulator, mbit
-from helpers import s3_sink, write_random
+from helpers import file_request, s3_sink, write_random
 
 from skyframe.config import SinkConfig
 from skyframe.protocols.s3 import backend, transfer
 from skyframe.protocols.s3.backend import MIB, S3Options
-from skyframe.storage import Sink, TransferRequest, open_sink
+from skyframe.storage import Sink, open_sink
 
 MB = 1_000_000
 
@@ -121,16 +121,8 @@ def parts(monkeypatch: pytest.MonkeyPatch) -> Parts:
 
 
 def upload(sink: Sink, local: Path) -> None:
-    st = local.stat()
-    request = TransferRequest(
-        sink=sink,
-        local_path=local,
-        remote_path=sink.remote_path(local.name),
-        size=st.st_size,
-        mtime_ns=st.st_mtime_ns,
-    )
-    result = transfer.upload(request)
-    assert result.size == st.st_size
+    result = transfer.upload(file_request(sink, local))
+    assert result.size == local.stat().st_size
 
 
 def open_s3(server: servers.S3Server, tmp_path: Path, endpoint: str, **extra: Any) -> Sink:
