@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import time
 from collections.abc import Coroutine
 from pathlib import Path
 from types import SimpleNamespace
@@ -61,21 +60,29 @@ def test_parts_in_flight_are_what_the_link_carries_in_two_seconds() -> None:
     assert pace(1 * MB, most=1, limited=True).width == 1
 
 
-def test_the_rate_is_measured_as_parts_are_confirmed_and_sets_the_width() -> None:
+def test_the_rate_is_measured_over_the_latest_parts_and_sets_the_width(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr(transfer, "time", SimpleNamespace(monotonic=lambda: now[0]))
     sink = SimpleNamespace(rate=None, limiter=None)
     p = transfer._Pace(5 * MIB, 3, sink)  # type: ignore[arg-type]
+    assert p.width == 1  # nothing measured
     p.sending()
-    time.sleep(0.05)
+    now[0] += 0.05
     p.confirmed(5 * MIB)  # 5 MiB in 50 ms: a fast link
-    assert sink.rate is not None
-    assert sink.rate > 20 * MB
+    assert sink.rate == pytest.approx(5 * MIB / 0.05)
     assert p.width == 3
-    time.sleep(0.5)
-    p.confirmed(5 * MIB)  # 10 MiB in 0.55 s: slower, less in flight
-    assert p.width == 3  # 19 MB/s x 2 s is still over 3 parts
-    time.sleep(2.0)
-    p.confirmed(5 * MIB)  # 15 MiB in 2.55 s: about 6 MB/s
-    assert 5 * MB < sink.rate < 7 * MB
+    for _ in range(transfer.RATE_PARTS):  # then a part every 1.25 s: about 4.2 MB/s
+        now[0] += 1.25
+        p.confirmed(5 * MIB)
+    # Over the latest parts only: the fast first one no longer counts.
+    assert sink.rate == pytest.approx(5 * MIB / 1.25)
+    assert p.width == 1  # 8.4 MB in two seconds: one part of 5 MiB
+    for _ in range(transfer.RATE_PARTS):  # faster again: a part every 0.8 s
+        now[0] += 0.8
+        p.confirmed(5 * MIB)
+    assert sink.rate == pytest.approx(5 * MIB / 0.8)
     assert p.width == 2
 
 

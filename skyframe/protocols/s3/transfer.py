@@ -403,7 +403,7 @@ class _Pace:
         self.least = min(most, 2 if sink.limiter else 1)
         self.sink = sink
         #: (when, bytes confirmed by then) of the latest confirmations, and of the first send
-        self.marks: deque[tuple[float, int]] = deque(maxlen=RATE_PARTS + 1)
+        self.marks: deque[tuple[float, int]] = deque(maxlen=RATE_PARTS)
         self.confirmed_bytes = 0
         self.width = self._width(sink.rate)
 
