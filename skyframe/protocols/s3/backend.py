@@ -262,7 +262,10 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
         explain=explain,
         object_store=True,
         default_concurrency=16,
-        hashes_from=MIN_PART,  # a multipart upload (parts follow the link) names the digest
+        # A multipart upload names the digest when it begins. A file under part_size that
+        # goes multipart on a slow link is hashed then: ahead of time, a fast link's single
+        # PUT would read and hash it twice.
+        hashes_from=settings.part_size,
         settings=settings,
         direct=direct_client(settings),
     )

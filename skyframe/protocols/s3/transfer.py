@@ -82,7 +82,7 @@ def upload(request: TransferRequest) -> TransferResult:
     settings = sink.settings
     assert isinstance(settings, S3Options)
     part_size = settings.part_size_for(request.size, sink.rate)
-    if request.size >= part_size or _journaled(request):
+    if request.size >= part_size:
         bucket, _, key = request.remote_path.partition("/")
         upload = MultipartUpload(sink.fs, bucket, key, request, part_size)
         return upload.run(width=settings.part_concurrency)
@@ -90,17 +90,6 @@ def upload(request: TransferRequest) -> TransferResult:
     sync(get_loop(), _putter(sink), request, data, sha256)
     request.progress(len(data))
     return TransferResult(len(data), sha256)
-
-
-def _journaled(request: TransferRequest) -> bool:
-    """True when a multipart upload of this file was begun (with parts sized for a slower
-    link than the one measured now): it is resumed, not left behind."""
-    journal = request.journal
-    return (
-        journal is not None
-        and request.size >= backend.MIN_PART
-        and journal.get(request.journal_key) is not None
-    )
 
 
 def batch(sink: Sink) -> BatchTransfer:
