@@ -28,6 +28,7 @@ from skyframe.state import STATE_DB_ERRORS
 
 if TYPE_CHECKING:
     from skyframe.pipeline import Pipeline
+    from skyframe.storage import Sink
 
 log = logging.getLogger("skyframe")
 
@@ -199,9 +200,9 @@ def run(  # noqa: PLR0917 (click passes every option)
         "run --once of" if once else "watching with",
         project.config.file,
     )
-    preflight = _start_preflight(project.pipelines)
+    preflight = _Preflight(project.pipelines)
     if not once:
-        preflight()  # before "watching": a refused sink ends the daemon before it starts
+        preflight.gate()  # before "watching": a refused sink ends the daemon before it starts
     engine = Engine(
         project.config, project.pm, project.pipelines, watch_config=watch_config and not once
     )
@@ -209,7 +210,7 @@ def run(  # noqa: PLR0917 (click passes every option)
     if once:
         # The sinks' answers are awaited only when the first job would be handed out: the
         # state is opened and the sources scanned meanwhile.
-        engine.gate = preflight
+        engine.gate = preflight.gate
     work = engine.run_once if once else engine.run_daemon
     try:
         with _stop_on_signals(engine.stop, None if once else engine.request_reload):
@@ -225,6 +226,7 @@ def run(  # noqa: PLR0917 (click passes every option)
             else:
                 summary = work()
     finally:
+        preflight.finish()
         engine.close()
     log.info(
         "skyframe stopped: delivered %d file(s) (%s), %d unchanged, %d failed, %d dead-lettered",
@@ -294,34 +296,46 @@ def _dry_run(project: Any) -> None:
         raise SystemExit(1)
 
 
-def _start_preflight(pipelines: list[Pipeline]) -> Callable[[], None]:
-    """Start probing every remote sink; the function returned waits for the answers, then
-    resumes the garbage collector (see :func:`main`).
+class _Preflight:
+    """The check of every remote sink, started at once (:class:`skyframe.storage.SinkChecks`).
 
-    A refusal (credentials, host key, bucket) is fatal: the function raises it. An unreachable
-    sink is not (files queue until it is back): it logs a warning.
+    :meth:`gate` waits until every sink has answered or taken the check's write, then resumes
+    the garbage collector (see :func:`main`): a refusal (credentials, host key, bucket) is
+    fatal, :meth:`gate` raises it; an unreachable sink is not (files queue until it is back),
+    a warning is logged. The rest of a check (the size check and the delete, a round trip
+    each) goes on while the first files are sent; :meth:`finish` waits for it, so that no
+    check object is left behind, and what fails in it is logged as a warning.
     """
-    from skyframe.errors import SinkRefusedError
-    from skyframe.storage import SinkChecks
 
-    checks = SinkChecks([s for p in pipelines for s in p.sinks if s.remote])
+    def __init__(self, pipelines: list[Pipeline]) -> None:
+        from skyframe.storage import SinkChecks
 
-    def settle() -> None:
-        for sink, outcome in checks.results(PREFLIGHT_TIMEOUT):
+        remote = [s for p in pipelines for s in p.sinks if s.remote]
+        self.checks = SinkChecks(remote, late=self._warn)
+
+    @staticmethod
+    def _warn(sink: Sink, outcome: BaseException) -> None:
+        if isinstance(outcome, SkyframeError):
+            log.warning("%s; files queue until it answers", outcome)
+        else:
+            log.warning(
+                "%s: write check failed: %s: %s", sink.display, type(outcome).__name__, outcome
+            )
+
+    def gate(self) -> None:
+        from skyframe.errors import SinkRefusedError
+
+        for sink, outcome in self.checks.ready(PREFLIGHT_TIMEOUT):
             if isinstance(outcome, SinkRefusedError):
                 raise outcome
-            if isinstance(outcome, SkyframeError):
-                log.warning("%s; files queue until it answers", outcome)
-            elif isinstance(outcome, BaseException):
-                log.warning(
-                    "%s: write check failed: %s: %s",
-                    sink.display,
-                    type(outcome).__name__,
-                    outcome,
-                )
+            if isinstance(outcome, BaseException):
+                self._warn(sink, outcome)
         _StartupGC.settle()
 
-    return settle
+    def finish(self) -> None:
+        from skyframe.storage import SWEEP_TIMEOUT
+
+        self.checks.finish(SWEEP_TIMEOUT)
 
 
 @cli.command()

@@ -547,9 +547,10 @@ class ProbeResult:
     write: float
 
 
-def probe_sink(sink: Sink) -> ProbeResult:
+def probe_sink(sink: Sink, written: Callable[[], None] | None = None) -> ProbeResult:
     """Connect, write a small hidden object at the sink root, check its size, delete it (with
-    the backend's light client when it has one and that succeeds).
+    the backend's light client when it has one and that succeeds). ``written`` is called as
+    soon as the object is stored: the sink takes writes with these credentials.
 
     Raises what the backend raised; run it inside ``sink.guard()`` to get sink errors.
     """
@@ -558,7 +559,7 @@ def probe_sink(sink: Sink) -> ProbeResult:
     payload = b"skyframe write check\n"
     direct = sink.endpoint.direct
     if direct is not None:
-        connecting = direct.probe(name, payload)
+        connecting = direct.probe(name, payload, written)
         if connecting is not None:
             return ProbeResult(connecting, time.monotonic() - began - connecting)
         began = time.monotonic()  # it could not tell: the regular probe says what is wrong
@@ -573,6 +574,8 @@ def probe_sink(sink: Sink) -> ProbeResult:
             raise
         bucket = sink.root.split("/", 1)[0]
         raise SinkRefusedError(f"{sink.display}: bucket {bucket!r} does not exist") from None
+    if written is not None:
+        written()
     try:
         size = fs.size(name)
         if size != len(payload):
@@ -583,41 +586,101 @@ def probe_sink(sink: Sink) -> ProbeResult:
     return ProbeResult(connected - began, time.monotonic() - connected)
 
 
+#: What a check says of a sink: its result, the error it gave, or (:meth:`SinkChecks.ready`)
+#: None while the sink has taken the check's write and the rest of the check goes on.
+CheckOutcome = ProbeResult | BaseException | None
+
+
 class SinkChecks:
     """Probes of several sinks (:func:`probe_sink`), each in a daemon thread of its own, started
-    at once; :meth:`results` collects them.
+    at once; :meth:`results` collects them, :meth:`ready` as soon as every sink has answered
+    or taken the check's write.
 
     Sink-level failures are recorded in each sink's health. With ``close``, each probe closes
-    its sink's connections when it is done.
+    its sink's connections when it is done. ``late`` is told of an error that comes after
+    :meth:`ready` reported its sink as written (the size check or the delete failed).
     """
 
-    def __init__(self, sinks: list[Sink], *, close: bool = False) -> None:
+    def __init__(
+        self,
+        sinks: list[Sink],
+        *,
+        close: bool = False,
+        late: Callable[[Sink, BaseException], None] | None = None,
+    ) -> None:
         self.sinks = sinks
         self.started = time.monotonic()
         self._results: list[ProbeResult | BaseException | None] = [None] * len(sinks)
+        self._written = [False] * len(sinks)
+        self._reported = [False] * len(sinks)  #: reported by ready() while still checking
         self._done = threading.Event()
+        self._answered = threading.Event()
         self._remaining = len(sinks)
+        self._unanswered = len(sinks)
         self._lock = threading.Lock()
         self._close = close
+        self._late = late
         if not sinks:
             self._done.set()
+            self._answered.set()
         for index, sink in enumerate(sinks):
             threading.Thread(
                 target=self._probe, args=(index, sink), name="skyframe-check", daemon=True
             ).start()
 
+    def _answer(self, index: int) -> None:
+        """The sink at ``index`` answered (called under the lock)."""
+        if not self._written[index]:
+            self._written[index] = True
+            self._unanswered -= 1
+            if self._unanswered == 0:
+                self._answered.set()
+
     def _probe(self, index: int, sink: Sink) -> None:
+        def written() -> None:
+            with self._lock:
+                self._answer(index)
+
+        result: ProbeResult | BaseException
         try:
             with sink.guard(report=False):
-                self._results[index] = probe_sink(sink)
+                result = probe_sink(sink, written)
         except Exception as exc:
-            self._results[index] = exc
+            result = exc
         if self._close:
             sink.close()
+        with self._lock:
+            self._results[index] = result
+            late = self._reported[index]
+            self._answer(index)
+        if late and isinstance(result, BaseException) and self._late is not None:
+            self._late(sink, result)
         with self._lock:
             self._remaining -= 1
             if self._remaining == 0:
                 self._done.set()
+
+    def _collect(
+        self, timeout: float | None, event: threading.Event
+    ) -> list[tuple[Sink, CheckOutcome]]:
+        if timeout is None:
+            event.wait()
+        else:
+            event.wait(max(self.started + timeout - time.monotonic(), 0.0))
+        out: list[tuple[Sink, CheckOutcome]] = []
+        with self._lock:
+            for index, sink in enumerate(self.sinks):
+                result = self._results[index]
+                if result is None and self._written[index]:
+                    self._reported[index] = True
+                    out.append((sink, None))
+                elif result is None:
+                    silent = SinkUnavailableError(f"{sink.display}: no answer within {timeout:g} s")
+                    sink.health.failed(silent)
+                    out.append((sink, silent))
+                else:
+                    out.append((sink, result))
+        return out
 
     def results(
         self, timeout: float | None = None
@@ -625,21 +688,33 @@ class SinkChecks:
         """Each sink with its ProbeResult or the error it gave, in order.
 
         A sink that gave no answer within ``timeout`` seconds of the start gets a
-        SinkUnavailableError (its probe is abandoned in its daemon thread).
+        SinkUnavailableError (its probe is abandoned in its daemon thread); so does one still
+        checking, in this call's answer, when it took the check's write but the rest of its
+        check did not end in time.
         """
-        if timeout is None:
-            self._done.wait()
-        else:
-            self._done.wait(max(self.started + timeout - time.monotonic(), 0.0))
-        out: list[tuple[Sink, ProbeResult | BaseException]] = []
-        for sink, result in zip(self.sinks, self._results, strict=True):
-            if result is None:
-                silent = SinkUnavailableError(f"{sink.display}: no answer within {timeout:g} s")
-                sink.health.failed(silent)
-                out.append((sink, silent))
-            else:
-                out.append((sink, result))
-        return out
+        return [
+            (
+                sink,
+                SinkUnavailableError(
+                    f"{sink.display}: took the check's write, then no answer within {timeout:g} s"
+                )
+                if outcome is None
+                else outcome,
+            )
+            for sink, outcome in self._collect(timeout, self._done)
+        ]
+
+    def ready(self, timeout: float | None = None) -> list[tuple[Sink, CheckOutcome]]:
+        """Each sink, in order, once every one has either finished its check or taken the
+        check's write: its ProbeResult, the error it gave, or None when it took the write and
+        the check goes on (an error after that goes to ``late``). A sink that did neither
+        within ``timeout`` seconds of the start gets a SinkUnavailableError."""
+        return self._collect(timeout, self._answered)
+
+    def finish(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every check to end (the check's object removed);
+        False when one is still going."""
+        return self._done.wait(timeout)
 
 
 def check_sinks(

@@ -148,6 +148,47 @@ def test_s3_check_with_the_options_credentials_needs_no_s3_library(
         sink.close()
 
 
+def test_s3_check_is_ready_once_the_write_is_taken_the_rest_goes_on_beside_the_run(
+    tmp_path: Path, s3_server: servers.S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run's first files need not wait two more round trips (the size check and the delete)
+    # once the sink took the check's write: the credentials, the bucket and the permission to
+    # write are proven. The rest ends before the run does.
+    from fakes.link import LinkEmulator
+
+    from skyframe.config import SinkConfig
+    from skyframe.protocols.s3.direct import DirectS3
+    from skyframe.storage import SinkChecks, open_sink
+
+    answered: list[str] = []
+    real = DirectS3._request
+
+    def request(self: DirectS3, connection: Any, method: str, *args: Any) -> Any:
+        out = real(self, connection, method, *args)
+        answered.append(method)
+        return out
+
+    monkeypatch.setattr(DirectS3, "_request", request)
+    with LinkEmulator(servers.LOOPBACK, s3_server.port, rtt=0.3).start() as link:
+        entry = s3_sink(s3_server)
+        entry["options"]["endpoint_url"] = f"http://{link.address}"
+        sink = open_sink(SinkConfig.model_validate(entry), tmp_path)
+        check = s3_server.filesystem()
+        try:
+            checks = SinkChecks([sink])
+            [(_, outcome)] = checks.ready(10)
+            assert outcome is None
+            assert answered == ["PUT"]  # a round trip of 0.3 s before the HEAD answers
+            assert checks.finish(10)
+            assert answered == ["PUT", "HEAD", "DELETE"]
+            [(_, result)] = checks.results(0)
+            assert not isinstance(result, BaseException), result
+            assert check.find(sink.root.split("/")[0]) == []  # the probe object is gone
+        finally:
+            servers.close_filesystem(check)
+            sink.close()
+
+
 def test_s3_check_the_light_client_cannot_pass_is_reported_by_the_regular_one(
     tmp_path: Path, s3_server: servers.S3Server
 ) -> None:

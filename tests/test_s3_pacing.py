@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Coroutine
+from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -70,33 +72,77 @@ def test_the_rate_is_measured_over_the_latest_parts_and_sets_the_width(
     assert p.width == 1  # nothing measured
     p.sending()
     now[0] += 0.05
-    p.confirmed(5 * MIB)  # 5 MiB in 50 ms: a fast link
+    p.confirmed(5 * MIB, now[0] - 0.05)  # 5 MiB in 50 ms: a fast link
     assert sink.rate == pytest.approx(5 * MIB / 0.05)
     assert p.width == 3
     for _ in range(transfer.RATE_PARTS):  # then a part every 1.25 s: about 4.2 MB/s
         now[0] += 1.25
-        p.confirmed(5 * MIB)
+        p.confirmed(5 * MIB, now[0] - 1.25)
     # Over the latest parts only: the fast first one no longer counts.
     assert sink.rate == pytest.approx(5 * MIB / 1.25)
     assert p.width == 1  # 8.4 MB in two seconds: one part of 5 MiB
     for _ in range(transfer.RATE_PARTS):  # faster again: a part every 0.8 s
         now[0] += 0.8
-        p.confirmed(5 * MIB)
+        p.confirmed(5 * MIB, now[0] - 0.8)
     assert sink.rate == pytest.approx(5 * MIB / 0.8)
     assert p.width == 2
+
+
+def test_the_next_part_goes_in_the_last_stretch_of_the_oldest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    waited: list[float | None] = []
+    monkeypatch.setattr(transfer, "time", SimpleNamespace(monotonic=lambda: 100.0))
+    monkeypatch.setattr(transfer.futures, "wait", lambda fs, timeout=None: waited.append(timeout))
+    answer: Future[Any] = Future()
+    assert not pace(None).lead(5 * MIB, answer, 99.0)  # no rate: the answer is awaited
+    assert waited == []
+    # 5 MiB at 4 MiB/s, one at a time: 1.25 s; sent at 99.5, its last fifth begins at 100.5.
+    assert pace(4 * MIB).width == 1
+    assert pace(4 * MIB).lead(5 * MIB, answer, 99.5)
+    assert waited == [pytest.approx(0.5)]
+    # Two in flight share the link: 5 MiB at half of 6 MiB/s takes 5/3 s, so sent at 99.0
+    # its last fifth begins at 99 + 4/3 s.
+    assert pace(6 * MIB).width == 2
+    assert pace(6 * MIB).lead(5 * MIB, answer, 99.0)
+    assert waited[-1] == pytest.approx(1 / 3)
+    waited.clear()
+    assert pace(4 * MIB).lead(5 * MIB, answer, 98.0)  # its last fifth began: no wait
+    assert waited == []
+    assert not pace(4 * MIB, most=1).lead(5 * MIB, answer, 98.0)  # part_concurrency: 1
+    # The latest part took 0.5 s (the link freed up), quicker than the rate of the latest
+    # parts says: 5 MiB sent at 99.8 has its last fifth from 100.2.
+    quick = pace(1 * MIB)
+    quick.sending()
+    quick.confirmed(5 * MIB, 99.5)
+    assert quick.lead(5 * MIB, answer, 99.8)
+    assert waited[-1] == pytest.approx(0.2)
+    answer.set_result({"ETag": "x"})
+    assert not pace(4 * MIB).lead(5 * MIB, answer, 99.5)  # answered meanwhile: settle it
 
 
 # --- on the real server ----------------------------------------------------------------------
 
 
 class Parts:
-    """Counts the UploadPart requests in flight (the most at once) and their sizes."""
+    """Counts the UploadPart requests in flight (the most at once), their sizes, and the
+    seconds during which more than one was in flight."""
 
     def __init__(self) -> None:
         self.now = 0
         self.most = 0
         self.sizes: list[int] = []
         self.lock = threading.Lock()
+        self.overlap = 0.0
+        self._since = 0.0
+
+    def _count(self, step: int) -> None:
+        with self.lock:
+            if self.now >= 2:
+                self.overlap += time.monotonic() - self._since
+            self.now += step
+            self._since = time.monotonic()
+            self.most = max(self.most, self.now)
 
     def wrap(self, real: Any) -> Any:
         def call(fs: Any, method: str, **kwargs: Any) -> Coroutine[Any, Any, Any]:
@@ -106,14 +152,12 @@ class Parts:
 
             async def counted() -> Any:
                 with self.lock:
-                    self.now += 1
-                    self.most = max(self.most, self.now)
                     self.sizes.append(len(kwargs["Body"]))
+                self._count(1)
                 try:
                     return await inner
                 finally:
-                    with self.lock:
-                        self.now -= 1
+                    self._count(-1)
 
             return counted()
 
@@ -138,7 +182,7 @@ def open_s3(server: servers.S3Server, tmp_path: Path, endpoint: str, **extra: An
     return open_sink(SinkConfig(**entry), tmp_path)
 
 
-def test_a_slow_link_gets_parts_of_5_mib_one_at_a_time(
+def test_a_slow_link_gets_parts_of_5_mib_one_at_a_time_and_the_next_in_the_last_stretch(
     s3_server: servers.S3Server, tmp_path: Path, parts: Parts
 ) -> None:
     local = tmp_path / "flight.mp4"
@@ -149,9 +193,12 @@ def test_a_slow_link_gets_parts_of_5_mib_one_at_a_time(
             upload(sink, local)
         finally:
             sink.close()
-    # 3 MB/s carries less than two parts in two seconds: one at a time.
+    # 3 MB/s carries less than two parts in two seconds: one at a time, but for the third
+    # part, sent in the last fifth of the second's time (about 0.35 s of 1.75 s) while the
+    # second one is finishing. The first part's rate was not known: the second waited.
     assert parts.sizes == [5 * MIB, 5 * MIB, 12 * MB - 10 * MIB], parts.sizes
-    assert parts.most == 1, parts.most
+    assert parts.most == 2, parts.most
+    assert 0.1 < parts.overlap < 1.0, parts.overlap
     assert sink.rate is not None
     assert 2.0 * MB < sink.rate < 3.1 * MB, sink.rate
     assert stored_sha256(s3_server, sink.remote_path(local.name)) == digest

@@ -11,10 +11,16 @@ import pytest
 from helpers import make_file
 
 from skyframe.config import SinkConfig
-from skyframe.errors import SourceChangedError, SourceUnreadableError, UnsafePathError
+from skyframe.errors import (
+    SkyframeError,
+    SourceChangedError,
+    SourceUnreadableError,
+    UnsafePathError,
+)
 from skyframe.protocols.generic.plugin import skyframe_transfer
 from skyframe.storage import (
     TEMP_MARKER,
+    SinkChecks,
     TransferRequest,
     open_sink,
     redact_url,
@@ -228,3 +234,47 @@ def test_failures_within_one_wait_count_once() -> None:
     assert health.succeeded()
     assert health.state == "ok"
     assert health.wait() == 0
+
+
+def test_sink_checks_are_ready_once_the_write_is_taken_and_report_a_later_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = open_sink(SinkConfig(url="memory://checks/late"), tmp_path)
+    fs = sink.fs
+    release = threading.Event()
+
+    def size(path: str) -> int:
+        assert release.wait(5)
+        return 0  # not what was written
+
+    monkeypatch.setattr(fs, "size", size)
+    late: list[tuple[object, BaseException]] = []
+    checks = SinkChecks([sink], late=lambda s, exc: late.append((s, exc)))
+    [(checked, outcome)] = checks.ready(5)
+    assert checked is sink
+    assert outcome is None  # the write was taken; the size check still waits
+    assert not checks.finish(0.05)
+    release.set()
+    assert checks.finish(5)
+    [(checked, error)] = late
+    assert checked is sink
+    assert "wrote 21 bytes but the sink reports 0" in str(error)
+    assert fs.find("/checks/late") == []  # the check's object is removed all the same
+    # Collected in full, the same check gives its error.
+    [(_, result)] = checks.results(5)
+    assert result is error
+
+
+def test_sink_checks_give_a_refused_write_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = open_sink(SinkConfig(url="memory://checks/refused"), tmp_path)
+
+    def refuse(path: str, value: bytes) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(sink.fs, "pipe_file", refuse)
+    late: list[tuple[object, BaseException]] = []
+    [(_, outcome)] = SinkChecks([sink], late=lambda s, exc: late.append((s, exc))).ready(5)
+    assert isinstance(outcome, PermissionError | SkyframeError), outcome
+    assert late == []

@@ -40,10 +40,13 @@ class DirectClient(Protocol):
     classified and reported; the one exception is a server where nothing answers.
     """
 
-    def probe(self, path: str, payload: bytes) -> float | None:
+    def probe(
+        self, path: str, payload: bytes, written: Callable[[], None] | None = None
+    ) -> float | None:
         """Write ``payload`` at ``path``, check its size, delete it: the seconds it took to
         connect when all three succeeded; None when it could not tell (the regular probe then
-        runs and says what is wrong). Raises ConnectionError when nothing answers at all."""
+        runs and says what is wrong). Raises ConnectionError when nothing answers at all.
+        Calls ``written`` as soon as the server has stored the payload."""
         ...
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -204,7 +205,9 @@ class DirectS3:
         log.debug("direct PUT of %s/%s answered %s; sending it through s3fs", bucket, key, status)
         return False
 
-    def probe(self, path: str, payload: bytes) -> float | None:
+    def probe(
+        self, path: str, payload: bytes, written: Callable[[], None] | None = None
+    ) -> float | None:
         """See :meth:`skyframe.protocols.endpoint.DirectClient.probe`; ``path`` is ``bucket/key``.
 
         The three requests go on a connection of their own from the calling thread (the
@@ -235,6 +238,8 @@ class DirectS3:
             status, _ = self._request(connection, "PUT", bucket, key, payload)
             if status != 200:
                 return None
+            if written is not None:
+                written()
             status, headers = self._request(connection, "HEAD", bucket, key)
             stored = status == 200 and headers.get("Content-Length") == str(len(payload))
             status, _ = self._request(connection, "DELETE", bucket, key)

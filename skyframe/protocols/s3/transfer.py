@@ -15,6 +15,9 @@ dropped links:
   at most ``part_concurrency``), by the rate this upload measures as its parts are confirmed
   (at first the rate the sink's last large upload measured), and parts of about a second of
   the link (``part_size`` at most, S3's 5 MiB at least; a resumed upload keeps its own);
+- below ``part_concurrency``, one more part goes when the oldest in flight is expected to be
+  :data:`LEAD` of its time from its end, so that the link carries it while the server's
+  answer comes back;
 - the upload is completed only once the file is known unchanged. A file that changed since
   the journal, or while it was read, gets its stale upload aborted and starts anew.
 
@@ -31,6 +34,7 @@ import logging
 import re
 import time
 from collections import deque
+from concurrent import futures
 from concurrent.futures import Future
 from typing import Any
 
@@ -58,6 +62,12 @@ CLOCK_SLACK = 60.0  #: seconds the server's clock may differ from ours
 IN_FLIGHT_SECONDS = 2.0
 #: Confirmed parts the rate is measured over (the latest ones: it follows a changing link).
 RATE_PARTS = 4
+#: Share of a part's expected time before its end at which the next part may go, although the
+#: parts in flight are all there may be: the server's answer takes a round trip after the last
+#: byte, and the link would stand idle meanwhile. A fifth of a part (parts are about a second
+#: of the link) covers the round trips of mobile links; a slow satellite link's parts are
+#: longer, and so is the lead.
+LEAD = 0.2
 _PLAIN_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')
 
 
@@ -318,15 +328,15 @@ class MultipartUpload:
         """Upload the missing parts, at most ``width`` at a time (see the module's docstring);
         returns the bytes in the object."""
         request = self.request
-        in_flight: deque[tuple[int, int, Future[Any]]] = deque()
+        in_flight: deque[tuple[int, int, Future[Any], float]] = deque()
         done = 0
         pace = _Pace(self.part_size, width, request.sink)
 
         def settle_oldest() -> None:
             nonlocal done
-            number, size, future = in_flight.popleft()
+            number, size, future, sent = in_flight.popleft()
             etag = future.result()["ETag"]
-            pace.confirmed(size)
+            pace.confirmed(size, sent)
             self.held[number] = {"etag": etag, "size": size}
             if self.journal is not None:
                 self.journal.add_part(self.journal_key, number, etag, size)
@@ -352,14 +362,16 @@ class MultipartUpload:
                         Body=chunk,
                     )
                     future = asyncio.run_coroutine_threadsafe(call, self.fs.loop)
-                    in_flight.append((number, len(chunk), future))
+                    in_flight.append((number, len(chunk), future, time.monotonic()))
                     while len(in_flight) >= pace.width:
+                        if len(in_flight) == pace.width and pace.lead(*in_flight[0][1:]):
+                            break  # the next part goes beside the oldest's last stretch
                         settle_oldest()
                 while in_flight:
                     settle_oldest()
                 reader.check_unchanged(request.size, request.mtime_ns)
             finally:
-                for _, _, future in in_flight:
+                for _, _, future, _ in in_flight:
                     future.cancel()
             last = -(-reader.bytes_read // self.part_size)
             for number in [n for n in self.held if n > last]:  # left by a longer version
@@ -394,7 +406,10 @@ class _Pace:
         #: (when, bytes confirmed by then) of the latest confirmations, and of the first send
         self.marks: deque[tuple[float, int]] = deque(maxlen=RATE_PARTS)
         self.confirmed_bytes = 0
+        self.rate = sink.rate
         self.width = self._width(sink.rate)
+        #: seconds a byte of the latest confirmed part took, from its send to its answer
+        self.latest: float | None = None
 
     def _width(self, rate: float | None) -> int:
         if rate is None:
@@ -406,16 +421,42 @@ class _Pace:
         if not self.marks:
             self.marks.append((time.monotonic(), 0))
 
-    def confirmed(self, size: int) -> None:
-        """A part of ``size`` bytes was confirmed: measure the rate, set the width."""
+    def confirmed(self, size: int, sent: float) -> None:
+        """A part of ``size`` bytes, sent at ``sent``, was confirmed: measure the rate, set
+        the width."""
         self.confirmed_bytes += size
         now = time.monotonic()
+        if now > sent and size > 0:
+            self.latest = (now - sent) / size
         began, before = self.marks[0]
         self.marks.append((now, self.confirmed_bytes))
         if now > began:
             rate = (self.confirmed_bytes - before) / (now - began)
-            self.sink.rate = rate
+            self.sink.rate = self.rate = rate
             self.width = self._width(rate)
+
+    def lead(self, size: int, future: Future[Any], sent: float) -> bool:
+        """Whether the next part should go now, beside the oldest one in flight (``size``
+        bytes, sent at ``sent``, answering through ``future``): True once that part is
+        expected within :data:`LEAD` of its time from its end and still unanswered. Waits
+        until then, or until it is answered (False).
+
+        Its time is expected from the rate over the latest parts (the parts in flight share
+        it), or from the time the latest part took, whichever is shorter: when the link
+        frees up (other files done), the latest part shows it first. False while neither is
+        known, and when ``part_concurrency`` parts are in flight (the most there may be)."""
+        if self.width >= self.most:
+            return False
+        guesses = [size * self.latest] if self.latest is not None else []
+        if self.rate is not None and self.rate > 0:
+            guesses.append(self.width * size / self.rate)
+        if not guesses:
+            return False
+        expected = min(guesses)
+        wait = sent + (1 - LEAD) * expected - time.monotonic()
+        if wait > 0:
+            futures.wait([future], timeout=wait)
+        return not future.done()
 
 
 def remote_sha256(fs: Any, path: str) -> str:
