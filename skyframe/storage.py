@@ -567,6 +567,25 @@ def probe_sink(sink: Sink, written: Callable[[], None] | None = None) -> ProbeRe
     connected = time.monotonic()
     sink.ensure_folder(sink.root)
     sink.litter.add(name)  # until it is removed: the link may drop first
+    write_check = sink.endpoint.write_check
+    if write_check is not None:
+        size = write_check(fs, name, payload, written)
+        sink.litter.discard(name)
+    else:
+        size = _write_check(sink, fs, name, payload, written)
+    if size != len(payload):
+        raise OSError(f"wrote {len(payload)} bytes but the sink reports {size}")
+    return ProbeResult(connected - began, time.monotonic() - connected)
+
+
+def _write_check(
+    sink: Sink,
+    fs: AbstractFileSystem,
+    name: str,
+    payload: bytes,
+    written: Callable[[], None] | None,
+) -> int | None:
+    """The sinks' check through the filesystem's calls: write, size, remove."""
     try:
         fs.pipe_file(name, payload)
     except FileNotFoundError:
@@ -578,12 +597,10 @@ def probe_sink(sink: Sink, written: Callable[[], None] | None = None) -> ProbeRe
         written()
     try:
         size = fs.size(name)
-        if size != len(payload):
-            raise OSError(f"wrote {len(payload)} bytes but the sink reports {size}")
+        return None if size is None else int(size)
     finally:
         fs.rm(name)
         sink.litter.discard(name)
-    return ProbeResult(connected - began, time.monotonic() - connected)
 
 
 #: What a check says of a sink: its result, the error it gave, or (:meth:`SinkChecks.ready`)

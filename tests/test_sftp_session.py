@@ -187,28 +187,50 @@ def test_small_files_to_sftp_go_in_batches_end_to_end(
     assert leftovers(root) == []
 
 
+def test_the_check_goes_on_skyframes_session_not_through_sshfs(
+    sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sshfs's calls cost about 20 round trips for the check: a channel of its own, and two
+    # for every level of the root's path before its write. The session's cost 5.
+    from skyframe.storage import probe_sink
+
+    fs = sink.fs
+
+    def not_this(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the check went through sshfs")
+
+    for name in ("pipe_file", "makedirs", "size", "rm", "info", "open"):
+        monkeypatch.setattr(fs, name, not_this)
+    written: list[bool] = []
+    result = probe_sink(sink, lambda: written.append(True))
+    assert result.write > 0
+    assert written == [True]
+    assert list(remote_folder(sink).iterdir()) == []
+    assert sink.litter == set()
+
+
 def test_a_check_file_the_link_kept_from_removing_goes_when_the_sink_closes(
     sink: Sink, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The link drops between the check's write and its removal: the file is remembered and
     # removed when the sink closes (at the end of a run), over the connection it has then.
+    from skyframe.protocols.sftp import session
     from skyframe.storage import probe_sink
 
-    fs = sink.fs
-    real_rm = fs.rm
-
-    def dropped(*args: Any, **kwargs: Any) -> None:
+    async def dropped(*args: Any, **kwargs: Any) -> None:
         raise ConnectionResetError("the link dropped")
 
-    monkeypatch.setattr(fs, "rm", dropped)
+    monkeypatch.setattr(session, "remove", dropped)
+    written: list[bool] = []
     with pytest.raises(ConnectionResetError):
-        probe_sink(sink)
+        probe_sink(sink, lambda: written.append(True))
+    assert written == [True]  # told before the removal was tried
     root = remote_folder(sink)
     left = [p.name for p in root.iterdir()]
     assert len(left) == 1
     assert left[0].startswith(".skyframe-check-")
     assert len(sink.litter) == 1
-    monkeypatch.setattr(fs, "rm", real_rm)
+    monkeypatch.undo()
     sink.close()
     assert list(root.iterdir()) == []
     assert sink.litter == set()

@@ -82,6 +82,12 @@ class Endpoint:
     #: creates a folder and its parents on a connection in fewer round trips than the
     #: filesystem's ``makedirs`` (SFTP); None: ``makedirs(folder, exist_ok=True)``
     make_folder: Callable[[Any, str], None] | None = None
+    #: the sinks' check on a connection in fewer round trips than the filesystem's calls
+    #: (SFTP): ``write_check(fs, path, payload, written)`` writes ``payload`` at ``path``,
+    #: calls ``written`` (if given) once it is stored, and returns the size the server then
+    #: reports (None: no file there), removing the file in any case; None: the filesystem's
+    #: ``pipe_file``, ``size`` and ``rm``
+    write_check: Callable[[Any, str, bytes, Callable[[], None] | None], int | None] | None = None
 
 
 def bucket_and_root(url: str, hint: str) -> tuple[str, str]:

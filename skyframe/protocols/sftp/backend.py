@@ -140,6 +140,7 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
         settings=settings,
         warnings=warnings,
         make_folder=session.make_folder_now,
+        write_check=session.write_check_now,
     )
 
 
