@@ -702,7 +702,7 @@ class JobRunner:
             try:
                 # The sink's health follows the batch as it follows a single transfer: a file
                 # that arrived means the sink answers (after an outage: "reachable again").
-                with sink.guard():
+                with sink.guard(), sink.sending_files(len(requests)):
                     results = send(requests)
                     if not any(isinstance(result, TransferResult) for result in results):
                         # Nothing arrived: the guard judges whether that was the sink's doing.
@@ -912,7 +912,8 @@ class JobRunner:
     def _transfer(self, request: TransferRequest) -> TransferResult:
         if self.owners is not None:
             self.owners.claim(request.sink, request.remote_path)
-        result: TransferResult | None = self.pm.hook.skyframe_transfer(request=request)
+        with request.sink.sending_files():
+            result: TransferResult | None = self.pm.hook.skyframe_transfer(request=request)
         if result is None:
             sink = request.sink
             raise DeliveryError(f"no transfer plugin handles {sink.protocol!r} ({sink.display})")

@@ -207,6 +207,9 @@ class Sink:
         #: bytes per second the latest large upload to this sink achieved, or None before one
         #: was measured (an upload sizes what it keeps in flight by it)
         self.rate: float | None = None
+        #: files being sent to this sink now (see :meth:`sending_files`)
+        self.sending = 0
+        self._sending_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Sink({self.key!r}, {self.display!r})"
@@ -354,6 +357,18 @@ class Sink:
         """The hidden name to upload ``remote_path`` into, this sink's and pipeline's own
         (see :func:`temporary_path`)."""
         return temporary_path(remote_path, f"{self.owner}\0{self.key}")
+
+    @contextlib.contextmanager
+    def sending_files(self, count: int = 1) -> Iterator[None]:
+        """Count ``count`` files as being sent to this sink meanwhile (:attr:`sending`): a
+        transfer that knows it has the link to itself may keep it busier."""
+        with self._sending_lock:
+            self.sending += count
+        try:
+            yield
+        finally:
+            with self._sending_lock:
+                self.sending -= count
 
     def ensure_folder(self, folder: str) -> None:
         """Create a remote folder (and its parents) once per connection; object stores have

@@ -45,12 +45,14 @@ BATCHES = """
     from skyframe.errors import DeliveryError
 
     BATCHES = []  # (sink key, [remote paths])
+    SENDING = []  # (how, files in the call, the sink's count of files being sent then)
     ALONE = []  # (sink key, remote path) sent through skyframe_transfer
     STARTED = threading.Event()
 
     def send(requests):
         sink = requests[0].sink
         BATCHES.append((sink.key, [r.remote_path for r in requests]))
+        SENDING.append(("batch", len(requests), sink.sending))
         STARTED.set()
         if os.environ.get("BATCH_TEST_RAISE"):
             raise ConnectionError("link down")
@@ -81,6 +83,7 @@ BATCHES = """
     @hookimpl(tryfirst=True)
     def skyframe_transfer(request):
         ALONE.append((request.sink.key, request.remote_path))
+        SENDING.append(("alone", 1, request.sink.sending))
         if request.local_path.name == os.environ.get("ALONE_TEST_FAIL"):
             raise DeliveryError("refused alone too")
         return None  # the generic transfer delivers it
@@ -138,6 +141,23 @@ def test_small_new_files_go_in_batches_and_are_recorded(
     # Nothing is sent again: the scan finds every file in the manifest.
     again = run_once(project(CONFIG))
     assert (again.delivered, again.unchanged) == (0, 71)
+
+
+def test_the_sink_counts_the_files_being_sent_to_it(
+    tmp_path: Path, project: Callable[[str], Path]
+) -> None:
+    # What a transfer may learn of the files going beside it (an S3 upload then leaves the
+    # round trips of its answers to them): every file of a batch, and a file sent alone.
+    incoming(tmp_path, *(f"img{i:02d}.jpg" for i in range(40)))
+    make_file(tmp_path / "incoming", "video.mp4", os.urandom(2 * 1024 * 1024))
+    assert run_once(project(CONFIG)).delivered == 41
+    recorder = plugin_module(tmp_path, "batches.py")
+    batches = [(count, sending) for how, count, sending in recorder.SENDING if how == "batch"]
+    alone = [sending for how, _, sending in recorder.SENDING if how == "alone"]
+    assert batches
+    assert all(sending >= count for count, sending in batches), batches
+    assert alone
+    assert all(sending >= 1 for sending in alone), alone
 
 
 def test_a_file_failing_in_a_batch_is_sent_again_alone(

@@ -46,7 +46,7 @@ def test_part_size_follows_the_rate_within_s3s_limits_and_the_configured_size() 
 def pace(
     rate: float | None, *, part: int = 5 * MIB, most: int = 3, limited: bool = False
 ) -> transfer._Pace:
-    sink = SimpleNamespace(rate=rate, limiter=limited)
+    sink = SimpleNamespace(rate=rate, limiter=limited, sending=1)
     return transfer._Pace(part, most, sink)  # type: ignore[arg-type]
 
 
@@ -67,7 +67,7 @@ def test_the_rate_is_measured_over_the_latest_parts_and_sets_the_width(
 ) -> None:
     now = [100.0]
     monkeypatch.setattr(transfer, "time", SimpleNamespace(monotonic=lambda: now[0]))
-    sink = SimpleNamespace(rate=None, limiter=None)
+    sink = SimpleNamespace(rate=None, limiter=None, sending=1)
     p = transfer._Pace(5 * MIB, 3, sink)  # type: ignore[arg-type]
     assert p.width == 1  # nothing measured
     p.sending()
@@ -110,6 +110,9 @@ def test_the_next_part_goes_in_the_last_stretch_of_the_oldest(
     assert pace(4 * MIB).lead(5 * MIB, answer, 98.0)  # its last fifth began: no wait
     assert waited == []
     assert not pace(4 * MIB, most=1).lead(5 * MIB, answer, 98.0)  # part_concurrency: 1
+    shared = pace(4 * MIB)
+    shared.sink.sending = 2  # a photo goes beside it: it fills the round trip
+    assert not shared.lead(5 * MIB, answer, 98.0)
     # The latest part took 0.5 s (the link freed up), quicker than the rate of the latest
     # parts says: 5 MiB sent at 99.8 has its last fifth from 100.2.
     quick = pace(1 * MIB)
@@ -119,6 +122,14 @@ def test_the_next_part_goes_in_the_last_stretch_of_the_oldest(
     assert waited[-1] == pytest.approx(0.2)
     answer.set_result({"ETag": "x"})
     assert not pace(4 * MIB).lead(5 * MIB, answer, 99.5)  # answered meanwhile: settle it
+    # A file that begins while the part waits for its last stretch: no next part then.
+    landing = pace(4 * MIB)
+    monkeypatch.setattr(
+        transfer.futures,
+        "wait",
+        lambda fs, timeout=None: setattr(landing.sink, "sending", 2),
+    )
+    assert not landing.lead(5 * MIB, Future(), 99.5)
 
 
 # --- on the real server ----------------------------------------------------------------------

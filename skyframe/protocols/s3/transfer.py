@@ -15,9 +15,9 @@ dropped links:
   at most ``part_concurrency``), by the rate this upload measures as its parts are confirmed
   (at first the rate the sink's last large upload measured), and parts of about a second of
   the link (``part_size`` at most, S3's 5 MiB at least; a resumed upload keeps its own);
-- below ``part_concurrency``, one more part goes when the oldest in flight is expected to be
-  :data:`LEAD` of its time from its end, so that the link carries it while the server's
-  answer comes back;
+- below ``part_concurrency``, and while no other file goes to the sink, one more part goes
+  when the oldest in flight is expected to be :data:`LEAD` of its time from its end, so that
+  the link carries it while the server's answer comes back;
 - the upload is completed only once the file is known unchanged. A file that changed since
   the journal, or while it was read, gets its stale upload aborted and starts anew.
 
@@ -444,8 +444,11 @@ class _Pace:
         Its time is expected from the rate over the latest parts (the parts in flight share
         it), or from the time the latest part took, whichever is shorter: when the link
         frees up (other files done), the latest part shows it first. False while neither is
-        known, and when ``part_concurrency`` parts are in flight (the most there may be)."""
-        if self.width >= self.most:
+        known, when ``part_concurrency`` parts are in flight (the most there may be), and
+        while other files go to the sink: they keep the link busy during the answer's round
+        trip, and one more part would take its share from them (a photo landing beside a
+        video would get a third of the link rather than half)."""
+        if self.width >= self.most or self.sink.sending > 1:
             return False
         guesses = [size * self.latest] if self.latest is not None else []
         if self.rate is not None and self.rate > 0:
@@ -456,7 +459,7 @@ class _Pace:
         wait = sent + (1 - LEAD) * expected - time.monotonic()
         if wait > 0:
             futures.wait([future], timeout=wait)
-        return not future.done()
+        return not future.done() and self.sink.sending <= 1  # no file came meanwhile
 
 
 def remote_sha256(fs: Any, path: str) -> str:
