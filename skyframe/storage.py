@@ -744,9 +744,22 @@ class SinkChecks:
         return self._collect(timeout, self._answered)
 
     def finish(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for every check to end (the check's object removed);
-        False when one is still going."""
-        return self._done.wait(timeout)
+        """Wait up to ``timeout`` seconds for every check that took its write to end (its
+        object removed); False when one is still going. A check that wrote nothing (its sink
+        does not answer) leaves nothing behind and is not waited for."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                going = any(
+                    written and result is None
+                    for written, result in zip(self._written, self._results, strict=True)
+                )
+            if not going:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._done.wait(min(left, 0.05))
 
 
 def check_sinks(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import fsspec
@@ -278,3 +279,25 @@ def test_sink_checks_give_a_refused_write_at_once(
     [(_, outcome)] = SinkChecks([sink], late=lambda s, exc: late.append((s, exc))).ready(5)
     assert isinstance(outcome, PermissionError | SkyframeError), outcome
     assert late == []
+
+
+def test_sink_checks_finish_waits_only_for_checks_that_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A sink that never answers the write leaves nothing to remove: the end of a run does not
+    # wait for its check (it waited for the first files already).
+    sink = open_sink(SinkConfig(url="memory://checks/hung"), tmp_path)
+    release = threading.Event()
+
+    def hang(path: str, value: bytes) -> None:
+        assert release.wait(10)
+
+    monkeypatch.setattr(sink.fs, "pipe_file", hang)
+    checks = SinkChecks([sink])
+    try:
+        began = time.monotonic()
+        assert checks.finish(5)
+        assert time.monotonic() - began < 1
+    finally:
+        release.set()
+    assert checks.finish(5)
