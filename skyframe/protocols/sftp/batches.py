@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 BATCH_IN_FLIGHT = 32
 #: ... and bytes of them in flight at once, at most (one file is always let through): what a
 #: cut of the link costs to send again. The files finish in turn rather than all together
-#: at the end of the batch, so that a cut loses little.
-BATCH_BYTES = 4 * 1024 * 1024
+#: at the end of the batch, so that a cut loses little: with 4 MiB, the ten photos of a
+#: flight sharing a 24 Mbit/s link with a video were all cut, cut after cut, every 2 s.
+BATCH_BYTES = 1024 * 1024
 
 
 class _Budget:
