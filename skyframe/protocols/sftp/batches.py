@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 BATCH_IN_FLIGHT = 32
 #: ... and bytes of them in flight at once, at most (one file is always let through): what a
 #: cut of the link costs to send again. The files finish in turn rather than all together
-#: at the end of the batch, so that a cut loses little: with 4 MiB, the ten photos of a
-#: flight sharing a 24 Mbit/s link with a video were all cut, cut after cut, every 2 s.
+#: at the end of the batch, so that a cut loses little (with a larger budget, a few photos
+#: sharing a slow link with a video all went at once, and were all cut, cut after cut).
 BATCH_BYTES = 1024 * 1024
 
 

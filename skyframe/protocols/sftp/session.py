@@ -186,7 +186,7 @@ async def write_check(
 ) -> int | None:
     """The sinks' check on the connection's session: open, write and close ``path`` (then
     ``written`` is called), its size, and its removal; a round trip each. Through sshfs it
-    took about 20 (a channel of its own, and two for every level of the folder's path)."""
+    took a channel of its own, and two requests for every level of the folder's path."""
     handle, _ = await open_file(fs, path, "wb")
     try:
         await handle.write(payload, 0)
