@@ -254,6 +254,7 @@ def test_a_sigkill_while_a_flight_is_open_loses_neither_flight_nor_report(
         root = sink["url"].removeprefix("s3://") + "/flight-07"
 
         def read(name: str) -> bytes:
+            fs.invalidate_cache()  # the listing delivered() cached may predate the file
             return bytes(fs.cat_file(f"{root}/{name}"))
 
         def delivered() -> list[str]:
