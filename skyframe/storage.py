@@ -643,7 +643,8 @@ class SinkChecks:
         self.sinks = sinks
         self.started = time.monotonic()
         self._results: list[ProbeResult | BaseException | None] = [None] * len(sinks)
-        self._written = [False] * len(sinks)
+        #: answered: took the check's write, or finished the check
+        self._answered_sinks = [False] * len(sinks)
         self._reported = [False] * len(sinks)  #: reported by ready() while still checking
         self._done = threading.Event()
         self._answered = threading.Event()
@@ -662,8 +663,8 @@ class SinkChecks:
 
     def _answer(self, index: int) -> None:
         """The sink at ``index`` answered (called under the lock)."""
-        if not self._written[index]:
-            self._written[index] = True
+        if not self._answered_sinks[index]:
+            self._answered_sinks[index] = True
             self._unanswered -= 1
             if self._unanswered == 0:
                 self._answered.set()
@@ -703,7 +704,7 @@ class SinkChecks:
         with self._lock:
             for index, sink in enumerate(self.sinks):
                 result = self._results[index]
-                if result is None and self._written[index]:
+                if result is None and self._answered_sinks[index]:
                     self._reported[index] = True
                     out.append((sink, None))
                 elif result is None:
@@ -751,8 +752,8 @@ class SinkChecks:
         while True:
             with self._lock:
                 going = any(
-                    written and result is None
-                    for written, result in zip(self._written, self._results, strict=True)
+                    answered and result is None  # took the write, not done
+                    for answered, result in zip(self._answered_sinks, self._results, strict=True)
                 )
             if not going:
                 return True
