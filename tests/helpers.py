@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 import servers
+from fakes.link import LinkEmulator
 from fakes.proxy import CountingProxy
 from fakes.recorder import Recorder
 
@@ -361,9 +362,12 @@ def sftp_sink(server: servers.SFTPServer, **extra: Any) -> dict[str, Any]:
     return {"url": url, "options": {**options, **extra}}
 
 
-def sftp_through(proxy: CountingProxy, server: servers.SFTPServer, folder: Path) -> dict[str, Any]:
-    """A sink entry for a fresh folder on the test SFTP server, reached through ``proxy``: the
-    server's host key, vouched for at the proxy's address, in folder/known_hosts."""
+def sftp_through(
+    proxy: CountingProxy | LinkEmulator, server: servers.SFTPServer, folder: Path
+) -> dict[str, Any]:
+    """A sink entry for a fresh folder on the test SFTP server, reached through ``proxy`` (or
+    a link emulator): the server's host key, vouched for at its address, in
+    folder/known_hosts."""
     known_hosts = folder / "known_hosts"
     known_hosts.write_text(
         f"[{servers.LOOPBACK}]:{proxy.port} {server.host_public_key}\n", encoding="utf-8"

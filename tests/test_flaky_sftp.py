@@ -9,11 +9,10 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import servers
 from fakes.link import LinkEmulator, mbit
-from helpers import finish, journal_entries, start_skyframe, unique_name, write_random
+from helpers import finish, journal_entries, sftp_through, start_skyframe, write_random
 
 PHOTOS = 10
 PHOTO_SIZE = 200_000
@@ -22,18 +21,6 @@ PAYLOAD = PHOTOS * PHOTO_SIZE + VIDEO_SIZE
 RATE = mbit(24)  #: about 3.3 s of payload on the link alone: a cut or two land in it
 RTT = 0.04
 CUT_EVERY = 2.0
-
-
-def sftp_via_link(link: LinkEmulator, server: servers.SFTPServer, folder: Path) -> dict[str, Any]:
-    """A sink on a fresh folder of the server, reached through ``link``: the server's host key
-    vouched for at the link's address."""
-    known_hosts = folder / "known_hosts"
-    known_hosts.write_text(f"[{link.host}]:{link.port} {server.host_public_key}\n", "utf-8")
-    remote = server.root / unique_name("f")
-    return {
-        "url": f"sftp://{server.username}@{link.host}:{link.port}{remote}",
-        "options": {"key_file": str(server.client_key), "known_hosts": str(known_hosts)},
-    }
 
 
 def test_run_once_over_a_link_cut_every_two_seconds_delivers_everything(
@@ -52,7 +39,7 @@ def test_run_once_over_a_link_cut_every_two_seconds_delivers_everything(
     with LinkEmulator(
         servers.LOOPBACK, sftp_server.port, up_bps=RATE, rtt=RTT, cut_every=CUT_EVERY
     ) as link:
-        sink = sftp_via_link(link, sftp_server, tmp_path)
+        sink = sftp_through(link, sftp_server, tmp_path)
         config = tmp_path / "skyframe.yaml"
         config.write_text(
             f"""

@@ -14,7 +14,16 @@ from typing import Any
 
 import pytest
 import servers
-from helpers import WriteConfig, batch_requests, make_file, one_sink_config, run_once, sftp_sink
+from fakes.link import LinkEmulator, mbit
+from helpers import (
+    WriteConfig,
+    batch_requests,
+    make_file,
+    one_sink_config,
+    run_once,
+    sftp_sink,
+    sftp_through,
+)
 
 from skyframe.config import SinkConfig
 from skyframe.deps import import_asyncssh
@@ -83,13 +92,151 @@ def test_sftp_batch_keeps_its_files_in_flight_together(
     outcomes = send(requests)
     assert all(isinstance(outcome, TransferResult) for outcome in outcomes), outcomes
     assert in_flight[1] == 32  # BATCH_IN_FLIGHT, more than the sink's concurrency (8)
-    # Files of 1 MB: at most 4 MiB of their bytes go at once (BATCH_BYTES), but the opens,
+    # Files of 1 MB: at most 1 MiB of their bytes go at once (BATCH_BYTES), but the opens,
     # which carry none, do not wait for that.
     in_flight[:] = [0, 0]
     big = {f"big/{i}.jpg": os.urandom(1_000_000) for i in range(12)}
     outcomes = send(batch_requests(sink, tmp_path / "src", big))
     assert all(isinstance(outcome, TransferResult) for outcome in outcomes), outcomes
     assert in_flight[1] == 12
+
+
+def test_a_batchs_next_file_follows_the_last_bytes_of_the_one_before_without_their_answer(
+    sftp_server: servers.SFTPServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Over a link with a round trip, the bytes of a batch's files in flight (sent, not yet
+    # answered) stay within BATCH_BYTES, counted by write request: the next file's requests
+    # go as the answers of the one before come back, not after its last answer, so the link
+    # does not stand idle for a round trip between two photos.
+    from skyframe.protocols.sftp import batches
+    from skyframe.protocols.sftp.plugin import skyframe_transfer_batch
+
+    asyncssh = import_asyncssh()
+    original = asyncssh.SFTPClientFile.write
+    unanswered: dict[int, int] = {}  # handle -> requests in flight
+    seen = {"bytes": 0, "most_bytes": 0, "most_files": 0}
+
+    async def counting_write(self: Any, data: Any, offset: int) -> Any:
+        unanswered[id(self)] = unanswered.get(id(self), 0) + 1
+        seen["bytes"] += len(data)
+        seen["most_bytes"] = max(seen["most_bytes"], seen["bytes"])
+        seen["most_files"] = max(seen["most_files"], len(unanswered))
+        try:
+            return await original(self, data, offset)
+        finally:
+            seen["bytes"] -= len(data)
+            unanswered[id(self)] -= 1
+            if not unanswered[id(self)]:
+                del unanswered[id(self)]
+
+    monkeypatch.setattr(asyncssh.SFTPClientFile, "write", counting_write)
+    with LinkEmulator(servers.LOOPBACK, sftp_server.port, up_bps=mbit(24), rtt=0.04) as link:
+        sink = open_sink(SinkConfig(**sftp_through(link, sftp_server, tmp_path)), tmp_path)
+        try:
+            send = skyframe_transfer_batch(sink)
+            assert send is not None
+            photos = {f"DJI_{i:04}.JPG": os.urandom(600_000) for i in range(6)}
+            outcomes = send(batch_requests(sink, tmp_path / "src", photos))
+            assert all(isinstance(outcome, TransferResult) for outcome in outcomes), outcomes
+            root = remote_folder(sink)
+            assert {p.name: p.read_bytes() for p in root.iterdir()} == photos
+        finally:
+            sink.close()
+    assert seen["most_bytes"] <= batches.BATCH_BYTES, seen
+    assert seen["most_files"] >= 2, seen  # a file's requests beside the last of the one before
+
+
+def test_a_batch_cut_on_its_way_goes_on_from_what_the_server_acknowledged(
+    sink: Sink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The link drops twice during a batch: once after every write of "done.jpg" was answered,
+    # before its close; once while "half.jpg" is written, after its first piece was answered.
+    # The next try sends neither again whole: "done.jpg" is closed and renamed, "half.jpg"
+    # goes on from its first piece.
+    from skyframe.protocols.sftp import session
+    from skyframe.protocols.sftp.plugin import skyframe_transfer_batch
+
+    asyncssh = import_asyncssh()
+    real_open, real_close = session.open_file, session.close_file
+    real_write = asyncssh.SFTPClientFile.write
+    names: dict[int, str] = {}  # handle -> file name
+    sent: dict[str, int] = {}  # file name -> bytes written, all tries
+    cuts: list[str] = []
+
+    async def naming_open(fs: Any, path: str, mode: str, lane: Any = "small") -> Any:
+        handle, piece = await real_open(fs, path, mode, lane)
+        names[id(handle)] = Path(path).name.split(".skyframe-")[0].lstrip(".")
+        return handle, piece
+
+    async def cut_write(self: Any, data: Any, offset: int) -> Any:
+        name = names[id(self)]
+        if name == "half.jpg" and offset and "half" not in cuts:
+            cuts.append("half")
+            await asyncio.sleep(0.2)  # the first piece is answered meanwhile
+            raise asyncssh.ConnectionLost("the link dropped")
+        sent[name] = sent.get(name, 0) + len(data)
+        return await real_write(self, data, offset)
+
+    async def cut_close(handle: Any) -> None:
+        if names.get(id(handle)) == "done.jpg" and "done" not in cuts:
+            cuts.append("done")
+            raise asyncssh.ConnectionLost("the link dropped")
+        await real_close(handle)
+
+    monkeypatch.setattr(session, "open_file", naming_open)
+    monkeypatch.setattr(session, "close_file", cut_close)
+    monkeypatch.setattr(asyncssh.SFTPClientFile, "write", cut_write)
+    monkeypatch.setattr("skyframe.protocols.sftp.batches.pause", lambda request, wait: None)
+    send = skyframe_transfer_batch(sink)
+    assert send is not None
+    files = {"done.jpg": os.urandom(300_000), "half.jpg": os.urandom(700_000)}
+    outcomes = send(batch_requests(sink, tmp_path / "src", files))
+    assert all(isinstance(outcome, TransferResult) for outcome in outcomes), outcomes
+    assert sorted(cuts) == ["done", "half"]
+    root = remote_folder(sink)
+    assert {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()} == files
+    assert leftovers(root) == []
+    assert sent["done.jpg"] == len(files["done.jpg"])  # once
+    # Its first piece once; the pieces in flight at the cut, at most, again.
+    assert len(files["half.jpg"]) <= sent["half.jpg"] < 2 * len(files["half.jpg"]), sent
+
+
+def test_a_small_file_sent_alone_goes_on_after_a_cut_from_what_was_acknowledged(
+    sink: Sink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A file of less than one chunk has no journal: after a cut within the run, the next try
+    # still goes on from the bytes the server acknowledged, not from its start.
+    from skyframe.protocols.sftp import transfer
+    from skyframe.storage import TransferRequest
+
+    asyncssh = import_asyncssh()
+    real_write = asyncssh.SFTPClientFile.write
+    sent = [0]
+    cut: list[int] = []
+
+    async def cut_write(self: Any, data: Any, offset: int) -> Any:
+        if offset >= 1_000_000 and not cut:
+            cut.append(offset)
+            await asyncio.sleep(0.2)  # the pieces before it are answered meanwhile
+            raise asyncssh.ConnectionLost("the link dropped")
+        sent[0] += len(data)
+        return await real_write(self, data, offset)
+
+    monkeypatch.setattr(asyncssh.SFTPClientFile, "write", cut_write)
+    monkeypatch.setattr(transfer, "pause", lambda request, wait: None)
+    sink.ensure_folder(sink.root)
+    photo = make_file(tmp_path / "src", "pano.jpg", os.urandom(2_000_000))
+    st = photo.stat()
+    request = TransferRequest(sink, photo, sink.remote_path("pano.jpg"), st.st_size, st.st_mtime_ns)
+    result = transfer.upload(request)
+    data = photo.read_bytes()
+    assert result == TransferResult(len(data), hashlib.sha256(data).hexdigest())
+    assert cut
+    assert (remote_folder(sink) / "pano.jpg").read_bytes() == data
+    assert leftovers(remote_folder(sink)) == []
+    # Sent from its start again, it would be 2 MB more; the bytes acknowledged before the
+    # cut (a megabyte at least) go once.
+    assert len(data) <= sent[0] <= 2 * len(data) - 1_000_000, sent
 
 
 def test_a_file_the_server_refuses_gets_its_error_and_leaves_nothing(

@@ -3,7 +3,9 @@
 Each file is read whole, opened under its temporary name, written in as few requests as the
 server's limit allows, closed and renamed into place; the requests of many files are in
 flight at once, so a batch costs a few round trips in all rather than a few per file. A lost
-connection is reconnected within the batch, as a single upload does (``transfer.upload``).
+connection is reconnected within the batch, as a single upload does (``transfer.upload``), and
+a file cut on its way goes on from the bytes the server had acknowledged (as far as its
+temporary file still holds them): a cut costs the bytes in flight, not the files.
 """
 
 from __future__ import annotations
@@ -26,16 +28,19 @@ log = logging.getLogger(__name__)
 #: Small files of one batch in flight at once, at least: their requests are pipelined on the
 #: connection's session, so a batch costs a few round trips in all, not a few per file.
 BATCH_IN_FLIGHT = 32
-#: ... and bytes of them in flight at once, at most (one file is always let through): what a
-#: cut of the link costs to send again. The files finish in turn rather than all together
-#: at the end of the batch, so that a cut loses little (with a larger budget, a few photos
-#: sharing a slow link with a video all went at once, and were all cut, cut after cut).
+#: ... and bytes of them in flight at once, at most (one write request is always let
+#: through): what a cut of the link costs to send again. Counted by write request, from its
+#: sending to its answer, so that the next file's bytes follow a file's last ones without
+#: waiting for their answer. The files finish in turn rather than all together at the end of
+#: the batch, so that a cut loses little (with a larger budget, a few photos sharing a slow
+#: link with a video all went at once, and were all cut, cut after cut).
 BATCH_BYTES = 1024 * 1024
 
 
 class _Budget:
-    """Bytes in flight on the event loop, up to a limit; a piece larger than the limit goes
-    when nothing else is in flight."""
+    """Bytes in flight on the event loop, up to a limit, let through in about the order they
+    ask (the waiters look in turn; a smaller one may pass one that does not fit yet); a piece
+    larger than the limit goes when nothing else is in flight."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -68,11 +73,12 @@ def batch(sink: Sink) -> BatchTransfer:
     def send(requests: list[TransferRequest]) -> list[TransferResult | Exception]:
         outcomes: list[TransferResult | Exception] = [DeliveryError("not sent")] * len(requests)
         todo = list(range(len(requests)))
+        acknowledged: dict[int, int] = {}  #: per request (its id), bytes the server holds
         stalls = 0  #: rounds in a row without a connection
         tries = 0  #: rounds in a row that delivered nothing
         while True:
             generation = sink.generation
-            connected, results = _send_round(sink, [requests[i] for i in todo])
+            connected, results = _send_round(sink, [requests[i] for i in todo], acknowledged)
             lost = []
             for index, result in zip(todo, results, strict=True):
                 outcomes[index] = result
@@ -104,10 +110,14 @@ def batch(sink: Sink) -> BatchTransfer:
 
 
 def _send_round(
-    sink: Sink, requests: list[TransferRequest]
+    sink: Sink, requests: list[TransferRequest], acknowledged: dict[int, int]
 ) -> tuple[bool, list[TransferResult | Exception]]:
     """One try of a batch on the sink's current connection: whether there was one (the server
-    answered), and each file's outcome."""
+    answered), and each file's outcome.
+
+    ``acknowledged`` holds, per request (by its id), the bytes of its temporary file the
+    server acknowledged on an earlier try: a file cut on its way (or before its close and
+    rename) goes on from there, as far as the temporary file still has them."""
     try:
         fs = sink.fs  # connects here, in the calling thread, if needed
     except Exception as exc:
@@ -121,13 +131,23 @@ def _send_round(
 
     async def put(request: TransferRequest, data: bytes, sha256: str) -> None:
         temporary = sink.temporary_path(request.remote_path)
-        handle, piece = await session.open_file(fs, temporary, "wb")
+        key = id(request)
+        start = 0
+        if acknowledged.get(key):  # a cut stopped it: one round trip asks what is there
+            held = await session.size_of(fs, temporary)
+            start = min(acknowledged[key], held or 0)
+        handle, piece = await session.open_file(fs, temporary, "r+b" if start else "wb")
+
+        def confirmed(done: int) -> None:
+            acknowledged[key] = done
+
         try:
             try:
                 # Only the bytes on their way count against the budget: the open, the close
                 # and the rename are round trips during which other files' bytes flow.
-                async with budget.take(len(data)):
-                    await session.write_all(handle, data, piece)
+                await session.write_all(
+                    handle, data, piece, budget.take, start=start, confirmed=confirmed
+                )
             finally:
                 await session.close_file(handle)
             await session.rename(fs, temporary, request.remote_path)

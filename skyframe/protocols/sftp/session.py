@@ -23,6 +23,7 @@ import logging
 import posixpath
 import weakref
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, TypeVar, cast
 
 from fsspec.asyn import sync
@@ -97,14 +98,40 @@ async def open_file(fs: Any, path: str, mode: str, lane: Lane = "small") -> tupl
     return await sftp.open(path, mode, block_size=piece), piece
 
 
-async def write_all(handle: Any, data: bytes, piece: int) -> None:
-    """Write ``data`` from offset 0 in requests of at most ``piece`` bytes, all in flight at
-    once; every request's outcome is collected, and the first error raised."""
+async def write_all(
+    handle: Any,
+    data: bytes,
+    piece: int,
+    gate: Callable[[int], AbstractAsyncContextManager[Any]] | None = None,
+    *,
+    start: int = 0,
+    confirmed: Callable[[int], None] | None = None,
+) -> None:
+    """Write ``data`` from offset ``start`` in requests of at most ``piece`` bytes, all in
+    flight at once, or each once ``gate`` (given the request's size) lets it through, for as
+    long as it is unanswered; every request's outcome is collected, and the first error
+    raised. ``confirmed`` is told how far from 0 every byte has been acknowledged, as that
+    grows."""
     views = memoryview(data)
-    outcomes = await asyncio.gather(
-        *(handle.write(views[at : at + piece], at) for at in range(0, len(data), piece)),
-        return_exceptions=True,
-    )
+    offsets = range(start, len(data), piece)
+    answered: set[int] = set()
+    done = [start]  # every byte before it acknowledged
+
+    async def write(at: int) -> None:
+        chunk = views[at : at + piece]
+        if gate is None:
+            await handle.write(chunk, at)
+        else:
+            async with gate(len(chunk)):
+                await handle.write(chunk, at)
+        if confirmed is not None:
+            answered.add(at)
+            while done[0] in answered:
+                answered.discard(done[0])
+                done[0] = min(done[0] + piece, len(data))
+            confirmed(done[0])
+
+    outcomes = await asyncio.gather(*(write(at) for at in offsets), return_exceptions=True)
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
             raise outcome

@@ -18,10 +18,11 @@ is on the wire: a cut costs the bytes in flight, not a whole chunk.
 
 A connection lost during an upload is not the file's failure: the upload reconnects (the
 sink's connection is dropped and rebuilt once for all the transfers that shared it) and goes
-on from the acknowledged offset: at once after a try on which the server answered, after a
-growing wait when it did not. Only :data:`RECONNECTS` tries in a row without an answer (or
-:data:`TRIES` that got no byte further) give the error to the caller: the sink is then away
-(see :class:`skyframe.storage.SinkHealth`).
+on from the acknowledged offset (a small file, which has no journal, from what the try before
+got acknowledged, as far as its temporary file holds it): at once after a try on which the
+server answered, after a growing wait when it did not. Only :data:`RECONNECTS` tries in a
+row without an answer (or :data:`TRIES` that got no byte further) give the error to the
+caller: the sink is then away (see :class:`skyframe.storage.SinkHealth`).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from skyframe.storage import Sink, SourceReader, TransferRequest, TransferResult
 
 log = logging.getLogger(__name__)
 
-CHUNK = 4 * 1024 * 1024  #: files up to this size are sent whole again after a cut (no journal)
+CHUNK = 4 * 1024 * 1024  #: files up to this size have no journal (a crash sends them again)
 PIECE = session.PIECE  #: bytes per write request, at most (less if the server says so)
 WINDOW = 8 * 1024 * 1024  #: bytes written and not yet acknowledged, at most (memory bound)
 JOURNAL_EVERY = 0.5  #: seconds between journal updates of an upload's acknowledged offset
@@ -155,6 +156,16 @@ def _resume_offset(
     return max(0, min(int(record.get("offset", 0)), remote_size, request.size)), False
 
 
+def _held(fs: Any, temporary: str, acknowledged: int, lane: session.Lane) -> int:
+    """Where an upload without a journal goes on from after a cut: the bytes an earlier try of
+    it got acknowledged, as far as its temporary file holds them (one round trip asks); 0
+    when none were."""
+    if acknowledged <= 0:
+        return 0
+    held = session.run(fs, session.size_of, fs, temporary, lane)
+    return min(acknowledged, held or 0)
+
+
 def cancel_upload(fs: Any, record: dict[str, Any]) -> None:
     """Remove the temporary file of an interrupted upload."""
     with contextlib.suppress(FileNotFoundError):
@@ -177,7 +188,7 @@ def upload(request: TransferRequest) -> TransferResult:
         generation = sink.generation
         progress = _Progress()
         try:
-            return _upload_once(request, progress)
+            return _upload_once(request, progress, best)
         except (SourceChangedError, SourceUnreadableError):
             raise
         except Exception as exc:
@@ -224,12 +235,14 @@ def pause(request: TransferRequest, seconds: float) -> None:
         time.sleep(min(left, 0.1))
 
 
-def _upload_once(request: TransferRequest, progress: _Progress) -> TransferResult:
-    """One try of :func:`upload` on the sink's current connection."""
+def _upload_once(request: TransferRequest, progress: _Progress, before: int) -> TransferResult:
+    """One try of :func:`upload` on the sink's current connection (``before``: the furthest
+    an earlier try of this upload got acknowledged, -1 at first)."""
     sink = request.sink
     fs = sink.fs
     progress.answered = True  # connected (now, or by another transfer)
-    # A file of one chunk is sent again whole: a journal would cost more than it saves.
+    # A file of one chunk has no journal (it would cost more than it saves): after a cut it
+    # goes on from what an earlier try got acknowledged, after a crash from its start.
     journal = request.journal if request.size > CHUNK else None
     key = request.journal_key
     temporary = sink.temporary_path(request.remote_path)
@@ -239,7 +252,10 @@ def _upload_once(request: TransferRequest, progress: _Progress) -> TransferResul
         drop_stale(request)  # the file shrank since a journaled upload of it began
     with SourceReader(request.local_path, chunk_size=PIECE) as reader:
         # No folder is made first: opening the temporary file makes it if it is missing.
-        start, arrived = _resume_offset(fs, journal, request, temporary, lane)
+        if journal is None:  # an earlier try's acknowledged bytes, as far as the file has them
+            start, arrived = _held(fs, temporary, before, lane), False
+        else:
+            start, arrived = _resume_offset(fs, journal, request, temporary, lane)
         if arrived:  # the last try's rename took effect: nothing more to send
             assert journal is not None
             log.info("%s: %s arrived on the last try", sink.display, request.remote_path)
@@ -323,7 +339,7 @@ def _after_failure(
             journal.update(key, offset=acknowledged)
     elif journal is None and not isinstance(request.sink.translate(exc), SinkUnavailableError):
         # The connection still works: no temporary file stays behind. (Over a lost one, the
-        # next try writes the same temporary name again from its start.)
+        # next try goes on in the same temporary file from what the server acknowledged.)
         with contextlib.suppress(Exception):
             fs.rm(temporary)
 
