@@ -95,6 +95,9 @@ def _setup_logging(verbose: int, quiet: bool, stderr: Console) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Pillow's debug lines are a line per EXIF tag of every photo read (geotag): noise that
+    # made the reading several times as costly with a debug log, and nothing to diagnose.
+    logging.getLogger("PIL").setLevel(logging.INFO)
 
 
 @click.group(cls=SkyframeGroup, context_settings={"help_option_names": ["-h", "--help"]})

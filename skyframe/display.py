@@ -1,10 +1,11 @@
-"""What may reach a terminal or a log: names escaped, passwords in URLs removed.
+"""What may reach a terminal or a log: names escaped, passwords in URLs and credentials removed.
 
 File names come from cameras, SD cards and other people's machines: a name may hold bytes
 that are not UTF-8 (kept by Python as lone surrogates), newlines that would forge a log
 line, or terminal escape sequences. Error messages of libraries may quote a URL with its
-password. Everything shown goes through :func:`shown`; the log records of skyframe's
-loggers through :class:`SafeLogFilter`.
+password, and their debug lines a session token. Everything shown goes through
+:func:`shown`; the log records through :class:`SafeLogFilter`, which also removes those
+tokens (:func:`redact_secrets`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,18 @@ import time
 
 #: ``scheme://user:password@`` (the password is what goes)
 _URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^/\s@]+@")
+#: A credential as libraries' debug lines quote it: in a header, a signed request's canonical
+#: form, a query or a field (``name: value``, ``name=value``, ``'Name': b'value'``); botocore
+#: logs the session token of temporary credentials so.
+_SECRET_FIELD = re.compile(
+    r"(?i)(?P<head>\b(?:x-amz-security-token|security[-_]?token|session[-_]?token"
+    r"|access[-_]?token|refresh[-_]?token|client[-_]?secret|secret[-_]?access[-_]?key"
+    r"|password|passphrase|sig)['\"]?\s*[:=]\s*b?['\"]?)[^'\"\s&,;]+"
+)
+#: ``Authorization: Bearer <token>`` (an OAuth access token)
+_BEARER = re.compile(r"(?i)\b(?P<head>bearer\s+)[A-Za-z0-9._~+/=-]+")
+#: What a line must hold for the two above to be tried (most lines hold none of it).
+_SECRET_HINTS = ("token", "secret", "password", "passphrase", "bearer", "sig")
 #: C0 and C1 control characters, DEL, and lone surrogates (undecodable bytes of a file name)
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
@@ -25,6 +38,15 @@ def redact(text: str) -> str:
     if "://" not in text:
         return text
     return _URL_PASSWORD.sub(r"\g<head>***@", text)
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with the credentials libraries quote in their debug lines (session tokens,
+    bearer tokens, fields named as secrets) replaced by ``***``; for log records, not names."""
+    lowered = text.lower()
+    if not any(hint in lowered for hint in _SECRET_HINTS):
+        return text
+    return _BEARER.sub(r"\g<head>***", _SECRET_FIELD.sub(r"\g<head>***", text))
 
 
 def _escape(match: re.Match[str]) -> str:
@@ -68,7 +90,7 @@ class SafeLogFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # a malformed call: let the handler report it as usual
             return True
-        safe = shown(message)
+        safe = shown(redact_secrets(message))
         if safe != message or record.args:
             record.msg, record.args = safe, None
         return True

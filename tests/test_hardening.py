@@ -27,7 +27,7 @@ from helpers import (
     wait_for,
 )
 
-from skyframe.display import RepeatedLog, escape, redact, shown
+from skyframe.display import RepeatedLog, SafeLogFilter, escape, redact, redact_secrets, shown
 from skyframe.engine import Engine
 from skyframe.errors import SourceUnreadableError
 from skyframe.pipeline import load_project
@@ -403,6 +403,73 @@ def test_redact_and_escape() -> None:
     assert redact("http://user@host/x") == "http://user@host/x"
     assert escape("a\nb\x1b[31mc\udcff") == "a\\nb\\x1b[31mc\\xff"
     assert shown("x\ny http://a:b@c") == "x\\ny http://a:***@c"
+
+
+def test_credentials_in_debug_lines_are_redacted() -> None:
+    token = "IQoJb3JpZ2luX2VjEJr//////////wEaCXVzLWVhc3QtMSJHMEUCIQ=="
+    lines = {
+        f"headers={{'X-Amz-Security-Token': b'{token}', 'Host': b'h'}}": (
+            "headers={'X-Amz-Security-Token': b'***', 'Host': b'h'}"
+        ),
+        f"CanonicalRequest:\nGET\n/b\nx-amz-security-token:{token}\n\nhost": (
+            "CanonicalRequest:\nGET\n/b\nx-amz-security-token:***\n\nhost"
+        ),
+        f"GET /b/k?X-Amz-Security-Token={token}&X-Amz-Date=1": (
+            "GET /b/k?X-Amz-Security-Token=***&X-Amz-Date=1"
+        ),
+        "Authorization: Bearer ya29.a0AfH6SMB-x_y": "Authorization: Bearer ***",
+        "client_secret=abc123, password: hunter2": "client_secret=***, password: ***",
+    }
+    for line, expected in lines.items():
+        assert redact_secrets(line) == expected
+    for plain in ("the session token expired", "Signature=ab12; 3 passwords tried"):
+        assert redact_secrets(plain) == plain
+
+
+def test_botocores_debug_lines_keep_no_session_token() -> None:
+    # botocore logs every request it signs (headers, canonical form) at debug level: with
+    # temporary credentials, that is the session token. What reaches a handler is without.
+    import s3fs
+    from botocore.exceptions import EndpointConnectionError
+
+    token = "FQoGZXIvYXdzEXAMPLESESSIONTOKEN0123456789"
+    raw: list[str] = []
+    safe: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            safe.append(record.getMessage())
+
+    class Raw(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            raw.append(record.getMessage())
+            return True
+
+    handler = Keep(logging.DEBUG)
+    handler.addFilter(Raw())
+    handler.addFilter(SafeLogFilter())
+    botocore = logging.getLogger("botocore")
+    botocore.addHandler(handler)
+    level = botocore.level
+    botocore.setLevel(logging.DEBUG)
+    try:
+        fs = s3fs.S3FileSystem(
+            key="AKIAEXAMPLE",
+            secret="not-this-one",
+            token=token,
+            skip_instance_cache=True,
+            client_kwargs={"endpoint_url": f"http://127.0.0.1:{servers.free_port()}"},
+            config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 1},
+        )
+        # Nothing listens there: the request is signed and logged all the same.
+        with pytest.raises(EndpointConnectionError):
+            fs.ls("bucket/prefix", refresh=True)
+    finally:
+        botocore.removeHandler(handler)
+        botocore.setLevel(level)
+    assert any(token in line for line in raw)  # botocore did log it
+    assert safe
+    assert not any(token in line for line in safe), [x for x in safe if token in x]
 
 
 # --- 11. control characters in names -------------------------------------------------------------

@@ -99,3 +99,17 @@ def test_log_file_settings_and_errors(tmp_path: Path) -> None:
     assert refused.returncode == 1
     assert refused.stderr.startswith("skyframe: error: log_file: cannot write ")
     assert "Traceback" not in refused.stderr
+
+
+def test_a_debug_log_keeps_no_line_per_exif_tag(tmp_path: Path) -> None:
+    # geotag reads each photo with Pillow, which logs every EXIF tag it meets at debug level.
+    config = project(tmp_path, "log_file: {level: debug}")
+    photo = next((Path(__file__).parent / "data" / "drone").rglob("*.JPG"))
+    (tmp_path / "incoming" / "a.jpg").write_bytes(photo.read_bytes())
+    text = config.read_text(encoding="utf-8")
+    config.write_text(text.replace("    sinks:", "    processes: [geotag]\n    sinks:"), "utf-8")
+    done = skyframe(tmp_path, "-q", "run", "--once", config.name)
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "state" / "skyframe.log").read_text(encoding="utf-8")
+    assert " DEBUG skyframe" in text or " DEBUG fsspec" in text  # the debug lines are there
+    assert " PIL." not in text
