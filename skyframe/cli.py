@@ -91,7 +91,7 @@ def _setup_logging(verbose: int, quiet: bool, stderr: Console) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_PlainFormatter("skyframe: %(levelname)s: %(message)s"))
     handler.setLevel(level)
-    handler.addFilter(SafeLogFilter())  # file names escaped, URL passwords removed
+    handler.addFilter(SafeLogFilter())  # names escaped, URL passwords, credentials removed
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -268,7 +268,7 @@ def _log_to_file(config: Any) -> None:
         raise SkyframeError(f"log_file: cannot write {path}: {exc.strerror or exc}") from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.getLevelName(settings.level.upper()))
-    handler.addFilter(SafeLogFilter())  # file names escaped, URL passwords removed
+    handler.addFilter(SafeLogFilter())  # names escaped, URL passwords, credentials removed
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(min(root.level, handler.level))  # the terminal's handler keeps its own level

@@ -18,17 +18,29 @@ import time
 #: ``scheme://user:password@`` (the password is what goes)
 _URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^/\s@]+@")
 #: A credential as libraries' debug lines quote it: in a header, a signed request's canonical
-#: form, a query or a field (``name: value``, ``name=value``, ``'Name': b'value'``); botocore
-#: logs the session token of temporary credentials so.
+#: form, a query, a field or an XML element (``name: value``, ``name=value``, ``'Name':
+#: b'value'``, ``<Name>value<``); botocore logs the session token of temporary credentials so,
+#: and the body of an STS answer. A quoted value goes to its closing quote.
 _SECRET_FIELD = re.compile(
-    r"(?i)(?P<head>\b(?:x-amz-security-token|security[-_]?token|session[-_]?token"
+    r"(?i)(?P<head>(?<![a-z0-9])(?:x-amz-security-token|security[-_]?token|session[-_]?token"
     r"|access[-_]?token|refresh[-_]?token|client[-_]?secret|secret[-_]?access[-_]?key"
-    r"|password|passphrase|sig)['\"]?\s*[:=]\s*b?['\"]?)[^'\"\s&,;]+"
+    r"|password|passphrase|sig)['\"]?\s*(?:[:=]|>)\s*b?)"
+    r"(?P<value>\"[^\"\n]*\"|'[^'\n]*'|[^'\"\s&,;<]+)"
 )
 #: ``Authorization: Bearer <token>`` (an OAuth access token)
-_BEARER = re.compile(r"(?i)\b(?P<head>bearer\s+)[A-Za-z0-9._~+/=-]+")
+_BEARER = re.compile(
+    r"(?i)(?P<head>authorization['\"]?\s*[:=]\s*b?['\"]?bearer\s+)[A-Za-z0-9._~+/=-]+"
+)
 #: What a line must hold for the two above to be tried (most lines hold none of it).
-_SECRET_HINTS = ("token", "secret", "password", "passphrase", "bearer", "sig")
+_SECRET_HINTS = ("token", "secret", "password", "passphrase", "authorization", "sig")
+
+
+def _hidden(match: re.Match[str]) -> str:
+    value = match.group("value")
+    quote = value[0] if value[0] in "'\"" else ""
+    return f"{match.group('head')}{quote}***{quote}"
+
+
 #: C0 and C1 control characters, DEL, and lone surrogates (undecodable bytes of a file name)
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
@@ -46,7 +58,7 @@ def redact_secrets(text: str) -> str:
     lowered = text.lower()
     if not any(hint in lowered for hint in _SECRET_HINTS):
         return text
-    return _BEARER.sub(r"\g<head>***", _SECRET_FIELD.sub(r"\g<head>***", text))
+    return _BEARER.sub(r"\g<head>***", _SECRET_FIELD.sub(_hidden, text))
 
 
 def _escape(match: re.Match[str]) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -419,10 +420,21 @@ def test_credentials_in_debug_lines_are_redacted() -> None:
         ),
         "Authorization: Bearer ya29.a0AfH6SMB-x_y": "Authorization: Bearer ***",
         "client_secret=abc123, password: hunter2": "client_secret=***, password: ***",
+        "aws_session_token='abc', db_password=x y": "aws_session_token='***', db_password=*** y",
+        'password: "hunter two" given': 'password: "***" given',
+        f"<Credentials><SessionToken>{token}</SessionToken><SecretAccessKey>wJal/K7MDENG"
+        "</SecretAccessKey><AccessKeyId>ASIA1</AccessKeyId>": (
+            "<Credentials><SessionToken>***</SessionToken><SecretAccessKey>***"
+            "</SecretAccessKey><AccessKeyId>ASIA1</AccessKeyId>"
+        ),
     }
     for line, expected in lines.items():
         assert redact_secrets(line) == expected
-    for plain in ("the session token expired", "Signature=ab12; 3 passwords tried"):
+    for plain in (
+        "the session token expired",
+        "Signature=ab12; 3 passwords tried",
+        "uploaded photos/Bearer Lake 2024.jpg",
+    ):
         assert redact_secrets(plain) == plain
 
 
@@ -445,6 +457,8 @@ def test_botocores_debug_lines_keep_no_session_token() -> None:
             raw.append(record.getMessage())
             return True
 
+    refusing = socket.socket()  # bound, never listening: a connection there is refused
+    refusing.bind((servers.LOOPBACK, 0))
     handler = Keep(logging.DEBUG)
     handler.addFilter(Raw())
     handler.addFilter(SafeLogFilter())
@@ -458,7 +472,7 @@ def test_botocores_debug_lines_keep_no_session_token() -> None:
             secret="not-this-one",
             token=token,
             skip_instance_cache=True,
-            client_kwargs={"endpoint_url": f"http://127.0.0.1:{servers.free_port()}"},
+            client_kwargs={"endpoint_url": f"http://127.0.0.1:{refusing.getsockname()[1]}"},
             config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 1},
         )
         # Nothing listens there: the request is signed and logged all the same.
@@ -467,6 +481,7 @@ def test_botocores_debug_lines_keep_no_session_token() -> None:
     finally:
         botocore.removeHandler(handler)
         botocore.setLevel(level)
+        refusing.close()
     assert any(token in line for line in raw)  # botocore did log it
     assert safe
     assert not any(token in line for line in safe), [x for x in safe if token in x]

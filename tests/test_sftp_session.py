@@ -201,6 +201,128 @@ def test_a_batch_cut_on_its_way_goes_on_from_what_the_server_acknowledged(
     assert len(files["half.jpg"]) <= sent["half.jpg"] < 2 * len(files["half.jpg"]), sent
 
 
+def test_a_batch_rewriting_a_file_from_its_start_forgets_what_the_try_before_got(
+    sink: Sink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Try 1 gets every byte acknowledged, then the rename takes effect but its answer is lost.
+    # Try 2 finds no temporary file and writes it anew: only its last piece reaches the
+    # server (beyond a hole) before the next cut, unanswered. Try 3 must not take the size of
+    # that file for what try 1 got acknowledged: it writes the file again, whole.
+    from skyframe.protocols.sftp import session
+    from skyframe.protocols.sftp.plugin import skyframe_transfer_batch
+
+    asyncssh = import_asyncssh()
+    real_open, real_rename = session.open_file, session.rename
+    real_write = asyncssh.SFTPClientFile.write
+    tries: list[str] = []  # the mode of each open
+
+    async def counting_open(fs: Any, path: str, mode: str, lane: Any = "small") -> Any:
+        tries.append(mode)
+        return await real_open(fs, path, mode, lane)
+
+    async def rename_then_drop(fs: Any, old: str, new: str) -> None:
+        await real_rename(fs, old, new)
+        if len(tries) == 1:
+            raise asyncssh.ConnectionLost("the link dropped")
+
+    async def second_try_writes_its_last_piece_only(self: Any, data: Any, offset: int) -> Any:
+        if len(tries) != 2:
+            return await real_write(self, data, offset)
+        if offset + len(data) < size:
+            raise asyncssh.ConnectionLost("the link dropped")
+        await real_write(self, data, offset)  # on the server, its answer lost
+        raise asyncssh.ConnectionLost("the link dropped")
+
+    monkeypatch.setattr(session, "open_file", counting_open)
+    monkeypatch.setattr(session, "rename", rename_then_drop)
+    monkeypatch.setattr(asyncssh.SFTPClientFile, "write", second_try_writes_its_last_piece_only)
+    monkeypatch.setattr("skyframe.protocols.sftp.batches.pause", lambda request, wait: None)
+    send = skyframe_transfer_batch(sink)
+    assert send is not None
+    data = os.urandom(600_000)
+    size = len(data)
+    outcomes = send(batch_requests(sink, tmp_path / "src", {"f.jpg": data}))
+    assert outcomes == [TransferResult(size, hashlib.sha256(data).hexdigest())]
+    assert tries == ["wb", "wb", "wb"]
+    assert (remote_folder(sink) / "f.jpg").read_bytes() == data
+    assert leftovers(remote_folder(sink)) == []
+
+
+def test_a_small_file_rewritten_from_its_start_forgets_what_the_try_before_got(
+    sink: Sink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same three tries as for a batch above, for a small file sent alone.
+    from skyframe.protocols.sftp import session, transfer
+    from skyframe.storage import TransferRequest
+
+    asyncssh = import_asyncssh()
+    real_open, real_rename = session.open_file, session.rename
+    real_write = asyncssh.SFTPClientFile.write
+    tries: list[str] = []
+
+    async def counting_open(fs: Any, path: str, mode: str, lane: Any = "small") -> Any:
+        tries.append(mode)
+        return await real_open(fs, path, mode, lane)
+
+    async def rename_then_drop(fs: Any, old: str, new: str) -> None:
+        await real_rename(fs, old, new)
+        if len(tries) == 1:
+            raise asyncssh.ConnectionLost("the link dropped")
+
+    async def second_try_writes_its_last_piece_only(self: Any, data: Any, offset: int) -> Any:
+        if len(tries) != 2:
+            return await real_write(self, data, offset)
+        if offset + len(data) < size:
+            raise asyncssh.ConnectionLost("the link dropped")
+        await real_write(self, data, offset)
+        raise asyncssh.ConnectionLost("the link dropped")
+
+    monkeypatch.setattr(session, "open_file", counting_open)
+    monkeypatch.setattr(session, "rename", rename_then_drop)
+    monkeypatch.setattr(asyncssh.SFTPClientFile, "write", second_try_writes_its_last_piece_only)
+    monkeypatch.setattr(transfer, "pause", lambda request, wait: None)
+    sink.ensure_folder(sink.root)
+    photo = make_file(tmp_path / "src", "f.jpg", os.urandom(600_000))
+    size = photo.stat().st_size
+    st = photo.stat()
+    request = TransferRequest(sink, photo, sink.remote_path("f.jpg"), size, st.st_mtime_ns)
+    data = photo.read_bytes()
+    assert transfer.upload(request) == TransferResult(size, hashlib.sha256(data).hexdigest())
+    assert tries == ["wb", "wb", "wb"]
+    assert (remote_folder(sink) / "f.jpg").read_bytes() == data
+    assert leftovers(remote_folder(sink)) == []
+
+
+def test_a_batch_goes_on_while_each_cut_leaves_more_of_a_file_acknowledged(
+    sink: Sink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every try gets one more piece of the file through before the link drops: no try
+    # delivers a file, but each goes further, so the batch does not give up on it.
+    from skyframe.protocols.sftp import batches
+    from skyframe.protocols.sftp.plugin import skyframe_transfer_batch
+
+    asyncssh = import_asyncssh()
+    real_write = asyncssh.SFTPClientFile.write
+    written = [0]  # the next offset the link lets through
+
+    async def one_piece_a_try(self: Any, data: Any, offset: int) -> Any:
+        if offset != written[0]:
+            raise asyncssh.ConnectionLost("the link dropped")
+        answer = await real_write(self, data, offset)
+        written[0] = offset + len(data)
+        return answer
+
+    monkeypatch.setattr(asyncssh.SFTPClientFile, "write", one_piece_a_try)
+    monkeypatch.setattr(batches, "TRIES", 2)  # two tries in a row that get nowhere
+    monkeypatch.setattr(batches, "pause", lambda request, wait: None)
+    send = skyframe_transfer_batch(sink)
+    assert send is not None
+    data = os.urandom(1_000_000)  # four pieces: four tries
+    outcomes = send(batch_requests(sink, tmp_path / "src", {"f.jpg": data}))
+    assert outcomes == [TransferResult(len(data), hashlib.sha256(data).hexdigest())]
+    assert (remote_folder(sink) / "f.jpg").read_bytes() == data
+
+
 def test_a_small_file_sent_alone_goes_on_after_a_cut_from_what_was_acknowledged(
     sink: Sink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -78,6 +78,7 @@ def batch(sink: Sink) -> BatchTransfer:
         tries = 0  #: rounds in a row that delivered nothing
         while True:
             generation = sink.generation
+            held_before = sum(acknowledged.values())
             connected, results = _send_round(sink, [requests[i] for i in todo], acknowledged)
             lost = []
             for index, result in zip(todo, results, strict=True):
@@ -88,7 +89,9 @@ def batch(sink: Sink) -> BatchTransfer:
                     lost.append(index)
             if not lost:
                 break
-            tries = 0 if len(lost) < len(todo) else tries + 1
+            # A round that delivered a file, or got more of them acknowledged, went further.
+            further = len(lost) < len(todo) or sum(acknowledged.values()) > held_before
+            tries = 0 if further else tries + 1
             stalls = 0 if connected else stalls + 1
             if stalls >= RECONNECTS or tries >= TRIES:
                 break
@@ -136,6 +139,10 @@ def _send_round(
         if acknowledged.get(key):  # a cut stopped it: one round trip asks what is there
             held = await session.size_of(fs, temporary)
             start = min(acknowledged[key], held or 0)
+        # What this round writes is all there is from here on: the bytes before ``start``,
+        # then what the server acknowledges of this round's (not what an earlier round got,
+        # which a rewrite from lower down may have left behind a hole).
+        acknowledged[key] = start
         handle, piece = await session.open_file(fs, temporary, "r+b" if start else "wb")
 
         def confirmed(done: int) -> None:

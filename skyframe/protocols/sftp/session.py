@@ -110,8 +110,8 @@ async def write_all(
     """Write ``data`` from offset ``start`` in requests of at most ``piece`` bytes, all in
     flight at once, or each once ``gate`` (given the request's size) lets it through, for as
     long as it is unanswered; every request's outcome is collected, and the first error
-    raised. ``confirmed`` is told how far from 0 every byte has been acknowledged, as that
-    grows."""
+    raised. ``confirmed`` is told after every answer how far from 0 every byte has been
+    acknowledged."""
     views = memoryview(data)
     offsets = range(start, len(data), piece)
     answered: set[int] = set()

@@ -182,13 +182,14 @@ def upload(request: TransferRequest) -> TransferResult:
     module's docstring)."""
     sink = request.sink
     best = -1  #: the furthest any try got acknowledged
+    resume = -1  #: what the latest try that opened the file got acknowledged (its content)
     stalls = 0  #: tries in a row whose connection did not answer
     tries = 0  #: tries in a row that got nothing more acknowledged
     while True:
         generation = sink.generation
         progress = _Progress()
         try:
-            return _upload_once(request, progress, best)
+            return _upload_once(request, progress, resume)
         except (SourceChangedError, SourceUnreadableError):
             raise
         except Exception as exc:
@@ -197,6 +198,8 @@ def upload(request: TransferRequest) -> TransferResult:
                 raise
             tries = 0 if progress.acknowledged > best else tries + 1
             best = max(best, progress.acknowledged)
+            if progress.acknowledged >= 0:  # it began writing: the file holds what it sent
+                resume = progress.acknowledged
             stalls = 0 if progress.answered or not tries else stalls + 1
             if stalls >= RECONNECTS or tries >= TRIES:
                 raise
@@ -236,8 +239,8 @@ def pause(request: TransferRequest, seconds: float) -> None:
 
 
 def _upload_once(request: TransferRequest, progress: _Progress, before: int) -> TransferResult:
-    """One try of :func:`upload` on the sink's current connection (``before``: the furthest
-    an earlier try of this upload got acknowledged, -1 at first)."""
+    """One try of :func:`upload` on the sink's current connection (``before``: what the
+    latest try that began writing got acknowledged, -1 at first)."""
     sink = request.sink
     fs = sink.fs
     progress.answered = True  # connected (now, or by another transfer)
