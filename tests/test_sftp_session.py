@@ -201,20 +201,17 @@ def test_a_batch_cut_on_its_way_goes_on_from_what_the_server_acknowledged(
     assert len(files["half.jpg"]) <= sent["half.jpg"] < 2 * len(files["half.jpg"]), sent
 
 
-def test_a_batch_rewriting_a_file_from_its_start_forgets_what_the_try_before_got(
-    sink: Sink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Try 1 gets every byte acknowledged, then the rename takes effect but its answer is lost.
-    # Try 2 finds no temporary file and writes it anew: only its last piece reaches the
-    # server (beyond a hole) before the next cut, unanswered. Try 3 must not take the size of
-    # that file for what try 1 got acknowledged: it writes the file again, whole.
+def lost_rename_then_a_rewrite_cut(monkeypatch: pytest.MonkeyPatch, size: int) -> list[str]:
+    """Three tries of a file of ``size`` bytes: the first gets every byte acknowledged, then
+    its rename takes effect but the answer is lost; the second finds no temporary file and
+    writes it anew, but only its last piece reaches the server (beyond a hole), unanswered,
+    before the next cut. Returns the mode of each open, as they come."""
     from skyframe.protocols.sftp import session
-    from skyframe.protocols.sftp.plugin import skyframe_transfer_batch
 
     asyncssh = import_asyncssh()
     real_open, real_rename = session.open_file, session.rename
     real_write = asyncssh.SFTPClientFile.write
-    tries: list[str] = []  # the mode of each open
+    tries: list[str] = []
 
     async def counting_open(fs: Any, path: str, mode: str, lane: Any = "small") -> Any:
         tries.append(mode)
@@ -236,13 +233,23 @@ def test_a_batch_rewriting_a_file_from_its_start_forgets_what_the_try_before_got
     monkeypatch.setattr(session, "open_file", counting_open)
     monkeypatch.setattr(session, "rename", rename_then_drop)
     monkeypatch.setattr(asyncssh.SFTPClientFile, "write", second_try_writes_its_last_piece_only)
+    return tries
+
+
+def test_a_batch_rewriting_a_file_from_its_start_forgets_what_the_try_before_got(
+    sink: Sink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The third try must not take the size of the second's file (with its hole) for what the
+    # first got acknowledged: it writes the file again, whole.
+    from skyframe.protocols.sftp.plugin import skyframe_transfer_batch
+
+    data = os.urandom(600_000)
+    tries = lost_rename_then_a_rewrite_cut(monkeypatch, len(data))
     monkeypatch.setattr("skyframe.protocols.sftp.batches.pause", lambda request, wait: None)
     send = skyframe_transfer_batch(sink)
     assert send is not None
-    data = os.urandom(600_000)
-    size = len(data)
     outcomes = send(batch_requests(sink, tmp_path / "src", {"f.jpg": data}))
-    assert outcomes == [TransferResult(size, hashlib.sha256(data).hexdigest())]
+    assert outcomes == [TransferResult(len(data), hashlib.sha256(data).hexdigest())]
     assert tries == ["wb", "wb", "wb"]
     assert (remote_folder(sink) / "f.jpg").read_bytes() == data
     assert leftovers(remote_folder(sink)) == []
@@ -252,42 +259,17 @@ def test_a_small_file_rewritten_from_its_start_forgets_what_the_try_before_got(
     sink: Sink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The same three tries as for a batch above, for a small file sent alone.
-    from skyframe.protocols.sftp import session, transfer
+    from skyframe.protocols.sftp import transfer
     from skyframe.storage import TransferRequest
 
-    asyncssh = import_asyncssh()
-    real_open, real_rename = session.open_file, session.rename
-    real_write = asyncssh.SFTPClientFile.write
-    tries: list[str] = []
-
-    async def counting_open(fs: Any, path: str, mode: str, lane: Any = "small") -> Any:
-        tries.append(mode)
-        return await real_open(fs, path, mode, lane)
-
-    async def rename_then_drop(fs: Any, old: str, new: str) -> None:
-        await real_rename(fs, old, new)
-        if len(tries) == 1:
-            raise asyncssh.ConnectionLost("the link dropped")
-
-    async def second_try_writes_its_last_piece_only(self: Any, data: Any, offset: int) -> Any:
-        if len(tries) != 2:
-            return await real_write(self, data, offset)
-        if offset + len(data) < size:
-            raise asyncssh.ConnectionLost("the link dropped")
-        await real_write(self, data, offset)
-        raise asyncssh.ConnectionLost("the link dropped")
-
-    monkeypatch.setattr(session, "open_file", counting_open)
-    monkeypatch.setattr(session, "rename", rename_then_drop)
-    monkeypatch.setattr(asyncssh.SFTPClientFile, "write", second_try_writes_its_last_piece_only)
-    monkeypatch.setattr(transfer, "pause", lambda request, wait: None)
     sink.ensure_folder(sink.root)
     photo = make_file(tmp_path / "src", "f.jpg", os.urandom(600_000))
-    size = photo.stat().st_size
     st = photo.stat()
-    request = TransferRequest(sink, photo, sink.remote_path("f.jpg"), size, st.st_mtime_ns)
+    tries = lost_rename_then_a_rewrite_cut(monkeypatch, st.st_size)
+    monkeypatch.setattr(transfer, "pause", lambda request, wait: None)
+    request = TransferRequest(sink, photo, sink.remote_path("f.jpg"), st.st_size, st.st_mtime_ns)
     data = photo.read_bytes()
-    assert transfer.upload(request) == TransferResult(size, hashlib.sha256(data).hexdigest())
+    assert transfer.upload(request) == TransferResult(len(data), hashlib.sha256(data).hexdigest())
     assert tries == ["wb", "wb", "wb"]
     assert (remote_folder(sink) / "f.jpg").read_bytes() == data
     assert leftovers(remote_folder(sink)) == []
