@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -101,13 +102,15 @@ def test_sftp_batch_keeps_its_files_in_flight_together(
     assert in_flight[1] == 12
 
 
-def test_a_batchs_next_file_follows_the_last_bytes_of_the_one_before_without_their_answer(
+def test_batches_on_a_connection_share_one_budget_and_a_file_follows_the_one_before(
     sftp_server: servers.SFTPServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Over a link with a round trip, the bytes of a batch's files in flight (sent, not yet
-    # answered) stay within BATCH_BYTES, counted by write request: the next file's requests
-    # go as the answers of the one before come back, not after its last answer, so the link
-    # does not stand idle for a round trip between two photos.
+    # Over a link with a round trip, two batches at once on one connection: the bytes of all
+    # their files in flight (sent, not yet answered) stay within BATCH_BYTES, counted by
+    # write request. The next file's requests go as the answers of the one before come back,
+    # not after its last answer, so the link does not stand idle for a round trip between
+    # two photos; and the batches are served in turn rather than side by side (they ended
+    # together, and the link stood idle while both closed and renamed their last files).
     from skyframe.protocols.sftp import batches
     from skyframe.protocols.sftp.plugin import skyframe_transfer_batch
 
@@ -130,16 +133,29 @@ def test_a_batchs_next_file_follows_the_last_bytes_of_the_one_before_without_the
                 del unanswered[id(self)]
 
     monkeypatch.setattr(asyncssh.SFTPClientFile, "write", counting_write)
+    photos = {f"{flight}/DJI_{i:04}.JPG": os.urandom(600_000) for flight in "ab" for i in range(5)}
     with LinkEmulator(servers.LOOPBACK, sftp_server.port, up_bps=mbit(24), rtt=0.04) as link:
         sink = open_sink(SinkConfig(**sftp_through(link, sftp_server, tmp_path)), tmp_path)
         try:
             send = skyframe_transfer_batch(sink)
             assert send is not None
-            photos = {f"DJI_{i:04}.JPG": os.urandom(600_000) for i in range(6)}
-            outcomes = send(batch_requests(sink, tmp_path / "src", photos))
-            assert all(isinstance(outcome, TransferResult) for outcome in outcomes), outcomes
+            requests = batch_requests(sink, tmp_path / "src", photos)
+            outcomes: dict[str, list[Any]] = {}
+
+            def one_batch(flight: str) -> None:
+                mine = [r for r in requests if Path(r.remote_path).parent.name == flight]
+                outcomes[flight] = send(mine)
+
+            flights = [threading.Thread(target=one_batch, args=(f,)) for f in "ab"]
+            for thread in flights:
+                thread.start()
+            for thread in flights:
+                thread.join(60)
+            assert all(isinstance(o, TransferResult) for o in outcomes["a"] + outcomes["b"])
             root = remote_folder(sink)
-            assert {p.name: p.read_bytes() for p in root.iterdir()} == photos
+            assert {
+                str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()
+            } == photos
         finally:
             sink.close()
     assert seen["most_bytes"] <= batches.BATCH_BYTES, seen

@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import logging
 import posixpath
+import threading
+import weakref
 from typing import Any
 
 from skyframe.errors import DeliveryError, SinkUnavailableError
@@ -28,12 +30,13 @@ log = logging.getLogger(__name__)
 #: Small files of one batch in flight at once, at least: their requests are pipelined on the
 #: connection's session, so a batch costs a few round trips in all, not a few per file.
 BATCH_IN_FLIGHT = 32
-#: ... and bytes of them in flight at once, at most (one write request is always let
-#: through): what a cut of the link costs to send again. Counted by write request, from its
-#: sending to its answer, so that the next file's bytes follow a file's last ones without
-#: waiting for their answer. The files finish in turn rather than all together at the end of
-#: the batch, so that a cut loses little (with a larger budget, a few photos sharing a slow
-#: link with a video all went at once, and were all cut, cut after cut).
+#: ... and bytes in flight at once of all the batches on a connection, at most (one write
+#: request is always let through): what a cut of the link costs to send again. Counted by
+#: write request, from its sending to its answer, so that the next file's bytes follow a
+#: file's last ones without waiting for their answer. The files finish in turn rather than
+#: all together at the end of the batch, so that a cut loses little (with a larger budget, a
+#: few photos sharing a slow link with a video all went at once, and were all cut, cut after
+#: cut).
 BATCH_BYTES = 1024 * 1024
 
 
@@ -58,6 +61,23 @@ class _Budget:
             async with self._changed:
                 self.used -= size
                 self._changed.notify_all()
+
+
+#: One budget per connection, shared by the batches on it, which are then served in turn:
+#: one ends while the next still sends. (With a budget each, two batches went side by side
+#: and ended together, and the link stood idle while both closed and renamed their last
+#: files.) A cut loses at most BATCH_BYTES of them all.
+_BUDGETS: weakref.WeakKeyDictionary[Any, _Budget] = weakref.WeakKeyDictionary()
+_BUDGETS_LOCK = threading.Lock()
+
+
+def _budget(fs: Any) -> _Budget:
+    """The budget of the batches on the connection ``fs``."""
+    with _BUDGETS_LOCK:
+        budget = _BUDGETS.get(fs)
+        if budget is None:
+            budget = _BUDGETS[fs] = _Budget(BATCH_BYTES)
+        return budget
 
 
 def batch(sink: Sink) -> BatchTransfer:
@@ -130,7 +150,7 @@ def _send_round(
             sink.ensure_folder(folder)
     except Exception as exc:
         return True, [exc] * len(requests)
-    budget = _Budget(BATCH_BYTES)
+    budget = _budget(fs)
 
     async def put(request: TransferRequest, data: bytes, sha256: str) -> None:
         temporary = sink.temporary_path(request.remote_path)
