@@ -650,7 +650,8 @@ class SinkChecks:
         self._answered = threading.Event()
         self._remaining = len(sinks)
         self._unanswered = len(sinks)
-        self._lock = threading.Lock()
+        #: guards the lists above; notified when a check ends (what :meth:`finish` waits for)
+        self._lock = threading.Condition()
         self._close = close
         self._late = late
         if not sinks:
@@ -686,6 +687,7 @@ class SinkChecks:
             self._results[index] = result
             late = self._reported[index]
             self._answer(index)
+            self._lock.notify_all()
         if late and isinstance(result, BaseException) and self._late is not None:
             self._late(sink, result)
         with self._lock:
@@ -748,19 +750,15 @@ class SinkChecks:
         """Wait up to ``timeout`` seconds for every check that took its write to end (its
         object removed); False when one is still going. A check that wrote nothing (its sink
         does not answer) leaves nothing behind and is not waited for."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with self._lock:
-                going = any(
-                    answered and result is None  # took the write, not done
-                    for answered, result in zip(self._answered_sinks, self._results, strict=True)
-                )
-            if not going:
-                return True
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            self._done.wait(min(left, 0.05))
+
+        def ended() -> bool:
+            return not any(
+                answered and result is None  # took the write, not done
+                for answered, result in zip(self._answered_sinks, self._results, strict=True)
+            )
+
+        with self._lock:
+            return self._lock.wait_for(ended, timeout)
 
 
 def check_sinks(
