@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import posixpath
-import threading
 import weakref
 from typing import Any
 
@@ -63,21 +62,19 @@ class _Budget:
                 self._changed.notify_all()
 
 
-#: One budget per connection, shared by the batches on it, which are then served in turn:
-#: one ends while the next still sends. (With a budget each, two batches went side by side
-#: and ended together, and the link stood idle while both closed and renamed their last
-#: files.) A cut loses at most BATCH_BYTES of them all.
+#: SSH connection -> the budget of the batches on it, which are then served in turn: one
+#: ends while the next still sends. (With a budget each, two batches went side by side and
+#: ended together, and the link stood idle while both closed and renamed their last files.)
+#: A cut loses at most BATCH_BYTES of them all. Only touched on the event loop.
 _BUDGETS: weakref.WeakKeyDictionary[Any, _Budget] = weakref.WeakKeyDictionary()
-_BUDGETS_LOCK = threading.Lock()
 
 
-def _budget(fs: Any) -> _Budget:
-    """The budget of the batches on the connection ``fs``."""
-    with _BUDGETS_LOCK:
-        budget = _BUDGETS.get(fs)
-        if budget is None:
-            budget = _BUDGETS[fs] = _Budget(BATCH_BYTES)
-        return budget
+def _budget(client: Any) -> _Budget:
+    """The budget of the batches on the SSH connection ``client`` (on the event loop)."""
+    budget = _BUDGETS.get(client)
+    if budget is None:
+        budget = _BUDGETS[client] = _Budget(BATCH_BYTES)
+    return budget
 
 
 def batch(sink: Sink) -> BatchTransfer:
@@ -150,15 +147,11 @@ def _send_round(
             sink.ensure_folder(folder)
     except Exception as exc:
         return True, [exc] * len(requests)
-    budget = _budget(fs)
 
     async def put(request: TransferRequest, data: bytes, sha256: str) -> None:
         temporary = sink.temporary_path(request.remote_path)
         key = id(request)
-        start = 0
-        if acknowledged.get(key):  # a cut stopped it: one round trip asks what is there
-            held = await session.size_of(fs, temporary)
-            start = min(acknowledged[key], held or 0)
+        start = await session.resume_point(fs, temporary, acknowledged.get(key, 0))
         # What this round writes is all there is from here on: the bytes before ``start``,
         # then what the server acknowledges of this round's (not what an earlier round got,
         # which a rewrite from lower down may have left behind a hole).
@@ -173,7 +166,7 @@ def _send_round(
                 # Only the bytes on their way count against the budget: the open, the close
                 # and the rename are round trips during which other files' bytes flow.
                 await session.write_all(
-                    handle, data, piece, budget.take, start=start, confirmed=confirmed
+                    handle, data, piece, _budget(fs.client).take, start=start, confirmed=confirmed
                 )
             finally:
                 await session.close_file(handle)

@@ -208,6 +208,14 @@ async def size_of(fs: Any, path: str, lane: Lane = "small") -> int | None:
     return None if attrs.size is None else int(attrs.size)
 
 
+async def resume_point(fs: Any, path: str, acknowledged: int, lane: Lane = "small") -> int:
+    """Where a write of the file at ``path`` goes on from after a cut: the ``acknowledged``
+    bytes, as far as the file still holds them (one round trip asks); 0 when none were."""
+    if acknowledged <= 0:
+        return 0
+    return min(acknowledged, await size_of(fs, path, lane) or 0)
+
+
 async def write_check(
     fs: Any, path: str, payload: bytes, written: Callable[[], None] | None
 ) -> int | None:

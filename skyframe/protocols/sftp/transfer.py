@@ -156,16 +156,6 @@ def _resume_offset(
     return max(0, min(int(record.get("offset", 0)), remote_size, request.size)), False
 
 
-def _held(fs: Any, temporary: str, acknowledged: int, lane: session.Lane) -> int:
-    """Where an upload without a journal goes on from after a cut: the bytes an earlier try of
-    it got acknowledged, as far as its temporary file holds them (one round trip asks); 0
-    when none were."""
-    if acknowledged <= 0:
-        return 0
-    held = session.run(fs, session.size_of, fs, temporary, lane)
-    return min(acknowledged, held or 0)
-
-
 def cancel_upload(fs: Any, record: dict[str, Any]) -> None:
     """Remove the temporary file of an interrupted upload."""
     with contextlib.suppress(FileNotFoundError):
@@ -256,7 +246,8 @@ def _upload_once(request: TransferRequest, progress: _Progress, before: int) -> 
     with SourceReader(request.local_path, chunk_size=PIECE) as reader:
         # No folder is made first: opening the temporary file makes it if it is missing.
         if journal is None:  # an earlier try's acknowledged bytes, as far as the file has them
-            start, arrived = _held(fs, temporary, before, lane), False
+            start = session.run(fs, session.resume_point, fs, temporary, before, lane)
+            arrived = False
         else:
             start, arrived = _resume_offset(fs, journal, request, temporary, lane)
         if arrived:  # the last try's rename took effect: nothing more to send
