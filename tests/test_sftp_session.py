@@ -252,40 +252,29 @@ def lost_rename_then_a_rewrite_cut(monkeypatch: pytest.MonkeyPatch, size: int) -
     return tries
 
 
-def test_a_batch_rewriting_a_file_from_its_start_forgets_what_the_try_before_got(
-    sink: Sink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("alone", [False, True], ids=["in a batch", "alone"])
+def test_a_file_rewritten_from_its_start_forgets_what_the_try_before_got(
+    sink: Sink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, alone: bool
 ) -> None:
     # The third try must not take the size of the second's file (with its hole) for what the
-    # first got acknowledged: it writes the file again, whole.
+    # first got acknowledged: it writes the file again, whole. In a batch, and for a small
+    # file sent alone.
+    from skyframe.protocols.sftp import batches, transfer
     from skyframe.protocols.sftp.plugin import skyframe_transfer_batch
 
     data = os.urandom(600_000)
     tries = lost_rename_then_a_rewrite_cut(monkeypatch, len(data))
-    monkeypatch.setattr("skyframe.protocols.sftp.batches.pause", lambda request, wait: None)
-    send = skyframe_transfer_batch(sink)
-    assert send is not None
-    outcomes = send(batch_requests(sink, tmp_path / "src", {"f.jpg": data}))
-    assert outcomes == [TransferResult(len(data), hashlib.sha256(data).hexdigest())]
-    assert tries == ["wb", "wb", "wb"]
-    assert (remote_folder(sink) / "f.jpg").read_bytes() == data
-    assert leftovers(remote_folder(sink)) == []
-
-
-def test_a_small_file_rewritten_from_its_start_forgets_what_the_try_before_got(
-    sink: Sink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The same three tries as for a batch above, for a small file sent alone.
-    from skyframe.protocols.sftp import transfer
-    from skyframe.storage import TransferRequest
-
-    sink.ensure_folder(sink.root)
-    photo = make_file(tmp_path / "src", "f.jpg", os.urandom(600_000))
-    st = photo.stat()
-    tries = lost_rename_then_a_rewrite_cut(monkeypatch, st.st_size)
+    monkeypatch.setattr(batches, "pause", lambda request, wait: None)
     monkeypatch.setattr(transfer, "pause", lambda request, wait: None)
-    request = TransferRequest(sink, photo, sink.remote_path("f.jpg"), st.st_size, st.st_mtime_ns)
-    data = photo.read_bytes()
-    assert transfer.upload(request) == TransferResult(len(data), hashlib.sha256(data).hexdigest())
+    [request] = batch_requests(sink, tmp_path / "src", {"f.jpg": data})
+    if alone:
+        sink.ensure_folder(sink.root)
+        outcomes: list[Any] = [transfer.upload(request)]
+    else:
+        send = skyframe_transfer_batch(sink)
+        assert send is not None
+        outcomes = send([request])
+    assert outcomes == [TransferResult(len(data), hashlib.sha256(data).hexdigest())]
     assert tries == ["wb", "wb", "wb"]
     assert (remote_folder(sink) / "f.jpg").read_bytes() == data
     assert leftovers(remote_folder(sink)) == []
