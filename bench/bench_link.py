@@ -20,7 +20,8 @@ first" (the default config) and "photos first + bwlimit" (the sink's `bwlimit` a
 link). skyframe only; rclone has no watch mode.
 
 For every case and target the tools run alternately (skyframe, rclone, skyframe, ...), `--runs`
-times each, exactly as in `bench_remote.py` (and with its helpers): `skyframe -q run --once`
+times each, exactly as in `bench_remote.py` (and with its helpers; with `--baseline DIR`, the
+code of checkout DIR runs too, as `skyframe-base`, first in each round): `skyframe -q run --once`
 with one pipeline (`settle: 0`) and one sink, and `rclone copy` (over SFTP with
 `--sftp-disable-hashcheck`, the same work). Every run gets a fresh link (so the cuts start with
 the command), a fresh bucket or folder and, for skyframe, a fresh state_dir; the tools are
@@ -38,7 +39,8 @@ fast).
 Run from the repository root:
 
     .venv/bin/python bench/bench_link.py [--runs N] [--cases steady,flaky]
-        [--targets s3,sftp] [--tools skyframe,rclone] [--rate 40] [--rtt 80] [--down-rate 0]
+        [--targets s3,sftp] [--tools skyframe,skyframe-base,rclone] [--baseline DIR]
+        [--rate 40] [--rtt 80] [--down-rate 0]
         [--cut-every 6] [--photos 120] [--photo-size 600KB] [--video-size 30MB]
         [--flaky-photos 40] [--flaky-video-size 120MB] [--timeout 900]
         [--pf-video-size 1GB] [--pf-photos 8] [--pf-photo-size 5MB] [--pf-every 5]
@@ -76,7 +78,7 @@ from helpers import Daemon
 CASES = ("steady", "flaky", "photos-first")
 DEFAULT_CASES = ["steady", "flaky"]
 TARGETS = ("s3", "sftp")
-TOOLS = ("skyframe", "rclone")
+TOOLS = ("skyframe", "skyframe-base", "rclone")
 MB = 1_000_000
 CHUNK = 8 * 1024 * 1024
 
@@ -276,8 +278,8 @@ class Result:
     def failed(self, tool: str) -> int:
         return sum(1 for run in self.of(tool, ok=False) if not run.ok)
 
-    def ratio(self) -> float | None:
-        top, bottom = self.median("rclone"), self.median("skyframe")
+    def ratio(self, other: str = "rclone") -> float | None:
+        top, bottom = self.median(other), self.median("skyframe")
         return top / bottom if top and bottom else None
 
 
@@ -287,7 +289,7 @@ def print_result(result: Result) -> None:
         f"link {result.spec.describe()} ==="
     )
     print(
-        f"{'tool':<9} {'median s':>9} {'spread':>11} {'% link':>7} {'up/payload':>10} "
+        f"{'tool':<13} {'median s':>9} {'spread':>11} {'% link':>7} {'up/payload':>10} "
         f"{'down MB':>8} {'conns':>6} {'cut':>5} {'failed':>7}  runs (s; * = failed)"
     )
     for tool in result.tools:
@@ -296,14 +298,20 @@ def print_result(result: Result) -> None:
             f"{run.seconds:.1f}{'' if run.ok else '*'}" for run in result.of(tool, ok=False)
         )
         print(
-            f"{tool:<9} {fmt(result.median(tool), '.1f'):>9} {result.spread(tool):>11} "
+            f"{tool:<13} {fmt(result.median(tool), '.1f'):>9} {result.spread(tool):>11} "
             f"{fmt(None if capacity is None else capacity * 100, '.0f'):>6}% "
             f"{fmt(result.overhead(tool), '.3f'):>10} {fmt(result.down_mb(tool), '.2f'):>8} "
             f"{fmt(result.median_of(tool, 'connections'), '.0f'):>6} "
             f"{fmt(result.median_of(tool, 'cuts'), '.0f'):>5} "
             f"{result.failed(tool)}/{len(result.of(tool, ok=False)):<5}  {times}"
         )
-    print(f"ratio rclone/skyframe (medians): {fmt(result.ratio())} (>= 1.00: skyframe as fast)")
+    if "rclone" in result.tools:
+        print(f"ratio rclone/skyframe (medians): {fmt(result.ratio())} (>= 1.00: skyframe as fast)")
+    if "skyframe-base" in result.tools:
+        print(
+            f"ratio skyframe-base/skyframe (medians): {fmt(result.ratio('skyframe-base'), '.3f')} "
+            "(> 1.00: the current code is faster)"
+        )
     sys.stdout.flush()
 
 
@@ -497,9 +505,15 @@ def bench(
     latency: list[PhotoTimes],
 ) -> list[Result]:
     """The cases' results (those of photos-first go to ``latency``)."""
-    code = baseline.current()
-    written = baseline.compile_bytecode(code)
-    print(f"skyframe: {code.package} ({code.commit}), bytecode {'written' if written else 'NOT'}")
+    codes = [baseline.current()]
+    if args.baseline is not None:
+        codes.insert(0, baseline.baseline(args.baseline, codes[0]))
+    for code in codes:
+        written = baseline.compile_bytecode(code)
+        print(
+            f"{bench_remote.skyframe_tool(code).name}: {code.package} ({code.commit}), "
+            f"bytecode {'written' if written else 'NOT'}"
+        )
     targets: list[Target] = []
     for name in args.targets:
         if name == "s3":
@@ -542,7 +556,7 @@ def bench(
             spec = Link(mbit(args.rate), down, args.rtt / 1000, args.cut_every)
         print(f"\ncase {case}: {describe(data)}; link {spec.describe()}", flush=True)
         for target in targets:
-            every = [bench_remote.skyframe_tool(code), target.rclone_runs()[0]]
+            every = [bench_remote.skyframe_tool(c) for c in codes] + [target.rclone_runs()[0]]
             tools = [tool for tool in every if tool.name in args.tools]
             runs = []
             for index in range(args.runs):
@@ -570,7 +584,18 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs of each tool per case/target")
     parser.add_argument("--cases", type=bench_remote.parse_list(CASES), default=DEFAULT_CASES)
     parser.add_argument("--targets", type=bench_remote.parse_list(TARGETS), default=list(TARGETS))
-    parser.add_argument("--tools", type=bench_remote.parse_list(TOOLS), default=list(TOOLS))
+    parser.add_argument(
+        "--tools",
+        type=bench_remote.parse_list(TOOLS),
+        default=list(TOOLS),
+        help="which to run (default all; skyframe-base needs --baseline)",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also run skyframe with the code of this checkout (skyframe-base), in turn",
+    )
     parser.add_argument("--rate", type=float, default=40.0, help="upstream Mbit/s")
     parser.add_argument(
         "--down-rate", type=float, default=0.0, help="downstream Mbit/s (0: unlimited)"

@@ -16,6 +16,7 @@ Three figures:
    local folder and to S3 (the SeaweedFS server the tests use, on loopback; ``--sinks``
    chooses). Each run waits for a quiet machine first (``machine.py``). Reported per sink:
    the medians, min and max, and the ratio (geotag / without; the target is at most 1.10).
+   skyframe's bytecode is written first, as for an installed copy (``baseline.py``).
 
 Run from the repository root:
 
@@ -41,6 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+import baseline  # noqa: E402 (beside this file)
 import machine  # noqa: E402 (beside this file)
 import servers  # noqa: E402 (the servers the tests start, from tests/)
 
@@ -268,6 +270,9 @@ def main() -> int:
     sinks = [name.strip() for name in args.sinks.split(",") if name.strip()]
     if not sinks or set(sinks) - {"local", "s3"}:
         parser.error(f"--sinks: expected local and/or s3, got {args.sinks!r}")
+    code = baseline.current()
+    written = baseline.compile_bytecode(code)  # as an installed copy has it
+    print(f"skyframe: {code.package} ({code.commit}), bytecode {'written' if written else 'NOT'}")
     base = Path(tempfile.mkdtemp(prefix="skyframe-bench-metadata-"))
     try:
         extraction(base, args.copies, args.runs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -346,3 +347,60 @@ def test_s3_payload_signing_decides_the_extra_checksum() -> None:
     assert not signs_payload(S3Options(endpoint_url="http://127.0.0.1:9000", anon=True))
     assert not signs_payload(S3Options(endpoint_url="https://s3.example.org"))
     assert not signs_payload(S3Options())  # AWS, over HTTPS
+
+
+def _model_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The threads in which botocore reads one of its JSON models from disk (a cache miss)."""
+    from botocore.loaders import JSONFileLoader
+
+    threads: list[str] = []
+    load_file = JSONFileLoader.load_file
+
+    def recorded(self: Any, file_path: str) -> Any:
+        threads.append(threading.current_thread().name)
+        return load_file(self, file_path)
+
+    monkeypatch.setattr(JSONFileLoader, "load_file", recorded)
+    return threads
+
+
+def test_s3_client_is_created_on_the_event_loop_with_its_models_loaded_before(
+    tmp_path: Path, s3_server: servers.S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loop carries every transfer in flight: botocore's models, read and parsed there
+    # while s3fs created its client, held it for a tenth of a second or more.
+    from skyframe.config import SinkConfig
+    from skyframe.storage import open_sink
+
+    entry = s3_sink(s3_server)  # (the fixture's own client makes the bucket)
+    loads = _model_loads(monkeypatch)
+    sink = open_sink(SinkConfig.model_validate(entry), tmp_path)
+    try:
+        sink.fs.s3  # noqa: B018 - creates the client, on fsspec's event loop
+        assert loads, "no model was read"
+        assert "fsspecIO" not in loads, loads
+        assert set(loads) == {threading.current_thread().name}
+        sink.fs.pipe_file(sink.remote_path("a.txt"), b"a")
+        assert sink.fs.cat_file(sink.remote_path("a.txt")) == b"a"
+    finally:
+        sink.close()
+
+
+def test_s3_client_of_an_aiobotocore_without_the_warm_up_is_created_as_before(
+    tmp_path: Path, s3_server: servers.S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aiobotocore.session import AioSession
+
+    from skyframe.config import SinkConfig
+    from skyframe.storage import open_sink
+
+    monkeypatch.delattr(AioSession, "warm_up_loader_caches")  # before aiobotocore 3.7
+    entry = s3_sink(s3_server)
+    loads = _model_loads(monkeypatch)
+    sink = open_sink(SinkConfig.model_validate(entry), tmp_path)
+    try:
+        sink.fs.pipe_file(sink.remote_path("a.txt"), b"a")
+        assert sink.fs.cat_file(sink.remote_path("a.txt")) == b"a"
+        assert "fsspecIO" in loads  # the models are read where the client is created
+    finally:
+        sink.close()

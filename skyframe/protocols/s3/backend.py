@@ -187,12 +187,29 @@ def _without_expect_continue(request: Any, **kwargs: Any) -> None:
 
 
 def _session(profile: str | None = None) -> Any:
-    """The aiobotocore session s3fs builds its clients from, with the handler above."""
+    """The aiobotocore session s3fs builds its clients from, with the handler above, its
+    S3 models loaded already (see :func:`_warm_up`)."""
     from aiobotocore.session import AioSession
 
     session = AioSession(profile=profile)
     session.register("before-send.s3", _without_expect_continue)
+    _warm_up(session)
     return session
+
+
+def _warm_up(session: Any) -> None:
+    """Load the S3 service's models into the session's caches, in the calling thread.
+
+    s3fs creates its client on fsspec's event loop, which also carries every other transfer
+    (the small files' PUTs, the parts in flight): reading and parsing botocore's JSON models
+    there held the loop, and the link stood idle meanwhile. Loaded here first (``connect``
+    runs in the thread that first needs the filesystem, never on the loop), the client's
+    creation on the loop finds them cached. ``warm_up_loader_caches`` is aiobotocore's
+    (3.7 and later); an older one creates its client as before.
+    """
+    warm_up = getattr(session, "warm_up_loader_caches", None)
+    if warm_up is not None:
+        warm_up("s3")
 
 
 def signs_payload(settings: S3Options) -> bool:
