@@ -208,10 +208,14 @@ def test_a_removed_pipelines_jobs_wait_in_the_queue_until_it_is_back(
     # Back in the config: its jobs go out.
     write_config(config_text())
     assert d.engine.reload("test").added == ["survey"]
+    # A file is in place a moment before its "delivered" event is recorded.
     wait_for(
-        lambda: len(tree_files(project / "outbox")) == 5, what="the 5 files delivered", timeout=20
+        lambda: all(delivered(d, f"f{i}.txt") for i in range(5)),
+        what="the 5 files delivered",
+        timeout=20,
     )
-    assert all(delivered(d, f"f{i}.txt") == 1 for i in range(5))
+    assert len(tree_files(project / "outbox")) == 5
+    assert [delivered(d, f"f{i}.txt") for i in range(5)] == [1] * 5  # none twice
 
 
 # --- the proof: a reload in the middle of transfers --------------------------------------------
@@ -251,6 +255,13 @@ def test_reload_mid_flight_loses_nothing_and_sends_nothing_twice(
         timeout=60,
     )
     wait_for(lambda: d.recorder.count("rejected", "late/after.skip") >= 1, what="after.skip")
+    # A file is in place a moment before its job is settled and its "delivered" recorded.
+    wait_for(
+        lambda: (
+            all(delivered(d, name) for name in expected) and d.engine.queue.counts()["leased"] == 0
+        ),
+        what="every delivery settled",
+    )
     assert set(tree_files(project / "outbox")) == expected
     # Exactly once each; the big upload went on, never started again.
     assert d.recorder.count("started", "big.mp4") == 1
