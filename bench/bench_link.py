@@ -34,7 +34,10 @@ Reported per tool: median seconds (the command's start to its exit) and spread; 
 the link's capacity used, payload bits / (rate x seconds); the bytes that went up through the
 link / payload (protocol overhead, plus whatever was sent again after a cut); the bytes that
 came down; failed runs. Ratio: rclone median / skyframe median (>= 1.0: skyframe at least as
-fast).
+fast). And where the time went, from the link's bytes up read every 50 ms (medians): the
+start (to the first 100 KB up), the time with nothing sent after that (until 99% of the
+bytes), and the tail (from 99% of the bytes to the exit); beside the time the payload alone
+takes at the link's rate.
 
 Run from the repository root:
 
@@ -62,6 +65,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -80,6 +84,8 @@ DEFAULT_CASES = ["steady", "flaky"]
 TARGETS = ("s3", "sftp")
 TOOLS = ("skyframe", "skyframe-base", "rclone")
 MB = 1_000_000
+SAMPLE = 0.05  #: seconds between two readings of the link's bytes up (Timeline)
+FIRST_BYTES = 100_000  #: bytes up that mark the start of the uploads (Timeline)
 CHUNK = 8 * 1024 * 1024
 
 
@@ -169,6 +175,51 @@ def through(target: Target, dest: Destination, link: LinkEmulator, folder: Path)
 # Runs
 
 
+class Timeline:
+    """Where a run's seconds went on the link, from the bytes up sampled every
+    :data:`SAMPLE` seconds from the command's start: ``start``, until the first
+    :data:`FIRST_BYTES` went up (Python's or Go's start, the handshakes, the sinks' check);
+    ``idle``, the samples with nothing sent between then and 99% of the bytes up (waits for
+    answers, gaps between files); ``tail``, from 99% of the bytes to the command's exit (the
+    last answers, renames, closing)."""
+
+    def __init__(self, link: LinkEmulator) -> None:
+        self.link = link
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="bench-timeline", daemon=True)
+
+    def __enter__(self) -> Timeline:
+        self.began = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.ended = time.monotonic()
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while True:
+            self.samples.append((time.monotonic() - self.began, self.link.bytes_up))
+            if self._stop.wait(SAMPLE):
+                return
+
+    def figures(self) -> tuple[float, float, float] | None:
+        """(start, idle, tail) in seconds; None when too little went up to tell."""
+        total = self.samples[-1][1] if self.samples else 0
+        first = next((t for t, up in self.samples if up >= FIRST_BYTES), None)
+        last = next((t for t, up in self.samples if up >= 0.99 * total), None)
+        if first is None or last is None or last <= first:
+            return None
+        idle = sum(
+            SAMPLE
+            for (t, up), (_, before) in zip(self.samples[1:], self.samples, strict=False)
+            if first < t <= last and up == before
+        )
+        return first, idle, (self.ended - self.began) - last
+
+
 @dataclasses.dataclass
 class Run:
     tool: str
@@ -178,6 +229,7 @@ class Run:
     cuts: int  # connections the link reset
     connections: int
     problem: str = ""
+    timeline: Timeline | None = None
 
     @property
     def ok(self) -> bool:
@@ -203,12 +255,13 @@ def one_run(
         with spec.open(target.server) as link:
             rclone_conf = run_dir / "rclone.conf"
             rclone_conf.write_text(through(target, dest, link, run_dir), encoding="utf-8")
-            if tool.code is not None:
-                outcome = bench_remote.run_skyframe(launcher, data, dest, run_dir, tool.code)
-            else:
-                outcome = bench_remote.run_rclone(
-                    launcher, data, dest, run_dir, rclone_conf, flags=tool.flags
-                )
+            with Timeline(link) as timeline:
+                if tool.code is not None:
+                    outcome = bench_remote.run_skyframe(launcher, data, dest, run_dir, tool.code)
+                else:
+                    outcome = bench_remote.run_rclone(
+                        launcher, data, dest, run_dir, rclone_conf, flags=tool.flags
+                    )
             counts = (link.bytes_up, link.bytes_down, link.cut_connections, link.connections)
         seconds, _, code, stderr, _ = outcome
         problem = f"exit code {code}" if code != 0 else ""
@@ -224,7 +277,7 @@ def one_run(
                 f"{problem}\n!!!!! end of the run's stderr:\n{tail}\n",
                 flush=True,
             )
-        return Run(tool.name, seconds, *counts, problem=problem)
+        return Run(tool.name, seconds, *counts, problem=problem, timeline=timeline)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
         try:
@@ -278,6 +331,14 @@ class Result:
     def failed(self, tool: str) -> int:
         return sum(1 for run in self.of(tool, ok=False) if not run.ok)
 
+    def timeline(self, tool: str) -> tuple[float, float, float] | None:
+        """Median start, idle and tail seconds of the tool's runs (see :class:`Timeline`)."""
+        figures = [f for run in self.of(tool) if run.timeline and (f := run.timeline.figures())]
+        if not figures:
+            return None
+        start, idle, tail = zip(*figures, strict=True)
+        return statistics.median(start), statistics.median(idle), statistics.median(tail)
+
     def ratio(self, other: str = "rclone") -> float | None:
         top, bottom = self.median(other), self.median("skyframe")
         return top / bottom if top and bottom else None
@@ -305,6 +366,17 @@ def print_result(result: Result) -> None:
             f"{fmt(result.median_of(tool, 'cuts'), '.0f'):>5} "
             f"{result.failed(tool)}/{len(result.of(tool, ok=False)):<5}  {times}"
         )
+    floor = result.data.total_bytes * 8 / result.spec.rate
+    print(
+        f"where the time went (medians, s; the payload alone takes {floor:.1f} s of the link): "
+        f"start = to the first {FIRST_BYTES // 1000} KB up, idle = nothing sent after that, "
+        "tail = after 99% of the bytes"
+    )
+    for tool in result.tools:
+        parts = result.timeline(tool)
+        if parts is not None:
+            start, idle, tail = parts
+            print(f"  {tool:<13} start {start:5.2f}   idle {idle:5.2f}   tail {tail:5.2f}")
     if "rclone" in result.tools:
         print(f"ratio rclone/skyframe (medians): {fmt(result.ratio())} (>= 1.00: skyframe as fast)")
     if "skyframe-base" in result.tools:
