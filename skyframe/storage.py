@@ -381,6 +381,11 @@ class Sink:
             self.fs.makedirs(folder, exist_ok=True)
         self._folders.add(folder)
 
+    def folder_exists(self, folder: str) -> None:
+        """Note that ``folder`` exists on this connection (made or found by other means):
+        :meth:`ensure_folder` asks nothing for it."""
+        self._folders.add(folder)
+
     def forget_folders(self) -> None:
         """Forget which folders exist (one was removed behind our back)."""
         self._folders = set()
@@ -580,13 +585,19 @@ def probe_sink(sink: Sink, written: Callable[[], None] | None = None) -> ProbeRe
         began = time.monotonic()  # it could not tell: the regular probe says what is wrong
     fs = sink.fs
     connected = time.monotonic()
-    sink.ensure_folder(sink.root)
     sink.litter.add(name)  # until it is removed: the link may drop first
     write_check = sink.endpoint.write_check
-    if write_check is not None:
-        size = write_check(fs, name, payload, written)
+    if write_check is not None:  # it makes the root only if it is missing
+
+        def stored() -> None:  # the root is there: the files that go now need not ask
+            sink.folder_exists(sink.root)
+            if written is not None:
+                written()
+
+        size = write_check(fs, name, payload, stored)
         sink.litter.discard(name)
     else:
+        sink.ensure_folder(sink.root)
         size = _write_check(sink, fs, name, payload, written)
     if size != len(payload):
         raise OSError(f"wrote {len(payload)} bytes but the sink reports {size}")

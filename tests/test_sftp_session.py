@@ -568,6 +568,63 @@ def test_folders_are_made_in_few_requests(sink: Sink, monkeypatch: pytest.Monkey
 
 
 @pytest.mark.parametrize(
+    ("case", "folder_requests"),
+    [
+        ("root there", []),
+        ("root missing", ["mkdir"]),  # its parent is there
+        ("root and its parent missing", ["mkdir", "isdir", "isdir", "isdir", "mkdir", "mkdir"]),
+    ],
+)
+def test_the_check_makes_the_root_only_when_its_file_cannot_be_opened(
+    tmp_path: Path,
+    sftp_server: servers.SFTPServer,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+    folder_requests: list[str],
+) -> None:
+    # Every run and every daemon start checks its sinks: a root that is there costs no
+    # request before the check's file is opened (it cost one), a missing one a mkdir.
+    from skyframe.storage import probe_sink
+
+    entry = sftp_sink(sftp_server)
+    if case == "root and its parent missing":
+        entry["url"] += "/flights"
+    sink = open_sink(SinkConfig.model_validate(entry), tmp_path)
+    root = remote_folder(sink)
+    if case == "root there":
+        root.mkdir()
+    asyncssh = import_asyncssh()
+    asked: list[str] = []
+    for name in ("isdir", "mkdir", "open"):
+        original = getattr(asyncssh.SFTPClient, name)
+
+        async def counted(
+            self: Any, path: Any, *a: Any, _o: Any = original, _n: str = name, **kw: Any
+        ) -> Any:
+            asked.append(_n)
+            return await _o(self, path, *a, **kw)
+
+        monkeypatch.setattr(asyncssh.SFTPClient, name, counted)
+    try:
+        written: list[list[str]] = []
+
+        def first_files_go() -> None:  # as the check lets them: their folder is known
+            before = len(asked)
+            sink.ensure_folder(sink.root)
+            written.append(asked[before:])
+
+        assert probe_sink(sink, first_files_go).write > 0
+        assert written == [[]]
+        opens = 1 if case == "root there" else 2
+        assert [n for n in asked if n != "open"] == folder_requests
+        assert asked.count("open") == opens
+        assert root.is_dir()
+        assert list(root.iterdir()) == []
+    finally:
+        sink.close()
+
+
+@pytest.mark.parametrize(
     ("size", "urgent", "lane"),
     [(100, False, "small"), (5_000_000, False, "large"), (5_000_000, True, "small")],
 )

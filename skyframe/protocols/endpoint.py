@@ -83,10 +83,11 @@ class Endpoint:
     #: filesystem's ``makedirs`` (SFTP); None: ``makedirs(folder, exist_ok=True)``
     make_folder: Callable[[Any, str], None] | None = None
     #: the sinks' check on a connection in fewer round trips than the filesystem's calls
-    #: (SFTP): ``write_check(fs, path, payload, written)`` writes ``payload`` at ``path``,
-    #: calls ``written`` (if given) once it is stored, and returns the size the server then
-    #: reports (None: no file there), removing the file in any case; None: the filesystem's
-    #: ``pipe_file``, ``size`` and ``rm``
+    #: (SFTP): ``write_check(fs, path, payload, written)`` writes ``payload`` at ``path``
+    #: (making its folder if it is missing), calls ``written`` (if given) once it is stored,
+    #: and returns the size the server then reports (None: no file there), removing the file
+    #: in any case; None: the folder is made, then the filesystem's ``pipe_file``, ``size``
+    #: and ``rm``
     write_check: Callable[[Any, str, bytes, Callable[[], None] | None], int | None] | None = None
 
 

@@ -174,17 +174,25 @@ def is_missing(exc: BaseException) -> bool:
     return isinstance(exc, import_asyncssh().SFTPNoSuchFile)
 
 
-async def make_folder(fs: Any, folder: str) -> None:
+async def make_folder(fs: Any, folder: str, *, missing: bool = False) -> None:
     """Create ``folder`` and its missing parents: one round trip when it exists (asyncssh's
     ``makedirs`` asks two for every part of the path), then one more for each missing level
-    and each one created."""
+    and each one created. With ``missing`` (a request just found it missing), it is made at
+    once, one round trip where its parent exists."""
+    asyncssh = import_asyncssh()
     sftp = await session(fs)
-    missing = []
     current = folder.rstrip("/") or "/"
+    if missing and current != "/":
+        try:
+            await sftp.mkdir(current)
+            return
+        except asyncssh.SFTPError:
+            pass  # a parent missing too, or made meanwhile: find out below
+    missing_levels = []
     while current not in ("/", "") and not await sftp.isdir(current):
-        missing.append(current)
+        missing_levels.append(current)
         current = posixpath.dirname(current)
-    for path in reversed(missing):
+    for path in reversed(missing_levels):
         try:
             await sftp.mkdir(path)
         except Exception:
@@ -220,9 +228,15 @@ async def write_check(
     fs: Any, path: str, payload: bytes, written: Callable[[], None] | None
 ) -> int | None:
     """The sinks' check on the connection's session: open, write and close ``path`` (then
-    ``written`` is called), its size, and its removal; a round trip each. Through sshfs it
-    took a channel of its own, and two requests for every level of the folder's path."""
-    handle, _ = await open_file(fs, path, "wb")
+    ``written`` is called), its size, and its removal; a round trip each. Its folder is made
+    only when the opening finds it missing (no round trip asks first). Through sshfs it took
+    a channel of its own, and two requests for every level of the folder's path."""
+    asyncssh = import_asyncssh()
+    try:
+        handle, _ = await open_file(fs, path, "wb")
+    except asyncssh.SFTPNoSuchFile:
+        await make_folder(fs, posixpath.dirname(path), missing=True)
+        handle, _ = await open_file(fs, path, "wb")
     try:
         await handle.write(payload, 0)
     finally:
