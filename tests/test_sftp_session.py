@@ -567,6 +567,34 @@ def test_folders_are_made_in_few_requests(sink: Sink, monkeypatch: pytest.Monkey
         sink.ensure_folder(f"{sink.root}/file/c")
 
 
+def test_a_file_alone_whose_folder_is_missing_makes_it_with_one_request(
+    sink: Sink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Opening its temporary file told it the folder is missing: a mkdir, no stat first
+    # (ensure_folder's walk asked two stats before it).
+    from skyframe.protocols.sftp import transfer
+
+    sink.ensure_folder(sink.root)
+    asyncssh = import_asyncssh()
+    asked: list[str] = []
+    for name in ("isdir", "mkdir"):
+        original = getattr(asyncssh.SFTPClient, name)
+
+        async def counted(self: Any, path: Any, *a: Any, _o: Any = original, _n: str = name) -> Any:
+            asked.append(_n)
+            return await _o(self, path, *a)
+
+        monkeypatch.setattr(asyncssh.SFTPClient, name, counted)
+    data = os.urandom(5_000)
+    [request] = batch_requests(sink, tmp_path / "src", {"flight 08/f.jpg": data})
+    assert transfer.upload(request) == TransferResult(len(data), hashlib.sha256(data).hexdigest())
+    assert (remote_folder(sink) / "flight 08" / "f.jpg").read_bytes() == data
+    assert asked == ["mkdir"]
+    asked.clear()
+    sink.ensure_folder(f"{sink.root}/flight 08")  # known now
+    assert asked == []
+
+
 @pytest.mark.parametrize(
     ("case", "folder_requests"),
     [

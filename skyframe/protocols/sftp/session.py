@@ -19,6 +19,7 @@ connection's ``max_sessions`` beside sshfs's own channels (it keeps two for comm
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import posixpath
 import weakref
@@ -200,9 +201,9 @@ async def make_folder(fs: Any, folder: str, *, missing: bool = False) -> None:
                 raise
 
 
-def make_folder_now(fs: Any, folder: str) -> None:
+def make_folder_now(fs: Any, folder: str, *, missing: bool = False) -> None:
     """:func:`make_folder`, from a worker thread (an endpoint's ``make_folder``)."""
-    run(fs, make_folder, fs, folder)
+    run(fs, functools.partial(make_folder, missing=missing), fs, folder)
 
 
 async def size_of(fs: Any, path: str, lane: Lane = "small") -> int | None:

@@ -366,8 +366,10 @@ def _open(sink: Sink, fs: Any, temporary: str, mode: str, lane: session.Lane) ->
     except Exception as exc:
         if mode != "wb" or not session.is_missing(exc):
             raise
-    sink.forget_folders()
-    sink.ensure_folder(posixpath.dirname(temporary))
+    sink.forget_folders()  # one may have been removed behind our back
+    folder = posixpath.dirname(temporary)
+    session.make_folder_now(fs, folder, missing=True)  # no round trip asks whether it is there
+    sink.folder_exists(folder)
     return session.run(fs, session.open_file, fs, temporary, mode, lane)
 
 
