@@ -17,12 +17,14 @@ warning and skips (an entry point that fails costs about as little as one that l
 
 from __future__ import annotations
 
+import argparse
 import compileall
 import dataclasses
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -95,3 +97,27 @@ def compile_bytecode(code: Code) -> bool:
     0.1 s that no installed copy pays, and the same for both versions only if both lack it.
     """
     return bool(compileall.compile_dir(code.package, quiet=1))
+
+
+def add_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """The ``--baseline DIR`` option of a benchmark."""
+    parser.add_argument("--baseline", type=Path, metavar="DIR", help=help)
+
+
+def prepare(
+    checkout: Path | None, name: Callable[[Code], str] = lambda code: code.label
+) -> list[Code]:
+    """The versions a benchmark runs: the code of ``checkout`` first when one is given (see
+    :func:`baseline`), then the current code; each with its bytecode written, and a line
+    printed that says which package it is (named by ``name``)."""
+    codes = [current()]
+    if checkout is not None:
+        codes.insert(0, baseline(checkout, codes[0]))
+    for code in codes:
+        written = compile_bytecode(code)
+        print(
+            f"{name(code)}: {code.package} ({code.commit}), "
+            f"bytecode {'written' if written else 'NOT written'}",
+            flush=True,
+        )
+    return codes

@@ -514,11 +514,8 @@ def main() -> None:
     parser.add_argument(
         "--once-files", type=int, nargs="*", default=[100_000], help="files for run --once"
     )
-    parser.add_argument(
-        "--baseline",
-        type=Path,
-        metavar="DIR",
-        help="also run the code of this checkout, alternately with the current code",
+    baseline.add_argument(
+        parser, "also run the code of this checkout, alternately with the current code"
     )
     parser.add_argument(
         "--runs", type=int, help="runs of each version per case (default 1, 3 with --baseline)"
@@ -533,16 +530,7 @@ def main() -> None:
     compare = args.baseline is not None
     args.runs = args.runs or (3 if compare else 1)
     args.long_runs = args.long_runs or (2 if compare else 1)
-    codes = [baseline.current()]
-    if compare:
-        codes.insert(0, baseline.baseline(args.baseline, codes[0]))
-    for code in codes:
-        written = baseline.compile_bytecode(code)
-        print(
-            f"{code.label}: {code.package} ({code.commit}), "
-            f"bytecode {'written' if written else 'NOT written'}",
-            flush=True,
-        )
+    codes = baseline.prepare(args.baseline)
     base = Path(tempfile.mkdtemp(prefix="skyframe-bench-"))
     session = Session(args, codes, base)
     try:

@@ -577,15 +577,7 @@ def bench(
     latency: list[PhotoTimes],
 ) -> list[Result]:
     """The cases' results (those of photos-first go to ``latency``)."""
-    codes = [baseline.current()]
-    if args.baseline is not None:
-        codes.insert(0, baseline.baseline(args.baseline, codes[0]))
-    for code in codes:
-        written = baseline.compile_bytecode(code)
-        print(
-            f"{bench_remote.skyframe_tool(code).name}: {code.package} ({code.commit}), "
-            f"bytecode {'written' if written else 'NOT'}"
-        )
+    codes = baseline.prepare(args.baseline, lambda code: bench_remote.skyframe_tool(code).name)
     targets: list[Target] = []
     for name in args.targets:
         if name == "s3":
@@ -637,7 +629,7 @@ def bench(
                         tool, target, data, spec, launcher=launcher, work=work, index=index
                     )
                     print(
-                        f"  {case}/{target.name} run {index + 1} {tool.name:<9} "
+                        f"  {case}/{target.name} run {index + 1} {tool.name:<13} "
                         f"{run.seconds:7.1f} s  up {run.up / MB:7.1f} MB  "
                         f"{run.cuts:3} cut  {'ok' if run.ok else 'FAILED'}",
                         flush=True,
@@ -662,12 +654,7 @@ def main() -> int:
         default=list(TOOLS),
         help="which to run (default all; skyframe-base needs --baseline)",
     )
-    parser.add_argument(
-        "--baseline",
-        type=Path,
-        metavar="DIR",
-        help="also run skyframe with the code of this checkout (skyframe-base), in turn",
-    )
+    baseline.add_argument(parser, bench_remote.BASELINE_HELP)
     parser.add_argument("--rate", type=float, default=40.0, help="upstream Mbit/s")
     parser.add_argument(
         "--down-rate", type=float, default=0.0, help="downstream Mbit/s (0: unlimited)"

@@ -270,9 +270,7 @@ def main() -> int:
     sinks = [name.strip() for name in args.sinks.split(",") if name.strip()]
     if not sinks or set(sinks) - {"local", "s3"}:
         parser.error(f"--sinks: expected local and/or s3, got {args.sinks!r}")
-    code = baseline.current()
-    written = baseline.compile_bytecode(code)  # as an installed copy has it
-    print(f"skyframe: {code.package} ({code.commit}), bytecode {'written' if written else 'NOT'}")
+    baseline.prepare(None, lambda code: "skyframe")  # its bytecode, as an installed copy has
     base = Path(tempfile.mkdtemp(prefix="skyframe-bench-metadata-"))
     try:
         extraction(base, args.copies, args.runs)

@@ -188,6 +188,10 @@ class Tool:
     flags: tuple[str, ...] = ()  #: rclone's flags beyond its defaults
 
 
+#: what ``--baseline`` does where skyframe runs beside rclone
+BASELINE_HELP = "also run skyframe with the code of this checkout (skyframe-base), in turn"
+
+
 def skyframe_tool(code: Code) -> Tool:
     return Tool("skyframe-base" if code.label == "base" else "skyframe", code=code)
 
@@ -733,25 +737,12 @@ def main() -> int:
     parser.add_argument("--large-size", type=parse_size, default=parse_size("500MB"))
     parser.add_argument("--small-count", type=int, default=2000)
     parser.add_argument("--small-size", type=parse_size, default=parse_size("16KB"))
-    parser.add_argument(
-        "--baseline",
-        type=Path,
-        metavar="DIR",
-        help="also run skyframe with the code of this checkout (skyframe-base), in turn",
-    )
+    baseline.add_argument(parser, BASELINE_HELP)
     args = parser.parse_args()
     if shutil.which("rclone") is None:
         parser.error("rclone not found: install Debian's rclone")
-    codes = [baseline.current()]
-    if args.baseline is not None:
-        codes.insert(0, baseline.baseline(args.baseline, codes[0]))
     print(versions())
-    for code in codes:
-        written = baseline.compile_bytecode(code)
-        print(
-            f"{skyframe_tool(code).name}: {code.package} ({code.commit}), "
-            f"bytecode {'written' if written else 'NOT written'}"
-        )
+    codes = baseline.prepare(args.baseline, lambda code: skyframe_tool(code).name)
     print(f"CPUs: {os.cpu_count()} (usable by this process: {len(os.sched_getaffinity(0))})")
     base = Path(tempfile.mkdtemp(prefix="skyframe-bench-remote-"))
     results: list[Result] = []
