@@ -43,6 +43,24 @@ def remote_folder(sink: Sink) -> Path:
     return Path(sink.root)
 
 
+def requests_asked(monkeypatch: pytest.MonkeyPatch, *names: str) -> list[str]:
+    """The names of the session's requests (asyncssh's ``SFTPClient`` methods ``names``), in
+    the order they are made."""
+    asyncssh = import_asyncssh()
+    asked: list[str] = []
+    for name in names:
+        original = getattr(asyncssh.SFTPClient, name)
+
+        async def counted(
+            self: Any, path: Any, *a: Any, _o: Any = original, _n: str = name, **kw: Any
+        ) -> Any:
+            asked.append(_n)
+            return await _o(self, path, *a, **kw)
+
+        monkeypatch.setattr(asyncssh.SFTPClient, name, counted)
+    return asked
+
+
 def leftovers(folder: Path) -> list[str]:
     """Hidden temporary files left anywhere under ``folder``."""
     return [str(p) for p in folder.rglob(".*") if p.is_file()]
@@ -544,15 +562,7 @@ def test_folders_are_made_in_few_requests(sink: Sink, monkeypatch: pytest.Monkey
     # asyncssh's makedirs asks two requests for every part of the path; a deep sink root that
     # exists costs one, after every reconnect.
     asyncssh = import_asyncssh()
-    asked: list[str] = []
-    for name in ("isdir", "mkdir"):
-        original = getattr(asyncssh.SFTPClient, name)
-
-        async def counted(self: Any, path: Any, *a: Any, _o: Any = original, _n: str = name) -> Any:
-            asked.append(_n)
-            return await _o(self, path, *a)
-
-        monkeypatch.setattr(asyncssh.SFTPClient, name, counted)
+    asked = requests_asked(monkeypatch, "isdir", "mkdir")
     root = remote_folder(sink)
     sink.ensure_folder(f"{sink.root}/a/b")
     assert (root / "a" / "b").is_dir()
@@ -575,16 +585,7 @@ def test_a_file_alone_whose_folder_is_missing_makes_it_with_one_request(
     from skyframe.protocols.sftp import transfer
 
     sink.ensure_folder(sink.root)
-    asyncssh = import_asyncssh()
-    asked: list[str] = []
-    for name in ("isdir", "mkdir"):
-        original = getattr(asyncssh.SFTPClient, name)
-
-        async def counted(self: Any, path: Any, *a: Any, _o: Any = original, _n: str = name) -> Any:
-            asked.append(_n)
-            return await _o(self, path, *a)
-
-        monkeypatch.setattr(asyncssh.SFTPClient, name, counted)
+    asked = requests_asked(monkeypatch, "isdir", "mkdir")
     data = os.urandom(5_000)
     [request] = batch_requests(sink, tmp_path / "src", {"flight 08/f.jpg": data})
     assert transfer.upload(request) == TransferResult(len(data), hashlib.sha256(data).hexdigest())
@@ -621,18 +622,7 @@ def test_the_check_makes_the_root_only_when_its_file_cannot_be_opened(
     root = remote_folder(sink)
     if case == "root there":
         root.mkdir()
-    asyncssh = import_asyncssh()
-    asked: list[str] = []
-    for name in ("isdir", "mkdir", "open"):
-        original = getattr(asyncssh.SFTPClient, name)
-
-        async def counted(
-            self: Any, path: Any, *a: Any, _o: Any = original, _n: str = name, **kw: Any
-        ) -> Any:
-            asked.append(_n)
-            return await _o(self, path, *a, **kw)
-
-        monkeypatch.setattr(asyncssh.SFTPClient, name, counted)
+    asked = requests_asked(monkeypatch, "isdir", "mkdir", "open")
     try:
         written: list[list[str]] = []
 
