@@ -103,6 +103,7 @@ def free_ports(
                         _handed_out.update(ports)
                         return ports
         raise RuntimeError(f"could not find {count} free ports")
+    low, high = _this_workers_share(low, high)
     rng = random.Random()
     chosen: list[int] = []
     taken = set(_handed_out)
@@ -117,6 +118,20 @@ def free_ports(
                 _handed_out.update(taken)
                 return chosen
     raise RuntimeError(f"could not find {count} free ports in {low}-{high} (+{offset})")
+
+
+def _this_workers_share(low: int, high: int) -> tuple[int, int]:
+    """The slice of [low, high] this test process picks random ports from: when pytest-xdist
+    runs the tests in several processes, each has a slice of its own, so two servers starting
+    at once in two of them cannot choose the same port (a port is only taken once the server
+    binds it)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if not worker.startswith("gw") or not worker[2:].isdigit() or count <= 1:
+        return low, high
+    share = (high - low + 1) // count
+    start = low + int(worker[2:]) % count * share
+    return start, start + share - 1
 
 
 # --------------------------------------------------------------------------------------------

@@ -225,10 +225,12 @@ def test_parts_grow_to_a_second_of_a_faster_link(
         try:
             upload(sink, local)
             assert parts.sizes[:3] == [5 * MIB] * 3, parts.sizes  # nothing known yet
+            # The link carries 10 MB/s; a busy machine measures less. Over 5 MiB/s, a second
+            # of it rounded up to whole MiB reaches the configured 6 MiB.
             assert sink.rate is not None
-            assert sink.rate > 6.3 * MB, sink.rate
+            assert sink.rate > 5 * MIB, sink.rate
             parts.sizes.clear()
-            upload(sink, local)  # about 10 MB/s measured: the configured 6 MiB at most
+            upload(sink, local)  # parts of a second of the rate: the configured 6 MiB at most
         finally:
             sink.close()
     assert parts.sizes[:2] == [6 * MIB] * 2, (parts.sizes, sink.rate)
