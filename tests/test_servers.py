@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import servers
 from servers import (
     SEAWEED_GRPC_OFFSET,
     GCSServer,
@@ -49,6 +50,22 @@ def _banner(port: int, timeout: float) -> bytes:
 def _seaweed_strays(ports: list[int]) -> list[Path]:
     tmp = Path(tempfile.gettempdir())
     return [path for port in ports for path in tmp.glob(f"seaweedfs-*-{port}.sock")]
+
+
+def test_parallel_test_processes_pick_random_ports_from_slices_of_their_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "3")
+    slices = []
+    for worker in ("gw0", "gw1", "gw2"):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+        slices.append(servers._this_workers_share(20000, 29999))
+        ports = free_ports(5, offset=SEAWEED_GRPC_OFFSET)
+        low, high = slices[-1]
+        assert all(low <= port <= high for port in ports), (worker, ports)
+    assert slices == [(20000, 23332), (23333, 26665), (26666, 29998)]
+    monkeypatch.delenv("PYTEST_XDIST_WORKER")
+    assert servers._this_workers_share(20000, 29999) == (20000, 29999)
 
 
 def test_free_ports_leave_room_for_grpc() -> None:
