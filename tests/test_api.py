@@ -39,7 +39,12 @@ def test_status_document(daemon: Callable[..., Daemon], tmp_path: Path) -> None:
     d = daemon()
     make_file(tmp_path / "incoming", "a.jpg", b"x" * 1000)
     wait_for((tmp_path / "outbox" / "a.jpg").exists, what="delivery")
-    wait_for(lambda: request(url_of(d) + "/api/status")[1]["totals"]["delivered"] == 1)
+
+    def settled() -> bool:  # the delivery is counted a moment before its job lets go
+        doc = request(url_of(d) + "/api/status")[1]
+        return bool(doc["totals"]["delivered"] == 1 and doc["pipelines"][0]["queue"]["leased"] == 0)
+
+    wait_for(settled, what="the delivery counted and its job done")
     status, doc, _ = request(url_of(d) + "/api/status")
     assert status == 200
     assert doc["pid"] == os.getpid()

@@ -314,7 +314,10 @@ def test_rapid_events_on_many_paths_coalesce(tmp_path: Path, start: Callable[...
     uploads = daemon.recorder.count("delivered") - 1
     assert uploads <= 2 * 50, f"{uploads} uploads for 50 paths"
     queue = daemon.engine.queue
-    assert queue.counts() == {"pending": 0, "leased": 0, "waiting": 0, "dead": 0}
+    wait_for(
+        lambda: queue.counts() == {"pending": 0, "leased": 0, "waiting": 0, "dead": 0},
+        what="every job done",
+    )
 
 
 def test_failing_sink_dead_letters_then_cli_retry(
