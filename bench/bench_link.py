@@ -229,7 +229,8 @@ class Run:
     cuts: int  # connections the link reset
     connections: int
     problem: str = ""
-    timeline: Timeline | None = None
+    #: (start, idle, tail) seconds (see :class:`Timeline`); None when too little went up
+    timeline: tuple[float, float, float] | None = None
 
     @property
     def ok(self) -> bool:
@@ -277,7 +278,7 @@ def one_run(
                 f"{problem}\n!!!!! end of the run's stderr:\n{tail}\n",
                 flush=True,
             )
-        return Run(tool.name, seconds, *counts, problem=problem, timeline=timeline)
+        return Run(tool.name, seconds, *counts, problem=problem, timeline=timeline.figures())
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
         try:
@@ -333,7 +334,7 @@ class Result:
 
     def timeline(self, tool: str) -> tuple[float, float, float] | None:
         """Median start, idle and tail seconds of the tool's runs (see :class:`Timeline`)."""
-        figures = [f for run in self.of(tool) if run.timeline and (f := run.timeline.figures())]
+        figures = [run.timeline for run in self.of(tool) if run.timeline is not None]
         if not figures:
             return None
         start, idle, tail = zip(*figures, strict=True)
