@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +242,39 @@ def test_broken_files_are_reported_in_their_metadata(tmp_path: Path) -> None:
     assert (meta.width, meta.height) == (64, 48)
     with pytest.raises(FileNotFoundError):
         read_photo(tmp_path / "gone.jpg")
+
+
+def test_readings_in_many_threads_leave_the_processs_warning_filters_as_they_were(
+    tmp_path: Path,
+) -> None:
+    # geotag reads in every processing worker at once; each reading ignores Pillow's
+    # warnings for a moment. Those moments must not leave the process ignoring warnings.
+    photo = jpeg(
+        tmp_path / "a.jpg",
+        exif=gps_exif(((33.0, 51.0, 54.0), "S"), ((151.0, 12.0, 36.0), "W"), -12.5),
+    )
+    data = bytearray(photo.read_bytes())
+    del data[data.index(b"Exif\x00\x00") + 60 :]
+    (tmp_path / "cut.jpg").write_bytes(bytes(data))  # Pillow warns as it reads this one
+    photos = [*all_photos(), tmp_path / "cut.jpg"]
+    before = list(warnings.filters)
+    failures: list[BaseException] = []
+
+    def read_all() -> None:
+        try:
+            for _ in range(60):
+                for path in photos:
+                    read_photo(path)
+        except BaseException as exc:  # reported below, not lost in the thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=read_all) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert warnings.filters == before
 
 
 def test_metadata_round_trips_through_json() -> None:

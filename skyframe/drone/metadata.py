@@ -22,7 +22,6 @@ import io
 import math
 import os
 import struct
-import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
@@ -31,6 +30,8 @@ from typing import Any, BinaryIO
 
 from defusedxml import ElementTree
 from PIL import ExifTags, Image, TiffImagePlugin, UnidentifiedImageError
+
+from skyframe.quiet import ignored_warnings
 
 #: How far from the end a JPEG's end-of-image marker is looked for (some cameras pad files).
 _TAIL = 64 * 1024
@@ -100,11 +101,9 @@ def read_photo(path: Path | str) -> PhotoMeta:
     path = Path(path)
     with open(path, "rb") as f:
         try:
-            with warnings.catch_warnings():
-                # Only the header is read: a huge panorama is no decompression bomb here.
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = Image.open(f)
-            with image:
+            # Only the header is read: a huge panorama is no decompression bomb here, and a
+            # damaged tag is left out (Pillow warns of both).
+            with ignored_warnings(), Image.open(f) as image:
                 width, height = image.size
                 base, gps, details = _wanted(*_directories(image))
                 xmp = image.info.get("xmp")
@@ -178,15 +177,13 @@ def _lazy_directories(base: Directory, raw: bytes) -> tuple[Directory, Directory
     fp = io.BytesIO(raw)
     head = fp.read(8)
     found: list[Directory] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a damaged tag is left out, as getexif() does
-        for pointer in (ExifTags.IFD.GPSInfo, ExifTags.IFD.Exif):
-            offset = base.get(pointer)
-            directory = TiffImagePlugin.ImageFileDirectory_v2(head, group=pointer)
-            if isinstance(offset, int) and 0 < offset < len(raw):
-                fp.seek(offset)
-                directory.load(fp)
-            found.append(directory)
+    for pointer in (ExifTags.IFD.GPSInfo, ExifTags.IFD.Exif):
+        offset = base.get(pointer)
+        directory = TiffImagePlugin.ImageFileDirectory_v2(head, group=pointer)
+        if isinstance(offset, int) and 0 < offset < len(raw):
+            fp.seek(offset)
+            directory.load(fp)  # a damaged tag is left out, with a warning, as getexif() does
+        found.append(directory)
     return found[0], found[1]
 
 
@@ -206,9 +203,7 @@ def _wanted(
                 out[tag] = value[0] if one else value
         return out
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pick(base, _BASE_TAGS), pick(gps, _GPS_TAGS), pick(details, _DETAIL_TAGS)
+    return pick(base, _BASE_TAGS), pick(gps, _GPS_TAGS), pick(details, _DETAIL_TAGS)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -354,12 +349,12 @@ def make_thumbnail(source: BinaryIO, target: Path, *, max_px: int, quality: int)
     from PIL import ImageOps
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(source) as image:
-                image.draft("RGB", (max_px, max_px))
-                upright = ImageOps.exif_transpose(image)
-                upright.thumbnail((max_px, max_px))
-                upright.convert("RGB").save(target, "JPEG", quality=quality, optimize=True)
+        with ignored_warnings(Image.DecompressionBombWarning):
+            image = Image.open(source)  # where Pillow checks the size; decoded at scale below
+        with image:
+            image.draft("RGB", (max_px, max_px))
+            upright = ImageOps.exif_transpose(image)
+            upright.thumbnail((max_px, max_px))
+            upright.convert("RGB").save(target, "JPEG", quality=quality, optimize=True)
     except (SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise OSError(f"cannot decode the image: {_one_line(exc)}") from exc

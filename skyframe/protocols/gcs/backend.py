@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from pydantic import Field, field_validator
 from skyframe.errors import SinkRefusedError, SinkUnavailableError
 from skyframe.protocols.classify import exception_chain, one_line, unreachable
 from skyframe.protocols.endpoint import BackendOptions, Endpoint, bucket_and_root, close_quietly
+from skyframe.quiet import ignored_warnings
 from skyframe.units import Duration, Size
 
 CHUNK_QUANTUM = 256 * 1024  #: resumable chunks must be multiples of this
@@ -71,9 +71,8 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
 
         # gcsfs logs a traceback for errors it hands back to us: we report them ourselves.
         logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
-        with warnings.catch_warnings():
-            # Uploads need no project: only listing and creating buckets do.
-            warnings.filterwarnings("ignore", "GCS project not set", UserWarning)
+        # Uploads need no project: only listing and creating buckets do.
+        with ignored_warnings(UserWarning, "GCS project not set"):
             return gcsfs.GCSFileSystem(
                 token=token,
                 project=settings.project,
