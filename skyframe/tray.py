@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from PIL import Image, ImageDraw
 
+from skyframe import deps
 from skyframe.config import Config
 from skyframe.errors import SkyframeError
 from skyframe.units import format_rate
@@ -41,6 +42,7 @@ COLOURS: dict[Kind, tuple[int, int, int]] = {
 RING = (255, 255, 255)  #: the progress ring's colour
 DOWN = ("offline", "refused")  #: sink health that counts as an error
 INTERVAL = 2.0  #: seconds between two looks at the daemon
+X_BACKEND = "pystray._xorg"  #: the module of pystray's icon when it uses its X backend
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,36 @@ def _pystray() -> Any:
     return pystray
 
 
+def pystray_chose_x(pystray: Any) -> bool:
+    """Whether pystray's icon is its X backend's (no AppIndicator or GTK for it, or
+    ``PYSTRAY_BACKEND=xorg``): the tray then shows :class:`skyframe.xtray.XTrayIcon` instead.
+
+    pystray names its backends only in ``PYSTRAY_BACKEND``; which one it took shows in the
+    module of its ``Icon`` class, ``pystray._xorg`` (listed in docs/dependencies.md). Another
+    name, or ``SKYFRAME_NO_INTERNALS``, keeps pystray's icon."""
+    if not deps.internals_allowed():
+        deps.missed("pystray", "the X backend's module name", "pystray's own icon on X")
+        return False
+    return getattr(getattr(pystray, "Icon", None), "__module__", None) == X_BACKEND
+
+
+def _x_icon(state: TrayState, on_click: Callable[[], object]) -> Any:
+    from Xlib.error import DisplayError
+
+    from skyframe.xtray import XTrayIcon
+
+    try:
+        return XTrayIcon("skyframe", icon_image(state), state.title, on_click=on_click)
+    except DisplayError as exc:
+        raise SkyframeError(f"no desktop to show the tray icon on: {exc}") from None
+
+
+def _look(state: TrayState) -> tuple[object, ...]:
+    """What of a state the icon's image shows."""
+    progress = None if state.progress is None else round(state.progress, 2)
+    return (state.kind, state.paused, progress)
+
+
 class TrayApp:
     """The icon and its menu, kept up to date by a look at the daemon every ``interval``."""
 
@@ -192,8 +224,20 @@ class TrayApp:
         """Show the icon until Quit (blocks). SkyframeError when there is no desktop."""
         pystray = _pystray()
         state = self.model.refresh()
+        self._shown = (_look(state), state.title)  # what the icon is made with below
+        icon: Any
+        if pystray_chose_x(pystray):
+            icon = _x_icon(state, on_click=lambda: self._dashboard(None, None))
+        else:
+            icon = self._pystray_icon(pystray, state)
+        try:
+            icon.run(setup=self._watch)
+        finally:
+            self._stop.set()
+
+    def _pystray_icon(self, pystray: Any, state: TrayState) -> Any:
         item, menu = pystray.MenuItem, pystray.Menu
-        icon = pystray.Icon(
+        return pystray.Icon(
             "skyframe",
             icon_image(state),
             state.title,
@@ -215,10 +259,6 @@ class TrayApp:
                 item("Quit", self._quit),
             ),
         )
-        try:
-            icon.run(setup=self._watch)
-        finally:
-            self._stop.set()
 
     def _running(self, _item: Any) -> bool:
         return self.model.state.kind != "offline" and not self.model.state.paused
@@ -226,8 +266,7 @@ class TrayApp:
     def show(self, icon: Any, state: TrayState) -> None:
         """Put ``state`` on the icon: only what changed (a new image makes some notification
         areas dock the icon anew)."""
-        progress = None if state.progress is None else round(state.progress, 2)
-        look = (state.kind, state.paused, progress)
+        look = _look(state)
         if self._shown is None or self._shown[0] != look:
             icon.icon = icon_image(state)
         if self._shown is None or self._shown[1] != state.title:

@@ -126,6 +126,21 @@ def test_asyncssh_takes_a_tunnel_that_opens_the_connection() -> None:
     )
 
 
+def test_pystray_still_has_its_x_backend_module() -> None:
+    import importlib.util
+
+    from skyframe.tray import X_BACKEND
+
+    # Looked for, not imported: importing pystray connects to the X display.
+    package, module = X_BACKEND.split(".")
+    spec = importlib.util.find_spec(package)
+    assert spec is not None
+    assert spec.origin is not None
+    source = Path(spec.origin).parent / f"{module}.py"
+    assert source.is_file(), gone("pystray", X_BACKEND)
+    assert "class Icon(" in source.read_text(encoding="utf-8"), gone("pystray", f"{X_BACKEND}.Icon")
+
+
 @pytest.mark.parametrize(
     ("name", "parameters"),
     [
@@ -164,6 +179,18 @@ def deliver(write_config: WriteConfig, sink: dict[str, Any], files: dict[str, by
 
 def fallbacks_logged(caplog: pytest.LogCaptureFixture) -> str:
     return "\n".join(r.getMessage() for r in caplog.records if r.name == "skyframe.deps")
+
+
+def test_the_tray_without_internals_keeps_pystrays_icon(
+    public_only: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    from skyframe.tray import X_BACKEND, pystray_chose_x
+
+    class XorgIcon:
+        __module__ = X_BACKEND
+
+    assert not pystray_chose_x(type("pystray", (), {"Icon": XorgIcon}))
+    assert "the X backend's module name not used" in fallbacks_logged(caplog)
 
 
 def test_s3_without_internals(

@@ -9,6 +9,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,17 @@ from helpers import Daemon, spawn_daemon, wait_for
 from PIL import Image, ImageGrab
 
 from skyframe.config import load_config
-from skyframe.tray import COLOURS, RING, TrayModel, TrayState, icon_image, state_of
+from skyframe.errors import SkyframeError
+from skyframe.tray import (
+    COLOURS,
+    RING,
+    Kind,
+    TrayModel,
+    TrayState,
+    icon_image,
+    pystray_chose_x,
+    state_of,
+)
 
 STATUS: dict[str, Any] = {
     "paused": False,
@@ -138,7 +150,12 @@ class Desktop:
             self.xvfb.kill()
             pytest.fail("Xvfb did not start (Debian's xvfb package)")
         self.display = f":{number.decode()}"
-        self.trayer = subprocess.Popen(
+        self.trayer = self.start_trayer()
+
+    def start_trayer(self) -> subprocess.Popen[bytes]:
+        """trayer, a GTK notification area along the top edge (not yet ready: see
+        :meth:`wait_ready`)."""
+        return subprocess.Popen(
             [
                 "trayer",
                 "--edge",
@@ -276,3 +293,167 @@ def test_the_tray_icon_in_a_notification_area(tmp_path: Path, desktop: Desktop) 
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+
+
+# --- skyframe's own icon on X (what the tray shows where pystray would use its X backend) ----
+
+
+class RunningIcon:
+    """An XTrayIcon on ``desktop``, its loop on a thread of this process."""
+
+    def __init__(self, desktop: Desktop, monkeypatch: pytest.MonkeyPatch) -> None:
+        from skyframe.xtray import XTrayIcon
+
+        monkeypatch.setenv("DISPLAY", desktop.display)
+        self.clicks = threading.Event()
+        self.icon = XTrayIcon(
+            "skyframe-test",
+            icon_image(TrayState("offline", "")),
+            "skyframe: test",
+            on_click=self.clicks.set,
+        )
+        self.thread = threading.Thread(target=self.icon.run, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.icon.stop()
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "the icon's loop did not end"
+
+
+def icon_window(desktop: Desktop) -> tuple[bool, int, int]:
+    """The test icon's window, as the X server has it: (inside the area, width, height)."""
+    from Xlib.display import Display
+
+    display = Display(desktop.display)
+    try:
+        root = display.screen().root
+        found: list[tuple[bool, int, int]] = []
+
+        def walk(window: Any, depth: int) -> None:
+            for child in window.query_tree().children:
+                if child.get_wm_class() == ("skyframe-testSystemTrayIcon", "skyframe-test"):
+                    geometry = child.get_geometry()
+                    found.append((depth > 0, geometry.width, geometry.height))
+                walk(child, depth + 1)
+
+        walk(root, 0)
+        assert len(found) == 1, found
+        return found[0]
+    finally:
+        display.close()
+
+
+def test_the_x_icon_stays_in_the_area_through_quick_changes(
+    desktop: Desktop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running = RunningIcon(desktop, monkeypatch)
+    try:
+        wait_for(lambda: shows(desktop, COLOURS["offline"], "xtray-grey"), timeout=30, what="grey")
+        kinds: list[Kind] = ["idle", "sending", "paused", "idle", "errors"]  # ends red
+        for n in range(40):  # pystray's X icon docked again at each: it got lost now and then
+            kind = kinds[n % len(kinds)]
+            running.icon.icon = icon_image(TrayState(kind, ""))
+            running.icon.title = f"skyframe: {kind} {n}"
+        wait_for(lambda: shows(desktop, COLOURS["errors"], "xtray-last"), timeout=30, what="red")
+        inside, width, height = icon_window(desktop)
+        assert inside
+        assert width >= 16
+        assert height >= 16
+        assert running.icon.docked
+    finally:
+        running.stop()
+
+
+def test_the_x_icon_waits_for_an_area_and_docks_again_when_it_restarts(
+    desktop: Desktop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    desktop.trayer.terminate()
+    desktop.trayer.wait(10)
+    running = RunningIcon(desktop, monkeypatch)
+    try:
+        time.sleep(1)
+        assert icon_window(desktop)[0] is False  # no area: the icon waits outside
+        for _ in range(2):  # an area that starts, then one that starts after it quit
+            desktop.trayer = desktop.start_trayer()
+            desktop.wait_ready()
+            wait_for(lambda: running.icon.docked, timeout=30, what="the icon docked")
+            wait_for(
+                lambda: shows(desktop, COLOURS["offline"], "xtray-again"), timeout=30, what="grey"
+            )
+            desktop.trayer.terminate()
+            desktop.trayer.wait(10)
+            wait_for(lambda: not running.icon.docked, timeout=30, what="the area gone")
+        desktop.trayer = desktop.start_trayer()  # for the fixture to stop
+    finally:
+        running.stop()
+
+
+def test_a_click_on_the_x_icon_runs_the_default_action(
+    desktop: Desktop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from Xlib import X
+    from Xlib.display import Display
+    from Xlib.ext import xtest
+
+    running = RunningIcon(desktop, monkeypatch)
+    try:
+        wait_for(lambda: shows(desktop, COLOURS["offline"], "xtray-click"), timeout=30, what="grey")
+        shot = desktop.grab().convert("RGB")
+        x, y = next(
+            (x, y)
+            for y in range(40)
+            for x in range(200)
+            if shot.getpixel((x, y)) == COLOURS["offline"]
+        )
+        display = Display(desktop.display)
+        try:
+            xtest.fake_input(display, X.MotionNotify, x=x + 2, y=y + 2)
+            xtest.fake_input(display, X.ButtonPress, 1)
+            xtest.fake_input(display, X.ButtonRelease, 1)
+            display.sync()
+        finally:
+            display.close()
+        assert running.clicks.wait(10), "the click did not reach the icon"
+    finally:
+        running.stop()
+
+
+def test_the_x_icon_ends_with_one_line_when_the_display_goes(
+    desktop: Desktop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from skyframe.xtray import XTrayIcon
+
+    monkeypatch.setenv("DISPLAY", desktop.display)
+    icon = XTrayIcon("skyframe-test", icon_image(TrayState("offline", "")), "skyframe: test")
+    ended: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            icon.run()
+        except BaseException as exc:  # what run() raised, for the test to look at
+            ended.append(exc)
+        else:
+            ended.append(None)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    wait_for(lambda: shows(desktop, COLOURS["offline"], "xtray-gone"), timeout=30, what="grey")
+    desktop.xvfb.terminate()
+    desktop.xvfb.wait(10)
+    thread.join(10)
+    assert len(ended) == 1
+    assert isinstance(ended[0], SkyframeError)
+    assert str(ended[0]).startswith("the tray icon's X display closed")
+
+
+def test_pystrays_x_backend_is_told_by_its_icons_module() -> None:
+    class XorgIcon:
+        __module__ = "pystray._xorg"
+
+    class IndicatorIcon:
+        __module__ = "pystray._appindicator"
+
+    assert pystray_chose_x(type("pystray", (), {"Icon": XorgIcon}))
+    assert not pystray_chose_x(type("pystray", (), {"Icon": IndicatorIcon}))
+    assert not pystray_chose_x(type("pystray", (), {}))
