@@ -8,8 +8,9 @@ tooltip, the numbers. The menu pauses and resumes uploads and opens the dashboar
 state directory (where the logs are).
 
 The icon itself is pystray's (an optional extra: ``pip install 'skyframe[tray]'``), drawn with
-Pillow; this module keeps the state and the drawing apart from it, so both are tested without
-a desktop.
+Pillow, except where pystray would use its X backend: there it is :mod:`skyframe.xtray`'s.
+This module keeps the state and the drawing apart from either, so both are tested without a
+desktop.
 """
 
 from __future__ import annotations
