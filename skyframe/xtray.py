@@ -61,13 +61,12 @@ class XTrayIcon:
         self._visible = False
         self._on_click = on_click
         self._changes: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._wake_read, self._wake_write = os.pipe()
-        os.set_blocking(self._wake_read, False)
-        self._loop_thread: threading.Thread | None = None
         self._stopped = threading.Event()
         self._docked_in: int | None = None  #: the window that holds the icon, once embedded
         self._display = Display()
         self._display.set_error_handler(self._x_error)
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
         screen = self._display.screen()
         self._root = screen.root
         self._area = self._display.intern_atom(
@@ -151,7 +150,6 @@ class XTrayIcon:
     def run(self, setup: Callable[[XTrayIcon], object] | None = None) -> None:
         """Handle the X events until :meth:`stop`; ``setup(icon)`` runs on a thread of its
         own meanwhile (as pystray's ``run``). Without ``setup`` the icon is shown."""
-        self._loop_thread = threading.current_thread()
         if setup is None:
             self.visible = True
         else:
@@ -162,11 +160,9 @@ class XTrayIcon:
             raise SkyframeError(f"the tray icon's X display closed: {exc}") from None
         finally:
             self._stopped.set()
-            try:
+            with contextlib.suppress(Exception):  # the server went away: nothing to tidy
                 self._window.destroy()
                 self._display.sync()
-            except Exception:  # the server went away: nothing left to tidy
-                pass
             with contextlib.suppress(Exception):  # closed already when the server went
                 self._display.close()
             os.close(self._wake_read)
@@ -224,7 +220,6 @@ class XTrayIcon:
         if manager == X.NONE:
             log.info("tray: no notification area yet; the icon waits for one")
             return
-        manager.change_attributes(event_mask=X.StructureNotifyMask)  # to see it go
         self._display.send_event(
             manager,
             xevent.ClientMessage(
@@ -250,10 +245,10 @@ class XTrayIcon:
                 self._docked_in = None
                 self._dock()
         elif kind == X.ReparentNotify and mine:
+            # In the area, or back on the root window: an area that quits hands its icons
+            # back to the root (XEmbed's save-set); its successor will announce itself.
             parent = event.parent.id
             self._docked_in = None if parent == self._root.id else parent
-        elif kind == X.DestroyNotify and not mine and event.window.id == self._docked_in:
-            self._docked_in = None  # the area went; its successor will announce itself
         elif kind == X.Expose and mine and event.count == 0:
             self._drawn = None
             self._draw()

@@ -324,6 +324,7 @@ class RunningIcon:
 def icon_window(desktop: Desktop) -> tuple[bool, int, int]:
     """The test icon's window, as the X server has it: (inside the area, width, height)."""
     from Xlib.display import Display
+    from Xlib.error import XError
 
     display = Display(desktop.display)
     try:
@@ -331,8 +332,16 @@ def icon_window(desktop: Desktop) -> tuple[bool, int, int]:
         found: list[tuple[bool, int, int]] = []
 
         def walk(window: Any, depth: int) -> None:
-            for child in window.query_tree().children:
-                if child.get_wm_class() == ("skyframe-testSystemTrayIcon", "skyframe-test"):
+            try:
+                children = window.query_tree().children
+            except XError:  # a window of an area that just quit, gone meanwhile
+                return
+            for child in children:
+                try:
+                    kind = child.get_wm_class()
+                except XError:
+                    continue
+                if kind == ("skyframe-testSystemTrayIcon", "skyframe-test"):
                     geometry = child.get_geometry()
                     found.append((depth > 0, geometry.width, geometry.height))
                 walk(child, depth + 1)
