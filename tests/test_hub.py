@@ -182,6 +182,25 @@ def hub(start_hub: Any) -> Hub:
     return start_hub()  # type: ignore[no-any-return]
 
 
+def test_stopping_the_hub_waits_for_a_query_under_way(hub: Hub) -> None:
+    # A request's query on a database thread holds a pooled connection; stopping must let it
+    # end and give the connection back before the engine is disposed of (a connection left
+    # to the garbage collector is never closed: PostgreSQL's warns as it goes).
+    started, ended = threading.Event(), threading.Event()
+
+    def slow_query() -> None:
+        with hub.engine.connect():
+            started.set()
+            time.sleep(1)
+        ended.set()
+
+    asyncio.run_coroutine_threadsafe(hub.server._run(slow_query), hub._loop)
+    assert started.wait(10)
+    hub.stop()
+    assert ended.is_set()
+    assert hub.engine.pool.checkedout() == 0
+
+
 def event(
     kind: str = "delivered",
     relpath: str = "f1/DJI_0001.JPG",

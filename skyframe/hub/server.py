@@ -50,6 +50,7 @@ WEB_ROOT = Path(__file__).resolve().parent / "web"
 OPERATOR_BODY = 64 * 1024  #: bytes of an operator's request body at most
 KNOWN_FOR = 30.0  #: seconds a token found is trusted before its body is read
 KNOWN_MAX = 10_000  #: tokens remembered at most
+CLOSE_WAIT = 10.0  #: seconds closing waits for the database threads' queries to end
 MAX_LIMIT = 5000
 _WHOLE_NUMBER = re.compile(r"0*([0-9]{1,18})")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
@@ -168,7 +169,15 @@ class HubServer:
                 self._writer.batches,
                 self._writer.groups,
             )
-        self._database_threads.shutdown(wait=False, cancel_futures=True)
+        # A request cut off above may still hold a connection on a database thread: wait for
+        # it to give it back, so that disposing of the engine closes every connection (one
+        # left to the garbage collector is closed by nobody). A query stuck past the bound is
+        # left to finish on its own.
+        waiting = asyncio.to_thread(self._database_threads.shutdown, True, cancel_futures=True)
+        try:
+            await asyncio.wait_for(waiting, CLOSE_WAIT)
+        except TimeoutError:
+            log.warning("hub: a database query still runs after %.0f s; closing anyway", CLOSE_WAIT)
 
     async def _run(self, func: Callable[[], T]) -> T:
         """``func`` on a database thread (requests mostly wait for the database there: enough
