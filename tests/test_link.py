@@ -178,7 +178,9 @@ def test_bandwidth_and_delay_overlap(sink: Server) -> None:
         began = _send(link, size)
     _, last = sink.arrivals[0]
     expected = rtt + size * 8 / RATE + rtt / 2  # handshake, serialisation, one way
-    assert expected - 0.03 <= last - began <= expected + 0.12
+    # Paying the delay per chunk would add a second or more; a busy machine's event loop adds
+    # its lateness (a fresh-clone CI run: 0.13 s).
+    assert expected - 0.03 <= last - began <= expected + 0.25
 
 
 def test_downstream_rate_is_optional_and_separate(echo: Server) -> None:
