@@ -14,6 +14,11 @@ from fakes.link import LinkEmulator, TokenBucket, mbit
 
 TIMEOUT = 5.0  # seconds any single wait in these tests may take before failing
 RATE = mbit(8)  # low, so that a busy machine still keeps up
+#: The least share of RATE a test asks the link to carry. A busy machine's event loop
+#: oversleeps, and the time it loses beyond the bucket's burst is not made up: fresh-clone CI
+#: runs measured 0.95 and 0.92 of the rate. An emulator that gave each connection a budget of
+#: its own, or half of one, is still far outside [SLOWEST, 1.03].
+SLOWEST = 0.9
 
 
 class Server:
@@ -136,7 +141,7 @@ def test_throughput_matches_the_rate(sink: Server) -> None:
         began = _send(link, size)
     _, last = sink.arrivals[0]
     rate = size * 8 / (last - began)
-    assert 0.96 * RATE <= rate <= 1.03 * RATE, f"{rate / 1e6:.2f} Mbit/s"
+    assert SLOWEST * RATE <= rate <= 1.03 * RATE, f"{rate / 1e6:.2f} Mbit/s"
     assert link.bytes_up == size
 
 
@@ -154,10 +159,8 @@ def test_connections_share_one_budget(sink: Server) -> None:
     began = min(starts)
     ends = [last for _, last in sink.arrivals]
     rate = 2 * size * 8 / (max(ends) - began)
-    # One budget, not one each (2 x RATE), and used whole. The lower bound leaves room for a
-    # busy machine: the emulator's loop oversleeps, and time lost beyond the bucket's burst is
-    # not made up (a fresh-clone CI run measured 7.58 Mbit/s of 8, 0.95).
-    assert 0.9 * RATE <= rate <= 1.03 * RATE, f"{rate / 1e6:.2f} Mbit/s together"
+    # One budget, not one each (2 x RATE), and used whole.
+    assert SLOWEST * RATE <= rate <= 1.03 * RATE, f"{rate / 1e6:.2f} Mbit/s together"
     # Each got about half: both finished near the end, not one after the other.
     assert min(ends) - began > 0.85 * (max(ends) - began)
 
@@ -192,7 +195,7 @@ def test_downstream_rate_is_optional_and_separate(echo: Server) -> None:
         assert len(_recv_all(sock)) == size
         elapsed = time.monotonic() - began
     rate = size * 8 / elapsed
-    assert 0.93 * RATE <= rate <= 1.03 * RATE, f"{rate / 1e6:.2f} Mbit/s"
+    assert SLOWEST * RATE <= rate <= 1.03 * RATE, f"{rate / 1e6:.2f} Mbit/s"
     assert link.bytes_up == link.bytes_down == size
 
 
