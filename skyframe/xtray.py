@@ -55,12 +55,12 @@ class XTrayIcon:
         title: str,
         on_click: Callable[[], object] | None = None,
     ) -> None:
-        self.name = name
         self._image = image
         self._title = title
         self._visible = False
         self._on_click = on_click
-        self._changes: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        #: what changed ("icon", "title", "visible", "stop"), for the loop to apply
+        self._changes: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._stopped = threading.Event()
         self._docked_in: int | None = None  #: the window that holds the icon, once embedded
         self._display = Display()
@@ -111,7 +111,7 @@ class XTrayIcon:
     @icon.setter
     def icon(self, image: Image.Image) -> None:
         self._image = image
-        self._change("icon", image)
+        self._change("icon")
 
     @property
     def title(self) -> str:
@@ -120,7 +120,7 @@ class XTrayIcon:
     @title.setter
     def title(self, text: str) -> None:
         self._title = text
-        self._change("title", text)
+        self._change("title")
 
     @property
     def visible(self) -> bool:
@@ -129,7 +129,7 @@ class XTrayIcon:
     @visible.setter
     def visible(self, value: bool) -> None:
         self._visible = value
-        self._change("visible", value)
+        self._change("visible")
 
     @property
     def docked(self) -> bool:
@@ -145,7 +145,7 @@ class XTrayIcon:
 
     def stop(self) -> None:
         """End :meth:`run` (from any thread)."""
-        self._change("stop", None)
+        self._change("stop")
 
     def run(self, setup: Callable[[XTrayIcon], object] | None = None) -> None:
         """Handle the X events until :meth:`stop`; ``setup(icon)`` runs on a thread of its
@@ -170,10 +170,10 @@ class XTrayIcon:
 
     # --- the loop's thread -----------------------------------------------------------------
 
-    def _change(self, what: str, value: Any) -> None:
+    def _change(self, what: str) -> None:
         if self._stopped.is_set():
             return
-        self._changes.put((what, value))
+        self._changes.put(what)
         with contextlib.suppress(OSError):  # closed as the loop ended
             os.write(self._wake_write, b"\0")
 
@@ -184,12 +184,12 @@ class XTrayIcon:
                 self._handle(self._display.next_event())
             while True:
                 try:
-                    what, value = self._changes.get_nowait()
+                    what = self._changes.get_nowait()
                 except queue.Empty:
                     break
                 if what == "stop":
                     return
-                self._apply(what, value)
+                self._apply(what)
             self._display.flush()
             if self._display.pending_events():
                 continue  # read while waiting for a reply: handled before sleeping
@@ -199,14 +199,14 @@ class XTrayIcon:
                     while os.read(self._wake_read, 4096):
                         pass
 
-    def _apply(self, what: str, value: Any) -> None:
+    def _apply(self, what: str) -> None:
         if what == "icon":
             self._drawn = None
             self._draw()
         elif what == "title":
-            self._window.set_wm_name(value)
+            self._window.set_wm_name(self._title)
         elif what == "visible":
-            if value:
+            if self._visible:
                 self._dock()
             else:
                 self._undock()
