@@ -97,10 +97,12 @@ def test_refusal_is_one_clear_line_from_check_and_run(
     assert re.search(pattern, errors[0]), errors[0]
     assert "Traceback" not in ran.stderr
     assert "not-the-secret" not in checked.stdout + ran.stderr  # secrets are never printed
-    # The source was scanned while the sink was being checked: the file waits in the queue,
-    # with no attempt counted, for a run with the problem fixed.
+    # The source is scanned while the sink is checked, and the refusal cuts the scan short:
+    # the file waits in the queue if the scan had found it by then (the next run's scan finds
+    # it otherwise), and never with an attempt counted against it.
     listed = skyframe(tmp_path, "queue", "list", "-c", str(config))
-    assert listed.stdout.splitlines() == ["pending\tfield\ta.jpg\tupload\t0\t\t"]
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines() in ([], ["pending\tfield\ta.jpg\tupload\t0\t\t"])
 
 
 def test_unreachable_sink_fails_check_but_run_queues(

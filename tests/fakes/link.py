@@ -5,7 +5,8 @@ connection to a target (host, port), the way a slow, far, flaky uplink would car
 
 - **Bandwidth**: one token bucket per direction, shared by every connection, so that four
   parallel uploads share 40 Mbit/s as they would share a 4G uplink. Upstream (client ->
-  server) is limited by `up_bps`; downstream by `down_bps` (None: unlimited).
+  server) is limited by `up_bps`; downstream by `down_bps` (None: unlimited). A sender with
+  more to send reads up to `READ_AHEAD` ahead of the link, as into a bottleneck's queue.
 - **Round trip**: each chunk is released to the other side half the round trip (`rtt / 2`)
   after it passed the bucket, in order. Reading goes on meanwhile, so a pipe of bandwidth x
   delay is in flight, as on a real link. Opening a connection costs one round trip (the TCP
@@ -45,6 +46,9 @@ MIN_CHUNK = 4 * 1024
 MAX_CHUNK = 64 * 1024
 CHUNK_SECONDS = 0.005  # a chunk takes at most about this long to pass a limited link
 QUEUE_BYTES = 4 * 1024 * 1024  # least room for chunks in flight, per direction and connection
+#: How far ahead of the link a backlogged reader may run (a bottleneck's queue): the emulator's
+#: own lateness on a busy machine, up to this, costs the link no capacity.
+READ_AHEAD = 0.05
 
 _LINGER_RST = struct.pack("ii", 1, 0)
 _T = TypeVar("_T")
@@ -406,8 +410,10 @@ class LinkEmulator:
                     await pipe.put(now + delay, b"")
                     return
                 passed = now if bucket is None else bucket.reserve(len(data), now)
-                if passed > now:
-                    await asyncio.sleep(passed - now)
+                # The bucket's debt keeps the schedule while the reader is ahead: waking late
+                # (by less than READ_AHEAD) leaves no gap in which the link sat idle.
+                if passed - READ_AHEAD > now:
+                    await asyncio.sleep(passed - READ_AHEAD - now)
                 await pipe.put(passed + delay, data)
         except OSError:
             self._drop(conn)
