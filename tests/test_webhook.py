@@ -439,7 +439,9 @@ def test_skyframe_event_never_blocks_or_raises(
         slowest = max(slowest, time.perf_counter() - before)
     elapsed = time.monotonic() - start
     assert elapsed < 2.0
-    assert slowest < 0.1
+    # A call that waited for the hung POST would take its timeout (10 s); a busy machine can
+    # hold a thread for a tenth of a second now and then.
+    assert slowest < 0.5
     assert notifier.pending == 1000
     assert notifier.delivered == 0
 
