@@ -955,6 +955,10 @@ def _interpolate_tree(
             raise ConfigError(str(exc), config.locate(path), format_key(path)) from None
         if found:
             config._from_env.update((*found, result))
+        if "\0" in result:  # YAML's "\0" escape: no path, URL, name or header can hold one
+            raise ConfigError(
+                "contains a NUL character (\\0)", config.locate(path), format_key(path)
+            )
         return result
     if isinstance(value, dict):
         return {k: _interpolate_tree(v, (*path, k), environ, config) for k, v in value.items()}

@@ -836,11 +836,12 @@ def write_project(answers: Answers, *, force: bool = False) -> Written:
     stubs = [folder / "rules.py", folder / "processes.py"] if answers.stubs else []
     refuse_overwrite([config_file, *stubs], force)
     created = [p for p in (folder, folder / Path(answers.source).expanduser()) if not p.exists()]
-    for path in created:
-        path.mkdir(parents=True, exist_ok=True)
-    previous = {path: path.read_bytes() for path in stubs if path.exists()}
+    previous: dict[Path, bytes] = {}
     text = render_config(answers)
     try:
+        for path in created:
+            path.mkdir(parents=True, exist_ok=True)
+        previous.update((path, path.read_bytes()) for path in stubs if path.exists())
         for path, content in zip(stubs, (RULES_STUB, PROCESSES_STUB), strict=False):
             _write(path, content)
         temporary = folder / f".{config_file.name}.{os.getpid()}.init"
@@ -855,7 +856,7 @@ def write_project(answers: Answers, *, force: bool = False) -> Written:
             os.replace(temporary, config_file)
         finally:
             temporary.unlink(missing_ok=True)
-    except BaseException:
+    except BaseException as exc:
         for path in stubs:  # as they were
             if path in previous:
                 path.write_bytes(previous[path])
@@ -863,6 +864,9 @@ def write_project(answers: Answers, *, force: bool = False) -> Written:
                 path.unlink(missing_ok=True)
         for path in reversed(created):
             _remove_empty(path)
+        if isinstance(exc, OSError):  # a folder that cannot be made, a disk that is full...
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise InitError(f"nothing written: {where}{exc.strerror or exc}") from None
         raise
     return Written([config_file, *stubs], created, list(answers.sink.variables))
 

@@ -188,6 +188,24 @@ BAD_CONFIGS = [
     pytest.param("- just a list\n", (1, 1), r"the config must be a mapping", id="not-a-mapping"),
     pytest.param("", (1, 1), r"the config file is empty", id="empty"),
     pytest.param(
+        GOOD.replace("path: incoming,", 'path: "incoming\\0x",'),
+        (4, 14),
+        r"pipelines\[0\]\.source\.path: contains a NUL character \(\\0\)$",
+        id="nul-in-path",
+    ),
+    pytest.param(
+        GOOD.replace("url: outbox", 'url: "out\\0box"'),
+        (11, 9),
+        r"pipelines\[0\]\.sinks\[0\]\.url: contains a NUL character",
+        id="nul-in-url",
+    ),
+    pytest.param(
+        GOOD.replace("state_dir: .state", 'state_dir: "\\0"'),
+        (1, 1),
+        r"state_dir: contains a NUL character",
+        id="nul-in-state-dir",
+    ),
+    pytest.param(
         GOOD.replace("name: survey", "name: ../escape"),
         (3, 5),
         r"pipelines\[0\]\.name: String should match pattern",

@@ -309,6 +309,18 @@ def test_a_project_file_that_does_not_load_leaves_nothing_behind(tmp_path: Path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rules.py"]
 
 
+def test_a_folder_that_cannot_be_made_is_one_line_and_leaves_nothing_behind(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "card").write_text("a file where the source folder would go", encoding="utf-8")
+    result = init(tmp_path, "project/skyframe.yaml", "--source", "../card/incoming")
+    assert result.returncode == 1
+    line = one_error_line(result)
+    assert line.startswith("skyframe: error: nothing written: "), line
+    assert line.endswith("card/incoming: Not a directory"), line
+    assert [p.name for p in tmp_path.iterdir()] == ["card"]  # the project folder is gone too
+
+
 def test_yaml_scalars_read_back_as_written(tmp_path: Path) -> None:
     for value in ["incoming", "yes", "123", "a: b", "x #y", "$HOME/in", "${X}", "dür 1", "~/d"]:
         held = yaml.safe_load(f"v: {yaml_scalar(literal(value))}")["v"]
