@@ -35,6 +35,8 @@ BAD = [
     ("s3://bucket/x", "{part_size: 1MB}", r"options\.part_size: .*greater than or equal"),
     ("s3://bucket/x", "{timeout: soon}", r"options\.timeout: "),
     ("s3:///x", "{}", r"sinks\[0\]\.url: .*no bucket in the URL"),
+    ("s3://bucket/../other", "{}", r"url: s3://bucket/\.\./other: no '\.' or '\.\.' in an obj"),
+    ("gcs://bucket/a/./b", "{}", r"url: gcs://bucket/a/\./b: no '\.' or '\.\.' in an object"),
     ("gcs://bucket/x", "{chunk_size: 300KiB}", r"chunk_size must be a multiple of 256 KiB"),
     ("gs://bucket/x", "{token: missing.json}", r"credentials file .*missing\.json does not exist"),
     (

@@ -101,6 +101,10 @@ def bucket_and_root(url: str, hint: str) -> tuple[str, str]:
     if "@" in bucket or ":" in bucket:
         raise ValueError(f"{parts.scheme}://{bucket}: put {hint} in options, not in the URL")
     prefix = parts.path.strip("/")
+    if any(segment in (".", "..") for segment in prefix.split("/")):
+        # Keys hold them as they are, while an HTTP library may resolve them in the request's
+        # path: the objects could land outside the prefix, or in another bucket.
+        raise ValueError(f"{url}: no '.' or '..' in an object store's prefix: write it out")
     return bucket, f"{bucket}/{prefix}" if prefix else bucket
 
 
