@@ -139,7 +139,19 @@ class Desktop:
 
     def __init__(self) -> None:
         self.xvfb = subprocess.Popen(
-            ["Xvfb", "-displayfd", "1", "-screen", "0", "320x80x24", "-nolisten", "tcp"],
+            # -noreset: without it the server resets when its last client goes (trayer, when
+            # a test stops it), and a client connecting meanwhile is refused.
+            [
+                "Xvfb",
+                "-displayfd",
+                "1",
+                "-screen",
+                "0",
+                "320x80x24",
+                "-nolisten",
+                "tcp",
+                "-noreset",
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
