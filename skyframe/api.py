@@ -40,6 +40,7 @@ from skyframe.httpguard import (
     json_object,
     same_secret,
     shown,
+    static_missing,
     too_many,
 )
 from skyframe.metrics import Metrics
@@ -377,6 +378,8 @@ class ApiServer:
                 raise
             return error(exc.status, exc.reason)
         except Exception as exc:
+            if (missing := static_missing(path, exc)) is not None:
+                return missing
             log.exception("API request %s %s failed", request.method, path)
             return error(500, f"{type(exc).__name__}: {exc}")
 

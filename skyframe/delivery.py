@@ -102,13 +102,15 @@ class _Run:
             return self._sha256
 
     def meta(self) -> dict[str, Any] | None:
-        """The job's ``meta`` as JSON (what is not JSON becomes its text), None when empty;
-        converted once however many sinks record it."""
+        """The job's ``meta`` as JSON (what is not JSON becomes its text; NaN and the
+        infinities, which JSON has not, become null), None when empty; converted once however
+        many sinks record it."""
         with self.lock:
             if not self._meta_done:
                 self._meta_done = True
                 if self.job is not None and self.job.meta:
-                    self._meta = json.loads(json.dumps(self.job.meta, default=str))
+                    text = json.dumps(self.job.meta, default=str)
+                    self._meta = json.loads(text, parse_constant=_null)
             return self._meta
 
     def failed(self, sink: Sink, error: BaseException) -> None:
@@ -966,3 +968,9 @@ class JobRunner:
                 )
 
         return progress
+
+
+def _null(_constant: str) -> None:
+    """``NaN``, ``Infinity``, ``-Infinity`` read back as null: a hub, a webhook's receiver or
+    a browser would refuse the JSON that held them."""
+    return None

@@ -35,6 +35,14 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> w
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
+def static_missing(path: str, exc: Exception) -> web.Response | None:
+    """A 404 for a path under ``/static/`` whose lookup the file system refused (a name too
+    long for it): there is no such file. None for anything else."""
+    if isinstance(exc, OSError) and path.startswith("/static/"):
+        return error(404, "Not Found")
+    return None
+
+
 def harden(response: web.StreamResponse) -> web.StreamResponse:
     """The headers every answer carries: not cached, not sniffed, not framed, no referrer."""
     response.headers.setdefault("Cache-Control", "no-store")
@@ -122,12 +130,28 @@ async def json_body(request: web.Request, limit: int, status: int = 400) -> Any:
         raise Refused(413, too_large)
     try:
         # JSON is UTF-8 (RFC 8259): a charset in the Content-Type is not looked at.
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_not_a_number)
     except RecursionError:
         raise Refused(status, "the body is not valid JSON: nested too deep") from None
-    except ValueError as exc:  # UnicodeDecodeError included
-        detail = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+    except ValueError as exc:
+        if isinstance(exc, json.JSONDecodeError):
+            detail = exc.msg
+        elif isinstance(exc, UnicodeDecodeError):
+            detail = "not UTF-8"
+        elif isinstance(exc, _NotJSON):
+            detail = str(exc)
+        else:  # Python's limit on the digits of an integer it converts
+            detail = "a number with too many digits"
         raise Refused(status, f"the body is not valid JSON: {detail}") from None
+
+
+class _NotJSON(ValueError):
+    """What Python's json module reads but JSON has not."""
+
+
+def _not_a_number(name: str) -> Any:
+    """``NaN``, ``Infinity`` and ``-Infinity``: Python writes them, JSON has no such thing."""
+    raise _NotJSON(f"{name} is not a JSON number")
 
 
 async def json_object(request: web.Request, limit: int, status: int = 400) -> dict[str, Any]:

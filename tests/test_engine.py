@@ -10,6 +10,7 @@ from typing import Any
 
 import fsspec
 import pytest
+from fakes.recorder import Recorder
 from helpers import WriteConfig, make_file, plugin_module, run_once, tree_files, write_plugin
 
 from skyframe.engine import Engine
@@ -500,3 +501,26 @@ def test_once_raises_what_failed_in_the_scan(
     make_file(tmp_path / "incoming", "a.jpg", b"A")
     with pytest.raises(StateError, match="the queue database is damaged"):
         run_once(project(CONFIG))
+
+
+def test_numbers_json_has_not_are_recorded_as_null(
+    tmp_path: Path, project: Callable[[str], Path]
+) -> None:
+    write_plugin(
+        tmp_path / "plugins",
+        "odd.py",
+        """
+        from skyframe import process
+
+        @process
+        def process_odd(job):
+            job.meta.update(nan=float("nan"), far=float("inf"), fine=1.5, deep=[float("-inf")])
+        """,
+    )
+    make_file(tmp_path / "incoming", "a.jpg", b"A")
+    recorder = Recorder()
+    summary = run_once(project(CONFIG.replace("processes: []", "processes: [odd]")), recorder)
+    assert summary.delivered == 1
+    [meta] = [e.meta for e in recorder.events if e.kind == "delivered"]
+    # What the hub link, the webhooks and the API send is JSON that strict readers take.
+    assert meta == {"nan": None, "far": None, "fine": 1.5, "deep": [None]}

@@ -208,6 +208,31 @@ def test_malformed_bodies_are_400s(
     assert api_troubles(caplog) == []
 
 
+def test_numbers_json_has_not_are_400s(
+    daemon: Callable[..., Daemon], caplog: pytest.LogCaptureFixture
+) -> None:
+    url = url_of(daemon(token=True))
+    for raw, detail in (
+        (b'{"pipeline": NaN}', "NaN is not a JSON number"),
+        (b'{"pipeline": -Infinity}', "-Infinity is not a JSON number"),
+        (b'{"pipeline": ' + b"9" * 5000 + b"}", "a number with too many digits"),
+    ):
+        status, body, _ = send(url + "/api/pause", raw, GOOD)
+        message = assert_one_line_error(status, body, 400)
+        assert message == f"the body is not valid JSON: {detail}"
+    assert api_troubles(caplog) == []
+
+
+def test_a_static_path_the_file_system_refuses_is_a_404(
+    daemon: Callable[..., Daemon], caplog: pytest.LogCaptureFixture
+) -> None:
+    url = url_of(daemon(token=True))
+    for path in ("/static/" + "a" * 300, "/static/" + "a/" * 2100 + "x"):
+        status, body, _ = request(url + path)
+        assert (status, body) == (404, {"error": "Not Found"})
+    assert api_troubles(caplog) == []
+
+
 def test_a_large_body_is_refused_before_it_is_read(
     daemon: Callable[..., Daemon], caplog: pytest.LogCaptureFixture
 ) -> None:

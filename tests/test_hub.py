@@ -408,6 +408,101 @@ def test_ingest_refusals(hub: Hub) -> None:
     assert hub.count(events) == 0
 
 
+def test_ingest_takes_what_a_database_column_cannot_hold_without_it(hub: Hub) -> None:
+    # A station retries a refused batch until it is taken: what only meta or status holds
+    # goes in as well as the hub can store it, never failing the batch.
+    token = hub.add_station("field-1")
+    beyond = 2**70
+    surrogate = "\udce9"  # a byte of a name that is not UTF-8, as Python decodes it
+    group = {"name": "flight", "key": "f1"}
+    odd_group = {"name": "flight", "key": f"caf{surrogate}"}
+    heartbeat = {"pipeline": "survey", "name": "flight", "key": "f9", "files": 1, "seen": 2}
+    body = batch(
+        "field-1",
+        event(relpath="f1/a.jpg", meta={"group": group, "note": surrogate, "sha256": "x" * 64}),
+        event("flight-complete", "f1", meta={"files": beyond, "bytes": -1}),
+        event(relpath="f2/b.jpg", at=T0 + 1, meta={"group": odd_group}),
+        status={
+            **status(dead=beyond),
+            "groups": [{**heartbeat, "last_arrival": 10**400}],
+            "errors": [{"message": surrogate}],
+        },
+    )
+    today = time.strftime("%Y-%m-%d", time.gmtime())  # an arrival time no float holds: now
+    assert hub.ingest(token, body) == (200, {"accepted": 3, "duplicates": 0, "commands": []})
+    flights_now = {f["name"]: f for f in hub.get(f"/api/flights?day={DAY}")["flights"]}
+    complete = flights_now["f1"]
+    # The counts no column holds are left out: the files that arrived count instead.
+    assert (complete["complete"], complete["files_seen"], complete["bytes"]) == (True, 1, 1000)
+    assert flights_now["caf\\udce9"]["files_delivered"] == 1
+    [heard] = hub.get(f"/api/flights?day={today}")["flights"]
+    assert (heard["name"], heard["files_delivered"], heard["files_seen"]) == ("f9", 1, 2)
+    [station] = hub.get("/api/stations")["stations"]
+    assert station["dead_letters"] == 0
+    assert station["errors"] == [{"message": "\\udce9"}]
+    [found] = hub.get("/api/files?name=a.jpg")["files"]
+    assert found["sha256"] is None  # "x" * 64 is no digest
+
+
+def test_ingest_refuses_what_no_json_reader_takes(hub: Hub) -> None:
+    token = hub.add_station("field-1")
+    status_code, answer = hub.ingest(token, batch("field-1", event(size=2**70)))
+    assert status_code == 422
+    assert answer["error"].startswith("events[0].event.size: Input should be less than or equal")
+    # NaN and Infinity: Python writes them, JSON has no such numbers.
+    for constant in ("NaN", "Infinity", "-Infinity"):
+        raw = json.dumps(batch("field-1", event(at=0.125))).replace(": 0.125", f": {constant}")
+        status_code, answer = hub.call("POST", "/api/v1/ingest", token=token, data=raw.encode())
+        assert status_code == 422
+        assert answer["error"] == f"the body is not valid JSON: {constant} is not a JSON number"
+    digits = json.dumps(batch("field-1", event())).replace('"seq": 1', '"seq": ' + "9" * 5000)
+    status_code, answer = hub.call("POST", "/api/v1/ingest", token=token, data=digits.encode())
+    assert (status_code, answer) == (
+        422,
+        {"error": "the body is not valid JSON: a number with too many digits"},
+    )
+    deep: dict[str, object] = {}
+    for _ in range(120):
+        deep = {"a": deep}
+    status_code, answer = hub.ingest(token, batch("field-1", event(meta=deep)))
+    assert (status_code, answer["error"]) == (
+        422,
+        "events[0].event.meta: nested more than 100 deep",
+    )
+    assert hub.count(events) == 0
+
+
+def test_a_status_of_another_shape_is_stored_and_shown_without_its_odd_parts(hub: Hub) -> None:
+    token = hub.add_station("field-1")
+    odd = [
+        {"pipelines": 5},
+        {"pipelines": [{"name": "survey", "sinks": 5, "queue": 5}], "errors": 5},
+        {"errors": {"a": 1}, "totals": [1], "throughput": "fast"},
+    ]
+    for shape in odd:
+        assert hub.ingest(token, batch("field-1", status=shape))[0] == 200, shape
+        [station] = hub.get("/api/stations")["stations"]
+        assert station["errors"] == []
+        assert station["queue"] == {"pending": 0, "leased": 0, "waiting": 0, "dead": 0}
+        assert isinstance(station["totals"], dict)
+        assert isinstance(station["throughput"], dict)
+        assert all(p["sinks"] == [] for p in station["pipelines"])
+
+
+def test_a_pipeline_name_no_column_holds_is_refused(hub: Hub) -> None:
+    hub.add_station("field-1")
+    for name in ("\ud800", "p" * 201, "", 5):
+        status_code, body = hub.call("POST", "/api/stations/field-1/pause", {"pipeline": name})
+        assert status_code == 400, name
+        assert body["error"] == "pipeline must be a pipeline's name (1 to 200 characters)"
+    assert hub.call("POST", "/api/stations/field-1/pause", {"pipeline": "p" * 200})[0] == 201
+
+
+def test_a_static_path_the_file_system_refuses_is_not_found(hub: Hub) -> None:
+    for path in ("/static/" + "a" * 300, "/static/" + "a/" * 2100 + "x"):
+        assert hub.call("GET", path) == (404, {"error": "Not Found"})
+
+
 # --- where is this file, flights, events ------------------------------------------------------
 
 
@@ -570,6 +665,8 @@ def test_events_are_paged(hub: Hub) -> None:
     assert len(hub.get("/api/events?since=2025-11-29T15%3A26%3A42%2B00%3A00")["events"]) == 3
     assert hub.call("GET", "/api/events?since=soon")[0] == 400
     assert hub.call("GET", "/api/events?limit=0")[0] == 400
+    assert hub.get(f"/api/events?after={2**62}")["events"] == []  # the largest, 19 digits
+    assert hub.call("GET", f"/api/events?after={2**62 + 1}")[0] == 400
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -733,6 +830,20 @@ def test_requests_arriving_during_a_transaction_share_the_next(
     assert isinstance(outcomes[3], sa.exc.OperationalError)
     assert [o.accepted for n, o in enumerate(outcomes) if n != 3] == [1, 1, 1, 1]
     assert hub.count(events) == 15
+
+    # The same for a fault of another kind (a value the driver cannot convert, say).
+    def overflow_at_field_2(connection: sa.Connection, group: list[Arrival]) -> Any:
+        if any(a.batch.station == "field-2" for a in group):
+            raise OverflowError("Python int too large to convert to SQLite INTEGER")
+        return store_batches(connection, group)
+
+    monkeypatch.setattr("skyframe.hub.writer.store_batches", overflow_at_field_2)
+    for later_one in later:
+        later_one.batch.events[0].id = "h-1"
+    outcomes, _ = while_the_first_is_stored(hub, later)
+    assert isinstance(outcomes[2], OverflowError)
+    assert [o.accepted for n, o in enumerate(outcomes) if n != 2] == [1, 1, 1, 1]
+    assert hub.count(events) == 19
 
 
 def station_id(hub: Hub, name: str) -> int:

@@ -9,13 +9,14 @@ files, the flights and the station. The contract is in docs/hub.md.
 from __future__ import annotations
 
 import hmac
+import re
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import sqlalchemy as sa
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from skyframe.config import format_key
 from skyframe.hub.commands import acknowledge, deliverable
@@ -26,6 +27,42 @@ MAX_EVENTS = 1000  #: events in one request at most
 MAX_BODY = 1024 * 1024  #: bytes of one request's body at most
 COMPLETE_SUFFIX = "-complete"
 DOWN = ("offline", "refused")  #: sink health states counted as a sink being down
+
+
+#: The largest integer a database column holds (a signed 64-bit integer).
+MAX_INT = 2**63 - 1
+#: How deep ``meta`` and ``status`` may nest.
+MAX_DEPTH = 100
+
+
+def _text_safe(value: Any, depth: int = 0) -> Any:
+    """A free-form JSON value (``meta``, ``status``) with every text a database takes: a lone
+    surrogate (JSON can carry one, UTF-8 cannot) is written as its escape, ``\\udce9``.
+    ValueError when it nests deeper than MAX_DEPTH."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"nested more than {MAX_DEPTH} deep")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, dict):
+        return {_text_safe(k, depth + 1): _text_safe(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_text_safe(item, depth + 1) for item in value]
+    return value
+
+
+def _column_int(value: Any) -> int | None:
+    """``value`` if it is a whole number an integer column holds (not a bool), else None."""
+    return value if type(value) is int and 0 <= value <= MAX_INT else None
+
+
+#: ``meta`` and ``status``: free-form; stored as sent, but for texts no database takes.
+FreeForm = Annotated[dict[str, Any], AfterValidator(_text_safe)]
+#: A time in seconds since the epoch: a finite number.
+Seconds = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class _Lenient(BaseModel):
@@ -39,21 +76,21 @@ class EventBody(_Lenient):
     kind: str = Field(min_length=1, max_length=100)
     pipeline: str = Field(min_length=1, max_length=200)
     relpath: str = Field(max_length=4096)
-    time: float
+    time: Seconds
     sink: str | None = Field(None, max_length=500)
     remote: str | None = Field(None, max_length=4096)
-    size: int | None = Field(None, ge=0)
+    size: int | None = Field(None, ge=0, le=MAX_INT)
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
     error: str | None = Field(None, max_length=200)
     reason: str | None = Field(None, max_length=4000)
-    meta: dict[str, Any] | None = None
+    meta: FreeForm | None = None
 
 
 class EventItem(_Lenient):
     """One event with its station-side identity."""
 
     id: str = Field(min_length=1, max_length=64)
-    seq: int = Field(ge=0, le=2**63 - 1)
+    seq: int = Field(ge=0, le=MAX_INT)
     event: EventBody
 
 
@@ -69,9 +106,9 @@ class IngestBatch(_Lenient):
     """The whole request body."""
 
     station: str = Field(min_length=1, max_length=200)
-    sent_at: float
+    sent_at: Seconds
     events: list[EventItem] = Field(default_factory=list, max_length=MAX_EVENTS)
-    status: dict[str, Any] | None = None
+    status: FreeForm | None = None
     acks: list[Ack] = Field(default_factory=list, max_length=MAX_EVENTS)
 
 
@@ -183,9 +220,12 @@ def _sha256(event: EventBody) -> str | None:
     if event.sha256:
         return event.sha256.lower()
     value = (event.meta or {}).get("sha256")
-    if isinstance(value, str) and len(value) == 64:
+    if isinstance(value, str) and _HEX64.fullmatch(value):
         return value.lower()
     return None
+
+
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def _insert_events(
@@ -323,8 +363,8 @@ def _record_flights(connection: sa.Connection, items: Iterable[tuple[int, EventI
                 complete={
                     "complete": True,
                     "completed_at": event.time,
-                    "files": counted if isinstance(counted, int) else None,
-                    "bytes": size if isinstance(size, int) else None,
+                    "files": _column_int(counted),
+                    "bytes": _column_int(size),
                     "folder": event.remote,
                 },
             )
@@ -528,7 +568,7 @@ def _reported_groups(
         if not all(type(v) is int and 0 <= v < MAX_COUNT for v in counts):
             continue
         at = group.get("last_arrival")
-        at = float(at) if isinstance(at, int | float) else now
+        at = float(at) if isinstance(at, int | float) and abs(at) < MAX_COUNT else now
         identity = (station_id, str(pipeline)[:200], str(name)[:100], str(key))
         found[identity] = {  # the same group twice in one status: the later one counts
             "station_id": station_id,
@@ -543,11 +583,19 @@ def _reported_groups(
     return found
 
 
+# A status is stored as the station sent it: its parts are taken only in the shape they have.
+def as_list(value: Any) -> list[Any]:
+    """``value`` if it is a list, else an empty one."""
+    return value if isinstance(value, list) else []
+
+
+def as_dict(value: Any) -> dict[str, Any]:
+    """``value`` if it is a mapping, else an empty one."""
+    return value if isinstance(value, dict) else {}
+
+
 def _pipelines(status: dict[str, Any]) -> list[dict[str, Any]]:
-    pipelines = status.get("pipelines")
-    if not isinstance(pipelines, list):
-        return []
-    return [p for p in pipelines if isinstance(p, dict)]
+    return [p for p in as_list(status.get("pipelines")) if isinstance(p, dict)]
 
 
 def sinks_down(status: dict[str, Any], before: dict[str, float], now: float) -> dict[str, float]:
@@ -555,7 +603,7 @@ def sinks_down(status: dict[str, Any], before: dict[str, float], now: float) -> 
     already down keeps the time it went down."""
     down: dict[str, float] = {}
     for pipeline in _pipelines(status):
-        for sink in pipeline.get("sinks") or []:
+        for sink in as_list(pipeline.get("sinks")):
             if isinstance(sink, dict) and sink.get("health") in DOWN:
                 key = f"{pipeline.get('name')}/{sink.get('key')}"
                 since = before.get(key)
@@ -568,6 +616,7 @@ def dead_letters(status: dict[str, Any]) -> int:
     total = 0
     for pipeline in _pipelines(status):
         queue = pipeline.get("queue")
-        if isinstance(queue, dict) and isinstance(queue.get("dead"), int):
-            total += queue["dead"]
-    return total
+        dead = queue.get("dead") if isinstance(queue, dict) else None
+        if type(dead) is int and 0 <= dead < MAX_COUNT:
+            total += dead
+    return min(total, MAX_INT)  # a few pipelines of MAX_COUNT would overflow the column

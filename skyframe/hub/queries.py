@@ -9,6 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from skyframe.hub.ingest import as_dict, as_list
 from skyframe.hub.schema import alerts, events, files, flight_files, flights, stations
 
 DAY = 86400.0
@@ -34,7 +35,7 @@ def _station(row: sa.Row[Any], silent_after: float, now: float) -> dict[str, Any
     status = row.last_status if isinstance(row.last_status, dict) else {}
     pipelines = []
     queue = {"pending": 0, "leased": 0, "waiting": 0, "dead": 0}
-    for pipeline in status.get("pipelines") or []:
+    for pipeline in as_list(status.get("pipelines")):
         if not isinstance(pipeline, dict):
             continue
         counts = pipeline.get("queue")
@@ -49,7 +50,7 @@ def _station(row: sa.Row[Any], silent_after: float, now: float) -> dict[str, Any
                 "queue": counts,
                 "sinks": [
                     {k: sink.get(k) for k in ("key", "display", "health", "last_error", "failed")}
-                    for sink in pipeline.get("sinks") or []
+                    for sink in as_list(pipeline.get("sinks"))
                     if isinstance(sink, dict)
                 ],
             }
@@ -70,9 +71,9 @@ def _station(row: sa.Row[Any], silent_after: float, now: float) -> dict[str, Any
         "dead_letters": row.dead_letters,
         "outbox": status.get("outbox"),  # events waiting on the station (its hub link)
         "sinks_offline": [{"sink": key, "since": since} for key, since in sorted(down.items())],
-        "throughput": status.get("throughput") or {"bytes_per_s": 0.0, "files_per_s": 0.0},
-        "totals": status.get("totals") or {},
-        "errors": (status.get("errors") or [])[:ERRORS_SHOWN],
+        "throughput": as_dict(status.get("throughput")) or {"bytes_per_s": 0.0, "files_per_s": 0.0},
+        "totals": as_dict(status.get("totals")),
+        "errors": as_list(status.get("errors"))[:ERRORS_SHOWN],
     }
 
 

@@ -33,6 +33,7 @@ from skyframe.httpguard import (
     json_object,
     same_secret,
     shown,
+    static_missing,
     too_many,
 )
 from skyframe.hub import alerts, commands, queries
@@ -52,7 +53,7 @@ KNOWN_FOR = 30.0  #: seconds a token found is trusted before its body is read
 KNOWN_MAX = 10_000  #: tokens remembered at most
 CLOSE_WAIT = 10.0  #: seconds closing waits for the database threads' queries to end
 MAX_LIMIT = 5000
-_WHOLE_NUMBER = re.compile(r"0*([0-9]{1,18})")
+_WHOLE_NUMBER = re.compile(r"0*([0-9]{1,19})")  # 2**63 has 19 digits: no longer ones
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 PUBLIC = ("/", "/healthz", "/api/login", "/api/v1/ingest")
 CSP = (
@@ -62,6 +63,17 @@ CSP = (
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
+
+
+def _a_name(value: object, longest: int) -> bool:
+    """Whether ``value`` is text a name column holds: 1 to ``longest`` characters, UTF-8."""
+    if not isinstance(value, str) or not 0 < len(value) <= longest:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, which JSON can carry
+        return False
+    return True
 
 
 def _number(request: web.Request, name: str, default: int, top: int) -> int:
@@ -232,6 +244,8 @@ class HubServer:
             log.error("hub: %s %s: database error: %s", request.method, path, describe(exc))
             return error(503, "the hub database is unavailable; try again")
         except Exception as exc:
+            if (missing := static_missing(path, exc)) is not None:
+                return missing
             log.exception("hub: %s %s failed", request.method, path)
             return error(500, f"{type(exc).__name__}: {exc}")
 
@@ -394,8 +408,8 @@ class HubServer:
     async def _command(self, request: web.Request, action: commands.Action) -> web.StreamResponse:
         body = await json_object(request, OPERATOR_BODY)
         pipeline = body.get("pipeline")
-        if pipeline is not None and (not isinstance(pipeline, str) or not pipeline):
-            return error(400, "pipeline must be a pipeline's name")
+        if pipeline is not None and not _a_name(pipeline, 200):
+            return error(400, "pipeline must be a pipeline's name (1 to 200 characters)")
         name = request.match_info["name"]
         try:
             created = await self._run(

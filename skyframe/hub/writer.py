@@ -82,26 +82,22 @@ class IngestWriter:
             group = self._take()
             try:
                 results = await self._run(functools.partial(self._store, group))
-            except SQLAlchemyError as exc:
+            except Exception as exc:  # the database's refusal, or a fault of the hub's own
                 if len(group) == 1:
                     _settle(group[0][1], exc)
                 else:
                     await self._one_by_one(group, exc)
                 continue
-            except Exception as exc:  # a fault of the hub's own: each request answers it
-                for _, future in group:
-                    _settle(future, exc)
-                continue
             for (_, future), result in zip(group, results, strict=True):
                 _settle(future, result)
 
-    async def _one_by_one(self, group: list[_Waiting], exc: SQLAlchemyError) -> None:
+    async def _one_by_one(self, group: list[_Waiting], exc: Exception) -> None:
         """One batch may be what the database refused: each alone, so that it fails alone
         (the others are stored; a deadlock between two groups is gone as well)."""
         log.warning(
             "hub: a group of %d batches was not stored (%s); storing each alone",
             len(group),
-            describe(exc),
+            describe(exc) if isinstance(exc, SQLAlchemyError) else f"{type(exc).__name__}: {exc}",
         )
         for waiting in group:
             try:
