@@ -217,6 +217,9 @@ class SourceWatcher:
         self._observer: BaseObserver | None = None
         self._overflow = _OverflowDetector(callbacks.rescan)
         self._missing_reported = False
+        #: (device, inode) of the folder the observer watches: another folder at the same
+        #: path (a card mounted on it, a folder renamed into its place) is not watched.
+        self._watched: tuple[int, int] | None = None
 
     @property
     def mode(self) -> str:
@@ -233,7 +236,15 @@ class SourceWatcher:
             logger.addFilter(self._overflow)
         self._observer = self._start_observer()
 
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            st = self.root.stat()
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
     def _start_observer(self) -> BaseObserver:
+        self._watched = self._identity()
         observer: BaseObserver
         if self.polling:
             observer = PollingObserver(timeout=self.poll_interval)
@@ -275,12 +286,16 @@ class SourceWatcher:
         """Restart a dead observer (and ask for a rescan: its events may be lost).
 
         An observer whose emitter stopped counts as dead: watchdog stops watching a folder
-        that was deleted, and an SD card's mount point comes and goes exactly like that.
+        that was deleted, and an SD card's mount point comes and goes exactly like that. So
+        does one that watches a folder no longer at the source's path: a card mounted on the
+        folder, or another folder renamed into its place, leaves the watch on the old one.
         """
         observer = self._observer
         if observer is None:
             return
-        if observer.is_alive() and all(e.is_alive() for e in observer.emitters):
+        alive = observer.is_alive() and all(e.is_alive() for e in observer.emitters)
+        replaced = self._identity() not in (self._watched, None)
+        if alive and not replaced:
             return
         if not self.root.is_dir():
             if not self._missing_reported:
@@ -289,7 +304,10 @@ class SourceWatcher:
                 )
                 self._missing_reported = True
             return
-        log.warning("the watcher of %s stopped; restarting it", self.root)
+        if alive:
+            log.warning("%s is another folder now (a card mounted on it?); watching it", self.root)
+        else:
+            log.warning("the watcher of %s stopped; restarting it", self.root)
         with contextlib.suppress(Exception):
             observer.stop()
             observer.join(timeout=1)

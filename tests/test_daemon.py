@@ -504,6 +504,23 @@ def test_a_file_rewritten_after_its_delete_is_not_deleted_remotely(
     assert daemon.recorder.count("deleted") == 0
 
 
+def test_another_folder_in_the_source_folders_place_is_watched(
+    tmp_path: Path, start: Callable[..., Daemon], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A card mounted on the source folder, or a folder renamed into its place: the old one's
+    watch lives on, and only a rescan (an hour here) would find the new one's files."""
+    start(settle="0")
+    make_file(tmp_path / "incoming", "card1/a.jpg", b"A")
+    wait_for(lambda: "card1/a.jpg" in outbox_files(tmp_path))
+    (tmp_path / "incoming").rename(tmp_path / "card1-copied")
+    (tmp_path / "incoming").mkdir()
+    make_file(tmp_path / "incoming", "card2/b.jpg", b"B")
+    wait_for(lambda: "card2/b.jpg" in outbox_files(tmp_path), timeout=10, what="the new folder")
+    assert "is another folder now (a card mounted on it?); watching it" in caplog.text
+    make_file(tmp_path / "incoming", "card2/c.jpg", b"C")  # and its events are seen
+    wait_for(lambda: "card2/c.jpg" in outbox_files(tmp_path), timeout=10, what="a new file")
+
+
 def test_source_folder_removed_and_recreated(tmp_path: Path, start: Callable[..., Daemon]) -> None:
     """Like an SD card's mount point, which comes and goes with the card."""
     import shutil
