@@ -109,7 +109,8 @@ def _setup_logging(verbose: int, quiet: bool, stderr: Console) -> None:
 def cli(ctx: click.Context, traceback: bool, verbose: int, quiet: bool) -> None:
     """Move field data from the folders where it lands to remote storage, reliably."""
     ctx.meta["skyframe.traceback"] = traceback
-    ctx.obj = {"stdout": Console(), "stderr": Console(stderr=True)}
+    # emoji=False: a file named "p:fire:.jpg" is printed as it is called.
+    ctx.obj = {"stdout": Console(emoji=False), "stderr": Console(stderr=True, emoji=False)}
     _setup_logging(verbose, quiet, ctx.obj["stderr"])
 
 
@@ -896,11 +897,11 @@ def queue_list(obj: dict[str, Console], config_file: Path, state: str | None) ->
         for column in ("state", "pipeline", "path", "action", "attempts", "next try", "last error"):
             table.add_column(column, overflow="fold")
         for row in rows:
-            table.add_row(*(Text(cell) for cell in row))
+            table.add_row(*(Text(escape(cell)) for cell in row))
         out.print(table)
     else:
-        for row in rows:
-            click.echo("\t".join(row))
+        for row in rows:  # one line per job, whatever its file's name holds
+            click.echo("\t".join(escape(cell) for cell in row))
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "empty"
     click.echo(f"queue: {summary}", err=True)
 

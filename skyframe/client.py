@@ -14,6 +14,7 @@ from typing import Any
 
 from skyframe import locks
 from skyframe.config import Config
+from skyframe.display import escape
 from skyframe.drone import photo_summary
 from skyframe.errors import SkyframeError
 from skyframe.state import API_FILE, StateLock, read_api_file
@@ -280,4 +281,4 @@ def history_line(event: dict[str, Any]) -> str:
             f"({meta['files']} file(s), {meta.get('with_position', 0)} with a position"
             f"{', reported again' if meta.get('reports', 1) > 1 else ''})"
         )
-    return " ".join(parts)
+    return escape(" ".join(parts))  # one line, whatever a name or a reason holds

@@ -107,7 +107,7 @@ def print_summary(console: Console, summary: RunSummary) -> None:
     """A few plain lines: delivered, unchanged, rejected by rule, failed with reasons."""
 
     def line(text: str) -> None:
-        console.print(text, highlight=False, markup=False, soft_wrap=True)
+        console.print(text, highlight=False, markup=False, emoji=False, soft_wrap=True)
 
     line(
         f"delivered {summary.delivered} file(s) ({format_size(summary.delivered_bytes)}), "

@@ -161,7 +161,7 @@ def load_module_from_path(file: Path) -> ModuleType:
     except SyntaxError as exc:
         sys.modules.pop(name, None)
         raise PluginError(f"{file}:{exc.lineno}: syntax error: {exc.msg}") from None
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() in a plugin is a load failure too
         sys.modules.pop(name, None)
         line = _user_line(exc, file)
         raise PluginError(f"{file}{line}: cannot load: {type(exc).__name__}: {exc}") from exc

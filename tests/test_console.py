@@ -34,15 +34,16 @@ def test_summary_is_plain_text_with_markup_shown_literally() -> None:
         delivered_bytes=2000,
         unchanged=1,
         rejected=Counter({"ignore": 2}),
-        failed={"p:[bold]x.jpg": "PermissionError: denied"},
+        failed={"p:[bold]x.jpg": "PermissionError: denied", "p:fire:.jpg": "OSError: full"},
     )
     print_summary(Console(file=out, width=40), summary)
     text = out.getvalue()
     assert text.splitlines()[0] == (
-        "delivered 2 file(s) (2.0 KB), 1 unchanged, 2 rejected, 1 failed"
+        "delivered 2 file(s) (2.0 KB), 1 unchanged, 2 rejected, 2 failed"
     )
     assert "  rejected by ignore: 2" in text
     assert "  failed p:[bold]x.jpg: PermissionError: denied" in text  # long lines not wrapped
+    assert "  failed p:fire:.jpg: OSError: full" in text  # no emoji for ":fire:"
 
 
 def test_large_files_get_a_byte_bar_while_they_are_sent() -> None:

@@ -136,3 +136,19 @@ def test_cli_history_after_a_run(tmp_path: Path, write_config: WriteConfig) -> N
     result = runner.invoke(cli, ["history", "-c", config, "--since", "yesterday"])
     assert result.exit_code == 2
     assert "neither a duration" in result.output
+
+
+def test_a_name_with_a_newline_or_a_tab_stays_on_one_line(
+    tmp_path: Path, write_config: WriteConfig
+) -> None:
+    config = str(write_config(CONFIG))
+    make_file(tmp_path / "incoming", "new\nline\t.jpg", b"abc")
+    (tmp_path / "outbox").write_text("not a folder")  # the file fails: the queue keeps it
+    runner = CliRunner()
+    assert runner.invoke(cli, ["run", config, "--once"]).exit_code == 1
+    listed = runner.invoke(cli, ["queue", "list", "-c", config])
+    [row] = listed.stdout.splitlines()
+    assert row.split("\t")[:3] == ["dead", "survey", "new\\nline\\t.jpg"]
+    history = runner.invoke(cli, ["history", "-c", config]).stdout.splitlines()
+    assert history
+    assert all("survey: new\\nline\\t.jpg" in line for line in history), history

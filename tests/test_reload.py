@@ -108,6 +108,22 @@ def test_an_invalid_config_is_refused_and_the_old_one_keeps_running(
     wait_for((project / "logbox" / "b.log").exists, what="b.log delivered")
 
 
+def test_a_plugin_that_calls_sys_exit_is_refused_and_reloads_go_on(
+    project: Path, write_config: WriteConfig, daemons: list[Daemon]
+) -> None:
+    from skyframe.errors import PluginError
+
+    d = start(project / "skyframe.yaml", daemons)
+    rules = project / "rules.py"
+    rules.write_text("raise SystemExit('stop')\n", encoding="utf-8")
+    with pytest.raises(PluginError, match=r"rules\.py:1: cannot load: SystemExit: stop"):
+        d.engine.reload("test")
+    rules.unlink()
+    write_config(config_text(logs=False))
+    d.engine.reload("test")  # the next reload is taken
+    assert [p.name for p in d.engine.config.pipelines] == ["survey"]
+
+
 def test_a_new_state_dir_is_refused(
     project: Path, write_config: WriteConfig, daemons: list[Daemon]
 ) -> None:
