@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import signal
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("skyframe")
 
 PREFLIGHT_TIMEOUT = 60.0  #: seconds to wait for the sinks' answers before a run starts
+LOG_FILE_WARN_EVERY = 3600.0  #: seconds between two warnings that the log file cannot be written
 
 config_argument = click.argument(
     "config_file",
@@ -256,13 +259,27 @@ def _log_to_file(config: Any) -> None:
     """``log_file``: the log also goes to a file in the state directory that rotates."""
     from logging.handlers import RotatingFileHandler
 
+    class LogFileHandler(RotatingFileHandler):
+        """A line that cannot be written (a full disk) is said on stderr in one line, once an
+        hour at most, rather than with a traceback for every line."""
+
+        said_at = -math.inf
+
+        def handleError(self, record: logging.LogRecord) -> None:
+            now = time.monotonic()
+            if now - self.said_at >= LOG_FILE_WARN_EVERY:
+                self.said_at = now
+                problem = sys.exc_info()[1]
+                detail = getattr(problem, "strerror", None) or problem
+                sys.stderr.write(f"skyframe: warning: log_file: cannot write {path}: {detail}\n")
+
     settings = config.log_file
     if settings is None:
         return
     path = config.state_path / Path(settings.path).expanduser()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handler = RotatingFileHandler(
+        handler = LogFileHandler(
             path, maxBytes=settings.max_size, backupCount=settings.count, encoding="utf-8"
         )
     except OSError as exc:

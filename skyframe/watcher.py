@@ -35,7 +35,14 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+from skyframe.display import shown
+from skyframe.errors import StateError
+from skyframe.state import STATE_DB_ERRORS
+
 log = logging.getLogger(__name__)
+
+#: What keeps the engine from taking a file now (a full disk under the state directory).
+_CANNOT_TAKE_NOW: tuple[type[Exception], ...] = (OSError, StateError, *STATE_DB_ERRORS)
 
 #: Only what matters: not opens and no-write closes (every upload reads its file, and those
 #: events would come back to us), nor folder attribute changes.
@@ -159,6 +166,14 @@ class _Handler(FileSystemEventHandler):
     def dispatch(self, event: FileSystemEvent) -> None:
         try:
             self._dispatch(event)
+        except _CANNOT_TAKE_NOW as exc:
+            # The state directory's disk is full, say: one line per file, and the next
+            # rescan offers the file again.
+            log.error(
+                "cannot take %s now (%s); the next rescan offers it again",
+                shown(os.fsdecode(event.src_path)),
+                exc,
+            )
         except Exception:  # never let an error kill watchdog's thread
             log.exception("error while handling %s", event)
 

@@ -101,6 +101,19 @@ def test_log_file_settings_and_errors(tmp_path: Path) -> None:
     assert "Traceback" not in refused.stderr
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_log_file_that_cannot_be_written_is_said_once_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    project(tmp_path, "log_file: {path: /dev/full}")  # every write: no space left on device
+    done = skyframe(tmp_path, "run", "--once", "skyframe.yaml")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        "skyframe: warning: log_file: cannot write /dev/full: No space left on device"
+    ]
+    assert (tmp_path / "outbox" / "a.jpg").exists()
+
+
 def test_a_debug_log_keeps_no_line_per_exif_tag(tmp_path: Path) -> None:
     # geotag reads each photo with Pillow, which logs every EXIF tag it meets at debug level.
     config = project(tmp_path, "log_file: {level: debug}")
