@@ -521,6 +521,20 @@ def test_another_folder_in_the_source_folders_place_is_watched(
     wait_for(lambda: "card2/c.jpg" in outbox_files(tmp_path), timeout=10, what="a new file")
 
 
+def test_a_sink_folder_emptied_behind_its_back_is_made_again_at_once(
+    tmp_path: Path, start: Callable[..., Daemon]
+) -> None:
+    import shutil
+
+    daemon = start(settle="0")
+    make_file(tmp_path / "incoming", "card1/a.jpg", b"A")
+    wait_for(lambda: "card1/a.jpg" in outbox_files(tmp_path))
+    shutil.rmtree(tmp_path / "outbox")  # the folders this connection made are gone
+    make_file(tmp_path / "incoming", "card1/b.jpg", b"B")
+    wait_for(lambda: "card1/b.jpg" in outbox_files(tmp_path), what="b.jpg delivered")
+    assert daemon.recorder.count("failed") == 0  # in its first attempt
+
+
 def test_source_folder_removed_and_recreated(tmp_path: Path, start: Callable[..., Daemon]) -> None:
     """Like an SD card's mount point, which comes and goes with the card."""
     import shutil

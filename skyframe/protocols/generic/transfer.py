@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import posixpath
+from typing import Any
 
 from skyframe.errors import DeliveryError
 from skyframe.names import check_no_case_twin
-from skyframe.storage import SourceReader, TransferRequest, TransferResult
+from skyframe.storage import Sink, SourceReader, TransferRequest, TransferResult
 
 
 def upload(request: TransferRequest) -> TransferResult:
@@ -21,10 +22,11 @@ def upload(request: TransferRequest) -> TransferResult:
     if sink.endpoint.protocol == "file":  # a folder that ignores case must not merge two files
         check_no_case_twin(request.remote_path)
     temporary = sink.temporary_path(request.remote_path)
+    folder = posixpath.dirname(request.remote_path)
     with SourceReader(request.local_path) as reader:
-        sink.ensure_folder(posixpath.dirname(request.remote_path))
+        sink.ensure_folder(folder)
         try:
-            with fs.open(temporary, "wb") as out:
+            with _create(sink, temporary, folder) as out:
                 for chunk in reader.chunks():
                     request.pace(len(chunk))
                     out.write(chunk)
@@ -41,3 +43,14 @@ def upload(request: TransferRequest) -> TransferResult:
                 fs.rm(temporary)
             raise
     return TransferResult(reader.bytes_read, reader.sha256)
+
+
+def _create(sink: Sink, temporary: str, folder: str) -> Any:
+    """The temporary file, open for writing. Its folder, made earlier on this connection, may
+    have been removed behind our back (a crew emptying the sink folder): made again, once."""
+    try:
+        return sink.fs.open(temporary, "wb")
+    except FileNotFoundError:
+        sink.forget_folders()
+        sink.ensure_folder(folder)
+        return sink.fs.open(temporary, "wb")
