@@ -9,6 +9,7 @@ files, the flights and the station. The contract is in docs/hub.md.
 from __future__ import annotations
 
 import hmac
+import json
 import re
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -31,26 +32,33 @@ DOWN = ("offline", "refused")  #: sink health states counted as a sink being dow
 
 #: The largest integer a database column holds (a signed 64-bit integer).
 MAX_INT = 2**63 - 1
-#: How deep ``meta`` and ``status`` may nest.
-MAX_DEPTH = 100
 
 
-def _text_safe(value: Any, depth: int = 0) -> Any:
+def _text_safe(value: dict[str, Any]) -> dict[str, Any]:
     """A free-form JSON value (``meta``, ``status``) with every text a database takes: a lone
     surrogate (JSON can carry one, UTF-8 cannot) is written as its escape, ``\\udce9``.
-    ValueError when it nests deeper than MAX_DEPTH."""
-    if depth > MAX_DEPTH:
-        raise ValueError(f"nested more than {MAX_DEPTH} deep")
-    if isinstance(value, str):
+    Checked in one pass of the JSON encoder; only a value that holds one is rebuilt."""
+    try:
         try:
-            value.encode("utf-8")
+            _UNESCAPED.encode(value).encode("utf-8")
         except UnicodeEncodeError:
-            return value.encode("utf-8", "backslashreplace").decode("utf-8")
-        return value
+            escaped: dict[str, Any] = _escaped(value)
+            return escaped
+    except RecursionError:
+        raise ValueError("nested too deep") from None
+    return value
+
+
+_UNESCAPED = json.JSONEncoder(ensure_ascii=False, check_circular=False)
+
+
+def _escaped(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
     if isinstance(value, dict):
-        return {_text_safe(k, depth + 1): _text_safe(v, depth + 1) for k, v in value.items()}
+        return {_escaped(k): _escaped(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_text_safe(item, depth + 1) for item in value]
+        return [_escaped(item) for item in value]
     return value
 
 
