@@ -434,8 +434,8 @@ def init(  # noqa: PLR0917 (click passes every option)
     On a terminal it asks for the kind of data, the source folder, the sink and the names of
     the environment variables that hold its secrets, and checks the sink as `skyframe check`
     does; flags answer questions beforehand. Without a terminal (or with --yes) it asks nothing.
-    It never replaces a file without --force. Exit 0 when written; 1 when a file exists or the
-    check failed with --strict; 2 for a wrong flag.
+    It never replaces a file without --force. Exit 0 when written; 1 when a file exists, the
+    check failed with --strict, or a folder or file cannot be written; 2 for a wrong flag.
     """
     from skyframe.scaffold import Interview, Prompter, next_steps, shown, write_project
 
