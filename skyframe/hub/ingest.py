@@ -30,6 +30,8 @@ COMPLETE_SUFFIX = "-complete"
 DOWN = ("offline", "refused")  #: sink health states counted as a sink being down
 
 
+#: A sha256 digest as hex, as the ingest and the file search take it.
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 #: The largest integer a database column holds (a signed 64-bit integer).
 MAX_INT = 2**63 - 1
 
@@ -88,7 +90,7 @@ class EventBody(_Lenient):
     sink: str | None = Field(None, max_length=500)
     remote: str | None = Field(None, max_length=4096)
     size: int | None = Field(None, ge=0, le=MAX_INT)
-    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    sha256: str | None = Field(None, pattern=f"^{SHA256_HEX.pattern}$")
     error: str | None = Field(None, max_length=200)
     reason: str | None = Field(None, max_length=4000)
     meta: FreeForm | None = None
@@ -228,12 +230,9 @@ def _sha256(event: EventBody) -> str | None:
     if event.sha256:
         return event.sha256.lower()
     value = (event.meta or {}).get("sha256")
-    if isinstance(value, str) and _HEX64.fullmatch(value):
+    if isinstance(value, str) and SHA256_HEX.fullmatch(value):
         return value.lower()
     return None
-
-
-_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def _insert_events(

@@ -21,6 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from skyframe.api import TokenThrottle
+from skyframe.display import is_utf8
 from skyframe.httpguard import (
     Refused,
     address,
@@ -40,7 +41,7 @@ from skyframe.hub import alerts, commands, queries
 from skyframe.hub.config import LoadedHubConfig
 from skyframe.hub.db import DATABASE_THREADS, describe
 from skyframe.hub.guard import SESSION_COOKIE, session_value
-from skyframe.hub.ingest import MAX_BODY, Arrival, InvalidBatch, parse_batch
+from skyframe.hub.ingest import MAX_BODY, SHA256_HEX, Arrival, InvalidBatch, parse_batch
 from skyframe.hub.tokens import station_of_token, token_hash
 from skyframe.hub.writer import IngestWriter
 from skyframe.units import parse_since
@@ -54,7 +55,6 @@ KNOWN_MAX = 10_000  #: tokens remembered at most
 CLOSE_WAIT = 10.0  #: seconds closing waits for the database threads' queries to end
 MAX_LIMIT = 5000
 _WHOLE_NUMBER = re.compile(r"0*([0-9]{1,19})")  # 2**63 has 19 digits: no longer ones
-_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 PUBLIC = ("/", "/healthz", "/api/login", "/api/v1/ingest")
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -66,14 +66,9 @@ T = TypeVar("T")
 
 
 def _a_name(value: object, longest: int) -> bool:
-    """Whether ``value`` is text a name column holds: 1 to ``longest`` characters, UTF-8."""
-    if not isinstance(value, str) or not 0 < len(value) <= longest:
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate, which JSON can carry
-        return False
-    return True
+    """Whether ``value`` is text a name column holds: 1 to ``longest`` characters, UTF-8 (JSON
+    can carry a lone surrogate)."""
+    return isinstance(value, str) and 0 < len(value) <= longest and is_utf8(value)
 
 
 def _number(request: web.Request, name: str, default: int, top: int) -> int:
@@ -347,7 +342,7 @@ class HubServer:
         name, digest = request.query.get("name"), request.query.get("sha256")
         if (name is None) == (digest is None):
             return error(400, "give one of name (a file name or a glob) or sha256")
-        if digest is not None and not _SHA256.fullmatch(digest):
+        if digest is not None and not SHA256_HEX.fullmatch(digest):
             return error(400, f"sha256 must be 64 hexadecimal digits, not {shown(digest)}")
         if name is not None and not name.strip():
             return error(400, "name is empty")

@@ -92,8 +92,9 @@ class IngestWriter:
                 _settle(future, result)
 
     async def _one_by_one(self, group: list[_Waiting], exc: Exception) -> None:
-        """One batch may be what the database refused: each alone, so that it fails alone
-        (the others are stored; a deadlock between two groups is gone as well)."""
+        """One batch may be what failed (the database refused it, or a value in it): each
+        alone, so that it fails alone (the others are stored; a deadlock between two groups
+        is gone as well)."""
         log.warning(
             "hub: a group of %d batches was not stored (%s); storing each alone",
             len(group),
