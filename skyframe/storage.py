@@ -209,7 +209,12 @@ class Sink:
         self.rate: float | None = None
         #: files being sent to this sink now (see :meth:`sending_files`)
         self.sending = 0
+        #: since when (monotonic) at most one file has been sent to this sink at a time; None
+        #: while more are
+        self.alone_since: float | None = 0.0
         self._sending_lock = threading.Lock()
+        #: notified when :attr:`sending` goes down
+        self._sending_changed = threading.Condition(self._sending_lock)
 
     def __repr__(self) -> str:
         return f"Sink({self.key!r}, {self.display!r})"
@@ -364,11 +369,29 @@ class Sink:
         transfer that knows it has the link to itself may keep it busier."""
         with self._sending_lock:
             self.sending += count
+            if self.sending > 1:
+                self.alone_since = None
         try:
             yield
         finally:
             with self._sending_lock:
                 self.sending -= count
+                if self.sending <= 1 and self.alone_since is None:
+                    self.alone_since = time.monotonic()
+                self._sending_changed.notify_all()
+
+    def wait_alone(self, future: Future[Any]) -> bool:
+        """Wait until at most one file is being sent to this sink, or ``future`` is done,
+        whichever comes first; True in the first case."""
+
+        def wake(_: Future[Any]) -> None:
+            with self._sending_changed:
+                self._sending_changed.notify_all()
+
+        future.add_done_callback(wake)
+        with self._sending_changed:
+            self._sending_changed.wait_for(lambda: future.done() or self.sending <= 1)
+            return self.sending <= 1
 
     def ensure_folder(self, folder: str) -> None:
         """Create a remote folder (and its parents) once per connection; object stores have

@@ -17,12 +17,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import fsspec
 import pytest
 import servers
 from fakes.link import LinkEmulator, mbit
 from helpers import file_request, s3_sink, write_random
 
 from skyframe.config import SinkConfig
+from skyframe.protocols.endpoint import Endpoint
 from skyframe.protocols.s3 import backend, transfer
 from skyframe.protocols.s3.backend import MIB, S3Options
 from skyframe.storage import Sink, open_sink
@@ -47,7 +49,7 @@ def test_part_size_follows_the_rate_within_s3s_limits_and_the_configured_size() 
 def pace(
     rate: float | None, *, part: int = 5 * MIB, most: int = 3, limited: bool = False
 ) -> transfer._Pace:
-    sink = SimpleNamespace(rate=rate, limiter=limited, sending=1)
+    sink = SimpleNamespace(rate=rate, limiter=limited, sending=1, alone_since=0.0)
     return transfer._Pace(part, most, sink)  # type: ignore[arg-type]
 
 
@@ -68,7 +70,7 @@ def test_the_rate_is_measured_over_the_latest_parts_and_sets_the_width(
 ) -> None:
     now = [100.0]
     monkeypatch.setattr(transfer, "time", SimpleNamespace(monotonic=lambda: now[0]))
-    sink = SimpleNamespace(rate=None, limiter=None, sending=1)
+    sink = SimpleNamespace(rate=None, limiter=None, sending=1, alone_since=0.0)
     p = transfer._Pace(5 * MIB, 3, sink)  # type: ignore[arg-type]
     assert p.width == 1  # nothing measured
     p.sending()
@@ -111,16 +113,6 @@ def test_the_next_part_goes_in_the_last_stretch_of_the_oldest(
     assert pace(4 * MIB).lead(5 * MIB, answer, 98.0)  # its last fifth began: no wait
     assert waited == []
     assert not pace(4 * MIB, most=1).lead(5 * MIB, answer, 98.0)  # part_concurrency: 1
-    shared = pace(4 * MIB)
-    shared.sink.sending = 2  # a photo goes beside it: it fills the round trip
-    assert not shared.lead(5 * MIB, answer, 98.0)
-    # The latest part took 0.5 s (the link freed up), quicker than the rate of the latest
-    # parts says: 5 MiB sent at 99.8 has its last fifth from 100.2.
-    quick = pace(1 * MIB)
-    quick.sending()
-    quick.confirmed(5 * MIB, 99.5)
-    assert quick.lead(5 * MIB, answer, 99.8)
-    assert waited[-1] == pytest.approx(0.2)
     answer.set_result({"ETag": "x"})
     assert not pace(4 * MIB).lead(5 * MIB, answer, 99.5)  # answered meanwhile: settle it
     # A file that begins while the part waits for its last stretch: no next part then.
@@ -131,6 +123,97 @@ def test_the_next_part_goes_in_the_last_stretch_of_the_oldest(
         lambda fs, timeout=None: setattr(landing.sink, "sending", 2),
     )
     assert not landing.lead(5 * MIB, Future(), 99.5)
+
+
+def test_while_other_files_go_the_next_part_waits_for_them_or_for_the_answer() -> None:
+    sink = Sink("t", "memory://x", Endpoint("memory", "/x", lambda: fsspec.filesystem("memory")))
+    p = transfer._Pace(5 * MIB, 3, sink)
+    answer: Future[Any] = Future()
+    photos = sink.sending_files(2)
+    with sink.sending_files():  # the video
+        photos.__enter__()  # they fill the link during the part's answer: no part beside it
+        done = threading.Timer(0.2, photos.__exit__, (None, None, None))
+        done.start()
+        began = time.monotonic()
+        # The photos are done before the part's answer: the link is the video's, the next
+        # part goes at once rather than a round trip later.
+        assert p.lead(5 * MIB, answer, began)
+        assert 0.15 < time.monotonic() - began < 5
+        with sink.sending_files():  # a photo lands
+            threading.Timer(0.2, answer.set_result, ({"ETag": "x"},)).start()
+            assert not p.lead(5 * MIB, answer, began)  # answered first: settle it
+    done.join()
+
+
+def test_parts_in_flight_share_the_link_and_each_is_timed_by_its_share(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Parts of 5 MiB on a link of 5 MiB/s: a second each with the link to itself."""
+    now = [100.0]
+    waited: list[float | None] = []
+    monkeypatch.setattr(transfer, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(transfer.futures, "wait", lambda fs, timeout=None: waited.append(timeout))
+    sink = SimpleNamespace(rate=None, limiter=None, sending=1, alone_since=0.0)
+    p = transfer._Pace(5 * MIB, 3, sink)  # type: ignore[arg-type]
+    first = p.sending()
+    now[0] = 100.5
+    second = p.sending()  # beside the first: each has half the link from here
+    now[0] = 101.5
+    p.confirmed(5 * MIB, first)  # 0.5 s alone + 1 s at half: a second of the link
+    assert p.latest == pytest.approx(1.0 / (5 * MIB))
+    assert sink.rate == pytest.approx(5 * MIB)  # the link's, not 5 MiB in 1.5 s
+    # The second had half a second of the link: its last fifth (0.8 s of it) begins 0.3 s
+    # on, now that it is alone. Timed from its send, it would seem 0.2 s past it.
+    assert p.lead(5 * MIB, Future(), second)
+    assert waited[-1] == pytest.approx(0.3)
+    third = p.sending()
+    now[0] = 102.0
+    p.confirmed(5 * MIB, second)  # 0.5 + 0.25 (half, with the third)
+    assert p.latest == pytest.approx(0.75 / (5 * MIB))
+    # Answered half a second after the first: 10 MiB/s from the answers, 5.7 by the shares.
+    assert sink.rate == pytest.approx(10 * MIB / 1.75)
+    # The third had 0.25 s; its last fifth begins after 0.6 s of the link: 0.35 s on.
+    assert p.lead(5 * MIB, Future(), third)
+    assert waited[-1] == pytest.approx(0.35)
+    fourth = p.sending()  # two in flight again: what the third lacks takes twice as long
+    assert p.lead(5 * MIB, Future(), third)
+    assert waited[-1] == pytest.approx(0.7)
+    assert fourth in p.in_air
+
+
+def test_a_part_that_shared_the_link_with_other_files_says_nothing_of_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr(transfer, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(transfer.futures, "wait", lambda fs, timeout=None: None)
+    sink = SimpleNamespace(rate=None, limiter=None, sending=1, alone_since=0.0)
+    p = transfer._Pace(5 * MIB, 3, sink)  # type: ignore[arg-type]
+    first = p.sending()
+    now[0] = 101.0
+    p.confirmed(5 * MIB, first)  # alone: a second
+    assert p.latest == pytest.approx(1 / (5 * MIB))
+    assert not p.shared
+    second = p.sending()
+    sink.alone_since = 105.0  # photos went from before it was sent until 105
+    now[0] = 105.0
+    third = p.sending()  # when the photos were done (the lead's wait for that said True)
+    now[0] = 106.0
+    p.confirmed(5 * MIB, second)  # 4.5 s of "the link": the photos had most of it
+    assert p.shared
+    assert p.latest is None
+    # The third has the link now, and the answer of the oldest comes a round trip after
+    # its last byte. Nothing measured says when that is: the part after it goes now.
+    assert p.lead(5 * MIB, Future(), third)
+    answered: Future[Any] = Future()
+    answered.set_result({"ETag": "x"})
+    assert not p.lead(5 * MIB, answered, third)
+    # Under an upload limit the parts queue for it at the station: nothing goes at once,
+    # and nothing beside other files (their tokens).
+    sink.limiter = True
+    assert p.lead(5 * MIB, Future(), third)  # its estimate says it is near its end
+    sink.sending = 2
+    assert not p.lead(5 * MIB, Future(), third)
 
 
 # --- on the real server ----------------------------------------------------------------------

@@ -221,6 +221,41 @@ def test_threads_waiting_on_a_failing_connect_fail_at_once() -> None:
     assert sum(isinstance(e, SinkUnavailableError) for e in errors) == 5
 
 
+def test_a_sink_tells_since_when_one_file_has_it_alone_and_wakes_who_waits_for_that() -> None:
+    from concurrent.futures import Future
+
+    from skyframe.protocols.endpoint import Endpoint
+    from skyframe.storage import Sink
+
+    sink = Sink("t", "memory://x", Endpoint("memory", "/x", lambda: fsspec.filesystem("memory")))
+    assert sink.alone_since == 0.0
+    answer: Future[None] = Future()
+    with sink.sending_files():  # the video
+        assert sink.alone_since == 0.0
+        photos = sink.sending_files(3)
+        photos.__enter__()
+        assert sink.alone_since is None
+        woke: list[bool] = []
+        waiter = threading.Thread(target=lambda: woke.append(sink.wait_alone(answer)))
+        waiter.start()
+        time.sleep(0.1)
+        assert woke == []
+        before = time.monotonic()
+        photos.__exit__(None, None, None)
+        waiter.join(5)
+        assert woke == [True]  # the photos are done: the video has the link
+        assert sink.alone_since is not None
+        assert sink.alone_since >= before
+        with sink.sending_files():
+            waiter = threading.Thread(target=lambda: woke.append(sink.wait_alone(answer)))
+            waiter.start()
+            time.sleep(0.1)
+            answer.set_result(None)  # the part is answered first
+            waiter.join(5)
+            assert woke == [True, False]
+    assert sink.wait_alone(answer)
+
+
 def test_failures_within_one_wait_count_once() -> None:
     from skyframe.errors import SinkUnavailableError
     from skyframe.storage import SinkHealth

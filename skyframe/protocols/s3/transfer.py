@@ -17,7 +17,9 @@ dropped links:
   the link (``part_size`` at most, S3's 5 MiB at least; a resumed upload keeps its own);
 - below ``part_concurrency``, and while no other file goes to the sink, one more part goes
   when the oldest in flight is expected to be :data:`LEAD` of its time from its end, so that
-  the link carries it while the server's answer comes back;
+  the link carries it while the server's answer comes back; when the other files are done
+  while a part is in flight, the next one goes at once, and so does the one after a part
+  that shared the link (its time says nothing of the link alone);
 - the upload is completed only once the file is known unchanged. A file that changed since
   the journal, or while it was read, gets its stale upload aborted and starts anew.
 
@@ -351,7 +353,7 @@ class MultipartUpload:
                         continue
                     self.held.pop(number, None)
                     request.pace(len(chunk))
-                    pace.sending()
+                    sent = pace.sending()
                     call = backend.call(
                         self.fs,
                         "upload_part",
@@ -362,7 +364,7 @@ class MultipartUpload:
                         Body=chunk,
                     )
                     future = asyncio.run_coroutine_threadsafe(call, self.fs.loop)
-                    in_flight.append((number, len(chunk), future, time.monotonic()))
+                    in_flight.append((number, len(chunk), future, sent))
                     while len(in_flight) >= pace.width:
                         if len(in_flight) == pace.width and pace.lead(*in_flight[0][1:]):
                             break  # the next part goes beside the oldest's last stretch
@@ -396,44 +398,71 @@ class _Pace:
     :data:`IN_FLIGHT_SECONDS`, by the rate measured over the latest confirmed parts (at first
     the sink's, from its last large upload; one part while nothing is known). Under an upload
     limit (``bwlimit``) two at least: a part waits for the limit's tokens before it goes, and
-    it waits while another one is sent, not after it."""
+    it waits while another one is sent, not after it.
+
+    A part is timed by its share of the link: the parts in flight share it equally, so that
+    each is credited with the time it would have taken with the link to itself. Timed from
+    its send to its answer instead, two parts side by side would each seem twice as slow,
+    and the rate over parts answered close together twice as fast as the link. A part that
+    went while other files did says nothing of the link and is not counted."""
 
     def __init__(self, part_size: int, most: int, sink: Sink) -> None:
         self.part_size = part_size
         self.most = most
         self.least = min(most, 2 if sink.limiter else 1)
         self.sink = sink
-        #: (when, bytes confirmed by then) of the latest confirmations, and of the first send
-        self.marks: deque[tuple[float, int]] = deque(maxlen=RATE_PARTS)
-        self.confirmed_bytes = 0
+        #: (bytes, seconds of the link to itself) of the latest parts confirmed that had it
+        self.timed: deque[tuple[int, float]] = deque(maxlen=RATE_PARTS)
         self.rate = sink.rate
         self.width = self._width(sink.rate)
-        #: seconds a byte of the latest confirmed part took, from its send to its answer
+        #: seconds a byte of the latest confirmed part took with the link to itself (its
+        #: share counted as below); None before one was, and when other files went meanwhile
         self.latest: float | None = None
+        #: the latest confirmed part shared the link with other files: the times measured
+        #: then say little of the link this upload now has to itself
+        self.shared = False
+        #: the parts in flight, by the time each was sent: the seconds of the link each has
+        #: had to itself so far, the parts in flight sharing it equally
+        self.in_air: dict[float, float] = {}
+        self._clock = 0.0  #: when the shares were last counted
 
     def _width(self, rate: float | None) -> int:
         if rate is None:
             return self.least
         return max(self.least, min(self.most, int(rate * IN_FLIGHT_SECONDS) // self.part_size))
 
-    def sending(self) -> None:
-        """A part is about to go: the measure starts with the first one."""
-        if not self.marks:
-            self.marks.append((time.monotonic(), 0))
+    def _count(self, now: float) -> None:
+        """Give each part in flight its share of the link since the last count."""
+        if self.in_air and now > self._clock:
+            share = (now - self._clock) / len(self.in_air)
+            for sent in self.in_air:
+                self.in_air[sent] += share
+        self._clock = max(self._clock, now)
+
+    def sending(self) -> float:
+        """A part is about to go: the time it is sent at."""
+        now = time.monotonic()
+        self._count(now)
+        self.in_air[now] = 0.0
+        return now
 
     def confirmed(self, size: int, sent: float) -> None:
         """A part of ``size`` bytes, sent at ``sent``, was confirmed: measure the rate, set
         the width."""
-        self.confirmed_bytes += size
         now = time.monotonic()
-        if now > sent and size > 0:
-            self.latest = (now - sent) / size
-        began, before = self.marks[0]
-        self.marks.append((now, self.confirmed_bytes))
-        if now > began:
-            rate = (self.confirmed_bytes - before) / (now - began)
-            self.sink.rate = self.rate = rate
-            self.width = self._width(rate)
+        self._count(now)
+        alone = self.in_air.pop(sent, now - sent)
+        alone_since = self.sink.alone_since
+        # Its time was this upload's share of the link, if other files went meanwhile.
+        self.shared = alone_since is None or alone_since > sent
+        if self.shared or alone <= 0 or size <= 0:
+            self.latest = None
+            return
+        self.latest = alone / size
+        self.timed.append((size, alone))
+        rate = sum(b for b, _ in self.timed) / sum(t for _, t in self.timed)
+        self.sink.rate = self.rate = rate
+        self.width = self._width(rate)
 
     def lead(self, size: int, future: Future[Any], sent: float) -> bool:
         """Whether the next part should go now, beside the oldest one in flight (``size``
@@ -441,22 +470,45 @@ class _Pace:
         expected within :data:`LEAD` of its time from its end and still unanswered. Waits
         until then, or until it is answered (False).
 
-        Its time is expected from the rate over the latest parts (the parts in flight share
-        it), or from the time the latest part took, whichever is shorter: when the link
-        frees up (other files done), the latest part shows it first. False while neither is
-        known, when ``part_concurrency`` parts are in flight (the most there may be), and
-        while other files go to the sink: they keep the link busy during the answer's round
-        trip, and one more part would take its share from them (a photo landing beside a
-        video would get a third of the link rather than half)."""
-        if self.width >= self.most or self.sink.sending > 1:
+        Its time with the link to itself is expected from the time the latest part took
+        that way, or from the rate over the latest parts, whichever is shorter (a part sent
+        again after a cut took longer); the parts in flight share the link equally, so that
+        what it still lacks takes that many times as long. False while neither is known,
+        and when ``part_concurrency`` parts are in flight (the most there may be).
+
+        While other files go to the sink, no part goes beside the oldest: they keep the link
+        busy during the answer's round trip, and one more part would take its share from
+        them (a photo landing beside a video would get a third of the link rather than
+        half). When they are done before the oldest part is answered, the link is this
+        upload's: the next part goes at once (True), as it does after a part that shared the
+        link (its time says nothing of the link alone), else the link would stand idle
+        while the oldest part's answer comes back."""
+        if self.width >= self.most:
             return False
+        if self.sink.limiter:
+            # Under an upload limit the parts queue for it here, two at least: the link is
+            # not idle while an answer comes back, and one more part would take its tokens
+            # from the files beside it.
+            if self.sink.sending > 1:
+                return False
+        elif self.sink.sending > 1:
+            return self.sink.wait_alone(future)
+        elif self.shared:
+            return not future.done()
         guesses = [size * self.latest] if self.latest is not None else []
         if self.rate is not None and self.rate > 0:
-            guesses.append(self.width * size / self.rate)
+            guesses.append(size / self.rate)
         if not guesses:
             return False
         expected = min(guesses)
-        wait = sent + (1 - LEAD) * expected - time.monotonic()
+        now = time.monotonic()
+        self._count(now)
+        if sent in self.in_air:
+            sharing, had = len(self.in_air), self.in_air[sent]
+        else:  # not counted here: as if ``width`` parts had shared the link since it was sent
+            sharing = self.width
+            had = (now - sent) / sharing
+        wait = ((1 - LEAD) * expected - had) * sharing
         if wait > 0:
             futures.wait([future], timeout=wait)
         return not future.done() and self.sink.sending <= 1  # no file came meanwhile
