@@ -403,7 +403,7 @@ class _Pace:
     A part is timed by its share of the link: the parts in flight share it equally, so that
     each is credited with the time it would have taken with the link to itself. Timed from
     its send to its answer instead, two parts side by side would each seem twice as slow,
-    and the rate over parts answered close together twice as fast as the link. A part that
+    and the rate over parts answered close together faster than the link. A part that
     went while other files did says nothing of the link and is not counted."""
 
     def __init__(self, part_size: int, most: int, sink: Sink) -> None:
