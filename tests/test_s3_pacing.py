@@ -65,6 +65,17 @@ def test_parts_in_flight_are_what_the_link_carries_in_two_seconds() -> None:
     assert pace(1 * MB, most=1, limited=True).width == 1
 
 
+def sent_at(p: transfer._Pace, now: list[float], *times: float) -> list[float]:
+    """Parts sent at ``times`` (the clock ``now`` set to each in turn), as the upload sends
+    them; the clock is left at 100."""
+    sent = []
+    for when in times:
+        now[0] = when
+        sent.append(p.sending())
+    now[0] = 100.0
+    return sent
+
+
 def test_the_rate_is_measured_over_the_latest_parts_and_sets_the_width(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -73,20 +84,22 @@ def test_the_rate_is_measured_over_the_latest_parts_and_sets_the_width(
     sink = SimpleNamespace(rate=None, limiter=None, sending=1, alone_since=0.0)
     p = transfer._Pace(5 * MIB, 3, sink)  # type: ignore[arg-type]
     assert p.width == 1  # nothing measured
-    p.sending()
-    now[0] += 0.05
-    p.confirmed(5 * MIB, now[0] - 0.05)  # 5 MiB in 50 ms: a fast link
+
+    def one_part(seconds: float) -> None:
+        sent = p.sending()
+        now[0] += seconds
+        p.confirmed(5 * MIB, sent)
+
+    one_part(0.05)  # 5 MiB in 50 ms: a fast link
     assert sink.rate == pytest.approx(5 * MIB / 0.05)
     assert p.width == 3
     for _ in range(transfer.RATE_PARTS):  # then a part every 1.25 s: about 4.2 MB/s
-        now[0] += 1.25
-        p.confirmed(5 * MIB, now[0] - 1.25)
+        one_part(1.25)
     # Over the latest parts only: the fast first one no longer counts.
     assert sink.rate == pytest.approx(5 * MIB / 1.25)
     assert p.width == 1  # 8.4 MB in two seconds: one part of 5 MiB
     for _ in range(transfer.RATE_PARTS):  # faster again: a part every 0.8 s
-        now[0] += 0.8
-        p.confirmed(5 * MIB, now[0] - 0.8)
+        one_part(0.8)
     assert sink.rate == pytest.approx(5 * MIB / 0.8)
     assert p.width == 2
 
@@ -94,27 +107,35 @@ def test_the_rate_is_measured_over_the_latest_parts_and_sets_the_width(
 def test_the_next_part_goes_in_the_last_stretch_of_the_oldest(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    now = [100.0]
     waited: list[float | None] = []
-    monkeypatch.setattr(transfer, "time", SimpleNamespace(monotonic=lambda: 100.0))
+    monkeypatch.setattr(transfer, "time", SimpleNamespace(monotonic=lambda: now[0]))
     monkeypatch.setattr(transfer.futures, "wait", lambda fs, timeout=None: waited.append(timeout))
     answer: Future[Any] = Future()
-    assert not pace(None).lead(5 * MIB, answer, 99.0)  # no rate: the answer is awaited
+    quiet = pace(None)
+    assert not quiet.lead(5 * MIB, answer, *sent_at(quiet, now, 99.0))  # no rate: awaited
     assert waited == []
     # 5 MiB at 4 MiB/s, one at a time: 1.25 s; sent at 99.5, its last fifth begins at 100.5.
     assert pace(4 * MIB).width == 1
-    assert pace(4 * MIB).lead(5 * MIB, answer, 99.5)
+    one = pace(4 * MIB)
+    assert one.lead(5 * MIB, answer, *sent_at(one, now, 99.5))
     assert waited == [pytest.approx(0.5)]
     # Two in flight share the link: 5 MiB at half of 6 MiB/s takes 5/3 s, so sent at 99.0
-    # its last fifth begins at 99 + 4/3 s.
+    # (the other one with it) its last fifth begins at 99 + 4/3 s.
     assert pace(6 * MIB).width == 2
-    assert pace(6 * MIB).lead(5 * MIB, answer, 99.0)
+    two = pace(6 * MIB)
+    oldest, _ = sent_at(two, now, 99.0, 99.0 + 1e-9)
+    assert two.lead(5 * MIB, answer, oldest)
     assert waited[-1] == pytest.approx(1 / 3)
     waited.clear()
-    assert pace(4 * MIB).lead(5 * MIB, answer, 98.0)  # its last fifth began: no wait
+    late = pace(4 * MIB)
+    assert late.lead(5 * MIB, answer, *sent_at(late, now, 98.0))  # its last fifth began
     assert waited == []
-    assert not pace(4 * MIB, most=1).lead(5 * MIB, answer, 98.0)  # part_concurrency: 1
+    single = pace(4 * MIB, most=1)
+    assert not single.lead(5 * MIB, answer, *sent_at(single, now, 98.0))  # part_concurrency 1
     answer.set_result({"ETag": "x"})
-    assert not pace(4 * MIB).lead(5 * MIB, answer, 99.5)  # answered meanwhile: settle it
+    done = pace(4 * MIB)
+    assert not done.lead(5 * MIB, answer, *sent_at(done, now, 99.5))  # answered: settle it
     # A file that begins while the part waits for its last stretch: no next part then.
     landing = pace(4 * MIB)
     monkeypatch.setattr(
@@ -122,7 +143,7 @@ def test_the_next_part_goes_in_the_last_stretch_of_the_oldest(
         "wait",
         lambda fs, timeout=None: setattr(landing.sink, "sending", 2),
     )
-    assert not landing.lead(5 * MIB, Future(), 99.5)
+    assert not landing.lead(5 * MIB, Future(), *sent_at(landing, now, 99.5))
 
 
 def test_while_other_files_go_the_next_part_waits_for_them_or_for_the_answer() -> None:

@@ -447,11 +447,11 @@ class _Pace:
         return now
 
     def confirmed(self, size: int, sent: float) -> None:
-        """A part of ``size`` bytes, sent at ``sent``, was confirmed: measure the rate, set
-        the width."""
+        """A part of ``size`` bytes, sent at ``sent`` (what :meth:`sending` returned), was
+        confirmed: measure the rate, set the width."""
         now = time.monotonic()
         self._count(now)
-        alone = self.in_air.pop(sent, now - sent)
+        alone = self.in_air.pop(sent)
         alone_since = self.sink.alone_since
         # Its time was this upload's share of the link, if other files went meanwhile.
         self.shared = alone_since is None or alone_since > sent
@@ -501,14 +501,9 @@ class _Pace:
         if not guesses:
             return False
         expected = min(guesses)
-        now = time.monotonic()
-        self._count(now)
-        if sent in self.in_air:
-            sharing, had = len(self.in_air), self.in_air[sent]
-        else:  # not counted here: as if ``width`` parts had shared the link since it was sent
-            sharing = self.width
-            had = (now - sent) / sharing
-        wait = ((1 - LEAD) * expected - had) * sharing
+        self._count(time.monotonic())
+        sharing = len(self.in_air)
+        wait = ((1 - LEAD) * expected - self.in_air[sent]) * sharing
         if wait > 0:
             futures.wait([future], timeout=wait)
         return not future.done() and self.sink.sending <= 1  # no file came meanwhile
