@@ -89,7 +89,8 @@ def test_sftp_batch_sends_small_files_and_reports_each(sink: Sink, tmp_path: Pat
 def test_sftp_batch_keeps_its_files_in_flight_together(
     sink: Sink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Pipelined: every file of the batch is opened before the first open is answered.
+    # Pipelined: over a link's round trip, every file of the batch is opened before the
+    # first open is answered (the files are read, and their opens sent, meanwhile).
     from skyframe.protocols.sftp.plugin import skyframe_transfer_batch
 
     asyncssh = import_asyncssh()
@@ -100,6 +101,7 @@ def test_sftp_batch_keeps_its_files_in_flight_together(
         in_flight[0] += 1
         in_flight[1] = max(in_flight[1], in_flight[0])
         try:
+            await asyncio.sleep(0.05)  # the round trip
             return await original(self, *args, **kwargs)
         finally:
             in_flight[0] -= 1
