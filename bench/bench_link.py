@@ -21,8 +21,8 @@ link). skyframe only; rclone has no watch mode.
 
 For every case and target the tools run alternately (skyframe, rclone, skyframe, ...), `--runs`
 times each, exactly as in `bench_remote.py` (and with its helpers; with `--baseline DIR`, the
-code of checkout DIR runs too, as `skyframe-base`, first in each round): `skyframe -q run --once`
-with one pipeline (`settle: 0`) and one sink, and `rclone copy` (over SFTP with
+code of checkout DIR runs too, as `skyframe-base`, first in each round): `python -m skyframe -q
+run --once` with one pipeline (`settle: 0`) and one sink, and `rclone copy` (over SFTP with
 `--sftp-disable-hashcheck`, the same work). Every run gets a fresh link (so the cuts start with
 the command), a fresh bucket or folder and, for skyframe, a fresh state_dir; the tools are
 pointed at the link's port (the S3 endpoint, the SFTP host and port, with a known_hosts line

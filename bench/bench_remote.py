@@ -4,8 +4,9 @@ Starts a SeaweedFS S3 server and an OpenSSH SFTP server on loopback (the ones th
 from `tests/servers.py`), generates the data once per case, then for every case and target runs
 the tools alternately (skyframe, rclone, skyframe, rclone, ...), `--runs` times each:
 
-- skyframe: `skyframe -q run --once skyframe.yaml`, the real command line, with a config holding
-  one pipeline (`settle: 0`, no rules, no processes) and one sink for the target;
+- skyframe: `python -m skyframe -q run --once skyframe.yaml`, the real command line through
+  each version's own entry point (an earlier checkout's, under `--baseline`), with a config
+  holding one pipeline (`settle: 0`, no rules, no processes) and one sink for the target;
 - rclone: `rclone copy DATA REMOTE:DEST`. To S3 with default flags (what a user types). Over
   SFTP rclone by default runs `md5sum` on the server, over a new SSH command, after every file,
   work skyframe does not ask of the server (it hashes while it reads): the headline is the
@@ -79,7 +80,9 @@ import servers
 from baseline import Code
 
 BIN = Path(sys.executable).parent
-SKYFRAME = BIN / "skyframe"
+#: The command line, through the package's own entry point: the venv's ``skyframe`` script
+#: names the current one, which an earlier checkout under ``--baseline`` may not have.
+SKYFRAME = (sys.executable, "-m", "skyframe")
 SMALL_FOLDERS = 20
 LARGE_CHUNK = 8 * 1024 * 1024
 MB = 1_000_000
@@ -430,7 +433,7 @@ def run_skyframe(
     }
     path = work / "skyframe.yaml"
     path.write_text(json.dumps(config, indent=2), encoding="utf-8")  # JSON is YAML
-    command = [str(SKYFRAME), "-q", "run", "--once", str(path)]
+    command = [*SKYFRAME, "-q", "run", "--once", str(path)]
     return launcher.run(command, dict(code.env), work)
 
 
@@ -638,7 +641,7 @@ def print_summary(results: list[Result]) -> None:
 
 def versions() -> str:
     rclone = subprocess.run(["rclone", "version"], capture_output=True, text=True, check=False)
-    sky = subprocess.run([str(SKYFRAME), "--version"], capture_output=True, text=True, check=False)
+    sky = subprocess.run([*SKYFRAME, "--version"], capture_output=True, text=True, check=False)
     first = rclone.stdout.splitlines()[0] if rclone.stdout else "rclone ?"
     return f"{sky.stdout.strip() or 'skyframe ?'}, {first}, Python {sys.version.split()[0]}"
 

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from skyframe.cli import main
+from skyframe.launch import main
 
 main()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import os
@@ -26,6 +25,7 @@ from skyframe import __version__
 from skyframe.config import DEFAULT_CONFIG_NAME
 from skyframe.display import SafeLogFilter, escape
 from skyframe.errors import ConfigError, SkyframeError
+from skyframe.launch import StartupGC
 from skyframe.state import STATE_DB_ERRORS
 
 if TYPE_CHECKING:
@@ -351,7 +351,7 @@ class _Preflight:
                 raise outcome
             if isinstance(outcome, BaseException):
                 self._warn(sink, outcome)
-        _StartupGC.settle()
+        StartupGC.settle()
 
     def finish(self) -> None:
         from skyframe.storage import SWEEP_TIMEOUT
@@ -1004,32 +1004,6 @@ def tune_malloc() -> bool:
     )
 
 
-class _StartupGC:
-    """The pause of the cyclic garbage collector while the command line starts (see main)."""
-
-    paused = False
-
-    @classmethod
-    def pause(cls) -> None:
-        if gc.isenabled():
-            gc.disable()
-            cls.paused = True
-
-    @classmethod
-    def settle(cls) -> None:
-        """End the pause; no-op when there is none.
-
-        What start-up created (modules, clients, the project) is frozen first: it lives as
-        long as the process, so later collections, and the one at exit, need not go through
-        it again. The cyclic garbage start-up left (some 2,000 objects with S3) is frozen with
-        it, once: a full collection to free it first would cost about 60 ms.
-        """
-        if cls.paused:
-            cls.paused = False
-            gc.freeze()
-            gc.enable()
-
-
 @cli.command()
 @config_argument
 @click.option(
@@ -1167,18 +1141,12 @@ cli.add_command(hub_group)
 
 
 def main() -> None:
-    """Console-script entry point.
-
-    The cyclic garbage collector is paused while the command starts: importing the storage
-    libraries and building their clients makes tens of thousands of objects that live as long
-    as the process, and the collector's repeated passes over them, with the last one at exit,
-    took a noticeable share of a short run (measured in CHANGELOG.md).
-    ``run`` resumes it once the sinks have answered the pre-flight check (with ``--once`` the
-    engine is built and the scan under way by then); other commands when they end.
-    """
+    """Run the command line (the console script is :func:`skyframe.launch.main`, which loads
+    this module). The cyclic garbage collector is paused meanwhile: see
+    :class:`~skyframe.launch.StartupGC`."""
     tune_malloc()
-    _StartupGC.pause()
+    StartupGC.pause()
     try:
         cli(prog_name="skyframe")
     finally:
-        _StartupGC.settle()
+        StartupGC.settle()
