@@ -7,6 +7,7 @@ The contract every sink kind meets is in ``test_sinks.py``; resuming large files
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import threading
@@ -89,19 +90,25 @@ def test_sftp_batch_sends_small_files_and_reports_each(sink: Sink, tmp_path: Pat
 def test_sftp_batch_keeps_its_files_in_flight_together(
     sink: Sink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Pipelined: over a link's round trip, every file of the batch is opened before the
-    # first open is answered (the files are read, and their opens sent, meanwhile).
+    # Pipelined: every file of the batch is opened before the first open is answered. The
+    # opens are held (as a link's round trip would hold them) until as many as expected are
+    # in flight, or 2 s: the files are read, and their opens sent, meanwhile.
     from skyframe.protocols.sftp.plugin import skyframe_transfer_batch
 
     asyncssh = import_asyncssh()
     original = asyncssh.SFTPClient.open
     in_flight = [0, 0]  # now, most
+    expected = [32]
+    all_sent = asyncio.Event()
 
     async def counting_open(self: Any, *args: Any, **kwargs: Any) -> Any:
         in_flight[0] += 1
         in_flight[1] = max(in_flight[1], in_flight[0])
+        if in_flight[0] >= expected[0]:
+            all_sent.set()
         try:
-            await asyncio.sleep(0.05)  # the round trip
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(all_sent.wait(), 2)
             return await original(self, *args, **kwargs)
         finally:
             in_flight[0] -= 1
@@ -116,6 +123,8 @@ def test_sftp_batch_keeps_its_files_in_flight_together(
     # Files of 1 MB: at most 1 MiB of their bytes go at once (BATCH_BYTES), but the opens,
     # which carry none, do not wait for that.
     in_flight[:] = [0, 0]
+    expected[0] = 12
+    all_sent.clear()
     big = {f"big/{i}.jpg": os.urandom(1_000_000) for i in range(12)}
     outcomes = send(batch_requests(sink, tmp_path / "src", big))
     assert all(isinstance(outcome, TransferResult) for outcome in outcomes), outcomes
