@@ -547,3 +547,59 @@ def test_a_failing_step_of_the_daemon_does_not_flood_the_log(
     said = [r for r in caplog.records if "No space left" in r.getMessage()]
     assert len(said) == 1, len(said)
     assert not [r for r in said if r.exc_info]
+
+
+# --- a local sink's folder that is not one --------------------------------------------------
+
+
+def test_a_file_where_the_sink_folder_should_be_is_said_in_one_line_at_once(
+    tmp_path: Path, write_config: WriteConfig
+) -> None:
+    # Every file would meet it: the sink is refused (no attempts spent, one line naming the
+    # folder), rather than each file retried and dead-lettered with FileExistsError.
+    config = local_config(write_config)
+    (tmp_path / "outbox").write_text("not a folder\n", encoding="utf-8")
+    make_file(tmp_path / "incoming", "a.jpg", b"photo")
+    code, out, err = run_once(config)
+    assert code == 1
+    said = f"outbox: {tmp_path / 'outbox'} is a file, where a folder should be"
+    assert f"failed field:a.jpg: {said}" in out
+    assert "FileExistsError" not in out + err
+    assert "attempt 1 failed" not in err  # not retried: refused at once
+    assert "Traceback" not in out + err
+
+
+def test_only_the_sink_folder_or_a_folder_above_it_refuses_the_sink(tmp_path: Path) -> None:
+    from skyframe.errors import SinkRefusedError
+    from skyframe.protocols.generic.local import classify
+
+    root = tmp_path / "above" / "outbox"
+    (tmp_path / "above").write_text("a file\n", encoding="utf-8")
+    error = NotADirectoryError(20, "Not a directory", str(root))
+    refused = classify(error, root)
+    assert isinstance(refused, SinkRefusedError)
+    assert str(refused) == f"{tmp_path / 'above'} is a file, where a folder should be"
+    # Inside a good folder, a file in the way of one file's subfolder is that file's problem.
+    good = tmp_path / "good"
+    (good / "2024").mkdir(parents=True)
+    (good / "flights").write_text("a file\n", encoding="utf-8")
+    error = FileExistsError(17, "File exists", str(good / "flights"))
+    assert classify(error, good) is None
+    assert classify(OSError("no file name"), good) is None
+
+
+def test_a_sink_folder_skyframe_may_not_write_in_refuses_the_sink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from skyframe.errors import SinkRefusedError
+    from skyframe.protocols.generic import local
+
+    root = tmp_path / "outbox"
+    root.mkdir()
+    denied = PermissionError(13, "Permission denied", str(root / ".a.jpg.skyframe-tmp"))
+    assert local.classify(denied, root) is None  # the folder is writable: this file's problem
+    # Tests may run as root, who may write anywhere: the folder's mode is stood in for.
+    monkeypatch.setattr(local.os, "access", lambda path, mode: Path(path) != root)
+    refused = local.classify(denied, root)
+    assert isinstance(refused, SinkRefusedError)
+    assert str(refused) == f"no permission to write in {root}"

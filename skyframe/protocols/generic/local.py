@@ -9,6 +9,7 @@ from urllib.parse import unquote, urlsplit
 
 import fsspec
 
+from skyframe.errors import SinkRefusedError, SinkUnavailableError
 from skyframe.names import check_windows_name
 from skyframe.protocols.endpoint import Endpoint
 
@@ -26,6 +27,25 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
         "file",
         root,
         lambda: fsspec.filesystem("file"),
+        lambda exc: classify(exc, Path(root)),
         remote=False,
         check_name=check_windows_name if WINDOWS else None,
     )
+
+
+def classify(exc: BaseException, root: Path) -> SinkUnavailableError | SinkRefusedError | None:
+    """The errors that are about the folder itself, not one file: a file where the folder
+    (or a folder above it) should be, or a folder skyframe may not write in. Every file
+    would meet them, so none is spent on them: the sink is refused until it is mended."""
+    filename = getattr(exc, "filename", None)
+    if not isinstance(exc, OSError) or not filename:
+        return None
+    failed = Path(os.fsdecode(filename))
+    if isinstance(exc, FileExistsError | NotADirectoryError):
+        for folder in (root, *root.parents):
+            if folder.is_file():
+                return SinkRefusedError(f"{folder} is a file, where a folder should be")
+    writable = root.is_dir() and os.access(root, os.W_OK)
+    if isinstance(exc, PermissionError) and failed.parent == root and not writable:
+        return SinkRefusedError(f"no permission to write in {root}")
+    return None
