@@ -37,6 +37,7 @@ import aiohttp
 
 from skyframe import backoff
 from skyframe.config import HubLinkConfig
+from skyframe.display import shown
 from skyframe.errors import StateError
 from skyframe.events import LifecycleEvent
 from skyframe.markers import hookimpl
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 
 OUTBOX_FILE = "hub-outbox.db"
 INGEST_PATH = "/api/v1/ingest"
+#: The largest request body the hub takes (``skyframe.hub.ingest.MAX_BODY``).
+HUB_MAX_BODY = 1024 * 1024
 #: What the hub is not sent: the queue and the transfers' progress show in the heartbeat.
 NOT_SENT = frozenset({"queued", "started", "progress", "unchanged"})
 RETRY_INITIAL = 1.0  #: seconds before the first retry after a failed exchange
@@ -79,6 +82,10 @@ class _Row:
             raise self.error
 
 
+#: An event in the outbox: its sequence number, its id and the event.
+OutboxRow = tuple[int, str, dict[str, Any]]
+
+
 class Outbox:
     """Events waiting for the hub, in order, on disk."""
 
@@ -97,6 +104,7 @@ class Outbox:
         self._pending: list[_Row] = []
         self._pending_lock = threading.Lock()
         self.dropped = 0  #: events pushed out because the outbox was full
+        self.refused = 0  #: events set aside because the hub refuses them
 
     def __len__(self) -> int:
         return self._count
@@ -138,7 +146,7 @@ class Outbox:
             self.dropped += over
             log.warning("hub: the outbox is full: %d oldest event(s) dropped", over)
 
-    def oldest(self, limit: int) -> list[tuple[int, str, dict[str, Any]]]:
+    def oldest(self, limit: int) -> list[OutboxRow]:
         """Up to ``limit`` of the oldest events: (seq, id, event)."""
         with self._lock:
             rows = self._db.execute(
@@ -150,6 +158,12 @@ class Outbox:
         """Forget every event up to ``seq`` (the hub has them)."""
         with self._lock, self._db:
             gone = self._db.execute("DELETE FROM outbox WHERE seq <= ?", (seq,)).rowcount
+            self._count -= max(gone, 0)
+
+    def remove(self, seq: int) -> None:
+        """Forget one event (the hub refuses it)."""
+        with self._lock, self._db:
+            gone = self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,)).rowcount
             self._count -= max(gone, 0)
 
     def close(self) -> None:
@@ -186,6 +200,9 @@ class HubLink:
         self._done_commands: set[str] = set()  # carried out, not yet confirmed
         self._failures = 0
         self._retry_at = 0.0
+        #: events sent at most per request: ``batch_size``, halved while the hub refuses a
+        #: body as too large, doubled back with each one it takes
+        self._batch_limit = config.batch_size
         self.exchanges = 0  #: exchanges the hub answered
         self.last_error = ""  #: why the last exchange failed ("" once one succeeds)
         self._closing = False
@@ -306,16 +323,30 @@ class HubLink:
     async def _exchange(self, session: aiohttp.ClientSession, now: float) -> bool:
         """One request: the oldest events, the heartbeat, the confirmations; True if the hub
         took them."""
-        batch = self.outbox.oldest(self.config.batch_size)
+        batch = self.outbox.oldest(self._batch_limit)
         acks = list(self._acks)
-        body = {
-            "station": self.config.station,
-            "sent_at": time.time(),
-            "events": [{"id": ident, "seq": seq, "event": event} for seq, ident, event in batch],
-            "status": self._status(),
-            "acks": acks,
-        }
-        data = json.dumps(body, separators=(",", ":"), default=str).encode()
+        status = self._status()
+
+        def encoded(events: list[OutboxRow]) -> bytes:
+            body = {
+                "station": self.config.station,
+                "sent_at": time.time(),
+                "events": [{"id": i, "seq": seq, "event": e} for seq, i, e in events],
+                "status": status,
+                "acks": acks,
+            }
+            return json.dumps(body, separators=(",", ":"), default=str).encode()
+
+        # The hub takes bodies of HUB_MAX_BODY at most, and may close the connection on a
+        # larger one before its answer can be read: fewer events go, or one too large alone
+        # is set aside (the hub would refuse it whatever the batch).
+        data = encoded(batch)
+        while len(data) > HUB_MAX_BODY and len(batch) > 1:
+            batch = batch[: len(batch) // 2]
+            data = encoded(batch)
+        if len(data) > HUB_MAX_BODY and batch:
+            error = f"the event alone is larger than the hub's {HUB_MAX_BODY // 1024} KiB"
+            return self._set_aside(batch[0], error)
         timeout = self.config.timeout
         if self._closing:
             timeout = max(min(timeout, self._close_deadline - now), 0.05)
@@ -327,6 +358,8 @@ class HubLink:
                 timeout=aiohttp.ClientTimeout(total=timeout),
                 allow_redirects=False,
             ) as response:
+                if response.status in (413, 422):
+                    return self._refused(batch, response.status, await response.text())
                 if response.status != 200:
                     detail = (await response.text())[:200].strip()
                     error = f"HTTP {response.status}" + (f": {detail}" if detail else "")
@@ -338,6 +371,7 @@ class HubLink:
             return self._failed(describe_error(exc, timeout))
         if batch:
             self.outbox.remove_through(batch[-1][0])
+        self._batch_limit = min(self._batch_limit * 2, self.config.batch_size)
         del self._acks[: len(acks)]
         self._done_commands -= {str(a.get("id")) for a in acks}
         self._recovered()
@@ -353,7 +387,12 @@ class HubLink:
         except Exception as exc:  # the heartbeat goes without it
             log.debug("hub: no status for the heartbeat: %s", exc)
             return None
-        return {**status, "outbox": self.pending, "outbox_dropped": self.outbox.dropped}
+        return {
+            **status,
+            "outbox": self.pending,
+            "outbox_dropped": self.outbox.dropped,
+            "outbox_refused": self.outbox.refused,
+        }
 
     def _commands(self, commands: Any) -> None:
         """Carry out the hub's commands; each is confirmed at the next exchange (once: the hub
@@ -393,6 +432,48 @@ class HubLink:
             )
         self._failures, self._retry_at, self.last_error = 0, 0.0, ""
 
+    def _refused(self, batch: list[OutboxRow], status: int, text: str) -> bool:
+        """The hub refuses the request's body (413: too large, 422: not a valid batch).
+
+        Sent again as it is, it would be refused forever, and every event after it would wait
+        behind it. An event the hub names (422 with ``where``), or the one event of a body too
+        large, is set aside with a warning; a body too large with more events is sent in
+        halves. Anything else (the heartbeat refused, a hub that does not say where) is
+        retried slowly, as a refused token is."""
+        detail, where = _refusal(text)
+        error = f"HTTP {status}" + (f": {detail}" if detail else "")
+        index: int | None = None
+        if status == 422 and len(where) > 1 and where[0] == "events":
+            index = where[1] if isinstance(where[1], int) else None
+        elif status == 413 and len(batch) == 1:
+            index = 0
+        elif status == 413 and len(batch) > 1:
+            self._batch_limit = max(len(batch) // 2, 1)
+            log.info("hub: %s: sending %d event(s) at a time", error, self._batch_limit)
+            self._retry_at = 0.0
+            return False
+        if index is None or not 0 <= index < len(batch):
+            return self._failed(error, permanent=True)
+        return self._set_aside(batch[index], error)
+
+    def _set_aside(self, row: OutboxRow, error: str) -> bool:
+        """Drop one event the hub refuses from the outbox, saying which and why; the next
+        exchange goes at once."""
+        seq, ident, event = row
+        self.outbox.remove(seq)
+        self.outbox.refused += 1
+        log.warning(
+            "hub: the %s event of %s is set aside, as %s refuses it (%s); %d event(s) wait",
+            shown(event.get("kind")),
+            shown(f"{event.get('pipeline')}:{event.get('relpath')}"),
+            self.shown,
+            error,
+            self.pending,
+        )
+        log.debug("hub: the refused event %s: %s", ident, event)
+        self._retry_at = 0.0
+        return False
+
     def _failed(self, error: str, *, permanent: bool = False) -> bool:
         self._failures += 1
         self.last_error = error
@@ -410,3 +491,16 @@ class HubLink:
         else:
             log.debug("hub: attempt %d failed (%s); next in %.1fs", self._failures, error, delay)
         return False
+
+
+def _refusal(text: str) -> tuple[str, list[Any]]:
+    """A refusal's one line and where in the body it points (``{"error": ..., "where":
+    [...]}``); a body that is not such JSON is the line itself, pointing nowhere."""
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        return text[:200].strip(), []
+    if not isinstance(answer, dict):
+        return text[:200].strip(), []
+    where = answer.get("where")
+    return str(answer.get("error", ""))[:200].strip(), where if isinstance(where, list) else []

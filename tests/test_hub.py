@@ -1080,3 +1080,76 @@ def test_the_hubs_answers_carry_the_security_headers(hub: Hub) -> None:
     assert headers["X-Content-Type-Options"] == "nosniff"
     assert headers["X-Frame-Options"] == "DENY"
     assert headers["Referrer-Policy"] == "no-referrer"
+
+
+# --- a station's events the hub refuses --------------------------------------------------------
+
+
+def station_link(hub: Hub, folder: Path, **extra: Any) -> Any:
+    from skyframe.config import HubLinkConfig
+    from skyframe.hublink import HubLink
+
+    token = hub.add_station("laptop-9")
+    config = HubLinkConfig(url=hub.url, token=token, station="laptop-9", interval=0.2, **extra)
+    folder.mkdir()
+    return HubLink(config, folder)
+
+
+def stored_relpaths(hub: Hub) -> list[str]:
+    with hub.engine.connect() as connection:
+        rows = connection.execute(sa.select(events.c.relpath).order_by(events.c.id)).all()
+    return [row[0] for row in rows]
+
+
+def test_an_event_the_hub_refuses_is_set_aside_and_the_rest_go_on(
+    hub: Hub, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Sent again as it was, the batch would be refused forever, and every later event would
+    # wait behind it. The hub says which event it refuses; the station sets it aside alone.
+    from skyframe.events import LifecycleEvent
+
+    link = station_link(hub, tmp_path / "station")
+    link.skyframe_event(LifecycleEvent("delivered", "survey", "a.jpg", sink="s3://b", size=1))
+    link.skyframe_event(LifecycleEvent("rejected", "survey", "b.jpg", reason="x" * 5000))
+    link.skyframe_event(LifecycleEvent("delivered", "survey", "c.jpg", sink="s3://b", size=3))
+    link.start()
+    try:
+        wait_for(lambda: link.pending == 0, timeout=15, what="the outbox emptied")
+    finally:
+        link.close(timeout=2)
+    assert stored_relpaths(hub) == ["a.jpg", "c.jpg"]
+    assert link.outbox.refused == 1
+    assert "the rejected event of survey:b.jpg is set aside, as " in caplog.text
+    assert "events[1].event.reason: String should have at most 4000 characters" in caplog.text
+
+
+def test_a_batch_too_large_for_the_hub_goes_in_halves(
+    hub: Hub, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 8 events of 200 KB: 1.6 MB in one request, more than the hub's 1 MiB (which it may
+    # refuse by closing the connection). In halves they all arrive; an event alone larger
+    # than 1 MiB is set aside.
+    from skyframe.events import LifecycleEvent
+
+    link = station_link(hub, tmp_path / "station", batch_size=8)
+    for i in range(8):
+        meta = {"note": f"{i}" * 200_000}
+        link.skyframe_event(LifecycleEvent("delivered", "survey", f"{i}.jpg", meta=meta))
+    link.skyframe_event(LifecycleEvent("delivered", "survey", "huge.jpg", meta={"n": "h" * 2**20}))
+    link.start()
+    try:
+        wait_for(lambda: link.pending == 0, timeout=30, what="the outbox emptied")
+    finally:
+        link.close(timeout=2)
+    assert stored_relpaths(hub) == [f"{i}.jpg" for i in range(8)]
+    assert link.outbox.refused == 1
+    said = "the delivered event of survey:huge.jpg is set aside, as "
+    assert said in caplog.text
+    assert "(the event alone is larger than the hub's 1024 KiB)" in caplog.text
+
+
+def test_the_station_knows_the_hubs_largest_body() -> None:
+    from skyframe.hub.ingest import MAX_BODY
+    from skyframe.hublink import HUB_MAX_BODY
+
+    assert HUB_MAX_BODY == MAX_BODY

@@ -242,6 +242,25 @@ def test_a_refused_token_is_said_and_retried_slowly(
     assert link.pending == 1
 
 
+def test_a_refusal_that_names_no_event_keeps_the_events_and_is_retried_slowly(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    # A hub that does not say which event it refuses (an older one): nothing is set aside.
+    hub.statuses = [422, 422]
+    link = HubLink(link_config(hub.url), tmp_path)
+    link.skyframe_event(delivered(1))
+    link.start()
+    try:
+        wait_for(lambda: link.last_error == "HTTP 422: refused", what="the refusal")
+        requests = len(hub.bodies)
+        time.sleep(0.5)
+        assert len(hub.bodies) == requests  # the next try is a minute away
+    finally:
+        link.close(timeout=0.1)
+    assert link.pending == 1
+    assert link.outbox.refused == 0
+
+
 def test_a_full_outbox_drops_the_oldest(tmp_path: Path) -> None:
     outbox = Outbox(tmp_path, capacity=1000)
     threads = [

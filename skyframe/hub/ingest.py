@@ -123,7 +123,12 @@ class IngestBatch(_Lenient):
 
 
 class InvalidBatch(ValueError):
-    """The body is not a valid batch; the message is one line."""
+    """The body is not a valid batch; the message is one line, and ``where`` the path of the
+    first problem in the body (``["events", 0, "event", "pipeline"]``)."""
+
+    def __init__(self, message: str, where: list[str | int] | None = None) -> None:
+        super().__init__(message)
+        self.where = where or []
 
 
 #: The most groups of one heartbeat taken (a station reports its latest 50).
@@ -143,7 +148,8 @@ def parse_batch(body: dict[str, Any]) -> IngestBatch:
         message = str(error["msg"]).removeprefix("Value error, ")
         more = exc.error_count() - 1
         extra = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-        raise InvalidBatch(f"{where}: {message}{extra}") from None
+        path = [part for part in error["loc"] if isinstance(part, str | int)]
+        raise InvalidBatch(f"{where}: {message}{extra}", path) from None
 
 
 @dataclass(frozen=True)

@@ -277,7 +277,8 @@ class HubServer:
         try:
             batch = parse_batch(body)
         except InvalidBatch as exc:
-            return error(422, str(exc))
+            # Where, too, so that a station can set aside the one event refused.
+            return web.json_response({"error": str(exc), "where": exc.where}, status=422)
         station_id, name, _ = station
         if batch.station != name:
             return error(403, f"this token belongs to another station, not {shown(batch.station)}")
