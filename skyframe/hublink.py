@@ -457,8 +457,8 @@ class HubLink:
         return self._set_aside(batch[index], error)
 
     def _set_aside(self, row: OutboxRow, error: str) -> bool:
-        """Drop one event the hub refuses from the outbox, saying which and why; the next
-        exchange goes at once."""
+        """Drop one event the hub refuses from the outbox, saying which and why; the events
+        after it go with the next exchange, with no wait for a retry."""
         seq, ident, event = row
         self.outbox.remove(seq)
         self.outbox.refused += 1

@@ -1,6 +1,6 @@
 """The ``skyframe`` command's entry point, light enough to load before anything else.
 
-Loading the command line and the libraries it needs takes a few tenths of a second. This
+Loading the command line and the libraries it needs is a noticeable part of a short run. This
 module pauses Python's cyclic garbage collector first (see :class:`StartupGC`), and a Ctrl-C
 that comes while they load ends the command with one line and exit code 130, as a Ctrl-C
 later does, rather than with a Python traceback.

@@ -50,8 +50,8 @@ def send_batch(
     gets its exception).
 
     The first file goes while the others are read: reading and hashing a whole batch first
-    (a few tens of milliseconds for 32 photos) held its first request back, and so left the
-    link idle at the start of every batch that no other batch overlapped."""
+    held its first request back, and so left the link idle at the start of every batch that
+    no other batch overlapped."""
     loop = loop or get_loop()
     outcomes: list[TransferResult | Exception] = []
     sending: list[tuple[int, Future[TransferResult]]] = []

@@ -36,9 +36,10 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
 def classify(exc: BaseException, root: Path) -> SinkUnavailableError | SinkRefusedError | None:
     """The errors that are about the folder itself, not one file: a file where the folder
     (or a folder above it) should be, or a folder skyframe may not write in. Every file
-    would meet them, so none is spent on them: the sink is refused until it is mended."""
+    would meet them: each goes to the dead-letter list at once rather than spending its
+    attempts, and the sink is reported refusing until it is mended."""
     filename = getattr(exc, "filename", None)
-    if not isinstance(exc, OSError) or not filename:
+    if not isinstance(exc, OSError) or not isinstance(filename, str | bytes) or not filename:
         return None
     failed = Path(os.fsdecode(filename))
     if isinstance(exc, FileExistsError | NotADirectoryError):
