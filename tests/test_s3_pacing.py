@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Coroutine
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -65,6 +66,24 @@ def test_parts_in_flight_are_what_the_link_carries_in_two_seconds() -> None:
     assert pace(1 * MB, most=1, limited=True).width == 1
 
 
+@dataclass
+class Clock:
+    """The pace's clock (``now[0]``, from 100 s) and the timeouts it waited with."""
+
+    now: list[float] = field(default_factory=lambda: [100.0])
+    waited: list[float | None] = field(default_factory=list)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    kept = Clock()
+    monkeypatch.setattr(transfer, "time", SimpleNamespace(monotonic=lambda: kept.now[0]))
+    monkeypatch.setattr(
+        transfer.futures, "wait", lambda fs, timeout=None: kept.waited.append(timeout)
+    )
+    return kept
+
+
 def sent_at(p: transfer._Pace, now: list[float], *times: float) -> list[float]:
     """Parts sent at ``times`` (the clock ``now`` set to each in turn), as the upload sends
     them; the clock is left at 100."""
@@ -76,11 +95,8 @@ def sent_at(p: transfer._Pace, now: list[float], *times: float) -> list[float]:
     return sent
 
 
-def test_the_rate_is_measured_over_the_latest_parts_and_sets_the_width(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    now = [100.0]
-    monkeypatch.setattr(transfer, "time", SimpleNamespace(monotonic=lambda: now[0]))
+def test_the_rate_is_measured_over_the_latest_parts_and_sets_the_width(clock: Clock) -> None:
+    now = clock.now
     sink = SimpleNamespace(rate=None, limiter=None, sending=1, alone_since=0.0)
     p = transfer._Pace(5 * MIB, 3, sink)  # type: ignore[arg-type]
     assert p.width == 1  # nothing measured
@@ -105,12 +121,9 @@ def test_the_rate_is_measured_over_the_latest_parts_and_sets_the_width(
 
 
 def test_the_next_part_goes_in_the_last_stretch_of_the_oldest(
-    monkeypatch: pytest.MonkeyPatch,
+    clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    now = [100.0]
-    waited: list[float | None] = []
-    monkeypatch.setattr(transfer, "time", SimpleNamespace(monotonic=lambda: now[0]))
-    monkeypatch.setattr(transfer.futures, "wait", lambda fs, timeout=None: waited.append(timeout))
+    now, waited = clock.now, clock.waited
     answer: Future[Any] = Future()
     quiet = pace(None)
     assert not quiet.lead(5 * MIB, answer, *sent_at(quiet, now, 99.0))  # no rate: awaited
@@ -166,14 +179,9 @@ def test_while_other_files_go_the_next_part_waits_for_them_or_for_the_answer() -
     done.join()
 
 
-def test_parts_in_flight_share_the_link_and_each_is_timed_by_its_share(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_parts_in_flight_share_the_link_and_each_is_timed_by_its_share(clock: Clock) -> None:
     """Parts of 5 MiB on a link of 5 MiB/s: a second each with the link to itself."""
-    now = [100.0]
-    waited: list[float | None] = []
-    monkeypatch.setattr(transfer, "time", SimpleNamespace(monotonic=lambda: now[0]))
-    monkeypatch.setattr(transfer.futures, "wait", lambda fs, timeout=None: waited.append(timeout))
+    now, waited = clock.now, clock.waited
     sink = SimpleNamespace(rate=None, limiter=None, sending=1, alone_since=0.0)
     p = transfer._Pace(5 * MIB, 3, sink)  # type: ignore[arg-type]
     first = p.sending()
@@ -202,12 +210,8 @@ def test_parts_in_flight_share_the_link_and_each_is_timed_by_its_share(
     assert fourth in p.in_air
 
 
-def test_a_part_that_shared_the_link_with_other_files_says_nothing_of_it(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    now = [100.0]
-    monkeypatch.setattr(transfer, "time", SimpleNamespace(monotonic=lambda: now[0]))
-    monkeypatch.setattr(transfer.futures, "wait", lambda fs, timeout=None: None)
+def test_a_part_that_shared_the_link_with_other_files_says_nothing_of_it(clock: Clock) -> None:
+    now = clock.now
     sink = SimpleNamespace(rate=None, limiter=None, sending=1, alone_since=0.0)
     p = transfer._Pace(5 * MIB, 3, sink)  # type: ignore[arg-type]
     first = p.sending()
