@@ -104,3 +104,25 @@ def test_a_stop_while_reading_cancels_the_files_on_their_way(
             break
         time.sleep(0.1)
     assert sorted(cancelled) == ["0.jpg", "1.jpg"]
+
+
+def test_unpipelined_the_whole_batch_goes_in_one_turn_of_the_loop(
+    sink: Sink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SFTP's batches: every file is read before the first request goes, so that their
+    # requests share the turns of the loop (and so their packets).
+    events: list[str] = []
+    read_whole = batching.read_whole
+
+    def reading(request: TransferRequest, *, stale: bool = True) -> tuple[bytes, str]:
+        events.append("read")
+        return read_whole(request, stale=stale)
+
+    async def put(request: TransferRequest, data: bytes, sha256: str) -> None:
+        events.append("put")
+
+    monkeypatch.setattr(batching, "read_whole", reading)
+    requests = batch_requests(sink, tmp_path / "src", {f"{i}.jpg": b"w" for i in range(6)})
+    outcomes = batching.send_batch(sink, requests, put, pipelined=False)
+    assert all(isinstance(o, TransferResult) for o in outcomes)
+    assert events == ["read"] * 6 + ["put"] * 6

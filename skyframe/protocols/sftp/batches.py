@@ -177,4 +177,5 @@ def _send_round(
             raise
 
     width = max(sink.concurrency, BATCH_IN_FLIGHT)
-    return True, send_batch(sink, requests, put, loop=fs.loop, width=width)
+    # The whole batch at once: its opens (and writes) of one turn of the loop share packets.
+    return True, send_batch(sink, requests, put, loop=fs.loop, width=width, pipelined=False)
