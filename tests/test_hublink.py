@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -259,6 +260,36 @@ def test_a_refusal_that_names_no_event_keeps_the_events_and_is_retried_slowly(
         link.close(timeout=0.1)
     assert link.pending == 1
     assert link.outbox.refused == 0
+
+
+def test_a_body_too_large_for_a_proxy_goes_in_halves_then_one_event_is_set_aside(
+    hub: FakeHub, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A proxy in front of the hub may take less than the hub's 1 MiB: its 413 halves the
+    # batch, the batch grows back once taken, and an event refused alone is set aside.
+    caplog.set_level(logging.INFO, logger="skyframe.hublink")
+    hub.statuses = [413, 200, 413, 413]
+    link = HubLink(link_config(hub.url, batch_size=4), tmp_path)
+    for i in range(5):
+        link.skyframe_event(delivered(i))
+    link.start()
+    try:
+        wait_for(lambda: link.pending == 0, what="the outbox emptied")
+    finally:
+        link.close(timeout=0.5)
+    sent = [[e["event"]["relpath"] for e in body["events"]] for body in hub.bodies]
+    assert [names for names in sent if names] == [
+        ["f000.jpg", "f001.jpg", "f002.jpg", "f003.jpg"],  # 413: 2 at a time
+        ["f000.jpg", "f001.jpg"],  # taken: 4 at a time again
+        ["f002.jpg", "f003.jpg", "f004.jpg"],  # 413: 1 at a time
+        ["f002.jpg"],  # 413 alone: set aside
+        ["f003.jpg"],
+        ["f004.jpg"],
+    ]
+    assert hub.relpaths() == ["f000.jpg", "f001.jpg", "f003.jpg", "f004.jpg"]
+    assert link.outbox.refused == 1
+    assert "sending 2 event(s) at a time" in caplog.text
+    assert "the delivered event of survey:f002.jpg is set aside" in caplog.text
 
 
 def test_a_full_outbox_drops_the_oldest(tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ def test_the_public_names_load_on_first_use() -> None:
     assert skyframe.hookimpl is hookimpl
     assert skyframe.Sink is Sink
     assert set(skyframe.__all__) <= set(dir(skyframe))
+    assert sorted(skyframe._EXPORTS) == sorted(skyframe.__all__)  # one list, kept whole
     for name in skyframe.__all__:
         assert getattr(skyframe, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):

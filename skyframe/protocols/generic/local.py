@@ -46,7 +46,8 @@ def classify(exc: BaseException, root: Path) -> SinkUnavailableError | SinkRefus
         for folder in (root, *root.parents):
             if folder.is_file():
                 return SinkRefusedError(f"{folder} is a file, where a folder should be")
-    writable = root.is_dir() and os.access(root, os.W_OK)
-    if isinstance(exc, PermissionError) and failed.parent == root and not writable:
-        return SinkRefusedError(f"no permission to write in {root}")
+    if isinstance(exc, PermissionError) and failed.parent == root:
+        writable = root.is_dir() and os.access(root, os.W_OK)  # asked for this error only
+        if not writable:
+            return SinkRefusedError(f"no permission to write in {root}")
     return None
