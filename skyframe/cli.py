@@ -56,11 +56,17 @@ config_option = click.option(
 
 
 class SkyframeGroup(click.Group):
-    """Prints SkyframeError as one line (exit 2 for config errors, 1 otherwise)."""
+    """Prints SkyframeError as one line (exit 2 for config errors, 1 otherwise), and a Ctrl-C
+    that no command handles (loading the config, checking the sinks) as one line, exit 130."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            if ctx.meta.get("skyframe.traceback"):
+                raise
+            click.echo("skyframe: interrupted", err=True)
+            ctx.exit(130)
         except SkyframeError as exc:
             if ctx.meta.get("skyframe.traceback"):
                 raise

@@ -156,11 +156,22 @@ def parse_since(value: str, now: float | None = None) -> float:
     except ValueError:
         pass
     try:
+        # Only the extended form: fromisoformat also reads basic ones (20261129T0800), where
+        # a slip of the keyboard (a run of digits) is a date of the year 1111.
+        if not _ISO_DATE.fullmatch(value):
+            raise ValueError(value)
         return datetime.fromisoformat(value).timestamp()
     except ValueError:
         raise ValueError(
             f"{value!r} is neither a duration (90m, 2h, 7d) nor a date (2026-11-29 08:00)"
         ) from None
+
+
+#: ``2026-11-29``, with a time (``08:00``, ``08:00:30``, ``08:00:30.5``) after ``T`` or a space,
+#: and a UTC offset (``Z``, ``+02:00``) after the time.
+_ISO_DATE = re.compile(
+    r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?(?:Z|[+-]\d{2}:\d{2})?)?"
+)
 
 
 def format_size(n: float) -> str:

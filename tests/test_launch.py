@@ -77,6 +77,28 @@ def test_ctrl_c_while_the_command_line_loads_ends_it_in_one_line(tmp_path: Path)
     assert done.stdout == ""
 
 
+def test_ctrl_c_while_the_config_loads_ends_the_command_in_one_line(tmp_path: Path) -> None:
+    # Past the start, before the run's own handling of SIGINT: the config being read, or the
+    # sinks checked over a slow link. Click alone would print "Aborted!" and exit 1.
+    code = """if True:
+        import os, signal, sys, time
+        import skyframe.pipeline
+        sys.argv = ["skyframe", "run", "skyframe.yaml"]
+
+        def load_project(path):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises KeyboardInterrupt here
+
+        skyframe.pipeline.load_project = load_project
+        from skyframe.launch import main
+        main()
+    """
+    done = run_python(code, tmp_path)
+    assert done.returncode == 130
+    assert done.stderr == "skyframe: interrupted\n"
+    assert done.stdout == ""
+
+
 def test_the_skyframe_command_starts_at_the_light_entry_point() -> None:
     (script,) = importlib.metadata.entry_points(group="console_scripts", name="skyframe")
     assert script.value == "skyframe.launch:main"

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
-from skyframe.units import format_size, parse_duration, parse_size
+from skyframe.units import format_size, parse_duration, parse_since, parse_size
 
 
 @pytest.mark.parametrize(
@@ -54,6 +56,30 @@ def test_parse_duration(text: object, expected: float) -> None:
 def test_parse_duration_rejects(bad: object) -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_duration(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2h", 1_000_000.0 - 7200),
+        ("2026-11-29", datetime(2026, 11, 29).timestamp()),
+        ("2026-11-29 08:00", datetime(2026, 11, 29, 8).timestamp()),
+        ("2026-11-29T08:00:30.5", datetime(2026, 11, 29, 8, 0, 30, 500_000).timestamp()),
+        ("2025-11-29T15:26:42+00:00", datetime(2025, 11, 29, 15, 26, 42, tzinfo=UTC).timestamp()),
+        ("2026-11-29T08:00Z", datetime(2026, 11, 29, 8, tzinfo=UTC).timestamp()),
+    ],
+)
+def test_parse_since(text: str, expected: float) -> None:
+    assert parse_since(text, now=1_000_000.0) == pytest.approx(expected)
+
+
+# A run of digits is no date (fromisoformat alone reads 41 ones as 1111-11-11 11:11:11).
+@pytest.mark.parametrize(
+    "bad", ["1" * 41, "yesterday", "2026-11-29T", "2026-13-01", "2026-11-29 8:00", "29.11.2026"]
+)
+def test_parse_since_rejects(bad: str) -> None:
+    with pytest.raises(ValueError, match="neither a duration"):
+        parse_since(bad)
 
 
 def test_format_size() -> None:
