@@ -111,6 +111,12 @@ class SourceUnreadableError(DeliveryError):
     retryable = False
 
 
+class SourceBusyError(DeliveryError):
+    """Another program holds the source file open without sharing it, or has locked part of
+    it (Windows: a copy or an export still under way, an app's open log): retried with
+    backoff, as that program lets go of it."""
+
+
 class RuleError(DeliveryError):
     """A rule crashed or misbehaved: a bug to fix, so the file waits in the dead-letter list."""
 

@@ -31,6 +31,7 @@ from skyframe.display import shown
 from skyframe.errors import (
     SinkRefusedError,
     SinkUnavailableError,
+    SourceBusyError,
     SourceChangedError,
     SourceUnreadableError,
     UnsafePathError,
@@ -493,6 +494,21 @@ class TransferResult:
 BatchTransfer = Callable[[list[TransferRequest]], list[TransferResult | Exception]]
 
 
+#: Windows' errors for a file another program holds: ERROR_SHARING_VIOLATION (opened without
+#: sharing it) and ERROR_LOCK_VIOLATION (a part of it locked).
+WINDOWS_BUSY = frozenset({32, 33})
+
+
+def is_busy(exc: OSError) -> bool:
+    """Whether the error says another program holds the file for now (Windows)."""
+    return getattr(exc, "winerror", None) in WINDOWS_BUSY
+
+
+def busy_reason(exc: OSError) -> str:
+    """The one-line reason for a file another program holds."""
+    return f"in use by another program ({exc.strerror})"
+
+
 class SourceReader:
     """Read a local file in chunks, hashing it, and check it did not change meanwhile.
 
@@ -517,6 +533,8 @@ class SourceReader:
                 f"{shown(self.path)}: vanished before it could be read"
             ) from None
         except OSError as exc:
+            if is_busy(exc):
+                raise SourceBusyError(f"{shown(self.path)}: {busy_reason(exc)}") from None
             raise SourceUnreadableError(
                 f"{shown(self.path)}: cannot read: {exc.strerror}"
             ) from None
@@ -535,6 +553,8 @@ class SourceReader:
         try:
             data: bytes = self._file.read(size)
         except OSError as exc:
+            if is_busy(exc):
+                raise SourceBusyError(f"{shown(self.path)}: {busy_reason(exc)}") from None
             raise SourceUnreadableError(
                 f"{shown(self.path)}: read failed: {exc.strerror}"
             ) from None

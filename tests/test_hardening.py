@@ -174,6 +174,46 @@ def test_a_file_replaced_by_a_fifo_after_the_scan_does_not_hang_the_run(
     assert tree_files(config.parent / "outbox") == {"normal.jpg": b"normal"}
 
 
+def test_a_file_another_program_holds_is_tried_again_not_dead_lettered(
+    tmp_path: Path, write_config: WriteConfig
+) -> None:
+    # Windows refuses to open a file another program holds without sharing it (a copy still
+    # under way): ERROR_SHARING_VIOLATION. Made here by a plugin, for the first two opens.
+    config = write_config(
+        """
+        state_dir: state
+        plugins: [plugins]
+        retry: {max_attempts: 4, initial: 0.05, max: 0.1}
+        pipelines:
+          - name: field
+            source: {path: incoming, settle: 0}
+            sinks:
+              - url: outbox
+        """
+    )
+    (config.parent / "plugins").mkdir()
+    (config.parent / "plugins" / "held.py").write_text(
+        "import skyframe.storage\n"
+        "real = skyframe.storage.open_regular\n"
+        "refused = []\n"
+        "def open_regular(path):\n"
+        "    if path.name == 'held.jpg' and len(refused) < 2:\n"
+        "        refused.append(path)\n"
+        "        exc = PermissionError(13, 'The process cannot access the file', str(path))\n"
+        "        exc.winerror = 32\n"
+        "        raise exc\n"
+        "    return real(path)\n"
+        "skyframe.storage.open_regular = open_regular\n",
+        encoding="utf-8",
+    )
+    make_file(config.parent / "incoming", "held.jpg", b"being copied")
+    code, out, err = run_once(config)
+    assert code == 0, out + err
+    assert tree_files(config.parent / "outbox") == {"held.jpg": b"being copied"}
+    assert "in use by another program" in err  # each refused try says why, on one line
+    assert "Traceback" not in err
+
+
 # --- 4. long names ---------------------------------------------------------------------------
 
 

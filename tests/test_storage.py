@@ -179,6 +179,31 @@ def test_overwrite_replaces_whole_file(tmp_path: Path) -> None:
     assert (tmp_path / "outbox" / "a.txt").read_bytes() == b"second version, shorter"
 
 
+def test_overwrite_is_one_rename_where_a_rename_does_not_replace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Windows's rename fails onto an existing file; shutil.move (fsspec's local mv) then
+    # copies the file over the old one, where a reader or a cut meets it half written.
+    real_rename = os.rename
+
+    def windows_rename(src: str, dst: str, *args: object, **kwargs: object) -> None:
+        if os.path.exists(dst):
+            raise FileExistsError(183, "Cannot create a file when that file already exists", dst)
+        real_rename(src, dst)
+
+    def no_copy(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the new version was copied over the old one")
+
+    monkeypatch.setattr(os, "rename", windows_rename)
+    monkeypatch.setattr("shutil.copyfile", no_copy)  # what shutil.move falls back on
+    src = make_file(tmp_path, "src/a.txt", b"second version")
+    (tmp_path / "outbox").mkdir()
+    (tmp_path / "outbox" / "a.txt").write_bytes(b"first version")
+    skyframe_transfer(request_for("outbox", tmp_path, src, "a.txt"))
+    assert (tmp_path / "outbox" / "a.txt").read_bytes() == b"second version"
+    assert sorted(os.listdir(tmp_path / "outbox")) == ["a.txt"]
+
+
 def test_fsspec_memory_is_reset(memory_fs: fsspec.AbstractFileSystem) -> None:
     assert memory_fs.ls("/", detail=False) == []
 

@@ -7,6 +7,7 @@ object, SFTP with a hidden temporary file) take precedence where they apply.
 from __future__ import annotations
 
 import contextlib
+import os
 import posixpath
 from typing import Any
 
@@ -35,7 +36,7 @@ def upload(request: TransferRequest) -> TransferResult:
             written = fs.size(temporary)
             if written != reader.bytes_read:
                 raise DeliveryError(f"{sink.display}: wrote {written} bytes of {reader.bytes_read}")
-            fs.mv(temporary, request.remote_path)
+            _into_place(sink, temporary, request.remote_path)
         except BaseException as exc:
             if isinstance(exc, FileNotFoundError):
                 sink.forget_folders()  # the folder may have been removed behind our back
@@ -43,6 +44,18 @@ def upload(request: TransferRequest) -> TransferResult:
                 fs.rm(temporary)
             raise
     return TransferResult(reader.bytes_read, reader.sha256)
+
+
+def _into_place(sink: Sink, temporary: str, final: str) -> None:
+    """Rename the temporary file to its final name, replacing an earlier version in one step.
+
+    In a local folder that is ``os.replace``: fsspec's ``mv`` is ``shutil.move``, which on
+    Windows, where a rename does not replace, copies the file over the old one, so that a
+    reader (or a cut) could meet it half written."""
+    if sink.endpoint.protocol == "file":
+        os.replace(temporary, final)
+    else:
+        sink.fs.mv(temporary, final)
 
 
 def _create(sink: Sink, temporary: str, folder: str) -> Any:
