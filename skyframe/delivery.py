@@ -39,6 +39,7 @@ from skyframe.control import Control
 from skyframe.display import redact
 from skyframe.errors import (
     DeliveryError,
+    ProcessError,
     RemoteConflictError,
     SinkUnavailableError,
     SourceChangedError,
@@ -444,6 +445,12 @@ class JobRunner:
             else:  # on a cluster (skyframe.executors)
                 self.executors[step.executor].run(step, job, index)
         job.remote_name = safe_relative_path(job.remote_name)
+        for derived in job.derived:  # before anything is sent: the file itself must not go
+            if safe_relative_path(derived.resolve(job.remote_name)) == job.remote_name:
+                raise ProcessError(
+                    f"a file a process made from it would be delivered as {job.remote_name}, "
+                    "in place of the file itself"
+                )
         run.job = job
         entries = [
             (sink, self.manifest.get(event.pipeline, sink.key, event.relpath))

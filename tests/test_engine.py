@@ -14,7 +14,7 @@ from fakes.recorder import Recorder
 from helpers import WriteConfig, make_file, plugin_module, run_once, tree_files, write_plugin
 
 from skyframe.engine import Engine
-from skyframe.errors import StateError
+from skyframe.errors import ConfigError, StateError
 from skyframe.events import FileEvent
 from skyframe.jobs import Upload
 from skyframe.pipeline import load_project
@@ -249,6 +249,39 @@ def test_sidecar_and_rename_deliver_beside(tmp_path: Path, project: Callable[[st
     )
     assert run_once(project(config)).ok
     assert sorted(tree_files(tmp_path / "outbox")) == ["2024/f1/a.jpg", "2024/f1/a.jpg.json"]
+
+
+def test_a_sidecar_without_a_suffix_is_refused_in_the_config(
+    tmp_path: Path, project: Callable[[str], Path]
+) -> None:
+    # Its remote name would be the file's own: the file on the sink replaced by its sidecar.
+    config = CONFIG.replace("processes: []", "processes: [{sidecar: {suffix: ''}}]")
+    with pytest.raises(ConfigError, match=r"sidecar\.suffix.*at least 1 character"):
+        load_project(project(config))
+
+
+def test_a_derived_file_never_takes_the_place_of_its_file(
+    tmp_path: Path, project: Callable[[str], Path]
+) -> None:
+    write_plugin(
+        tmp_path / "plugins",
+        "twin.py",
+        """
+        from skyframe import process
+
+        @process
+        def process_twin(job):
+            job.add_file("", b"not the photo", beside=True)  # a plugin's empty suffix
+    """,
+    )
+    make_file(tmp_path / "incoming", "a.jpg", b"the photo")
+    summary = run_once(project(CONFIG.replace("processes: []", "processes: [twin]")))
+    assert summary.failed == {
+        "survey:a.jpg": "a file a process made from it would be delivered as a.jpg, "
+        "in place of the file itself"
+    }
+    assert summary.dead_letters == 1  # at once: retrying cannot mend it
+    assert tree_files(tmp_path / "outbox") == {}  # nothing was sent, the photo stays to mend
 
 
 def test_vanished_file_is_skipped_not_failed(

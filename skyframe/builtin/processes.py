@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, Field
 
 from skyframe.errors import ProcessError
 from skyframe.events import Job
@@ -112,8 +112,12 @@ def process_rename(job: Job, template: Template) -> None:
     job.remote_name = safe_relative_path(render_template(template, job))
 
 
+#: What a sidecar's remote name adds to its file's: never nothing, which would be the file's.
+Suffix = Annotated[str, Field(min_length=1), Label("a suffix such as .json")]
+
+
 @process
-def process_sidecar(job: Job, suffix: str = ".json", fields: list[str] | None = None) -> None:
+def process_sidecar(job: Job, suffix: Suffix = ".json", fields: list[str] | None = None) -> None:
     """Deliver a JSON file of the job's metadata beside the file (remote name + suffix)."""
     meta = {k: v for k, v in job.meta.items() if fields is None or k in fields}
     document = {
