@@ -55,13 +55,33 @@ config_option = click.option(
 )
 
 
+#: The longest wait an option takes, in seconds (a day): more would overflow the clock's type.
+MAX_TIMEOUT = 86_400.0
+
+
+def _a_number(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if math.isnan(value):  # FloatRange lets nan through: no comparison with it is true
+        raise click.BadParameter("expected a number of seconds, not nan")
+    return value
+
+
 class SkyframeGroup(click.Group):
-    """Prints SkyframeError as one line (exit 2 for config errors, 1 otherwise), and a Ctrl-C
-    that no command handles (loading the config, checking the sinks) as one line, exit 130."""
+    """Prints SkyframeError as one line (exit 2 for config errors, 1 otherwise), a wrong option
+    or argument of a command as one line (exit 2), and a Ctrl-C that no command handles
+    (loading the config, checking the sinks) as one line, exit 130."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:  # a wrong option: one line (click's own takes four)
+            if (
+                ctx.meta.get("skyframe.traceback")
+                or exc.ctx is None
+                or isinstance(exc, _HELP_SHOWN)
+            ):
+                raise
+            _usage_line(exc, exc.ctx)
+            ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             if ctx.meta.get("skyframe.traceback"):
                 raise
@@ -80,6 +100,36 @@ class SkyframeGroup(click.Group):
             detail = str(exc) or "database timeout"
             click.echo(f"skyframe: error: the state database is unusable: {detail}", err=True)
             ctx.exit(1)
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        """The group's own options and command name (``skyframe --bogus``): one line too."""
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            if exc.ctx is None or "--traceback" in args or isinstance(exc, _HELP_SHOWN):
+                raise
+            _usage_line(exc, exc.ctx)
+            raise click.exceptions.Exit(exc.exit_code) from None
+
+
+#: click's "no arguments: here is the help" (a UsageError since click 8.2): shown as it is.
+_HELP_SHOWN: tuple[type[Exception], ...] = tuple(
+    getattr(click.exceptions, name)
+    for name in ("NoArgsIsHelpError",)
+    if hasattr(click.exceptions, name)
+)
+
+
+def _usage_line(exc: click.UsageError, ctx: click.Context) -> None:
+    path = ctx.command_path
+    message = exc.format_message().rstrip(".")
+    click.echo(f"skyframe: error: {path}: {message} (see {path} --help)", err=True)
 
 
 class _PlainFormatter(logging.Formatter):
@@ -255,7 +305,8 @@ def run(  # noqa: PLR0917 (click passes every option)
             "%d job(s) did not stop in time; exiting now, they resume at the next start",
             engine.abandoned,
         )
-        sys.stdout.flush()
+        if sys.stdout is not None:  # pythonw has none
+            sys.stdout.flush()
         os._exit(1)
     if once and not summary.ok:
         sys.exit(1)
@@ -264,6 +315,8 @@ def run(  # noqa: PLR0917 (click passes every option)
 def _log_to_file(config: Any) -> None:
     """``log_file``: the log also goes to a file in the state directory that rotates."""
     from logging.handlers import RotatingFileHandler
+
+    from skyframe.units import expand_home
 
     class LogFileHandler(RotatingFileHandler):
         """A line that cannot be written (a full disk) is said on stderr in one line, once an
@@ -277,12 +330,15 @@ def _log_to_file(config: Any) -> None:
                 self.said_at = now
                 problem = sys.exc_info()[1]
                 detail = getattr(problem, "strerror", None) or problem
-                sys.stderr.write(f"skyframe: warning: log_file: cannot write {path}: {detail}\n")
+                if sys.stderr is not None:  # pythonw (a Windows service) has none: the line goes
+                    sys.stderr.write(  # unsaid rather than raising in the thread that logged
+                        f"skyframe: warning: log_file: cannot write {path}: {detail}\n"
+                    )
 
     settings = config.log_file
     if settings is None:
         return
-    path = config.state_path / Path(settings.path).expanduser()
+    path = config.state_path / expand_home(settings.path)  # a ~user the config check found
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handler = LogFileHandler(
@@ -418,7 +474,8 @@ def _prompt(question: str, default: str, check: Callable[[str], str]) -> str:
 @click.option(
     "--timeout",
     metavar="SECONDS",
-    type=click.FloatRange(min=0.1),
+    type=click.FloatRange(min=0.1, max=MAX_TIMEOUT),
+    callback=_a_number,
     default=20.0,
     show_default=True,
     help="Seconds to wait for the sink.",
@@ -520,7 +577,8 @@ def verify(config_file: Path, deep: bool, repair: bool) -> None:
 @config_argument
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0.1),
+    type=click.FloatRange(min=0.1, max=MAX_TIMEOUT),
+    callback=_a_number,
     default=60.0,
     show_default=True,
     help="Seconds to wait for each sink.",
@@ -1053,8 +1111,12 @@ def _service_spec(config_file: Path, name: str | None, system: bool) -> Any:
 
     from skyframe.config import load_config
     from skyframe.service import ENV_FILE, ServiceSpec, service_name
+    from skyframe.units import expand_home
 
-    path = Path(config_file).expanduser().absolute()
+    try:
+        path = expand_home(config_file).absolute()
+    except ValueError as exc:
+        raise ConfigError(f"config file {exc}") from None
     # The service reads its secrets from skyframe.env (systemd) or its account's environment:
     # the config is checked with both, so a missing variable shows now, not at the next boot.
     environ = {**_env_file(path.parent / ENV_FILE), **os.environ}

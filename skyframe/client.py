@@ -22,6 +22,10 @@ from skyframe.units import format_rate, format_size
 
 #: Seconds to wait for the daemon to accept a request, and then for each part of its answer.
 TIMEOUT = 10.0
+#: Requests to the daemon, never through a proxy: it runs on this machine, where a proxy the
+#: environment or Windows's settings name (a company laptop's) could not reach it, and
+#: Python's proxy bypass does not exempt 127.0.0.1 by itself.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 BAR_WIDTH = 24
 
 
@@ -76,7 +80,7 @@ class DaemonClient:
         if self.config.api.token:
             request.add_header("Authorization", f"Bearer {self.config.api.token}")
         try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            with _DIRECT.open(request, timeout=TIMEOUT) as response:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
             with exc:

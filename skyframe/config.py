@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
@@ -33,7 +33,7 @@ from pydantic import (
 from skyframe.bandwidth import Schedule, parse_schedule_entry
 from skyframe.errors import ConfigError, Location
 from skyframe.events import LifecycleKind
-from skyframe.units import Duration, Rate, Size
+from skyframe.units import Duration, Rate, Size, expand_home, local_url_path
 
 YamlPath = tuple[str | int, ...]
 
@@ -53,6 +53,23 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _home_known(value: str) -> str:
+    if value.startswith("~"):
+        expand_home(value)  # a ~user this machine does not have: refused here, with its place
+    return value
+
+
+def _local_url(value: str) -> str:
+    _home_known(local_url_path(value))  # a file:// URL with a host (not on Windows): refused
+    return value  # as written: the sink's name, and its records, follow it
+
+
+#: A path (or URL) that may start with ``~`` or ``~user``.
+HomePath = Annotated[str, AfterValidator(_home_known)]
+#: A sink's URL: as HomePath, and a ``file://`` URL's path too.
+SinkURL = Annotated[str, AfterValidator(_home_known), AfterValidator(_local_url)]
 
 
 def _not_bool(value: Any) -> Any:
@@ -171,7 +188,7 @@ class SourceConfig(_Model):
             "all, or none"
         ),
     )
-    path: str = Field(description="folder to watch, relative to the config file")
+    path: HomePath = Field(description="folder to watch, relative to the config file")
     recursive: bool = Field(True, description="include sub-folders")
     settle: Duration = Field(2.0, description="seconds a file must be unchanged to be ready")
     rescan: PositiveDuration = Field(600.0, description="full catch-up scan interval in watch mode")
@@ -182,7 +199,7 @@ class SourceConfig(_Model):
 class SinkConfig(_Model):
     """One destination: a local folder or any fsspec URL."""
 
-    url: str = Field(description="a path relative to the config file, or an fsspec URL")
+    url: SinkURL = Field(description="a path relative to the config file, or an fsspec URL")
     name: str | None = Field(None, description="a stable name; defaults to the URL")
     options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options")
     concurrency: Count | None = Field(
@@ -432,7 +449,7 @@ class ExecutorConfig(_Model):
 class LogFileConfig(_Model):
     """The daemon's log, also in a file that rotates (``log_file``)."""
 
-    path: str = Field(
+    path: HomePath = Field(
         "skyframe.log", min_length=1, description="the file; relative to the state directory"
     )
     max_size: Size = Field(10 * 1024 * 1024, ge=10_000, description="the size at which it rotates")
@@ -552,8 +569,8 @@ class NotifyConfig(_Model):
 class Config(_Model):
     """The whole ``skyframe.yaml``."""
 
-    state_dir: str = Field(".skyframe", description="queue, manifest and journals")
-    plugins: list[str] = Field(default_factory=list, description="plugin files or folders")
+    state_dir: HomePath = Field(".skyframe", description="queue, manifest and journals")
+    plugins: list[HomePath] = Field(default_factory=list, description="plugin files or folders")
     workers: Count = Field(4, ge=1, le=64, description="files processed at once")
     shutdown_grace: Duration = Field(
         5.0, description="on stop, how long in-flight transfers may finish before being cut"
@@ -613,7 +630,7 @@ class Config(_Model):
 
     def resolve_path(self, value: str) -> Path:
         """An absolute path for a config value (``~`` expanded, relative to the config file)."""
-        return (self.base_dir / Path(value).expanduser()).resolve()
+        return (self.base_dir / expand_home(value)).resolve()
 
     @property
     def state_path(self) -> Path:
@@ -716,8 +733,7 @@ def local_sink_folder(url: str, base_dir: Path) -> Path | None:
         protocol = head if sep and len(head) > 1 else ""
         if protocol not in ("", "file", "local"):
             return None
-    path = unquote(urlsplit(url).path) if url.startswith("file://") else url
-    return (base_dir / Path(path).expanduser()).resolve()
+    return (base_dir / expand_home(local_url_path(url))).resolve()
 
 
 def redact_urls(text: str) -> str:
@@ -879,7 +895,12 @@ def load_yaml(text: str, file: str) -> tuple[Any, dict[YamlPath, tuple[int, int]
     """Parse YAML text the way a config is parsed (safe, duplicate keys refused, the expansion
     bounded): the data, and the (line, column) of every key and item by its path. Errors are
     :class:`ConfigError` naming ``file`` and the position."""
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)  # refuses a character YAML does not allow (a control character)
+    except yaml.reader.ReaderError as exc:
+        before = text[: exc.position]
+        at = Location(file, before.count("\n") + 1, len(before) - before.rfind("\n"))
+        raise ConfigError(f"invalid YAML: {exc.reason}: #x{exc.character:04x}", at) from None
     try:
         try:
             node = loader.get_single_node()
@@ -897,7 +918,12 @@ def load_yaml(text: str, file: str) -> tuple[Any, dict[YamlPath, tuple[int, int]
         except ConfigError as exc:
             line, column = (exc.location.line, exc.location.column) if exc.location else (1, 1)
             raise ConfigError(exc.message, Location(file, line, column), exc.key) from None
-        data = loader.construct_document(node)
+        try:
+            data = loader.construct_document(node)
+        except (ValueError, TypeError, OverflowError) as exc:  # a tagged value: !!int "zz"
+            bad = _unconstructable(node) or node.start_mark
+            at = Location(file, bad.line + 1, bad.column + 1)
+            raise ConfigError(f"invalid YAML: {exc}", at) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = Location(file, mark.line + 1, mark.column + 1) if mark else None
@@ -908,6 +934,32 @@ def load_yaml(text: str, file: str) -> tuple[Any, dict[YamlPath, tuple[int, int]
     finally:
         loader.dispose()
     return data, marks
+
+
+def _unconstructable(root: yaml.Node) -> yaml.Mark | None:
+    """Where the first value that no safe constructor can make stands (``!!int "zz"``)."""
+    loader = yaml.SafeLoader("")
+    try:
+        stack = [root]
+        seen: set[int] = set()
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if isinstance(node, yaml.ScalarNode):
+                try:
+                    loader.construct_object(node)
+                except (ValueError, TypeError, OverflowError, yaml.YAMLError):
+                    return node.start_mark
+            elif isinstance(node, yaml.SequenceNode):
+                stack.extend(reversed(node.value))
+            elif isinstance(node, yaml.MappingNode):
+                for key, value in reversed(node.value):
+                    stack.extend((value, key))
+        return None
+    finally:
+        loader.dispose()
 
 
 # --- ${VAR} interpolation --------------------------------------------------------------------
@@ -1070,10 +1122,12 @@ def validation_error(exc: ValidationError, config: Config, prefix: YamlPath = ()
 
 def load_config(file: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
     """Read, interpolate and validate a config file."""
-    path = Path(file).expanduser().absolute()
     shown = str(file)
     try:
+        path = expand_home(file).absolute()
         text = path.read_text(encoding="utf-8")
+    except ValueError as exc:  # ~user, of no user here
+        raise ConfigError(f"config file {exc}") from None
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {shown}") from None
     except IsADirectoryError:

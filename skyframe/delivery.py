@@ -415,10 +415,8 @@ class JobRunner:
             raise SourceUnreadableError(f"{queued.path}: vanished") from None
         # The latest state of the file wins: what is on disk now is what gets delivered.
         event = FileEvent.from_stat(queued.pipeline, queued.path, queued.relpath, st, queued.kind)
-        unchanged = (event.size, event.mtime_ns, event.inode) == (
-            queued.size,
-            queued.mtime_ns,
-            queued.inode,
+        unchanged = (event.size, event.mtime_ns) == (queued.size, queued.mtime_ns) and (
+            event.inode == queued.inode or not queued.inode  # a Windows scan sees no inode
         )
         if unchanged and queued_job.accepted and run.claim.queued_at >= run.pipeline.accepted_since:
             rejection = None  # these rules accepted this very version when it was queued

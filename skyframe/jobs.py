@@ -8,12 +8,18 @@ written by earlier versions hold, so a queue survives an upgrade.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from skyframe.events import FileEvent
 
 JobKind = Literal["upload", "move", "delete"]
+
+#: Whether a folder scan sees a file's inode. Not on Windows: there ``os.scandir`` gives 0 (the
+#: watcher's ``os.stat`` gives the file's ID), and a version with the inode would make every
+#: scan offer the file a watcher event queued as a new version, its attempts begun again.
+SCANS_SEE_INODES = os.name != "nt"
 
 #: Priority levels: the queue hands out ready jobs of a higher level first (see queue.py).
 HIGH, NORMAL, LOW = 1, 0, -1
@@ -48,7 +54,8 @@ class Upload:
     def version(self) -> str:
         """What identifies this state of the file: offering it again changes nothing."""
         event = self.event
-        return f"{event.size}:{event.mtime_ns}:{event.inode}:"
+        inode = event.inode if SCANS_SEE_INODES else 0
+        return f"{event.size}:{event.mtime_ns}:{inode}:"
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-safe dict, as stored in the queue."""

@@ -62,6 +62,11 @@ def from_windows(output: str) -> bool | None:
     return WINDOWS_COST.get(output.strip().lower())
 
 
+#: Windows: the question runs with no console window. The daemon of a scheduled task
+#: (pythonw) has no console, and each console program it starts would open one on the desktop.
+NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0)
+
+
 def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         command,
@@ -70,6 +75,7 @@ def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
         timeout=TIMEOUT,
         stdin=subprocess.DEVNULL,
         check=False,
+        creationflags=NO_WINDOW,
     )
 
 

@@ -225,7 +225,7 @@ def evaluate_rules(rules: list[BoundStep], event: FileEvent) -> tuple[str, str] 
     for step in rules:
         try:
             verdict = step(event)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # sys.exit() in a rule is its failure too
             raise RuleError(f"rule {step.name!r} raised {type(exc).__name__}: {exc}") from exc
         if verdict is True:
             continue

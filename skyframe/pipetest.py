@@ -32,7 +32,7 @@ from skyframe.errors import ConfigError, Location, SkyframeError, UnsafePathErro
 from skyframe.events import FileEvent
 from skyframe.pipeline import Pipeline
 from skyframe.storage import safe_relative_path
-from skyframe.units import Size
+from skyframe.units import Size, expand_home
 
 #: ``skyframe.yaml`` is tested by ``skyframe.tests.yaml`` beside it.
 TESTS_INFIX = ".tests"
@@ -316,7 +316,10 @@ def _pipeline_of(
 def _fixture_of(spec: InputFile, base: Path, where: _Positions, at: YamlPath) -> Path | None:
     if spec.fixture is None:
         return None
-    path = (base / Path(spec.fixture).expanduser()).absolute()
+    try:
+        path = (base / expand_home(spec.fixture)).absolute()
+    except ValueError as exc:
+        raise where.error(f"fixture {exc}", at) from None
     if not path.is_file():
         problem = "is not a file" if path.exists() else "not found"
         raise where.error(f"fixture {spec.fixture} {problem} (relative to the test file)", at)

@@ -134,9 +134,15 @@ def _load_entry_points(pm: SkyframePluginManager) -> None:
 
 def _plugin_files(path: Path) -> list[Path]:
     if path.is_dir():
-        return sorted(p for p in path.glob("*.py") if not p.name.startswith("_"))
+        files = sorted(p for p in path.glob("*.py") if not p.name.startswith("_"))
+        for file in files:  # a FIFO would block the import forever; a folder cannot be read
+            if file.exists() and not file.is_file():
+                raise PluginError(f"{file}: not a regular file")
+        return files
     if path.is_file():
         return [path]
+    if path.exists():
+        raise PluginError(f"plugin path {path}: neither a file nor a folder")
     raise PluginError(f"plugin path not found: {path}")
 
 
@@ -160,7 +166,8 @@ def load_module_from_path(file: Path) -> ModuleType:
         spec.loader.exec_module(module)
     except SyntaxError as exc:
         sys.modules.pop(name, None)
-        raise PluginError(f"{file}:{exc.lineno}: syntax error: {exc.msg}") from None
+        line = f":{exc.lineno}" if exc.lineno else ""  # none for a NUL byte in the file
+        raise PluginError(f"{file}{line}: syntax error: {exc.msg}") from None
     except (Exception, SystemExit) as exc:  # sys.exit() in a plugin is a load failure too
         sys.modules.pop(name, None)
         line = _user_line(exc, file)

@@ -34,6 +34,7 @@ from skyframe.plugin_manager import get_plugin_manager
 from skyframe.protocols import Protocols, scheme_of
 from skyframe.registry import Registry
 from skyframe.storage import ProbeResult, check_sinks, open_sink, redact_url
+from skyframe.units import expand_home
 
 KINDS: Final = ("photos", "video", "logs", "any")
 STATE_DIR: Final = ".skyframe"
@@ -371,7 +372,7 @@ class Interview:
         value = text.strip().rstrip("/\\") or text.strip()
         if not value:
             raise ValueError("give a folder")
-        path = (self.folder / Path(value).expanduser()).resolve()
+        path = (self.folder / expand_home(value)).resolve()
         if path.exists() and not path.is_dir():
             raise ValueError(f"{path} is a file, not a folder")
         if self.folder.resolve().is_relative_to(path):
@@ -404,7 +405,7 @@ class Interview:
                 raise ValueError(f"the port of {url} is not a number") from None
         folder = local_sink_folder(url, self.folder)
         if folder is not None:
-            self._check_local_sink(folder, (self.folder / Path(source).expanduser()).resolve())
+            self._check_local_sink(folder, (self.folder / expand_home(source)).resolve())
         return url
 
     def _check_local_sink(self, folder: Path, source: Path) -> None:
@@ -605,7 +606,7 @@ class Interview:
             value = text.strip()
             if not value and optional:
                 return ""
-            path = (self.folder / Path(value).expanduser()).resolve()
+            path = (self.folder / expand_home(value)).resolve()
             if not path.is_file():
                 fix = f"; {hint.format(value)}" if hint else ""
                 raise ValueError(f"{what}: {path} does not exist{fix}")
@@ -835,7 +836,7 @@ def write_project(answers: Answers, *, force: bool = False) -> Written:
     config_file = folder / answers.config_file.name
     stubs = [folder / "rules.py", folder / "processes.py"] if answers.stubs else []
     refuse_overwrite([config_file, *stubs], force)
-    created = [p for p in (folder, folder / Path(answers.source).expanduser()) if not p.exists()]
+    created = [p for p in (folder, folder / expand_home(answers.source)) if not p.exists()]
     previous: dict[Path, bytes] = {}
     text = render_config(answers)
     try:

@@ -8,11 +8,15 @@ signature and YAML options are parsed and checked with the same messages as skyf
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 from pydantic import BeforeValidator
 
@@ -172,6 +176,39 @@ def parse_since(value: str, now: float | None = None) -> float:
 _ISO_DATE = re.compile(
     r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?(?:Z|[+-]\d{2}:\d{2})?)?"
 )
+
+
+def expand_home(value: str | os.PathLike[str]) -> Path:
+    """A path with ``~`` and ``~user`` expanded; ValueError naming the user when this machine
+    has no such user (pathlib raises RuntimeError)."""
+    path = Path(value)
+    try:
+        return path.expanduser()
+    except RuntimeError:
+        raise ValueError(f"{value}: no user {path.parts[0][1:]!r} on this machine") from None
+
+
+def local_url_path(url: str) -> str:
+    """The path a ``file://`` or ``local://`` URL names (``url`` itself when it is neither).
+
+    ``file:///C:/survey`` is ``C:\\survey`` on Windows and ``file://nas/share`` the share
+    ``\\\\nas\\share``; elsewhere a ``file://`` URL with a host is refused (ValueError):
+    dropping the host would write into a folder of the same name at the root of this machine.
+    After ``local://`` (fsspec's name for the same) comes the path, as fsspec reads it."""
+    if url.startswith("local://"):
+        return url.removeprefix("local://")
+    if not url.startswith("file://"):
+        return url
+    parts = urlsplit(url)
+    path = url2pathname(parts.path)
+    if parts.netloc in ("", "localhost"):
+        return path
+    if os.name == "nt":
+        return f"\\\\{parts.netloc}{path}"
+    raise ValueError(
+        f"{url}: a URL with a host ({parts.netloc}) names a Windows share; give the folder "
+        "where it is mounted here"
+    )
 
 
 def format_size(n: float) -> str:

@@ -196,7 +196,13 @@ class _Handler(FileSystemEventHandler):
                 self._cb.moved(src, Path(os.fsdecode(event.dest_path)))
 
 
-_WATCHDOG_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
+#: Where watchdog logs that events were lost: inotify's queue (Linux), ReadDirectoryChangesW's
+#: buffer (Windows).
+_WATCHDOG_LOGGERS = (
+    "watchdog.observers.inotify_c",
+    "watchdog.observers.inotify",
+    "watchdog.observers.read_directory_changes",
+)
 
 
 class _OverflowDetector(logging.Filter):
@@ -208,7 +214,7 @@ class _OverflowDetector(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if "overflow" in record.getMessage().lower():
-            self._on_overflow("the kernel's inotify event queue overflowed")
+            self._on_overflow("the system's queue of file events overflowed")
         return True
 
 

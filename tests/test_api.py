@@ -346,6 +346,23 @@ def test_cli_status_pause_resume_against_the_daemon(
     assert d.engine.control.held() == set()
 
 
+def test_cli_status_reaches_the_daemon_past_a_proxy_the_environment_names(
+    daemon: Callable[..., Daemon], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A company laptop's proxy: urllib would send the request for 127.0.0.1 to it.
+    daemon()
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        proxy = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, proxy)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    result = CliRunner().invoke(cli, ["status", str(tmp_path / "skyframe.yaml")])
+    assert result.exit_code == 0, result.output
+    assert ": running" in result.output.splitlines()[0]
+
+
 def test_cli_status_with_a_wrong_token_says_so(
     daemon: Callable[..., Daemon], tmp_path: Path
 ) -> None:

@@ -92,6 +92,70 @@ def test_config_error_is_one_line_with_exit_2(example_project: Path) -> None:
     assert "Traceback" in traced.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["check", "--timeout", "1e400"],
+            "skyframe check: Invalid value for '--timeout': inf is not in the range "
+            "0.1<=x<=86400.0 (see skyframe check --help)",
+        ),
+        (
+            ["check", "--timeout", "nan"],
+            "skyframe check: Invalid value for '--timeout': expected a number of seconds, "
+            "not nan (see skyframe check --help)",
+        ),
+        (
+            ["history", "-n", "0"],
+            "skyframe history: Invalid value for '-n' / '--limit': 0 is not in the range "
+            "1<=x<=1000000 (see skyframe history --help)",
+        ),
+        (["queue", "nope"], "skyframe queue: No such command 'nope' (see skyframe queue --help)"),
+        (
+            ["--bogus"],
+            "skyframe: No such option '--bogus'. Did you mean '--verbose'? (see skyframe --help)",
+        ),
+    ],
+)
+def test_a_wrong_option_is_one_line_with_exit_2(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    result = skyframe(tmp_path, *args)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"skyframe: error: {expected}"]
+
+
+def test_a_command_alone_still_shows_its_help(tmp_path: Path) -> None:
+    result = skyframe(tmp_path, "queue")  # click 8.2 and later print it on stderr, status 2
+    shown = result.stdout or result.stderr
+    assert shown.startswith("Usage: skyframe queue [OPTIONS] COMMAND [ARGS]...")
+    assert "retry" in shown
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ("state_dir: '~nosuchuser-sky/x'\n", "1:1: state_dir: ~nosuchuser-sky/x"),
+        ("log_file: {path: '~nosuchuser-sky/l'}\n", "1:12: log_file.path: ~nosuchuser-sky/l"),
+        ("", "4:14: pipelines[0].sinks[0].url: ~nosuchuser-sky/o"),
+    ],
+)
+def test_a_home_of_no_user_is_a_config_error(tmp_path: Path, config: str, expected: str) -> None:
+    # pathlib raises RuntimeError for it ("Could not determine home directory").
+    (tmp_path / "incoming").mkdir()
+    sink = "outbox" if config else "'~nosuchuser-sky/o'"
+    (tmp_path / "skyframe.yaml").write_text(
+        config + "pipelines:\n  - name: a\n    source: {path: incoming}\n"
+        f"    sinks: [{{url: {sink}}}]\n",
+        encoding="utf-8",
+    )
+    result = skyframe(tmp_path, "validate")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"skyframe: error: skyframe.yaml:{expected}: no user 'nosuchuser-sky' on this machine"
+    ]
+
+
 def test_missing_config_file(tmp_path: Path) -> None:
     result = skyframe(tmp_path, "run", "--once")
     assert result.returncode == 2

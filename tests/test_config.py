@@ -274,6 +274,29 @@ def test_yaml_tags_are_not_executed(write_config: WriteConfig) -> None:
         load_config(path)
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # PyYAML refuses these characters as it starts reading: no line of its own to show
+        ("state_dir: x\nname: a\x01b\n", "2:8: invalid YAML: special characters are not allowed"),
+        ("state_dir: x\x7f\n", "1:13: invalid YAML: special characters are not allowed: #x007f"),
+        # a tagged value its constructor cannot make raises ValueError, not a YAML error
+        ("workers: 4\nretry:\n  max: !!int 'zz'\n", "3:8: invalid YAML: invalid literal for int()"),
+        ("state_dir: !!float 'zz'\n", "1:12: invalid YAML: could not convert string to float"),
+        ("state_dir: !!timestamp '2020-99-99'\n", "1:12: invalid YAML: month must be in 1..12"),
+    ],
+)
+def test_yaml_the_reader_refuses_is_one_line_with_its_place(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = tmp_path / "skyframe.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}:{expected}")
+    assert "\n" not in str(info.value)
+
+
 def test_every_problem_is_reported_in_order_typos_first(tmp_path: Path) -> None:
     path = tmp_path / "skyframe.yaml"
     path.write_text(

@@ -401,8 +401,24 @@ def test_polling_mode_for_network_mounts(tmp_path: Path, start: Callable[..., Da
     wait_for(lambda: outbox_files(tmp_path) == {"nfs/DJI_1.JPG": b"polled"}, what="polled")
 
 
+@pytest.mark.parametrize(
+    ("logger", "said"),
+    [
+        # what watchdog logs when the kernel's inotify queue overflows and events are lost
+        ("watchdog.observers.inotify_c", "Inotify queue overflowed; filesystem events were lost"),
+        # and when Windows's buffer of directory changes does (ReadDirectoryChangesW)
+        (
+            "watchdog.observers.read_directory_changes",
+            "Some file system events were lost due to a buffer overflow while watching C:\\in",
+        ),
+    ],
+)
 def test_lost_events_trigger_a_rescan(
-    tmp_path: Path, start: Callable[..., Daemon], caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    start: Callable[..., Daemon],
+    caplog: pytest.LogCaptureFixture,
+    logger: str,
+    said: str,
 ) -> None:
     import logging
 
@@ -415,10 +431,7 @@ def test_lost_events_trigger_a_rescan(
         original(pipeline, **kwargs)
 
     daemon.engine.intake.scan = counting_scan  # type: ignore[method-assign]
-    # What watchdog logs when the kernel's inotify queue overflows and events are lost.
-    logging.getLogger("watchdog.observers.inotify_c").warning(
-        "Inotify queue overflowed; filesystem events were lost"
-    )
+    logging.getLogger(logger).warning(said)
     wait_for(lambda: scans == ["survey"], what="a rescan")
     assert "overflowed: rescanning" in caplog.text
 

@@ -220,6 +220,32 @@ def test_crashing_rule_dead_letters_the_file(
     queue.close()
 
 
+def test_a_rule_that_calls_sys_exit_dead_letters_its_file_only(
+    tmp_path: Path, project: Callable[[str], Path]
+) -> None:
+    write_plugin(
+        tmp_path,
+        "rules.py",
+        """
+        import sys
+        from skyframe import rule
+
+        @rule
+        def rule_quitter(event):
+            if event.name == "a.jpg":
+                sys.exit(4)  # ended the whole run, silently, with status 4
+            return True
+        """,
+    )
+    make_file(tmp_path / "incoming", "a.jpg", b"A")
+    make_file(tmp_path / "incoming", "b.jpg", b"B")
+    summary = run_once(
+        project(CONFIG.replace("- type: {extensions: [jpg, mp4, srt]}", "- quitter"))
+    )
+    assert summary.failed == {"survey:a.jpg": "rule 'quitter' raised SystemExit: 4"}
+    assert tree_files(tmp_path / "outbox") == {"b.jpg": b"B"}
+
+
 def test_notifier_errors_never_affect_delivery(
     tmp_path: Path, project: Callable[[str], Path], caplog: pytest.LogCaptureFixture
 ) -> None:

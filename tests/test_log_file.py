@@ -114,6 +114,23 @@ def test_a_log_file_that_cannot_be_written_is_said_once_without_a_traceback(
     assert (tmp_path / "outbox" / "a.jpg").exists()
 
 
+def test_a_log_file_that_cannot_rotate_without_a_stderr_logs_on(
+    tmp_path: Path, root_handlers: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Windows service runs pythonw, which has no stderr: saying the problem there raised
+    # AttributeError in whichever thread was logging. A rotation that fails (Windows: another
+    # program holds the old file) is met outside the handler's own writing, where nothing
+    # else catches that.
+    config = project(tmp_path, "log_file: {path: daemon.log, max_size: 10kB, count: 1}")
+    _log_to_file(load_config(config))
+    (tmp_path / "state" / "daemon.log.1").mkdir()  # cannot be removed to make room
+    monkeypatch.setattr("sys.stderr", None)
+    log = logging.getLogger("skyframe.test-log-file")
+    for i in range(200):  # no exception escapes logging
+        log.warning("line %d of a log that outgrows its 10 kB", i)
+    assert (tmp_path / "state" / "daemon.log.1").is_dir()  # the rotation did fail
+
+
 def test_a_debug_log_keeps_no_line_per_exif_tag(tmp_path: Path) -> None:
     # geotag reads each photo with Pillow, which logs every EXIF tag it meets at debug level.
     config = project(tmp_path, "log_file: {level: debug}")

@@ -174,6 +174,33 @@ def test_same_version_keeps_backoff_and_dead_letters(queue: JobQueue) -> None:
     assert [r.state for r in queue.records()] == ["dead"]
 
 
+def upload_seen(inode: int) -> Upload:
+    """The same file, as the watcher (``os.stat``) or a scan (``os.scandir``) sees it."""
+    return Upload(event=FileEvent("p", Path("/in/a.jpg"), "a.jpg", 10, 5, "scanned", inode))
+
+
+def test_where_scans_see_no_inode_a_scan_does_not_restart_a_watched_files_retries(
+    queue: JobQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Windows: os.scandir's entries report inode 0, os.stat the file's ID. A rescan then
+    # offered a waiting (or dead-lettered) file as a new version: attempts back to 0.
+    monkeypatch.setattr("skyframe.jobs.SCANS_SEE_INODES", False)
+    watched = upload_seen(inode=918273)
+    queue.put("p", watched, version=watched.version)
+    claim = queue.claim()
+    assert claim is not None
+    queue.retry(claim, "link down", delay=60)
+    scanned = upload_seen(inode=0)
+    assert queue.put("p", scanned, version=scanned.version) is False
+    (record,) = queue.records("waiting")
+    assert record.attempts == 1
+
+
+def test_where_scans_see_inodes_a_new_inode_is_a_new_version() -> None:
+    # Linux, macOS: a file replaced by another of the same size and time is sent again.
+    assert upload_seen(inode=1).version != upload_seen(inode=2).version
+
+
 def test_same_version_while_leased_does_not_run_twice(queue: JobQueue) -> None:
     queue.put("p", job("a", 1), version="1")
     claim = queue.claim()

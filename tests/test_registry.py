@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -170,6 +171,23 @@ def test_plugin_that_raises_on_import_names_file(tmp_path: Path) -> None:
     )
     with pytest.raises(PluginError, match=r"boom\.py:2: cannot load: RuntimeError: no camera"):
         get_plugin_manager([path])
+
+
+def test_plugin_with_a_nul_byte_names_file_without_a_line(tmp_path: Path) -> None:
+    path = write_plugin(tmp_path / "plugins", "nul.py", "x = 1\n\0\n")
+    with pytest.raises(PluginError) as info:
+        get_plugin_manager([path])
+    assert str(info.value) == f"{path}: syntax error: source code string cannot contain null bytes"
+
+
+def test_a_fifo_among_the_plugins_is_refused_not_waited_on(tmp_path: Path) -> None:
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    os.mkfifo(folder / "fifo.py")  # importing it would wait for a writer forever
+    with pytest.raises(PluginError, match=r"fifo\.py: not a regular file"):
+        get_plugin_manager([folder])
+    with pytest.raises(PluginError, match="neither a file nor a folder"):
+        get_plugin_manager([folder / "fifo.py"])
 
 
 def test_missing_plugin_path(tmp_path: Path) -> None:

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
 
 import pytest
 
-from skyframe.units import format_size, parse_duration, parse_since, parse_size
+from skyframe.units import format_size, local_url_path, parse_duration, parse_since, parse_size
 
 
 @pytest.mark.parametrize(
@@ -80,6 +81,28 @@ def test_parse_since(text: str, expected: float) -> None:
 def test_parse_since_rejects(bad: str) -> None:
     with pytest.raises(ValueError, match="neither a duration"):
         parse_since(bad)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("outbox", "outbox"),
+        ("file:///data/survey%20raw", "/data/survey raw"),
+        ("file://localhost/data/x", "/data/x"),
+        ("local://outbox", "outbox"),  # fsspec's reading: the rest is the path
+        ("local:///data/x", "/data/x"),
+        ("s3://bucket/x", "s3://bucket/x"),
+    ],
+)
+def test_local_url_path(url: str, expected: str) -> None:
+    assert local_url_path(url) == expected
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a host is a share there")
+def test_a_file_url_with_a_host_is_refused_rather_than_dropped() -> None:
+    # Dropped, file://nas/share/x wrote into /share/x of this machine.
+    with pytest.raises(ValueError, match=r"a URL with a host \(nas\) names a Windows share"):
+        local_url_path("file://nas/share/x")
 
 
 def test_format_size() -> None:

@@ -25,6 +25,7 @@ from skyframe.config import (
     redact_urls,
 )
 from skyframe.errors import ConfigError, Location
+from skyframe.units import expand_home
 
 DEFAULT_HUB_CONFIG = "hub.yaml"
 DEFAULT_LISTEN = "127.0.0.1:8740"
@@ -134,7 +135,7 @@ class LoadedHubConfig:
 
     def resolve_path(self, value: str) -> Path:
         """A path of the config, relative to hub.yaml."""
-        return (self.base_dir / Path(value).expanduser()).resolve()
+        return (self.base_dir / expand_home(value)).resolve()
 
     def redact(self, text: str) -> str:
         """``text`` without environment values or URL passwords."""
@@ -152,10 +153,12 @@ def load_hub_config(
     database: str | None = None,
 ) -> LoadedHubConfig:
     """Read, interpolate and validate ``hub.yaml``; ``listen`` and ``database`` override it."""
-    path = Path(file).expanduser().absolute()
     shown = str(file)
     try:
+        path = expand_home(file).absolute()
         text = path.read_text(encoding="utf-8")
+    except ValueError as exc:  # ~user, of no user here
+        raise ConfigError(f"hub config file {exc}") from None
     except FileNotFoundError:
         raise ConfigError(f"hub config file not found: {shown}") from None
     except (OSError, UnicodeDecodeError) as exc:

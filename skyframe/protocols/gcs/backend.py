@@ -18,7 +18,7 @@ from skyframe.errors import SinkRefusedError, SinkUnavailableError
 from skyframe.protocols.classify import exception_chain, one_line, unreachable
 from skyframe.protocols.endpoint import BackendOptions, Endpoint, bucket_and_root, close_quietly
 from skyframe.quiet import ignored_warnings
-from skyframe.units import Duration, Size
+from skyframe.units import Duration, Size, expand_home
 
 CHUNK_QUANTUM = 256 * 1024  #: resumable chunks must be multiples of this
 
@@ -58,7 +58,7 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
     bucket, root = bucket_and_root(url, "credentials")
     token = settings.token
     if token and token not in ("google_default", "cloud", "anon", "browser", "cache"):
-        path = (base_dir / Path(token).expanduser()).resolve()
+        path = (base_dir / expand_home(token)).resolve()
         if not path.is_file():
             raise ValueError(f"token: credentials file {path} does not exist")
         token = str(path)

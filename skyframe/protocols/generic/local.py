@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import fsspec
 
 from skyframe.errors import SinkRefusedError, SinkUnavailableError
 from skyframe.names import check_windows_name
 from skyframe.protocols.endpoint import Endpoint
+from skyframe.units import expand_home, local_url_path
 
 #: Whether the folders are Windows's, whose names follow its rules (skyframe.names).
 WINDOWS = os.name == "nt"
@@ -21,8 +21,7 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
     """A folder path (relative to the config file) or a ``file://`` URL."""
     if options:
         raise ValueError("a local folder sink takes no options")
-    path = unquote(urlsplit(url).path) if url.startswith("file://") else url
-    root = str((base_dir / Path(path).expanduser()).resolve())
+    root = str((base_dir / expand_home(local_url_path(url))).resolve())
     return Endpoint(
         "file",
         root,

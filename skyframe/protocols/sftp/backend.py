@@ -20,7 +20,7 @@ from skyframe.protocols.classify import exception_chain, one_line, unreachable
 from skyframe.protocols.endpoint import BackendOptions, Endpoint, close_quietly
 from skyframe.protocols.sftp import session
 from skyframe.protocols.sftp.ssh_wire import GatheringConnector, gathering_supported, routed
-from skyframe.units import Duration
+from skyframe.units import Duration, expand_home
 
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 #: AES-GCM first: with the CPU's AES instructions it is the fastest of the safe ciphers (asyncssh
@@ -77,7 +77,7 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
         root = "/" + root
 
     def resolve(value: str, what: str) -> str:
-        path = (base_dir / Path(value).expanduser()).resolve()
+        path = (base_dir / expand_home(value)).resolve()
         if not path.is_file():
             raise ValueError(f"{what}: {path} does not exist")
         return str(path)
@@ -89,7 +89,7 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
     warnings = []
     known_hosts: str | None = None
     if settings.host_key_check:
-        path = (base_dir / Path(settings.known_hosts).expanduser()).resolve()
+        path = (base_dir / expand_home(settings.known_hosts)).resolve()
         if not path.is_file():
             raise ValueError(
                 f"known_hosts: {path} does not exist; add the server's key "
