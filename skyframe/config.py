@@ -250,6 +250,16 @@ class RetryConfig(_Model):
     initial: PositiveDuration = Field(1.0, description="first delay")
     max: PositiveDuration = Field(300.0, description="longest delay")
 
+    @model_validator(mode="after")
+    def _initial_within_max(self) -> RetryConfig:
+        given = {"initial", "max"} <= self.model_fields_set  # max alone: its delays are max
+        if given and self.initial > self.max:  # every delay would be max: a slip
+            raise ValueError(
+                f"initial ({self.initial:g} s) is longer than max ({self.max:g} s), the longest "
+                "delay"
+            )
+        return self
+
 
 class StepConfig(_Model):
     """A rule or process: a bare name, or a one-key mapping of name to options."""
@@ -422,10 +432,27 @@ def _split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+#: A Dask scheduler's address: an optional scheme (tcp://, tls://...), a host, a port.
+_DASK_ADDRESS = re.compile(
+    r"(?:[a-z][a-z0-9+.-]*://)?(?:\[[0-9a-fA-F:.]+\]|[^\s:/\[\]]+):(\d{1,5})/?"
+)
+
+
+def _dask_address(value: str) -> str:
+    # Checked here: a client given a wrong one fails each call, then hangs the exit.
+    found = _DASK_ADDRESS.fullmatch(value)
+    if value != "local" and (found is None or not 0 < int(found.group(1)) < 65536):
+        raise ValueError(
+            f"{value!r} is not a scheduler's address: expected tcp://HOST:PORT "
+            "(tcp://10.0.0.5:8786), or local"
+        )
+    return value
+
+
 class ExecutorConfig(_Model):
     """Where processes marked ``executor: NAME`` run: a Dask cluster."""
 
-    dask: str = Field(
+    dask: Annotated[str, AfterValidator(_dask_address)] = Field(
         min_length=1,
         description="the scheduler's address (tcp://host:8786), or local: a cluster of "
         "worker processes on this machine",

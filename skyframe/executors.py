@@ -125,7 +125,10 @@ class DaskExecutor:
                         n_workers=self.config.workers,
                         threads_per_worker=1,
                         processes=True,
-                        dashboard_address=None,
+                        # Its scheduler serves HTTP whatever this says (None: port 8787,
+                        # where a second cluster, or Jupyter, meets a port in use): any free
+                        # port, on loopback only.
+                        dashboard_address="127.0.0.1:0",
                         # the workers' scratch space in the state directory, not the system's
                         local_directory=str(self.state_dir / "dask-workers"),
                     )

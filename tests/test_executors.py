@@ -3,6 +3,7 @@ processes, and a scheduler and workers started as processes of their own on loop
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -107,6 +108,18 @@ def test_a_local_cluster_gives_what_the_station_gives(tmp_path: Path, calls: Pat
             assert theirs[name] != data  # ran in a worker process
         else:
             assert theirs[name] == data, name  # the same photo, the same thumbnail
+
+
+def test_a_local_cluster_leaves_dasks_default_port_alone(tmp_path: Path, calls: Path) -> None:
+    # Its scheduler serves HTTP even without a dashboard: on 8787 it met a port in use (a
+    # second cluster, Jupyter), warned, and left the socket it tried with unclosed.
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with contextlib.suppress(OSError):  # in use already: as good
+            taken.bind(("127.0.0.1", 8787))
+            taken.listen()
+        summary = run_once(project(tmp_path, "cluster", photos=1))
+    assert summary.delivered == 1
 
 
 def test_config_errors_name_the_step(tmp_path: Path, calls: Path) -> None:

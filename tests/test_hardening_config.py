@@ -427,6 +427,25 @@ NONSENSE = [
     ),
     (
         "state_dir: .state",
+        "state_dir: .state\nretry: {initial: 1h, max: 1s}",  # every delay would be 1 s
+        "2:1: retry",
+        r"^initial \(3600 s\) is longer than max \(1 s\), the longest delay",
+    ),
+    (
+        "state_dir: .state",
+        # a client given it failed every call, then held the run's exit for a minute
+        "state_dir: .state\nexecutors: {x: {dask: nope}}",
+        "2:17: executors.x.dask",
+        r"^'nope' is not a scheduler's address: expected tcp://HOST:PORT",
+    ),
+    (
+        "state_dir: .state",
+        "state_dir: .state\nexecutors: {x: {dask: 'tcp://10.0.0.5'}}",
+        "2:17: executors.x.dask",
+        r"^'tcp://10.0.0.5' is not a scheduler's address",
+    ),
+    (
+        "state_dir: .state",
         "state_dir: .state\nhistory: {retention: 0}",
         "2:11: history.retention",
         r"^must be longer than 0",
