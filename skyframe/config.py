@@ -68,8 +68,8 @@ def _local_url(value: str) -> str:
 
 #: A path (or URL) that may start with ``~`` or ``~user``.
 HomePath = Annotated[str, AfterValidator(_home_known)]
-#: A sink's URL: as HomePath, and a ``file://`` URL's path too.
-SinkURL = Annotated[str, AfterValidator(_home_known), AfterValidator(_local_url)]
+#: A sink's URL: a path as HomePath, or a ``file://`` URL whose path is one.
+SinkURL = Annotated[str, AfterValidator(_local_url)]
 
 
 def _not_bool(value: Any) -> Any:
@@ -1152,9 +1152,10 @@ def load_config(file: str | os.PathLike[str], environ: Mapping[str, str] | None 
     shown = str(file)
     try:
         path = expand_home(file).absolute()
-        text = path.read_text(encoding="utf-8")
     except ValueError as exc:  # ~user, of no user here
         raise ConfigError(f"config file {exc}") from None
+    try:
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {shown}") from None
     except IsADirectoryError:

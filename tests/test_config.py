@@ -297,6 +297,17 @@ def test_yaml_the_reader_refuses_is_one_line_with_its_place(
     assert "\n" not in str(info.value)
 
 
+def test_a_config_file_that_is_not_utf8_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "skyframe.yaml"
+    path.write_bytes(b"state_dir: \xff\xfe\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"cannot read config file {path}: 'utf-8' codec can't decode byte 0xff in position 11: "
+        "invalid start byte"
+    )
+
+
 def test_every_problem_is_reported_in_order_typos_first(tmp_path: Path) -> None:
     path = tmp_path / "skyframe.yaml"
     path.write_text(

@@ -156,9 +156,10 @@ def load_hub_config(
     shown = str(file)
     try:
         path = expand_home(file).absolute()
-        text = path.read_text(encoding="utf-8")
     except ValueError as exc:  # ~user, of no user here
         raise ConfigError(f"hub config file {exc}") from None
+    try:
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"hub config file not found: {shown}") from None
     except (OSError, UnicodeDecodeError) as exc:
