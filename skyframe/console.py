@@ -125,7 +125,7 @@ def print_summary(console: Console, summary: RunSummary) -> None:
     if summary.refused:
         line(
             f"  not taken from the source: {summary.refused} "
-            "(a name that is not UTF-8, or a link outside the source: see the log)"
+            "(a name that is not UTF-8, a link not followed, not a regular file: see the log)"
         )
     if summary.scan_errors:
         line(f"  unreadable while scanning: {summary.scan_errors}")

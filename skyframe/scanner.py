@@ -57,6 +57,17 @@ def refusal(
     return None
 
 
+def _not_a_file(entry: os.DirEntry[str]) -> str:
+    """Why a folder entry that is neither a folder nor a file is not taken."""
+    if entry.is_symlink():
+        if entry.is_dir(follow_symlinks=True):
+            return "a link to a folder (linked folders are not followed)"
+        if not os.path.exists(entry.path):
+            return "a link to nothing (its target is gone)"
+        return "a link to something that is not a regular file"
+    return "not a regular file (a FIFO, a socket or a device)"
+
+
 def scan_source(
     pipeline: str,
     root: Path,
@@ -90,6 +101,7 @@ def scan_source(
                         subfolders.append(path)
                     continue
                 if not entry.is_file(follow_symlinks=True):
+                    on_skip(path, _not_a_file(entry))
                     continue
                 reason = refusal(path, real_root, follow_symlinks, is_link=entry.is_symlink())
                 if reason is not None:

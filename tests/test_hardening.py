@@ -398,6 +398,22 @@ def test_symbolic_links_follow_the_policy(
     if "outside-link.jpg" not in expected:
         assert b"root:secret" not in b"".join(delivered.values())
         assert "outside-link.jpg" in err
+    # What is not sent whatever the policy is said too: it was skipped without a word.
+    assert f"{incoming / 'dangling.jpg'}: a link to nothing (its target is gone)" in err
+    linked = "a link to a folder (linked folders are not followed)"
+    assert f"{incoming / 'folder-link'}: {linked}" in err
+
+
+def test_a_fifo_in_the_source_is_said_not_sent(tmp_path: Path, write_config: WriteConfig) -> None:
+    config = local_config(write_config)
+    incoming = config.parent / "incoming"
+    make_file(incoming, "good.jpg", b"good")
+    os.mkfifo(incoming / "pipe.jpg")
+    code, out, err = run_once(config)
+    assert code == 0, err
+    assert tree_files(config.parent / "outbox") == {"good.jpg": b"good"}
+    assert f"{incoming / 'pipe.jpg'}: not a regular file (a FIFO, a socket or a device)" in err
+    assert "not taken from the source: 1" in out
 
 
 # --- 10. secrets ------------------------------------------------------------------------------
