@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import servers
+from helpers import wait_for
 from servers import (
     SEAWEED_GRPC_OFFSET,
     GCSServer,
@@ -74,6 +75,16 @@ def test_free_ports_leave_room_for_grpc() -> None:
     assert all(20000 <= port <= 29999 for port in ports)
 
 
+def _reads(fs: object, path: str) -> bool:
+    try:
+        fs.cat_file(path)  # type: ignore[attr-defined]
+    except OSError as exc:  # s3fs's error for the gateway's InternalError (errno EREMOTEIO)
+        if "internal error" not in str(exc).lower():
+            raise
+        return False
+    return True
+
+
 def test_s3_server_survives_kill_and_restart(tmp_path: Path) -> None:
     import s3fs  # type: ignore[import-untyped, unused-ignore]
 
@@ -101,6 +112,9 @@ def test_s3_server_survives_kill_and_restart(tmp_path: Path) -> None:
         assert server.pid != first_pid
         fs = s3fs.S3FileSystem(**options)
         try:
+            # The S3 gateway answers (the probe lists buckets) a moment before the volume
+            # server has loaded its volumes again: a read meanwhile is an InternalError.
+            wait_for(lambda: _reads(fs, "bucket/hello.txt"), timeout=60, what="the read")
             assert fs.cat_file("bucket/hello.txt") == b"hello s3"
         finally:
             close_filesystem(fs)
