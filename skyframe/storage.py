@@ -504,11 +504,6 @@ def is_busy(exc: OSError) -> bool:
     return getattr(exc, "winerror", None) in WINDOWS_BUSY
 
 
-def busy_reason(exc: OSError) -> str:
-    """The one-line reason for a file another program holds."""
-    return f"in use by another program ({exc.strerror})"
-
-
 class SourceReader:
     """Read a local file in chunks, hashing it, and check it did not change meanwhile.
 
@@ -533,11 +528,7 @@ class SourceReader:
                 f"{shown(self.path)}: vanished before it could be read"
             ) from None
         except OSError as exc:
-            if is_busy(exc):
-                raise SourceBusyError(f"{shown(self.path)}: {busy_reason(exc)}") from None
-            raise SourceUnreadableError(
-                f"{shown(self.path)}: cannot read: {exc.strerror}"
-            ) from None
+            raise self._failed(exc, "cannot read") from None
         return self
 
     def __exit__(
@@ -553,15 +544,19 @@ class SourceReader:
         try:
             data: bytes = self._file.read(size)
         except OSError as exc:
-            if is_busy(exc):
-                raise SourceBusyError(f"{shown(self.path)}: {busy_reason(exc)}") from None
-            raise SourceUnreadableError(
-                f"{shown(self.path)}: read failed: {exc.strerror}"
-            ) from None
+            raise self._failed(exc, "read failed") from None
         if self._hash is not None:
             self._hash.update(data)
         self.bytes_read += len(data)
         return data
+
+    def _failed(self, exc: OSError, what: str) -> SourceBusyError | SourceUnreadableError:
+        """The error for an open or a read that failed: retried when another program holds
+        the file (Windows), else not."""
+        where = shown(self.path)
+        if is_busy(exc):
+            return SourceBusyError(f"{where}: in use by another program ({exc.strerror})")
+        return SourceUnreadableError(f"{where}: {what}: {exc.strerror}")
 
     def chunks(self) -> Iterator[bytes]:
         """The file's bytes, chunk by chunk (from where ``start_at`` left it)."""
