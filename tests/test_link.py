@@ -244,23 +244,30 @@ def test_cut_every_resets_open_connections(echo: Server) -> None:
 def test_outage_refuses_new_connections_for_its_duration(echo: Server) -> None:
     with LinkEmulator("127.0.0.1", echo.port) as link, _connect(link) as before:
         assert _ping(before) < 0.2
-        began = time.monotonic()
+        called = time.monotonic()
         assert link.outage(0.5) == 1
+        returned = time.monotonic()  # the link is back between called + 0.5 and returned + 0.5
         assert _ended(before)
-        refused, back = 0, None
-        while back is None and time.monotonic() - began < TIMEOUT:
+        refusals: list[float] = []  # when each refused attempt started
+        back = None
+        while back is None and time.monotonic() - called < TIMEOUT:
+            started = time.monotonic()
             try:
                 with _connect(link) as sock:
                     _ping(sock)
             except (ConnectionError, AssertionError):  # reset while connecting, or after
-                refused += 1
+                refusals.append(started)
                 time.sleep(0.02)
             else:
-                back = time.monotonic() - began
+                back = time.monotonic()
         assert back is not None
-        assert 0.5 <= back <= 0.6
-        assert refused >= 5
-        assert link.refused == refused
+        # Bounds from the link's own clock, not the test's pace: a busy machine may answer an
+        # attempt late, but no attempt succeeds before the outage ends, and none begun after
+        # it ends is refused.
+        assert back >= called + 0.5
+        assert max(refusals) < returned + 0.5
+        assert len(refusals) >= 3
+        assert link.refused == len(refusals)
 
 
 def test_scheduled_outage_stalls_new_connections_until_the_link_returns(echo: Server) -> None:
