@@ -232,7 +232,8 @@ def test_cut_every_resets_open_connections(echo: Server) -> None:
         assert _ping(sock) < 0.2
         began = time.monotonic()
         assert _ended(sock)
-        assert time.monotonic() - began < 0.35
+        # Cut by the first period's end, not the second's: a busy machine's loop runs late.
+        assert time.monotonic() - began < 0.55
         assert link.cut_connections == 1
         with _connect(link) as again:  # new connections still work
             assert _ping(again) < 0.2
