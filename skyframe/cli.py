@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -269,6 +270,7 @@ def run(  # noqa: PLR0917 (click passes every option)
     engine = Engine(
         project.config, project.pm, project.pipelines, watch_config=watch_config and not once
     )
+    engine.on_stuck = _exit_stuck
     stdout, stderr = obj["stdout"], obj["stderr"]
     if once:
         # The sinks' answers are awaited only when the first job would be handed out: the
@@ -310,6 +312,16 @@ def run(  # noqa: PLR0917 (click passes every option)
         os._exit(1)
     if once and not summary.ok:
         sys.exit(1)
+
+
+def _exit_stuck() -> None:
+    """A fatal stop that hangs (the engine said where): end the process; the queue is gone
+    with the state directory, so nothing that could resume is lost."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:  # pythonw has none
+            with contextlib.suppress(Exception):
+                stream.flush()
+    os._exit(1)
 
 
 def _log_to_file(config: Any) -> None:

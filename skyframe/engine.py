@@ -14,6 +14,9 @@ during the catch-up scan is missed), scans, then keeps delivering until ``stop()
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import sysconfig
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -57,6 +60,53 @@ log = logging.getLogger(__name__)
 HOUSEKEEPING_INTERVAL = 0.05  #: seconds between settle checks
 WATCHER_CHECK_INTERVAL = 2.0  #: seconds between checks that the observers are alive
 RESCAN_POLL_INTERVAL = 0.2  #: seconds between checks for due or requested rescans
+NOTIFIERS_CLOSE = 10.0  #: seconds a stop gives the notifiers to catch up
+FLUSH_CLOSE = 5.0  #: seconds a stop gives each webhook, and the hub, to send what it holds
+STOP_MARGIN = 10.0  #: seconds beyond those for the rest of a stop (pools, databases)
+
+
+def still_running(limit: int = 6) -> str:
+    """Where the other threads are, for a stop that hangs: each thread's innermost frame
+    outside the standard library ("name at folder/file.py:line in function"); threads that
+    are only in the standard library (idle pool workers) are left out."""
+    paths = sysconfig.get_paths()
+    stdlib = os.path.normcase(paths["stdlib"])
+    installed = tuple(os.path.normcase(paths[key]) for key in ("purelib", "platlib"))
+
+    def standard(filename: str) -> bool:
+        name = os.path.normcase(filename)
+        return name.startswith(stdlib) and not name.startswith(installed)
+
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    places = []
+    for ident, frame in sys._current_frames().items():
+        if ident == threading.get_ident():
+            continue
+        current: Any = frame
+        while current is not None and standard(current.f_code.co_filename):
+            current = current.f_back
+        if current is None:
+            continue
+        where = "/".join(current.f_code.co_filename.replace("\\", "/").split("/")[-2:])
+        places.append(
+            f"{names.get(ident, ident)} at {where}:{current.f_lineno} in {current.f_code.co_name}"
+        )
+    if not places:
+        return "no thread outside the standard library"
+    more = f"; {len(places) - limit} more" if len(places) > limit else ""
+    return "; ".join(places[:limit]) + more
+
+
+def _webhooks(config: Config) -> list[WebhookNotifier]:
+    """The config's webhooks (``notify``); aiohttp is loaded only when there are some."""
+    if not config.notify:
+        return []
+    from skyframe.webhook import WebhookNotifier
+
+    return [
+        WebhookNotifier(entry.webhook, name=f"webhook-{index + 1}")
+        for index, entry in enumerate(config.notify)
+    ]
 
 
 class Engine:
@@ -97,14 +147,7 @@ class Engine:
         )
         self.notifiers = Notifiers(pm)
         #: Called straight from emit(): they never block, and keep their own buffer.
-        self.webhooks: list[WebhookNotifier] = []
-        if config.notify:
-            from skyframe.webhook import WebhookNotifier  # aiohttp: only when configured
-
-            self.webhooks = [
-                WebhookNotifier(entry.webhook, name=f"webhook-{index + 1}")
-                for index, entry in enumerate(config.notify)
-            ]
+        self.webhooks = _webhooks(config)
         #: the hub this station reports to (docs/hub.md), when the config names one
         self.hub: HubLink | None = None
         if config.hub is not None:
@@ -126,6 +169,11 @@ class Engine:
         self._scan_failure: BaseException | None = None
         #: what ended the run early (the state directory vanished), raised when it ends
         self._fatal: SkyframeError | None = None
+        #: Called when a fatal stop still runs past ``stop_limit()`` (the CLI exits the
+        #: process); None: the stop is only said to hang.
+        self.on_stuck: Callable[[], None] | None = None
+        #: set once ``close`` is done (or gave up, with jobs still running)
+        self.closed = threading.Event()
         self._errors = RepeatedLog(log)  #: errors of steps retried every tick, said once
         #: Set once the watchers run and the first catch-up scan of every source is done.
         self.ready = threading.Event()
@@ -259,6 +307,7 @@ class Engine:
         an old upload is still writing.
         """
         if self.abandoned:
+            self.closed.set()
             return
         sinks = self.runner.sinks()  # with those of pipelines a reload replaced
         self.runner.shutdown()
@@ -275,6 +324,7 @@ class Engine:
         if self._group_store is not None:
             self._group_store.close()
         self._lock.release()
+        self.closed.set()
 
     # --- events ------------------------------------------------------------------------------
 
@@ -520,7 +570,6 @@ class Engine:
             self._guarded(self.intake.expire_vanished, "mirroring deletes")
             if time.monotonic() >= next_watch_check:
                 next_watch_check = time.monotonic() + WATCHER_CHECK_INTERVAL
-                self._check_state_dir()
                 if self.executors:
                     self._guarded(self._forget_results, "forgetting old executor results")
                 for source in self.intake.sources.values():
@@ -536,16 +585,41 @@ class Engine:
         except Exception as exc:
             self._errors.error(f"error while {what}; trying again shortly", exc)
 
-    def _check_state_dir(self) -> None:
+    def _watch_state_dir(self) -> None:
         """Stop when the state directory was removed or replaced under the running daemon:
-        its queue and manifest are gone, and another daemon could take the folder."""
-        if self._fatal is None and not self._lock.intact():
-            self._fatal = StateError(
-                f"the state directory {self.state_dir} was removed or replaced while "
-                "skyframe ran: stopping (start it again to begin with a fresh state)"
-            )
-            log.error("%s", self._fatal)
-            self.stop()
+        its queue and manifest are gone, and another daemon could take the folder.
+
+        A thread of its own, which no other step can hold up. The stop that follows is
+        bounded too: a part that still runs when the stop's own limits are past (something
+        waiting on a database that is gone) is named, and ``on_stuck`` ends the process.
+        """
+        while not self._stop.wait(WATCHER_CHECK_INTERVAL):
+            if not self._lock.intact():
+                break
+        else:
+            return  # stopped for another reason
+        self._fatal = StateError(
+            f"the state directory {self.state_dir} was removed or replaced while "
+            "skyframe ran: stopping (start it again to begin with a fresh state)"
+        )
+        log.error("%s", self._fatal)
+        self.stop()
+        limit = self.stop_limit()
+        if self.closed.wait(limit) or self.on_stuck is None:
+            return
+        log.error(
+            "skyframe did not stop within %.0f s of its state directory going (%s): exiting now",
+            limit,
+            still_running(),
+        )
+        self.on_stuck()
+
+    def stop_limit(self) -> float:
+        """The longest a stop takes when nothing hangs: in-flight work's grace, then the
+        notifiers' catching up and each webhook's and the hub's flush (see
+        ``_stop_notifiers``), and a margin for the rest of ``close``."""
+        flushes = len(self.webhooks) + (self.hub is not None)
+        return self.config.shutdown_grace + NOTIFIERS_CLOSE + FLUSH_CLOSE * flushes + STOP_MARGIN
 
     def _rescanner(self) -> None:
         """Catch-up scans: at start, every ``rescan`` interval, and whenever events were lost."""
@@ -603,6 +677,7 @@ class Engine:
         # The scans run beside the gate (the sinks' check) and the first deliveries: what they
         # queue is handed out as it comes, and the run is idle only once they are done.
         scans = threading.Thread(target=self._scan_all, name="skyframe-scan", daemon=True)
+        self._state_watch().start()
         try:
             self._start_notifiers()
             self._startup_hooks()
@@ -657,7 +732,15 @@ class Engine:
                 log.exception("could not queue the files this run had not sent")
             self._stop_notifiers()
             self._shutdown_hooks()
+        if self._fatal is not None:
+            raise self._fatal
         return self.summary
+
+    def _state_watch(self) -> threading.Thread:
+        """The thread of :meth:`_watch_state_dir`: not joined, as it outlives a stuck stop."""
+        return threading.Thread(
+            target=self._watch_state_dir, name="skyframe-state-watch", daemon=True
+        )
 
     def _scan_all(self) -> None:
         """Scan every source once (``run_once``); a failure stops the run and is raised there."""
@@ -715,6 +798,7 @@ class Engine:
             threading.Thread(target=self._watch_metered, name="skyframe-metered", daemon=True)
         )
         self.runner.patient = True  # an unreachable sink keeps files waiting, uncounted
+        self._state_watch().start()
         try:
             self._start_notifiers()
             self._startup_hooks()
@@ -803,12 +887,15 @@ class Engine:
 
     def _stop_notifiers(self) -> None:
         """Let the notifiers catch up (a few seconds at most), then let the webhooks flush."""
-        if not self.notifiers.close(timeout=10.0):
-            log.warning("notifiers still busy after 10 s: the rest of their events are dropped")
+        if not self.notifiers.close(timeout=NOTIFIERS_CLOSE):
+            log.warning(
+                "notifiers still busy after %.0f s: the rest of their events are dropped",
+                NOTIFIERS_CLOSE,
+            )
         for webhook in self.webhooks:
-            webhook.close(timeout=5.0)
+            webhook.close(timeout=FLUSH_CLOSE)
         if self.hub is not None:
-            self.hub.close(timeout=5.0)  # what is not sent stays in the outbox
+            self.hub.close(timeout=FLUSH_CLOSE)  # what is not sent stays in the outbox
         for name, count in self.notifiers.dropped.items():
             log.warning("notifier %s lost %d event(s): it could not keep up", name, count)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from helpers import (
     spawn_daemon,
     tree_files,
     wait_for,
+    write_plugin,
 )
 
 from skyframe.display import RepeatedLog, SafeLogFilter, escape, redact, redact_secrets, shown
@@ -313,7 +315,7 @@ def test_removing_the_state_folder_stops_the_daemon_with_one_line(
         make_file(config.parent / "incoming", "first.jpg", b"1")
         wait_for((config.parent / "outbox/first.jpg").exists, what="first delivery", timeout=30)
         shutil.rmtree(config.parent / "state")
-        code = daemon.wait(30)
+        code = _exit_code(daemon, log_path, 60)
     finally:
         if daemon.poll() is None:
             daemon.kill()
@@ -324,6 +326,59 @@ def test_removing_the_state_folder_stops_the_daemon_with_one_line(
     assert "was removed or replaced" in text
     assert "Traceback" not in text
     assert text.count("was removed or replaced") <= 2  # the log line and the final error
+
+
+def test_a_stop_that_hangs_after_the_state_folder_went_ends_the_process_naming_where(
+    tmp_path: Path, write_config: WriteConfig
+) -> None:
+    import shutil
+
+    config = write_config(
+        LOCAL.replace("FOLLOW", "").replace(
+            "retry:", "shutdown_grace: 1s\n    plugins: [plugins]\n    retry:"
+        )
+    )
+    write_plugin(
+        config.parent / "plugins",
+        "hang.py",
+        """
+        import time
+        from skyframe import hookimpl
+
+        @hookimpl
+        def skyframe_shutdown(config):
+            time.sleep(600)  # what the stop waits on, as a database that is gone could
+        """,
+    )
+    log_path = tmp_path / "daemon.log"
+    daemon = spawn_daemon(tmp_path, log_path, str(config))
+    try:
+        make_file(config.parent / "incoming", "first.jpg", b"1")
+        wait_for((config.parent / "outbox/first.jpg").exists, what="first delivery", timeout=30)
+        shutil.rmtree(config.parent / "state")
+        began = time.monotonic()
+        code = _exit_code(daemon, log_path, 90)
+        took = time.monotonic() - began
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    text = log_path.read_text()
+    assert code == 1, text
+    # The stop's own limits: 1 s of grace, 10 s for the notifiers, 10 s more for the rest.
+    assert "skyframe did not stop within 21 s of its state directory going" in text, text
+    assert "MainThread at plugins/hang.py:6 in skyframe_shutdown" in text, text
+    assert "exiting now" in text
+    assert took >= 20, took
+    assert "Traceback" not in text
+
+
+def _exit_code(daemon: subprocess.Popen[bytes], log_path: Path, timeout: float) -> int:
+    """The daemon's exit status; fails with its log when it has not ended in ``timeout`` s."""
+    try:
+        return daemon.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the daemon still ran after {timeout:.0f} s:\n{log_path.read_text()}")
 
 
 # --- 6. two pipelines, one sink folder ----------------------------------------------------------
