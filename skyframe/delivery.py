@@ -51,7 +51,7 @@ from skyframe.journal import UploadJournal
 from skyframe.pipeline import Pipeline, evaluate_rules
 from skyframe.pools import PriorityPool
 from skyframe.queue import Claim, JobQueue
-from skyframe.sharing import RemoteOwners
+from skyframe.sharing import RemoteNames, RemoteOwners
 from skyframe.state import Manifest, ManifestEntry
 from skyframe.storage import (
     BatchTransfer,
@@ -173,6 +173,8 @@ class JobRunner:
         self.arrived = None
         self.queue = queue
         self.manifest = manifest
+        #: which file each remote name of a pipeline's sink holds (two never share one)
+        self.names = RemoteNames(manifest)
         #: the engine's shared mapping; a reload changes it through :meth:`switch`
         self.pipelines = pipelines
         self.state_dir = state_dir
@@ -677,16 +679,22 @@ class JobRunner:
             and all(entry is None for _sink, entry in run.todo)
         )
 
-    def _claim_remotes(self, sink: Sink, runs: list[_Run]) -> list[_Run]:
-        """The runs whose remote path is theirs to write (see RemoteOwners); the others go
-        alone, where the conflict is reported."""
-        if self.owners is None or not self.owners.active:
-            return runs
+    def _claim_remotes(
+        self, sink: Sink, runs: list[_Run], held: contextlib.ExitStack
+    ) -> list[_Run]:
+        """The runs whose remote path is theirs to write (see RemoteOwners and RemoteNames:
+        the names stay claimed until ``held`` closes); the others go alone, where the
+        conflict is reported."""
+        shared = self.owners is not None and self.owners.active
         mine = []
         for run in runs:
             assert run.job is not None
+            event, remote = run.job.event, run.job.remote_name
             try:
-                self.owners.claim(sink, sink.remote_path(run.job.remote_name))
+                if shared:
+                    assert self.owners is not None
+                    self.owners.claim(sink, sink.remote_path(remote))
+                held.enter_context(self.names.claim(event.pipeline, sink, remote, event.relpath))
             except RemoteConflictError:
                 continue
             mine.append(run)
@@ -700,7 +708,16 @@ class JobRunner:
         cut by a stop, recorded as the run's error); False: to send alone."""
         # A run cut by a stop goes back to the queue: nothing more is sent for it.
         outcome = {id(run): True for run in runs if run.stopped}
-        mine = self._claim_remotes(sink, [run for run in runs if id(run) not in outcome])
+        with contextlib.ExitStack() as held:
+            mine = self._claim_remotes(sink, [run for run in runs if id(run) not in outcome], held)
+            self._send_claimed(sink, send, mine, outcome)
+        return [(run, outcome.get(id(run), False)) for run in runs]
+
+    def _send_claimed(
+        self, sink: Sink, send: BatchTransfer, mine: list[_Run], outcome: dict[int, bool]
+    ) -> None:
+        """:meth:`_send_together` of the runs whose remote names are claimed; ``outcome``
+        takes each run that is served."""
         if mine:
             for run in mine:
                 self._announce("started", run, sink)
@@ -741,7 +758,6 @@ class JobRunner:
                 delivered = []
             for run, result in delivered:
                 self._announce("delivered", run, sink, result.size, result.sha256)
-        return [(run, outcome.get(id(run), False)) for run in runs]
 
     # --- one sink ----------------------------------------------------------------------------
 
@@ -760,10 +776,11 @@ class JobRunner:
         queued = run.claim.job
         if isinstance(queued, Move) and self._move_remote(run, job, sink, queued.moved_from):
             return
-        self._announce("started", run, sink)
-        result = self._transfer(self._request(run, sink, progress=True))
-        derived = self._send_derived(job, sink, urgent=run.urgent)
-        self._record([(run, sink, result.sha256, derived)])
+        with self.names.claim(event.pipeline, sink, job.remote_name, event.relpath):
+            self._announce("started", run, sink)
+            result = self._transfer(self._request(run, sink, progress=True))
+            derived = self._send_derived(job, sink, urgent=run.urgent)
+            self._record([(run, sink, result.sha256, derived)])
         self._announce("delivered", run, sink, result.size, result.sha256)
 
     def _announce(

@@ -275,6 +275,7 @@ class Engine:
             opened.append(self.queue)
             self.manifest = Manifest(self.state_dir / "manifest")
             opened.append(self.manifest)
+            self.manifest.index_remote_names()
             self.journal = UploadJournal(self.state_dir / "uploads")
             opened.append(self.journal)
             self.history = History(

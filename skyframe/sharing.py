@@ -1,4 +1,12 @@
-"""Storage that several pipelines deliver to: each remote path belongs to one pipeline.
+"""Remote names that two files would share: each remote path holds one file.
+
+Within a pipeline, a rename template can give two files one remote name (``{name}`` alone,
+and a ``DJI_0001.JPG`` in each flight's folder). The second would silently replace the
+first: :class:`RemoteNames` refuses it with both names (:class:`RemoteConflictError`, a dead
+letter), whether the first is in flight beside it or was delivered on an earlier day (the
+manifest's index of remote names). A new version of the same file still replaces its own.
+
+Storage that several pipelines deliver to: each remote path belongs to one pipeline.
 
 Two pipelines may send to the same bucket or folder (``out`` and ``./out``, or a folder and
 one inside it). A file of one must never silently replace a file of the other: the first
@@ -10,7 +18,8 @@ dead letter). Pipelines whose sinks share nothing pay nothing.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 from skyframe.errors import RemoteConflictError
@@ -87,3 +96,41 @@ class RemoteOwners:
                 f"{sink.owner!r} does not replace it (give the pipelines different folders or "
                 "remote names)"
             )
+
+
+class RemoteNames:
+    """Which file of a pipeline each remote name on its sink holds (see the module's
+    docstring): the files in flight, then the manifest's index."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self._manifest = manifest
+        self._lock = threading.Lock()
+        #: (pipeline, sink key, remote name) -> (relative path, transfers holding it)
+        self._flying: dict[tuple[str, str, str], tuple[str, int]] = {}
+
+    @contextmanager
+    def claim(self, pipeline: str, sink: Sink, remote: str, relpath: str) -> Iterator[None]:
+        """Hold ``remote`` on ``sink`` for the file ``relpath`` while it is sent and recorded;
+        raise RemoteConflictError when another file of the pipeline has it."""
+        key = (pipeline, sink.key, remote)
+        with self._lock:
+            flying = self._flying.get(key)
+            holder = flying[0] if flying is not None else None
+            if holder is None:
+                holder = self._manifest.holder(pipeline, sink.key, remote)
+            if holder is not None and holder != relpath:
+                raise RemoteConflictError(
+                    f"{sink.display}: {remote} holds {holder}; {relpath} of pipeline "
+                    f"{pipeline!r} is not written over it (the remote names of the two are "
+                    "one: tell them apart in the rename template, with {parent} or {relpath})"
+                )
+            self._flying[key] = (relpath, (flying[1] if flying is not None else 0) + 1)
+        try:
+            yield
+        finally:
+            with self._lock:
+                _holder, count = self._flying[key]
+                if count > 1:
+                    self._flying[key] = (relpath, count - 1)
+                else:
+                    del self._flying[key]

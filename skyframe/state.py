@@ -246,6 +246,12 @@ def _entry(data: dict[str, Any]) -> ManifestEntry:
     return ManifestEntry(**{**data, "derived": tuple(data.get("derived", ()))})
 
 
+#: The first character of the manifest's index keys (never that of a pipeline's name).
+_NAMES = "\x01"
+#: Set once the manifest's records are all in the index of remote names.
+_INDEXED = f"{_NAMES}indexed"
+
+
 class Manifest:
     """What was delivered where, per (pipeline, sink, relative path)."""
 
@@ -259,6 +265,35 @@ class Manifest:
     @staticmethod
     def _key(pipeline: str, sink: str, relpath: str) -> str:
         return f"{pipeline}\x00{sink}\x00{relpath}"
+
+    @staticmethod
+    def _name_key(pipeline: str, sink: str, remote: str) -> str:
+        """The key of the index of remote names: which file a pipeline's remote name holds."""
+        return f"{_NAMES}{pipeline}\x00{sink}\x00{remote}"
+
+    def index_remote_names(self) -> None:
+        """Build the index of remote names, once, for a manifest written before it existed
+        (its records stay as they are). A reader of the state (a dry run) never calls it."""
+        if self._cache.get(_INDEXED):
+            return
+        rows = [(self._name_key(p, s, e.remote), r) for p, s, r, e in self.entries()]
+
+        def write() -> None:
+            for key, relpath in rows:
+                self._cache.set(key, relpath)
+            self._cache.set(_INDEXED, True)
+
+        self._commit(write)
+
+    def holder(self, pipeline: str, sink: str, remote: str) -> str | None:
+        """The relative path of the file the manifest has at ``remote`` on the pipeline's sink,
+        if any (an index entry whose file has moved to another name, or was forgotten, is
+        none)."""
+        relpath = self._cache.get(self._name_key(pipeline, sink, remote))
+        if not isinstance(relpath, str):
+            return None
+        entry = self.get(pipeline, sink, relpath)
+        return relpath if entry is not None and entry.remote == remote else None
 
     def get(self, pipeline: str, sink: str, relpath: str) -> ManifestEntry | None:
         """The delivery record, if any."""
@@ -276,7 +311,10 @@ class Manifest:
         """Store deliveries, given as (pipeline, sink, relpath, entry), in one transaction."""
         if not entries:
             return
-        rows = [(self._key(p, s, r), asdict(entry)) for p, s, r, entry in entries]
+        rows: list[tuple[str, Any]] = []
+        for p, s, r, entry in entries:
+            rows.append((self._key(p, s, r), asdict(entry)))
+            rows.append((self._name_key(p, s, entry.remote), r))
 
         def write() -> None:
             for key, value in rows:
@@ -293,6 +331,8 @@ class Manifest:
         """Every record as (pipeline, sink, relpath, entry)."""
         out = []
         for key in self._cache.iterkeys():
+            if key.startswith(_NAMES):
+                continue
             data = self._cache.get(key)
             if data is not None:
                 pipeline, sink, relpath = key.split("\x00", 2)
