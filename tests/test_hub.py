@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -277,6 +278,27 @@ def test_concurrent_starts_migrate_once(hub_database: str) -> None:
     for thread in threads:
         thread.join(60)
     assert not errors
+
+
+def test_a_start_waits_for_another_hub_that_writes_a_new_sqlite_file(tmp_path: Path) -> None:
+    # Another hub's migrations hold the write lock of a file that is not yet in WAL mode:
+    # SQLite refuses the switch at once, without its busy handler. The start waits instead.
+    path = tmp_path / "hub.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE being_migrated (x)")
+    release = threading.Timer(0.5, lambda: other.execute("COMMIT"))
+    release.start()
+    try:
+        began = time.monotonic()
+        engine = open_database(f"sqlite:///{path}")
+        assert time.monotonic() - began >= 0.4
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        engine.dispose()
+    finally:
+        release.join()
+        other.close()
 
 
 def test_token_add_list_revoke_through_the_cli(tmp_path: Path, hub_database: str) -> None:

@@ -9,6 +9,8 @@ on SQLite inside one ``BEGIN IMMEDIATE`` transaction, which serialises them the 
 from __future__ import annotations
 
 import logging
+import sqlite3
+import time
 from typing import Any
 
 import sqlalchemy as sa
@@ -72,7 +74,7 @@ def _sqlite_transactions(engine: Engine) -> None:
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # sqlite3 begins nothing on its own
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _journal_to_wal(cursor)
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
@@ -80,6 +82,22 @@ def _sqlite_transactions(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _begin(connection: sa.Connection) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _journal_to_wal(cursor: Any) -> None:
+    """Put the database in WAL mode. On a new file another hub may hold the write lock (its
+    migrations) while the mode is still the default: SQLite then says "database is locked"
+    at once, without its busy handler, so the switch is tried again for as long as a writer
+    is waited for."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.05)
 
 
 def migrate(engine: Engine) -> None:
