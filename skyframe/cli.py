@@ -750,6 +750,16 @@ def status(config_file: Path, as_json: bool) -> None:
         click.echo(line)
 
 
+def _check_pipeline(config: Any, config_file: Path, pipeline: str | None) -> None:
+    """A usage error (exit 2) when ``--pipeline`` names none of the config's pipelines."""
+    names = [p.name for p in config.pipelines]
+    if pipeline is not None and pipeline not in names:
+        raise click.BadParameter(
+            f"no pipeline named {pipeline!r} in {config_file} (there are: {', '.join(names)})",
+            param_hint="--pipeline",
+        )
+
+
 def _switch(config_file: Path, pipeline: str | None, paused: bool) -> None:
     from skyframe.client import DaemonClient, NoDaemonError
     from skyframe.config import load_config
@@ -758,12 +768,8 @@ def _switch(config_file: Path, pipeline: str | None, paused: bool) -> None:
     from skyframe.state import StateLock
 
     config = load_config(config_file)
+    _check_pipeline(config, config_file, pipeline)
     names = [p.name for p in config.pipelines]
-    if pipeline is not None and pipeline not in names:
-        raise click.BadParameter(
-            f"no pipeline named {pipeline!r} in {config_file} (there are: {', '.join(names)})",
-            param_hint="--pipeline",
-        )
     what = pipeline or "everything"
     verb = "paused" if paused else "resumed"
     try:
@@ -872,6 +878,8 @@ def history(  # noqa: PLR0917 (click passes every option)
         )
     finally:
         store.close()
+    if not events:  # a pipeline the config no longer has may still have its events
+        _check_pipeline(config, config_file, pipeline)
     for event in reversed(events):
         click.echo(json.dumps(event) if as_json else history_line(event))
     if not events:
@@ -1023,6 +1031,10 @@ def queue_retry(
                 moved += found
     finally:
         q.close()
+    if not moved and pipeline is not None:  # one the config no longer has may still have jobs
+        from skyframe.config import load_config
+
+        _check_pipeline(load_config(config_file), config_file, pipeline)
     click.echo(f"{moved} job(s) back in the queue")
     if paths and moved < len(paths):
         sys.exit(1)

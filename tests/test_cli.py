@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import skyframe, write_plugin
+from helpers import WriteConfig, skyframe, write_plugin
 
 pytestmark = pytest.mark.slow
 
@@ -356,3 +356,32 @@ def test_dry_run_says_what_a_run_would_do_and_changes_nothing(example_project: P
     failing = skyframe(example_project, "run", "--dry-run")
     assert failing.returncode == 1
     assert "error\tsurvey\tflight-02/flight.csv\tValueError: no" in failing.stdout
+
+
+PIPELINE_NAMED = """
+    state_dir: state
+    pipelines:
+      - name: NAME
+        source: {path: incoming, settle: 0}
+        sinks: [{url: outbox}]
+    """
+
+
+def test_a_pipeline_option_that_names_no_pipeline_is_a_usage_error(
+    tmp_path: Path, write_config: WriteConfig
+) -> None:
+    config = write_config(PIPELINE_NAMED.replace("NAME", "survey"))
+    (tmp_path / "incoming" / "a.jpg").write_bytes(b"a")
+    assert skyframe(tmp_path, "run", "--once").returncode == 0
+    wrong = "no pipeline named 'nope' in skyframe.yaml (there are: survey)"
+    history = skyframe(tmp_path, "history", "-p", "nope")
+    assert history.returncode == 2, history.stderr
+    assert wrong in history.stderr
+    retry = skyframe(tmp_path, "queue", "retry", "--all", "--pipeline", "nope")
+    assert retry.returncode == 2, retry.stderr
+    assert wrong in retry.stderr
+    # A pipeline the config no longer has still shows what it did.
+    config.write_text(config.read_text().replace("survey", "field"))
+    history = skyframe(tmp_path, "history", "-p", "survey")
+    assert history.returncode == 0, history.stderr
+    assert "a.jpg" in history.stdout
