@@ -89,6 +89,9 @@ class Endpoint:
     #: in any case; None: the folder is made, then the filesystem's ``pipe_file``, ``size``
     #: and ``rm``
     write_check: Callable[[Any, str, bytes, Callable[[], None] | None], int | None] | None = None
+    #: what only the protocol's transfer plugin knows the type of (SFTP: how OpenSSH's own
+    #: client reaches the sink, for the rest of a large upload on a fast link)
+    extras: object | None = None
 
 
 def bucket_and_root(url: str, hint: str) -> tuple[str, str]:

@@ -18,7 +18,7 @@ from skyframe.deps import import_asyncssh, import_sshfs
 from skyframe.errors import SinkRefusedError, SinkUnavailableError
 from skyframe.protocols.classify import exception_chain, one_line, unreachable
 from skyframe.protocols.endpoint import BackendOptions, Endpoint, close_quietly
-from skyframe.protocols.sftp import session
+from skyframe.protocols.sftp import openssh, session
 from skyframe.protocols.sftp.ssh_wire import GatheringConnector, gathering_supported, routed
 from skyframe.units import Duration, expand_home
 
@@ -130,6 +130,18 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
     def classify(exc: BaseException) -> SinkUnavailableError | SinkRefusedError | None:
         return classify_error(exc, f"{username}@{host}:{port}", known_hosts)
 
+    handover = openssh.plan(
+        host=host,
+        port=port,
+        username=username,
+        key_files=client_keys,
+        known_hosts=known_hosts,
+        password=settings.password,
+        passphrase=settings.passphrase,
+        ciphers=settings.ciphers,
+        timeout=settings.timeout,
+        keepalive=settings.keepalive,
+    )
     return Endpoint(
         "sftp",
         root,
@@ -141,6 +153,7 @@ def endpoint(url: str, options: dict[str, Any], base_dir: Path) -> Endpoint:
         warnings=warnings,
         make_folder=session.make_folder_now,
         write_check=session.write_check_now,
+        extras=handover,
     )
 
 

@@ -50,7 +50,7 @@ from skyframe.errors import (
 )
 from skyframe.journal import UploadJournal, same_file
 from skyframe.protocols.classify import one_line
-from skyframe.protocols.sftp import session
+from skyframe.protocols.sftp import openssh, session
 from skyframe.storage import Sink, SourceReader, TransferRequest, TransferResult
 
 log = logging.getLogger(__name__)
@@ -85,14 +85,23 @@ def _write_pipelined(
     *,
     offset: int,
     confirmed: Callable[[int], None],
-) -> None:
+    until: Callable[[int], bool] | None = None,
+) -> int | None:
     """Write the rest of the file from ``offset``, keeping up to WINDOW bytes unacknowledged;
     ``confirmed(end)`` is called as the server acknowledges each piece, in file order.
 
     Each piece is a write at its own offset on the session's file (see ``session``): several
-    are in flight while the next piece is read and hashed."""
+    are in flight while the next piece is read and hashed. With ``until``, asked with the
+    acknowledged end after each piece: once it says so, the writes stop, and the offset up
+    to which all were acknowledged (and read) is returned; None: the file was written."""
     pending: deque[tuple[Future[Any], int, int]] = deque()  #: (write, its end, its size)
     waiting = 0  #: bytes written and not yet acknowledged
+    acknowledged = [offset]
+
+    def note(end: int) -> None:
+        acknowledged[0] = end
+        confirmed(end)
+
     try:
         for piece in reader.chunks():
             request.pace(len(piece))
@@ -101,14 +110,19 @@ def _write_pipelined(
             waiting += len(piece)
             future = asyncio.run_coroutine_threadsafe(write, fs.loop)
             pending.append((future, offset, len(piece)))
-            while waiting >= WINDOW:
-                waiting -= _acknowledged(pending, confirmed)
+            while waiting >= WINDOW or (pending and pending[0][0].done()):
+                waiting -= _acknowledged(pending, note)
+            if until is not None and offset < request.size and until(acknowledged[0]):
+                while pending:
+                    _acknowledged(pending, note)
+                return offset
         while pending:
-            _acknowledged(pending, confirmed)
+            _acknowledged(pending, note)
     except BaseException:
         for future, _, _ in pending:
             future.cancel()
         raise
+    return None
 
 
 def _acknowledged(
@@ -140,12 +154,12 @@ def _resume_offset(
     if journal is None:
         return 0, False
     record = journal.get(request.journal_key)
-    if (
-        record is None
-        or record.get("protocol") != "sftp"
-        or record.get("temporary") != temporary
-        or not same_file(record, request.size, request.mtime_ns)
-    ):
+    if record is None or record.get("protocol") != "sftp" or record.get("temporary") != temporary:
+        return 0, False
+    if not same_file(record, request.size, request.mtime_ns):
+        # The file changed since: its old temporary file goes (opening it anew would write
+        # over the same file, which an sftp process the last run left may still write to).
+        session.run(fs, session.remove_quietly, fs, temporary)
         return 0, False
     remote_size = session.run(fs, session.size_of, fs, temporary, lane)
     if remote_size is None:
@@ -175,13 +189,18 @@ def upload(request: TransferRequest) -> TransferResult:
     resume = -1  #: what the latest try that opened the file got acknowledged (its content)
     stalls = 0  #: tries in a row whose connection did not answer
     tries = 0  #: tries in a row that got nothing more acknowledged
+    handed = 0  #: handovers to OpenSSH's client that did not finish
     while True:
         generation = sink.generation
         progress = _Progress()
         try:
-            return _upload_once(request, progress, resume)
+            return _upload_once(request, progress, resume, handovers=handed < openssh.HANDOVERS)
         except (SourceChangedError, SourceUnreadableError):
             raise
+        except openssh.HandoverFailed as exc:  # the next try goes on from the journal
+            handed += 1
+            log.info("%s: %s: %s; going on", sink.display, request.remote_path, one_line(exc))
+            continue
         except Exception as exc:
             error = sink.translate(exc)
             if not isinstance(error, SinkUnavailableError):
@@ -228,9 +247,12 @@ def pause(request: TransferRequest, seconds: float) -> None:
         time.sleep(min(left, 0.1))
 
 
-def _upload_once(request: TransferRequest, progress: _Progress, before: int) -> TransferResult:
+def _upload_once(
+    request: TransferRequest, progress: _Progress, before: int, *, handovers: bool = True
+) -> TransferResult:
     """One try of :func:`upload` on the sink's current connection (``before``: what the
-    latest try that began writing got acknowledged, -1 at first)."""
+    latest try that began writing got acknowledged, -1 at first; ``handovers``: the rest
+    of a large file may go through OpenSSH's client)."""
     sink = request.sink
     fs = sink.fs
     progress.answered = True  # connected (now, or by another transfer)
@@ -275,8 +297,15 @@ def _upload_once(request: TransferRequest, progress: _Progress, before: int) -> 
             request.progress(done)
 
         try:
-            handle, reader.chunk_size = _open(sink, fs, temporary, "r+b" if start else "wb", lane)
-            _write_and_close(fs, handle, reader, request, start=start, confirmed=confirmed)
+            _send(
+                request,
+                reader,
+                temporary=temporary,
+                start=start,
+                lane=lane,
+                confirmed=confirmed,
+                handovers=handovers,
+            )
             reader.check_unchanged(request.size, request.mtime_ns)
             if journal is not None:  # a cut may lose the answer to a rename that took effect
                 journal.update(key, offset=request.size, renaming=True)
@@ -295,6 +324,42 @@ def _upload_once(request: TransferRequest, progress: _Progress, before: int) -> 
     if journal is not None:
         journal.forget(key)
     return TransferResult(reader.bytes_read, reader.sha256)
+
+
+def _send(
+    request: TransferRequest,
+    reader: SourceReader,
+    *,
+    temporary: str,
+    start: int,
+    lane: session.Lane,
+    confirmed: Callable[[int], None],
+    handovers: bool,
+) -> None:
+    """Write the file into ``temporary`` from ``start`` and close it; a large file on a fast
+    link has its rest sent by OpenSSH's client (see ``openssh``)."""
+    sink = request.sink
+    fs = sink.fs
+    plan = sink.endpoint.extras
+    fast = None
+    if isinstance(plan, openssh.OpenSSH) and handovers and openssh.usable(request, temporary):
+        fast = openssh.Probe(start)
+    handle, reader.chunk_size = _open(sink, fs, temporary, "r+b" if start else "wb", lane)
+    stopped = _write_and_close(
+        fs, handle, reader, request, start=start, confirmed=confirmed, until=fast
+    )
+    if stopped is None or fast is None or not isinstance(plan, openssh.OpenSSH):
+        return
+    log.debug("%s: %.0f MB/s acknowledged", request.remote_path, fast.rate / 1e6)
+    openssh.send_rest(
+        request,
+        plan,
+        reader,
+        temporary=temporary,
+        offset=stopped,
+        size_of=lambda: session.run(fs, session.size_of, fs, temporary, lane),
+        confirmed=confirmed,
+    )
 
 
 def _record(request: TransferRequest, temporary: str) -> dict[str, Any]:
@@ -346,16 +411,21 @@ def _write_and_close(
     *,
     start: int,
     confirmed: Callable[[int], None],
-) -> None:
+    until: Callable[[int], bool] | None = None,
+) -> int | None:
     """:func:`_write_pipelined` from ``start``, then close the remote file (once, either way:
-    after a failure, quietly and without waiting long on a dead connection)."""
+    after a failure, quietly and without waiting long on a dead connection). Returns where
+    ``until`` stopped the writes (None: the file was written)."""
     try:
-        _write_pipelined(fs, handle, reader, request, offset=start, confirmed=confirmed)
+        stopped = _write_pipelined(
+            fs, handle, reader, request, offset=start, confirmed=confirmed, until=until
+        )
     except BaseException:
         with contextlib.suppress(Exception):
             session.run(fs, session.close_file, handle)
         raise
     session.run(fs, session.close_file, handle)
+    return stopped
 
 
 def _open(sink: Sink, fs: Any, temporary: str, mode: str, lane: session.Lane) -> tuple[Any, int]:

@@ -1,0 +1,302 @@
+"""The rest of a large SFTP upload on a fast link, sent by OpenSSH's own ``sftp`` client
+(skyframe.protocols.sftp.openssh), against the tests' OpenSSH server."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import servers
+from fakes.link import LinkEmulator, mbit
+from helpers import make_file, sftp_sink, sftp_through
+
+from skyframe.bandwidth import Limiter, TokenBucket
+from skyframe.config import SinkConfig
+from skyframe.journal import UploadJournal
+from skyframe.protocols.sftp import openssh, transfer
+from skyframe.storage import Sink, TransferRequest, TransferResult, open_sink
+
+SIZE = 20 * 1024 * 1024 + 12_345  #: the files sent (the thresholds are lowered to fit)
+
+
+@pytest.fixture(autouse=True)
+def small_thresholds(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Hand over files of a few MiB after 1 MiB at any rate; forget refusals after."""
+    monkeypatch.setattr(openssh, "MIN_SIZE", 1024 * 1024)
+    monkeypatch.setattr(openssh, "PROBE_BYTES", 1024 * 1024)
+    monkeypatch.setattr(openssh, "FAST", 1)
+    yield
+    openssh._off.clear()
+
+
+@pytest.fixture
+def sink(tmp_path: Path, sftp_server: servers.SFTPServer) -> Iterator[Sink]:
+    opened = open_sink(SinkConfig.model_validate(sftp_sink(sftp_server)), tmp_path)
+    opened.ensure_folder(opened.root)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Iterator[UploadJournal]:
+    opened = UploadJournal(tmp_path / "journal")
+    yield opened
+    opened.close()
+
+
+def _request(sink: Sink, path: Path, journal: UploadJournal, **extra: Any) -> TransferRequest:
+    st = path.stat()
+    return TransferRequest(
+        sink,
+        path,
+        sink.remote_path(path.name),
+        st.st_size,
+        st.st_mtime_ns,
+        journal=journal,
+        **extra,
+    )
+
+
+def _arrived(sink: Sink, path: Path, result: TransferResult) -> None:
+    data = path.read_bytes()
+    assert result == TransferResult(len(data), hashlib.sha256(data).hexdigest())
+    folder = Path(sink.root)
+    assert (folder / path.name).read_bytes() == data
+    assert [p.name for p in folder.iterdir()] == [path.name]  # no temporary file left
+
+
+def _handed_over(caplog: pytest.LogCaptureFixture) -> bool:
+    return any("the link is fast" in r.getMessage() for r in caplog.records)
+
+
+def test_a_large_file_on_a_fast_link_is_finished_by_openssh(
+    sink: Sink, tmp_path: Path, journal: UploadJournal, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="skyframe")
+    big = make_file(tmp_path / "src", "flight.mp4", os.urandom(SIZE))
+    seen: list[int] = []
+    result = transfer.upload(_request(sink, big, journal, progress=seen.append))
+    assert _handed_over(caplog)
+    _arrived(sink, big, result)
+    assert seen == sorted(seen)
+    assert seen[-1] == SIZE
+    assert journal.get(_request(sink, big, journal).journal_key) is None
+
+
+def test_a_link_below_the_rate_keeps_asyncssh(
+    sink: Sink,
+    tmp_path: Path,
+    journal: UploadJournal,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(openssh, "FAST", 1e15)
+    caplog.set_level(logging.INFO, logger="skyframe")
+    big = make_file(tmp_path / "src", "flight.mp4", os.urandom(SIZE))
+    result = transfer.upload(_request(sink, big, journal))
+    assert not _handed_over(caplog)
+    _arrived(sink, big, result)
+
+
+@pytest.mark.parametrize("why", ["no sftp", "limit", "urgent", "glob", "small"])
+def test_what_stays_on_asyncssh(  # noqa: PLR0917 (fixtures)
+    sink: Sink,
+    tmp_path: Path,
+    journal: UploadJournal,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    why: str,
+) -> None:
+    caplog.set_level(logging.INFO, logger="skyframe")
+    name = "flight[1].mp4" if why == "glob" else "flight.mp4"
+    big = make_file(tmp_path / "src", name, os.urandom(SIZE if why != "small" else 900_000))
+    extra: dict[str, Any] = {}
+    if why == "no sftp":
+        monkeypatch.setattr(openssh.shutil, "which", lambda name: None)
+    elif why == "limit":
+        sink.limiter = Limiter([TokenBucket(1e12, name="test")])
+    elif why == "urgent":
+        extra["urgent"] = True
+    result = transfer.upload(_request(sink, big, journal, **extra))
+    assert not _handed_over(caplog)
+    _arrived(sink, big, result)
+
+
+def test_a_handover_openssh_refuses_is_turned_off_and_asyncssh_sends_the_file(
+    sink: Sink,
+    tmp_path: Path,
+    journal: UploadJournal,
+    sftp_server: servers.SFTPServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # OpenSSH is shown another host key than the one asyncssh checked: it refuses to log in.
+    plan = sink.endpoint.extras
+    assert isinstance(plan, openssh.OpenSSH)
+    wrong = sftp_server.wrong_known_hosts(tmp_path / "wrong_known_hosts")
+    sink.endpoint.extras = dataclasses.replace(plan, known_hosts=str(wrong))
+    caplog.set_level(logging.INFO, logger="skyframe")
+    for name in ("first.mp4", "second.mp4"):
+        big = make_file(tmp_path / "src", name, os.urandom(SIZE))
+        result = transfer.upload(_request(sink, big, journal))
+        data = big.read_bytes()
+        assert result == TransferResult(len(data), hashlib.sha256(data).hexdigest())
+        assert (Path(sink.root) / name).read_bytes() == data
+    refusals = [r.getMessage() for r in caplog.records if "could not take over" in r.getMessage()]
+    assert len(refusals) == 1, refusals
+    assert "Host key verification failed" in refusals[0]
+    assert sum("the link is fast" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_stop_during_the_handover_ends_sftp_and_the_next_try_resumes(
+    tmp_path: Path,
+    journal: UploadJournal,
+    sftp_server: servers.SFTPServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="skyframe")
+    with LinkEmulator(servers.LOOPBACK, sftp_server.port, up_bps=mbit(80)) as link:
+        entry = sftp_through(link, sftp_server, tmp_path)
+        slow = open_sink(SinkConfig.model_validate(entry), tmp_path)
+        try:
+            slow.ensure_folder(slow.root)
+            big = make_file(tmp_path / "src", "flight.mp4", os.urandom(SIZE))
+
+            class Stopped(Exception):
+                pass
+
+            def progress(done: int) -> None:
+                if _handed_over(caplog) and done > 2 * 1024 * 1024:
+                    raise Stopped
+
+            with pytest.raises(Stopped):
+                transfer.upload(_request(slow, big, journal, progress=progress))
+            record = journal.get(_request(slow, big, journal).journal_key)
+            assert record is not None
+            assert record["offset"] > 2 * 1024 * 1024
+            time.sleep(0.3)  # sftp, ended, sends nothing more
+            temporary = Path(record["temporary"])
+            size = temporary.stat().st_size
+            time.sleep(0.5)
+            assert temporary.stat().st_size == size
+            caplog.clear()
+            result = transfer.upload(_request(slow, big, journal))
+            assert any("resuming" in r.getMessage() for r in caplog.records)
+            _arrived(slow, big, result)
+        finally:
+            slow.close()
+
+
+def test_a_pause_during_the_handover_hands_the_rest_back_to_asyncssh(
+    tmp_path: Path,
+    journal: UploadJournal,
+    sftp_server: servers.SFTPServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="skyframe")
+    paused = threading.Event()
+
+    def pace(size: int) -> None:  # as the daemon's: waits while the pipeline is paused
+        while paused.is_set():
+            time.sleep(0.01)
+
+    with LinkEmulator(servers.LOOPBACK, sftp_server.port, up_bps=mbit(80)) as link:
+        slow = open_sink(
+            SinkConfig.model_validate(sftp_through(link, sftp_server, tmp_path)), tmp_path
+        )
+        try:
+            slow.ensure_folder(slow.root)
+            big = make_file(tmp_path / "src", "flight.mp4", os.urandom(SIZE))
+            outcome: list[Any] = []
+
+            def send() -> None:
+                try:
+                    outcome.append(transfer.upload(_request(slow, big, journal, pace=pace)))
+                except BaseException as exc:
+                    outcome.append(exc)
+
+            thread = threading.Thread(target=send)
+            thread.start()
+            deadline = time.monotonic() + 20
+            while not _handed_over(caplog) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            paused.set()
+            time.sleep(1.0)
+            paused.clear()
+            thread.join(60)
+            assert len(outcome) == 1
+            result = outcome[0]
+            assert isinstance(result, TransferResult), result
+            _arrived(slow, big, result)
+            assert any("paused; going on" in r.getMessage() for r in caplog.records)
+        finally:
+            slow.close()
+
+
+def test_the_plan_logs_in_only_as_asyncssh_would_and_checks_the_host_key() -> None:
+    base: dict[str, Any] = {
+        "host": "station.example",
+        "port": 2222,
+        "username": "crew",
+        "key_files": ["/keys/id_ed25519"],
+        "known_hosts": "/keys/known%hosts",
+        "password": None,
+        "passphrase": None,
+        "ciphers": ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com"],
+        "timeout": 30.0,
+        "keepalive": 15.0,
+    }
+    plan = openssh.plan(**base)
+    assert plan is not None
+    argv = plan.command("/usr/bin/sftp")
+    assert argv[:5] == ["/usr/bin/sftp", "-b", "-", "-P", "2222"]
+    options = {argv[i + 1] for i, arg in enumerate(argv) if arg == "-o"}
+    assert {
+        "BatchMode=yes",
+        "StrictHostKeyChecking=yes",
+        "UserKnownHostsFile=/keys/known%%hosts",
+        "GlobalKnownHostsFile=none",
+        "IdentitiesOnly=yes",
+        "User=crew",
+        "Ciphers=aes128-gcm@openssh.com,chacha20-poly1305@openssh.com",
+    } <= options
+    assert argv[-4:] == ["-i", "/keys/id_ed25519", "--", "station.example"]
+    no_keys = openssh.plan(**{**base, "key_files": []})
+    assert no_keys is not None
+    assert "IdentitiesOnly=yes" not in no_keys.command("sftp")  # the agent and ~/.ssh keys
+    for refused in (
+        {"password": "secret"},
+        {"passphrase": "secret"},
+        {"known_hosts": None},  # host_key_check: false
+        {"host": "::1"},
+        {"known_hosts": "/my keys/known_hosts"},
+        {"key_files": ["/keys/id ed25519"]},
+    ):
+        assert openssh.plan(**{**base, **refused}) is None, refused
+
+
+def test_a_changed_file_does_not_reuse_the_temporary_file_an_old_sftp_may_write_to(
+    sink: Sink, tmp_path: Path, journal: UploadJournal
+) -> None:
+    # A run killed during a handover leaves its sftp writing into the temporary file. If the
+    # file changed before the next run, that one starts anew in a new file, not over it.
+    big = make_file(tmp_path / "src", "flight.mp4", os.urandom(SIZE))
+    request = _request(sink, big, journal)
+    temporary = Path(sink.temporary_path(request.remote_path))
+    temporary.write_bytes(b"old" * 1000)
+    old = temporary.stat().st_ino
+    record = {"protocol": "sftp", "temporary": str(temporary), "size": 1, "mtime_ns": 1}
+    journal.start(request.journal_key, {**record, "offset": 3000})
+    with temporary.open("r+b") as left_behind:
+        result = transfer.upload(request)
+        left_behind.write(b"late writes of the old sftp")
+        left_behind.flush()
+    _arrived(sink, big, result)
+    assert (Path(sink.root) / big.name).stat().st_ino != old
