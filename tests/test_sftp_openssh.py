@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ SIZE = 20 * 1024 * 1024 + 12_345  #: the files sent (the thresholds are lowered 
 @pytest.fixture(autouse=True)
 def small_thresholds(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Hand over files of a few MiB after 1 MiB at any rate; forget refusals after."""
+    if shutil.which("sftp") is None:
+        pytest.fail("OpenSSH's sftp is missing: install Debian's openssh-client (.ci/setup does)")
     monkeypatch.setattr(openssh, "MIN_SIZE", 1024 * 1024)
     monkeypatch.setattr(openssh, "PROBE_BYTES", 1024 * 1024)
     monkeypatch.setattr(openssh, "FAST", 1)
