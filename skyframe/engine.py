@@ -172,7 +172,7 @@ class Engine:
         #: Called when a fatal stop still runs past ``stop_limit()`` (the CLI exits the
         #: process); None: the stop is only said to hang.
         self.on_stuck: Callable[[], None] | None = None
-        #: set once ``close`` is done (or gave up, with jobs still running)
+        #: set once ``close`` is done (not when it gave up, with jobs still running)
         self.closed = threading.Event()
         self._errors = RepeatedLog(log)  #: errors of steps retried every tick, said once
         #: Set once the watchers run and the first catch-up scan of every source is done.
@@ -307,8 +307,7 @@ class Engine:
         process must exit (the queue is durable), so that no second instance can start while
         an old upload is still writing.
         """
-        if self.abandoned:
-            self.closed.set()
+        if self.abandoned:  # not closed: after a fatal stop, on_stuck ends the process
             return
         sinks = self.runner.sinks()  # with those of pipelines a reload replaced
         self.runner.shutdown()

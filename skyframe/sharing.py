@@ -98,6 +98,13 @@ class RemoteOwners:
             )
 
 
+class RemoteNameBusyError(RemoteConflictError):
+    """The remote name is being written with another file right now: tried again later,
+    when the name either holds that file (then refused for good) or is free."""
+
+    retryable = True
+
+
 class RemoteNames:
     """Which file of a pipeline each remote name on its sink holds (see the module's
     docstring): the files in flight, then the manifest's index."""
@@ -113,16 +120,21 @@ class RemoteNames:
         """Hold ``remote`` on ``sink`` for the file ``relpath`` while it is sent and recorded;
         raise RemoteConflictError when another file of the pipeline has it."""
         key = (pipeline, sink.key, remote)
+        advice = "the remote names of the two are one: tell them apart in the rename template"
         with self._lock:
             flying = self._flying.get(key)
-            holder = flying[0] if flying is not None else None
-            if holder is None:
-                holder = self._manifest.holder(pipeline, sink.key, remote)
+            if flying is not None and flying[0] != relpath:
+                # Not refused for good: the other may fail, and leave the name free.
+                raise RemoteNameBusyError(
+                    f"{sink.display}: {remote} is being written with {flying[0]}; {relpath} of "
+                    f"pipeline {pipeline!r} waits for it ({advice})"
+                )
+            holder = self._manifest.holder(pipeline, sink.key, remote)
             if holder is not None and holder != relpath:
                 raise RemoteConflictError(
                     f"{sink.display}: {remote} holds {holder}; {relpath} of pipeline "
-                    f"{pipeline!r} is not written over it (the remote names of the two are "
-                    "one: tell them apart in the rename template, with {parent} or {relpath})"
+                    f"{pipeline!r} is not written over it ({advice}, with {{parent}} or "
+                    "{relpath})"
                 )
             self._flying[key] = (relpath, (flying[1] if flying is not None else 0) + 1)
         try:

@@ -276,10 +276,16 @@ class Manifest:
         (its records stay as they are). A reader of the state (a dry run) never calls it."""
         if self._cache.get(_INDEXED):
             return
-        rows = [(self._name_key(p, s, e.remote), r) for p, s, r, e in self.entries()]
+        # Where two records share a name (written before names were kept apart), the file
+        # delivered last is the one the remote holds.
+        latest: dict[str, tuple[float, str]] = {}
+        for p, s, r, e in self.entries():
+            key = self._name_key(p, s, e.remote)
+            if key not in latest or e.delivered_at >= latest[key][0]:
+                latest[key] = (e.delivered_at, r)
 
         def write() -> None:
-            for key, relpath in rows:
+            for key, (_when, relpath) in latest.items():
                 self._cache.set(key, relpath)
             self._cache.set(_INDEXED, True)
 

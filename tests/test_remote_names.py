@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from helpers import WriteConfig, make_file, s3_sink, sftp_sink, skyframe, tree_files
 
+from skyframe.sharing import RemoteNameBusyError, RemoteNames
 from skyframe.state import Manifest, ManifestEntry
 
 FLATTEN = """
     state_dir: state
-    retry: {max_attempts: 2, initial: 0.05, max: 0.1}
+    retry: {max_attempts: 5, initial: 0.05, max: 0.1}
     pipelines:
       - name: field
         source: {path: incoming, settle: 0}
@@ -140,3 +142,41 @@ def _drop_index(manifest: Manifest) -> None:
     for key in list(cache.iterkeys()):
         if key.startswith("\x01"):
             del cache[key]
+
+
+def test_an_old_manifest_s_shared_name_is_indexed_to_the_file_delivered_last(
+    tmp_path: Path,
+) -> None:
+    manifest = Manifest(tmp_path / "manifest")
+    first = ManifestEntry(1, 1, "0" * 64, "DJI_0001.JPG", delivered_at=200.0)
+    second = ManifestEntry(1, 1, "0" * 64, "DJI_0001.JPG", delivered_at=100.0)
+    manifest.record_many(
+        [
+            ("field", "sink", "flight-1/DJI_0001.JPG", first),
+            ("field", "sink", "flight-2/DJI_0001.JPG", second),
+        ]
+    )
+    _drop_index(manifest)  # written before names were kept apart
+    manifest.index_remote_names()
+    assert manifest.holder("field", "sink", "DJI_0001.JPG") == "flight-1/DJI_0001.JPG"
+    manifest.close()
+
+
+def test_a_name_being_written_is_refused_for_now_and_free_once_the_other_failed(
+    tmp_path: Path,
+) -> None:
+    manifest = Manifest(tmp_path / "manifest")
+    names = RemoteNames(manifest)
+    sink: Any = SimpleNamespace(key="outbox", display="outbox")
+    with (
+        pytest.raises(RemoteNameBusyError) as busy,
+        names.claim("field", sink, "DJI_0001.JPG", "flight-1/DJI_0001.JPG"),
+        names.claim("field", sink, "DJI_0001.JPG", "flight-2/DJI_0001.JPG"),
+    ):
+        pass
+    assert busy.value.retryable
+    assert "is being written with flight-1/DJI_0001.JPG" in str(busy.value)
+    # flight-1 failed (nothing recorded): the name is free for flight-2.
+    with names.claim("field", sink, "DJI_0001.JPG", "flight-2/DJI_0001.JPG"):
+        pass
+    manifest.close()

@@ -80,6 +80,12 @@ def _handed_over(caplog: pytest.LogCaptureFixture) -> bool:
     return any("the link is fast" in r.getMessage() for r in caplog.records)
 
 
+def _fell_back(caplog: pytest.LogCaptureFixture) -> bool:
+    """Whether a handover failed or was refused (asyncssh then went on)."""
+    said = [r.getMessage() for r in caplog.records]
+    return any("could not take over" in m or "; going on" in m for m in said)
+
+
 def test_a_large_file_on_a_fast_link_is_finished_by_openssh(
     sink: Sink, tmp_path: Path, journal: UploadJournal, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -88,6 +94,7 @@ def test_a_large_file_on_a_fast_link_is_finished_by_openssh(
     seen: list[int] = []
     result = transfer.upload(_request(sink, big, journal, progress=seen.append))
     assert _handed_over(caplog)
+    assert not _fell_back(caplog)  # sftp sent the rest itself
     _arrived(sink, big, result)
     assert seen == sorted(seen)
     assert seen[-1] == SIZE
@@ -155,7 +162,8 @@ def test_a_handover_openssh_refuses_is_turned_off_and_asyncssh_sends_the_file(
     refusals = [r.getMessage() for r in caplog.records if "could not take over" in r.getMessage()]
     assert len(refusals) == 1, refusals
     assert "Host key verification failed" in refusals[0]
-    assert sum("the link is fast" in r.getMessage() for r in caplog.records) == 1
+    # Two handovers that sent nothing (the first might have been a server's login limit).
+    assert sum("the link is fast" in r.getMessage() for r in caplog.records) == 2
 
 
 def test_a_stop_during_the_handover_ends_sftp_and_the_next_try_resumes(
@@ -181,6 +189,7 @@ def test_a_stop_during_the_handover_ends_sftp_and_the_next_try_resumes(
 
             with pytest.raises(Stopped):
                 transfer.upload(_request(slow, big, journal, progress=progress))
+            assert not _fell_back(caplog)
             record = journal.get(_request(slow, big, journal).journal_key)
             assert record is not None
             assert record["offset"] > 2 * 1024 * 1024
@@ -231,7 +240,7 @@ def test_a_pause_during_the_handover_hands_the_rest_back_to_asyncssh(
             while not _handed_over(caplog) and time.monotonic() < deadline:
                 time.sleep(0.01)
             paused.set()
-            time.sleep(1.0)
+            time.sleep(openssh.PAUSED_AFTER + 1.0)
             paused.clear()
             thread.join(60)
             assert len(outcome) == 1
@@ -303,3 +312,71 @@ def test_a_changed_file_does_not_reuse_the_temporary_file_an_old_sftp_may_write_
         left_behind.flush()
     _arrived(sink, big, result)
     assert (Path(sink.root) / big.name).stat().st_ino != old
+
+
+def test_a_temporary_file_longer_than_the_writes_keeps_asyncssh_to_the_end(
+    sink: Sink, tmp_path: Path, journal: UploadJournal, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An earlier try left bytes (and a hole) beyond where this one's writes stop: sftp's
+    # put -a would go on from the file's end and leave them. asyncssh writes over them.
+    caplog.set_level(logging.INFO, logger="skyframe")
+    data = os.urandom(SIZE)
+    big = make_file(tmp_path / "src", "flight.mp4", data)
+    request = _request(sink, big, journal)
+    temporary = Path(sink.temporary_path(request.remote_path))
+    with temporary.open("wb") as held:
+        held.write(data[: 4 * 1024 * 1024])
+        held.write(bytes(3 * 1024 * 1024))  # a hole of zeros
+        held.write(data[7 * 1024 * 1024 : 12 * 1024 * 1024])
+    st = big.stat()
+    record = {"protocol": "sftp", "temporary": str(temporary), "size": st.st_size}
+    journal.start(request.journal_key, {**record, "mtime_ns": st.st_mtime_ns, "offset": 1 << 20})
+    result = transfer.upload(request)
+    assert not _handed_over(caplog)
+    _arrived(sink, big, result)
+
+
+def test_an_upload_an_earlier_run_handed_over_goes_on_once_its_sftp_has_ended(
+    sink: Sink,
+    tmp_path: Path,
+    journal: UploadJournal,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A run killed during a handover leaves its sftp sending: the next run waits until the
+    # temporary file no longer grows, then goes on from its end (an OpenSSH server's writes
+    # land in order), not from the journal's older offset.
+    monkeypatch.setattr(openssh, "STILL", 1.0)
+    caplog.set_level(logging.INFO, logger="skyframe")
+    data = os.urandom(SIZE)
+    big = make_file(tmp_path / "src", "flight.mp4", data)
+    request = _request(sink, big, journal)
+    temporary = Path(sink.temporary_path(request.remote_path))
+    mib = 1024 * 1024
+    temporary.write_bytes(data[: 8 * mib])
+    st = big.stat()
+    record = {"protocol": "sftp", "temporary": str(temporary), "size": st.st_size}
+    journal.start(
+        request.journal_key,
+        {**record, "mtime_ns": st.st_mtime_ns, "offset": 2 * mib, "handover": "killed-run"}
+        | {"ordered": True},
+    )
+
+    def left_behind() -> None:  # that run's sftp, still sending
+        with temporary.open("r+b") as remote:
+            for offset in range(8 * mib, 14 * mib, mib):
+                remote.seek(offset)
+                remote.write(data[offset : offset + mib])
+                remote.flush()
+                time.sleep(0.3)
+
+    sending = threading.Thread(target=left_behind)
+    sending.start()
+    try:
+        result = transfer.upload(request)
+    finally:
+        sending.join()
+    said = [r.getMessage() for r in caplog.records]
+    assert any("waiting for an sftp of an earlier run to end" in m for m in said), said
+    assert any(f"at byte {14 * mib}" in m for m in said), said
+    _arrived(sink, big, result)

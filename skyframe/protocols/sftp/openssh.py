@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,6 +43,10 @@ MIN_SIZE = 64 * 1024 * 1024  #: files below this size stay on asyncssh
 PROBE_BYTES = 4 * 1024 * 1024  #: acknowledged by the server before the rate is judged
 FAST = 40_000_000  #: bytes a second from which the rest goes through OpenSSH (320 Mbit/s)
 POLL = 0.25  #: seconds between two looks at the temporary file's size
+PAUSED_AFTER = 1.0  #: seconds the pipeline's pace may wait before it counts as a pause
+REFUSALS = 2  #: handovers in a row that sent nothing before they are turned off for a sink
+STILL = 5.0  #: seconds an earlier run's temporary file must not grow before an upload goes on
+STILL_MAX = 300.0  #: the longest wait for it (its sftp ends when its link is gone for 45 s)
 HASH_STEP = 8 * 1024 * 1024  #: bytes hashed between two looks at whether the upload stopped
 STOP_WAIT = 5.0  #: seconds ``sftp`` gets to exit after it is told to
 HANDOVERS = 3  #: handovers of one upload that did not finish, before asyncssh sends the rest
@@ -51,6 +56,10 @@ _PLAIN = re.compile(r"[\w./ +,=@%:~-]+")
 #: What a file name given to OpenSSH as an option may hold (no space: options split there).
 _OPTION_PLAIN = re.compile(r"[\w./+,=@%:~-]+")
 _off: set[str] = set()  #: sinks (their keys) whose handover OpenSSH refused
+_refused: dict[str, int] = {}  #: sinks' handovers in a row that sent nothing
+#: Marks the journal records of handovers this process runs: one marked by another (a run
+#: that was killed) may still have its sftp writing into the temporary file.
+RUN_ID = uuid.uuid4().hex
 _off_lock = threading.Lock()
 
 
@@ -79,6 +88,7 @@ class OpenSSH:
             "UserKnownHostsFile": _literal(self.known_hosts),
             "GlobalKnownHostsFile": "none",
             "UpdateHostKeys": "no",  # the sink's known_hosts is read, never written
+            "VerifyHostKeyDNS": "no",  # and is the only source of trusted keys, as for asyncssh
             "User": self.username,
             "ConnectTimeout": str(max(1, round(self.timeout))),
             "ServerAliveInterval": str(max(1, round(self.keepalive))),
@@ -132,6 +142,30 @@ def plan(
     )
 
 
+def in_order(fs: object) -> bool:
+    """Whether the server is OpenSSH's, whose sftp-server carries out a session's writes in
+    the order they come: the temporary file's size is then how far it holds the file, which
+    the journal takes while ``sftp`` sends (another server may write them at once, and leave
+    holes below its size)."""
+    try:
+        version = fs.client.get_extra_info("server_version")  # type: ignore[attr-defined]
+    except Exception:  # not connected: no handover now
+        return False
+    return isinstance(version, str) and version.startswith("SSH-2.0-OpenSSH_")
+
+
+def wait_until_still(size_of: Callable[[], int | None]) -> None:
+    """Wait until a temporary file an earlier run's ``sftp`` may still write has not grown for
+    :data:`STILL` seconds (that sftp ended, or its link did), at most :data:`STILL_MAX`."""
+    deadline = time.monotonic() + STILL_MAX
+    size, since = size_of(), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < STILL:
+        time.sleep(POLL)
+        now = size_of()
+        if now != size:
+            size, since = now, time.monotonic()
+
+
 def program() -> str | None:
     """OpenSSH's ``sftp`` on the PATH, if any."""
     return shutil.which("sftp")
@@ -166,6 +200,16 @@ class Probe:
             return False
         self.rate = done / max(time.monotonic() - self.began, 1e-6)
         return self.rate >= FAST
+
+
+def _refusal(sink: Sink, why: str) -> None:
+    """A handover that sent nothing: the second in a row turns them off for the sink (a
+    first may be the server's limit of logins starting at once)."""
+    with _off_lock:
+        _refused[sink.key] = _refused.get(sink.key, 0) + 1
+        if _refused[sink.key] < REFUSALS:
+            return
+    turn_off(sink, why)
 
 
 def turn_off(sink: Sink, why: str) -> None:
@@ -231,15 +275,16 @@ def send_rest(
                 confirmed(reached)
     except BaseException:
         stop.set()
-        _stop(process)
         raise
     finally:
+        _stop(process)  # never left running, whatever ended the watch
         pacing.close()
         errors.wait(STOP_WAIT)
         hashing.wait(None)
     hashing.result()
     size = size_of()
     if process.returncode == 0 and size == request.size:
+        _refused.pop(sink.key, None)
         confirmed(request.size)
         return
     said = _last_line(errors.result())
@@ -247,7 +292,9 @@ def send_rest(
         confirmed(size)
         reached = size
     if reached == offset:  # nothing went: its login or its options, not the link
-        turn_off(sink, said or f"exit status {process.returncode}")
+        _refusal(sink, said or f"exit status {process.returncode}")
+    else:
+        _refused.pop(sink.key, None)
     raise HandoverFailed(said or f"sftp exited with status {process.returncode}")
 
 
@@ -341,7 +388,7 @@ class _Pacer:
         if self._error is not None:
             raise self._error
         since = self._since
-        return bool(since) and time.monotonic() - since > POLL
+        return bool(since) and time.monotonic() - since > PAUSED_AFTER
 
     def close(self) -> None:
         self._closed.set()

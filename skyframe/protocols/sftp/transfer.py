@@ -156,18 +156,26 @@ def _resume_offset(
     record = journal.get(request.journal_key)
     if record is None or record.get("protocol") != "sftp" or record.get("temporary") != temporary:
         return 0, False
+    orphan = record.get("handover") not in (None, openssh.RUN_ID)
     if not same_file(record, request.size, request.mtime_ns):
-        # The file changed since: its old temporary file goes (opening it anew would write
-        # over the same file, which an sftp process the last run left may still write to).
-        session.run(fs, session.remove_quietly, fs, temporary)
+        if orphan:  # anew in a new file: the old one may still be written to
+            session.run(fs, session.remove_quietly, fs, temporary)
         return 0, False
+    if orphan:
+        # An earlier run handed this upload to sftp and ended without stopping it: that sftp
+        # may still be sending (the same bytes, where they belong). Go on once it has ended.
+        log.info("%s: waiting for an sftp of an earlier run to end", temporary)
+        openssh.wait_until_still(lambda: session.run(fs, session.size_of, fs, temporary, lane))
     remote_size = session.run(fs, session.size_of, fs, temporary, lane)
     if remote_size is None:
         if not record.get("renaming"):
             return 0, False
         arrived = session.run(fs, session.size_of, fs, request.remote_path, lane)
         return 0, arrived == request.size
-    return max(0, min(int(record.get("offset", 0)), remote_size, request.size)), False
+    # After a handover (an OpenSSH server: its writes land in order) the file's size is how
+    # far it holds the file; otherwise a write in flight may have pushed it past a hole.
+    held = remote_size if record.get("ordered") else int(record.get("offset", 0))
+    return max(0, min(held, remote_size, request.size)), False
 
 
 def cancel_upload(fs: Any, record: dict[str, Any]) -> None:
@@ -283,6 +291,10 @@ def _upload_once(
             log.info("%s: resuming %s at byte %d", sink.display, request.remote_path, start)
             reader.start_at(start)  # hashes what is already there
         elif journal is not None:
+            if isinstance(sink.endpoint.extras, openssh.OpenSSH):
+                # Anew in a new file: an sftp that a killed run left (see openssh) may still
+                # write into the old one, which opening it anew would keep.
+                session.run(fs, session.remove_quietly, fs, temporary)
             journal.start(key, _record(request, temporary))
         progress.acknowledged = start
         noted = [time.monotonic(), start]  # when and up to where the journal was updated
@@ -350,16 +362,38 @@ def _send(
     )
     if stopped is None or fast is None or not isinstance(plan, openssh.OpenSSH):
         return
+    if not openssh.in_order(fs):  # see openssh: only servers whose writes land in order
+        handle, _ = _open(sink, fs, temporary, "r+b", lane)
+        _write_and_close(fs, handle, reader, request, start=stopped, confirmed=confirmed)
+        return
+
+    def size_of() -> int | None:
+        return session.run(fs, session.size_of, fs, temporary, lane)
+
+    # sftp's put -a goes on from the file's end: only where that is where the writes stopped
+    # (an earlier try may have left bytes, or a hole, beyond it), else asyncssh goes on.
+    if size_of() != stopped:
+        handle, _ = _open(sink, fs, temporary, "r+b", lane)
+        _write_and_close(fs, handle, reader, request, start=stopped, confirmed=confirmed)
+        return
     log.debug("%s: %.0f MB/s acknowledged", request.remote_path, fast.rate / 1e6)
-    openssh.send_rest(
-        request,
-        plan,
-        reader,
-        temporary=temporary,
-        offset=stopped,
-        size_of=lambda: session.run(fs, session.size_of, fs, temporary, lane),
-        confirmed=confirmed,
-    )
+    journal = request.journal
+    if journal is not None:  # a run that dies now leaves this mark (see _resume_offset)
+        journal.update(request.journal_key, handover=openssh.RUN_ID, ordered=True)
+    try:
+        openssh.send_rest(
+            request,
+            plan,
+            reader,
+            temporary=temporary,
+            offset=stopped,
+            size_of=size_of,
+            confirmed=confirmed,
+        )
+    finally:  # sftp has ended, whatever happened
+        if journal is not None:
+            with contextlib.suppress(Exception):
+                journal.update(request.journal_key, handover=None)
 
 
 def _record(request: TransferRequest, temporary: str) -> dict[str, Any]:
