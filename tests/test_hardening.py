@@ -306,21 +306,7 @@ def test_a_hung_server_is_reported_and_the_run_ends(
 def test_removing_the_state_folder_stops_the_daemon_with_one_line(
     tmp_path: Path, write_config: WriteConfig
 ) -> None:
-    import shutil
-
-    config = local_config(write_config)
-    log_path = tmp_path / "daemon.log"
-    daemon = spawn_daemon(tmp_path, log_path, str(config))
-    try:
-        make_file(config.parent / "incoming", "first.jpg", b"1")
-        wait_for((config.parent / "outbox/first.jpg").exists, what="first delivery", timeout=30)
-        shutil.rmtree(config.parent / "state")
-        code = _exit_code(daemon, log_path, 60)
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
-    text = log_path.read_text()
+    code, _took, text = _remove_the_state_folder(tmp_path, local_config(write_config), 60)
     assert code == 1, text
     assert "state directory" in text
     assert "was removed or replaced" in text
@@ -331,8 +317,6 @@ def test_removing_the_state_folder_stops_the_daemon_with_one_line(
 def test_a_stop_that_hangs_after_the_state_folder_went_ends_the_process_naming_where(
     tmp_path: Path, write_config: WriteConfig
 ) -> None:
-    import shutil
-
     config = write_config(
         LOCAL.replace("FOLLOW", "").replace(
             "retry:", "shutdown_grace: 1s\n    plugins: [plugins]\n    retry:"
@@ -350,20 +334,7 @@ def test_a_stop_that_hangs_after_the_state_folder_went_ends_the_process_naming_w
             time.sleep(600)  # what the stop waits on, as a database that is gone could
         """,
     )
-    log_path = tmp_path / "daemon.log"
-    daemon = spawn_daemon(tmp_path, log_path, str(config))
-    try:
-        make_file(config.parent / "incoming", "first.jpg", b"1")
-        wait_for((config.parent / "outbox/first.jpg").exists, what="first delivery", timeout=30)
-        shutil.rmtree(config.parent / "state")
-        began = time.monotonic()
-        code = _exit_code(daemon, log_path, 90)
-        took = time.monotonic() - began
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
-    text = log_path.read_text()
+    code, took, text = _remove_the_state_folder(tmp_path, config, 90)
     assert code == 1, text
     # The stop's own limits: 1 s of grace, 10 s for the notifiers, 10 s more for the rest.
     assert "skyframe did not stop within 21 s of its state directory going" in text, text
@@ -373,12 +344,30 @@ def test_a_stop_that_hangs_after_the_state_folder_went_ends_the_process_naming_w
     assert "Traceback" not in text
 
 
-def _exit_code(daemon: subprocess.Popen[bytes], log_path: Path, timeout: float) -> int:
-    """The daemon's exit status; fails with its log when it has not ended in ``timeout`` s."""
+def _remove_the_state_folder(
+    tmp_path: Path, config: Path, timeout: float
+) -> tuple[int, float, str]:
+    """Start the daemon of ``config``, let it deliver a file, remove its state folder; return
+    its exit status, the seconds it took to exit, and its log. Fails with the log when it has
+    not ended in ``timeout`` seconds."""
+    import shutil
+
+    log_path = tmp_path / "daemon.log"
+    daemon = spawn_daemon(tmp_path, log_path, str(config))
     try:
-        return daemon.wait(timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the daemon still ran after {timeout:.0f} s:\n{log_path.read_text()}")
+        make_file(config.parent / "incoming", "first.jpg", b"1")
+        wait_for((config.parent / "outbox/first.jpg").exists, what="first delivery", timeout=30)
+        shutil.rmtree(config.parent / "state")
+        began = time.monotonic()
+        try:
+            code = daemon.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the daemon still ran after {timeout:.0f} s:\n{log_path.read_text()}")
+        return code, time.monotonic() - began, log_path.read_text()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
 
 
 # --- 6. two pipelines, one sink folder ----------------------------------------------------------
