@@ -774,9 +774,11 @@ class JobRunner:
             self.emit(LifecycleEvent("unchanged", event.pipeline, event.relpath, sink=sink.key))
             return
         queued = run.claim.job
-        if isinstance(queued, Move) and self._move_remote(run, job, sink, queued.moved_from):
-            return
-        with self.names.claim(event.pipeline, sink, job.remote_name, event.relpath):
+        moved_from = queued.moved_from if isinstance(queued, Move) else None
+        # A move onto a name another file holds is refused as an upload there would be.
+        with self.names.claim(event.pipeline, sink, job.remote_name, event.relpath, moved_from):
+            if moved_from is not None and self._move_remote(run, job, sink, moved_from):
+                return
             self._announce("started", run, sink)
             result = self._transfer(self._request(run, sink, progress=True))
             derived = self._send_derived(job, sink, urgent=run.urgent)

@@ -116,9 +116,12 @@ class RemoteNames:
         self._flying: dict[tuple[str, str, str], tuple[str, int]] = {}
 
     @contextmanager
-    def claim(self, pipeline: str, sink: Sink, remote: str, relpath: str) -> Iterator[None]:
-        """Hold ``remote`` on ``sink`` for the file ``relpath`` while it is sent and recorded;
-        raise RemoteConflictError when another file of the pipeline has it."""
+    def claim(
+        self, pipeline: str, sink: Sink, remote: str, relpath: str, moved_from: str | None = None
+    ) -> Iterator[None]:
+        """Hold ``remote`` on ``sink`` for the file ``relpath`` while it is sent (or moved
+        there, from the remote name of ``moved_from``) and recorded; raise
+        RemoteConflictError when another file of the pipeline has it."""
         key = (pipeline, sink.key, remote)
         advice = "the remote names of the two are one: tell them apart in the rename template"
         with self._lock:
@@ -130,7 +133,7 @@ class RemoteNames:
                     f"pipeline {pipeline!r} waits for it ({advice})"
                 )
             holder = self._manifest.holder(pipeline, sink.key, remote)
-            if holder is not None and holder != relpath:
+            if holder is not None and holder not in (relpath, moved_from):
                 raise RemoteConflictError(
                     f"{sink.display}: {remote} holds {holder}; {relpath} of pipeline "
                     f"{pipeline!r} is not written over it ({advice}, with {{parent}} or "

@@ -223,6 +223,21 @@ def test_move_after_delivery_is_a_remote_move(tmp_path: Path, start: Callable[..
     assert daemon.recorder.count("started") == 1
 
 
+def test_a_move_onto_a_remote_name_another_file_holds_is_refused(
+    tmp_path: Path, start: Callable[..., Daemon]
+) -> None:
+    # With the remote name the file's name alone, a move of f1/a.jpg to f1/b.jpg would move
+    # its copy over f2/b.jpg's: refused, and both copies stay.
+    daemon = start(settle="0", processes='[{rename: {template: "{name}"}}]')
+    a = make_file(tmp_path / "incoming", "f1/a.jpg", b"A")
+    make_file(tmp_path / "incoming", "f2/b.jpg", b"B")
+    wait_for(lambda: daemon.recorder.count("delivered") == 2, what="both delivered")
+    a.rename(a.with_name("b.jpg"))
+    wait_for(lambda: daemon.recorder.count("dead-lettered", "f1/b.jpg") == 1, what="refusal")
+    assert outbox_files(tmp_path) == {"a.jpg": b"A", "b.jpg": b"B"}
+    assert daemon.recorder.count("moved") == 0
+
+
 def test_delete_is_kept_remotely_by_default(tmp_path: Path, start: Callable[..., Daemon]) -> None:
     daemon = start(settle="0")
     path = make_file(tmp_path / "incoming", "a.jpg", b"A")
