@@ -116,7 +116,7 @@ def test_a_link_below_the_rate_keeps_asyncssh(
     _arrived(sink, big, result)
 
 
-@pytest.mark.parametrize("why", ["no sftp", "limit", "urgent", "glob", "small"])
+@pytest.mark.parametrize("why", ["no sftp", "limit", "urgent", "glob", "small", "server"])
 def test_what_stays_on_asyncssh(  # noqa: PLR0917 (fixtures)
     sink: Sink,
     tmp_path: Path,
@@ -135,6 +135,8 @@ def test_what_stays_on_asyncssh(  # noqa: PLR0917 (fixtures)
         sink.limiter = Limiter([TokenBucket(1e12, name="test")])
     elif why == "urgent":
         extra["urgent"] = True
+    elif why == "server":  # a server that may carry out writes out of order
+        monkeypatch.setattr(openssh, "in_order", lambda fs: False)
     result = transfer.upload(_request(sink, big, journal, **extra))
     assert not _handed_over(caplog)
     _arrived(sink, big, result)

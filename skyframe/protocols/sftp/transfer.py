@@ -354,17 +354,18 @@ def _send(
     fs = sink.fs
     plan = sink.endpoint.extras
     fast = None
-    if isinstance(plan, openssh.OpenSSH) and handovers and openssh.usable(request, temporary):
+    if (
+        isinstance(plan, openssh.OpenSSH)
+        and handovers
+        and openssh.usable(request, temporary)
+        and openssh.in_order(fs)  # see openssh: only servers whose writes land in order
+    ):
         fast = openssh.Probe(start)
     handle, reader.chunk_size = _open(sink, fs, temporary, "r+b" if start else "wb", lane)
     stopped = _write_and_close(
         fs, handle, reader, request, start=start, confirmed=confirmed, until=fast
     )
     if stopped is None or fast is None or not isinstance(plan, openssh.OpenSSH):
-        return
-    if not openssh.in_order(fs):  # see openssh: only servers whose writes land in order
-        handle, _ = _open(sink, fs, temporary, "r+b", lane)
-        _write_and_close(fs, handle, reader, request, start=stopped, confirmed=confirmed)
         return
 
     def size_of() -> int | None:
