@@ -33,6 +33,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from skyframe.storage import Sink, SourceReader, TransferRequest
@@ -254,7 +255,8 @@ def send_rest(
         offset,
     )
     stop = threading.Event()
-    hashing = _Background(lambda: _hash_rest(reader, request.size, stop))
+    pool = ThreadPoolExecutor(2, thread_name_prefix="skyframe-openssh")
+    hashing = pool.submit(_hash_rest, reader, request.size, stop)
     pacing = _Pacer(request)
     process = subprocess.Popen(
         openssh.command(sftp),
@@ -262,11 +264,11 @@ def send_rest(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    errors = _Background(lambda: process.communicate(_batch(request, temporary))[1])
+    errors = pool.submit(process.communicate, _batch(request, temporary))
     reached = offset
     try:
-        while errors.running():
-            errors.wait(POLL)
+        while not errors.done():
+            wait([errors], timeout=POLL)
             if pacing.paused():
                 raise HandoverFailed("paused")
             size = size_of()
@@ -279,15 +281,14 @@ def send_rest(
     finally:
         _stop(process)  # never left running, whatever ended the watch
         pacing.close()
-        errors.wait(STOP_WAIT)
-        hashing.wait(None)
+        pool.shutdown()  # sftp has ended: its output is read; the hashing stops or ends
     hashing.result()
     size = size_of()
     if process.returncode == 0 and size == request.size:
         _refused.pop(sink.key, None)
         confirmed(request.size)
         return
-    said = _last_line(errors.result())
+    said = _last_line(errors.result()[1])
     if size is not None and size > reached:
         confirmed(size)
         reached = size
@@ -329,34 +330,6 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-class _Background:
-    """A call in a thread of its own, with its result or exception."""
-
-    def __init__(self, call: Callable[[], object]) -> None:
-        self._call = call
-        self._result: object = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="skyframe-openssh", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._result = self._call()
-        except BaseException as exc:
-            self._error = exc
-
-    def running(self) -> bool:
-        return self._thread.is_alive()
-
-    def wait(self, timeout: float | None) -> None:
-        self._thread.join(timeout)
-
-    def result(self) -> object:
-        if self._error is not None:
-            raise self._error
-        return self._result
 
 
 class _Pacer:
