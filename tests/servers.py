@@ -72,6 +72,15 @@ def _can_bind(port: int) -> bool:
     return True
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives outgoing connections (Linux; 32768 elsewhere)."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text(encoding="ascii")
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now (chosen by the kernel)."""
     return free_ports(1)[0]
@@ -526,7 +535,10 @@ class S3Server(Server):
 
     def __init__(self, base_dir: str | os.PathLike[str], *, timeout: float = START_TIMEOUT):
         super().__init__(base_dir, timeout=timeout)
-        ports = free_ports(5, offset=SEAWEED_GRPC_OFFSET)
+        # Below the kernel's ephemeral ports, gRPC twins included: a free port there can be
+        # taken by any outgoing connection before SeaweedFS binds it.
+        high = min(29999, _ephemeral_low() - SEAWEED_GRPC_OFFSET - 1)
+        ports = free_ports(5, offset=SEAWEED_GRPC_OFFSET, high=high)
         self.master_port, self.volume_port, self.filer_port, self.admin_port, self.port = ports
         self.endpoint_url = f"http://{LOOPBACK}:{self.port}"
         self.data_dir = self.dir / "data"
