@@ -87,13 +87,44 @@ def _fell_back(caplog: pytest.LogCaptureFixture) -> bool:
 
 
 def test_a_large_file_on_a_fast_link_is_finished_by_openssh(
-    sink: Sink, tmp_path: Path, journal: UploadJournal, caplog: pytest.LogCaptureFixture
+    sink: Sink,
+    tmp_path: Path,
+    journal: UploadJournal,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     caplog.set_level(logging.INFO, logger="skyframe")
     big = make_file(tmp_path / "src", "flight.mp4", os.urandom(SIZE))
+    monkeypatch.setattr(openssh, "PROBE_BYTES", 2 * openssh.EARLY_BYTES)
+    started: list[int] = []  # the acknowledged ends at which the probe started sftp
+    judged: list[int] = []  # and at which it judged the link fast
+    taken: list[object] = []
+    probe_call, take = openssh.Probe.__call__, openssh.Probe.take
+
+    def call(probe: openssh.Probe, acknowledged: int) -> bool:
+        before = probe._process
+        verdict = probe_call(probe, acknowledged)
+        if before is None and probe._process is not None:
+            started.append(acknowledged)
+        if verdict:
+            judged.append(acknowledged)
+        return verdict
+
+    def took(probe: openssh.Probe) -> object:
+        taken.append(take(probe))
+        return taken[-1]
+
+    monkeypatch.setattr(openssh.Probe, "__call__", call)
+    monkeypatch.setattr(openssh.Probe, "take", took)
     seen: list[int] = []
     result = transfer.upload(_request(sink, big, journal, progress=seen.append))
     assert _handed_over(caplog)
+    # sftp logged in while the probe went on, and that sftp sent the rest
+    assert len(started) == 1
+    assert len(judged) == 1
+    assert started[0] <= judged[0]  # the same answer may carry both thresholds
+    assert len(taken) == 1
+    assert taken[0] is not None
     assert not _fell_back(caplog)  # sftp sent the rest itself
     _arrived(sink, big, result)
     assert seen == sorted(seen)
@@ -114,6 +145,56 @@ def test_a_link_below_the_rate_keeps_asyncssh(
     result = transfer.upload(_request(sink, big, journal))
     assert not _handed_over(caplog)
     _arrived(sink, big, result)
+
+
+def _sftp_processes() -> set[int]:
+    """The ``sftp`` processes that are children of this one."""
+    me = str(os.getpid())
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            name = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        if fields[1] == me and name == "sftp":
+            found.add(int(entry.name))
+    return found
+
+
+def test_a_link_fast_only_for_its_first_bytes_ends_the_sftp_started_early(
+    sink: Sink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first MiB came back fast: sftp starts logging in. By the probe's end the rate has
+    # fallen below the bar: that sftp is ended, its pipes closed, and nothing is handed over.
+    plan = sink.endpoint.extras
+    assert isinstance(plan, openssh.OpenSSH)
+    monkeypatch.setattr(openssh, "PROBE_BYTES", 4 * 1024 * 1024)
+    before = _sftp_processes()
+    probe = openssh.Probe(0, plan)
+    mib = 1024 * 1024
+    assert probe(mib) is False  # the first acknowledgement starts the clock
+    assert probe(2 * mib + 1) is False
+    early = _sftp_processes() - before
+    assert len(early) == 1
+    monkeypatch.setattr(openssh, "FAST", 1e15)
+    assert probe(5 * mib + 1) is False
+    assert probe.take() is None
+    assert not _sftp_processes() - before
+
+
+def test_a_slow_link_starts_no_sftp(sink: Sink, monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = sink.endpoint.extras
+    assert isinstance(plan, openssh.OpenSSH)
+    monkeypatch.setattr(openssh, "FAST", 1e15)
+    before = _sftp_processes()
+    probe = openssh.Probe(0, plan)
+    for end in range(1, 64):
+        assert probe(end * 256 * 1024) is False
+    assert probe.take() is None
+    assert not _sftp_processes() - before
 
 
 @pytest.mark.parametrize("why", ["no sftp", "limit", "urgent", "glob", "small", "server"])
@@ -221,7 +302,8 @@ def test_a_pause_during_the_handover_hands_the_rest_back_to_asyncssh(
         while paused.is_set():
             time.sleep(0.01)
 
-    with LinkEmulator(servers.LOOPBACK, sftp_server.port, up_bps=mbit(80)) as link:
+    # 40 Mbit/s: sftp needs over 3 s for the rest, the pause is seen after PAUSED_AFTER
+    with LinkEmulator(servers.LOOPBACK, sftp_server.port, up_bps=mbit(40)) as link:
         slow = open_sink(
             SinkConfig.model_validate(sftp_through(link, sftp_server, tmp_path)), tmp_path
         )
@@ -280,6 +362,7 @@ def test_the_plan_logs_in_only_as_asyncssh_would_and_checks_the_host_key() -> No
         "IdentitiesOnly=yes",
         "User=crew",
         "Ciphers=aes128-gcm@openssh.com,chacha20-poly1305@openssh.com",
+        "KexAlgorithms=-sntrup*",  # none that asyncssh would not agree on
     } <= options
     assert argv[-4:] == ["-i", "/keys/id_ed25519", "--", "station.example"]
     no_keys = openssh.plan(**{**base, "key_files": []})

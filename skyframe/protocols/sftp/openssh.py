@@ -3,10 +3,11 @@
 asyncssh frames and encrypts every SSH packet in Python, on the one thread of the sink's
 event loop: on a link faster than that thread (a LAN, an office's fibre) it is the limit, and
 OpenSSH's client, in C, goes further on the same cipher. A large upload starts on asyncssh like
-any other (:mod:`skyframe.protocols.sftp.transfer`); once the server has acknowledged its first
+any other (:mod:`skyframe.protocols.sftp.transfer`); once the server has acknowledged
 :data:`PROBE_BYTES` at :data:`FAST` or more, the writes stop at a clean offset, and the rest
 goes through ``sftp -b -`` with ``put -a``, which goes on from the temporary file's end, in a
-process of its own. Meanwhile skyframe hashes the rest of the file and reads the temporary
+process of its own. ``sftp`` starts once :data:`EARLY_BYTES` came back that fast, and logs in
+while the probe goes on: its batch comes when the probe ends. Meanwhile skyframe hashes the rest of the file and reads the temporary
 file's size, for the journal (a cut resumes from there) and for progress. On a field link the
 probe never reaches that rate, and nothing changes.
 
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 MIN_SIZE = 64 * 1024 * 1024  #: files below this size stay on asyncssh
 PROBE_BYTES = 4 * 1024 * 1024  #: acknowledged by the server before the rate is judged
 FAST = 40_000_000  #: bytes a second from which the rest goes through OpenSSH (320 Mbit/s)
+#: acknowledged at :data:`FAST` or more before ``sftp`` starts, to log in during the probe
+EARLY_BYTES = 1024 * 1024
 POLL = 0.25  #: seconds between two looks at the temporary file's size
 PAUSED_AFTER = 1.0  #: seconds the pipeline's pace may wait before it counts as a pause
 REFUSALS = 2  #: handovers in a row that sent nothing before they are turned off for a sink
@@ -95,6 +98,10 @@ class OpenSSH:
             "ServerAliveInterval": str(max(1, round(self.keepalive))),
             "ServerAliveCountMax": "3",
             "Ciphers": ",".join(self.ciphers),
+            # The key exchanges asyncssh agrees on, which carries the rest of the transfer
+            # (ML-KEM hybrids, curve25519...): without the NTRU Prime hybrid, which asyncssh
+            # does not offer and which costs OpenSSH's client about 0.1 s of CPU per login.
+            "KexAlgorithms": "-sntrup*",
         }
         if self.key_files:
             options["IdentitiesOnly"] = "yes"
@@ -188,19 +195,51 @@ def usable(request: TransferRequest, temporary: str) -> bool:
 
 class Probe:
     """Judges, as the server acknowledges an upload's first bytes, whether the link is fast
-    enough for the handover: call it with each acknowledged end."""
+    enough for the handover: call it with each acknowledged end.
 
-    def __init__(self, start: int) -> None:
+    The rate is timed from the first acknowledgement: the opening's round trips and the
+    writes that fill the window before it say nothing of the link's pace, and from then on
+    the answers come back as fast as the link carries the writes."""
+
+    def __init__(self, start: int, openssh: OpenSSH | None = None) -> None:
         self.start = start
-        self.began = time.monotonic()
+        self.first: tuple[int, float] | None = None  #: the first acknowledged end, and when
         self.rate = 0.0
+        self._openssh = openssh
+        #: ``sftp``, started once :data:`EARLY_BYTES` came back fast: it logs in while the
+        #: probe goes on, and waits for its batch (:meth:`take`, or :meth:`close`)
+        self._process: subprocess.Popen[bytes] | None = None
 
     def __call__(self, acknowledged: int) -> bool:
-        done = acknowledged - self.start
+        now = time.monotonic()
+        if self.first is None:
+            if acknowledged > self.start:
+                self.first = (acknowledged, now)
+            return False
+        done = acknowledged - self.first[0]
+        rate = done / max(now - self.first[1], 1e-6)
+        if done >= EARLY_BYTES and rate >= FAST and self._process is None and self._openssh:
+            self._process = _start(self._openssh)
         if done < PROBE_BYTES:
             return False
-        self.rate = done / max(time.monotonic() - self.began, 1e-6)
-        return self.rate >= FAST
+        self.rate = rate
+        if rate < FAST:
+            self.close()  # a link fast for a moment only: its sftp goes
+        return rate >= FAST
+
+    def take(self) -> subprocess.Popen[bytes] | None:
+        """The ``sftp`` started early, now the caller's to end."""
+        process, self._process = self._process, None
+        return process
+
+    def close(self) -> None:
+        """End an ``sftp`` started early and not taken."""
+        process, self._process = self._process, None
+        if process is not None:
+            _stop(process)
+            for pipe in (process.stdin, process.stderr):
+                if pipe is not None:
+                    pipe.close()
 
 
 def _refusal(sink: Sink, why: str) -> None:
@@ -236,17 +275,20 @@ def send_rest(
     offset: int,
     size_of: Callable[[], int | None],
     confirmed: Callable[[int], None],
+    process: subprocess.Popen[bytes] | None = None,
 ) -> None:
     """Send the file from ``offset`` (the temporary file's size, every byte before it
-    acknowledged) with ``sftp``, hashing the rest meanwhile; ``size_of()`` reads the
-    temporary file's size, and ``confirmed(end)`` is told it as it grows.
+    acknowledged) with ``sftp`` (``process``: one started already, waiting for its batch),
+    hashing the rest meanwhile; ``size_of()`` reads the temporary file's size, and
+    ``confirmed(end)`` is told it as it grows.
 
     What the request's ``pace`` and ``progress`` raise (the daemon stops) ends ``sftp`` and
     is raised; HandoverFailed when ``sftp`` ends without the whole file there (turned off for
     the sink when it sent nothing), or a pause came."""
     sink = request.sink
-    sftp = program()
-    if sftp is None:
+    if process is None:
+        process = _start(openssh)
+    if process is None:
         raise HandoverFailed("sftp is no longer on the PATH")
     log.info(
         "%s: %s: the link is fast: OpenSSH's sftp sends the rest from byte %d",
@@ -258,12 +300,6 @@ def send_rest(
     pool = ThreadPoolExecutor(2, thread_name_prefix="skyframe-openssh")
     hashing = pool.submit(_hash_rest, reader, request.size, stop)
     pacing = _Pacer(request)
-    process = subprocess.Popen(
-        openssh.command(sftp),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
     errors = pool.submit(process.communicate, _batch(request, temporary))
     reached = offset
     try:
@@ -297,6 +333,20 @@ def send_rest(
     else:
         _refused.pop(sink.key, None)
     raise HandoverFailed(said or f"sftp exited with status {process.returncode}")
+
+
+def _start(openssh: OpenSSH) -> subprocess.Popen[bytes] | None:
+    """``sftp``, logging in and then waiting for its batch on its input (None: not on the
+    PATH any more)."""
+    sftp = program()
+    if sftp is None:
+        return None
+    return subprocess.Popen(
+        openssh.command(sftp),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _hash_rest(reader: SourceReader, size: int, stop: threading.Event) -> None:

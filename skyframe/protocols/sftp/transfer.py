@@ -360,7 +360,36 @@ def _send(
         and openssh.usable(request, temporary)
         and openssh.in_order(fs)  # see openssh: only servers whose writes land in order
     ):
-        fast = openssh.Probe(start)
+        fast = openssh.Probe(start, plan)
+    try:
+        _send_probed(
+            request,
+            reader,
+            temporary=temporary,
+            start=start,
+            lane=lane,
+            confirmed=confirmed,
+            fast=fast,
+        )
+    finally:
+        if fast is not None:
+            fast.close()  # an sftp started early and not handed the rest
+
+
+def _send_probed(
+    request: TransferRequest,
+    reader: SourceReader,
+    *,
+    temporary: str,
+    start: int,
+    lane: session.Lane,
+    confirmed: Callable[[int], None],
+    fast: openssh.Probe | None,
+) -> None:
+    """:func:`_send`'s writes, and the handover when ``fast`` says so."""
+    sink = request.sink
+    fs = sink.fs
+    plan = sink.endpoint.extras
     handle, reader.chunk_size = _open(sink, fs, temporary, "r+b" if start else "wb", lane)
     stopped = _write_and_close(
         fs, handle, reader, request, start=start, confirmed=confirmed, until=fast
@@ -390,6 +419,7 @@ def _send(
             offset=stopped,
             size_of=size_of,
             confirmed=confirmed,
+            process=fast.take(),
         )
     finally:  # sftp has ended, whatever happened
         if journal is not None:
