@@ -233,6 +233,14 @@ class SinkConfig(_Model):
         # An empty path is the config's own folder: refuse it rather than guess.
         if not url.strip():
             raise ValueError("the sink url is empty (is a variable it names set but empty?)")
+        # "s3:bucket" would be a local folder of that name: the files would stay here.
+        typo = _SCHEME_WITHOUT_SLASHES.fullmatch(url)
+        if typo is not None and typo.group(1).lower() in _known_schemes():
+            scheme, rest = typo.group(1), typo.group(2).lstrip("/")
+            raise ValueError(
+                f"{url!r} would be a local folder of that name; a URL of {scheme} is "
+                f"{scheme}://{rest or 'BUCKET/PATH'}"
+            )
         return url
 
     @property
@@ -427,9 +435,32 @@ class ApiConfig(_Model):
 
 def _split_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError(f"listen must be host:port, e.g. 127.0.0.1:8765, not {listen!r}")
-    return host.strip("[]"), int(port)
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed or "[" in host or "]" in host or ":" in host:
+        try:  # an IPv6 address, which goes in brackets: [::1]:8765
+            if not bracketed:
+                raise ValueError(host)
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(
+                f"listen must be host:port, with an IPv6 address in brackets "
+                f"([::1]:8765), not {listen!r}"
+            ) from None
+        return host[1:-1], int(port)
+    return host, int(port)
+
+
+#: A scheme of two letters or more (one is a Windows drive) and a colon without "//".
+_SCHEME_WITHOUT_SLASHES = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):(?!//)(.*)", re.DOTALL)
+
+
+def _known_schemes() -> frozenset[str]:
+    """The URL schemes fsspec knows (the protocols skyframe and its plugins use among them)."""
+    from fsspec.registry import known_implementations, registry
+
+    return frozenset({*known_implementations, *registry, "file", "local"})
 
 
 #: A Dask scheduler's address: an optional scheme (tcp://, tls://...), a host, a port.

@@ -24,7 +24,7 @@ from pydantic import (
 
 from skyframe.config import Config, StepConfig, YamlPath, format_key
 from skyframe.errors import ConfigError, PluginError
-from skyframe.markers import StepKind
+from skyframe.markers import StepKind, options_check
 from skyframe.protocols import Protocols
 from skyframe.units import Label
 
@@ -247,6 +247,22 @@ class Registry:
             options = spec.validate_options(given)
         except ValidationError as exc:
             raise _option_error(exc, spec, config, (*path, step.name)) from None
+        check = options_check(spec.func)
+        if check is not None:
+            where = (*path, step.name)
+            try:
+                check(MappingProxyType(options))
+            except ValueError as exc:
+                raise ConfigError(
+                    f"{spec.kind} {spec.name!r} ({spec.qualname}): {exc}",
+                    config.locate(where),
+                    format_key(where),
+                ) from None
+            except Exception as exc:
+                raise PluginError(
+                    f"{spec.kind} {spec.name!r} ({spec.qualname}): its options check failed: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
         return BoundStep(spec, MappingProxyType(options), executor)
 
 

@@ -456,6 +456,49 @@ NONSENSE = [
         "2:11: history.max_events",
         r"^expected a whole number",
     ),
+    # A URL without its "//" would be a local folder of that name: the files would stay here.
+    (
+        "url: outbox",
+        "url: 's3:survey-raw/site-7'",
+        "6:9: pipelines[0].sinks[0].url",
+        r"^'s3:survey-raw/site-7' would be a local folder of that name; a URL of s3 is "
+        r"s3://survey-raw/site-7$",
+    ),
+    ("url: outbox", "url: 's3:'", "6:9: pipelines[0].sinks[0].url", r"s3://BUCKET/PATH$"),
+    ("url: outbox", "url: 'sftp:/data'", "6:9: pipelines[0].sinks[0].url", r"is sftp://data$"),
+    # Rules whose options together let no file through.
+    (
+        SOURCE,
+        SOURCE + "\n    rules: [{size: {min: 10MB, max: 1MB}}]",
+        "5:14: pipelines[0].rules[0].size",
+        r"^rule 'size' \(skyframe.builtin.rules:rule_size\): min \(10.0 MB\) is above max "
+        r"\(1.0 MB\): no file would pass$",
+    ),
+    (
+        SOURCE,
+        SOURCE + "\n    rules: [{age: {min: 1d, max: 1h}}]",
+        "5:14: pipelines[0].rules[0].age",
+        r"^rule 'age' .*: min \(86400s\) is above max \(3600s\): no file would pass$",
+    ),
+    (
+        SOURCE,
+        SOURCE + "\n    rules: [{type: {}}]",
+        "5:14: pipelines[0].rules[0].type",
+        r"^rule 'type' .*: needs extensions or mime",
+    ),
+    (
+        SOURCE,
+        SOURCE + "\n    rules: [{include: {patterns: []}}]",
+        "5:14: pipelines[0].rules[0].include",
+        r"^rule 'include' .*: patterns is empty: no file would pass$",
+    ),
+    (
+        SOURCE,
+        SOURCE + "\n    rules: [inside]",
+        "5:13: pipelines[0].rules[0].inside",
+        r"^rule 'inside' \(skyframe.builtin.drone:rule_inside\): needs an area \(GeoJSON\) or "
+        r"a box",
+    ),
 ]
 
 
@@ -615,6 +658,26 @@ def test_tokens_that_are_accepted(write_config: WriteConfig) -> None:
 
 def test_a_bad_listen_address_is_located_at_listen(write_config: WriteConfig) -> None:
     refused(write_config(api("nowhere", None)), (1, 7), "api.listen", r"listen must be host:port")
+
+
+@pytest.mark.parametrize("listen", ["[::1:8765", "::1:8765", "[nowhere]:80", "[::1]x:80", "h:٨٠"])
+def test_a_listen_address_that_is_not_host_port_is_refused(
+    write_config: WriteConfig, listen: str
+) -> None:
+    # "[::1:5" listened on ::1 port 5; "::1:8765" read as host "::1"; Arabic-Indic digits
+    # passed as a port.
+    refused(write_config(api(listen, None)), (1, 7), "api.listen", r"listen must be host:port")
+
+
+@pytest.mark.parametrize(
+    ("listen", "address"),
+    [("[::1]:8765", ("::1", 8765)), ("localhost:0", ("localhost", 0)), ("[::]:80", ("::", 80))],
+)
+def test_listen_addresses_that_are_accepted(
+    write_config: WriteConfig, listen: str, address: tuple[str, int]
+) -> None:
+    token = "x" * MIN_TOKEN_LENGTH
+    assert load_config(write_config(api(listen, token))).api.address == address
 
 
 # --- 6. secrets in error messages -------------------------------------------------------------

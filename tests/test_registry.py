@@ -8,10 +8,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import write_plugin
+from helpers import WriteConfig, write_plugin
 
 from skyframe import FileEvent, Job, process, rule
-from skyframe.errors import PluginError
+from skyframe.errors import ConfigError, PluginError
+from skyframe.markers import options_check
+from skyframe.pipeline import load_project
 from skyframe.plugin_manager import get_plugin_manager, private_module_name
 from skyframe.registry import Registry
 
@@ -304,3 +306,61 @@ def test_a_process_name_taken_twice_is_named_in_plain_words() -> None:
     registry.add("process", process_tidy)
     with pytest.raises(PluginError, match="two processes are named 'tidy'"):
         registry.add("process", process_tidy)
+
+
+def test_a_step_checks_its_options_together_when_the_config_loads(
+    tmp_path: Path, write_config: WriteConfig
+) -> None:
+    (tmp_path / "rules.py").write_text(
+        textwrap.dedent(
+            """
+            from skyframe import rule
+
+            def _window(options):
+                if options["first"] > options["last"]:
+                    raise ValueError("first is after last: no file would pass")
+                if options["first"] == 13:
+                    raise RuntimeError("a bug in the check")
+
+            @rule(check=_window)
+            def rule_window(event, first: int = 0, last: int = 10):
+                return True
+            """
+        )
+    )
+
+    def config(first: int, last: int) -> Path:
+        return write_config(
+            "pipelines:\n"
+            "  - name: survey\n"
+            "    source: {path: incoming}\n"
+            f"    rules: [{{window: {{first: {first}, last: {last}}}}}]\n"
+            "    sinks: [{url: outbox}]\n"
+        )
+
+    with pytest.raises(ConfigError) as info:
+        load_project(config(5, 1))
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'skyframe.yaml'}:4:14: pipelines[0].rules[0].window: ")
+    assert message.endswith(":rule_window): first is after last: no file would pass")
+    with pytest.raises(PluginError, match=r"its options check failed: RuntimeError: a bug in the"):
+        load_project(config(13, 20))
+    project = load_project(config(1, 2))
+    (step,) = [r for r in project.pipelines[0].rules if r.spec.name == "window"]
+    assert dict(step.options) == {"first": 1, "last": 2}
+
+
+def test_the_decorators_take_a_check(tmp_path: Path) -> None:
+    def check(options: object) -> None: ...
+
+    @process(check=check)
+    def process_noop(job: Job) -> None: ...
+
+    @rule()
+    def rule_any(event: FileEvent) -> bool:
+        return True
+
+    assert process_noop._skyframe_kind == "process"  # type: ignore[attr-defined]
+    assert options_check(process_noop) is check
+    assert rule_any._skyframe_kind == "rule"  # type: ignore[attr-defined]
+    assert options_check(rule_any) is None

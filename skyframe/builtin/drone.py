@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -185,7 +185,12 @@ def _position(path: Path, size: int, mtime_ns: int) -> tuple[float, float] | str
     return meta.lon, meta.lat
 
 
-@rule
+def _area_or_box(options: Mapping[str, Any]) -> None:
+    if options["area"] is None and options["box"] is None:
+        raise ValueError("needs an area (GeoJSON) or a box [west, south, east, north]")
+
+
+@rule(check=_area_or_box)
 def rule_inside(
     event: FileEvent,
     area: Area | None = None,

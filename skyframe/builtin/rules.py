@@ -6,7 +6,8 @@ import fnmatch
 import functools
 import mimetypes
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from skyframe.events import FileEvent
 from skyframe.markers import rule
@@ -108,7 +109,12 @@ def rule_ignore(
     return hit is None or f"matches {hit!r}"
 
 
-@rule
+def _some_patterns(options: Mapping[str, Any]) -> None:
+    if not options["patterns"]:
+        raise ValueError("patterns is empty: no file would pass")
+
+
+@rule(check=_some_patterns)
 def rule_include(event: FileEvent, patterns: list[str], case_sensitive: bool = False) -> bool | str:
     """Accept only files matching at least one glob pattern."""
     return matching_pattern(event.relpath, patterns, case_sensitive) is not None or (
@@ -116,7 +122,12 @@ def rule_include(event: FileEvent, patterns: list[str], case_sensitive: bool = F
     )
 
 
-@rule
+def _extensions_or_mime(options: Mapping[str, Any]) -> None:
+    if not options["extensions"] and not options["mime"]:
+        raise ValueError("needs extensions or mime (or both): without them no file would pass")
+
+
+@rule(check=_extensions_or_mime)
 def rule_type(
     event: FileEvent, extensions: list[str] | None = None, mime: list[str] | None = None
 ) -> bool | str:
@@ -130,7 +141,15 @@ def rule_type(
     return f"type {event.suffix or 'without extension'} ({guessed or 'unknown MIME'}) not accepted"
 
 
-@rule
+def _size_range(options: Mapping[str, Any]) -> None:
+    low, high = options["min"], options["max"]
+    if high is not None and low > high:
+        raise ValueError(
+            f"min ({format_size(low)}) is above max ({format_size(high)}): no file would pass"
+        )
+
+
+@rule(check=_size_range)
 def rule_size(event: FileEvent, min: Size = 0, max: Size | None = None) -> bool | str:
     """Accept files whose size is within [min, max] (e.g. 1B, 100GB)."""
     if event.size < min:
@@ -140,7 +159,13 @@ def rule_size(event: FileEvent, min: Size = 0, max: Size | None = None) -> bool 
     return True
 
 
-@rule
+def _age_range(options: Mapping[str, Any]) -> None:
+    low, high = options["min"], options["max"]
+    if high is not None and low > high:
+        raise ValueError(f"min ({low:g}s) is above max ({high:g}s): no file would pass")
+
+
+@rule(check=_age_range)
 def rule_age(event: FileEvent, min: Duration = 0.0, max: Duration | None = None) -> bool | str:
     """Accept files last modified between min and max ago (e.g. 30s, 7d)."""
     age = event.age

@@ -7,9 +7,10 @@ any other (:mod:`skyframe.protocols.sftp.transfer`); once the server has acknowl
 :data:`PROBE_BYTES` at :data:`FAST` or more, the writes stop at a clean offset, and the rest
 goes through ``sftp -b -`` with ``put -a``, which goes on from the temporary file's end, in a
 process of its own. ``sftp`` starts once :data:`EARLY_BYTES` came back that fast, and logs in
-while the probe goes on: its batch comes when the probe ends. Meanwhile skyframe hashes the rest of the file and reads the temporary
-file's size, for the journal (a cut resumes from there) and for progress. On a field link the
-probe never reaches that rate, and nothing changes.
+while the probe goes on: its batch comes when the probe ends. Meanwhile skyframe hashes the
+rest of the file and reads the temporary file's size, for the journal (a cut resumes from
+there) and for progress. On a field link the probe never reaches that rate, and nothing
+changes.
 
 Only where OpenSSH logs in without asking anything, as asyncssh did: key files without a
 passphrase, or the agent and ``~/.ssh``'s keys, and the host key checked against the sink's
