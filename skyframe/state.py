@@ -9,7 +9,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -241,6 +241,14 @@ class ManifestEntry:
         """True when the local file still has the size and mtime that were delivered."""
         return self.size == size and self.mtime_ns == mtime_ns
 
+    def to_json(self) -> dict[str, Any]:
+        """The record as stored. Built field by field: ``asdict()`` deep-copies ``meta``, and
+        this runs for every delivery (the values are JSON already, and written at once)."""
+        return {name: getattr(self, name) for name in _ENTRY_FIELDS}
+
+
+_ENTRY_FIELDS = tuple(f.name for f in fields(ManifestEntry))
+
 
 def _entry(data: dict[str, Any]) -> ManifestEntry:
     return ManifestEntry(**{**data, "derived": tuple(data.get("derived", ()))})
@@ -319,7 +327,7 @@ class Manifest:
             return
         rows: list[tuple[str, Any]] = []
         for p, s, r, entry in entries:
-            rows.append((self._key(p, s, r), asdict(entry)))
+            rows.append((self._key(p, s, r), entry.to_json()))
             rows.append((self._name_key(p, s, entry.remote), r))
 
         def write() -> None:

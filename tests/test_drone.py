@@ -9,6 +9,7 @@ public layouts of those makers; no such camera's file is in the repository.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import threading
@@ -23,7 +24,7 @@ from PIL import Image
 
 from skyframe.drone import metadata, photo_summary
 from skyframe.drone.metadata import PhotoMeta, read_photo
-from skyframe.state import Manifest
+from skyframe.state import Manifest, ManifestEntry
 
 
 @pytest.mark.parametrize("name", ["IMG_2168.JPG", "IMG_2171.JPG", "IMG_2186.JPG"])
@@ -555,3 +556,24 @@ def test_thumbnails_are_delivered_beside_photos(tmp_path: Path, write_config: Wr
     done = skyframe(tmp_path, "validate", "skyframe.yaml")
     assert done.returncode != 0
     assert "max_px" in done.stderr
+
+
+def test_the_metadata_and_its_manifest_record_are_plain_copies_of_their_fields(
+    tmp_path: Path,
+) -> None:
+    # Built field by field (asdict() deep-copies): the same dicts, and what a manifest keeps.
+    meta = read_photo(EBEE / "IMG_2168.JPG")
+    photo = meta.to_json()
+    assert photo == {k: v for k, v in dataclasses.asdict(meta).items() if v is not None}
+    assert list(photo) == [f.name for f in dataclasses.fields(PhotoMeta) if f.name in photo]
+    assert PhotoMeta.from_json(photo) == meta
+    entry = ManifestEntry.now(
+        10, 20, "ab" * 32, "f/IMG.JPG", derived=["f/x"], meta={"photo": photo}
+    )
+    assert entry.to_json() == dataclasses.asdict(entry)
+    manifest = Manifest(tmp_path / "manifest")
+    try:
+        manifest.record_many([("survey", "s3", "f/IMG.JPG", entry)])
+        assert manifest.get("survey", "s3", "f/IMG.JPG") == entry
+    finally:
+        manifest.close()
