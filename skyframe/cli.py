@@ -685,6 +685,13 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
         raise click.BadParameter(str(exc)) from None
 
 
+def _positive_duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    seconds = _duration(ctx, param, value)
+    if seconds <= 0:
+        raise click.BadParameter(f"must be longer than 0, not {value!r}")
+    return seconds
+
+
 @cli.command()
 @config_argument
 @click.option(
@@ -1099,7 +1106,7 @@ def tune_malloc() -> bool:
     default="2s",
     show_default=True,
     metavar="DURATION",
-    callback=_duration,
+    callback=_positive_duration,
     help="How often to ask the daemon.",
 )
 def tray(config_file: Path, interval: float) -> None:

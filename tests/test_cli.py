@@ -112,6 +112,11 @@ def test_config_error_is_one_line_with_exit_2(example_project: Path) -> None:
         ),
         (["queue", "nope"], "skyframe queue: No such command 'nope' (see skyframe queue --help)"),
         (
+            ["tray", "--interval", "0"],  # it would ask the daemon over and over, at once
+            "skyframe tray: Invalid value for '--interval': must be longer than 0, not '0' "
+            "(see skyframe tray --help)",
+        ),
+        (
             ["--bogus"],
             "skyframe: No such option '--bogus'. Did you mean '--verbose'? (see skyframe --help)",
         ),
