@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -147,9 +150,9 @@ def test_a_link_below_the_rate_keeps_asyncssh(
     _arrived(sink, big, result)
 
 
-def _sftp_processes() -> set[int]:
-    """The ``sftp`` processes that are children of this one."""
-    me = str(os.getpid())
+def _sftp_processes(parent: int | None = None) -> set[int]:
+    """The ``sftp`` processes that are children of this one (or of ``parent``)."""
+    me = str(parent or os.getpid())
     found = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -162,6 +165,18 @@ def _sftp_processes() -> set[int]:
         if fields[1] == me and name == "sftp":
             found.add(int(entry.name))
     return found
+
+
+def _alive(pids: set[int]) -> bool:
+    """Whether any of ``pids`` is still running (a zombie is not)."""
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            return True
+    return False
 
 
 def test_a_link_fast_only_for_its_first_bytes_ends_the_sftp_started_early(
@@ -465,3 +480,76 @@ def test_an_upload_an_earlier_run_handed_over_goes_on_once_its_sftp_has_ended(
     assert any("waiting for an sftp of an earlier run to end" in m for m in said), said
     assert any(f"at byte {14 * mib}" in m for m in said), said
     _arrived(sink, big, result)
+
+
+#: A run that hands a large file over to sftp, says so once sftp's writes are seen, and
+#: goes on until it is killed.
+_KILLED_RUN = """
+import json, logging, os, sys, time
+from pathlib import Path
+from skyframe.config import SinkConfig
+from skyframe.journal import UploadJournal
+from skyframe.protocols.sftp import openssh, transfer
+from skyframe.storage import TransferRequest, open_sink
+
+openssh.MIN_SIZE = openssh.PROBE_BYTES = openssh.EARLY_BYTES = 1024 * 1024
+openssh.FAST = 1
+transfer.WINDOW = 1024 * 1024  # the handover comes a MiB after the probe, not 8
+entry, folder, path = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+sink = open_sink(SinkConfig.model_validate(entry), folder)
+sink.ensure_folder(sink.root)
+journal = UploadJournal(folder / "journal")
+st = path.stat()
+handed = []
+
+class Handover(logging.Handler):
+    def emit(self, record):
+        if "the link is fast" in record.getMessage():
+            handed.append(int(record.getMessage().rsplit(" ", 1)[1]))
+
+logging.getLogger("skyframe").addHandler(Handover())
+logging.getLogger("skyframe").setLevel(logging.INFO)
+
+def progress(done):
+    if handed and done > handed[0] + 1024 * 1024:  # sftp has written a MiB
+        print("sending", flush=True)
+
+request = TransferRequest(
+    sink, path, sink.remote_path(path.name), st.st_size, st.st_mtime_ns,
+    journal=journal, progress=progress,
+)
+transfer.upload(request)
+"""
+
+
+def test_a_killed_run_takes_its_sftp_with_it(
+    tmp_path: Path, sftp_server: servers.SFTPServer
+) -> None:
+    # SIGKILL leaves no time to end sftp: it is started so that the kernel ends it then.
+    if not openssh._ended_with_us():
+        pytest.fail("util-linux's setpriv is missing: install Debian's util-linux (.ci/setup does)")
+    big = make_file(tmp_path / "src", "flight.mp4", os.urandom(SIZE))
+    # 8 Mbit/s: the rest takes sftp over 15 s, which it would go on sending after the kill
+    with LinkEmulator(servers.LOOPBACK, sftp_server.port, up_bps=mbit(8)) as link:
+        entry = sftp_through(link, sftp_server, tmp_path)
+        run = subprocess.Popen(
+            [sys.executable, "-c", _KILLED_RUN, json.dumps(entry), str(tmp_path), str(big)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert run.stdout is not None
+            assert run.stdout.readline() == "sending\n"
+            senders = _sftp_processes(run.pid)
+            assert len(senders) == 1, senders
+            run.kill()
+            run.wait()
+            deadline = time.monotonic() + 3
+            while _alive(senders) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not _alive(senders), "the killed run's sftp goes on"
+        finally:
+            run.kill()
+            run.wait()
+            if run.stdout is not None:
+                run.stdout.close()

@@ -25,12 +25,14 @@ said once in the log: its uploads go on through asyncssh alone.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -343,11 +345,29 @@ def _start(openssh: OpenSSH) -> subprocess.Popen[bytes] | None:
     if sftp is None:
         return None
     return subprocess.Popen(
-        openssh.command(sftp),
+        [*_ended_with_us(), *openssh.command(sftp)],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+
+
+@functools.cache
+def _ended_with_us() -> tuple[str, ...]:
+    """What to start ``sftp`` through so that it ends when skyframe does, killed included: on
+    Linux, util-linux's ``setpriv --pdeathsig TERM`` (the kernel sends it SIGTERM when the
+    thread that started it ends; sftp then ends its ssh). Elsewhere nothing: a killed run's
+    sftp goes on, and the next run waits for it (:func:`wait_until_still`)."""
+    setpriv = shutil.which("setpriv") if sys.platform == "linux" else None
+    if setpriv is None:
+        return ()
+    try:
+        said = subprocess.run(
+            [setpriv, "--help"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    return (setpriv, "--pdeathsig", "TERM", "--") if "--pdeathsig" in said.stdout else ()
 
 
 def _hash_rest(reader: SourceReader, size: int, stop: threading.Event) -> None:
