@@ -328,8 +328,6 @@ def _log_to_file(config: Any) -> None:
     """``log_file``: the log also goes to a file in the state directory that rotates."""
     from logging.handlers import RotatingFileHandler
 
-    from skyframe.units import expand_home
-
     class LogFileHandler(RotatingFileHandler):
         """A line that cannot be written (a full disk) is said on stderr in one line, once an
         hour at most, rather than with a traceback for every line."""
@@ -347,10 +345,9 @@ def _log_to_file(config: Any) -> None:
                         f"skyframe: warning: log_file: cannot write {path}: {detail}\n"
                     )
 
-    settings = config.log_file
-    if settings is None:
+    settings, path = config.log_file, config.log_path
+    if settings is None or path is None:
         return
-    path = config.state_path / expand_home(settings.path)  # a ~user the config check found
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handler = LogFileHandler(

@@ -7,6 +7,7 @@ line, without a URL password or a value taken from the environment.
 from __future__ import annotations
 
 import difflib
+import errno
 import ipaddress
 import os
 import re
@@ -42,6 +43,8 @@ DEFAULT_CONFIG_NAME = "skyframe.yaml"
 #: The most values (scalars, lists, mappings) a config may hold once its aliases are expanded:
 #: real configs hold a few hundred; a "billion laughs" of nested aliases holds billions.
 MAX_VALUES = 100_000
+#: The largest config file read: a config is a few kilobytes, this is another file.
+MAX_CONFIG_BYTES = 10_000_000
 #: The shortest API token accepted when the API listens on anything but loopback.
 MIN_TOKEN_LENGTH = 16
 
@@ -233,14 +236,9 @@ class SinkConfig(_Model):
         # An empty path is the config's own folder: refuse it rather than guess.
         if not url.strip():
             raise ValueError("the sink url is empty (is a variable it names set but empty?)")
-        # "s3:bucket" would be a local folder of that name: the files would stay here.
-        typo = _SCHEME_WITHOUT_SLASHES.fullmatch(url)
-        if typo is not None and typo.group(1).lower() in _known_schemes():
-            scheme, rest = typo.group(1), typo.group(2).lstrip("/")
-            raise ValueError(
-                f"{url!r} would be a local folder of that name; a URL of {scheme} is "
-                f"{scheme}://{rest or 'BUCKET/PATH'}"
-            )
+        typo = url_typo(url)
+        if typo:
+            raise ValueError(typo)
         return url
 
     @property
@@ -452,8 +450,22 @@ def _split_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
-#: A scheme of two letters or more (one is a Windows drive) and a colon without "//".
-_SCHEME_WITHOUT_SLASHES = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):(?!//)(.*)", re.DOTALL)
+#: A scheme of two letters or more (one is a Windows drive) and a colon without "//", or
+#: "//" without the colon.
+_SCHEME_TYPO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+)(?::(?!//)|//)(.*)", re.DOTALL)
+
+
+def url_typo(url: str) -> str | None:
+    """What is wrong with a sink URL that reads as a local folder but was meant as a URL of a
+    known scheme (``s3:bucket``, ``s3//bucket``): the files would stay on this machine."""
+    typo = _SCHEME_TYPO.fullmatch(url)
+    if typo is None or typo.group(1).lower() not in _known_schemes():
+        return None
+    scheme, rest = typo.group(1), typo.group(2).lstrip("/")
+    return (
+        f"{url!r} would be a local folder of that name; a URL of {scheme} is "
+        f"{scheme}://{rest or 'BUCKET/PATH'}"
+    )
 
 
 def _known_schemes() -> frozenset[str]:
@@ -695,6 +707,44 @@ class Config(_Model):
         """The absolute state directory."""
         return self.resolve_path(self.state_dir)
 
+    @property
+    def log_path(self) -> Path | None:
+        """The log file of ``log_file`` (absolute), if any."""
+        if self.log_file is None:
+            return None
+        return (self.state_path / expand_home(self.log_file.path)).resolve()
+
+    def check_log_file(self, sources: list[Path], sink_folders: list[Path]) -> None:
+        """Refuse a log file (or its rotated copies) that would write over the config, its
+        project files or a plugin, or that lies in a source (it would be delivered, again and
+        again) or a local sink folder."""
+        path = self.log_path
+        if path is None or self.log_file is None:
+            return
+        where: YamlPath = ("log_file", "path")
+        names = {path.name, *(f"{path.name}.{n}" for n in range(1, self.log_file.count + 1))}
+        problem = None
+        kept = [self._file, self.base_dir / "rules.py", self.base_dir / "processes.py"]
+        for file in kept:
+            if file.resolve().parent == path.parent and file.name in names:
+                problem = f"would write over {file}"
+        for value in self.plugins:
+            plugin = self.resolve_path(value)
+            if path.is_relative_to(plugin) or (
+                plugin.parent == path.parent and plugin.name in names
+            ):
+                problem = f"would write over the plugin {plugin}"
+        for folder in sources:
+            if path.is_relative_to(folder.resolve()):
+                problem = f"is inside the source folder {folder}: it would be sent as data"
+        for folder in sink_folders:
+            if path.is_relative_to(folder.resolve()):
+                problem = f"is inside the sink folder {folder}, among delivered files"
+        if problem:
+            raise ConfigError(
+                f"the log file {path} {problem}", self.locate(where), format_key(where)
+            )
+
     def retry_for(self, pipeline: PipelineConfig) -> RetryConfig:
         """The retry policy in force for a pipeline."""
         return pipeline.retry or self.retry
@@ -786,12 +836,18 @@ def local_sink_folder(url: str, base_dir: Path) -> Path | None:
 
     The same reading as :mod:`skyframe.storage` and :mod:`skyframe.protocols.generic.local` make.
     """
+    if not is_local_url(url):
+        return None
+    return (base_dir / expand_home(local_url_path(url))).resolve()
+
+
+def is_local_url(url: str) -> bool:
+    """Whether a sink's URL is a local folder (a path or a ``file://`` URL)."""
     if "://" in url or url.startswith(("s3:", "gs:", "gcs:")):
         head, sep, _ = url.partition("://")
         protocol = head if sep and len(head) > 1 else ""
-        if protocol not in ("", "file", "local"):
-            return None
-    return (base_dir / expand_home(local_url_path(url))).resolve()
+        return protocol in ("", "file", "local")
+    return True
 
 
 def redact_urls(text: str) -> str:
@@ -1186,6 +1242,14 @@ def load_config(file: str | os.PathLike[str], environ: Mapping[str, str] | None 
     except ValueError as exc:  # ~user, of no user here
         raise ConfigError(f"config file {exc}") from None
     try:
+        # A device or a pipe would be read without end, or waited on: a config is a file.
+        if path.exists() and not path.is_dir() and not path.is_file():
+            raise ConfigError(f"config path is not a regular file: {shown}")
+        if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"config file {shown} is over {MAX_CONFIG_BYTES // 1_000_000} MB: "
+                "is it the right file?"
+            )
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {shown}") from None
@@ -1215,6 +1279,7 @@ def load_config(file: str | os.PathLike[str], environ: Mapping[str, str] | None 
     config._marks = holder._marks
     config._from_env = holder._from_env
     try:
+        _check_paths(config)
         _check_local_sinks(config)
     except ConfigError as exc:
         raise config.redact(exc) from None
@@ -1225,6 +1290,47 @@ def load_config(file: str | os.PathLike[str], environ: Mapping[str, str] | None 
             config.locate(("hub", "token")),
         )
     return config
+
+
+def _check_paths(config: Config) -> None:
+    """Refuse a path of the config that cannot be looked at (a loop of symbolic links, a name
+    too long, a folder on the way that may not be entered), before anything resolves it."""
+    paths: list[tuple[str, YamlPath]] = [(config.state_dir, ("state_dir",))]
+    for i, pipeline in enumerate(config.pipelines):
+        paths.append((pipeline.source.path, ("pipelines", i, "source", "path")))
+        for k, sink in enumerate(pipeline.sinks):
+            if is_local_url(sink.url):
+                paths.append((local_url_path(sink.url), ("pipelines", i, "sinks", k, "url")))
+    paths += [(value, ("plugins", j)) for j, value in enumerate(config.plugins)]
+    if config.log_file is not None:
+        paths.append((str(Path(config.state_dir) / config.log_file.path), ("log_file", "path")))
+    for value, where in paths:
+        problem = path_problem(config.base_dir / expand_home(value))
+        if problem:
+            raise ConfigError(problem, config.locate(where), format_key(where))
+
+
+def path_problem(path: Path) -> str | None:
+    """Why ``path`` (or a folder on its way) cannot be looked at, if it cannot."""
+    path = Path(os.path.normpath(path))
+    try:
+        path.resolve()
+        os.stat(path)
+    except RuntimeError:  # Path.resolve() on a loop
+        return f"{path}: a loop of symbolic links"
+    except FileNotFoundError:
+        return None  # said where it matters (a source must exist; a sink is made)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{path}: a loop of symbolic links"
+        if exc.errno == errno.ENAMETOOLONG:
+            return f"{path}: the name is too long for this system"
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return f"{path}: permission denied (a folder on the way may not be entered)"
+        if exc.errno == errno.ENOTDIR:
+            return None  # a file where a folder is expected: said where it matters
+        return f"{path}: {exc.strerror or exc}"
+    return None
 
 
 def _check_local_sinks(config: Config) -> None:

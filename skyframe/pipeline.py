@@ -110,9 +110,16 @@ def build_pipelines(config: Config, registry: Registry) -> list[Pipeline]:
     The error never shows a value taken from the environment or a URL password.
     """
     try:
-        return [_build_pipeline(config, registry, i, p) for i, p in enumerate(config.pipelines)]
+        pipelines = [
+            _build_pipeline(config, registry, i, p) for i, p in enumerate(config.pipelines)
+        ]
+        config.check_log_file(
+            [p.source_root for p in pipelines],
+            [Path(s.root) for p in pipelines for s in p.sinks if s.protocol == "file"],
+        )
     except ConfigError as exc:
         raise config.redact(exc) from None
+    return pipelines
 
 
 def _build_pipeline(

@@ -25,8 +25,11 @@ from skyframe.config import (
     DEFAULT_CONFIG_NAME,
     SinkConfig,
     interpolate,
+    is_local_url,
     load_config,
     local_sink_folder,
+    path_problem,
+    url_typo,
 )
 from skyframe.errors import ConfigError, SkyframeError
 from skyframe.pipeline import build_pipelines
@@ -34,7 +37,7 @@ from skyframe.plugin_manager import get_plugin_manager
 from skyframe.protocols import Protocols, scheme_of
 from skyframe.registry import Registry
 from skyframe.storage import ProbeResult, check_sinks, open_sink, redact_url
-from skyframe.units import expand_home
+from skyframe.units import expand_home, local_url_path
 
 KINDS: Final = ("photos", "video", "logs", "any")
 STATE_DIR: Final = ".skyframe"
@@ -372,6 +375,9 @@ class Interview:
         value = text.strip().rstrip("/\\") or text.strip()
         if not value:
             raise ValueError("give a folder")
+        problem = path_problem(self.folder / expand_home(value))
+        if problem:
+            raise ValueError(problem)
         path = (self.folder / expand_home(value)).resolve()
         if path.exists() and not path.is_dir():
             raise ValueError(f"{path} is a file, not a folder")
@@ -387,6 +393,9 @@ class Interview:
         url = text.strip()
         if not url:
             raise ValueError("give a folder or a URL")
+        typo = url_typo(url)
+        if typo:
+            raise ValueError(typo)
         self.protocols.for_url(url)  # ValueError naming what to install
         scheme = scheme_of(url)
         parts = urlsplit(url)
@@ -403,6 +412,10 @@ class Interview:
                 _ = parts.port
             except ValueError:
                 raise ValueError(f"the port of {url} is not a number") from None
+        if is_local_url(url):
+            problem = path_problem(self.folder / expand_home(local_url_path(url)))
+            if problem:
+                raise ValueError(problem)
         folder = local_sink_folder(url, self.folder)
         if folder is not None:
             self._check_local_sink(folder, (self.folder / expand_home(source)).resolve())

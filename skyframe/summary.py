@@ -32,8 +32,15 @@ class RunSummary:
 
     @property
     def ok(self) -> bool:
-        """True when every accepted file was delivered (or needed no delivery)."""
-        return not self.failed and not self.dead_letters and not self.interrupted and not self.held
+        """True when every accepted file was delivered (or needed no delivery), and the scans
+        read every folder and file they met (one they could not read was not looked at)."""
+        return (
+            not self.failed
+            and not self.dead_letters
+            and not self.interrupted
+            and not self.held
+            and not self.scan_errors
+        )
 
     def count(self, event: LifecycleEvent) -> None:
         """Add one lifecycle event to the counts."""

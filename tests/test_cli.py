@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -390,3 +392,49 @@ def test_a_pipeline_option_that_names_no_pipeline_is_a_usage_error(
     history = skyframe(tmp_path, "history", "-p", "survey")
     assert history.returncode == 0, history.stderr
     assert "a.jpg" in history.stdout
+
+
+SKYFRAME = (sys.executable, "-m", "skyframe")
+
+
+def _without_file_permission_override() -> list[str]:
+    """A command prefix under which permissions hold, even for root (CI runs as root)."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.fail("util-linux's setpriv is missing: install Debian's util-linux (.ci/setup does)")
+    caps = "-dac_override,-dac_read_search"
+    return [setpriv, f"--bounding-set={caps}", f"--inh-caps={caps}", "--"]
+
+
+def test_a_run_that_could_not_read_a_folder_exits_1(tmp_path: Path) -> None:
+    # A cron job must not see success when part of the source was never looked at.
+    (tmp_path / "incoming" / "locked").mkdir(parents=True)
+    (tmp_path / "incoming" / "locked" / "hidden.jpg").write_bytes(b"x")
+    (tmp_path / "incoming" / "seen.jpg").write_bytes(b"y")
+    (tmp_path / "skyframe.yaml").write_text(
+        "pipelines:\n"
+        "  - name: survey\n"
+        "    source: {path: incoming, settle: 0}\n"
+        "    sinks: [{url: outbox}]\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "incoming" / "locked").chmod(0)
+    try:
+        done = subprocess.run(
+            [*_without_file_permission_override(), *SKYFRAME, "run", "--once", "skyframe.yaml"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+    finally:
+        (tmp_path / "incoming" / "locked").chmod(0o755)
+    assert done.returncode == 1, done.stderr
+    assert "cannot read" in done.stderr
+    assert "locked: Permission denied" in done.stderr
+    assert "unreadable while scanning: 1" in done.stdout + done.stderr
+    assert (tmp_path / "outbox" / "seen.jpg").read_bytes() == b"y"

@@ -3,6 +3,7 @@ sense, header injection, weak API tokens and secrets in error messages."""
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import tracemalloc
@@ -466,6 +467,13 @@ NONSENSE = [
     ),
     ("url: outbox", "url: 's3:'", "6:9: pipelines[0].sinks[0].url", r"s3://BUCKET/PATH$"),
     ("url: outbox", "url: 'sftp:/data'", "6:9: pipelines[0].sinks[0].url", r"is sftp://data$"),
+    (
+        "url: outbox",
+        "url: 's3//raw/site-7'",
+        "6:9: pipelines[0].sinks[0].url",
+        r"is s3://raw/site-7$",
+    ),
+    ("url: outbox", "url: gs//raw", "6:9: pipelines[0].sinks[0].url", r"a URL of gs is gs://raw$"),
     # Rules whose options together let no file through.
     (
         SOURCE,
@@ -777,3 +785,98 @@ def test_url_password_from_the_environment_is_redacted(
         load_config(path)
     assert SECRET not in str(info.value)
     assert str(info.value).startswith(f"{path}:1:11: notify[0].webhook: a webhook URL must start")
+
+
+# --- 7. paths that cannot be looked at, and files that are not configs ----------------------
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "where"),
+    [
+        ("{path: incoming, settle: 2s}", "{path: loop}", "4:14: pipelines[0].source.path"),
+        ("url: outbox", "url: loop", "6:9: pipelines[0].sinks[0].url"),
+        ("state_dir: .state", "state_dir: loop", "1:1: state_dir"),
+        ("state_dir: .state", "state_dir: .state\nplugins: [loop]", "2:11: plugins[0]"),
+        (
+            "state_dir: .state",
+            "state_dir: .state\nlog_file: {path: ../loop/x}",
+            "2:12: log_file.path",
+        ),
+    ],
+)
+def test_a_loop_of_symbolic_links_is_a_config_error(
+    write_config: WriteConfig, tmp_path: Path, old: str, new: str, where: str
+) -> None:
+    (tmp_path / "loop").symlink_to("loop")
+    line, column, key = re.fullmatch(r"(\d+):(\d+): (.*)", where).groups()  # type: ignore[union-attr]
+    path = write_config(GOOD.replace(old, new))
+    refused(path, (int(line), int(column)), key, r"/loop(/x)?: a loop of symbolic links$")
+
+
+def test_a_name_too_long_is_a_config_error(write_config: WriteConfig) -> None:
+    path = write_config(GOOD.replace("path: incoming,", f"path: {'x' * 300},"))
+    refused(path, (4, 14), "pipelines[0].source.path", r"the name is too long for this system$")
+
+
+def test_a_folder_that_may_not_be_entered_is_a_config_error(
+    write_config: WriteConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As root (CI) permissions do not hold: the refusal the kernel would give is stood in for.
+    locked = tmp_path / "locked"
+    real_stat = os.stat
+
+    def stat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        if str(path).startswith(str(locked)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(config_module.os, "stat", stat)
+    path = write_config(GOOD.replace("url: outbox", "url: locked/outbox"))
+    refused(path, (6, 9), "pipelines[0].sinks[0].url", r"permission denied \(a folder on the way")
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero", "/dev/null"])
+def test_a_config_path_that_is_no_regular_file_is_refused_not_read(
+    tmp_path: Path, special: str
+) -> None:
+    path = Path(special)
+    if special == "fifo":
+        path = tmp_path / "skyframe.yaml"
+        os.mkfifo(path)  # reading it would wait for a writer for ever
+    with pytest.raises(ConfigError, match=r"^config path is not a regular file: "):
+        load_config(path)
+
+
+def test_a_huge_config_file_is_refused_unread(tmp_path: Path) -> None:
+    path = tmp_path / "skyframe.yaml"
+    with path.open("wb") as f:
+        f.truncate(config_module.MAX_CONFIG_BYTES + 1)
+    with pytest.raises(ConfigError, match=r"is over 10 MB: is it the right file\?$"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("log_path", "pattern"),
+    [
+        ("../skyframe.yaml", r"would write over .*skyframe.yaml$"),
+        ("../rules.py", r"would write over .*rules.py$"),
+        ("../incoming/skyframe.log", r"is inside the source folder .*incoming: it would be sent"),
+        ("../outbox/skyframe.log", r"is inside the sink folder .*outbox, among delivered files$"),
+    ],
+)
+def test_a_log_file_that_would_write_over_or_be_sent_is_refused(
+    write_config: WriteConfig, log_path: str, pattern: str
+) -> None:
+    # The log lines went into the config (which then no longer loaded), or were delivered.
+    path = write_config(
+        GOOD.replace("state_dir: .state", f"state_dir: .state\nlog_file: {{path: {log_path}}}")
+    )
+    refused(path, (2, 12), "log_file.path", pattern)
+
+
+def test_log_files_that_are_accepted(write_config: WriteConfig) -> None:
+    for value in ("true", "{path: logs/skyframe.log}", "{path: ../skyframe-log.txt}"):
+        path = write_config(
+            GOOD.replace("state_dir: .state", f"state_dir: .state\nlog_file: {value}")
+        )
+        assert load_project(path).config.log_path is not None
