@@ -803,8 +803,21 @@ def _switch(config_file: Path, pipeline: str | None, paused: bool) -> None:
     click.echo(f"{verb} {what}; held now: {', '.join(held) if held else 'nothing'}")
 
 
+def _utf8(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Text given on the command line that is not UTF-8 names nothing skyframe records (it
+    keeps only UTF-8 names), and could not even be printed back."""
+    if value is not None and any("\ud800" <= c <= "\udfff" for c in value):
+        shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        raise click.BadParameter(f"{shown!r} is not valid UTF-8 text")
+    return value
+
+
 pipeline_option = click.option(
-    "-p", "--pipeline", metavar="NAME", help="Only this pipeline (default: the whole daemon)."
+    "-p",
+    "--pipeline",
+    metavar="NAME",
+    callback=_utf8,
+    help="Only this pipeline (default: the whole daemon).",
 )
 
 
@@ -838,7 +851,7 @@ def _since(ctx: click.Context, param: click.Parameter, value: str | None) -> flo
 
 
 @cli.command()
-@click.argument("path", required=False)
+@click.argument("path", required=False, callback=_utf8)
 @config_option
 @click.option("--failed", is_flag=True, help="Only failed and dead-lettered events.")
 @click.option(
@@ -1015,7 +1028,7 @@ def queue_list(obj: dict[str, Console], config_file: Path, state: str | None) ->
 @config_option
 @click.argument("paths", nargs=-1)
 @click.option("--all", "retry_all", is_flag=True, help="Every dead-lettered job.")
-@click.option("--pipeline", help="Only jobs of this pipeline.")
+@click.option("--pipeline", callback=_utf8, help="Only jobs of this pipeline.")
 def queue_retry(
     config_file: Path, paths: tuple[str, ...], retry_all: bool, pipeline: str | None
 ) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
@@ -431,6 +431,15 @@ class ApiConfig(_Model):
         return _split_listen(self.listen)
 
 
+def _host_and_port(parts: SplitResult) -> bool:
+    """Whether a URL names a host, and a port that can be (or none)."""
+    try:
+        port = parts.port  # ValueError beyond 65535 or not a number
+    except ValueError:
+        return False
+    return bool(parts.hostname) and port != 0
+
+
 def _split_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
@@ -543,7 +552,10 @@ class HistoryConfig(_Model):
 
     retention: PositiveDuration = Field(30 * 86400.0, description="how long events are kept")
     max_events: Count = Field(
-        500_000, ge=1000, description="the most events kept (the oldest go first)"
+        500_000,
+        ge=1000,
+        le=1_000_000_000,
+        description="the most events kept (the oldest go first)",
     )
 
 
@@ -567,13 +579,13 @@ class HubLinkConfig(_Model):
     @classmethod
     def _secure_url(cls, url: str) -> str:
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if parts.scheme not in ("http", "https") or not _host_and_port(parts):
             raise ValueError(
                 f"expected an http(s) URL such as https://hub.example.org, not {url!r}"
             )
         if parts.username or parts.password or parts.query or parts.fragment:
             raise ValueError("give the hub's address only: the token goes in hub.token")
-        if parts.scheme == "http" and not is_loopback(parts.hostname):
+        if parts.scheme == "http" and not is_loopback(parts.hostname or ""):
             raise ValueError(
                 f"use https:// for {parts.hostname}: over http:// the token would cross the "
                 "network in clear"
@@ -615,12 +627,14 @@ class WebhookConfig(_Model):
 
     @model_validator(mode="after")
     def _http_url(self) -> WebhookConfig:
-        scheme = urlsplit(self.url).scheme
-        if scheme not in ("http", "https"):
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not _host_and_port(parts):
             raise ValueError(
-                "a webhook URL must start with http:// or https://, "
-                f"not {url_without_password(self.url, '***')!r}"
+                "a webhook URL is http:// or https://, a host and a path: "
+                f"https://ops.example.org/events, not {url_without_password(self.url, '***')!r}"
             )
+        if self.events is not None and not self.events:
+            raise ValueError("events is empty: nothing would be sent (leave it out for all)")
         known = get_args(LifecycleKind)
         unknown = [kind for kind in self.events or () if kind not in known]
         if unknown:
@@ -1125,12 +1139,36 @@ def _interpolate_tree(
             raise ConfigError(
                 "contains a NUL character (\\0)", config.locate(path), format_key(path)
             )
-        return result
+        return _whole_characters(result, path, config)
     if isinstance(value, dict):
+        for key in value:
+            if isinstance(key, str):
+                _whole_characters(key, path, config)
         return {k: _interpolate_tree(v, (*path, k), environ, config) for k, v in value.items()}
     if isinstance(value, list):
         return [_interpolate_tree(v, (*path, i), environ, config) for i, v in enumerate(value)]
     return value
+
+
+#: Half of a UTF-16 pair: YAML's "\ud83d\ude00" gives two of them, and so does a value that is
+#: not UTF-8 (read with Python's surrogate escapes).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _whole_characters(text: str, path: YamlPath, config: Config) -> str:
+    """``text`` with its escaped UTF-16 pairs made characters; a lone half is refused (no file
+    name, URL or header can hold it, and it cannot even be printed)."""
+    if not _SURROGATE.search(text):
+        return text
+    try:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16")
+    except UnicodeDecodeError:
+        raise ConfigError(
+            "is not valid Unicode: a lone \\uD800-\\uDFFF escape (write the character itself, "
+            "or \\U0001F600 for one beyond \\uFFFF), or a variable's value that is not UTF-8",
+            config.locate(path),
+            format_key(path),
+        ) from None
 
 
 # --- validation errors -----------------------------------------------------------------------

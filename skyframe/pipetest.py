@@ -48,7 +48,9 @@ class InputFile(_Model):
     """The file a case puts in the source folder."""
 
     path: str = Field(description="its path relative to the source folder")
-    size: Size | None = Field(None, description="that many zero bytes (a sparse file)")
+    size: Size | None = Field(
+        None, ge=0, le=2**44, description="that many zero bytes (a sparse file), up to 16 TiB"
+    )
     content: str | None = Field(None, description="this text, in UTF-8")
     fixture: str | None = Field(None, description="a copy of this file, relative to the test file")
     mtime: datetime | None = Field(None, description="its modification time (default: now)")

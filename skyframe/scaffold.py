@@ -340,6 +340,8 @@ class Interview:
         def checked(text: str) -> str:
             if _CONTROL.search(text):  # a line break would end a comment, or start a key
                 raise ValueError("no control characters (line breaks, tabs...), please")
+            if any("\ud800" <= c <= "\udfff" for c in text):  # bytes that are not UTF-8
+                raise ValueError("not valid UTF-8 text: the config is written in UTF-8")
             return check(text)
 
         given = self.given.pop(key, None)

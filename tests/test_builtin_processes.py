@@ -74,12 +74,21 @@ def test_rename_uses_meta_fields(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "template", ["../{name}", "/abs/{name}", "{parent}/../../x", "a\x07/{name}"]
+    "template", ["../{name}", "/abs/{name}", "{parent}/../../x", "a\x07/{name}", "", "{name}/.."]
 )
 def test_rename_cannot_escape_sink_root(tmp_path: Path, template: str) -> None:
+    # Refused when the config is loaded; and were it not, when the name is made.
+    with pytest.raises(ValidationError, match="gives no name a sink takes"):
+        REGISTRY.processes["rename"].validate_options({"template": template})
     job = make_job(tmp_path)
     with pytest.raises(UnsafePathError):
-        run("rename", job, template=template)
+        REGISTRY.processes["rename"].func(job, template=template)
+
+
+def test_rename_refuses_a_name_its_fields_make_unsafe(tmp_path: Path) -> None:
+    job = make_job(tmp_path, relpath="flight-03/bell\x07.jpg")  # a name the template passes on
+    with pytest.raises(UnsafePathError, match="control characters"):
+        run("rename", job, template="{parent}/{name}")
 
 
 @pytest.mark.parametrize("template", ["{mtime.__class__}", "{name", "{0}/x", "{meta[x]}"])

@@ -113,6 +113,25 @@ def test_config_error_is_one_line_with_exit_2(example_project: Path) -> None:
             "1<=x<=1000000 (see skyframe history --help)",
         ),
         (["queue", "nope"], "skyframe queue: No such command 'nope' (see skyframe queue --help)"),
+        (  # bytes that are not UTF-8 (Python reads them as surrogate escapes)
+            ["history", "-p", "\udcff"],
+            "skyframe history: Invalid value for '-p' / '--pipeline': '\ufffd' is not valid "
+            "UTF-8 text (see skyframe history --help)",
+        ),
+        (
+            ["history", "caf\udce9.jpg"],
+            "skyframe history: Invalid value for '[PATH]': 'caf\ufffd.jpg' is not valid UTF-8 "
+            "text (see skyframe history --help)",
+        ),
+        (
+            ["queue", "retry", "--pipeline", "\udcff"],
+            "skyframe queue retry: Invalid value for '--pipeline': '\ufffd' is not valid UTF-8 "
+            "text (see skyframe queue retry --help)",
+        ),
+        (
+            ["init", "--yes", "--source", "in\udcff"],
+            "--source: not valid UTF-8 text: the config is written in UTF-8",
+        ),
         (
             ["tray", "--interval", "0"],  # it would ask the daemon over and over, at once
             "skyframe tray: Invalid value for '--interval': must be longer than 0, not '0' "

@@ -502,6 +502,84 @@ NONSENSE = [
     ),
     (
         SOURCE,
+        SOURCE + "\n    rules: [{age: {max: 0}}]",
+        "5:14: pipelines[0].rules[0].age",
+        r"max must be longer than 0: no file is modified less than 0s ago$",
+    ),
+    (
+        SOURCE,
+        SOURCE + "\n    rules: [{include: {patterns: ['*.jpg', '']}}]",
+        "5:14: pipelines[0].rules[0].include",
+        r"an empty pattern \(or only /\) matches no file",
+    ),
+    (
+        SOURCE,
+        SOURCE + "\n    rules: [{type: {extensions: ['*.jpg']}}]",
+        "5:14: pipelines[0].rules[0].type",
+        r"extension '\*.jpg' matches no file: write it as jpg or .jpg, no glob$",
+    ),
+    (
+        SOURCE,
+        SOURCE + "\n    rules: [{type: {extensions: [tar.gz]}}]",
+        "5:14: pipelines[0].rules[0].type",
+        r"only the last one is compared \(write gz\)$",
+    ),
+    (
+        SOURCE,
+        SOURCE + "\n    rules: [{type: {mime: [image]}}]",
+        "5:14: pipelines[0].rules[0].type",
+        r"MIME type 'image' is type/subtype: image/jpeg, image/\*$",
+    ),
+    (
+        SOURCE,
+        SOURCE + "\n    processes: [{rename: {template: '../{name}'}}]",
+        "5:27: pipelines[0].processes[0].rename.template",
+        r"template '../{name}' gives no name a sink takes \(remote name '../x' contains '..'\)",
+    ),
+    (
+        SOURCE,
+        SOURCE + "\n    processes: [{rename: {template: '/{name}'}}]",
+        "5:27: pipelines[0].processes[0].rename.template",
+        r"template '/{name}' gives no name a sink takes \(remote name '/x' is absolute\)",
+    ),
+    (
+        SOURCE,
+        SOURCE + "\n    processes: [{sidecar: {suffix: /.}}]",
+        "5:28: pipelines[0].processes[0].sidecar.suffix",
+        r"suffix '/.' is added to the file's name",
+    ),
+    (
+        "state_dir: .state",
+        "state_dir: .state\nnotify: [{webhook: {url: 'http:///events'}}]",
+        "2:11: notify[0].webhook",
+        r"^a webhook URL is http:// or https://, a host and a path",
+    ),
+    (
+        "state_dir: .state",
+        "state_dir: .state\nnotify: [{webhook: {url: 'http://h:99999/x'}}]",
+        "2:11: notify[0].webhook",
+        r"^a webhook URL is http:// or https://, a host and a path",
+    ),
+    (
+        "state_dir: .state",
+        "state_dir: .state\nnotify: [{webhook: {url: 'https://h/x', events: []}}]",
+        "2:11: notify[0].webhook",
+        r"^events is empty: nothing would be sent",
+    ),
+    (
+        "state_dir: .state",
+        "state_dir: .state\nhistory: {max_events: 9223372036854775808}",
+        "2:11: history.max_events",
+        r"less than or equal to 1000000000",
+    ),
+    (
+        "url: outbox",
+        'url: outbox\n        name: "nas \\ud800"',
+        "7:9: pipelines[0].sinks[0].name",
+        r"^is not valid Unicode: a lone \\uD800-\\uDFFF escape",
+    ),
+    (
+        SOURCE,
         SOURCE + "\n    rules: [inside]",
         "5:13: pipelines[0].rules[0].inside",
         r"^rule 'inside' \(skyframe.builtin.drone:rule_inside\): needs an area \(GeoJSON\) or "
@@ -784,7 +862,7 @@ def test_url_password_from_the_environment_is_redacted(
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert SECRET not in str(info.value)
-    assert str(info.value).startswith(f"{path}:1:11: notify[0].webhook: a webhook URL must start")
+    assert str(info.value).startswith(f"{path}:1:11: notify[0].webhook: a webhook URL is http")
 
 
 # --- 7. paths that cannot be looked at, and files that are not configs ----------------------

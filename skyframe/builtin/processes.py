@@ -99,6 +99,19 @@ def render_template(template: str, job: Job) -> str:
 
 def _check_template(template: str) -> str:
     template_fields(template)
+    # The names it gives with every field filled: an empty, absolute or ".." one would send
+    # every file to the dead letters.
+    sample = "".join(
+        literal + ("x" if field is not None else "")
+        for literal, field, _spec, _conversion in string.Formatter().parse(template)
+    )
+    try:
+        safe_relative_path(sample)
+    except ValueError as exc:
+        raise ValueError(
+            f"template {template!r} gives no name a sink takes ({exc}): write a relative "
+            "name such as {parent}/{name}"
+        ) from None
     return template
 
 
@@ -112,8 +125,19 @@ def process_rename(job: Job, template: Template) -> None:
     job.remote_name = safe_relative_path(render_template(template, job))
 
 
-#: What a sidecar's remote name adds to its file's: never nothing, which would be the file's.
-Suffix = Annotated[str, Field(min_length=1), Label("a suffix such as .json")]
+def _check_suffix(suffix: str) -> str:
+    if "/" in suffix or "\\" in suffix:
+        raise ValueError(
+            f"suffix {suffix!r} is added to the file's name: .json, .meta.json (no / or \\)"
+        )
+    return suffix
+
+
+#: What a sidecar's remote name adds to its file's: never nothing, which would be the file's,
+#: nor a folder (NAME/x.json beside a file NAME: no folder can hold both).
+Suffix = Annotated[
+    str, Field(min_length=1), AfterValidator(_check_suffix), Label("a suffix such as .json")
+]
 
 
 @process

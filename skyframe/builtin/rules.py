@@ -112,6 +112,8 @@ def rule_ignore(
 def _some_patterns(options: Mapping[str, Any]) -> None:
     if not options["patterns"]:
         raise ValueError("patterns is empty: no file would pass")
+    if any(not p.strip("/") for p in options["patterns"]):
+        raise ValueError("an empty pattern (or only /) matches no file: write a glob, e.g. *.jpg")
 
 
 @rule(check=_some_patterns)
@@ -125,6 +127,22 @@ def rule_include(event: FileEvent, patterns: list[str], case_sensitive: bool = F
 def _extensions_or_mime(options: Mapping[str, Any]) -> None:
     if not options["extensions"] and not options["mime"]:
         raise ValueError("needs extensions or mime (or both): without them no file would pass")
+    for extension in options["extensions"] or ():
+        bare = extension.removeprefix(".")
+        if not bare or any(c in bare for c in "*?[]/\\"):
+            raise ValueError(
+                f"extension {extension!r} matches no file: write it as jpg or .jpg, no glob"
+            )
+        if "." in bare:  # compared with the last extension only
+            last = bare.rsplit(".", 1)[1]
+            raise ValueError(
+                f"extension {extension!r} matches no file: only the last one is compared "
+                f"(write {last})"
+            )
+    for mime in options["mime"] or ():
+        kind, slash, sub = mime.partition("/")
+        if not (kind and slash and sub):
+            raise ValueError(f"MIME type {mime!r} is type/subtype: image/jpeg, image/*")
 
 
 @rule(check=_extensions_or_mime)
@@ -161,6 +179,8 @@ def rule_size(event: FileEvent, min: Size = 0, max: Size | None = None) -> bool 
 
 def _age_range(options: Mapping[str, Any]) -> None:
     low, high = options["min"], options["max"]
+    if high is not None and high <= 0:
+        raise ValueError("max must be longer than 0: no file is modified less than 0s ago")
     if high is not None and low > high:
         raise ValueError(f"min ({low:g}s) is above max ({high:g}s): no file would pass")
 
