@@ -127,7 +127,17 @@ class Job:
 
         With ``beside=True``, ``remote_name`` is a suffix appended to the job's final remote name
         (``".json"`` puts a sidecar next to the file, whatever later processes rename it to).
+        A name this job already delivers a file as raises ProcessError: the second would
+        replace the first on every sink.
         """
+        if any(d.remote_name == remote_name and d.beside == beside for d in self.derived):
+            from skyframe.errors import ProcessError
+
+            what = f"beside the file as NAME{remote_name}" if beside else f"as {remote_name}"
+            raise ProcessError(
+                f"two processes add a file {what}: the second would replace the first "
+                "(give one of them another suffix or name)"
+            )
         if isinstance(data, Path):
             local = data
         else:

@@ -133,3 +133,18 @@ def test_sidecar_fields_filter(tmp_path: Path) -> None:
     (derived,) = job.derived
     assert derived.remote_name == ".meta.json"
     assert json.loads(derived.path.read_text())["meta"] == {"sha256": "abc"}
+
+
+def test_two_files_added_under_one_name_fail_the_file_rather_than_replace(
+    tmp_path: Path,
+) -> None:
+    # [thumbnail, {sidecar: {suffix: .thumb.jpg}}] lost the thumbnail to the sidecar, unsaid.
+    job = make_job(tmp_path)
+    run("sidecar", job, suffix=".thumb.jpg")
+    with pytest.raises(ProcessError, match=r"two processes add a file beside the file as NAME"):
+        run("sidecar", job, suffix=".thumb.jpg")
+    job.add_file("extra/notes.txt", b"a")
+    with pytest.raises(ProcessError, match=r"as extra/notes.txt: the second would replace"):
+        job.add_file("extra/notes.txt", b"b")
+    job.add_file(".txt", b"c", beside=True)  # another name: fine
+    assert [d.remote_name for d in job.derived] == [".thumb.jpg", "extra/notes.txt", ".txt"]

@@ -125,6 +125,15 @@ def test_s3_options_left_empty_by_their_variable_are_unset(tmp_path: Path) -> No
         ({"endpoint": "http://x"}, "unknown option 'endpoint' (did you mean 'endpoint_url'?"),
         ({"region": "eu-west-1", "client_kwargs": {"region_name": "us-east-1"}}, "differ"),
         ({"profile": "p", "key": "k", "secret": "s"}, "or a profile, not both"),
+        # botocore's TypeError came at every connection, retried as if the link were down.
+        (
+            {"config_kwargs": {"conect_timeout": 5}},
+            "config_kwargs: botocore takes no 'conect_timeout' (did you mean 'connect_timeout'?)",
+        ),
+        (
+            {"client_kwargs": {"region_name": "x", "bogus": 1}},
+            "client_kwargs: botocore takes no 'bogus' (it takes: api_version, aws_access_key_id",
+        ),
     ],
 )
 def test_s3_options_that_cannot_work_are_refused_with_a_fix(

@@ -111,6 +111,7 @@ class S3Options(BackendOptions):
         unknown = sorted(set(self.s3_additional_kwargs) - UPLOAD_PARAMETERS)
         if unknown:
             raise ValueError(f"s3_additional_kwargs: {_unknown_parameter(unknown[0])}")
+        _check_botocore_arguments(self.client_kwargs, self.config_kwargs)
         return self
 
     @property
@@ -164,6 +165,35 @@ UPLOAD_PARAMETERS = frozenset(
         "WebsiteRedirectLocation",
     }
 )
+
+
+def _check_botocore_arguments(client: dict[str, Any], config: dict[str, Any]) -> None:
+    """Refuse a name botocore does not take (it would fail every connection, as a TypeError
+    retried as if the link were down): checked against botocore's own, loaded only when
+    these options are given."""
+    extra = set(client) - {"region_name", "endpoint_url"}
+    if not (extra or config):
+        return
+    import inspect
+
+    import botocore.config
+    import botocore.session
+
+    for option, given, known in (
+        (
+            "client_kwargs",
+            extra,
+            set(inspect.signature(botocore.session.Session.create_client).parameters)
+            - {"self", "service_name", "config"},
+        ),
+        ("config_kwargs", set(config), set(botocore.config.Config.OPTION_DEFAULTS)),
+    ):
+        for name in sorted(given - known):
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = (
+                f"did you mean {close[0]!r}?" if close else f"it takes: {', '.join(sorted(known))}"
+            )
+            raise ValueError(f"{option}: botocore takes no {name!r} ({hint})")
 
 
 def _unknown_parameter(name: str) -> str:
