@@ -362,69 +362,44 @@ def _send(
     ):
         fast = openssh.Probe(start, plan)
     try:
-        _send_probed(
-            request,
-            reader,
-            temporary=temporary,
-            start=start,
-            lane=lane,
-            confirmed=confirmed,
-            fast=fast,
+        handle, reader.chunk_size = _open(sink, fs, temporary, "r+b" if start else "wb", lane)
+        stopped = _write_and_close(
+            fs, handle, reader, request, start=start, confirmed=confirmed, until=fast
         )
+        if stopped is None or fast is None or not isinstance(plan, openssh.OpenSSH):
+            return
+
+        def size_of() -> int | None:
+            return session.run(fs, session.size_of, fs, temporary, lane)
+
+        # sftp's put -a goes on from the file's end: only where that is where the writes stopped
+        # (an earlier try may have left bytes, or a hole, beyond it), else asyncssh goes on.
+        if size_of() != stopped:
+            handle, _ = _open(sink, fs, temporary, "r+b", lane)
+            _write_and_close(fs, handle, reader, request, start=stopped, confirmed=confirmed)
+            return
+        log.debug("%s: %.0f MB/s acknowledged", request.remote_path, fast.rate / 1e6)
+        journal = request.journal
+        if journal is not None:  # a run that dies now leaves this mark (see _resume_offset)
+            journal.update(request.journal_key, handover=openssh.RUN_ID, ordered=True)
+        try:
+            openssh.send_rest(
+                request,
+                plan,
+                reader,
+                temporary=temporary,
+                offset=stopped,
+                size_of=size_of,
+                confirmed=confirmed,
+                process=fast.take(),
+            )
+        finally:  # sftp has ended, whatever happened
+            if journal is not None:
+                with contextlib.suppress(Exception):
+                    journal.update(request.journal_key, handover=None)
     finally:
         if fast is not None:
             fast.close()  # an sftp started early and not handed the rest
-
-
-def _send_probed(
-    request: TransferRequest,
-    reader: SourceReader,
-    *,
-    temporary: str,
-    start: int,
-    lane: session.Lane,
-    confirmed: Callable[[int], None],
-    fast: openssh.Probe | None,
-) -> None:
-    """:func:`_send`'s writes, and the handover when ``fast`` says so."""
-    sink = request.sink
-    fs = sink.fs
-    plan = sink.endpoint.extras
-    handle, reader.chunk_size = _open(sink, fs, temporary, "r+b" if start else "wb", lane)
-    stopped = _write_and_close(
-        fs, handle, reader, request, start=start, confirmed=confirmed, until=fast
-    )
-    if stopped is None or fast is None or not isinstance(plan, openssh.OpenSSH):
-        return
-
-    def size_of() -> int | None:
-        return session.run(fs, session.size_of, fs, temporary, lane)
-
-    # sftp's put -a goes on from the file's end: only where that is where the writes stopped
-    # (an earlier try may have left bytes, or a hole, beyond it), else asyncssh goes on.
-    if size_of() != stopped:
-        handle, _ = _open(sink, fs, temporary, "r+b", lane)
-        _write_and_close(fs, handle, reader, request, start=stopped, confirmed=confirmed)
-        return
-    log.debug("%s: %.0f MB/s acknowledged", request.remote_path, fast.rate / 1e6)
-    journal = request.journal
-    if journal is not None:  # a run that dies now leaves this mark (see _resume_offset)
-        journal.update(request.journal_key, handover=openssh.RUN_ID, ordered=True)
-    try:
-        openssh.send_rest(
-            request,
-            plan,
-            reader,
-            temporary=temporary,
-            offset=stopped,
-            size_of=size_of,
-            confirmed=confirmed,
-            process=fast.take(),
-        )
-    finally:  # sftp has ended, whatever happened
-        if journal is not None:
-            with contextlib.suppress(Exception):
-                journal.update(request.journal_key, handover=None)
 
 
 def _record(request: TransferRequest, temporary: str) -> dict[str, Any]:
