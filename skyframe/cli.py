@@ -806,7 +806,9 @@ def _switch(config_file: Path, pipeline: str | None, paused: bool) -> None:
 def _utf8(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """Text given on the command line that is not UTF-8 names nothing skyframe records (it
     keeps only UTF-8 names), and could not even be printed back."""
-    if value is not None and any("\ud800" <= c <= "\udfff" for c in value):
+    from skyframe.display import is_utf8
+
+    if value is not None and not is_utf8(value):
         shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         raise click.BadParameter(f"{shown!r} is not valid UTF-8 text")
     return value

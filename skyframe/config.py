@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from skyframe.bandwidth import Schedule, parse_schedule_entry
+from skyframe.display import is_utf8
 from skyframe.errors import ConfigError, Location
 from skyframe.events import LifecycleKind
 from skyframe.units import Duration, Rate, Size, expand_home, local_url_path
@@ -1150,15 +1151,11 @@ def _interpolate_tree(
     return value
 
 
-#: Half of a UTF-16 pair: YAML's "\ud83d\ude00" gives two of them, and so does a value that is
-#: not UTF-8 (read with Python's surrogate escapes).
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def _whole_characters(text: str, path: YamlPath, config: Config) -> str:
-    """``text`` with its escaped UTF-16 pairs made characters; a lone half is refused (no file
+    """``text`` with its escaped UTF-16 pairs made characters (YAML reads "\\ud83d\\ude00" as
+    two halves); a lone half, or a variable's value that is not UTF-8, is refused (no file
     name, URL or header can hold it, and it cannot even be printed)."""
-    if not _SURROGATE.search(text):
+    if is_utf8(text):
         return text
     try:
         return text.encode("utf-16", "surrogatepass").decode("utf-16")

@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Literal
 
+from skyframe.errors import ProcessError
+
 EventKind = Literal["created", "modified", "deleted", "moved", "scanned"]
 
 
@@ -131,8 +133,6 @@ class Job:
         replace the first on every sink.
         """
         if any(d.remote_name == remote_name and d.beside == beside for d in self.derived):
-            from skyframe.errors import ProcessError
-
             what = f"beside the file as NAME{remote_name}" if beside else f"as {remote_name}"
             raise ProcessError(
                 f"two processes add a file {what}: the second would replace the first "

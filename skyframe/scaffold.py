@@ -31,6 +31,7 @@ from skyframe.config import (
     path_problem,
     url_typo,
 )
+from skyframe.display import is_utf8
 from skyframe.errors import ConfigError, SkyframeError
 from skyframe.pipeline import build_pipelines
 from skyframe.plugin_manager import get_plugin_manager
@@ -340,7 +341,7 @@ class Interview:
         def checked(text: str) -> str:
             if _CONTROL.search(text):  # a line break would end a comment, or start a key
                 raise ValueError("no control characters (line breaks, tabs...), please")
-            if any("\ud800" <= c <= "\udfff" for c in text):  # bytes that are not UTF-8
+            if not is_utf8(text):  # bytes that are not UTF-8
                 raise ValueError("not valid UTF-8 text: the config is written in UTF-8")
             return check(text)
 

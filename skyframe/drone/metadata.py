@@ -85,7 +85,7 @@ class PhotoMeta:
 
     def to_json(self) -> dict[str, Any]:
         """The known fields, as a JSON-safe dict (built directly: every field is a plain value,
-        and ``asdict()``'s deep copy cost a delivery as much as a good part of the reading)."""
+        which ``asdict()`` would deep-copy one by one)."""
         return {name: value for name in _PHOTO_FIELDS if (value := getattr(self, name)) is not None}
 
     @classmethod
